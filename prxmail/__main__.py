@@ -1,0 +1,3 @@
+from prxmail.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""One exception tree for the whole package.
+
+Every exception prxmail raises on purpose derives from :class:`PrxmailError`. The
+tree separates *who* is at fault, following h11 and trio:
+
+* :class:`ConfigError` -- the configuration is wrong; carries every problem found.
+* :class:`LocalProtocolError` -- the caller misused the API (a command in the wrong
+  state, data that cannot be put on the wire safely). Retrying will not help.
+* :class:`RemoteProtocolError` -- the server broke the protocol; carries a short
+  excerpt of the offending bytes. The connection is unusable afterwards.
+* :class:`ConnectionBrokenError` -- the connection can no longer be used: the
+  transport failed, the server closed it, or an earlier command was cancelled or
+  timed out half-way. Every later call raises it again.
+* :class:`TLSError` -- encryption could not be set up as required (STARTTLS not
+  offered or failed, certificate not trusted). Never downgraded silently.
+* :class:`AuthenticationError` -- the server refused the credentials.
+* :class:`IMAPCommandError` (:class:`IMAPNoResponse`, :class:`IMAPBadResponse`) --
+  a tagged NO or BAD, with the server's text and response code.
+* :class:`SMTPReplyError` (:class:`SMTPTransientError` for 4xx,
+  :class:`SMTPPermanentError` for 5xx) -- an SMTP error reply.
+
+Timeouts belong to the caller (``trio.fail_after``): a timeout surfaces as
+``trio.TooSlowError`` at the caller's scope, and the connection it interrupted then
+raises :class:`ConnectionBrokenError` on every later call.
+
+Trio's ``ClosedResourceError``/``BrokenResourceError`` and ``ssl.SSLError`` are
+translated into this tree only at the transport boundary, with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "ConnectionBrokenError",
+    "IMAPBadResponse",
+    "IMAPCommandError",
+    "IMAPNoResponse",
+    "LocalProtocolError",
+    "PrxmailError",
+    "RemoteProtocolError",
+    "SMTPPermanentError",
+    "SMTPReplyError",
+    "SMTPTransientError",
+    "TLSError",
+]
+
+# How many bytes of offending input a RemoteProtocolError keeps: enough to recognise
+# the response in a log line, small enough that a hostile server cannot make our
+# error messages (and logs) large.
+EXCERPT_LIMIT = 80
+
+
+class PrxmailError(Exception):
+    """Base class of every error prxmail raises on purpose."""
+
+
+class ConfigError(PrxmailError):
+    """The configuration cannot be used.
+
+    Attributes:
+        problems: Every problem found, each a readable line naming the key path,
+            e.g. ``"expected an integer 1..65535 @ $.channels_config.email.imap_port"``.
+    """
+
+    def __init__(self, problems: list[str] | tuple[str, ...], *, source: str | None = None):
+        self.problems = tuple(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration{where}:\n{lines}")
+
+
+class LocalProtocolError(PrxmailError):
+    """The caller asked for something the protocol or the connection state forbids."""
+
+
+class RemoteProtocolError(PrxmailError):
+    """The server sent something that breaks the protocol.
+
+    Attributes:
+        excerpt: At most :data:`EXCERPT_LIMIT` bytes of the offending input.
+    """
+
+    def __init__(self, message: str, *, excerpt: bytes = b""):
+        self.excerpt = bytes(excerpt[:EXCERPT_LIMIT])
+        shown = f" (near {self.excerpt!r})" if self.excerpt else ""
+        super().__init__(f"{message}{shown}")
+
+
+class ConnectionBrokenError(PrxmailError):
+    """The connection cannot be used any more; open a new one."""
+
+
+class TLSError(PrxmailError):
+    """TLS could not be established as the configuration requires."""
+
+
+class AuthenticationError(PrxmailError):
+    """The server refused the credentials.
+
+    Attributes:
+        protocol: ``"imap"`` or ``"smtp"``.
+        server_text: The server's explanation, with any secret removed.
+        code: The IMAP response code (e.g. ``"AUTHENTICATIONFAILED"``) or the SMTP
+            reply code as a string (e.g. ``"535"``), when the server gave one.
+    """
+
+    def __init__(
+        self, message: str, *, protocol: str, server_text: str = "", code: str | None = None
+    ):
+        self.protocol = protocol
+        self.server_text = server_text
+        self.code = code
+        super().__init__(message)
+
+
+class IMAPCommandError(PrxmailError):
+    """An IMAP command completed with a tagged NO or BAD.
+
+    Attributes:
+        command: The command name, e.g. ``"SELECT"``.
+        status: ``"NO"`` or ``"BAD"``.
+        code: The response code atom without brackets (``"TRYCREATE"``), or ``None``.
+        text: The human-readable text the server sent.
+    """
+
+    def __init__(self, command: str, status: str, text: str, code: str | None = None):
+        self.command = command
+        self.status = status
+        self.text = text
+        self.code = code
+        shown_code = f"[{code}] " if code else ""
+        super().__init__(f"{command} failed: {status} {shown_code}{text}")
+
+
+class IMAPNoResponse(IMAPCommandError):
+    """Tagged NO: the server understood the command and refused it."""
+
+
+class IMAPBadResponse(IMAPCommandError):
+    """Tagged BAD: the server did not accept the command as valid."""
+
+
+class SMTPReplyError(PrxmailError):
+    """The SMTP server answered a command with an error reply.
+
+    Attributes:
+        command: The command the reply answers, e.g. ``"RCPT"``.
+        code: The three-digit reply code.
+        enhanced: The RFC 3463 enhanced status code (``"5.1.1"``), or ``None``.
+        text: The reply text, lines joined with newlines.
+    """
+
+    def __init__(self, command: str, code: int, text: str, enhanced: str | None = None):
+        self.command = command
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+        shown = f" {enhanced}" if enhanced else ""
+        super().__init__(f"{command} failed: {code}{shown} {text}")
+
+    @property
+    def transient(self) -> bool:
+        """True for 4xx replies: the same command may succeed later."""
+        return 400 <= self.code < 500
+
+
+class SMTPTransientError(SMTPReplyError):
+    """A 4xx reply: try again later."""
+
+
+class SMTPPermanentError(SMTPReplyError):
+    """A 5xx reply: do not retry unchanged."""
