@@ -18,6 +18,13 @@ tree separates *who* is at fault, following h11 and trio:
   a tagged NO or BAD, with the server's text and response code.
 * :class:`SMTPReplyError` (:class:`SMTPTransientError` for 4xx,
   :class:`SMTPPermanentError` for 5xx) -- an SMTP error reply.
+* :class:`StateError` -- the durable state store cannot be used (in use by another
+  process, written by a newer prxmail, corrupt). Never papered over: running on
+  without durable state would break "nothing lost, nothing answered twice".
+* :class:`HandlerError` -- an external handler command could not be run at all (not
+  found, not executable, out of resources). A handler that runs and fails is not an
+  error but a failed result; this one is not the message's fault, so the caller should
+  keep the message for later instead of recording it as failed.
 
 Timeouts belong to the caller (``trio.fail_after``): a timeout surfaces as
 ``trio.TooSlowError`` at the caller's scope, and the connection it interrupted then
@@ -33,6 +40,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ConnectionBrokenError",
+    "HandlerError",
     "IMAPBadResponse",
     "IMAPCommandError",
     "IMAPNoResponse",
@@ -42,6 +50,7 @@ __all__ = [
     "SMTPPermanentError",
     "SMTPReplyError",
     "SMTPTransientError",
+    "StateError",
     "TLSError",
 ]
 
@@ -172,3 +181,24 @@ class SMTPTransientError(SMTPReplyError):
 
 class SMTPPermanentError(SMTPReplyError):
     """A 5xx reply: do not retry unchanged."""
+
+
+class StateError(PrxmailError):
+    """The durable state store cannot be opened or used.
+
+    Raised when the state directory is locked by another running prxmail, when the
+    database was written by a newer prxmail (unknown schema version), or when SQLite
+    reports the file as unusable.
+    """
+
+
+class HandlerError(PrxmailError):
+    """An external handler command could not be started.
+
+    Attributes:
+        argv0: The program that was to be run.
+    """
+
+    def __init__(self, message: str, *, argv0: str):
+        self.argv0 = argv0
+        super().__init__(message)
