@@ -49,3 +49,10 @@ def bench(session: nox.Session) -> None:
     session.install("-q", ".", *BENCH_DEPS)
     args = session.posargs or ["all"]
     session.run("python", "-m", "bench", *args)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job end to end on private local Dovecot + Postfix (needs root for apt)."""
+    session.install("-q", ".", "trustme>=1.1")
+    session.run("python", "-m", "tests.demo", *session.posargs)

@@ -1,0 +1,1 @@
+"""Benchmarks against peer libraries on the same local Dovecot and Postfix."""

@@ -1,0 +1,29 @@
+"""``python -m bench [imap|smtp|all] [ARGS...]``: run benchmarks and print ratios."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUITES = {"imap": "bench.imap_bench", "smtp": "bench.smtp_bench"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("suites:", ", ".join(SUITES), "or all")
+        return 0
+    name, rest = argv[0], argv[1:]
+    names = list(SUITES) if name == "all" else [name]
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        print(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)} or all")
+        return 2
+    status = 0
+    for suite in names:
+        module = importlib.import_module(SUITES[suite])
+        status = max(status, module.main(rest))
+    return status
+
+
+raise SystemExit(main(sys.argv[1:]))
