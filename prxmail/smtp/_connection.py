@@ -1,0 +1,937 @@
+# Theory of operation
+# -------------------
+#
+# SMTPConnection moves bytes between a trio stream and the sans-I/O SMTPProtocol;
+# every protocol decision (what may be sent, what a reply means for the state) is
+# made there.  This layer adds what needs I/O: the TLS upgrade, the AUTH dialogue,
+# pipelining (write MAIL, RCPTs and DATA at once, then read the replies in order),
+# and the rules about a connection that can no longer be trusted.
+#
+# A connection is "broken" when an operation stopped half-way with commands still
+# unanswered (cancellation, a timeout at the caller, a transport error, a protocol
+# error), or when the server closed it (EOF, 421).  From then on every call raises
+# ConnectionBrokenError: a half-read reply would otherwise be taken as the answer
+# to the next command.  An error reply (4xx/5xx) leaves the protocol in step, so
+# the connection stays usable.  No background tasks: each call does its I/O
+# inline, and only one task may use a connection at a time.
+#
+# SMTPSender sits on top: it owns one connection at a time, reuses it for many
+# messages, and opens a new one when the old one is broken -- retrying a message
+# on a fresh connection only when the old connection failed before any message
+# content was written, so a message is never sent twice.
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+
+import attrs
+import trio
+
+from prxmail._tls import Security, create_ssl_context
+from prxmail.errors import (
+    AuthenticationError,
+    ConnectionBrokenError,
+    LocalProtocolError,
+    PrxmailError,
+    RemoteProtocolError,
+    SMTPPermanentError,
+    SMTPReplyError,
+    SMTPTransientError,
+    TLSError,
+)
+from prxmail.smtp._protocol import (
+    Extensions,
+    Reply,
+    SMTPProtocol,
+    State,
+    check_address,
+    decode_challenge,
+    encode_data,
+    error_for_reply,
+    mail_options,
+)
+
+__all__ = [
+    "RecipientResult",
+    "SMTPConnection",
+    "SMTPSender",
+    "SendResult",
+    "connect_smtp",
+    "open_smtp_connection",
+    "open_smtp_sender",
+]
+
+# Bytes asked of the transport per read.  Replies are small; 64 KiB lets a burst of
+# pipelined replies arrive in one read without letting one read buffer much.
+RECEIVE_SIZE = 64 * 1024
+
+# How long aclose() waits for the 221 to a courtesy QUIT.  Nothing depends on that
+# reply (any message was already accepted or refused), so a server that does not
+# answer quickly must not hold the caller's shutdown.
+QUIT_GRACE_SECONDS = 2.0
+
+# States in which an interrupted operation leaves the conversation out of step.
+_UNSETTLED = frozenset(
+    {
+        State.GREETING,
+        State.STARTTLS,
+        State.TLS_HANDSHAKE,
+        State.AUTH,
+        State.AUTH_CHALLENGE,
+        State.DATA,
+        State.BODY,
+        State.BODY_SENT,
+    }
+)
+
+
+@attrs.frozen
+class RecipientResult:
+    """What the server said to one ``RCPT TO``.
+
+    Attributes:
+        address: The recipient address.
+        reply: The server's reply to its RCPT command.
+    """
+
+    address: str
+    reply: Reply
+
+    @property
+    def accepted(self) -> bool:
+        """True when the server accepted this recipient (2xx)."""
+        return self.reply.is_success
+
+
+@attrs.frozen
+class SendResult:
+    """The outcome of a message the server accepted for at least one recipient.
+
+    Attributes:
+        reply: The server's final reply to the message content (``250 ... queued``).
+        recipients: One result per recipient, in the order given.
+    """
+
+    reply: Reply
+    recipients: tuple[RecipientResult, ...]
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """Addresses the server accepted."""
+        return tuple(r.address for r in self.recipients if r.accepted)
+
+    @property
+    def refused(self) -> tuple[RecipientResult, ...]:
+        """Recipients the server refused (partial success when not empty)."""
+        return tuple(r for r in self.recipients if not r.accepted)
+
+
+def _default_local_hostname() -> str:
+    # gethostname() needs no DNS lookup (getfqdn() may block for seconds); a bare
+    # host name is what most clients send, and "localhost" is the fallback when
+    # the system name is not a valid EHLO argument.
+    name = socket.gethostname()
+    if name and name.isascii() and all(c.isalnum() or c in "-." for c in name):
+        return name
+    return "localhost"
+
+
+def _scrub(text: str, secrets: Sequence[bytes | str]) -> str:
+    """Remove every secret (and its base64 form) from text shown to the user."""
+    for secret in secrets:
+        raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+        if not raw:
+            continue
+        forms = {raw.decode("utf-8", "replace"), base64.b64encode(raw).decode().rstrip("=")}
+        for form in sorted(forms, key=len, reverse=True):
+            if form:
+                text = text.replace(form, "***")
+    return text
+
+
+class SMTPConnection:
+    """An SMTP client connection over any trio stream.
+
+    Build it on a stream you opened (plain TCP for ``STARTTLS``/``PLAIN``, a
+    ``trio.SSLStream`` for implicit ``TLS``), then call :meth:`handshake` (or the
+    steps :meth:`read_greeting`, :meth:`ehlo`, :meth:`starttls` one by one, as the
+    doctor does), :meth:`login`, and :meth:`send_message` as often as needed.
+    :func:`open_smtp_connection` does the opening for you.
+
+    Only one task may use a connection at a time.  If a call is interrupted
+    half-way (cancelled, timed out, transport error, protocol error) the connection
+    is broken and every later call raises :class:`ConnectionBrokenError`.
+
+    Args:
+        stream: The transport.
+        security: How the stream is (to be) protected.  ``STARTTLS`` makes
+            :meth:`handshake` upgrade and :meth:`login` refuse to run without TLS.
+        ssl_context: Context for STARTTLS; a verifying default when ``None``.
+        server_hostname: The name the server certificate must match (STARTTLS).
+        local_hostname: The name sent with EHLO; the system host name by default.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        security: Security = Security.TLS,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        local_hostname: str | None = None,
+    ) -> None:
+        self._stream = stream
+        self._security = security
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname
+        self._local_hostname = local_hostname or _default_local_hostname()
+        self._proto = SMTPProtocol()
+        self._tls_active = isinstance(stream, trio.SSLStream)
+        self._greeting: Reply | None = None
+        self._broken: str | None = None
+        self._busy = False
+        self._closed = False
+        self._needs_rset = False
+        # Set when message content began to go out in the current send_message; the
+        # sender must not retry such a message elsewhere (it may have been accepted).
+        self._content_started = False
+        self._authenticated = False
+
+    def __repr__(self) -> str:
+        state = f"broken: {self._broken}" if self._broken else self._proto.state.value
+        return f"<SMTPConnection {self._server_hostname or '?'} {self._security.value} {state}>"
+
+    # ----- properties ----------------------------------------------------------
+
+    @property
+    def extensions(self) -> Extensions:
+        """What the server's last EHLO reply announced."""
+        return self._proto.extensions
+
+    @property
+    def greeting(self) -> Reply | None:
+        """The server's 220 greeting, once read."""
+        return self._greeting
+
+    @property
+    def tls_active(self) -> bool:
+        """True when the stream is encrypted (implicit TLS or after STARTTLS)."""
+        return self._tls_active
+
+    @property
+    def authenticated(self) -> bool:
+        """True after a successful :meth:`login` / :meth:`authenticate_xoauth2`."""
+        return self._authenticated
+
+    @property
+    def is_broken(self) -> bool:
+        """True once the connection cannot be used any more."""
+        return self._broken is not None
+
+    @property
+    def content_started(self) -> bool:
+        """True when the last send_message began writing message content.
+
+        After a failure with this set, the server may have accepted the message;
+        sending it again could deliver it twice.
+        """
+        return self._content_started
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """The current transport (a ``trio.SSLStream`` after STARTTLS)."""
+        return self._stream
+
+    # ----- plumbing ------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise ConnectionBrokenError(f"the SMTP connection is broken ({self._broken})")
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[None]:
+        self._check_usable()
+        if self._busy:
+            raise LocalProtocolError("another task is already using this SMTP connection")
+        self._busy = True
+        try:
+            yield
+        except BaseException as exc:
+            state = self._proto.state
+            if state is State.CLOSED:
+                self._broken = self._broken or "the server closed the connection"
+            elif self._proto.pending or state in _UNSETTLED:
+                reason = "cancelled" if isinstance(exc, trio.Cancelled) else type(exc).__name__
+                self._broken = self._broken or f"an operation was interrupted half-way ({reason})"
+            raise
+        finally:
+            self._busy = False
+            if self._proto.state is State.CLOSED and self._broken is None:
+                self._broken = "the session was closed"
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._broken = "sending failed"
+            raise ConnectionBrokenError(f"SMTP connection lost while sending: {exc}") from exc
+
+    async def _read_reply(self) -> Reply:
+        while True:
+            reply = self._proto.next_reply()
+            if reply is not None:
+                if reply.code == 421:
+                    self._broken = f"the server closed the connection: 421 {reply.text}"
+                return reply
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._broken = "receiving failed"
+                raise ConnectionBrokenError(f"SMTP connection lost while receiving: {exc}") from exc
+            if not data:
+                self._broken = "the server closed the connection"
+                raise ConnectionBrokenError("the SMTP server closed the connection")
+            self._proto.receive_data(data)
+
+    async def _command(self, data: bytes) -> Reply:
+        await self._write(data)
+        return await self._read_reply()
+
+    # ----- session setup -------------------------------------------------------
+
+    async def read_greeting(self) -> Reply:
+        """Read the server's greeting.
+
+        Returns:
+            The 220 reply.
+
+        Raises:
+            SMTPReplyError: the server greeted with 4xx/5xx (the connection closes).
+            TLSError: the implicit TLS handshake failed.
+            ConnectionBrokenError, RemoteProtocolError: transport or grammar failure.
+        """
+        with self._operation():
+            if self._greeting is not None:
+                raise LocalProtocolError("the greeting was already read")
+            if isinstance(self._stream, trio.SSLStream):
+                await self._tls_handshake(self._stream)
+            reply = await self._read_reply()
+            if reply.is_error:
+                raise error_for_reply(reply, "connect")
+            self._greeting = reply
+            return reply
+
+    async def ehlo(self) -> Extensions:
+        """Send EHLO, falling back to HELO when the server refuses EHLO.
+
+        Returns:
+            The announced extensions (empty after a HELO fallback).
+
+        Raises:
+            SMTPReplyError: the server refused both, or replied 421.
+        """
+        with self._operation():
+            reply = await self._command(self._proto.send_ehlo(self._local_hostname))
+            if reply.is_error and reply.code >= 500 and reply.code != 421:
+                reply = await self._command(self._proto.send_helo(self._local_hostname))
+            if reply.is_error:
+                raise error_for_reply(reply)
+            return self._proto.extensions
+
+    async def starttls(self) -> None:
+        """Upgrade to TLS with STARTTLS and send EHLO again.
+
+        Anything the server sent before the handshake is dropped.
+
+        Raises:
+            TLSError: STARTTLS is not offered, was refused, or the handshake failed
+                (certificate not trusted, name mismatch).  The connection is broken
+                afterwards, except when STARTTLS was merely not offered or refused.
+        """
+        with self._operation():
+            if self._tls_active:
+                raise LocalProtocolError("the connection is already encrypted")
+            if not self._proto.extensions.starttls:
+                raise TLSError(
+                    "the SMTP server does not offer STARTTLS; refusing to continue without "
+                    "encryption (use implicit TLS, or the explicit plain-text mode)"
+                )
+            reply = await self._command(self._proto.send_starttls())
+            if reply.is_error:
+                raise TLSError(f"the SMTP server refused STARTTLS: {reply.code} {reply.text}")
+            self._proto.start_tls()
+            context = self._ssl_context or create_ssl_context()
+            tls_stream = trio.SSLStream(
+                self._stream, context, server_hostname=self._server_hostname
+            )
+            self._stream = tls_stream
+            await self._tls_handshake(tls_stream)
+            self._tls_active = True
+        await self.ehlo()
+
+    async def _tls_handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> None:
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            self._broken = "TLS handshake failed"
+            cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+            raise TLSError(f"TLS handshake with the SMTP server failed: {cause}") from exc
+        except trio.ClosedResourceError as exc:  # pragma: no cover - caller closed it
+            self._broken = "TLS handshake failed"
+            raise ConnectionBrokenError("the stream was closed during the TLS handshake") from exc
+        self._tls_active = True
+
+    async def handshake(self) -> Extensions:
+        """Greeting, EHLO, and with ``Security.STARTTLS`` the upgrade and EHLO again.
+
+        Returns:
+            The extensions the server announced (after TLS, when upgraded).
+
+        Raises:
+            TLSError, SMTPReplyError, ConnectionBrokenError, RemoteProtocolError:
+                see the individual steps.
+        """
+        await self.read_greeting()
+        await self.ehlo()
+        if self._security is Security.STARTTLS:
+            await self.starttls()
+        return self._proto.extensions
+
+    # ----- authentication ------------------------------------------------------
+
+    def _check_auth_allowed(self) -> None:
+        if not self._tls_active and self._security is not Security.PLAIN:
+            raise TLSError(
+                "refusing to send credentials without TLS (STARTTLS was required but not "
+                "done); choose Security.PLAIN explicitly to allow it"
+            )
+        if self._authenticated:
+            raise LocalProtocolError("already authenticated")
+        if self._proto.state is not State.READY:
+            raise LocalProtocolError(
+                f"AUTH needs a successful EHLO first (state {self._proto.state.value})"
+            )
+
+    async def login(self, username: str, password: str) -> None:
+        """Authenticate with a password, using AUTH PLAIN or AUTH LOGIN.
+
+        Args:
+            username: The login name.
+            password: The password; it never appears in errors, logs or reprs.
+
+        Raises:
+            TLSError: the connection is not encrypted and plain text was not chosen.
+            AuthenticationError: the server refused the credentials, or offers
+                neither PLAIN nor LOGIN.
+            SMTPTransientError: a temporary failure (4xx), e.g. 454.
+        """
+        secrets: list[bytes | str] = [password]
+        user_b = username.encode("utf-8")
+        pass_b = password.encode("utf-8")
+        plain_blob = b"\x00" + user_b + b"\x00" + pass_b
+        secrets.append(plain_blob)
+        with self._operation():
+            self._check_auth_allowed()
+            offered = self._proto.extensions.auth
+            if "PLAIN" in offered:
+                await self._authenticate("PLAIN", plain_blob, [], secrets)
+            elif "LOGIN" in offered:
+                await self._authenticate("LOGIN", None, [user_b, pass_b], secrets)
+            else:
+                shown = ", ".join(sorted(offered)) or "none"
+                raise AuthenticationError(
+                    f"the SMTP server offers no password mechanism prxmail supports "
+                    f"(PLAIN or LOGIN); offered: {shown}",
+                    protocol="smtp",
+                )
+
+    async def authenticate_xoauth2(self, username: str, token: str) -> None:
+        """Authenticate with an OAuth 2 bearer token (AUTH XOAUTH2).
+
+        Args:
+            username: The account's address.
+            token: An access token obtained elsewhere; it is never shown in errors.
+
+        Raises:
+            TLSError, AuthenticationError, SMTPTransientError: as for :meth:`login`.
+        """
+        blob = f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
+        secrets: list[bytes | str] = [token, blob]
+        with self._operation():
+            self._check_auth_allowed()
+            if "XOAUTH2" not in self._proto.extensions.auth:
+                raise AuthenticationError(
+                    "the SMTP server does not offer AUTH XOAUTH2", protocol="smtp"
+                )
+            # After a failure the server sends a 334 with a JSON error; the client
+            # answers with an empty line and gets the final 5xx (RFC 7628 3.2.3).
+            await self._authenticate("XOAUTH2", blob, [b""], secrets)
+
+    async def _authenticate(
+        self,
+        mechanism: str,
+        initial: bytes | None,
+        responses: list[bytes],
+        secrets: Sequence[bytes | str],
+    ) -> None:
+        try:
+            reply = await self._command(self._proto.send_auth(mechanism, initial))
+            queue = list(responses)
+            while reply.is_intermediate:
+                decode_challenge(reply)  # a non-base64 challenge breaks the protocol
+                if queue:
+                    reply = await self._command(self._proto.send_auth_response(queue.pop(0)))
+                else:
+                    reply = await self._command(self._proto.send_auth_cancel())
+        except RemoteProtocolError as exc:
+            # The excerpt could hold whatever the server echoed back; rebuild the
+            # error without it and without the original as __cause__.
+            raise RemoteProtocolError(_scrub(str(exc), secrets)) from None
+        if reply.is_success:
+            self._authenticated = True
+            return
+        text = _scrub(reply.text, secrets)
+        shown = f"{reply.code} {reply.enhanced + ' ' if reply.enhanced else ''}{text}"
+        if reply.code < 500:
+            raise SMTPTransientError("AUTH", reply.code, text, reply.enhanced) from None
+        raise AuthenticationError(
+            f"SMTP authentication ({mechanism}) failed: {shown}",
+            protocol="smtp",
+            server_text=text,
+            code=str(reply.code),
+        ) from None
+
+    # ----- mail ----------------------------------------------------------------
+
+    async def send_message(self, sender: str, recipients: Sequence[str], data: bytes) -> SendResult:
+        """Send one message: MAIL FROM, RCPT TO for each recipient, DATA.
+
+        With PIPELINING the envelope commands go out in one write and their replies
+        are read together -- two round trips per message instead of 3 + recipients.
+        Line endings are normalised to CRLF and lines starting with "." are stuffed.
+
+        Args:
+            sender: Envelope sender (``""`` for the null sender).
+            recipients: Envelope recipients, at least one.
+            data: The message, headers and body.
+
+        Returns:
+            The final reply and one result per recipient.  Some refused and some
+            accepted is a partial success: check :attr:`SendResult.refused`.
+
+        Raises:
+            LocalProtocolError: no recipients, an address with CR/LF/NUL/controls,
+                a message over the server's SIZE limit, 8-bit data without 8BITMIME,
+                or a non-ASCII address without SMTPUTF8.
+            SMTPTransientError, SMTPPermanentError: MAIL refused, every recipient
+                refused (command ``"RCPT"``), or DATA/content refused.
+            ConnectionBrokenError: the connection was or became unusable.
+        """
+        if isinstance(recipients, str):
+            raise LocalProtocolError("recipients must be a sequence of addresses, not a str")
+        if not recipients:
+            raise LocalProtocolError("a message needs at least one recipient")
+        with self._operation():
+            self._content_started = False
+            if self._proto.state not in (State.READY, State.MAIL, State.RCPT):
+                raise LocalProtocolError(
+                    f"cannot send mail in state {self._proto.state.value}; call handshake()"
+                )
+            check_address(sender, "sender")
+            for rcpt in recipients:
+                check_address(rcpt, "recipient")
+                if not rcpt:
+                    raise LocalProtocolError("recipient address is empty")
+            ext = self._proto.extensions
+            options = mail_options(data, sender, recipients, ext)
+            content = encode_data(data)
+            if ext.pipelining:
+                return await self._send_pipelined(sender, recipients, content, options)
+            return await self._send_stepwise(sender, recipients, content, options)
+
+    async def _send_pipelined(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+        options: tuple[int | None, bool, bool],
+    ) -> SendResult:
+        size, eightbit, smtputf8 = options
+        proto = self._proto
+        parts: list[bytes] = []
+        rset = self._needs_rset or proto.state is not State.READY
+        if rset:
+            parts.append(proto.send_rset())
+        parts.append(proto.send_mail(sender, size=size, eightbit=eightbit, smtputf8=smtputf8))
+        parts.extend(proto.send_rcpt(r) for r in recipients)
+        parts.append(proto.send_data())
+        # From here the server's transaction state is unknown until every reply is
+        # read; mark it so an error below makes the next message start with RSET.
+        self._needs_rset = True
+        await self._write(b"".join(parts))
+        if rset:
+            await self._expect_ok(await self._read_reply())
+        mail_reply = await self._read_reply()
+        self._raise_if_closed(mail_reply)
+        results: list[RecipientResult] = []
+        for rcpt in recipients:
+            reply = await self._read_reply()
+            self._raise_if_closed(reply)
+            results.append(RecipientResult(rcpt, reply))
+        data_reply = await self._read_reply()
+        self._raise_if_closed(data_reply)
+        return await self._finish(mail_reply, results, data_reply, content)
+
+    async def _send_stepwise(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+        options: tuple[int | None, bool, bool],
+    ) -> SendResult:
+        size, eightbit, smtputf8 = options
+        proto = self._proto
+        if self._needs_rset or proto.state is not State.READY:
+            await self._expect_ok(await self._command(proto.send_rset()))
+            self._needs_rset = False
+        self._needs_rset = True
+        mail_reply = await self._command(
+            proto.send_mail(sender, size=size, eightbit=eightbit, smtputf8=smtputf8)
+        )
+        self._raise_if_closed(mail_reply)
+        if mail_reply.is_error:
+            raise error_for_reply(mail_reply)
+        results: list[RecipientResult] = []
+        for rcpt in recipients:
+            reply = await self._command(proto.send_rcpt(rcpt))
+            self._raise_if_closed(reply)
+            results.append(RecipientResult(rcpt, reply))
+        if not any(r.accepted for r in results):
+            raise _all_refused(results)
+        data_reply = await self._command(proto.send_data())
+        self._raise_if_closed(data_reply)
+        return await self._finish(mail_reply, results, data_reply, content)
+
+    async def _finish(
+        self,
+        mail_reply: Reply,
+        results: list[RecipientResult],
+        data_reply: Reply,
+        content: bytes,
+    ) -> SendResult:
+        accepted = mail_reply.is_success and any(r.accepted for r in results)
+        if data_reply.code == 354 and not accepted:
+            # A server that says 354 with no transaction or no recipient is wrong,
+            # but the conversation must go on: end the content at once (RFC 2920
+            # 3.1) and report the real refusal.
+            await self._read_after(self._proto.send_body(b""))
+        if mail_reply.is_error:
+            raise error_for_reply(mail_reply)
+        if not accepted:
+            raise _all_refused(results)
+        if data_reply.is_error:
+            raise error_for_reply(data_reply)
+        self._content_started = True
+        final = await self._read_after(self._proto.send_body_encoded(content))
+        # The reply to the content ends the transaction whatever it says.
+        self._needs_rset = False
+        self._raise_if_closed(final)
+        if final.is_error:
+            raise error_for_reply(final, "DATA")
+        return SendResult(final, tuple(results))
+
+    async def _read_after(self, data: bytes) -> Reply:
+        await self._write(data)
+        return await self._read_reply()
+
+    def _raise_if_closed(self, reply: Reply) -> None:
+        if reply.code == 421:
+            raise error_for_reply(reply)
+
+    async def _expect_ok(self, reply: Reply) -> Reply:
+        if reply.is_error:
+            raise error_for_reply(reply)
+        return reply
+
+    # ----- other commands --------------------------------------------------------
+
+    async def noop(self) -> Reply:
+        """Send NOOP (a cheap liveness check).
+
+        Returns:
+            The 250 reply.
+
+        Raises:
+            SMTPReplyError: an error reply (421: the server is closing).
+            ConnectionBrokenError: the connection is unusable.
+        """
+        with self._operation():
+            return await self._expect_ok(await self._command(self._proto.send_noop()))
+
+    async def rset(self) -> Reply:
+        """Send RSET, abandoning any open mail transaction.
+
+        Returns:
+            The 250 reply.
+
+        Raises:
+            SMTPReplyError, ConnectionBrokenError: as for :meth:`noop`.
+        """
+        with self._operation():
+            reply = await self._expect_ok(await self._command(self._proto.send_rset()))
+            self._needs_rset = False
+            return reply
+
+    async def quit(self) -> Reply:
+        """Send QUIT and close the transport.
+
+        Returns:
+            The server's reply (normally 221).
+
+        Raises:
+            ConnectionBrokenError: the connection was already unusable.
+        """
+        try:
+            with self._operation():
+                return await self._command(self._proto.send_quit())
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection; idempotent, always closes the transport.
+
+        A usable connection first says QUIT (waiting briefly for the 221).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if (
+                self._broken is None
+                and not self._busy
+                and not self._proto.pending
+                and self._proto.state in (State.CONNECTED, State.READY, State.MAIL, State.RCPT)
+            ):
+                with trio.move_on_after(QUIT_GRACE_SECONDS), contextlib.suppress(PrxmailError):
+                    await self._command(self._proto.send_quit())
+        finally:
+            self._broken = self._broken or "the connection was closed"
+            await trio.aclose_forcefully(self._stream)
+
+
+def _all_refused(results: Sequence[RecipientResult]) -> SMTPReplyError:
+    # Transient if any refusal was transient: retrying later may then succeed.
+    transient = [r for r in results if r.reply.code < 500]
+    first = (transient or list(results))[0].reply
+    detail = "; ".join(f"<{r.address}>: {r.reply.code} {r.reply.text}" for r in results)
+    cls = SMTPTransientError if transient else SMTPPermanentError
+    return cls("RCPT", first.code, f"all recipients refused: {detail}", first.enhanced)
+
+
+async def connect_smtp(
+    host: str,
+    port: int,
+    *,
+    security: Security = Security.TLS,
+    ssl_context: ssl.SSLContext | None = None,
+    local_hostname: str | None = None,
+) -> SMTPConnection:
+    """Open a TCP connection, set up TLS as asked, and run the SMTP handshake.
+
+    The caller owns the returned connection and must ``aclose()`` it; prefer
+    :func:`open_smtp_connection`.
+
+    Args:
+        host: Server name (also the name its certificate must match).
+        port: Server port (465 implicit TLS, 587 STARTTLS).
+        security: ``TLS`` (default), ``STARTTLS`` (required, never opportunistic),
+            or ``PLAIN`` (no encryption; only when chosen explicitly).
+        ssl_context: The TLS context; a verifying default when ``None``.
+        local_hostname: The EHLO name; the system host name by default.
+
+    Returns:
+        A connection that has read the greeting and sent EHLO (after TLS).
+
+    Raises:
+        OSError: the TCP connection failed.
+        TLSError: TLS could not be set up as required.
+        SMTPReplyError, ConnectionBrokenError, RemoteProtocolError: the server
+            refused or broke the session.
+    """
+    context = ssl_context
+    if context is None and security is not Security.PLAIN:
+        context = create_ssl_context()
+    tcp = await trio.open_tcp_stream(host, port)
+    stream: trio.abc.Stream = tcp
+    if security is Security.TLS:
+        assert context is not None
+        stream = trio.SSLStream(tcp, context, server_hostname=host)
+    conn = SMTPConnection(
+        stream,
+        security=security,
+        ssl_context=context,
+        server_hostname=host,
+        local_hostname=local_hostname,
+    )
+    try:
+        await conn.handshake()
+    except BaseException:
+        await conn.aclose()
+        raise
+    return conn
+
+
+@contextlib.asynccontextmanager
+async def open_smtp_connection(
+    host: str,
+    port: int,
+    *,
+    security: Security = Security.TLS,
+    ssl_context: ssl.SSLContext | None = None,
+    local_hostname: str | None = None,
+) -> AsyncIterator[SMTPConnection]:
+    """Connect, set up TLS, run the handshake; close the connection on exit.
+
+    Args:
+        host, port, security, ssl_context, local_hostname: see :func:`connect_smtp`.
+
+    Yields:
+        A connection ready for :meth:`SMTPConnection.login` and
+        :meth:`SMTPConnection.send_message`.
+
+    Raises:
+        As :func:`connect_smtp`.
+    """
+    conn = await connect_smtp(
+        host, port, security=security, ssl_context=ssl_context, local_hostname=local_hostname
+    )
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+class SMTPSender:
+    """Sends many messages over one reused connection, reconnecting when needed.
+
+    The connection is opened on first use.  When the server has closed an idle
+    connection (EOF, 421, reset), the message is sent again on a new connection
+    -- but only if no message content had been written on the old one, so a
+    message is never delivered twice.  Messages from several tasks are sent one
+    after the other.
+
+    Args:
+        connect: Opens a new, logged-in connection.  :func:`open_smtp_sender` builds
+            one from host, port and credentials.
+    """
+
+    def __init__(self, connect: Callable[[], Awaitable[SMTPConnection]]) -> None:
+        self._connect = connect
+        self._conn: SMTPConnection | None = None
+        self._lock = trio.Lock()
+        self._closed = False
+        self._connections_opened = 0
+
+    def __repr__(self) -> str:
+        return f"<SMTPSender connection={self._conn!r}>"
+
+    @property
+    def connections_opened(self) -> int:
+        """How many connections this sender has opened so far."""
+        return self._connections_opened
+
+    async def send_message(self, sender: str, recipients: Sequence[str], data: bytes) -> SendResult:
+        """Send one message, opening or re-opening the connection as needed.
+
+        Args:
+            sender, recipients, data: as for :meth:`SMTPConnection.send_message`.
+
+        Returns:
+            As :meth:`SMTPConnection.send_message`.
+
+        Raises:
+            As :meth:`SMTPConnection.send_message` and :func:`connect_smtp`;
+            ``LocalProtocolError`` after :meth:`aclose`.
+        """
+        async with self._lock:
+            if self._closed:
+                raise LocalProtocolError("the SMTP sender is closed")
+            while True:
+                fresh = False
+                if self._conn is None or self._conn.is_broken:
+                    await self._drop()
+                    self._conn = await self._connect()
+                    self._connections_opened += 1
+                    fresh = True
+                conn = self._conn
+                try:
+                    return await conn.send_message(sender, recipients, data)
+                except (ConnectionBrokenError, SMTPTransientError) as exc:
+                    stale = (
+                        not fresh
+                        and conn.is_broken
+                        and not conn.content_started
+                        and (isinstance(exc, ConnectionBrokenError) or exc.code == 421)
+                    )
+                    if not stale:
+                        raise
+                    # The server dropped the idle connection before this message:
+                    # nothing of it was delivered, so one retry on a new connection.
+                    await self._drop()
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.aclose()
+
+    async def aclose(self) -> None:
+        """Close the current connection (politely, with QUIT); idempotent."""
+        self._closed = True
+        await self._drop()
+
+
+@contextlib.asynccontextmanager
+async def open_smtp_sender(
+    host: str,
+    port: int,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    security: Security = Security.TLS,
+    ssl_context: ssl.SSLContext | None = None,
+    local_hostname: str | None = None,
+) -> AsyncIterator[SMTPSender]:
+    """An :class:`SMTPSender` that connects (and logs in) on demand.
+
+    Args:
+        host, port, security, ssl_context, local_hostname: see :func:`connect_smtp`.
+        username: Login name; no AUTH when ``None``.
+        password: The password for ``username``.
+
+    Yields:
+        The sender; its connection is closed on exit.
+    """
+    if (username is None) != (password is None):
+        raise LocalProtocolError("username and password go together")
+
+    async def connect() -> SMTPConnection:
+        conn = await connect_smtp(
+            host, port, security=security, ssl_context=ssl_context, local_hostname=local_hostname
+        )
+        try:
+            if username is not None and password is not None:
+                await conn.login(username, password)
+        except BaseException:
+            await conn.aclose()
+            raise
+        return conn
+
+    sender = SMTPSender(connect)
+    try:
+        yield sender
+    finally:
+        await sender.aclose()
