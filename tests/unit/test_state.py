@@ -1,0 +1,947 @@
+"""Tests of the durable state store: state table, outbox, loop ids, crash safety."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import hypothesis
+import hypothesis.strategies as st
+import pytest
+import trio
+
+from prxmail.errors import LocalProtocolError, StateError
+from prxmail.state import (
+    DB_FILENAME,
+    MAX_REASON_CHARS,
+    SCHEMA_VERSION,
+    TRANSITIONS,
+    ClaimOutcome,
+    MessageKey,
+    MessageStatus,
+    OutboxDraft,
+    OutboxStatus,
+    RetryPolicy,
+    StateStore,
+    account_key,
+    normalize_message_id,
+    open_state_store,
+)
+
+ACCOUNT = account_key("bot@example.com", "imap.example.com", 993)
+FOLDER = "INBOX"
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: FakeClock) -> StateStore:
+    s = StateStore(tmp_path / "state", clock=clock, rng=random.Random(1))
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def key(uid: int, uidvalidity: int = 1, folder: str = FOLDER) -> MessageKey:
+    return MessageKey(ACCOUNT, folder, uidvalidity, uid)
+
+
+def draft(n: int | str, raw: bytes = b"raw reply") -> OutboxDraft:
+    return OutboxDraft(f"reply{n}@bot.example.com", "bot@example.com", ["a@example.com"], raw)
+
+
+def claimed(store: StateStore, uid: int, uidvalidity: int = 1) -> MessageKey:
+    k = key(uid, uidvalidity)
+    result = store.claim(k, f"m{uid}.{uidvalidity}@example.com")
+    assert result.outcome is ClaimOutcome.CLAIMED
+    return k
+
+
+def handling(store: StateStore, uid: int) -> MessageKey:
+    k = claimed(store, uid)
+    store.begin_handling(k)
+    return k
+
+
+@pytest.fixture
+def synced(store: StateStore) -> StateStore:
+    store.sync_mailbox(ACCOUNT, FOLDER, 1)
+    return store
+
+
+# -- small helpers -------------------------------------------------------------------
+
+
+def test_account_key_normalises_host() -> None:
+    assert account_key("u@x.org", "IMAP.Example.COM.", 993) == "u@x.org@imap.example.com:993"
+    assert account_key("u", "h", 143) != account_key("u", "h", 993)
+
+
+def test_normalize_message_id() -> None:
+    assert normalize_message_id("abc@x") == "<abc@x>"
+    assert normalize_message_id("  <abc@x>  ") == "<abc@x>"
+    assert normalize_message_id("<abc@X>") != normalize_message_id("<ABC@X>")
+    with pytest.raises(ValueError, match="empty"):
+        normalize_message_id(" <> ")
+
+
+def test_message_key_rejects_non_positive_uid() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        MessageKey(ACCOUNT, FOLDER, 1, 0)
+
+
+def test_outbox_draft_needs_a_recipient_and_hides_raw_in_repr() -> None:
+    with pytest.raises(ValueError, match="recipient"):
+        OutboxDraft("x@y", "bot@y", [], b"raw")
+    d = OutboxDraft("x@y", "bot@y", ["a@b"], b"secret body text")
+    assert "secret body" not in repr(d)
+    assert "16 bytes" in repr(d)
+
+
+# -- opening ---------------------------------------------------------------------------
+
+
+def test_open_creates_private_dir_and_file_in_wal_full_mode(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        with StateStore(tmp_path / "a" / "state") as s:
+            d = tmp_path / "a" / "state"
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700
+            assert stat.S_IMODE((d / DB_FILENAME).stat().st_mode) == 0o600
+            assert s._conn is not None
+            assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+            assert s.schema_version() == SCHEMA_VERSION
+    finally:
+        os.umask(old_umask)
+
+
+def test_state_dir_that_is_a_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StateError, match="not a directory"):
+        StateStore(tmp_path / "f")
+
+
+def test_second_open_of_same_dir_is_refused_until_closed(tmp_path: Path) -> None:
+    first = StateStore(tmp_path)
+    with pytest.raises(StateError, match="in use"):
+        StateStore(tmp_path)
+    first.close()
+    first.close()  # idempotent
+    assert first.closed
+    with StateStore(tmp_path) as again:
+        assert again.schema_version() == SCHEMA_VERSION
+
+
+def test_closed_store_refuses_calls(tmp_path: Path) -> None:
+    s = StateStore(tmp_path)
+    s.close()
+    with pytest.raises(LocalProtocolError, match="closed"):
+        s.statistics()
+
+
+def test_data_survives_reopen_and_migration_is_not_rerun(tmp_path: Path) -> None:
+    with StateStore(tmp_path) as s:
+        s.sync_mailbox(ACCOUNT, FOLDER, 5)
+        s.claim(key(3, 5), "a@b")
+    with StateStore(tmp_path) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+        assert s.get_message(key(3, 5)) is not None
+        mb = s.mailbox(ACCOUNT, FOLDER)
+        assert mb is not None
+        assert mb.last_uid == 3
+        assert s._conn is not None
+        rows = s._conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0]
+        assert rows == SCHEMA_VERSION
+
+
+def test_database_from_newer_prxmail_is_refused(tmp_path: Path) -> None:
+    with StateStore(tmp_path):
+        pass
+    conn = sqlite3.connect(tmp_path / DB_FILENAME)
+    conn.execute("INSERT INTO schema_version VALUES (?, 0)", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError, match=r"newer|upgrade"):
+        StateStore(tmp_path)
+    # The failed open released the directory lock.
+    (tmp_path / DB_FILENAME).unlink()
+    with StateStore(tmp_path):
+        pass
+
+
+def test_garbage_database_file_is_a_state_error(tmp_path: Path) -> None:
+    (tmp_path / DB_FILENAME).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StateError):
+        StateStore(tmp_path)
+
+
+# -- mailboxes -------------------------------------------------------------------------
+
+
+def test_sync_mailbox_first_same_and_changed_uidvalidity(store: StateStore) -> None:
+    first = store.sync_mailbox(ACCOUNT, FOLDER, 10)
+    assert (first.uidvalidity, first.last_uid, first.initialized) == (10, 0, False)
+    assert first.previous_uidvalidity is None
+    store.mark_initialized(ACCOUNT, FOLDER, 10, 41)
+    store.claim(key(42, 10), "old@x")
+    same = store.sync_mailbox(ACCOUNT, FOLDER, 10)
+    assert (same.last_uid, same.initialized, same.previous_uidvalidity) == (42, True, None)
+
+    changed = store.sync_mailbox(ACCOUNT, FOLDER, 11)
+    assert (changed.uidvalidity, changed.last_uid, changed.initialized) == (11, 0, False)
+    assert changed.previous_uidvalidity == 10
+    assert changed.first_seen_at == first.first_seen_at
+    # Old records are kept ...
+    assert store.get_message(key(42, 10)) is not None
+    # ... and a message already known by Message-ID is not handed on again.
+    again = store.claim(key(1, 11), "<old@x>")
+    assert again.outcome is ClaimOutcome.DUPLICATE
+    assert again.record.status is MessageStatus.REJECTED
+    assert again.record.reason == "duplicate-message-id"
+    assert store.get_message(key(1, 11)) == again.record
+    # Next sync with the same new value reports no change.
+    assert store.sync_mailbox(ACCOUNT, FOLDER, 11).previous_uidvalidity is None
+
+
+def test_mailboxes_are_separate_per_account_and_folder(store: StateStore) -> None:
+    other = account_key("bot@example.com", "imap.example.com", 143)
+    store.sync_mailbox(ACCOUNT, "INBOX", 1)
+    store.sync_mailbox(ACCOUNT, "Support", 1)
+    store.sync_mailbox(other, "INBOX", 1)
+    store.claim(MessageKey(ACCOUNT, "Support", 1, 9), "s@x")
+    assert store.mailbox(ACCOUNT, "Support").last_uid == 9  # type: ignore[union-attr]
+    assert store.mailbox(ACCOUNT, "INBOX").last_uid == 0  # type: ignore[union-attr]
+    assert store.mailbox(other, "INBOX").last_uid == 0  # type: ignore[union-attr]
+    assert store.mailbox(ACCOUNT, "Nope") is None
+    # The same Message-ID in another account is not a duplicate.
+    assert store.claim(MessageKey(other, "INBOX", 1, 1), "s@x").outcome is ClaimOutcome.CLAIMED
+
+
+def test_mark_initialized_and_advance_only_move_forward(synced: StateStore) -> None:
+    s = synced
+    assert s.mark_initialized(ACCOUNT, FOLDER, 1, 50).last_uid == 50
+    assert s.mark_initialized(ACCOUNT, FOLDER, 1, 20).last_uid == 50
+    assert s.advance_high_water_mark(ACCOUNT, FOLDER, 1, 10) == 50
+    assert s.advance_high_water_mark(ACCOUNT, FOLDER, 1, 60) == 60
+    assert s.mailbox(ACCOUNT, FOLDER).last_uid == 60  # type: ignore[union-attr]
+
+
+def test_stale_or_unsynced_uidvalidity_is_refused(store: StateStore) -> None:
+    with pytest.raises(LocalProtocolError, match="never synced"):
+        store.claim(key(1), "a@b")
+    store.sync_mailbox(ACCOUNT, FOLDER, 2)
+    with pytest.raises(LocalProtocolError, match="stale"):
+        store.claim(key(1, uidvalidity=1), "a@b")
+    with pytest.raises(LocalProtocolError, match="stale"):
+        store.mark_initialized(ACCOUNT, FOLDER, 1, 5)
+    with pytest.raises(LocalProtocolError, match="stale"):
+        store.advance_high_water_mark(ACCOUNT, FOLDER, 1, 5)
+
+
+# -- claiming and the state table -----------------------------------------------------
+
+
+def test_claim_records_and_advances_mark(synced: StateStore, clock: FakeClock) -> None:
+    r = synced.claim(key(7), "x@y")
+    assert r.outcome is ClaimOutcome.CLAIMED
+    assert r.record.status is MessageStatus.CLAIMED
+    assert r.record.message_id == "<x@y>"
+    assert r.record.attempts == 0
+    assert r.record.claimed_at == clock.now
+    assert synced.mailbox(ACCOUNT, FOLDER).last_uid == 7  # type: ignore[union-attr]
+    assert synced.get_message(key(7)) == r.record
+
+    again = synced.claim(key(7), "x@y")
+    assert again.outcome is ClaimOutcome.ALREADY_KNOWN
+    assert again.record == r.record
+
+
+def test_claim_rejects_empty_message_id(synced: StateStore) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        synced.claim(key(1), "  ")
+    assert synced.get_message(key(1)) is None
+
+
+def test_claim_many_is_all_or_nothing(synced: StateStore) -> None:
+    with pytest.raises(LocalProtocolError):
+        synced.claim_many([(key(1), "a@x"), (key(2), "b@x"), (key(3, uidvalidity=99), "c@x")])
+    assert synced.get_message(key(1)) is None
+    assert synced.mailbox(ACCOUNT, FOLDER).last_uid == 0  # type: ignore[union-attr]
+
+    results = synced.claim_many([(key(1), "a@x"), (key(2), "b@x"), (key(3), "a@x")])
+    assert [r.outcome for r in results] == [
+        ClaimOutcome.CLAIMED,
+        ClaimOutcome.CLAIMED,
+        ClaimOutcome.DUPLICATE,
+    ]
+    assert synced.mailbox(ACCOUNT, FOLDER).last_uid == 3  # type: ignore[union-attr]
+
+
+def test_happy_path_to_handled(synced: StateStore) -> None:
+    k = claimed(synced, 1)
+    rec = synced.begin_handling(k)
+    assert (rec.status, rec.attempts) == (MessageStatus.HANDLING, 1)
+    done = synced.mark_handled(k)
+    assert done.status is MessageStatus.HANDLED
+    assert synced.get_message(k) == done
+
+
+def test_rejected_and_failed_keep_reason(synced: StateStore) -> None:
+    a = claimed(synced, 1)
+    assert synced.mark_rejected(a, "bounce").reason == "bounce"
+    b = handling(synced, 2)
+    assert synced.mark_failed(b, "exit status 3").reason == "exit status 3"
+    c = claimed(synced, 3)
+    long = "x" * (MAX_REASON_CHARS * 3)
+    stored = synced.mark_failed(c, long).reason
+    assert stored is not None
+    assert len(stored) == MAX_REASON_CHARS
+    assert synced.get_message(c).reason == stored  # type: ignore[union-attr]
+
+
+def test_every_transition_not_in_the_table_is_refused(tmp_path: Path) -> None:
+    # Drive a fresh message into each state, then try every operation on it.
+    def into(s: StateStore, uid: int, status: MessageStatus) -> MessageKey:
+        k = claimed(s, uid)
+        if status is MessageStatus.CLAIMED:
+            return k
+        if status is MessageStatus.REJECTED:
+            s.mark_rejected(k, "r")
+            return k
+        s.begin_handling(k)
+        if status is MessageStatus.HANDLED:
+            s.mark_handled(k)
+        elif status is MessageStatus.REPLIED:
+            s.record_reply(k, draft(uid))
+        elif status is MessageStatus.FAILED:
+            s.mark_failed(k, "f")
+        return k
+
+    ops = {
+        MessageStatus.HANDLING: lambda s, k: s.begin_handling(k),
+        MessageStatus.HANDLED: lambda s, k: s.mark_handled(k),
+        MessageStatus.REJECTED: lambda s, k: s.mark_rejected(k, "r"),
+        MessageStatus.FAILED: lambda s, k: s.mark_failed(k, "f"),
+        MessageStatus.REPLIED: lambda s, k: s.record_reply(k, draft(f"{k.uid}-again")),
+    }
+    with StateStore(tmp_path) as s:
+        s.sync_mailbox(ACCOUNT, FOLDER, 1)
+        uid = 0
+        checked = 0
+        for start in MessageStatus:
+            for target, op in ops.items():
+                uid += 1
+                k = into(s, uid, start)
+                if target in TRANSITIONS[start]:
+                    assert op(s, k) is not None
+                    assert s.get_message(k).status is target  # type: ignore[union-attr]
+                else:
+                    with pytest.raises(LocalProtocolError):
+                        op(s, k)
+                    assert s.get_message(k).status is start  # type: ignore[union-attr]
+                checked += 1
+        assert checked == len(MessageStatus) * len(ops)
+        for status in (
+            MessageStatus.HANDLED,
+            MessageStatus.REPLIED,
+            MessageStatus.REJECTED,
+            MessageStatus.FAILED,
+        ):
+            assert status.terminal
+        assert not MessageStatus.CLAIMED.terminal
+
+
+def test_operations_on_unknown_message_are_refused(synced: StateStore) -> None:
+    with pytest.raises(LocalProtocolError, match="claim it first"):
+        synced.begin_handling(key(5))
+
+
+def test_recover_interrupted_retries_then_fails(synced: StateStore) -> None:
+    k = handling(synced, 1)
+    other = handling(synced, 2)
+    synced.mark_handled(other)
+    report = synced.recover_interrupted(max_attempts=2)
+    assert report.retried == (k,)
+    assert report.failed == ()
+    rec = synced.get_message(k)
+    assert rec is not None
+    assert (rec.status, rec.attempts, rec.reason) == (MessageStatus.CLAIMED, 1, "interrupted")
+    assert [r.key for r in synced.pending(ACCOUNT, FOLDER)] == [k]
+
+    assert synced.begin_handling(k).attempts == 2
+    report = synced.recover_interrupted(max_attempts=2)
+    assert report == type(report)(retried=(), failed=(k,))
+    rec = synced.get_message(k)
+    assert rec is not None
+    assert (rec.status, rec.reason) == (MessageStatus.FAILED, "interrupted-too-often")
+    assert synced.pending(ACCOUNT) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        synced.recover_interrupted(max_attempts=0)
+
+
+def test_recover_interrupted_limited_to_account(store: StateStore) -> None:
+    other = account_key("x", "h", 1)
+    store.sync_mailbox(ACCOUNT, FOLDER, 1)
+    store.sync_mailbox(other, FOLDER, 1)
+    mine = handling(store, 1)
+    theirs = MessageKey(other, FOLDER, 1, 1)
+    store.claim(theirs, "t@x")
+    store.begin_handling(theirs)
+    report = store.recover_interrupted(max_attempts=5, account=ACCOUNT)
+    assert report.retried == (mine,)
+    assert store.get_message(theirs).status is MessageStatus.HANDLING  # type: ignore[union-attr]
+
+
+def test_release_returns_to_claimed_until_max_attempts(synced: StateStore) -> None:
+    k = handling(synced, 1)
+    assert synced.release(k, "cannot start", max_attempts=2).status is MessageStatus.CLAIMED
+    synced.begin_handling(k)
+    rec = synced.release(k, "cannot start", max_attempts=2)
+    assert rec.status is MessageStatus.FAILED
+    assert rec.reason is not None
+    assert "cannot start" in rec.reason
+
+
+def test_pending_is_in_uid_order_and_per_folder(synced: StateStore) -> None:
+    synced.sync_mailbox(ACCOUNT, "Other", 1)
+    for uid in (3, 1, 2):
+        claimed(synced, uid)
+    synced.claim(MessageKey(ACCOUNT, "Other", 1, 1), "o@x")
+    assert [r.key.uid for r in synced.pending(ACCOUNT, FOLDER)] == [1, 2, 3]
+    assert len(synced.pending(ACCOUNT)) == 4
+
+
+def test_find_by_message_id(synced: StateStore) -> None:
+    claimed(synced, 1)
+    found = synced.find_by_message_id(ACCOUNT, "m1.1@example.com")
+    assert [r.key for r in found] == [key(1)]
+    assert synced.find_by_message_id(ACCOUNT, "<nope@x>") == []
+
+
+# -- replies and the outbox ----------------------------------------------------------
+
+
+def test_record_reply_is_atomic_and_only_once(synced: StateStore, clock: FakeClock) -> None:
+    k = handling(synced, 1)
+    item = synced.record_reply(k, draft(1, b"Subject: Re: hi\r\n\r\nbody"))
+    assert item.status is OutboxStatus.QUEUED
+    assert item.parent == k
+    assert item.parent_message_id == "<m1.1@example.com>"
+    assert item.raw == b"Subject: Re: hi\r\n\r\nbody"
+    assert item.next_attempt_at == clock.now
+    assert synced.get_message(k).status is MessageStatus.REPLIED  # type: ignore[union-attr]
+    assert synced.is_our_message_id("reply1@bot.example.com")
+    assert synced.get_outbox_item(item.id) == item
+
+    with pytest.raises(LocalProtocolError):
+        synced.record_reply(k, draft("other"))
+    assert len(synced.outbox_items()) == 1
+    assert not synced.is_our_message_id("replyother@bot.example.com")
+
+
+def test_failed_reply_insert_rolls_back_the_status_change(synced: StateStore) -> None:
+    first = handling(synced, 1)
+    synced.record_reply(first, draft("same"))
+    second = handling(synced, 2)
+    with pytest.raises(LocalProtocolError, match="already used"):
+        synced.record_reply(second, draft("same"))
+    # Nothing of the failed transaction remains: still handling, no second row.
+    assert synced.get_message(second).status is MessageStatus.HANDLING  # type: ignore[union-attr]
+    assert len(synced.outbox_items()) == 1
+
+
+def test_unique_index_backs_up_one_reply_per_parent(synced: StateStore) -> None:
+    k = handling(synced, 1)
+    synced.record_reply(k, draft(1))
+    assert synced._conn is not None
+    with pytest.raises(sqlite3.IntegrityError):
+        synced._conn.execute(
+            "INSERT INTO outbox (message_id, account, parent_folder, parent_uidvalidity,"
+            " parent_uid, envelope_from, envelope_to, raw, raw_size, status,"
+            " next_attempt_at, created_at, updated_at)"
+            " VALUES ('<z@z>', ?, ?, 1, 1, 'a', '[]', x'', 0, 'queued', 0, 0, 0)",
+            (ACCOUNT, FOLDER),
+        )
+
+
+def test_enqueue_without_parent(synced: StateStore) -> None:
+    item = synced.enqueue(ACCOUNT, draft("fresh"))
+    assert item.parent is None
+    assert item.parent_message_id is None
+    assert synced.due_outbox() == [item]
+    assert synced.is_our_message_id("<replyfresh@bot.example.com>")
+
+
+def test_due_outbox_order_limit_and_time(synced: StateStore, clock: FakeClock) -> None:
+    items = []
+    for n in range(5):
+        items.append(synced.enqueue(ACCOUNT, draft(n)))
+        clock.now += 1
+    assert [i.id for i in synced.due_outbox(limit=3)] == [i.id for i in items[:3]]
+    # Push the first one into the future: it is no longer due, the rest are.
+    synced.mark_transient_failure(items[0].id, "421 try later")
+    due = synced.due_outbox()
+    assert items[0].id not in [i.id for i in due]
+    assert len(due) == 4
+    nxt = synced.next_due_at()
+    assert nxt == items[1].next_attempt_at
+    later = synced.get_outbox_item(items[0].id)
+    assert later is not None
+    assert items[0].id in [i.id for i in synced.due_outbox(now=later.next_attempt_at)]
+
+
+def test_mark_sent_drops_bytes_and_keeps_row(synced: StateStore, clock: FakeClock) -> None:
+    item = synced.enqueue(ACCOUNT, draft(1, b"x" * 1000))
+    clock.now += 5
+    sent = synced.mark_sent(item.id)
+    assert (sent.status, sent.raw, sent.sent_at, sent.attempts) == (
+        OutboxStatus.SENT,
+        b"",
+        clock.now,
+        1,
+    )
+    assert synced.get_outbox_item(item.id) == sent
+    assert synced.due_outbox() == []
+    assert synced.next_due_at() is None
+    assert synced.is_our_message_id(item.message_id)
+    with pytest.raises(LocalProtocolError, match="not queued"):
+        synced.mark_sent(item.id)
+    with pytest.raises(LocalProtocolError, match="no outbox item"):
+        synced.mark_sent(9999)
+
+
+def test_transient_failures_back_off_exponentially_then_give_up(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    policy = RetryPolicy(initial_delay=10.0, multiplier=2.0, max_delay=70.0, jitter=0.2)
+    with StateStore(tmp_path, clock=clock, retry_policy=policy, rng=random.Random(7)) as s:
+        item = s.enqueue(ACCOUNT, draft(1))
+        delays = []
+        for attempt in range(1, policy.max_attempts):
+            updated = s.mark_transient_failure(item.id, f"451 attempt {attempt}")
+            assert updated.status is OutboxStatus.QUEUED
+            assert updated.attempts == attempt
+            assert updated.last_error == f"451 attempt {attempt}"
+            delays.append(updated.next_attempt_at - clock.now)
+        for n, d in enumerate(delays[:4], start=1):
+            base = min(70.0, 10.0 * 2 ** (n - 1))
+            assert base * 0.8 <= d <= base
+        assert all(56.0 <= d <= 70.0 for d in delays[3:])  # capped
+        assert len(set(delays)) > 1  # jittered
+        final = s.mark_transient_failure(item.id, "451 again")
+        assert final.status is OutboxStatus.FAILED_PERMANENT
+        assert final.last_error is not None
+        assert final.last_error.startswith(f"gave up after {policy.max_attempts} attempts")
+        assert s.due_outbox(now=clock.now + 1e9) == []
+        assert s.statistics().outbox_failed == 1
+
+
+def test_permanent_failure_kept_and_requeue(synced: StateStore) -> None:
+    item = synced.enqueue(ACCOUNT, draft(1, b"the bytes"))
+    failed = synced.mark_permanent_failure(item.id, "550 no such user")
+    assert failed.status is OutboxStatus.FAILED_PERMANENT
+    assert failed.raw == b"the bytes"
+    assert synced.outbox_items(OutboxStatus.FAILED_PERMANENT) == [failed]
+    assert synced.outbox_items(OutboxStatus.QUEUED) == []
+    with pytest.raises(LocalProtocolError):
+        synced.mark_transient_failure(item.id, "x")
+    back = synced.requeue(item.id)
+    assert (back.status, back.attempts) == (OutboxStatus.QUEUED, 0)
+    assert synced.due_outbox() == [back]
+    with pytest.raises(LocalProtocolError):
+        synced.requeue(item.id)
+
+
+@hypothesis.given(
+    failures=st.integers(min_value=1, max_value=10_000),
+    initial=st.floats(min_value=0.0, max_value=1e4),
+    multiplier=st.floats(min_value=1.0, max_value=10.0),
+    cap=st.floats(min_value=0.0, max_value=1e6),
+    jitter=st.floats(min_value=0.0, max_value=0.99),
+    seed=st.integers(),
+)
+def test_retry_delay_is_bounded(  # noqa: PLR0917 - hypothesis passes arguments by name
+    failures: int, initial: float, multiplier: float, cap: float, jitter: float, seed: int
+) -> None:
+    policy = RetryPolicy(initial_delay=initial, multiplier=multiplier, max_delay=cap, jitter=jitter)
+    d = policy.delay(failures, random.Random(seed))
+    base = min(cap, initial * multiplier ** min(failures - 1, 64))
+    assert base * (1 - jitter) - 1e-9 <= d <= base + 1e-9
+    assert d <= cap + 1e-9
+
+
+def test_retry_policy_rejects_bad_jitter() -> None:
+    with pytest.raises(ValueError, match="jitter"):
+        RetryPolicy(jitter=1.0)
+
+
+# -- our Message-IDs and pruning -----------------------------------------------------
+
+
+def test_remember_and_recognise_own_ids(synced: StateStore) -> None:
+    assert not synced.is_our_message_id("<a@b>")
+    assert not synced.is_our_message_id("")
+    synced.remember_message_id(ACCOUNT, "a@b")
+    synced.remember_message_id(ACCOUNT, "<a@b>")  # idempotent
+    assert synced.is_our_message_id(" <a@b> ")
+    with pytest.raises(LocalProtocolError, match="already used"):
+        synced.enqueue(ACCOUNT, OutboxDraft("a@b", "bot@x", ["u@x"], b""))
+
+
+def test_prune_by_age_and_cap_keeps_queued(tmp_path: Path, clock: FakeClock) -> None:
+    day = 86400.0
+    with StateStore(tmp_path, clock=clock) as s:
+        s.sync_mailbox(ACCOUNT, FOLDER, 1)
+        s.remember_message_id(ACCOUNT, "ancient@x")
+        queued_old = s.enqueue(ACCOUNT, draft("queued-old"))
+        clock.now += 200 * day
+        for n in range(5):
+            s.remember_message_id(ACCOUNT, f"recent{n}@x")
+            clock.now += 1
+        report = s.prune(own_id_max_count=3)
+        assert report.own_message_ids == 3  # ancient by age, recent0/1 by the cap
+        assert not s.is_our_message_id("ancient@x")
+        assert not s.is_our_message_id("recent0@x")
+        assert not s.is_our_message_id("recent1@x")
+        assert all(s.is_our_message_id(f"recent{n}@x") for n in (2, 3, 4))
+        # Still queued: kept even though it is old and over the cap.
+        assert s.is_our_message_id(queued_old.message_id)
+
+
+def test_prune_sent_rows_and_old_finished_messages(tmp_path: Path, clock: FakeClock) -> None:
+    day = 86400.0
+    with StateStore(tmp_path, clock=clock) as s:
+        s.sync_mailbox(ACCOUNT, FOLDER, 1)
+        done = handling(s, 1)
+        s.mark_handled(done)
+        replied_unsent = handling(s, 2)
+        s.record_reply(replied_unsent, draft(2))
+        replied_sent = handling(s, 3)
+        sent_item = s.record_reply(replied_sent, draft(3))
+        s.mark_sent(sent_item.id)
+        still_claimed = claimed(s, 4)
+        clock.now += 400 * day
+        report = s.prune()
+        assert report.sent_outbox == 1
+        assert report.messages == 2  # handled + replied-and-sent
+        assert s.get_message(done) is None
+        assert s.get_message(replied_sent) is None
+        assert s.get_message(replied_unsent) is not None  # reply still queued
+        assert s.get_message(still_claimed) is not None  # never pruned while pending
+        assert s.get_outbox_item(sent_item.id) is None
+        assert s.mailbox(ACCOUNT, FOLDER).last_uid == 4  # type: ignore[union-attr]
+
+
+def test_statistics(synced: StateStore) -> None:
+    synced.sync_mailbox(ACCOUNT, "Other", 3)
+    handling(synced, 1)
+    a = handling(synced, 2)
+    item = synced.record_reply(a, draft(2))
+    b = handling(synced, 3)
+    failed_item = synced.record_reply(b, draft(3))
+    synced.mark_permanent_failure(failed_item.id, "550")
+    claimed(synced, 4)
+    st_ = synced.statistics()
+    assert st_.schema_version == SCHEMA_VERSION
+    assert st_.outbox_queued == 1
+    assert st_.outbox_failed == 1
+    assert st_.outbox_next_attempt_at == item.next_attempt_at
+    assert st_.messages_by_status[MessageStatus.HANDLING] == 1
+    assert st_.messages_by_status[MessageStatus.REPLIED] == 2
+    assert st_.messages_by_status[MessageStatus.CLAIMED] == 1
+    assert st_.messages_by_status[MessageStatus.FAILED] == 0
+    assert [(m.folder, m.uidvalidity, m.last_uid) for m in st_.mailboxes] == [
+        ("INBOX", 1, 4),
+        ("Other", 3, 0),
+    ]
+
+
+# -- the trio facade -------------------------------------------------------------------
+
+
+async def test_async_store_runs_on_one_dedicated_thread(tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    async with open_state_store(tmp_path) as store:
+        assert store.state_dir == tmp_path
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        workers = [t for t in threading.enumerate() if t.name == "prxmail-state"]
+        assert len(workers) == 1
+
+        # Many tasks at once: all calls are serialised on that thread (the connection
+        # was opened with check_same_thread=True, so any other thread would fail).
+        async def work(uid: int) -> None:
+            k = key(uid)
+            assert (await store.claim(k, f"{uid}@x")).outcome is ClaimOutcome.CLAIMED
+            await store.begin_handling(k)
+            if uid % 2:
+                await store.record_reply(k, draft(uid))
+            else:
+                await store.mark_handled(k)
+
+        async with trio.open_nursery() as nursery:
+            for uid in range(1, 41):
+                nursery.start_soon(work, uid)
+        stats = await store.statistics()
+        assert stats.messages_by_status[MessageStatus.REPLIED] == 20
+        assert stats.messages_by_status[MessageStatus.HANDLED] == 20
+        assert stats.outbox_queued == 20
+        assert len(await store.due_outbox(limit=100)) == 20
+        assert await store.is_our_message_id("reply1@bot.example.com")
+    # The thread is gone and the directory lock released.
+    assert {t.ident for t in threading.enumerate()} <= before
+    with StateStore(tmp_path) as s:
+        assert s.mailbox(ACCOUNT, FOLDER).last_uid == 40  # type: ignore[union-attr]
+
+
+async def test_async_store_errors_propagate(tmp_path: Path) -> None:
+    async with open_state_store(tmp_path) as store:
+        with pytest.raises(LocalProtocolError, match="never synced"):
+            await store.claim(key(1), "a@b")
+        # Still usable afterwards.
+        assert (await store.sync_mailbox(ACCOUNT, FOLDER, 1)).last_uid == 0
+
+
+async def test_async_open_refused_when_locked(tmp_path: Path) -> None:
+    with StateStore(tmp_path), pytest.raises(StateError, match="in use"):
+        async with open_state_store(tmp_path):
+            pass  # pragma: no cover
+    assert not [t for t in threading.enumerate() if t.name == "prxmail-state"]
+
+
+async def test_cancelled_caller_starts_no_work(tmp_path: Path) -> None:
+    async with open_state_store(tmp_path) as store:
+        with trio.CancelScope() as cs:
+            cs.cancel()
+            await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        assert cs.cancelled_caught
+        assert await store.mailbox(ACCOUNT, FOLDER) is None
+
+
+async def test_call_in_flight_completes_despite_cancel(tmp_path: Path) -> None:
+    async with open_state_store(tmp_path) as store:
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        # A big batch takes a while on the worker; cancel while it runs.
+        items = [(key(uid), f"{uid}@x") for uid in range(1, 3001)]
+        with trio.move_on_after(0.001) as cs:
+            results = await store.claim_many(items)
+            # The deadline passed while the call ran on the worker ...
+            assert trio.current_time() > cs.deadline
+            await trio.sleep(10)  # ... and is delivered at the next checkpoint.
+        assert cs.cancelled_caught
+        assert len(results) == 3000
+        mb = await store.mailbox(ACCOUNT, FOLDER)
+        assert mb is not None
+        assert mb.last_uid == 3000
+
+
+async def test_async_housekeeping_calls(tmp_path: Path) -> None:
+    async with open_state_store(tmp_path) as store:
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        assert (await store.mark_initialized(ACCOUNT, FOLDER, 1, 5)).initialized
+        assert await store.advance_high_water_mark(ACCOUNT, FOLDER, 1, 6) == 6
+        k = key(7)
+        await store.claim_many([(k, "a@x")])
+        assert [r.key for r in await store.pending(ACCOUNT)] == [k]
+        assert [r.key for r in await store.find_by_message_id(ACCOUNT, "a@x")] == [k]
+        await store.begin_handling(k)
+        assert (await store.recover_interrupted(max_attempts=3)).retried == (k,)
+        await store.begin_handling(k)
+        assert (await store.release(k, "x", max_attempts=3)).status is MessageStatus.CLAIMED
+        assert (await store.mark_rejected(k, "list-mail")).reason == "list-mail"
+        k2 = key(8)
+        await store.claim(k2, "b@x")
+        assert (await store.mark_failed(k2, "boom")).status is MessageStatus.FAILED
+        item = await store.enqueue(ACCOUNT, draft(1))
+        assert await store.next_due_at() == item.next_attempt_at
+        assert (await store.get_outbox_item(item.id)) == item
+        retry = await store.mark_transient_failure(item.id, "421")
+        assert retry.attempts == 1
+        perm = await store.mark_permanent_failure(item.id, "550")
+        assert await store.outbox_items(OutboxStatus.FAILED_PERMANENT) == [perm]
+        back = await store.requeue(item.id)
+        assert (await store.mark_sent(back.id)).status is OutboxStatus.SENT
+        await store.remember_message_id(ACCOUNT, "z@x")
+        assert await store.is_our_message_id("z@x")
+        assert (await store.prune()).own_message_ids == 0
+        assert await store.get_message(k2) is not None
+
+
+# -- crash safety ------------------------------------------------------------------------
+
+# A writer that runs the full life cycle as fast as it can and prints a line after
+# each committed step. The test SIGKILLs it at random moments and checks that every
+# printed (= committed) step is in the database and the invariants hold.
+WRITER = r"""
+import random, sys
+from prxmail.state import *
+
+state_dir, seed = sys.argv[1], int(sys.argv[2])
+rng = random.Random(seed)
+A = "bot@example.com@imap.example.com:993"
+MAX_ATTEMPTS = 3
+
+def out(*parts):
+    print(*parts, flush=True)
+
+def body(uid, attempt):
+    return (f"reply to {uid} attempt {attempt} ".encode() * 50)
+
+store = StateStore(state_dir, retry_policy=RetryPolicy(initial_delay=0.0, jitter=0.0,
+                   max_attempts=4), rng=rng)
+store.recover_interrupted(max_attempts=MAX_ATTEMPTS)
+mb = store.sync_mailbox(A, "INBOX", 1)
+out("OPEN", mb.last_uid)
+
+def handle(key):
+    rec = store.begin_handling(key)
+    out("HANDLING", key.uid, rec.attempts)
+    c = rng.random()
+    if c < 0.15:
+        return  # leave it in 'handling': the next kill/restart must deal with it
+    if c < 0.6:
+        d = OutboxDraft(f"r{key.uid}.{rec.attempts}@bot", "bot@example.com", ["u@x"],
+                        body(key.uid, rec.attempts))
+        store.record_reply(key, d)
+        out("REPLIED", key.uid)
+    elif c < 0.85:
+        store.mark_handled(key)
+        out("HANDLED", key.uid)
+    else:
+        store.mark_failed(key, "exit status 1")
+        out("FAILED", key.uid)
+
+uid = mb.last_uid
+while True:
+    for rec in store.pending(A, "INBOX"):
+        handle(rec.key)
+    uid += 1
+    key = MessageKey(A, "INBOX", 1, uid)
+    r = store.claim(key, f"m{uid}@x")
+    out("CLAIMED", uid)
+    if rng.random() < 0.1:
+        store.mark_rejected(key, "bounce")
+        out("REJECTED", uid)
+    else:
+        handle(key)
+    for item in store.due_outbox(limit=3):
+        if rng.random() < 0.7:
+            store.mark_sent(item.id)
+            out("SENT", item.id)
+        else:
+            store.mark_transient_failure(item.id, "421 busy")
+            out("RETRY", item.id)
+"""
+
+
+def _check_invariants(state_dir: Path, committed: list[list[str]]) -> dict[str, int]:
+    conn = sqlite3.connect(state_dir / DB_FILENAME)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        msgs = {
+            row[0]: row[1:]
+            for row in conn.execute("SELECT uid, status, attempts, message_id FROM message")
+        }
+        outbox = conn.execute(
+            "SELECT id, parent_uid, status, raw, raw_size, message_id FROM outbox"
+        ).fetchall()
+        own = {r[0] for r in conn.execute("SELECT message_id FROM own_message_id")}
+        last_uid = conn.execute("SELECT last_uid FROM mailbox").fetchone()[0]
+    finally:
+        conn.close()
+
+    # Nothing lost: every UID up to the high-water mark has a record, none above it.
+    assert set(msgs) == set(range(1, last_uid + 1))
+    # Attempts are bounded; statuses valid.
+    for uid, (status, attempts, mid) in msgs.items():
+        assert status in {s.value for s in MessageStatus}
+        assert attempts <= 3, (uid, attempts)
+        assert mid == f"<m{uid}@x>"
+    # Replies: exactly one outbox row per replied message and none for anything else;
+    # rows are whole (queued ones carry exactly their bytes).
+    parents = [row[1] for row in outbox]
+    assert len(parents) == len(set(parents))
+    assert {uid for uid, v in msgs.items() if v[0] == "replied"} == set(parents)
+    for _id, parent_uid, status, raw, raw_size, message_id in outbox:
+        assert message_id in own
+        if status == "sent":
+            assert raw == b""
+        else:
+            attempt = message_id.split(".")[1].split("@")[0]
+            assert raw == f"reply to {parent_uid} attempt {attempt} ".encode() * 50
+            assert len(raw) == raw_size
+    # Durability: every step the writer saw committed is there.
+    statuses = {uid: v[0] for uid, v in msgs.items()}
+    sent_ids = {row[0] for row in outbox if row[2] == "sent"}
+    for parts in committed:
+        match parts:
+            case ["CLAIMED", uid]:
+                assert int(uid) in msgs
+            case ["HANDLING", uid, attempts]:
+                assert msgs[int(uid)][1] >= int(attempts)
+            case ["REPLIED" | "HANDLED" | "FAILED" | "REJECTED" as what, uid]:
+                assert statuses[int(uid)] == what.lower()
+            case ["SENT", item_id]:
+                assert int(item_id) in sent_ids
+            case _:
+                pass
+    return {"messages": len(msgs), "outbox": len(outbox), "last_uid": last_uid}
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_at_random_points_loses_nothing_and_answers_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    rng = random.Random(20240607)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    kills = 0
+    for round_no in range(12):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(state_dir), str(round_no)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            assert first.startswith(b"OPEN"), proc.stderr.read() if proc.stderr else first
+            time.sleep(rng.uniform(0.0, 0.25))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            out, err = proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, err.decode(errors="replace")
+        kills += 1
+        # Only complete lines were committed-and-reported; a torn last line is ignored.
+        lines = out.split(b"\n")[:-1]
+        committed = [line.decode().split() for line in lines]
+        counts = _check_invariants(state_dir, committed)
+        assert counts["last_uid"] >= 1
+
+    # After the last crash a normal start recovers: nothing left 'handling'.
+    with StateStore(state_dir) as s:
+        s.recover_interrupted(max_attempts=3)
+        stats = s.statistics()
+        assert stats.messages_by_status[MessageStatus.HANDLING] == 0
+        assert stats.mailboxes[0].last_uid > 50  # the writer really made progress
+    assert kills == 12
+    _check_invariants(state_dir, [])
