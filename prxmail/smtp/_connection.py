@@ -314,6 +314,7 @@ class SMTPConnection:
             TLSError: the implicit TLS handshake failed.
             ConnectionBrokenError, RemoteProtocolError: transport or grammar failure.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         with self._operation():
             if self._greeting is not None:
                 raise LocalProtocolError("the greeting was already read")
@@ -334,6 +335,8 @@ class SMTPConnection:
         Raises:
             SMTPReplyError: the server refused both, or replied 421.
         """
+        # Cancelled before anything is written: the connection stays in step.
+        await trio.lowlevel.checkpoint_if_cancelled()
         with self._operation():
             reply = await self._command(self._proto.send_ehlo(self._local_hostname))
             if reply.is_error and reply.code >= 500 and reply.code != 421:
@@ -352,6 +355,7 @@ class SMTPConnection:
                 (certificate not trusted, name mismatch).  The connection is broken
                 afterwards, except when STARTTLS was merely not offered or refused.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         with self._operation():
             if self._tls_active:
                 raise LocalProtocolError("the connection is already encrypted")
@@ -434,6 +438,7 @@ class SMTPConnection:
         pass_b = password.encode("utf-8")
         plain_blob = b"\x00" + user_b + b"\x00" + pass_b
         secrets.append(plain_blob)
+        await trio.lowlevel.checkpoint_if_cancelled()
         with self._operation():
             self._check_auth_allowed()
             offered = self._proto.extensions.auth
@@ -461,6 +466,7 @@ class SMTPConnection:
         """
         blob = f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
         secrets: list[bytes | str] = [token, blob]
+        await trio.lowlevel.checkpoint_if_cancelled()
         with self._operation():
             self._check_auth_allowed()
             if "XOAUTH2" not in self._proto.extensions.auth:
@@ -535,6 +541,7 @@ class SMTPConnection:
             raise LocalProtocolError("recipients must be a sequence of addresses, not a str")
         if not recipients:
             raise LocalProtocolError("a message needs at least one recipient")
+        await trio.lowlevel.checkpoint_if_cancelled()
         with self._operation():
             self._content_started = False
             if self._proto.state not in (State.READY, State.MAIL, State.RCPT):
@@ -547,8 +554,9 @@ class SMTPConnection:
                 if not rcpt:
                     raise LocalProtocolError("recipient address is empty")
             ext = self._proto.extensions
-            options = mail_options(data, sender, recipients, ext)
             content = encode_data(data)
+            # RFC 1870 SIZE counts the content as sent, less the ".CRLF" terminator.
+            options = mail_options(data, sender, recipients, ext, wire_size=len(content) - 3)
             if ext.pipelining:
                 return await self._send_pipelined(sender, recipients, content, options)
             return await self._send_stepwise(sender, recipients, content, options)
@@ -669,6 +677,7 @@ class SMTPConnection:
             SMTPReplyError: an error reply (421: the server is closing).
             ConnectionBrokenError: the connection is unusable.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         with self._operation():
             return await self._expect_ok(await self._command(self._proto.send_noop()))
 
@@ -681,6 +690,7 @@ class SMTPConnection:
         Raises:
             SMTPReplyError, ConnectionBrokenError: as for :meth:`noop`.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         with self._operation():
             reply = await self._expect_ok(await self._command(self._proto.send_rset()))
             self._needs_rset = False

@@ -770,7 +770,12 @@ def _ehlo_name(hostname: str) -> bytes:
 
 
 def mail_options(
-    data: bytes, sender: str, recipients: Iterable[str], ext: Extensions
+    data: bytes,
+    sender: str,
+    recipients: Iterable[str],
+    ext: Extensions,
+    *,
+    wire_size: int | None = None,
 ) -> tuple[int | None, bool, bool]:
     """Decide the MAIL FROM parameters a message needs.
 
@@ -779,6 +784,8 @@ def mail_options(
         sender: The envelope sender.
         recipients: The envelope recipients.
         ext: The server's extensions.
+        wire_size: The size of the content as it goes on the wire (CRLF line
+            endings, dot-stuffed); ``len(data)`` when not given.
 
     Returns:
         ``(size, eightbit, smtputf8)`` for :meth:`SMTPProtocol.send_mail`.
@@ -790,7 +797,7 @@ def mail_options(
     """
     size = None
     if ext.size is not None:
-        size = len(data)
+        size = len(data) if wire_size is None else wire_size
         if ext.size and size > ext.size:
             raise LocalProtocolError(
                 f"message of {size} bytes exceeds the server's SIZE limit of {ext.size} bytes"
