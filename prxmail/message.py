@@ -1,0 +1,894 @@
+"""The message model: one received mail as a frozen value, parsed from raw bytes.
+
+:func:`parse_message` turns the bytes fetched over IMAP into a :class:`Message` that
+handlers, the sender policy and reply composition all read. It never trusts the
+input: malformed MIME, broken boundaries, unknown or lying charsets, 8-bit bytes in
+headers, missing headers and binary garbage all yield a best-effort :class:`Message`
+(what went wrong is listed in :attr:`Message.defects`) instead of an exception.
+
+How the work is split:
+
+* `mail-parser <https://pypi.org/project/mail-parser/>`_ parses the MIME tree and
+  extracts the text/plain and text/html bodies (it handles charset recovery and
+  epilogue rescue for broken boundaries) and the addresses' structure and the date.
+* Where it is weak, the stdlib ``email`` package and this module take over: header
+  text is decoded here (RFC 2047 encoded words in any charset, adjacent words joined
+  before decoding so split multi-byte characters survive, unknown charsets and raw
+  8-bit bytes decoded with replacement characters instead of being dropped), CR/LF
+  hidden in encoded words is neutralised, and attachments are listed by our own
+  bounded walk of the MIME tree so names are deterministic and sanitised and
+  oversized content is never decoded.
+
+Parsing is CPU work proportional to the message size; in a trio program use
+:func:`parse_message_async`, which runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as _dt
+import email.message
+import email.parser
+import email.policy
+import email.utils
+import functools
+import re
+import unicodedata
+from collections.abc import Iterable
+
+import attrs
+import mailparser  # type: ignore[import-untyped]
+import mailparser.utils  # type: ignore[import-untyped]
+import trio
+
+from prxmail._html import html_to_text
+
+__all__ = [
+    "Address",
+    "Attachment",
+    "Message",
+    "parse_message",
+    "parse_message_async",
+    "sanitize_filename",
+]
+
+# -- bounds -----------------------------------------------------------------------
+
+# A MIME tree deeper than this is hostile ("multipart bomb"): real mail nests a few
+# levels (mixed > alternative > related > forwarded message > ...). Parts below the
+# limit are not listed, and the defect is recorded.
+MAX_MIME_DEPTH = 32
+
+# Listing attachments costs work per part; a message with ten thousand tiny parts is
+# a CPU attack, not correspondence. Parts beyond this are not listed.
+MAX_MIME_PARTS = 1000
+
+# Decoded header text (Subject, display names) is cut here. RFC 5322 lines stop at
+# 998 octets and real subjects are far shorter; the cap keeps one absurd header from
+# ending up in every log line, handler input and reply.
+MAX_HEADER_TEXT_CHARS = 4096
+
+# A Message-ID longer than this cannot be a real one and could not be written back
+# on one line of our reply's In-Reply-To/References (998 octets per line, RFC 5322
+# 2.1.1, and a msg-id cannot be folded). Longer ids are ignored.
+MAX_MESSAGE_ID_CHARS = 500
+
+# References kept from an incoming message: the first (thread root) and the most
+# recent ones. Threads this long only occur in loops; the bound keeps hostile input
+# from making the model (and our replies' headers) large.
+MAX_REFERENCES_KEPT = 100
+
+# Authentication-Results headers kept, topmost first. Only the topmost one from the
+# configured authserv-id is ever used, and receiving servers add one or two each.
+MAX_AUTH_RESULTS = 50
+
+# Attachment file names are cut to this many UTF-8 bytes: the limit of common file
+# systems (ext4, NTFS, APFS), so a sanitised name can always be saved as-is.
+MAX_FILENAME_BYTES = 255
+
+# The domain of substitute Message-IDs. ".invalid" is reserved (RFC 2606), so a
+# substitute can never collide with an id a real mail system generated.
+MISSING_ID_DOMAIN = "missing.invalid"
+
+
+# -- the model ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Address:
+    """One mailbox from an address header.
+
+    Attributes:
+        addr: The address (``local@domain``) as written, case preserved; ``""`` when
+            the header was missing or held no usable mailbox.
+        name: The decoded display name, ``""`` when there is none.
+    """
+
+    addr: str
+    name: str = ""
+
+    @property
+    def domain(self) -> str:
+        """The lower-cased part after the last ``@``, or ``""`` without one."""
+        _, at, domain = self.addr.rpartition("@")
+        return domain.lower() if at else ""
+
+
+@attrs.frozen
+class Attachment:
+    """An attachment (or inline non-text part) of a message.
+
+    Attributes:
+        filename: A sanitised name safe to use as a file name: no directory parts,
+            no control or format characters, no leading dots, at most
+            :data:`MAX_FILENAME_BYTES` UTF-8 bytes. Parts without a name get
+            ``attachment-N`` with an extension from the content type.
+        content_type: The lower-cased MIME type, e.g. ``"application/pdf"``.
+        size: The decoded size in bytes (estimated from the encoded length when the
+            content was over the limit and therefore not decoded).
+        content: The decoded bytes, or ``None`` when ``size`` is over the
+            ``max_attachment_bytes`` given to :func:`parse_message`.
+    """
+
+    filename: str
+    content_type: str
+    size: int
+    content: bytes | None = attrs.field(default=None, repr=False)
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name} must be a non-negative integer, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Message:
+    """A received message, decoded and bounded.
+
+    Header-derived text is decoded to ``str`` and never contains CR, LF or other
+    control characters. Message-IDs are kept with their angle brackets
+    (``"<id@host>"``).
+
+    Attributes:
+        uid: The IMAP UID.
+        uidvalidity: The UIDVALIDITY of the folder the UID belongs to.
+        message_id: The Message-ID; when the message has none (or an unusable one)
+            a stable substitute ``"<UIDVALIDITY.UID.prxmail@missing.invalid>"`` that
+            is the same every time this mail is parsed.
+        message_id_missing: True when :attr:`message_id` is such a substitute.
+        from_: The (first) From mailbox; ``Address("")`` when there is none.
+        from_all: Every mailbox found in From headers (RFC 5322 allows several;
+            the sender policy refuses such mail as ambiguous).
+        sender: The Sender address, or ``None``.
+        return_path: The Return-Path address the delivering server recorded:
+            ``""`` for the null path ``<>`` (a bounce), ``None`` when absent.
+        to, cc, reply_to: The mailboxes of those headers.
+        subject: The decoded subject, ``""`` when missing.
+        date: The Date as an aware datetime in UTC, or ``None`` when missing or
+            unparseable.
+        in_reply_to: The first Message-ID in In-Reply-To, or ``None``.
+        references: The Message-IDs in References, oldest first.
+        text: The body as plain text: text/plain parts preferred, otherwise the
+            HTML converted to readable text. Lines end in ``"\\n"``.
+        html: The raw HTML body, or ``None`` when there is none.
+        attachments: Attachments and inline non-text parts, in MIME order.
+        authentication_results: Raw Authentication-Results values, topmost first.
+        auto_submitted: The Auto-Submitted value, or ``None`` when absent.
+        precedence: The Precedence value, or ``None``.
+        list_id: The List-Id value, or ``None``.
+        list_unsubscribe: The List-Unsubscribe value, or ``None``.
+        content_type: The lower-cased top-level MIME type.
+        size: The size of the raw message in bytes.
+        defects: Short names of what was wrong with the input, for logging.
+    """
+
+    uid: int = attrs.field(validator=_non_negative)
+    uidvalidity: int = attrs.field(validator=_non_negative)
+    message_id: str
+    message_id_missing: bool = False
+    from_: Address = Address("")
+    from_all: tuple[Address, ...] = ()
+    sender: str | None = None
+    return_path: str | None = None
+    to: tuple[Address, ...] = ()
+    cc: tuple[Address, ...] = ()
+    reply_to: tuple[Address, ...] = ()
+    subject: str = ""
+    date: _dt.datetime | None = None
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
+    text: str = attrs.field(default="", repr=False)
+    html: str | None = attrs.field(default=None, repr=False)
+    attachments: tuple[Attachment, ...] = ()
+    authentication_results: tuple[str, ...] = ()
+    auto_submitted: str | None = None
+    precedence: str | None = None
+    list_id: str | None = None
+    list_unsubscribe: str | None = None
+    content_type: str = "text/plain"
+    size: int = 0
+    defects: tuple[str, ...] = ()
+
+
+def missing_message_id(uid: int, uidvalidity: int) -> str:
+    """The substitute Message-ID of a message that has none.
+
+    Args:
+        uid: The message's IMAP UID.
+        uidvalidity: The folder's UIDVALIDITY.
+
+    Returns:
+        ``"<UIDVALIDITY.UID.prxmail@missing.invalid>"`` -- stable for the same
+        mailbox slot, unique within one folder, never a real mail system's id.
+    """
+    return f"<{uidvalidity}.{uid}.prxmail@{MISSING_ID_DOMAIN}>"
+
+
+# -- header text decoding -------------------------------------------------------------
+
+_ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
+_WHITESPACE_RUN = re.compile(r"\s+")
+_UNFOLD = re.compile(r"\r\n|\r|\n")
+
+
+def _bytes_to_text(data: bytes, charset: str | None = None) -> str:
+    """Decode bytes in a declared charset, never raising, never dropping text.
+
+    Unknown or unusable charsets fall back to UTF-8 and then Windows-1252 (the most
+    common undeclared 8-bit charset); bytes that fit nowhere become U+FFFD.
+    """
+    if charset:
+        try:
+            return data.decode(charset, "replace")
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            pass
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
+
+
+def _fix_raw_bytes(value: str) -> str:
+    """Turn 8-bit header bytes (carried by ``email`` as surrogates) into text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return _bytes_to_text(raw)
+
+
+def _decode_word_payload(encoding: str, payload: str) -> bytes | None:
+    data = payload.encode("ascii", "replace")
+    if encoding in "qQ":
+        return binascii.a2b_qp(data, header=True)
+    data += b"=" * (-len(data) % 4)
+    try:
+        decoded = binascii.a2b_base64(data)
+    except (binascii.Error, ValueError):
+        return None
+    if payload and not decoded:
+        return None  # nothing but invalid characters: not an encoded word
+    return decoded
+
+
+def _decode_encoded_words(value: str) -> str:
+    """Decode RFC 2047 encoded words wherever they appear.
+
+    Adjacent words in the same charset are joined *before* decoding, because
+    mailers split multi-byte characters across words; white space between two
+    encoded words is dropped (RFC 2047 6.2). A word that does not decode stays as
+    written.
+    """
+    if "=?" not in value:
+        return value
+    out: list[str] = []
+    pending = bytearray()
+    pending_charset: str | None = None
+
+    def flush() -> None:
+        nonlocal pending_charset
+        if pending_charset is not None:
+            out.append(_bytes_to_text(bytes(pending), pending_charset))
+        pending.clear()
+        pending_charset = None
+
+    position = 0
+    previous_was_word = False
+    for match in _ENCODED_WORD.finditer(value):
+        between = value[position : match.start()]
+        if between and not (previous_was_word and not between.strip()):
+            flush()
+            out.append(between)
+        position = match.end()
+        charset, encoding, payload = match.groups()
+        data = _decode_word_payload(encoding, payload)
+        if data is None:
+            flush()
+            out.append(match.group(0))
+            previous_was_word = False
+            continue
+        charset = charset.lower()
+        if pending_charset is not None and charset != pending_charset:
+            flush()
+        pending_charset = charset
+        pending.extend(data)
+        previous_was_word = True
+    flush()
+    out.append(value[position:])
+    return "".join(out)
+
+
+def _clean_text(value: str) -> str:
+    """Header text for display: control characters gone, white space collapsed."""
+    cleaned = "".join(
+        " " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch
+        for ch in value
+        if unicodedata.category(ch) != "Cs"
+    )
+    return _WHITESPACE_RUN.sub(" ", cleaned).strip()[:MAX_HEADER_TEXT_CHARS]
+
+
+def decode_header_text(raw: str) -> str:
+    """Decode an unstructured header value (Subject and the like) for display.
+
+    Args:
+        raw: The value as stored by the ``email`` package (8-bit bytes carried as
+            surrogates, folds still in).
+
+    Returns:
+        The decoded text: RFC 2047 words decoded in their charset (replacement
+        characters for undecodable bytes), 8-bit bytes read as UTF-8 or
+        Windows-1252, folds and any CR/LF/control characters turned into single
+        spaces, at most :data:`MAX_HEADER_TEXT_CHARS` characters.
+    """
+    # Bound the work before decoding: the raw value may be as large as the message.
+    unfolded = _UNFOLD.sub("", raw[: MAX_HEADER_TEXT_CHARS * 8])
+    return _clean_text(_decode_encoded_words(_fix_raw_bytes(unfolded)))
+
+
+# -- structured headers ---------------------------------------------------------------
+
+_MSG_ID = re.compile(r"<([^<>]*)>")
+
+
+def _valid_msg_id(inner: str) -> str | None:
+    inner = "".join(inner.split())
+    if not inner or len(inner) + 2 > MAX_MESSAGE_ID_CHARS:
+        return None
+    if not all("!" <= ch <= "~" for ch in inner):
+        # Only printable ASCII: anything else cannot be written back into our
+        # replies' headers safely (and RFC 5322 msg-ids are ASCII).
+        return None
+    return f"<{inner}>"
+
+
+def parse_message_ids(raw: str) -> list[str]:
+    """Extract Message-IDs from a Message-ID, In-Reply-To or References value.
+
+    Args:
+        raw: The header value.
+
+    Returns:
+        The ids in order, each ``"<...>"``, invalid ones (non-ASCII, too long,
+        empty) skipped. A single bare ``id@host`` without brackets is accepted
+        as sloppy mailers write it.
+    """
+    value = _fix_raw_bytes(_UNFOLD.sub(" ", raw))
+    found = [ident for ident in map(_valid_msg_id, _MSG_ID.findall(value)) if ident]
+    if not found and "<" not in value:
+        words = value.split()
+        if len(words) == 1 and "@" in words[0]:
+            ident = _valid_msg_id(words[0])
+            if ident:
+                found.append(ident)
+    return found
+
+
+def _bounded_references(ids: list[str]) -> tuple[str, ...]:
+    unique = list(dict.fromkeys(ids))
+    if len(unique) > MAX_REFERENCES_KEPT:
+        unique = [unique[0], *unique[-(MAX_REFERENCES_KEPT - 1) :]]
+    return tuple(unique)
+
+
+def _clean_addr(addr: str) -> str | None:
+    addr = _fix_raw_bytes(addr).strip()
+    if not addr or any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in addr):
+        return None
+    if addr.startswith("<") and addr.endswith(">"):
+        addr = addr[1:-1]
+    return addr or None
+
+
+def parse_addresses(values: Iterable[str]) -> tuple[Address, ...]:
+    """Parse the mailboxes of one or more address header values.
+
+    Args:
+        values: Raw header values (8-bit bytes as surrogates allowed).
+
+    Returns:
+        Every mailbox with a usable address, display names decoded. Groups are
+        flattened; entries without an address are skipped.
+    """
+    found: list[Address] = []
+    for raw in values:
+        text = _fix_raw_bytes(_UNFOLD.sub("", raw[: MAX_HEADER_TEXT_CHARS * 8]))
+        try:
+            pairs = mailparser.utils.get_addresses(text, decode_names=True)
+        except Exception:
+            # mail-parser's address scanner gave up: the stdlib's is cruder but
+            # does not give up.
+            try:
+                pairs = email.utils.getaddresses([text])
+            except Exception:
+                pairs = []
+        for name, addr in pairs:
+            clean = _clean_addr(str(addr))
+            if clean is None:
+                continue
+            found.append(Address(clean, decode_header_text(str(name))))
+    return tuple(found)
+
+
+def _path_address(raw: str) -> str:
+    """The address inside a Return-Path/Sender value; "" for the null path."""
+    value = _fix_raw_bytes(_UNFOLD.sub("", raw)).strip()
+    match = re.search(r"<([^<>]*)>", value)
+    inner = match.group(1) if match else value
+    return "".join(inner.split())[:MAX_HEADER_TEXT_CHARS]
+
+
+# -- attachments ----------------------------------------------------------------------
+
+_EXTENSIONS = {
+    "application/pdf": ".pdf",
+    "application/zip": ".zip",
+    "image/gif": ".gif",
+    "image/jpeg": ".jpg",
+    "image/png": ".png",
+    "image/webp": ".webp",
+    "message/rfc822": ".eml",
+    "text/calendar": ".ics",
+    "text/csv": ".csv",
+    "text/html": ".html",
+    "text/plain": ".txt",
+}
+_WINDOWS_RESERVED = frozenset(
+    {"con", "prn", "aux", "nul"}
+    | {f"com{i}" for i in range(1, 10)}
+    | {f"lpt{i}" for i in range(1, 10)}
+)
+_FILENAME_FORBIDDEN = str.maketrans(dict.fromkeys('<>:"|?*', "_"))
+_MIME_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def sanitize_filename(name: str | None, *, index: int = 1, content_type: str = "") -> str:
+    """Make an attachment's declared name safe to use as a file name.
+
+    Args:
+        name: The decoded name from the message (may be hostile), or ``None``.
+        index: The attachment's 1-based position, for the fallback name.
+        content_type: The part's MIME type, for the fallback name's extension.
+
+    Returns:
+        The last path component only (``/`` and ``\\`` both separate), Unicode
+        NFC, with control/format characters removed, ``<>:"|?*`` replaced by
+        ``_``, white space collapsed, leading dots and spaces and trailing dots
+        and spaces removed, Windows device names prefixed with ``_``, and cut to
+        :data:`MAX_FILENAME_BYTES` UTF-8 bytes keeping the extension. When
+        nothing usable is left: ``"attachment-<index><ext>"``.
+    """
+    cleaned = ""
+    if name:
+        text = unicodedata.normalize("NFC", _fix_raw_bytes(name))
+        text = text.replace("\\", "/").rsplit("/", 1)[-1]
+        text = "".join(
+            " " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch
+            for ch in text
+            if unicodedata.category(ch) not in ("Cf", "Cs", "Co")
+        )
+        text = _WHITESPACE_RUN.sub(" ", text.translate(_FILENAME_FORBIDDEN))
+        cleaned = text.lstrip(". ").rstrip(". ")
+    if not cleaned:
+        return f"attachment-{index}{_EXTENSIONS.get(content_type, '.bin')}"
+    stem, dot, extension = cleaned.rpartition(".")
+    if not dot or len(extension) > 16 or not stem:
+        stem, extension = cleaned, ""
+    if stem.lower() in _WINDOWS_RESERVED:
+        stem = "_" + stem
+    suffix = f".{extension}" if extension else ""
+    budget = MAX_FILENAME_BYTES - len(suffix.encode("utf-8"))
+    return _truncate_utf8(stem, budget).rstrip(". ") + suffix
+
+
+def _part_filename(part: email.message.Message) -> str | None:
+    try:
+        raw = {
+            str(key).lower(): str(value)
+            for key, value in part.raw_items()
+            if str(key).lower() in ("content-disposition", "content-type")
+        }
+        if any(_fix_raw_bytes(value) != value for value in raw.values()):
+            # 8-bit bytes in the parameters: the stdlib would turn them into
+            # U+FFFD before we see them, so read the name from repaired copies.
+            repaired = email.message.Message()
+            for key, value in raw.items():
+                repaired[key] = _fix_raw_bytes(value)
+            name = repaired.get_filename()
+        else:
+            name = part.get_filename()
+    except Exception:
+        return None
+    if not name:
+        return None
+    return decode_header_text(str(name))
+
+
+def _base64_size(payload: str) -> int:
+    """Decoded size of base64 text without decoding it."""
+    significant = len(payload) - sum(payload.count(ch) for ch in " \t\r\n")
+    tail = payload.rstrip()
+    padding = len(tail) - len(tail.rstrip("="))
+    return max(significant * 3 // 4 - min(padding, 2), 0)
+
+
+def _leaf_content(part: email.message.Message, max_bytes: int) -> tuple[int, bytes | None]:
+    """(size, content) of a non-multipart part, decoding only when within the limit."""
+    payload = part.get_payload()
+    if isinstance(payload, str):
+        encoding = str(part.get("content-transfer-encoding", "")).strip().lower()
+        if encoding == "base64":
+            estimate = _base64_size(payload)
+            if estimate > max_bytes:
+                return estimate, None
+        elif len(payload) > 4 * max_bytes + 1024:
+            # quoted-printable shrinks at most by 3x; 7bit/8bit not at all.
+            return len(payload), None
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:
+        data = None
+    if not isinstance(data, bytes):
+        return 0, None
+    return len(data), (data if len(data) <= max_bytes else None)
+
+
+def _serialised_message(part: email.message.Message, max_bytes: int) -> tuple[int, bytes | None]:
+    """(size, content) of an attached message/*, as its serialised bytes."""
+    payload = part.get_payload()
+    try:
+        if isinstance(payload, list):
+            data = b"".join(
+                sub.as_bytes(policy=email.policy.compat32)
+                for sub in payload
+                if isinstance(sub, email.message.Message)
+            )
+        else:
+            return _leaf_content(part, max_bytes)
+    except Exception:
+        return 0, None
+    return len(data), (data if len(data) <= max_bytes else None)
+
+
+def _content_type(part: email.message.Message) -> str:
+    try:
+        value = part.get_content_type().lower()
+    except Exception:
+        return "application/octet-stream"
+    return value if _MIME_TYPE.match(value) else "application/octet-stream"
+
+
+def _list_attachments(
+    root: email.message.Message, max_bytes: int, defects: set[str]
+) -> tuple[Attachment, ...]:
+    found: list[Attachment] = []
+    stack: list[tuple[email.message.Message, int]] = [(root, 0)]
+    seen = 0
+    while stack:
+        part, depth = stack.pop()
+        seen += 1
+        if seen > MAX_MIME_PARTS:
+            defects.add("too-many-parts")
+            break
+        content_type = _content_type(part)
+        try:
+            disposition = part.get_content_disposition()
+        except Exception:
+            disposition = None
+        filename = _part_filename(part)
+        named_or_attached = disposition == "attachment" or filename is not None
+        if part.is_multipart():
+            if content_type.startswith("message/") and (named_or_attached or depth == 0):
+                pass  # an attached message is one attachment, not more parts
+            elif content_type.startswith("message/") and content_type != "message/rfc822":
+                # delivery-status and friends: header blocks, not content.
+                pass
+            else:
+                if depth >= MAX_MIME_DEPTH:
+                    defects.add("mime-too-deep")
+                    continue
+                children = part.get_payload()
+                if isinstance(children, list):
+                    stack.extend(
+                        (child, depth + 1)
+                        for child in reversed(children)
+                        if isinstance(child, email.message.Message)
+                    )
+                continue
+            if depth == 0:
+                continue
+            size, content = _serialised_message(part, max_bytes)
+        else:
+            is_body = content_type in ("text/plain", "text/html") and not named_or_attached
+            if is_body or content_type.startswith("multipart/"):
+                # A multipart whose boundary was never found is one unparsed blob;
+                # its text is shown as the body, it is not an attachment.
+                continue
+            size, content = _leaf_content(part, max_bytes)
+        found.append(
+            Attachment(
+                filename=sanitize_filename(
+                    filename, index=len(found) + 1, content_type=content_type
+                ),
+                content_type=content_type,
+                size=size,
+                content=content,
+            )
+        )
+    return tuple(found)
+
+
+# -- the parser -----------------------------------------------------------------------
+
+
+def _normalise_newlines(text: str) -> str:
+    # NUL is never text, and it truncates strings in the C programs handlers use.
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _fix_raw_bytes(text)
+    return text
+
+
+def _header_index(msg: email.message.Message) -> dict[str, list[str]]:
+    wanted = {
+        "authentication-results",
+        "auto-submitted",
+        "cc",
+        "date",
+        "from",
+        "in-reply-to",
+        "list-id",
+        "list-unsubscribe",
+        "message-id",
+        "precedence",
+        "references",
+        "reply-to",
+        "return-path",
+        "sender",
+        "subject",
+        "to",
+    }
+    index: dict[str, list[str]] = {}
+    for name, value in msg.raw_items():
+        key = str(name).strip().lower()
+        if key in wanted:
+            index.setdefault(key, []).append(str(value))
+    return index
+
+
+def _first_text(index: dict[str, list[str]], name: str) -> str | None:
+    values = index.get(name)
+    if not values:
+        return None
+    return decode_header_text(values[0])
+
+
+def _parse_date(raw: str | None, fallback: _dt.datetime | None) -> _dt.datetime | None:
+    parsed: _dt.datetime | None = None
+    if raw:
+        try:
+            parsed = email.utils.parsedate_to_datetime(_fix_raw_bytes(raw))
+        except (TypeError, ValueError, IndexError, OverflowError):
+            parsed = None
+    if parsed is None:
+        parsed = fallback
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=_dt.UTC)
+    return parsed.astimezone(_dt.UTC)
+
+
+def _check_arguments(raw: object, uid: int, uidvalidity: int, max_attachment_bytes: int) -> None:
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise TypeError(f"raw must be bytes, got {type(raw).__name__}")
+    for label, number in (
+        ("uid", uid),
+        ("uidvalidity", uidvalidity),
+        ("max_attachment_bytes", max_attachment_bytes),
+    ):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise ValueError(f"{label} must be a non-negative integer, got {number!r}")
+
+
+def parse_message(raw: bytes, *, uid: int, uidvalidity: int, max_attachment_bytes: int) -> Message:
+    """Parse one raw RFC 5322 message into a :class:`Message`.
+
+    Runs in the calling thread and takes time proportional to the message size;
+    from trio code call :func:`parse_message_async` instead.
+
+    Args:
+        raw: The message exactly as fetched (``BODY.PEEK[]``).
+        uid: Its IMAP UID.
+        uidvalidity: The UIDVALIDITY of its folder (for the substitute Message-ID).
+        max_attachment_bytes: Attachments whose decoded size is above this keep
+            their name, type and size but have ``content=None``; their encoded
+            text is never decoded.
+
+    Returns:
+        The message. Malformed input never raises: it yields a best-effort
+        message whose :attr:`Message.defects` says what was wrong (for example
+        ``"body-unparsed"`` when the MIME structure could not be walked at all,
+        then ``text`` is empty but the headers are still read).
+
+    Raises:
+        TypeError: ``raw`` is not bytes.
+        ValueError: ``uid``, ``uidvalidity`` or ``max_attachment_bytes`` is
+            negative or not an integer.
+    """
+    _check_arguments(raw, uid, uidvalidity, max_attachment_bytes)
+    data = bytes(raw)
+    defects: set[str] = set()
+    plain: list[str] = []
+    html_parts: list[str] = []
+    unmanaged: list[str] = []
+    root: email.message.Message | None = None
+    lenient_date: _dt.datetime | None = None
+    try:
+        parsed = mailparser.MailParser.from_bytes(data)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # The MIME tree could not be walked (a nesting bomb raises
+        # MailParserRecursionError): keep the headers, give up on the body.
+        defects.add("body-unparsed")
+        defects.add(type(exc).__name__)
+    else:
+        root = parsed.message
+        plain = [str(p) for p in parsed.text_plain]
+        html_parts = [str(p) for p in parsed.text_html]
+        unmanaged = [str(p) for p in parsed.text_not_managed]
+        defects.update(str(d) for d in parsed.defects_categories)
+        if isinstance(parsed.date, _dt.datetime):
+            # mail-parser reads many broken date formats the stdlib refuses.
+            lenient_date = parsed.date
+
+    if root is None:
+        try:
+            root = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+        except Exception:
+            root = email.message.Message()
+            defects.add("headers-unparsed")
+
+    index = _header_index(root)
+
+    ids = parse_message_ids(index["message-id"][0]) if index.get("message-id") else []
+    message_id = ids[0] if ids else missing_message_id(uid, uidvalidity)
+
+    from_all = parse_addresses(index.get("from", []))
+    if not from_all:
+        defects.add("no-from")
+    in_reply_to_ids = parse_message_ids(" ".join(index.get("in-reply-to", [])))
+    references = parse_message_ids(" ".join(index.get("references", [])))
+
+    return_path: str | None = None
+    if index.get("return-path"):
+        return_path = _path_address(index["return-path"][0])
+    sender: str | None = None
+    if index.get("sender"):
+        senders = parse_addresses(index["sender"][:1])
+        sender = senders[0].addr if senders else _path_address(index["sender"][0])
+
+    html = "\n".join(html_parts) if html_parts else None
+    if plain:
+        text = "\n\n".join(_normalise_newlines(p).strip("\n") for p in plain)
+    elif html is not None:
+        text = html_to_text(html)
+    elif unmanaged and _content_type(root).split("/")[0] in ("multipart", "text"):
+        # A broken multipart (boundary never found) ends up here as one blob:
+        # showing it raw beats showing nothing.
+        text = "\n\n".join(_normalise_newlines(p).strip("\n") for p in unmanaged)
+    else:
+        text = ""
+    if html is not None:
+        html = _normalise_newlines(html)
+
+    if "body-unparsed" in defects:
+        attachments: tuple[Attachment, ...] = ()
+    else:
+        try:
+            attachments = _list_attachments(root, max_attachment_bytes, defects)
+        except RecursionError:
+            attachments = ()
+            defects.add("mime-too-deep")
+
+    return Message(
+        uid=uid,
+        uidvalidity=uidvalidity,
+        message_id=message_id,
+        message_id_missing=not ids,
+        from_=from_all[0] if from_all else Address(""),
+        from_all=from_all,
+        sender=sender,
+        return_path=return_path,
+        to=parse_addresses(index.get("to", [])),
+        cc=parse_addresses(index.get("cc", [])),
+        reply_to=parse_addresses(index.get("reply-to", [])),
+        subject=_first_text(index, "subject") or "",
+        date=_parse_date(index["date"][0] if index.get("date") else None, lenient_date),
+        in_reply_to=in_reply_to_ids[0] if in_reply_to_ids else None,
+        references=_bounded_references(references),
+        text=text,
+        html=html,
+        attachments=attachments,
+        authentication_results=tuple(
+            decode_header_text(v) for v in index.get("authentication-results", [])
+        )[:MAX_AUTH_RESULTS],
+        auto_submitted=_first_text(index, "auto-submitted"),
+        precedence=_first_text(index, "precedence"),
+        list_id=_first_text(index, "list-id"),
+        list_unsubscribe=_first_text(index, "list-unsubscribe"),
+        content_type=_content_type(root),
+        size=len(data),
+        defects=tuple(sorted(defects)),
+    )
+
+
+async def parse_message_async(
+    raw: bytes,
+    *,
+    uid: int,
+    uidvalidity: int,
+    max_attachment_bytes: int,
+    limiter: trio.CapacityLimiter | None = None,
+) -> Message:
+    """:func:`parse_message` in a worker thread, so the event loop keeps running.
+
+    Parsing cannot be interrupted: if the calling scope is cancelled, the call
+    still waits for the thread to finish (a parse is bounded by the message size)
+    and then raises ``trio.Cancelled``.
+
+    Args:
+        raw: The message exactly as fetched.
+        uid: Its IMAP UID.
+        uidvalidity: The UIDVALIDITY of its folder.
+        max_attachment_bytes: See :func:`parse_message`.
+        limiter: Bounds how many parses run at once (each holds a decoded copy of
+            its message in memory); trio's default thread limiter when ``None``.
+
+    Returns:
+        The parsed message.
+
+    Raises:
+        TypeError, ValueError: As :func:`parse_message`.
+    """
+    work = functools.partial(
+        parse_message,
+        raw,
+        uid=uid,
+        uidvalidity=uidvalidity,
+        max_attachment_bytes=max_attachment_bytes,
+    )
+    return await trio.to_thread.run_sync(work, limiter=limiter)

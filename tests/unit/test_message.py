@@ -1,0 +1,640 @@
+"""parse_message: the frozen model of a received mail, from hostile bytes."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+
+import attrs
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prxmail.message import (
+    MAX_FILENAME_BYTES,
+    MAX_MIME_PARTS,
+    MAX_REFERENCES_KEPT,
+    Address,
+    Attachment,
+    Message,
+    decode_header_text,
+    missing_message_id,
+    parse_message,
+    parse_message_async,
+    parse_message_ids,
+    sanitize_filename,
+)
+
+LIMIT = 1024 * 1024
+
+
+def parse(raw: bytes, *, uid: int = 7, uidvalidity: int = 42, limit: int = LIMIT) -> Message:
+    return parse_message(raw, uid=uid, uidvalidity=uidvalidity, max_attachment_bytes=limit)
+
+
+def mail(*headers: str, body: bytes = b"hello\r\n") -> bytes:
+    return "".join(f"{h}\r\n" for h in headers).encode("utf-8") + b"\r\n" + body
+
+
+SIMPLE = mail(
+    'From: "Alice Example" <Alice@Example.com>',
+    "To: bot@example.org, Carol <carol@example.net>",
+    "Cc: dave@example.net",
+    "Reply-To: <alice.replies@example.com>",
+    "Subject: Quarterly numbers",
+    "Date: Tue, 04 Mar 2025 09:15:00 +0100",
+    "Message-ID: <m1@example.com>",
+    "In-Reply-To: <m0@example.com>",
+    "References: <root@example.com>\r\n <m0@example.com>",
+    body=b"Hi bot,\r\nplease summarise.\r\n",
+)
+
+
+# -- basic model ------------------------------------------------------------------
+
+
+def test_simple_message_fields() -> None:
+    msg = parse(SIMPLE)
+    assert msg.uid == 7
+    assert msg.uidvalidity == 42
+    assert msg.message_id == "<m1@example.com>"
+    assert not msg.message_id_missing
+    assert msg.from_ == Address("Alice@Example.com", "Alice Example")
+    assert msg.from_.domain == "example.com"
+    assert msg.to == (Address("bot@example.org"), Address("carol@example.net", "Carol"))
+    assert msg.cc == (Address("dave@example.net"),)
+    assert msg.reply_to == (Address("alice.replies@example.com"),)
+    assert msg.subject == "Quarterly numbers"
+    assert msg.date == dt.datetime(2025, 3, 4, 8, 15, tzinfo=dt.UTC)
+    assert msg.in_reply_to == "<m0@example.com>"
+    assert msg.references == ("<root@example.com>", "<m0@example.com>")
+    assert msg.text == "Hi bot,\nplease summarise."
+    assert msg.html is None
+    assert msg.attachments == ()
+    assert msg.content_type == "text/plain"
+    assert msg.size == len(SIMPLE)
+
+
+def test_message_is_frozen_and_validated() -> None:
+    msg = parse(SIMPLE)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        msg.subject = "changed"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="uid"):
+        Message(uid=-1, uidvalidity=1, message_id="<x@y>")
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(TypeError):
+        parse_message("text", uid=1, uidvalidity=1, max_attachment_bytes=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="uid"):
+        parse_message(b"", uid=-1, uidvalidity=1, max_attachment_bytes=1)
+    with pytest.raises(ValueError, match="max_attachment_bytes"):
+        parse_message(b"", uid=1, uidvalidity=1, max_attachment_bytes=-5)
+
+
+async def test_parse_message_async_runs_in_a_thread() -> None:
+    limiter = trio.CapacityLimiter(1)
+    msg = await parse_message_async(
+        SIMPLE, uid=3, uidvalidity=9, max_attachment_bytes=10, limiter=limiter
+    )
+    assert msg == parse(SIMPLE, uid=3, uidvalidity=9, limit=10)
+
+
+# -- Message-ID -------------------------------------------------------------------
+
+
+def test_missing_message_id_gets_a_stable_substitute() -> None:
+    raw = mail("From: a@x.org", "Subject: no id")
+    first = parse(raw, uid=11, uidvalidity=500)
+    again = parse(raw, uid=11, uidvalidity=500)
+    assert first.message_id == again.message_id == missing_message_id(11, 500)
+    assert first.message_id == "<500.11.prxmail@missing.invalid>"
+    assert first.message_id_missing
+    assert parse(raw, uid=12, uidvalidity=500).message_id != first.message_id
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Message-ID:",
+        "Message-ID: <>",
+        "Message-ID: <" + "x" * 600 + "@example.com>",
+        "Message-ID: <caf\u00e9@example.com>",
+    ],
+)
+def test_unusable_message_id_gets_the_substitute(header: str) -> None:
+    msg = parse(mail("From: a@x.org", header))
+    assert msg.message_id_missing
+    assert msg.message_id == missing_message_id(7, 42)
+
+
+def test_bare_message_id_without_brackets_is_accepted() -> None:
+    assert parse(mail("Message-ID: abc123@host.example")).message_id == "<abc123@host.example>"
+
+
+def test_references_are_deduplicated_and_bounded() -> None:
+    ids = [f"<r{i}@x>" for i in range(MAX_REFERENCES_KEPT * 3)]
+    folded = "\r\n ".join(ids + ids[:5])
+    msg = parse(mail("From: a@x.org", f"References: {folded}"))
+    assert len(msg.references) == MAX_REFERENCES_KEPT
+    assert msg.references[0] == "<r0@x>"
+    assert msg.references[-1] == ids[-1]
+    assert len(set(msg.references)) == len(msg.references)
+
+
+def test_parse_message_ids_skips_junk() -> None:
+    assert parse_message_ids("<a@b> junk (comment) <c@d>\r\n <e f@g>") == [
+        "<a@b>",
+        "<c@d>",
+        "<ef@g>",
+    ]
+    assert parse_message_ids("") == []
+    assert parse_message_ids("two words@x") == []
+
+
+# -- header decoding --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("=?iso-8859-1?q?J=F6rg_M=FCller?=", "Jörg Müller"),
+        ("=?UTF-8?B?w5xiZXJncsO2w59lbmzDpG5nZQ==?=", "Übergrößenlänge"),
+        ("=?koi8-r?b?8NLJ18XU?=", "Привет"),
+        ("=?shift_jis?b?g26DjYFb?=", "ハロー"),
+        ("=?gb2312?b?1tDOxA==?=", "中文"),
+        ("=?big5?b?pKSk5Q==?=", "中文"),
+        ("=?iso-2022-jp?b?GyRCJDMkcyRLJEEkTxsoQg==?=", "こんにちは"),
+        ("=?windows-1252?q?=93quoted=94?=", "\u201cquoted\u201d"),
+        ("=?utf-8*en?q?with_language?=", "with language"),
+        ("plain =?utf-8?q?and?= =?utf-8?q?_joined?= words", "plain and joined words"),
+    ],
+)
+def test_encoded_words_in_several_charsets(raw: str, expected: str) -> None:
+    assert decode_header_text(raw) == expected
+    assert parse(mail(f"Subject: {raw}")).subject == expected
+
+
+def test_multibyte_character_split_across_encoded_words() -> None:
+    # "é" is C3 A9 in UTF-8; some mailers cut between the two bytes.
+    assert decode_header_text("=?utf-8?q?caf=C3?= =?utf-8?q?=A9?=") == "café"
+    # Bytes split over base64 words are joined before decoding, too.
+    assert decode_header_text("=?utf-8?b?w6k=?==?utf-8?b?w6k=?=") == "éé"
+
+
+def test_unknown_charset_decodes_with_replacement_not_error() -> None:
+    # An unknown charset is read as UTF-8 when it is valid UTF-8, else as
+    # Windows-1252; bytes that fit neither become U+FFFD.
+    assert decode_header_text("=?x-no-such-charset?q?caf=C3=A9?=") == "café"
+    assert decode_header_text("=?x-no-such-charset?q?caf=E9?=") == "café"
+    assert decode_header_text("=?x-no-such-charset?q?abc=81?=") == "abc\ufffd"
+    assert decode_header_text("=?utf-8?q?bad=FF?=") == "bad\ufffd"
+    assert decode_header_text("=?undefined?q?abc?=") == "abc"
+    assert decode_header_text("=?zlib?q?abc?=") == "abc"
+
+
+def test_invalid_encoded_word_stays_literal() -> None:
+    assert decode_header_text("=?utf-8?b?!?= tail") == "=?utf-8?b?!?= tail"
+
+
+def test_crlf_hidden_in_an_encoded_word_cannot_survive() -> None:
+    msg = parse(mail("Subject: =?utf-8?q?Hi=0D=0ABcc:_victim@x.org?="))
+    assert msg.subject == "Hi Bcc: victim@x.org"
+    assert "\r" not in msg.subject
+    assert "\n" not in msg.subject
+
+
+def test_raw_8bit_headers_are_read_as_utf8_or_windows_1252() -> None:
+    utf8 = b"From: J\xc3\xb6rg <j@x.org>\r\nSubject: caf\xc3\xa9\r\n\r\nbody"
+    latin = b"From: J\xf6rg <j@x.org>\r\nSubject: caf\xe9 cr\xe8me\r\n\r\nbody"
+    assert parse(utf8).subject == "café"
+    assert parse(utf8).from_ == Address("j@x.org", "Jörg")
+    assert parse(latin).subject == "café crème"
+    assert parse(latin).from_ == Address("j@x.org", "Jörg")
+
+
+def test_display_names_with_encoded_words_commas_and_quotes() -> None:
+    raw = mail(
+        "From: =?utf-8?q?Doe=2C_John?= <john@x.org>",
+        'To: "Smith, Ann" <ann@x.org>, "=?utf-8?q?Bj=C3=B6rn?=" <b@x.org>',
+    )
+    msg = parse(raw)
+    assert msg.from_ == Address("john@x.org", "Doe, John")
+    assert msg.to == (Address("ann@x.org", "Smith, Ann"), Address("b@x.org", "Björn"))
+
+
+def test_long_subject_is_bounded() -> None:
+    assert len(parse(mail("Subject: " + "x" * 100_000)).subject) <= 4096
+
+
+# -- addresses --------------------------------------------------------------------
+
+
+def test_missing_from_gives_empty_address_and_a_defect() -> None:
+    msg = parse(mail("Subject: hi"))
+    assert msg.from_ == Address("")
+    assert msg.from_all == ()
+    assert "no-from" in msg.defects
+
+
+def test_several_from_addresses_are_all_kept() -> None:
+    msg = parse(mail("From: a@x.org, b@y.org"))
+    assert msg.from_ == Address("a@x.org")
+    assert msg.from_all == (Address("a@x.org"), Address("b@y.org"))
+
+
+def test_groups_are_flattened_and_empty_groups_ignored() -> None:
+    msg = parse(mail("From: undisclosed-recipients:;", "To: team: a@x.org, b@y.org;"))
+    assert msg.from_all == ()
+    assert msg.to == (Address("a@x.org"), Address("b@y.org"))
+
+
+def test_return_path_and_sender() -> None:
+    bounce = parse(mail("Return-Path: <>", "Sender: Owner <owner@lists.x.org>"))
+    assert bounce.return_path == ""
+    assert bounce.sender == "owner@lists.x.org"
+    normal = parse(mail("Return-Path: <bounce+abc@x.org>"))
+    assert normal.return_path == "bounce+abc@x.org"
+    assert parse(SIMPLE).return_path is None
+
+
+def test_policy_headers_are_captured() -> None:
+    msg = parse(
+        mail(
+            "Auto-Submitted: auto-replied (vacation)",
+            "Precedence: bulk",
+            "List-Id: Team <team.lists.x.org>",
+            "List-Unsubscribe: <mailto:leave@x.org>",
+            "Authentication-Results: mx.ours.org; dmarc=pass header.from=x.org",
+            "Authentication-Results: relay.other.org; spf=fail",
+        )
+    )
+    assert msg.auto_submitted == "auto-replied (vacation)"
+    assert msg.precedence == "bulk"
+    assert msg.list_id == "Team <team.lists.x.org>"
+    assert msg.list_unsubscribe == "<mailto:leave@x.org>"
+    assert msg.authentication_results == (
+        "mx.ours.org; dmarc=pass header.from=x.org",
+        "relay.other.org; spf=fail",
+    )
+    plain = parse(SIMPLE)
+    assert plain.auto_submitted is None
+    assert plain.precedence is None
+    assert plain.list_id is None
+
+
+# -- dates ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("Date: Tue, 1 Jan 2030 00:00:00 -0800", dt.datetime(2030, 1, 1, 8, 0, tzinfo=dt.UTC)),
+        ("Date: 1 Jan 2030 00:00:00 GMT", dt.datetime(2030, 1, 1, 0, 0, tzinfo=dt.UTC)),
+        ("Date: Tue, 1 Jan 2030 00:00:00 -0000", dt.datetime(2030, 1, 1, 0, 0, tzinfo=dt.UTC)),
+        ("Date: yesterday-ish", None),
+        ("Date:", None),
+        ("X-No-Date: 1", None),
+    ],
+)
+def test_dates_are_aware_utc_or_none(header: str, expected: dt.datetime | None) -> None:
+    date = parse(mail(header)).date
+    assert date == expected
+    if date is not None:
+        assert date.tzinfo is not None
+
+
+# -- bodies -----------------------------------------------------------------------
+
+ALTERNATIVE = (
+    b"From: a@x.org\r\n"
+    b"Content-Type: multipart/alternative; boundary=b1\r\n\r\n"
+    b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    b"Gr=C3=BC=C3=9Fe from plain\r\n"
+    b"--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    b"<p>Gr\xc3\xbc\xc3\x9fe from <b>html</b></p>\r\n"
+    b"--b1--\r\n"
+)
+
+
+def test_text_plain_is_preferred_over_html() -> None:
+    msg = parse(ALTERNATIVE)
+    assert msg.text == "Grüße from plain"
+    assert msg.html is not None
+    assert "<b>html</b>" in msg.html
+    assert msg.content_type == "multipart/alternative"
+
+
+def test_html_only_mail_is_converted_to_readable_text() -> None:
+    raw = mail(
+        "From: a@x.org",
+        "Content-Type: text/html; charset=iso-8859-1",
+        body=b"<html><head><style>p{}</style></head><body><p>Caf\xe9 &amp; more</p>"
+        b"<ul><li>one</li><li>two</li></ul></body></html>",
+    )
+    msg = parse(raw)
+    assert msg.text == "Café & more\n\n- one\n- two"
+    assert msg.html is not None
+    assert msg.html.startswith("<html>")
+
+
+def test_base64_body_in_declared_charset() -> None:
+    body = base64.b64encode("Привет, мир".encode("koi8-r")) + b"\r\n"
+    raw = mail(
+        "From: a@x.org",
+        "Content-Type: text/plain; charset=koi8-r",
+        "Content-Transfer-Encoding: base64",
+        body=body,
+    )
+    assert parse(raw).text == "Привет, мир"
+
+
+def test_unknown_body_charset_decodes_with_replacement() -> None:
+    raw = mail("From: a@x.org", "Content-Type: text/plain; charset=x-bogus", body=b"ok \xff\xfe")
+    msg = parse(raw)
+    assert msg.text.startswith("ok ")
+    assert "\ufffd" in msg.text
+    msg.text.encode("utf-8")  # no surrogates escaped into the text
+
+
+def test_crlf_and_nul_are_normalised_in_text() -> None:
+    msg = parse(mail("From: a@x.org", body=b"one\r\ntwo\rthree\x00\r\n"))
+    assert msg.text == "one\ntwo\nthree"
+
+
+# -- malformed MIME ---------------------------------------------------------------
+
+
+def test_broken_boundary_still_delivers_the_text() -> None:
+    raw = (
+        b"From: a@x.org\r\nContent-Type: multipart/mixed; boundary=DECLARED\r\n\r\n"
+        b"--ACTUAL\r\nContent-Type: text/plain\r\n\r\nthe words matter\r\n--ACTUAL--\r\n"
+    )
+    msg = parse(raw)
+    assert "the words matter" in msg.text
+    assert msg.attachments == ()
+    assert "StartBoundaryNotFoundDefect" in msg.defects
+
+
+def test_missing_close_boundary_keeps_the_parts() -> None:
+    raw = (
+        b"From: a@x.org\r\nContent-Type: multipart/alternative; boundary=zz\r\n\r\n"
+        b"--zz\r\nContent-Type: text/plain\r\n\r\nplain part\r\n"
+        b"--zz\r\nContent-Type: text/html\r\n\r\n<p>html part"
+    )
+    msg = parse(raw)
+    assert msg.text == "plain part"
+    assert msg.html == "<p>html part"
+
+
+def test_multipart_bomb_does_not_raise() -> None:
+    depth = 5000
+    parts = [
+        b"From: a@x.org\r\nSubject: bomb\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n"
+    ]
+    for i in range(depth):
+        parts.append(b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1))
+    raw = b"".join(parts)
+    msg = parse(raw)
+    assert msg.subject == "bomb"
+    assert msg.from_ == Address("a@x.org")
+    assert {"body-unparsed", "mime-too-deep"} & set(msg.defects)
+
+
+def test_too_many_parts_are_not_all_listed() -> None:
+    count = MAX_MIME_PARTS + 50
+    body = b"".join(
+        b"--p\r\nContent-Type: application/octet-stream\r\n\r\nx\r\n" for _ in range(count)
+    )
+    raw = b"From: a@x.org\r\nContent-Type: multipart/mixed; boundary=p\r\n\r\n" + body + b"--p--"
+    msg = parse(raw)
+    assert len(msg.attachments) < MAX_MIME_PARTS
+    assert "too-many-parts" in msg.defects
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\r\n\r\n",
+        b"no headers at all, just words",
+        bytes(range(256)) * 4,
+        b"From: a@x.org\r\nContent-Type: multipart/mixed\r\n\r\nno boundary parameter",
+        b"From: a@x.org\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!not*base64***",
+        b"From: a@x.org\r\nContent-Type: text/plain; charset=undefined\r\n\r\nabc",
+        b"From: a@x.org\r\nContent-Type: ;;;\r\nContent-Disposition: ;filename*=bad''%ZZ\r\n\r\nx",
+        b"From: <<<@@@>>>\r\nTo: ,,,\r\nDate: \xff\xfe\r\nMessage-ID: <\xff@x>\r\n\r\nbody",
+        b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\n\r\n--a\r\nContent-Type: "
+        b"message/rfc822\r\n\r\n--a--",
+        b"Header-without-colon\r\nFrom a@x.org\r\n\r\nbody",
+    ],
+)
+def test_malformed_input_yields_a_best_effort_message(raw: bytes) -> None:
+    msg = parse(raw)
+    assert isinstance(msg, Message)
+    assert msg.message_id
+    msg.text.encode("utf-8")
+    msg.subject.encode("utf-8")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2000))
+def test_never_raises_on_arbitrary_bytes(raw: bytes) -> None:
+    msg = parse(raw)
+    msg.text.encode("utf-8")
+    assert all(ch not in msg.subject for ch in "\r\n")
+
+
+_LINES = st.sampled_from(
+    [
+        b"From: a@x.org",
+        b"From: =?utf-8?q?=FF?= <b@y.org>",
+        b"Subject: =?bogus?b?////?=",
+        b"Content-Type: multipart/mixed; boundary=q",
+        b"Content-Type: text/html; charset=utf-16",
+        b"Content-Type: message/rfc822",
+        b"Content-Transfer-Encoding: base64",
+        b"Content-Transfer-Encoding: quoted-printable",
+        b"Content-Disposition: attachment; filename*=utf-8''%E2%82%AC.txt",
+        b"--q",
+        b"--q--",
+        b"",
+        b"<p>text</p>",
+        b"=C3=A9=",
+        b"aGVsbG8=",
+        b"\xff\xfe\x00",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_LINES, max_size=30))
+def test_never_raises_on_mime_shaped_soup(lines: list[bytes]) -> None:
+    msg = parse(b"\r\n".join(lines), limit=8)
+    msg.text.encode("utf-8")
+    for attachment in msg.attachments:
+        assert "/" not in attachment.filename
+        assert attachment.content is None or len(attachment.content) <= 8
+
+
+# -- attachments ------------------------------------------------------------------
+
+
+def multipart(*parts: bytes) -> bytes:
+    out = [b"From: a@x.org\r\nContent-Type: multipart/mixed; boundary=BND\r\n\r\n"]
+    out.append(b"--BND\r\nContent-Type: text/plain\r\n\r\nbody text\r\n")
+    for part in parts:
+        out.append(b"--BND\r\n" + part + b"\r\n")
+    out.append(b"--BND--\r\n")
+    return b"".join(out)
+
+
+def test_attachment_name_type_size_and_content() -> None:
+    raw = multipart(
+        b"Content-Type: application/pdf\r\n"
+        b'Content-Disposition: attachment; filename="report.pdf"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(b"%PDF-1.7 data")
+    )
+    msg = parse(raw)
+    assert msg.text == "body text"
+    assert msg.attachments == (
+        Attachment("report.pdf", "application/pdf", len(b"%PDF-1.7 data"), b"%PDF-1.7 data"),
+    )
+
+
+def test_rfc2231_filename_with_charset_and_continuations() -> None:
+    raw = multipart(
+        b"Content-Type: application/octet-stream\r\n"
+        b"Content-Disposition: attachment;\r\n"
+        b" filename*0*=utf-8'de'%C3%9Cbersicht%20;\r\n"
+        b" filename*1*=%E2%82%AC.xlsx\r\n\r\nxx"
+    )
+    assert parse(raw).attachments[0].filename == "Übersicht €.xlsx"
+
+
+def test_rfc2231_filename_in_latin1() -> None:
+    raw = multipart(
+        b"Content-Type: text/plain\r\n"
+        b"Content-Disposition: attachment; filename*=iso-8859-1''r%E9sum%E9.txt\r\n\r\nxx"
+    )
+    assert parse(raw).attachments[0].filename == "résumé.txt"
+
+
+def test_rfc2047_encoded_name_parameter() -> None:
+    raw = multipart(
+        b'Content-Type: application/pdf; name="=?utf-8?q?Rechnung_M=C3=A4rz.pdf?="\r\n\r\nxx'
+    )
+    msg = parse(raw)
+    assert [a.filename for a in msg.attachments] == ["Rechnung März.pdf"]
+
+
+def test_raw_utf8_filename() -> None:
+    raw = multipart(
+        b"Content-Type: application/pdf\r\n"
+        b'Content-Disposition: attachment; filename="\xc3\xa9t\xc3\xa9.pdf"\r\n\r\nxx'
+    )
+    assert parse(raw).attachments[0].filename == "été.pdf"
+
+
+@pytest.mark.parametrize(
+    ("declared", "expected"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("C:\\Windows\\system32\\evil.dll", "evil.dll"),
+        ("...hidden", "hidden"),
+        (".bashrc", "bashrc"),
+        ("bad\x00na\x1bme\r\n.txt", "bad na me.txt"),
+        ("invoice\u202egpj.exe", "invoicegpj.exe"),
+        ("what?*<>|:.txt", "what______.txt"),
+        ("CON.txt", "_CON.txt"),
+        ("trailing. . .", "trailing"),
+        ("  spaced   out  .pdf", "spaced out.pdf"),
+        ("/", "attachment-1.bin"),
+        ("..", "attachment-1.bin"),
+        ("", "attachment-1.bin"),
+        (None, "attachment-1.bin"),
+    ],
+)
+def test_sanitize_filename(declared: str | None, expected: str) -> None:
+    assert sanitize_filename(declared) == expected
+
+
+def test_sanitize_filename_bounds_length_and_keeps_extension() -> None:
+    name = sanitize_filename("é" * 400 + ".pdf")
+    assert name.endswith(".pdf")
+    assert len(name.encode("utf-8")) <= MAX_FILENAME_BYTES
+    name.encode("utf-8")  # not cut inside a character
+
+
+def test_sanitize_filename_fallback_uses_index_and_type() -> None:
+    assert sanitize_filename(None, index=3, content_type="image/png") == "attachment-3.png"
+
+
+def test_hostile_names_in_a_message_are_sanitised() -> None:
+    raw = multipart(
+        b'Content-Type: text/plain\r\nContent-Disposition: attachment; filename="../../.ssh/id_rsa"'
+        b"\r\n\r\nkey",
+        b"Content-Type: application/octet-stream\r\n"
+        b"Content-Disposition: attachment; filename*=utf-8''..%2F..%2Fx%0D%0A.sh\r\n\r\nx",
+    )
+    names = [a.filename for a in parse(raw).attachments]
+    assert names == ["id_rsa", "x.sh"]
+
+
+def test_inline_image_without_name_gets_a_generated_name() -> None:
+    raw = multipart(
+        b"Content-Type: image/png\r\nContent-ID: <img1@x>\r\nContent-Transfer-Encoding: base64"
+        b"\r\n\r\niVBORw0KGgo="
+    )
+    assert parse(raw).attachments == (
+        Attachment("attachment-1.png", "image/png", 8, b"\x89PNG\r\n\x1a\n"),
+    )
+
+
+def test_attachment_over_the_limit_keeps_size_but_not_content() -> None:
+    payload = bytes(range(256)) * 40  # 10240 bytes
+    raw = multipart(
+        b"Content-Type: application/octet-stream\r\n"
+        b'Content-Disposition: attachment; filename="big.bin"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(payload),
+        b"Content-Type: application/octet-stream\r\n"
+        b'Content-Disposition: attachment; filename="small.bin"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(b"tiny"),
+    )
+    big, small = parse(raw, limit=1000).attachments
+    assert big == Attachment("big.bin", "application/octet-stream", len(payload), None)
+    assert small.content == b"tiny"
+    exact = parse(raw, limit=len(payload)).attachments[0]
+    assert exact.content == payload
+
+
+def test_quoted_printable_attachment_is_decoded() -> None:
+    raw = multipart(
+        b"Content-Type: text/csv; charset=utf-8\r\n"
+        b'Content-Disposition: attachment; filename="t.csv"\r\n'
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\na,b=0A=C3=A9,=\r\nc"
+    )
+    attachment = parse(raw).attachments[0]
+    assert attachment.content == "a,b\né,c".encode()
+    assert attachment.size == len(attachment.content)
+    assert attachment.content_type == "text/csv"
+
+
+def test_attached_message_is_one_attachment() -> None:
+    inner = b"From: x@y.org\r\nSubject: forwarded\r\n\r\ninner body\r\n"
+    raw = multipart(
+        b"Content-Type: message/rfc822\r\n"
+        b'Content-Disposition: attachment; filename="fwd.eml"\r\n\r\n' + inner
+    )
+    msg = parse(raw)
+    # mail-parser shows the attached message's text after the main text, which
+    # is what a handler asked to "look at the forwarded mail" needs.
+    assert msg.text == "body text\n\ninner body"
+    [attachment] = msg.attachments
+    assert attachment.filename == "fwd.eml"
+    assert attachment.content_type == "message/rfc822"
+    assert attachment.content is not None
+    assert b"Subject: forwarded" in attachment.content
+    assert b"inner body" in attachment.content
