@@ -1,0 +1,1136 @@
+"""Private Dovecot + Postfix instances on loopback, for integration tests and the demo.
+
+Theory of operation
+-------------------
+Everything lives in one temporary directory (the *workdir*); nothing under ``/etc`` or
+``/var`` is read or written beyond installing the Debian packages once:
+
+* ``apt-get install`` of ``dovecot-imapd dovecot-lmtpd postfix`` only when a binary is
+  missing, with a ``/usr/sbin/policy-rc.d`` that answers 101 ("action forbidden") so the
+  packages' maintainer scripts do not start the system-wide services. The file is
+  removed again afterwards, and only if we created it.
+* A throwaway CA (trustme) signs a certificate for ``localhost`` and ``127.0.0.1``; the
+  CA is written to ``tls/ca.pem`` for clients.
+* Dovecot runs *rootless* as the unprivileged ``dovecot`` system user the package
+  creates: its master is started by us in the foreground (``-F``), so its pid is our
+  child's pid. Every service runs as that one user, so chroots are off and
+  ``first_valid_uid``/``last_valid_uid`` pin mail access to that uid. Users are a
+  ``passwd-file`` (re-read by Dovecot whenever it changes, so ``add_user`` takes effect
+  at once); mail is Maildir under ``mail/<domain>/<localpart>/Maildir``. Postfix talks
+  to Dovecot through two unix sockets in Dovecot's ``base_dir``: LMTP for delivery and
+  the auth socket for SASL.
+* Postfix runs as a private instance (``postfix -c <workdir>/postfix/etc start``, as
+  root, which Postfix requires) with its own queue and data directories, listening only
+  on two submission ports: implicit TLS (465-style) and STARTTLS-required (587-style).
+  The only deliverable domain is ``prxmail.test`` (virtual, over LMTP); everything else
+  is refused at RCPT, DNS is never consulted, and there is no local delivery.
+* Every port is a free 127.0.0.1 port picked at start. Readiness is checked by
+  connecting, with a bounded deadline; a server that dies during startup fails fast
+  with the tail of its log.
+* ``stop()`` stops what was started, by the pid we started (Dovecot) or by
+  ``postfix -c DIR stop`` followed by a bounded wait on the master pid Postfix
+  recorded. The workdir is removed unless ``keep=True`` (logs are copied out first
+  when asked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "DOMAIN",
+    "MailServers",
+    "MailServersError",
+    "User",
+    "ensure_installed",
+    "mail_servers",
+    "start_mail_servers",
+]
+
+DOMAIN = "prxmail.test"
+HOST = "127.0.0.1"
+# The address Postfix refuses at RCPT with a 5xx, for tests of refused recipients.
+REJECTED_ADDRESS = f"rejected@{DOMAIN}"
+DEFAULT_USERS = ("alice", "bob", "bot")
+
+# Dovecot treats a connection whose remote and local addresses are equal as secure
+# (login-common: "secured = ssl || trusted || remote_ip == local_ip"), so on loopback it
+# would accept a plain-text LOGIN before STARTTLS. Its plain listener therefore sits on
+# this second loopback address, behind a byte relay on HOST: the relay connects from
+# 127.0.0.1, the addresses differ, and LOGINDISABLED is enforced as on a real network.
+PLAIN_BACKEND_HOST = "127.0.0.2"
+# Each relay read: one TLS record's worth, so a STARTTLS handshake and mail both pass
+# without a second buffer; sendall() blocks, so one direction never holds more.
+RELAY_CHUNK = 16 * 1024
+
+APT_PACKAGES = ("dovecot-imapd", "dovecot-lmtpd", "postfix")
+DOVECOT_BIN = "/usr/sbin/dovecot"
+POSTFIX_BIN = "/usr/sbin/postfix"
+LMTP_MODULE = "/usr/lib/dovecot/lmtp"
+POLICY_RC_D = pathlib.Path("/usr/sbin/policy-rc.d")
+# The unprivileged user the dovecot-core package creates; the private Dovecot runs as it.
+DOVECOT_USER = "dovecot"
+
+# Startup is normally well under a second per server; the bound is generous for a
+# loaded CI machine but still fails a broken setup quickly.
+STARTUP_TIMEOUT = 20.0
+# How long a polite stop may take before the process is killed.
+STOP_TIMEOUT = 10.0
+# Installing three packages on a fresh machine (download included).
+APT_TIMEOUT = 600.0
+POLL_INTERVAL = 0.05
+# How much of each log a failure message quotes: enough for the last few lines that
+# usually name the problem, short enough to read in a pytest report.
+LOG_TAIL_BYTES = 4000
+
+
+class MailServersError(RuntimeError):
+    """The private mail servers could not be installed, started or stopped."""
+
+
+@attrs.frozen
+class User:
+    """A mailbox on the private servers.
+
+    ``address`` is also the IMAP and SMTP login name. The password is left out of the
+    repr so it never lands in a test report or log.
+    """
+
+    address: str
+    password: str = attrs.field(repr=False)
+
+    @property
+    def localpart(self) -> str:
+        """The part before ``@``."""
+        return self.address.partition("@")[0]
+
+
+# ---------------------------------------------------------------------------
+# Installation
+
+
+def _missing_binaries() -> list[str]:
+    return [p for p in (DOVECOT_BIN, POSTFIX_BIN, LMTP_MODULE) if not os.path.exists(p)]
+
+
+def ensure_installed() -> None:
+    """Install Dovecot (IMAP, LMTP) and Postfix with apt if any piece is missing.
+
+    The system-wide services are kept from starting by a temporary policy-rc.d.
+
+    Raises:
+        MailServersError: not root, no apt-get, or the installation failed.
+    """
+    if not _missing_binaries():
+        return
+    if os.geteuid() != 0:
+        raise MailServersError(
+            f"missing {', '.join(_missing_binaries())}; installing them needs root "
+            f"(apt-get install {' '.join(APT_PACKAGES)})"
+        )
+    if shutil.which("apt-get") is None:
+        raise MailServersError("missing Dovecot/Postfix and no apt-get to install them")
+    created_policy = False
+    if not POLICY_RC_D.exists():
+        POLICY_RC_D.write_text(
+            "#!/bin/sh\n# Written by prxmail tests/mailservers.py during apt-get install:\n"
+            "# do not start system-wide services.\nexit 101\n"
+        )
+        POLICY_RC_D.chmod(0o755)
+        created_policy = True
+    try:
+        result = _apt_install()
+        if result.returncode != 0:
+            # Package lists may be missing on a fresh machine; update once and retry.
+            subprocess.run(
+                ["apt-get", "update", "-q"],
+                capture_output=True,
+                timeout=APT_TIMEOUT,
+                check=False,
+                env=_apt_env(),
+            )
+            result = _apt_install()
+        if result.returncode != 0:
+            raise MailServersError(
+                f"apt-get install {' '.join(APT_PACKAGES)} failed "
+                f"(exit {result.returncode}):\n{result.stdout[-LOG_TAIL_BYTES:]}"
+            )
+    finally:
+        if created_policy:
+            POLICY_RC_D.unlink(missing_ok=True)
+    if missing := _missing_binaries():
+        raise MailServersError(f"still missing after apt-get install: {', '.join(missing)}")
+
+
+def _apt_env() -> dict[str, str]:
+    return {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+
+def _apt_install() -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=APT_TIMEOUT,
+        check=False,
+        env=_apt_env(),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Configuration templates
+
+_DOVECOT_CONF = """\
+# Private Dovecot for prxmail tests (rootless: every process runs as {run_user}).
+instance_name = {instance_name}
+base_dir = {base_dir}
+state_dir = {state_dir}
+protocols = imap lmtp
+listen = {host}
+log_path = {log_file}
+info_log_path = {log_file}
+debug_log_path = {log_file}
+auth_verbose = yes
+
+default_login_user = {run_user}
+default_internal_user = {run_user}
+first_valid_uid = {uid}
+last_valid_uid = {uid}
+first_valid_gid = {gid}
+last_valid_gid = {gid}
+
+ssl = required
+ssl_cert = <{cert_file}
+ssl_key = <{key_file}
+ssl_min_protocol = TLSv1.2
+disable_plaintext_auth = yes
+auth_mechanisms = plain login
+# Tests log in with wrong passwords on purpose, all from 127.0.0.1: no 2 s failure
+# delay and no per-IP penalty (which grows to 15 s), or the suite crawls. A failed
+# login still takes up to 0.5 s (Dovecot flushes failures on a 500 ms timer).
+auth_failure_delay = 0
+
+passdb {{
+  driver = passwd-file
+  # One file per user: Dovecot stats a passwd-file at most once a second, so a user
+  # appended to a shared file could be "unknown" for up to a second; a new file is
+  # read on first use. Login names cannot contain "/" (auth_username_chars).
+  args = scheme=PLAIN username_format=%u {passwd_dir}/%u
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={mail_root}/%d/%n
+}}
+mail_location = maildir:~/Maildir
+namespace inbox {{
+  inbox = yes
+  separator = /
+}}
+
+service imap-login {{
+  chroot =
+  inet_listener imap {{
+    address = {plain_backend_host}
+    port = {plain_backend_port}
+  }}
+  inet_listener imaps {{
+    address = {host}
+    port = {imap_tls_port}
+    ssl = yes
+  }}
+}}
+service anvil {{
+  chroot =
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
+service lmtp {{
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+service auth {{
+  unix_listener auth-postfix {{
+    mode = 0666
+  }}
+}}
+"""
+
+_POSTFIX_MAIN_CF = """\
+# Private Postfix for prxmail tests: submission only, delivery to Dovecot over LMTP.
+compatibility_level = 3.6
+config_directory = {config_dir}
+queue_directory = {queue_dir}
+data_directory = {data_dir}
+maillog_file = {log_file}
+maillog_file_prefixes = {log_dir}
+mail_owner = postfix
+setgid_group = postdrop
+
+myhostname = mail.{domain}
+mydomain = {domain}
+myorigin = $mydomain
+mydestination =
+mynetworks = 127.0.0.1/32
+inet_interfaces = {host}
+inet_protocols = ipv4
+smtp_bind_address = {host}
+relayhost =
+alias_maps =
+alias_database =
+local_recipient_maps =
+local_transport = error:5.1.1 local delivery is disabled
+default_transport = error:5.7.1 outbound relay is disabled
+relay_transport = error:5.7.1 outbound relay is disabled
+virtual_mailbox_domains = {domain}
+virtual_transport = lmtp:unix:{lmtp_socket}
+biff = no
+append_dot_mydomain = no
+
+# No DNS anywhere: every address is numeric or a unix socket.
+smtp_dns_support_level = disabled
+lmtp_dns_support_level = disabled
+smtp_host_lookup = native
+lmtp_host_lookup = native
+smtpd_peername_lookup = no
+
+smtpd_banner = $myhostname ESMTP prxmail-test
+smtpd_tls_chain_files = {key_file}, {cert_file}
+smtpd_tls_security_level = encrypt
+smtpd_tls_auth_only = yes
+smtpd_tls_mandatory_protocols = >=TLSv1.2
+smtpd_tls_session_cache_database =
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = {auth_socket}
+smtpd_sasl_security_options = noanonymous
+smtpd_sasl_tls_security_options = noanonymous
+broken_sasl_auth_clients = no
+
+# Foreign domains are refused even for authenticated users (no relay at all); the
+# access table refuses rejected@; then only authenticated clients may send.
+smtpd_relay_restrictions = reject_unauth_destination
+smtpd_recipient_restrictions =
+    check_recipient_access texthash:{config_dir}/recipient_access,
+    permit_sasl_authenticated,
+    reject
+smtpd_sender_restrictions =
+smtpd_client_restrictions =
+"""
+
+# Only the services a submission-to-LMTP path needs; no chroot (the queue directory
+# has none of the files a chroot would need), no port 25.
+_POSTFIX_MASTER_CF = """\
+{host}:{smtp_tls_port} inet n - n - - smtpd
+  -o syslog_name=postfix/smtps
+  -o smtpd_tls_wrappermode=yes
+{host}:{smtp_starttls_port} inet n - n - - smtpd
+  -o syslog_name=postfix/submission
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+tlsmgr    unix  - - n 1000? 1 tlsmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+proxywrite unix - - n - 1 proxymap
+smtp      unix  - - n - - smtp
+relay     unix  - - n - - smtp
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+lmtp      unix  - - n - - lmtp
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _free_ports(count: int, host: str = HOST) -> list[int]:
+    """Pick ``count`` distinct free loopback ports (held open together so they differ)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def _port_open(port: int, host: str = HOST) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: pathlib.Path, limit: int = LOG_TAIL_BYTES) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return data[-limit:].decode("utf-8", "replace")
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the parenthesised command name.
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _chown(path: pathlib.Path, uid: int, gid: int) -> None:
+    os.chown(path, uid, gid)
+
+
+class _Relay:
+    """Byte relay from HOST:port to a backend address, two threads per connection.
+
+    Only for Dovecot's plain IMAP port (see PLAIN_BACKEND_HOST). It copies bytes both
+    ways without looking at them, so STARTTLS and the TLS that follows pass through.
+    Half-closes are forwarded; an error on either side closes both sockets.
+    """
+
+    def __init__(self, port: int, backend: tuple[str, int]) -> None:
+        self._backend = backend
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((HOST, port))
+        self._listener.listen(64)
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"imap-relay-{port}", daemon=True
+        )
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed by close()
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _track(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._sockets.add(sock)
+            return True
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = None
+        try:
+            if not self._track(client):
+                return
+            try:
+                upstream = socket.create_connection(self._backend, timeout=STARTUP_TIMEOUT)
+            except OSError:
+                return  # Dovecot is down (restarting): the client sees the close
+            upstream.settimeout(None)
+            if not self._track(upstream):
+                return
+            back = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
+            back.start()
+            self._pump(client, upstream)
+            back.join()
+        finally:
+            for sock in (client, upstream):
+                if sock is not None:
+                    with self._lock:
+                        self._sockets.discard(sock)
+                    sock.close()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(RELAY_CHUNK):
+                dst.sendall(data)
+        except OSError:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        else:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        """Stop accepting and cut every relayed connection."""
+        with self._lock:
+            self._closed = True
+            sockets = list(self._sockets)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(STOP_TIMEOUT)
+
+
+# ---------------------------------------------------------------------------
+# The servers
+
+
+class MailServers:
+    """Running private Dovecot and Postfix; see the module docstring.
+
+    Attributes:
+        host: Loopback address every server listens on.
+        imap_tls_port: IMAP with implicit TLS.
+        imap_plain_port: IMAP in plain text offering STARTTLS; LOGIN is refused before TLS.
+        smtp_tls_port: Submission with implicit TLS (465-style).
+        smtp_starttls_port: Submission requiring STARTTLS (587-style).
+        ca_file: PEM of the throwaway CA that signed the servers' certificate.
+        log_dir: Directory holding ``dovecot.log`` and ``postfix.log``.
+        users: The pre-created users by local part ("alice", "bob", "bot", ...).
+    """
+
+    host: str
+    imap_tls_port: int
+    imap_plain_port: int
+    smtp_tls_port: int
+    smtp_starttls_port: int
+    ca_file: pathlib.Path
+    log_dir: pathlib.Path
+    users: dict[str, User]
+
+    def __init__(self, workdir: pathlib.Path, *, remove_workdir: bool) -> None:
+        self.workdir = workdir
+        self._remove_workdir = remove_workdir
+        self.host = HOST
+        (
+            self.imap_tls_port,
+            self.imap_plain_port,
+            self.smtp_tls_port,
+            self.smtp_starttls_port,
+        ) = _free_ports(4)
+        (self._plain_backend_port,) = _free_ports(1, PLAIN_BACKEND_HOST)
+        self._relay: _Relay | None = None
+        self.users = {}
+        self._lock = threading.Lock()
+        self._dovecot: subprocess.Popen[bytes] | None = None
+        self._postfix_running = False
+        self._stopped = False
+
+        pw = pwd.getpwnam(DOVECOT_USER)
+        self._uid, self._gid = pw.pw_uid, pw.pw_gid
+
+        self.tls_dir = workdir / "tls"
+        self.ca_file = self.tls_dir / "ca.pem"
+        self._cert_file = self.tls_dir / "server.pem"
+        self._key_file = self.tls_dir / "server.key"
+        self.log_dir = workdir / "logs"
+        self.dovecot_log = self.log_dir / "dovecot.log"
+        self.postfix_log = self.log_dir / "postfix.log"
+        self._dovecot_dir = workdir / "dovecot"
+        self._dovecot_conf = self._dovecot_dir / "dovecot.conf"
+        self._passwd_dir = self._dovecot_dir / "users"
+        self._base_dir = self._dovecot_dir / "run"
+        self._mail_root = workdir / "mail"
+        self._postfix_dir = workdir / "postfix"
+        self._postfix_conf_dir = self._postfix_dir / "etc"
+        self._postfix_queue_dir = self._postfix_dir / "queue"
+
+    # -- setup ---------------------------------------------------------------
+
+    def _write_files(self) -> None:
+        import trustme
+
+        uid, gid = self._uid, self._gid
+        # Postfix's unprivileged processes and the dovecot user must traverse the tree.
+        self.workdir.chmod(0o755)
+        for d in (
+            self.tls_dir,
+            self.log_dir,
+            self._postfix_dir,
+            self._postfix_conf_dir,
+            self._postfix_queue_dir,
+        ):
+            d.mkdir(mode=0o755)
+        for d in (self._dovecot_dir, self._base_dir, self._passwd_dir, self._dovecot_dir / "state"):
+            d.mkdir(mode=0o755)
+            _chown(d, uid, gid)
+        self._mail_root.mkdir(mode=0o700)
+        _chown(self._mail_root, uid, gid)
+
+        ca = trustme.CA(organization_name="prxmail test CA")
+        cert = ca.issue_cert("localhost", HOST)
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        self.ca_file.chmod(0o644)
+        with self._cert_file.open("wb") as f:
+            for blob in cert.cert_chain_pems:
+                f.write(blob.bytes())
+        self._cert_file.chmod(0o644)
+        fd = os.open(self._key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(cert.private_key_pem.bytes())
+        _chown(self._key_file, uid, gid)  # Dovecot reads it as its user; Postfix as root.
+
+        for log in (self.dovecot_log, self.postfix_log):
+            log.touch(mode=0o644)
+        _chown(self.dovecot_log, uid, gid)
+
+        self._dovecot_conf.write_text(
+            _DOVECOT_CONF.format(
+                run_user=DOVECOT_USER,
+                instance_name=f"prxmail-test-{self.imap_tls_port}",
+                base_dir=self._base_dir,
+                state_dir=self._dovecot_dir / "state",
+                host=HOST,
+                log_file=self.dovecot_log,
+                uid=uid,
+                gid=gid,
+                cert_file=self._cert_file,
+                key_file=self._key_file,
+                passwd_dir=self._passwd_dir,
+                mail_root=self._mail_root,
+                plain_backend_host=PLAIN_BACKEND_HOST,
+                plain_backend_port=self._plain_backend_port,
+                imap_tls_port=self.imap_tls_port,
+            )
+        )
+        (self._postfix_conf_dir / "main.cf").write_text(
+            _POSTFIX_MAIN_CF.format(
+                config_dir=self._postfix_conf_dir,
+                queue_dir=self._postfix_queue_dir,
+                data_dir=self._postfix_dir / "data",
+                log_file=self.postfix_log,
+                log_dir=self.log_dir,
+                domain=DOMAIN,
+                host=HOST,
+                lmtp_socket=self._base_dir / "lmtp",
+                auth_socket=self._base_dir / "auth-postfix",
+                key_file=self._key_file,
+                cert_file=self._cert_file,
+            )
+        )
+        (self._postfix_conf_dir / "master.cf").write_text(
+            _POSTFIX_MASTER_CF.format(
+                host=HOST,
+                smtp_tls_port=self.smtp_tls_port,
+                smtp_starttls_port=self.smtp_starttls_port,
+            )
+        )
+        (self._postfix_conf_dir / "recipient_access").write_text(
+            f"{REJECTED_ADDRESS} REJECT 5.1.1 this recipient is refused (test address)\n"
+        )
+
+    # -- users ---------------------------------------------------------------
+
+    def add_user(self, localpart: str, password: str | None = None) -> User:
+        """Create a mailbox user, usable at once for IMAP login and delivery.
+
+        Args:
+            localpart: The part before ``@prxmail.test``; lower-case letters, digits,
+                ``.``, ``_`` and ``-`` only (``+`` is a detail delimiter, so no).
+            password: The password; a random one when ``None``.
+
+        Returns:
+            The new user (also stored in :attr:`users`).
+
+        Raises:
+            ValueError: a bad local part or password, or the user exists.
+        """
+        allowed = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
+        if not localpart or not set(localpart) <= allowed:
+            raise ValueError(f"unusable local part {localpart!r}")
+        if password is None:
+            password = secrets.token_urlsafe(12)
+        if not password or any(c in password for c in ":\r\n\0") or not password.isprintable():
+            raise ValueError("password must be printable and contain no ':'")
+        with self._lock:
+            if localpart in self.users:
+                raise ValueError(f"user {localpart!r} exists")
+            user = User(address=f"{localpart}@{DOMAIN}", password=password)
+            # Written under a temporary name and renamed, so Dovecot never reads half.
+            final = self._passwd_dir / user.address
+            tmp = self._passwd_dir / f".{user.address}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{user.address}:{{PLAIN}}{password}::::::\n")
+            _chown(tmp, self._uid, self._gid)
+            tmp.rename(final)
+            self.users[localpart] = user
+        return user
+
+    def maildir(self, user: User) -> pathlib.Path:
+        """Return the root of ``user``'s Maildir (holding ``new``, ``cur``, ``tmp``).
+
+        It may not exist yet: Dovecot creates it on first login or delivery.
+        """
+        return self._mail_root / DOMAIN / user.localpart / "Maildir"
+
+    def inbox_messages(self, user: User) -> list[bytes]:
+        """Return the raw messages in ``user``'s INBOX (``new`` and ``cur``), oldest first.
+
+        Raises:
+            MailServersError: the Maildir kept changing under us (a very busy mailbox).
+        """
+        root = self.maildir(user)
+        # Dovecot renames files from new/ to cur/ (and changes flags in the name) while
+        # we read; a vanished file means "list again". Bounded so we cannot spin.
+        for _ in range(50):
+            try:
+                found = []
+                for sub in ("new", "cur"):
+                    d = root / sub
+                    if not d.is_dir():
+                        continue
+                    for entry in os.scandir(d):
+                        if entry.is_file():
+                            found.append((entry.stat().st_mtime_ns, entry.name, entry.path))
+                found.sort()
+                return [pathlib.Path(p).read_bytes() for _, _, p in found]
+            except FileNotFoundError:
+                time.sleep(0.01)
+        raise MailServersError(f"Maildir of {user.address} kept changing while read")
+
+    def wait_for_messages(self, user: User, count: int, timeout: float = 10) -> list[bytes]:
+        """Poll ``user``'s INBOX until it holds at least ``count`` messages.
+
+        Args:
+            user: Whose Maildir to watch.
+            count: How many messages to wait for.
+            timeout: Seconds before giving up.
+
+        Returns:
+            All messages in the INBOX (at least ``count``), oldest first.
+
+        Raises:
+            TimeoutError: fewer than ``count`` messages arrived in time; the message
+                quotes the Postfix log tail.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            messages = self.inbox_messages(user)
+            if len(messages) >= count:
+                return messages
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{user.address} has {len(messages)} of {count} messages after "
+                    f"{timeout}s; postfix log tail:\n{_tail(self.postfix_log, 1500)}"
+                )
+            time.sleep(POLL_INTERVAL)
+
+    # -- TLS -----------------------------------------------------------------
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Return a client context that trusts only the throwaway CA (hostname checked)."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    # -- Dovecot -------------------------------------------------------------
+
+    def start_dovecot(self) -> None:
+        """Start the private Dovecot and wait until its listeners accept.
+
+        Raises:
+            MailServersError: it exited or did not listen within the startup bound.
+        """
+        if self._dovecot is not None:
+            return
+        with self.dovecot_log.open("ab") as out:
+            self._dovecot = subprocess.Popen(
+                [DOVECOT_BIN, "-F", "-c", str(self._dovecot_conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                user=self._uid,
+                group=self._gid,
+                extra_groups=[],
+                # Own process group: a terminal's Ctrl-C reaches only us, and we stop
+                # Dovecot in order.
+                start_new_session=True,
+                cwd=self._dovecot_dir,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            )
+        self._wait_ready(
+            "dovecot",
+            lambda: (
+                _port_open(self.imap_tls_port)
+                and _port_open(self._plain_backend_port, PLAIN_BACKEND_HOST)
+                and (self._base_dir / "lmtp").exists()
+                and (self._base_dir / "auth-postfix").exists()
+            ),
+            self.dovecot_log,
+            alive=lambda: self._dovecot is not None and self._dovecot.poll() is None,
+        )
+
+    def stop_dovecot(self) -> None:
+        """Stop the private Dovecot by the pid we started (SIGTERM, then SIGKILL)."""
+        proc, self._dovecot = self._dovecot, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                # The group is the one Dovecot's master leads (start_new_session).
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(STOP_TIMEOUT)
+        # The master waits for its children before exiting on SIGTERM; if it was
+        # killed, no child may outlive it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def restart_dovecot(self) -> None:
+        """Stop and start Dovecot on the same ports; mailboxes and users stay.
+
+        Raises:
+            MailServersError: it did not come back.
+        """
+        self.stop_dovecot()
+        self.start_dovecot()
+
+    # -- Postfix -------------------------------------------------------------
+
+    def _postfix(self, action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [POSTFIX_BIN, "-c", str(self._postfix_conf_dir), action],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=STARTUP_TIMEOUT,
+            check=False,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+        )
+
+    def _postfix_master_pid(self) -> int | None:
+        try:
+            return int((self._postfix_queue_dir / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def start_postfix(self) -> None:
+        """Start the private Postfix (as root) and wait until both ports accept.
+
+        Raises:
+            MailServersError: ``postfix start`` failed or the ports never opened.
+        """
+        if self._postfix_running:
+            return
+        result = self._postfix("start")
+        if result.returncode != 0:
+            raise MailServersError(
+                f"postfix start failed (exit {result.returncode}): {result.stdout.strip()}\n"
+                f"postfix log tail:\n{_tail(self.postfix_log)}"
+            )
+        self._postfix_running = True
+        self._wait_ready(
+            "postfix",
+            lambda: _port_open(self.smtp_tls_port) and _port_open(self.smtp_starttls_port),
+            self.postfix_log,
+            alive=lambda: (pid := self._postfix_master_pid()) is None or _pid_alive(pid),
+        )
+
+    def stop_postfix(self) -> None:
+        """Stop the private Postfix with ``postfix -c DIR stop`` and wait for its master.
+
+        Raises:
+            MailServersError: the master did not exit.
+        """
+        if not self._postfix_running:
+            return
+        pid = self._postfix_master_pid()
+        result = self._postfix("stop")
+        self._postfix_running = False
+        if pid is None:
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+        if _pid_alive(pid):
+            # The master we started (its pid file is ours) ignored `postfix stop`.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise MailServersError(
+                f"postfix master {pid} did not stop ({result.stdout.strip()}); killed"
+            )
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _wait_ready(
+        self,
+        name: str,
+        ready: Any,
+        log: pathlib.Path,
+        *,
+        alive: Any,
+    ) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not ready():
+            if not alive():
+                raise MailServersError(f"{name} exited during startup; log tail:\n{_tail(log)}")
+            if time.monotonic() >= deadline:
+                raise MailServersError(
+                    f"{name} not ready after {STARTUP_TIMEOUT}s; log tail:\n{_tail(log)}"
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def _start(self) -> None:
+        self._write_files()
+        for name in DEFAULT_USERS:
+            self.add_user(name)
+        self._relay = _Relay(self.imap_plain_port, (PLAIN_BACKEND_HOST, self._plain_backend_port))
+        self.start_dovecot()
+        self.start_postfix()
+
+    def log_tails(self, limit: int = LOG_TAIL_BYTES) -> str:
+        """Return the last ``limit`` bytes of the Dovecot and Postfix logs, labelled."""
+        return (
+            f"--- {self.dovecot_log} (tail) ---\n{_tail(self.dovecot_log, limit)}\n"
+            f"--- {self.postfix_log} (tail) ---\n{_tail(self.postfix_log, limit)}"
+        )
+
+    def stop(self, *, keep_logs_in: pathlib.Path | None = None) -> None:
+        """Stop both servers and remove the workdir (if we created it). Idempotent.
+
+        Args:
+            keep_logs_in: Copy the log directory here first (for failing test runs).
+
+        Raises:
+            MailServersError: a server did not stop (the other is still stopped).
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self.stop_postfix()
+        finally:
+            if self._relay is not None:
+                self._relay.close()
+            self.stop_dovecot()
+            if keep_logs_in is not None:
+                shutil.copytree(self.log_dir, keep_logs_in, dirs_exist_ok=True)
+            if self._remove_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        """Return host, ports, CA file and users (with their throwaway passwords)."""
+        return {
+            "host": self.host,
+            "imap_tls_port": self.imap_tls_port,
+            "imap_plain_port": self.imap_plain_port,
+            "smtp_tls_port": self.smtp_tls_port,
+            "smtp_starttls_port": self.smtp_starttls_port,
+            "ca_file": str(self.ca_file),
+            "log_dir": str(self.log_dir),
+            "workdir": str(self.workdir),
+            "users": {
+                name: {"address": u.address, "password": u.password}
+                for name, u in self.users.items()
+            },
+        }
+
+    def prxmail_toml(self, user: str = "bot", allowed: str = "alice") -> str:
+        """Return a ``prxmail.toml`` for ``user`` that answers mail from ``allowed``."""
+        u, a = self.users[user], self.users[allowed]
+        return (
+            "[channels_config.email]\n"
+            f'imap_host = "{self.host}"\n'
+            f"imap_port = {self.imap_tls_port}\n"
+            'imap_security = "tls"\n'
+            f'smtp_host = "{self.host}"\n'
+            f"smtp_port = {self.smtp_tls_port}\n"
+            'smtp_security = "tls"\n'
+            f'username = "{u.address}"\n'
+            f'password = "{u.password}"\n'
+            f'from_address = "{u.address}"\n'
+            f'allowed_senders = ["{a.address}"]\n'
+            f'tls_ca_file = "{self.ca_file}"\n'
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<MailServers {self.host} imap tls={self.imap_tls_port} "
+            f"plain={self.imap_plain_port} smtp tls={self.smtp_tls_port} "
+            f"starttls={self.smtp_starttls_port} workdir={self.workdir}>"
+        )
+
+
+def start_mail_servers(workdir: pathlib.Path | None = None) -> MailServers:
+    """Install if needed, then start private Dovecot and Postfix on free loopback ports.
+
+    Args:
+        workdir: An empty directory to hold everything; kept afterwards. When ``None``,
+            a fresh temporary directory is made and removed by :meth:`MailServers.stop`.
+
+    Returns:
+        The running servers with users "alice", "bob" and "bot".
+
+    Raises:
+        MailServersError: not root, installation failed, or a server did not start
+            (the message includes the log tail).
+    """
+    if os.geteuid() != 0:
+        raise MailServersError(
+            "the private Postfix must be started as root (its master requires it)"
+        )
+    ensure_installed()
+    if workdir is None:
+        # Short path: Dovecot's unix sockets live inside it (sun_path is ~108 bytes).
+        path = pathlib.Path(tempfile.mkdtemp(prefix="prxmail-mail-", dir="/tmp"))
+        remove = True
+    else:
+        path = workdir
+        path.mkdir(parents=True, exist_ok=True)
+        if any(path.iterdir()):
+            raise MailServersError(f"workdir {path} is not empty")
+        remove = False
+    servers = MailServers(path, remove_workdir=remove)
+    try:
+        servers._start()
+    except BaseException:
+        logs = servers.log_tails()
+        servers._remove_workdir = False  # keep everything for the post-mortem
+        with contextlib.suppress(Exception):
+            servers.stop()
+        if remove:
+            print(f"mail servers failed to start; kept {path}\n{logs}", file=sys.stderr)
+        raise
+    return servers
+
+
+@contextlib.contextmanager
+def mail_servers(workdir: pathlib.Path | None = None) -> Iterator[MailServers]:
+    """Run private mail servers for the duration of a ``with`` block.
+
+    Args:
+        workdir: As for :func:`start_mail_servers`.
+
+    Yields:
+        The running servers.
+
+    Raises:
+        MailServersError: as for :func:`start_mail_servers`.
+    """
+    servers = start_mail_servers(workdir)
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+# ---------------------------------------------------------------------------
+# Command line: `python -m tests.mailservers up`
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    # Handlers first, so a signal during startup still leads to a clean stop.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        servers = start_mail_servers(args.workdir)
+    except MailServersError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        info = servers.describe()
+        info["prxmail_toml"] = servers.prxmail_toml()
+        print(json.dumps(info, indent=2), flush=True)
+        print(
+            f"mail servers running (logs in {servers.log_dir}); Ctrl-C or SIGTERM stops them",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+    finally:
+        servers.stop()
+    print("mail servers stopped", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m tests.mailservers``.
+
+    Args:
+        argv: Arguments without the program name; ``sys.argv[1:]`` when ``None``.
+
+    Returns:
+        The process exit status.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.mailservers",
+        description=(
+            "Private Dovecot (IMAP) and Postfix (submission) on free 127.0.0.1 ports, for "
+            "prxmail's integration tests and demo. Needs root on Debian; installs "
+            f"{', '.join(APT_PACKAGES)} with apt-get if missing, without starting the "
+            "system-wide services."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser(
+        "up",
+        help="start the servers, print a JSON description, run until SIGINT/SIGTERM",
+        description=(
+            "Start the servers and print a JSON object with host, ports, ca_file, users "
+            "(with their throwaway passwords) and a ready prxmail TOML snippet for user "
+            "'bot' answering 'alice'. Runs until SIGINT/SIGTERM, then stops the servers "
+            "and removes the temporary directory."
+        ),
+    )
+    up.add_argument(
+        "--workdir",
+        type=pathlib.Path,
+        default=None,
+        help="empty directory to run in (kept afterwards); default: a temporary one",
+    )
+    sub.add_parser("install", help="only install the packages if missing (needs root)")
+    args = parser.parse_args(argv)
+    if args.command == "install":
+        try:
+            ensure_installed()
+        except MailServersError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    return _cmd_up(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
