@@ -1,0 +1,407 @@
+"""Frozen value objects for everything the IMAP core reports.
+
+The parser turns each complete server response into exactly one of these. They are
+``attrs`` frozen classes (h11 ``_events.py`` and wsproto ``events.py`` are the model):
+immutable, compared by value, cheap to build on the fetch hot path.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator, Mapping
+from typing import Literal, TypeAlias
+
+import attrs
+
+__all__ = [
+    "Address",
+    "BodyPart",
+    "BodyStructure",
+    "CapabilityData",
+    "ConnectionClosed",
+    "ContinuationRequest",
+    "ESearchData",
+    "EnabledData",
+    "Envelope",
+    "Event",
+    "Exists",
+    "Expunge",
+    "FetchData",
+    "FlagsData",
+    "IdData",
+    "MultipartBody",
+    "Recent",
+    "ResponseCode",
+    "SearchData",
+    "SequenceSet",
+    "StatusResponse",
+    "TaggedResponse",
+    "UnknownResponse",
+]
+
+Status: TypeAlias = Literal["OK", "NO", "BAD", "PREAUTH", "BYE"]
+CodeValue: TypeAlias = "int | str | tuple[str, ...] | None"
+
+
+@attrs.frozen
+class ResponseCode:
+    """A bracketed response code such as ``[UIDNEXT 42]``.
+
+    Attributes:
+        name: The code atom in upper case (``"UIDNEXT"``, ``"ALERT"``...).
+        value: Parsed data: ``int`` for UIDNEXT, UIDVALIDITY, UNSEEN, HIGHESTMODSEQ;
+            a tuple of strings for CAPABILITY and PERMANENTFLAGS (capabilities in
+            upper case); the raw text for any other code with data; ``None`` without.
+    """
+
+    name: str
+    value: CodeValue = None
+
+
+@attrs.frozen
+class SequenceSet:
+    """A set of message numbers or UIDs in IMAP's compact form (``1:3,7,10:*``).
+
+    Attributes:
+        ranges: Inclusive ``(start, end)`` pairs in the order given; ``None`` stands
+            for ``*`` (the largest number in use) and, when only one side is ``*``,
+            is always ``end``.
+    """
+
+    ranges: tuple[tuple[int | None, int | None], ...]
+
+    @classmethod
+    def of(cls, numbers: Iterator[int] | list[int] | tuple[int, ...] | range) -> SequenceSet:
+        """Compress numbers into ranges (sorted, duplicates removed).
+
+        Raises:
+            ValueError: a number is not a positive 32-bit value, or none were given.
+        """
+        ordered = sorted(set(numbers))
+        if not ordered:
+            raise ValueError("a sequence set needs at least one number")
+        if ordered[0] < 1 or ordered[-1] > 0xFFFFFFFF:
+            raise ValueError("sequence numbers and UIDs are 1..4294967295")
+        ranges: list[tuple[int | None, int | None]] = []
+        start = prev = ordered[0]
+        for n in ordered[1:]:
+            if n != prev + 1:
+                ranges.append((start, prev))
+                start = n
+            prev = n
+        ranges.append((start, prev))
+        return cls(tuple(ranges))
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> SequenceSet:
+        """Parse ``"1:3,7,10:*"``.
+
+        Raises:
+            ValueError: the text is not a sequence set.
+        """
+        raw = text.decode("ascii") if isinstance(text, bytes) else text
+        ranges: list[tuple[int | None, int | None]] = []
+        for part in raw.split(","):
+            first, sep, last = part.partition(":")
+            start = _seq_number(first)
+            end = _seq_number(last) if sep else start
+            if start is None or (end is not None and start > end):
+                start, end = end, start  # "*:5" is "5:*"; ranges are unordered
+            ranges.append((start, end))
+        return cls(tuple(ranges))
+
+    def __str__(self) -> str:
+        parts = []
+        for start, end in self.ranges:
+            first = "*" if start is None else str(start)
+            if end == start:
+                parts.append(first)
+            else:
+                parts.append(f"{first}:{'*' if end is None else end}")
+        return ",".join(parts)
+
+    def __iter__(self) -> Iterator[int]:
+        """Every number in order; refuses sets with ``*`` (their size is unknown)."""
+        for start, end in self.ranges:
+            if start is None or end is None:
+                raise ValueError("cannot enumerate a sequence set containing '*'")
+            yield from range(start, end + 1)
+
+    def __len__(self) -> int:
+        total = 0
+        for start, end in self.ranges:
+            if start is None or end is None:
+                raise ValueError("a sequence set containing '*' has no known size")
+            total += end - start + 1
+        return total
+
+
+def _seq_number(text: str) -> int | None:
+    if text == "*":
+        return None
+    if not text.isdigit() or len(text) > 10:
+        raise ValueError(f"not a sequence number: {text!r}")
+    value = int(text)
+    if not 0 < value <= 0xFFFFFFFF:
+        raise ValueError(f"sequence number out of range: {text!r}")
+    return value
+
+
+# -- responses -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class TaggedResponse:
+    """The completion of a command: ``A1 OK [code] text``."""
+
+    tag: str
+    status: Literal["OK", "NO", "BAD"]
+    code: ResponseCode | None
+    text: str
+
+
+@attrs.frozen
+class StatusResponse:
+    """An untagged ``* OK/NO/BAD/PREAUTH/BYE [code] text`` (greetings included)."""
+
+    status: Status
+    code: ResponseCode | None
+    text: str
+
+
+@attrs.frozen
+class ContinuationRequest:
+    """``+ text``: the server waits for more of the current command.
+
+    Attributes:
+        text: The text after ``+ `` (for AUTHENTICATE: the base64 challenge).
+    """
+
+    text: str
+
+
+@attrs.frozen
+class CapabilityData:
+    """``* CAPABILITY ...``: capability names in upper case."""
+
+    capabilities: frozenset[str]
+
+
+@attrs.frozen
+class EnabledData:
+    """``* ENABLED ...`` (RFC 5161): the extensions now enabled, in upper case."""
+
+    capabilities: frozenset[str]
+
+
+@attrs.frozen
+class FlagsData:
+    """``* FLAGS (...)``: the flags defined in the selected mailbox."""
+
+    flags: tuple[str, ...]
+
+
+@attrs.frozen
+class Exists:
+    """``* n EXISTS``: the mailbox now holds ``count`` messages."""
+
+    count: int
+
+
+@attrs.frozen
+class Recent:
+    """``* n RECENT``."""
+
+    count: int
+
+
+@attrs.frozen
+class Expunge:
+    """``* n EXPUNGE``: message sequence number ``seq`` was removed."""
+
+    seq: int
+
+
+@attrs.frozen
+class SearchData:
+    """``* SEARCH n...`` (with ``(MODSEQ m)`` under CONDSTORE)."""
+
+    ids: tuple[int, ...]
+    modseq: int | None = None
+
+
+@attrs.frozen
+class ESearchData:
+    """``* ESEARCH`` (RFC 4731) result.
+
+    Attributes:
+        tag: The tag of the command it answers, when given.
+        uid: True if the numbers are UIDs.
+        min, max, count: The requested aggregates, when returned.
+        all: The matching numbers, when returned.
+        modseq: The highest mod-sequence of the matches (CONDSTORE).
+    """
+
+    tag: str | None
+    uid: bool
+    min: int | None = None
+    max: int | None = None
+    count: int | None = None
+    all: SequenceSet | None = None
+    modseq: int | None = None
+
+
+@attrs.frozen
+class IdData:
+    """``* ID (...)`` (RFC 2971): the server's identification, or ``None`` for NIL."""
+
+    fields: Mapping[str, str | None] | None
+
+
+@attrs.frozen
+class UnknownResponse:
+    """An untagged response this client does not interpret (LIST, STATUS, ...).
+
+    Attributes:
+        name: Its keyword in upper case.
+        line: The first line of the response, for logging or custom parsing.
+    """
+
+    name: str
+    line: bytes
+
+
+@attrs.frozen
+class ConnectionClosed:
+    """The server closed the connection (end of stream) at a response boundary."""
+
+
+# -- FETCH ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Address:
+    """One address of an ENVELOPE."""
+
+    name: str | None
+    adl: str | None
+    mailbox: str | None
+    host: str | None
+
+    @property
+    def email(self) -> str | None:
+        """``mailbox@host``, or ``None`` for group syntax markers."""
+        if self.mailbox is None or self.host is None:
+            return None
+        return f"{self.mailbox}@{self.host}"
+
+
+@attrs.frozen
+class Envelope:
+    """The ENVELOPE fetch item (RFC 3501 section 7.4.2); strings as the server sent
+    them, still RFC 2047 encoded."""
+
+    date: str | None
+    subject: str | None
+    from_: tuple[Address, ...]
+    sender: tuple[Address, ...]
+    reply_to: tuple[Address, ...]
+    to: tuple[Address, ...]
+    cc: tuple[Address, ...]
+    bcc: tuple[Address, ...]
+    in_reply_to: str | None
+    message_id: str | None
+
+
+@attrs.frozen
+class BodyPart:
+    """A single (non-multipart) body part of a BODYSTRUCTURE.
+
+    Attributes:
+        type, subtype: Lower-cased MIME type, e.g. ``"text"``, ``"plain"``.
+        params: Content-Type parameters, names lower-cased.
+        size: Size in octets of the encoded body.
+        lines: Line count for ``text/*`` and ``message/rfc822``.
+        envelope, body: For ``message/rfc822``: the inner message.
+        disposition: e.g. ``("attachment", {"filename": "a.pdf"})``.
+    """
+
+    type: str
+    subtype: str
+    params: Mapping[str, str]
+    id: str | None
+    description: str | None
+    encoding: str | None
+    size: int
+    lines: int | None = None
+    envelope: Envelope | None = None
+    body: BodyStructure | None = None
+    md5: str | None = None
+    disposition: tuple[str, Mapping[str, str]] | None = None
+    language: tuple[str, ...] | None = None
+    location: str | None = None
+
+
+@attrs.frozen
+class MultipartBody:
+    """A ``multipart/*`` node of a BODYSTRUCTURE."""
+
+    parts: tuple[BodyStructure, ...]
+    subtype: str
+    params: Mapping[str, str] = attrs.field(factory=dict)
+    disposition: tuple[str, Mapping[str, str]] | None = None
+    language: tuple[str, ...] | None = None
+    location: str | None = None
+
+    @property
+    def type(self) -> str:
+        """Always ``"multipart"``."""
+        return "multipart"
+
+
+BodyStructure: TypeAlias = "BodyPart | MultipartBody"
+
+
+@attrs.frozen
+class FetchData:
+    """One ``* n FETCH (...)`` response.
+
+    Attributes:
+        seq: Message sequence number.
+        uid: UID, when the server included it (always for UID FETCH).
+        flags: Flags, when fetched (or pushed after a change).
+        rfc822_size: RFC822.SIZE.
+        internaldate: INTERNALDATE, timezone-aware.
+        envelope: ENVELOPE.
+        bodystructure: BODYSTRUCTURE or BODY.
+        sections: Fetched body sections, keyed by the section text as the server
+            named it (``""`` for ``BODY[]``, ``"HEADER"``, ``"1.MIME"``, with
+            ``"<origin>"`` appended for partial fetches). ``RFC822``,
+            ``RFC822.HEADER`` and ``RFC822.TEXT`` appear as ``""``, ``"HEADER"`` and
+            ``"TEXT"``. Values are ``None`` for NIL; large ones may be ``bytearray``.
+        modseq: MODSEQ (CONDSTORE).
+        extra: Items this client does not interpret, by name, raw.
+    """
+
+    seq: int
+    uid: int | None = None
+    flags: tuple[str, ...] | None = None
+    rfc822_size: int | None = None
+    internaldate: datetime.datetime | None = None
+    envelope: Envelope | None = None
+    bodystructure: BodyStructure | None = None
+    sections: Mapping[str, bytes | bytearray | None] = attrs.field(factory=dict)
+    modseq: int | None = None
+    extra: Mapping[str, object] = attrs.field(factory=dict)
+
+    @property
+    def body(self) -> bytes | bytearray | None:
+        """The whole message (``BODY[]`` / ``RFC822``), if fetched."""
+        return self.sections.get("")
+
+
+Event: TypeAlias = (
+    "TaggedResponse | StatusResponse | ContinuationRequest | CapabilityData | EnabledData"
+    " | FlagsData | Exists | Recent | Expunge | SearchData | ESearchData | IdData"
+    " | FetchData | UnknownResponse | ConnectionClosed"
+)
