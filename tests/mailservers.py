@@ -98,6 +98,8 @@ STOP_TIMEOUT = 10.0
 # Installing three packages on a fresh machine (download included).
 APT_TIMEOUT = 600.0
 POLL_INTERVAL = 0.05
+# Full restarts with fresh ports when a server fails to start (a port race).
+START_ATTEMPTS = 3
 # How much of each log a failure message quotes: enough for the last few lines that
 # usually name the problem, short enough to read in a pytest report.
 LOG_TAIL_BYTES = 4000
@@ -386,12 +388,18 @@ def _free_ports(count: int, host: str = HOST) -> list[int]:
         return ports
 
 
-def _port_open(port: int, host: str = HOST) -> bool:
+def _greets(port: int, greeting: bytes, context: ssl.SSLContext | None, host: str = HOST) -> bool:
+    """True when the server on ``port`` sends its greeting (over TLS when ``context``)."""
     try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
+        with socket.create_connection((host, port), timeout=1.0) as raw:
+            if context is None:
+                line = raw.makefile("rb").readline(512)
+            else:
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    line = tls.makefile("rb").readline(512)
+    except (OSError, ssl.SSLError):
         return False
+    return line.startswith(greeting)
 
 
 def _tail(path: pathlib.Path, limit: int = LOG_TAIL_BYTES) -> str:
@@ -545,7 +553,9 @@ class MailServers:
         self.users = {}
         self._lock = threading.Lock()
         self._dovecot: subprocess.Popen[bytes] | None = None
-        self._postfix_running = False
+        self._postfix_pid: int | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog_pipe: int | None = None
         self._stopped = False
 
         pw = pwd.getpwnam(DOVECOT_USER)
@@ -650,6 +660,12 @@ class MailServers:
         (self._postfix_conf_dir / "recipient_access").write_text(
             f"{REJECTED_ADDRESS} REJECT 5.1.1 this recipient is refused (test address)\n"
         )
+        # Postfix re-reads a configuration file modified within the last couple of
+        # seconds until it is "old enough" (in case an editor is still writing it),
+        # which alone cost two seconds per start. Ours are complete: backdate them.
+        past = time.time() - 60
+        for conf in self._postfix_conf_dir.iterdir():
+            os.utime(conf, (past, past))
 
     # -- users ---------------------------------------------------------------
 
@@ -784,8 +800,8 @@ class MailServers:
         self._wait_ready(
             "dovecot",
             lambda: (
-                _port_open(self.imap_tls_port)
-                and _port_open(self._plain_backend_port, PLAIN_BACKEND_HOST)
+                _greets(self.imap_tls_port, b"* OK", self._probe_context)
+                and _greets(self._plain_backend_port, b"* OK", None, PLAIN_BACKEND_HOST)
                 and (self._base_dir / "lmtp").exists()
                 and (self._base_dir / "auth-postfix").exists()
             ),
@@ -841,12 +857,12 @@ class MailServers:
             return None
 
     def start_postfix(self) -> None:
-        """Start the private Postfix (as root) and wait until both ports accept.
+        """Start the private Postfix (as root) and wait until both ports greet.
 
         Raises:
             MailServersError: ``postfix start`` failed or the ports never opened.
         """
-        if self._postfix_running:
+        if self._postfix_pid is not None:
             return
         result = self._postfix("start")
         if result.returncode != 0:
@@ -854,37 +870,52 @@ class MailServers:
                 f"postfix start failed (exit {result.returncode}): {result.stdout.strip()}\n"
                 f"postfix log tail:\n{_tail(self.postfix_log)}"
             )
-        self._postfix_running = True
+        # `postfix start` returns once the master is up (master -w), pid file written.
+        self._postfix_pid = self._postfix_master_pid()
+        if self._postfix_pid is None:
+            raise MailServersError(
+                f"postfix started but wrote no master.pid; log tail:\n{_tail(self.postfix_log)}"
+            )
+        pid = self._postfix_pid
         self._wait_ready(
             "postfix",
-            lambda: _port_open(self.smtp_tls_port) and _port_open(self.smtp_starttls_port),
+            lambda: (
+                _greets(self.smtp_tls_port, b"220 ", self._probe_context)
+                and _greets(self.smtp_starttls_port, b"220 ", None)
+            ),
             self.postfix_log,
-            alive=lambda: (pid := self._postfix_master_pid()) is None or _pid_alive(pid),
+            alive=lambda: _pid_alive(pid),
         )
 
     def stop_postfix(self) -> None:
         """Stop the private Postfix with ``postfix -c DIR stop`` and wait for its master.
 
+        If that does not work (say its directory was deleted under it), the master pid
+        recorded at start is sent SIGTERM, then SIGKILL.
+
         Raises:
-            MailServersError: the master did not exit.
+            MailServersError: the master did not exit even when killed.
         """
-        if not self._postfix_running:
-            return
-        pid = self._postfix_master_pid()
-        result = self._postfix("stop")
-        self._postfix_running = False
+        pid, self._postfix_pid = self._postfix_pid, None
         if pid is None:
             return
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(POLL_INTERVAL)
-        if _pid_alive(pid):
-            # The master we started (its pid file is ours) ignored `postfix stop`.
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            self._postfix("stop")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(POLL_INTERVAL)
+            if not _pid_alive(pid):
+                return
+            # Still the master we started (its pid was read right after our start).
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            raise MailServersError(
-                f"postfix master {pid} did not stop ({result.stdout.strip()}); killed"
-            )
+                os.kill(pid, sig)
+        if _pid_alive(pid):
+            raise MailServersError(f"postfix master {pid} did not stop")
+
+    @property
+    def _probe_context(self) -> ssl.SSLContext:
+        return self.ssl_context()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -906,11 +937,63 @@ class MailServers:
                 )
             time.sleep(POLL_INTERVAL)
 
+    def _start_watchdog(self) -> None:
+        # The watchdog holds the read end of a pipe whose write end only this process
+        # has (os.pipe() fds are not inherited by the servers). When this process
+        # exits in any way -- even SIGKILL -- the pipe reaches EOF and the watchdog
+        # stops whatever servers are still running, so none outlive a killed test run.
+        read_fd, write_fd = os.pipe()
+        try:
+            with (self.log_dir / "watchdog.log").open("ab") as log:
+                self._watchdog = subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(pathlib.Path(__file__).resolve()),
+                        "_watchdog",
+                        str(read_fd),
+                        str(self._dovecot_conf),
+                        str(self._base_dir / "master.pid"),
+                        str(self._postfix_conf_dir),
+                        str(self._postfix_queue_dir),
+                    ],
+                    pass_fds=(read_fd,),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a terminal's Ctrl-C must not reach it
+                )
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        self._watchdog_pipe = write_fd
+
+    def _stop_watchdog(self) -> None:
+        fd, self._watchdog_pipe = self._watchdog_pipe, None
+        if fd is not None:
+            os.close(fd)
+        proc, self._watchdog = self._watchdog, None
+        if proc is not None:
+            try:
+                proc.wait(2 * STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     def _start(self) -> None:
         self._write_files()
+        self._start_watchdog()
         for name in DEFAULT_USERS:
             self.add_user(name)
-        self._relay = _Relay(self.imap_plain_port, (PLAIN_BACKEND_HOST, self._plain_backend_port))
+        try:
+            self._relay = _Relay(
+                self.imap_plain_port, (PLAIN_BACKEND_HOST, self._plain_backend_port)
+            )
+        except OSError as exc:
+            raise MailServersError(
+                f"cannot listen on {HOST}:{self.imap_plain_port}: {exc}"
+            ) from exc
         self.start_dovecot()
         self.start_postfix()
 
@@ -938,7 +1021,10 @@ class MailServers:
         finally:
             if self._relay is not None:
                 self._relay.close()
-            self.stop_dovecot()
+            try:
+                self.stop_dovecot()
+            finally:
+                self._stop_watchdog()
             if keep_logs_in is not None:
                 shutil.copytree(self.log_dir, keep_logs_in, dirs_exist_ok=True)
             if self._remove_workdir:
@@ -1006,26 +1092,34 @@ def start_mail_servers(workdir: pathlib.Path | None = None) -> MailServers:
             "the private Postfix must be started as root (its master requires it)"
         )
     ensure_installed()
-    if workdir is None:
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if any(workdir.iterdir()):
+            raise MailServersError(f"workdir {workdir} is not empty")
+        return _start_in(workdir, remove=False)
+    # A free port can be taken by another process between our probe and the server's
+    # bind (parallel test runs do this): then start again with fresh ports.
+    for attempt in range(1, START_ATTEMPTS + 1):
         # Short path: Dovecot's unix sockets live inside it (sun_path is ~108 bytes).
         path = pathlib.Path(tempfile.mkdtemp(prefix="prxmail-mail-", dir="/tmp"))
-        remove = True
-    else:
-        path = workdir
-        path.mkdir(parents=True, exist_ok=True)
-        if any(path.iterdir()):
-            raise MailServersError(f"workdir {path} is not empty")
-        remove = False
+        try:
+            return _start_in(path, remove=True)
+        except MailServersError as exc:
+            if attempt == START_ATTEMPTS:
+                raise MailServersError(f"{exc}\n(attempt {attempt}; files kept in {path})") from exc
+            print(f"mail servers: attempt {attempt} failed, retrying: {exc}", file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _start_in(path: pathlib.Path, *, remove: bool) -> MailServers:
     servers = MailServers(path, remove_workdir=remove)
     try:
         servers._start()
     except BaseException:
-        logs = servers.log_tails()
-        servers._remove_workdir = False  # keep everything for the post-mortem
+        servers._remove_workdir = False  # the caller decides what to keep
         with contextlib.suppress(Exception):
             servers.stop()
-        if remove:
-            print(f"mail servers failed to start; kept {path}\n{logs}", file=sys.stderr)
         raise
     return servers
 
@@ -1048,6 +1142,71 @@ def mail_servers(workdir: pathlib.Path | None = None) -> Iterator[MailServers]:
         yield servers
     finally:
         servers.stop()
+
+
+# ---------------------------------------------------------------------------
+# Watchdog (a separate process; see MailServers._start_watchdog)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        return int(pathlib.Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _terminate(pid: int, *, group: bool) -> None:
+    """SIGTERM, a bounded wait, then SIGKILL (to the process group when ``group``)."""
+    kill = os.killpg if group else os.kill
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, sig)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+        if not _pid_alive(pid):
+            return
+
+
+def _watchdog_main(argv: list[str]) -> int:
+    fd_text, dovecot_conf, dovecot_pidfile, postfix_conf, queue_dir = argv
+    fd = int(fd_text)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while os.read(fd, 64):
+        pass
+    # EOF: the owner stopped everything and closed the pipe, or it died. Only stop
+    # processes that are provably ours: Dovecot by its command line naming our
+    # config, the Postfix master by its working directory being our queue.
+    pid = _read_pid(dovecot_pidfile)
+    if pid is not None and _pid_alive(pid) and dovecot_conf in _cmdline(pid):
+        print(f"owner gone: stopping dovecot {pid}", flush=True)
+        _terminate(pid, group=True)
+    pid = _read_pid(os.path.join(queue_dir, "pid", "master.pid"))
+    if pid is not None and _pid_alive(pid) and _cwd(pid).startswith(queue_dir):
+        print(f"owner gone: stopping postfix {pid}", flush=True)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                [POSTFIX_BIN, "-c", postfix_conf, "stop"],
+                capture_output=True,
+                timeout=STOP_TIMEOUT,
+                check=False,
+            )
+        _terminate(pid, group=False)
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -1094,6 +1253,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The process exit status.
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_watchdog"]:
+        return _watchdog_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m tests.mailservers",
         description=(
