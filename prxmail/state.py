@@ -84,7 +84,15 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -118,6 +126,7 @@ __all__ = [
     "account_key",
     "normalize_message_id",
     "open_state_store",
+    "own_id_predicate",
 ]
 
 T = TypeVar("T")
@@ -184,6 +193,31 @@ def normalize_message_id(message_id: str) -> str:
     if not core:
         raise ValueError("empty Message-ID")
     return f"<{core}>"
+
+
+# Ids per IN (...) lookup: SQLite allows 32766 bound parameters; References headers
+# are bounded by the message model to far fewer, 500 keeps every statement small.
+_ID_LOOKUP_CHUNK: Final = 500
+
+
+def own_id_predicate(ours: Collection[str]) -> Callable[[str], bool]:
+    """Turn :meth:`StateStore.our_message_ids_among` output into a predicate.
+
+    Args:
+        ours: Normalised Message-IDs known to be ours.
+
+    Returns:
+        A function telling whether a Message-ID (any bracket form) is among them;
+        empty or blank ids are not ours.
+    """
+
+    def is_ours(message_id: str) -> bool:
+        try:
+            return normalize_message_id(message_id) in ours
+        except ValueError:
+            return False
+
+    return is_ours
 
 
 def _clip(text: str) -> str:
@@ -1467,6 +1501,37 @@ class StateStore:
             ).fetchone()
         return row is not None
 
+    def our_message_ids_among(self, message_ids: Iterable[str]) -> frozenset[str]:
+        """Which of these Message-IDs are ours, in one query (for the loop guard).
+
+        The policy module wants a synchronous ``is_our_message_id`` predicate; the
+        service looks up a message's own id, In-Reply-To and References at once and
+        passes :func:`own_id_predicate` of the result.
+
+        Args:
+            message_ids: Ids with or without angle brackets; empty ones are ignored.
+
+        Returns:
+            The normalised ids (``<...>``) among them that are ours.
+        """
+        wanted: set[str] = set()
+        for mid in message_ids:
+            with contextlib.suppress(ValueError):
+                wanted.add(normalize_message_id(mid))
+        found: set[str] = set()
+        ordered = sorted(wanted)
+        with self._transaction() as conn:
+            # Chunks keep each statement far below SQLite's bound-parameter limit.
+            for start in range(0, len(ordered), _ID_LOOKUP_CHUNK):
+                chunk = ordered[start : start + _ID_LOOKUP_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT message_id FROM own_message_id WHERE message_id IN ({marks})",
+                    chunk,
+                ).fetchall()
+                found.update(r[0] for r in rows)
+        return frozenset(found)
+
     def remember_message_id(self, account: str, message_id: str) -> None:
         """Record a Message-ID as ours without queueing mail (sent by other means).
 
@@ -1751,6 +1816,10 @@ class AsyncStateStore:
     async def is_our_message_id(self, message_id: str) -> bool:
         """See :meth:`StateStore.is_our_message_id`."""
         return await self._call(self._store.is_our_message_id, message_id)
+
+    async def our_message_ids_among(self, message_ids: Iterable[str]) -> frozenset[str]:
+        """See :meth:`StateStore.our_message_ids_among`."""
+        return await self._call(self._store.our_message_ids_among, list(message_ids))
 
     async def remember_message_id(self, account: str, message_id: str) -> None:
         """See :meth:`StateStore.remember_message_id`."""

@@ -34,6 +34,7 @@ from prxmail.state import (
     account_key,
     normalize_message_id,
     open_state_store,
+    own_id_predicate,
 )
 
 ACCOUNT = account_key("bot@example.com", "imap.example.com", 993)
@@ -607,6 +608,21 @@ def test_remember_and_recognise_own_ids(synced: StateStore) -> None:
         synced.enqueue(ACCOUNT, OutboxDraft("a@b", "bot@x", ["u@x"], b""))
 
 
+def test_our_message_ids_among_and_predicate(synced: StateStore) -> None:
+    synced.remember_message_id(ACCOUNT, "a@x")
+    handling_key = handling(synced, 1)
+    synced.record_reply(handling_key, draft(1))
+    many = [f"other{n}@x" for n in range(1200)]  # several lookup chunks
+    ours = synced.our_message_ids_among(["<a@x>", "b@x", "", "  ", *many, "reply1@bot.example.com"])
+    assert ours == {"<a@x>", "<reply1@bot.example.com>"}
+    is_ours = own_id_predicate(ours)
+    assert is_ours("a@x")
+    assert is_ours(" <reply1@bot.example.com>")
+    assert not is_ours("b@x")
+    assert not is_ours("")
+    assert synced.our_message_ids_among([]) == frozenset()
+
+
 def test_prune_by_age_and_cap_keeps_queued(tmp_path: Path, clock: FakeClock) -> None:
     day = 86400.0
     with StateStore(tmp_path, clock=clock) as s:
@@ -781,6 +797,7 @@ async def test_async_housekeeping_calls(tmp_path: Path) -> None:
         assert (await store.mark_sent(back.id)).status is OutboxStatus.SENT
         await store.remember_message_id(ACCOUNT, "z@x")
         assert await store.is_our_message_id("z@x")
+        assert await store.our_message_ids_among(["z@x", "y@x"]) == {"<z@x>"}
         assert (await store.prune()).own_message_ids == 0
         assert await store.get_message(k2) is not None
 
