@@ -1,0 +1,518 @@
+"""Configuration: the PRX ``[channels_config.email]`` table plus prxmail's own keys.
+
+Theory of operation: the TOML document is parsed with :mod:`tomllib`, the email table
+is structured into frozen attrs classes by one private cattrs converter that forbids
+unknown keys and uses *strict* hooks (a string is never silently turned into a port, a
+number never into a host name), and every problem is reported at once as a readable
+line ending in its key path, e.g. ``expected an integer from 1 to 65535, got 'abc' @
+$.channels_config.email.imap_port``. Checks that involve several keys (where the
+password comes from, TLS mode versus port) run after structuring, so their problems join
+the same list. Secrets are wrapped in :class:`Secret`, whose ``repr`` and ``str`` never
+show the value, and no error message ever quotes a secret key's value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, NewType, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from prxmail._tls import Security
+from prxmail.errors import ConfigError
+from prxmail.policy import validate_sender_entry
+
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT_SECS",
+    "DEFAULT_MAX_ATTACHMENT_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Config",
+    "Secret",
+    "default_state_dir",
+    "load_config",
+    "parse_config",
+]
+
+TABLE_PATH: Final = "$.channels_config.email"
+
+# RFC 2177 asks clients to re-issue IDLE at least every 29 minutes, because servers may
+# log out an idle client after 30.
+DEFAULT_IDLE_TIMEOUT_SECS: Final = 1740
+# Messages up to this size are fetched whole. Bigger ones are described (headers, text
+# parts, attachment list) without loading every byte: 25 MiB is the largest message the
+# big providers accept, so ordinary mail always fits.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 25 * 1024 * 1024
+# Attachment content up to this size is handed to the handler; beyond it only the name,
+# type and size are, so one huge attachment cannot exhaust the handler's memory.
+DEFAULT_MAX_ATTACHMENT_BYTES: Final = 10 * 1024 * 1024
+# Upper bound for the size limits themselves: a limit above 1 GiB is a typo, and the
+# limits exist to keep memory bounded.
+MAX_SIZE_LIMIT: Final = 1024 * 1024 * 1024
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
+
+
+@attrs.frozen(repr=False)
+class Secret:
+    """A secret string that never shows itself in ``repr``, ``str`` or f-strings."""
+
+    _value: str
+
+    def reveal(self) -> str:
+        """Return the secret value. Call it only where the value goes on the wire."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+# Constrained scalar types: each has one strict structure hook below.
+Port = NewType("Port", int)
+PositiveInt = NewType("PositiveInt", int)
+ByteLimit = NewType("ByteLimit", int)
+NonEmptyStr = NewType("NonEmptyStr", str)
+EnvName = NewType("EnvName", str)
+Address = NewType("Address", str)
+SenderEntry = NewType("SenderEntry", str)
+
+
+@attrs.frozen
+class RawEmailTable:
+    """The email table exactly as written (before secrets and defaults are resolved)."""
+
+    imap_host: NonEmptyStr
+    smtp_host: NonEmptyStr
+    username: NonEmptyStr
+    from_address: Address
+    imap_port: Port = Port(993)
+    imap_folder: NonEmptyStr = NonEmptyStr("INBOX")
+    imap_security: Security | None = None
+    smtp_port: Port = Port(465)
+    smtp_tls: bool = True
+    smtp_security: Security | None = None
+    password: Secret | None = None
+    password_env: EnvName | None = None
+    password_file: Path | None = None
+    smtp_username: NonEmptyStr | None = None
+    smtp_password: Secret | None = None
+    smtp_password_env: EnvName | None = None
+    smtp_password_file: Path | None = None
+    idle_timeout_secs: PositiveInt = PositiveInt(DEFAULT_IDLE_TIMEOUT_SECS)
+    allowed_senders: tuple[SenderEntry, ...] = ()
+    default_subject: str = "PRX Message"
+    tls_ca_file: Path | None = None
+    state_dir: Path | None = None
+    max_message_bytes: ByteLimit = ByteLimit(DEFAULT_MAX_MESSAGE_BYTES)
+    max_attachment_bytes: ByteLimit = ByteLimit(DEFAULT_MAX_ATTACHMENT_BYTES)
+
+
+@attrs.frozen
+class Config:
+    """A complete, validated configuration with secrets resolved.
+
+    Attributes:
+        imap_security / smtp_security: the effective TLS mode (explicit setting, or
+            derived from the port: IMAP 993 -> TLS, 143 -> STARTTLS; SMTP 465 -> TLS,
+            587 and 25 -> STARTTLS; any other port -> TLS; ``smtp_tls = false`` ->
+            PLAIN).
+        password / smtp_password: :class:`Secret` values (SMTP falls back to IMAP's).
+        allowed_senders: normalised entries (lowercase, trimmed).
+        warnings: things that work but deserve the operator's attention.
+    """
+
+    imap_host: str
+    imap_port: int
+    imap_folder: str
+    imap_security: Security
+    smtp_host: str
+    smtp_port: int
+    smtp_security: Security
+    username: str
+    password: Secret
+    smtp_username: str
+    smtp_password: Secret
+    from_address: str
+    idle_timeout_secs: int
+    allowed_senders: tuple[str, ...]
+    default_subject: str
+    tls_ca_file: Path | None
+    state_dir: Path
+    max_message_bytes: int
+    max_attachment_bytes: int
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def smtp_tls(self) -> bool:
+        """The PRX ``smtp_tls`` flag: whether SMTP is encrypted at all."""
+        return self.smtp_security is not Security.PLAIN
+
+
+class _Invalid(ValueError):
+    """A value that failed one of our strict hooks; the message is shown as is."""
+
+
+def _type_name(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    for kind, name in names.items():
+        if type(value) is kind:
+            return name
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _got(value: object) -> str:
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return f"got {value!r}"
+    return f"got {_type_name(value)}"
+
+
+def _strict_str(value: object, _: object = None) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _strict_bool(value: object, _: object = None) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, {_got(value)}")
+    return value
+
+
+def _int_in(low: int, high: int) -> Callable[[object, object], int]:
+    def hook(value: object, _: object = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected an integer from {low} to {high}, {_got(value)}")
+        if not low <= value <= high:
+            raise _Invalid(f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    return hook
+
+
+def _non_empty(value: object, _: object = None) -> str:
+    text = _strict_str(value).strip()
+    if not text:
+        raise _Invalid("expected a non-empty string")
+    if any(ch in text for ch in "\r\n\0"):
+        raise _Invalid("must not contain line breaks or NUL characters")
+    return text
+
+
+def _env_name(value: object, _: object = None) -> str:
+    text = _strict_str(value)
+    if not _ENV_NAME.match(text):
+        raise _Invalid(f"expected an environment variable name, got {text!r}")
+    return text
+
+
+def _address(value: object, _: object = None) -> str:
+    text = _non_empty(value)
+    if not _ADDRESS.match(text):
+        raise _Invalid(f"expected an email address like bot@example.com, got {text!r}")
+    return text
+
+
+def _sender_entry(value: object, _: object = None) -> str:
+    text = _strict_str(value)
+    try:
+        return validate_sender_entry(text)
+    except ValueError as exc:
+        raise _Invalid(f"can never match a sender: {exc}") from None
+
+
+def _secret(value: object, _: object = None) -> Secret:
+    # Never quote the value: a password typed as a number is still a password.
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_type_name(value)}")
+    if not value:
+        raise _Invalid("expected a non-empty string")
+    return Secret(value)
+
+
+def _path(value: object, _: object = None) -> Path:
+    return Path(os.path.expanduser(_non_empty(value)))
+
+
+def _security(value: object, _: object = None) -> Security:
+    choices = ", ".join(repr(s.value) for s in Security)
+    if not isinstance(value, str):
+        raise _Invalid(f"expected one of {choices}, {_got(value)}")
+    try:
+        return Security(value.strip().lower())
+    except ValueError:
+        raise _Invalid(f"expected one of {choices}, got {value!r}") from None
+
+
+def _build_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    hooks: dict[Any, Callable[[object, object], object]] = {
+        str: _strict_str,
+        bool: _strict_bool,
+        Port: _int_in(1, 65535),
+        PositiveInt: _int_in(1, 7 * 24 * 3600),
+        ByteLimit: _int_in(1024, MAX_SIZE_LIMIT),
+        NonEmptyStr: _non_empty,
+        EnvName: _env_name,
+        Address: _address,
+        SenderEntry: _sender_entry,
+        Secret: _secret,
+        Path: _path,
+        Security: _security,
+    }
+    for kind, hook in hooks.items():
+        conv.register_structure_hook(kind, hook)
+    return conv
+
+
+_converter = _build_converter()
+_FIELDS: Final = tuple(a.name for a in attrs.fields(RawEmailTable))
+
+_T = TypeVar("_T")
+# Markers between _format_exception and _structure for unknown-key lines.
+_UNKNOWN: Final = "\0unknown:"
+_KEY_SPLIT: Final = "\0"
+
+
+def _format_exception(exc: BaseException, type_: type | None) -> str:
+    if isinstance(exc, _Invalid):
+        return str(exc)
+    if isinstance(exc, ForbiddenExtraKeysError):
+        # One line per key; _structure moves each key into its line's path.
+        return _UNKNOWN + _KEY_SPLIT.join(sorted(exc.extra_fields))
+    if isinstance(exc, KeyError):
+        return "required key missing"
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _structure(data: object, cls: type[_T], path: str) -> tuple[_T | None, list[str]]:
+    try:
+        return _converter.structure(data, cls), []
+    except (ClassValidationError, IterableValidationError) as exc:
+        lines = cattrs.transform_error(exc, path=path, format_exception=_format_exception)
+    problems = []
+    for line in lines:
+        if not line.startswith(_UNKNOWN):
+            problems.append(line)
+            continue
+        keys, _, where = line.rpartition(" @ ")
+        for key in keys.removeprefix(_UNKNOWN).split(_KEY_SPLIT):
+            close = difflib.get_close_matches(key, _FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown key {key!r}{hint} @ {where}.{key}")
+    return None, problems
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where durable state lives unless ``state_dir`` says otherwise.
+
+    ``$XDG_STATE_HOME/prxmail``, or ``~/.local/state/prxmail`` when the variable is
+    unset or not absolute (as the XDG Base Directory specification asks).
+    """
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME", "")
+    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "state"
+    return root / "prxmail"
+
+
+def _resolve_secret(
+    raw: RawEmailTable,
+    prefix: str,
+    environ: Mapping[str, str],
+    base_dir: Path,
+    problems: list[str],
+) -> Secret | None:
+    inline: Secret | None = getattr(raw, f"{prefix}password")
+    env_name: str | None = getattr(raw, f"{prefix}password_env")
+    file: Path | None = getattr(raw, f"{prefix}password_file")
+    keys = [
+        f"{prefix}password{suffix}"
+        for suffix, value in (("", inline), ("_env", env_name), ("_file", file))
+        if value is not None
+    ]
+    if len(keys) > 1:
+        problems.append(
+            f"set only one of {', '.join(keys)} (they all give the password) @ {TABLE_PATH}"
+        )
+        return None
+    if inline is not None:
+        return inline
+    if env_name is not None:
+        value = environ.get(env_name)
+        if not value:
+            problems.append(
+                f"environment variable {env_name} is not set or empty"
+                f" @ {TABLE_PATH}.{prefix}password_env"
+            )
+            return None
+        return Secret(value)
+    if file is not None:
+        path = file if file.is_absolute() else base_dir / file
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
+            problems.append(
+                f"cannot read password file {path}: {reason} @ {TABLE_PATH}.{prefix}password_file"
+            )
+            return None
+        # One trailing newline is what editors and `echo` add; it is not the password.
+        value = text.removesuffix("\n").removesuffix("\r")
+        if not value:
+            problems.append(f"password file {path} is empty @ {TABLE_PATH}.{prefix}password_file")
+            return None
+        return Secret(value)
+    return None
+
+
+def _imap_security(raw: RawEmailTable) -> Security:
+    if raw.imap_security is not None:
+        return raw.imap_security
+    return Security.STARTTLS if raw.imap_port == 143 else Security.TLS
+
+
+def _smtp_security(raw: RawEmailTable, problems: list[str]) -> Security:
+    if raw.smtp_security is not None:
+        if not raw.smtp_tls and raw.smtp_security is not Security.PLAIN:
+            problems.append(
+                f"smtp_tls = false contradicts smtp_security = {raw.smtp_security.value!r};"
+                f" drop smtp_tls or set smtp_security = 'plain' @ {TABLE_PATH}.smtp_tls"
+            )
+        return raw.smtp_security
+    if not raw.smtp_tls:
+        return Security.PLAIN
+    return Security.STARTTLS if raw.smtp_port in (25, 587) else Security.TLS
+
+
+def _port_warnings(raw: RawEmailTable, imap: Security, smtp: Security) -> list[str]:
+    warnings = []
+    if imap is Security.PLAIN:
+        warnings.append("imap_security = 'plain': the IMAP password travels unencrypted")
+    if smtp is Security.PLAIN:
+        warnings.append("SMTP without TLS: the SMTP password and replies travel unencrypted")
+    if imap is Security.TLS and raw.imap_port == 143:
+        warnings.append("imap_port 143 is normally STARTTLS, but imap_security is 'tls'")
+    if imap is Security.STARTTLS and raw.imap_port == 993:
+        warnings.append("imap_port 993 is normally implicit TLS, but imap_security is 'starttls'")
+    if smtp is Security.TLS and raw.smtp_port in (25, 587):
+        warnings.append(
+            f"smtp_port {raw.smtp_port} is normally STARTTLS, but smtp_security is 'tls'"
+        )
+    if smtp is Security.STARTTLS and raw.smtp_port == 465:
+        warnings.append("smtp_port 465 is normally implicit TLS, but smtp_security is 'starttls'")
+    if not raw.allowed_senders:
+        warnings.append("allowed_senders is empty: nobody will be answered")
+    elif "*" in raw.allowed_senders:
+        warnings.append("allowed_senders contains '*': anyone can make the bot answer")
+    return warnings
+
+
+def parse_config(
+    text: str,
+    *,
+    source: str | None = None,
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Parse and validate a TOML configuration document.
+
+    Args:
+        text: The TOML text; it must hold a ``[channels_config.email]`` table (other
+            tables of a PRX configuration are left alone).
+        source: Where the text came from, for error messages.
+        base_dir: Directory that relative paths (``password_file``, ``tls_ca_file``,
+            ``state_dir``) are resolved against; the current directory by default.
+        environ: Environment for ``*_password_env`` and the XDG state directory;
+            ``os.environ`` by default.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: with every problem found, each naming its key path.
+    """
+    env = os.environ if environ is None else environ
+    base = base_dir if base_dir is not None else Path.cwd()
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], source=source) from None
+
+    channels = document.get("channels_config")
+    table = channels.get("email") if isinstance(channels, dict) else None
+    if table is None:
+        raise ConfigError([f"missing table [channels_config.email] @ {TABLE_PATH}"], source=source)
+    if not isinstance(table, dict):
+        raise ConfigError(
+            [f"expected a table, got {_type_name(table)} @ {TABLE_PATH}"], source=source
+        )
+
+    raw, problems = _structure(table, RawEmailTable, TABLE_PATH)
+    if raw is None:
+        raise ConfigError(problems, source=source)
+
+    password = _resolve_secret(raw, "", env, base, problems)
+    if password is None and not problems:
+        problems.append(
+            f"required key missing: set password, password_env or password_file @ {TABLE_PATH}"
+        )
+    smtp_password = _resolve_secret(raw, "smtp_", env, base, problems)
+    imap_security = _imap_security(raw)
+    smtp_security = _smtp_security(raw, problems)
+    if problems or password is None:
+        raise ConfigError(problems, source=source)
+
+    def resolve(path: Path) -> Path:
+        return path if path.is_absolute() else base / path
+
+    return Config(
+        imap_host=raw.imap_host,
+        imap_port=raw.imap_port,
+        imap_folder=raw.imap_folder,
+        imap_security=imap_security,
+        smtp_host=raw.smtp_host,
+        smtp_port=raw.smtp_port,
+        smtp_security=smtp_security,
+        username=raw.username,
+        password=password,
+        smtp_username=raw.smtp_username or raw.username,
+        smtp_password=smtp_password or password,
+        from_address=raw.from_address,
+        idle_timeout_secs=raw.idle_timeout_secs,
+        allowed_senders=tuple(dict.fromkeys(raw.allowed_senders)),
+        default_subject=raw.default_subject,
+        tls_ca_file=resolve(raw.tls_ca_file) if raw.tls_ca_file else None,
+        state_dir=resolve(raw.state_dir) if raw.state_dir else default_state_dir(env),
+        max_message_bytes=raw.max_message_bytes,
+        max_attachment_bytes=raw.max_attachment_bytes,
+        warnings=tuple(_port_warnings(raw, imap_security, smtp_security)),
+    )
+
+
+def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration file at ``path``.
+
+    Relative paths inside it are resolved against the file's directory.
+
+    Raises:
+        ConfigError: the file cannot be read, or it has problems (all listed).
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
+        raise ConfigError([f"cannot read {file}: {reason}"], source=str(file)) from None
+    return parse_config(text, source=str(file), base_dir=file.parent.resolve(), environ=environ)

@@ -1,0 +1,295 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prxmail._tls import Security
+from prxmail.config import (
+    DEFAULT_IDLE_TIMEOUT_SECS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Secret,
+    default_state_dir,
+    load_config,
+    parse_config,
+)
+from prxmail.errors import ConfigError
+
+PRX_TABLE = """\
+[channels_config.email]
+imap_host = "imap.gmail.com"
+imap_port = 993
+smtp_host = "smtp.gmail.com"
+smtp_port = 465
+username = "bot@example.com"
+password = "app-password"
+from_address = "bot@example.com"
+allowed_senders = ["alice@example.com"]
+"""
+PATH = "$.channels_config.email"
+SECRET = "app-password"
+
+
+def problems_of(text: str, **kwargs: object) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, **kwargs)  # type: ignore[arg-type]
+    assert SECRET not in str(info.value)
+    return info.value.problems
+
+
+def with_lines(*lines: str, drop: tuple[str, ...] = ()) -> str:
+    kept = [line for line in PRX_TABLE.splitlines() if line.split(" =")[0] not in drop]
+    return "\n".join([*kept, *lines]) + "\n"
+
+
+def test_prx_table_works_unchanged_with_spec_defaults() -> None:
+    config = parse_config(PRX_TABLE, environ={"HOME": "/home/u"})
+    assert config.imap_host == "imap.gmail.com"
+    assert config.imap_port == 993
+    assert config.imap_folder == "INBOX"
+    assert config.imap_security is Security.TLS
+    assert config.smtp_port == 465
+    assert config.smtp_security is Security.TLS
+    assert config.smtp_tls is True
+    assert config.username == config.smtp_username == "bot@example.com"
+    assert config.password.reveal() == SECRET
+    assert config.smtp_password.reveal() == SECRET
+    assert config.from_address == "bot@example.com"
+    assert config.idle_timeout_secs == DEFAULT_IDLE_TIMEOUT_SECS == 1740
+    assert config.allowed_senders == ("alice@example.com",)
+    assert config.default_subject == "PRX Message"
+    assert config.tls_ca_file is None
+    assert config.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+    assert config.warnings == ()
+
+
+def test_other_prx_tables_are_left_alone() -> None:
+    text = '[gateway]\nport = 1\n[channels_config.telegram]\ntoken = "x"\n' + PRX_TABLE
+    assert parse_config(text).imap_host == "imap.gmail.com"
+
+
+def test_password_never_in_repr_or_str() -> None:
+    config = parse_config(PRX_TABLE)
+    assert SECRET not in repr(config)
+    assert SECRET not in str(config.password)
+    assert SECRET not in f"{config.smtp_password}"
+    assert repr(Secret("x")) == "Secret('********')"
+
+
+def test_unknown_key_named_with_suggestion() -> None:
+    (problem,) = problems_of(with_lines("imap_prot = 993", drop=("imap_port",)))
+    assert problem == f"unknown key 'imap_prot' (did you mean 'imap_port'?) @ {PATH}.imap_prot"
+
+
+def test_several_unknown_keys_each_get_a_line() -> None:
+    problems = problems_of(with_lines("zzz = 1", "smtp_hots = 'x'"))
+    assert f"unknown key 'zzz' @ {PATH}.zzz" in problems
+    assert any(
+        p.startswith("unknown key 'smtp_hots' (did you mean 'smtp_host'?)") for p in problems
+    )
+
+
+def test_wrong_type_for_port() -> None:
+    (problem,) = problems_of(with_lines('imap_port = "abc"', drop=("imap_port",)))
+    assert problem == f"expected an integer from 1 to 65535, got 'abc' @ {PATH}.imap_port"
+
+
+@pytest.mark.parametrize("value", ["0", "65536", "-1", "true", "993.0"])
+def test_port_out_of_range_or_not_integer(value: str) -> None:
+    (problem,) = problems_of(with_lines(f"smtp_port = {value}", drop=("smtp_port",)))
+    assert problem.startswith("expected an integer from 1 to 65535")
+    assert problem.endswith(f"@ {PATH}.smtp_port")
+
+
+def test_string_fields_are_strict() -> None:
+    (problem,) = problems_of(with_lines("imap_host = 42", drop=("imap_host",)))
+    assert problem == f"expected a string, got an integer @ {PATH}.imap_host"
+
+
+def test_bool_is_strict() -> None:
+    (problem,) = problems_of(with_lines('smtp_tls = "yes"'))
+    assert problem == f"expected true or false, got 'yes' @ {PATH}.smtp_tls"
+
+
+def test_missing_required_fields_all_listed() -> None:
+    problems = problems_of(with_lines(drop=("imap_host", "from_address")))
+    assert f"required key missing @ {PATH}.imap_host" in problems
+    assert f"required key missing @ {PATH}.from_address" in problems
+
+
+def test_missing_password_explains_the_choices() -> None:
+    (problem,) = problems_of(with_lines(drop=("password",)))
+    assert "password, password_env or password_file" in problem
+
+
+def test_wrong_type_password_does_not_echo_value() -> None:
+    (problem,) = problems_of(with_lines("password = 1234567", drop=("password",)))
+    assert problem == f"expected a string, got an integer @ {PATH}.password"
+    assert "1234567" not in problem
+
+
+def test_many_problems_reported_together() -> None:
+    text = with_lines('imap_port = "abc"', "imap_prot = 1", drop=("imap_port", "smtp_host"))
+    assert len(problems_of(text)) == 3
+
+
+@pytest.mark.parametrize("entry", ["*@company.com", "company.com", "@", "a b@c.com", "a@@c.com"])
+def test_sender_entry_that_can_never_match(entry: str) -> None:
+    text = with_lines(f'allowed_senders = ["ok@example.com", "{entry}"]', drop=("allowed_senders",))
+    (problem,) = problems_of(text)
+    assert problem.startswith("can never match a sender: ")
+    assert repr(entry) in problem
+    assert problem.endswith(f"@ {PATH}.allowed_senders[1]")
+
+
+def test_sender_entries_normalised_and_deduplicated() -> None:
+    text = with_lines(
+        'allowed_senders = [" Alice@Example.COM ", "@Company.com", "alice@example.com"]',
+        drop=("allowed_senders",),
+    )
+    assert parse_config(text).allowed_senders == ("alice@example.com", "@company.com")
+
+
+def test_policy_warnings() -> None:
+    empty = parse_config(with_lines("allowed_senders = []", drop=("allowed_senders",)))
+    assert any("nobody will be answered" in w for w in empty.warnings)
+    star = parse_config(with_lines('allowed_senders = ["*"]', drop=("allowed_senders",)))
+    assert any("anyone can make the bot answer" in w for w in star.warnings)
+
+
+def test_invalid_toml_is_one_problem() -> None:
+    (problem,) = problems_of("[channels_config.email\nx=")
+    assert problem.startswith("not valid TOML")
+
+
+def test_missing_table() -> None:
+    (problem,) = problems_of('[channels_config.mail]\nimap_host = "x"\n')
+    assert problem == f"missing table [channels_config.email] @ {PATH}"
+
+
+@pytest.mark.parametrize(
+    ("lines", "imap", "smtp"),
+    [
+        ((), Security.TLS, Security.TLS),
+        (("imap_port = 143", "smtp_port = 587"), Security.STARTTLS, Security.STARTTLS),
+        (("smtp_port = 25",), Security.TLS, Security.STARTTLS),
+        (("imap_port = 10993", "smtp_port = 10465"), Security.TLS, Security.TLS),
+        (("smtp_tls = false",), Security.TLS, Security.PLAIN),
+        (("imap_security = 'starttls'", "imap_port = 10143"), Security.STARTTLS, Security.TLS),
+        (("smtp_security = 'STARTTLS'", "smtp_port = 2525"), Security.TLS, Security.STARTTLS),
+    ],
+)
+def test_security_from_port_or_explicit(
+    lines: tuple[str, ...], imap: Security, smtp: Security
+) -> None:
+    config = parse_config(with_lines(*lines, drop=tuple(line.split(" =")[0] for line in lines)))
+    assert config.imap_security is imap
+    assert config.smtp_security is smtp
+
+
+def test_plain_is_explicit_and_warned() -> None:
+    config = parse_config(with_lines("imap_security = 'plain'"))
+    assert config.imap_security is Security.PLAIN
+    assert any("unencrypted" in w for w in config.warnings)
+
+
+def test_security_bad_value_and_contradiction() -> None:
+    (problem,) = problems_of(with_lines("imap_security = 'ssl'"))
+    assert problem == (
+        f"expected one of 'tls', 'starttls', 'plain', got 'ssl' @ {PATH}.imap_security"
+    )
+    (problem,) = problems_of(with_lines("smtp_tls = false", "smtp_security = 'tls'"))
+    assert "contradicts" in problem
+
+
+def test_mismatched_port_and_mode_is_a_warning() -> None:
+    config = parse_config(
+        with_lines("smtp_security = 'tls'", "smtp_port = 587", drop=("smtp_port",))
+    )
+    assert any("587 is normally STARTTLS" in w for w in config.warnings)
+
+
+def test_password_from_environment() -> None:
+    text = with_lines('password_env = "BOT_PW"', drop=("password",))
+    config = parse_config(text, environ={"BOT_PW": "from-env"})
+    assert config.password.reveal() == "from-env"
+    (problem,) = problems_of(text, environ={})
+    assert problem == f"environment variable BOT_PW is not set or empty @ {PATH}.password_env"
+
+
+def test_password_env_must_be_a_name() -> None:
+    (problem,) = problems_of(with_lines('password_env = "not a name"', drop=("password",)))
+    assert problem.endswith(f"@ {PATH}.password_env")
+
+
+def test_password_from_file_relative_to_config(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("from-file\n")
+    (tmp_path / "p.toml").write_text(with_lines('password_file = "secret.txt"', drop=("password",)))
+    assert load_config(tmp_path / "p.toml").password.reveal() == "from-file"
+
+
+def test_password_file_problems(tmp_path: Path) -> None:
+    (tmp_path / "empty").write_text("\n")
+    text = with_lines('password_file = "missing"', drop=("password",))
+    (problem,) = problems_of(text, base_dir=tmp_path)
+    assert "cannot read password file" in problem
+    assert problem.endswith(f"@ {PATH}.password_file")
+    text = with_lines('password_file = "empty"', drop=("password",))
+    (problem,) = problems_of(text, base_dir=tmp_path)
+    assert "is empty" in problem
+
+
+def test_only_one_password_source() -> None:
+    (problem,) = problems_of(with_lines('password_env = "X"'), environ={"X": "y"})
+    assert "set only one of password, password_env" in problem
+
+
+def test_separate_smtp_credentials() -> None:
+    text = with_lines('smtp_username = "relay-user"', 'smtp_password_env = "RELAY_PW"')
+    config = parse_config(text, environ={"RELAY_PW": "relay-secret"})
+    assert config.smtp_username == "relay-user"
+    assert config.smtp_password.reveal() == "relay-secret"
+    assert config.password.reveal() == SECRET
+    assert "relay-secret" not in repr(config)
+
+
+def test_paths_resolved_and_state_dir_default(tmp_path: Path) -> None:
+    text = with_lines('tls_ca_file = "ca.pem"', 'state_dir = "state"')
+    config = parse_config(text, base_dir=tmp_path)
+    assert config.tls_ca_file == tmp_path / "ca.pem"
+    assert config.state_dir == tmp_path / "state"
+    assert default_state_dir({"XDG_STATE_HOME": "/x/state"}) == Path("/x/state/prxmail")
+    assert default_state_dir({"XDG_STATE_HOME": "relative"}).parts[-3:] == (
+        ".local",
+        "state",
+        "prxmail",
+    )
+
+
+def test_size_limits_bounded() -> None:
+    config = parse_config(with_lines("max_message_bytes = 1048576"))
+    assert config.max_message_bytes == 1048576
+    (problem,) = problems_of(with_lines("max_attachment_bytes = 10"))
+    assert problem.startswith("expected an integer from 1024 to 1073741824, got 10")
+
+
+def test_idle_timeout_must_be_positive() -> None:
+    (problem,) = problems_of(with_lines("idle_timeout_secs = 0"))
+    assert problem.endswith(f"@ {PATH}.idle_timeout_secs")
+
+
+def test_from_address_must_look_like_an_address() -> None:
+    (problem,) = problems_of(with_lines('from_address = "bot"', drop=("from_address",)))
+    assert problem == (
+        f"expected an email address like bot@example.com, got 'bot' @ {PATH}.from_address"
+    )
+
+
+def test_header_injection_in_values_refused() -> None:
+    (problem,) = problems_of(with_lines('imap_folder = "INBOX\\r\\nX"'))
+    assert problem.endswith(f"@ {PATH}.imap_folder")
+
+
+def test_load_config_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
