@@ -513,7 +513,9 @@ class SMTPConnection:
 
     # ----- mail ----------------------------------------------------------------
 
-    async def send_message(self, sender: str, recipients: Sequence[str], data: bytes) -> SendResult:
+    async def send_message(
+        self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False
+    ) -> SendResult:
         """Send one message: MAIL FROM, RCPT TO for each recipient, DATA.
 
         With PIPELINING the envelope commands go out in one write and their replies
@@ -524,6 +526,9 @@ class SMTPConnection:
             sender: Envelope sender (``""`` for the null sender).
             recipients: Envelope recipients, at least one.
             data: The message, headers and body.
+            smtputf8: Flag the message SMTPUTF8 although the envelope is ASCII
+                (an RFC 6532 message).  Non-ASCII addresses set it automatically;
+                8-bit content sets BODY=8BITMIME.
 
         Returns:
             The final reply and one result per recipient.  Some refused and some
@@ -556,7 +561,9 @@ class SMTPConnection:
             ext = self._proto.extensions
             content = encode_data(data)
             # RFC 1870 SIZE counts the content as sent, less the ".CRLF" terminator.
-            options = mail_options(data, sender, recipients, ext, wire_size=len(content) - 3)
+            options = mail_options(
+                data, sender, recipients, ext, wire_size=len(content) - 3, smtputf8=smtputf8
+            )
             if ext.pipelining:
                 return await self._send_pipelined(sender, recipients, content, options)
             return await self._send_stepwise(sender, recipients, content, options)
@@ -854,11 +861,14 @@ class SMTPSender:
         """How many connections this sender has opened so far."""
         return self._connections_opened
 
-    async def send_message(self, sender: str, recipients: Sequence[str], data: bytes) -> SendResult:
+    async def send_message(
+        self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False
+    ) -> SendResult:
         """Send one message, opening or re-opening the connection as needed.
 
         Args:
-            sender, recipients, data: as for :meth:`SMTPConnection.send_message`.
+            sender, recipients, data, smtputf8: as for
+                :meth:`SMTPConnection.send_message`.
 
         Returns:
             As :meth:`SMTPConnection.send_message`.
@@ -879,7 +889,7 @@ class SMTPSender:
                     fresh = True
                 conn = self._conn
                 try:
-                    return await conn.send_message(sender, recipients, data)
+                    return await conn.send_message(sender, recipients, data, smtputf8=smtputf8)
                 except (ConnectionBrokenError, SMTPTransientError) as exc:
                     stale = (
                         not fresh

@@ -378,15 +378,6 @@ def decode_data(wire: bytes) -> bytes:
     return body.replace(b"\r\n..", b"\r\n.")
 
 
-def _needs_smtputf8(data: bytes) -> bool:
-    """True when the header section holds non-ASCII bytes (RFC 6532 headers)."""
-    end = data.find(b"\n\n")
-    end2 = data.find(b"\r\n\r\n")
-    cuts = [c for c in (end, end2) if c >= 0]
-    header = data[: min(cuts)] if cuts else data
-    return not header.isascii()
-
-
 def _xtext(value: str) -> str:
     """Encode an ESMTP parameter value as xtext (RFC 3461 4)."""
     raw = value.encode("utf-8")
@@ -776,6 +767,7 @@ def mail_options(
     ext: Extensions,
     *,
     wire_size: int | None = None,
+    smtputf8: bool = False,
 ) -> tuple[int | None, bool, bool]:
     """Decide the MAIL FROM parameters a message needs.
 
@@ -786,14 +778,16 @@ def mail_options(
         ext: The server's extensions.
         wire_size: The size of the content as it goes on the wire (CRLF line
             endings, dot-stuffed); ``len(data)`` when not given.
+        smtputf8: Flag the message SMTPUTF8 even with an ASCII envelope (an
+            RFC 6532 message whose headers must not be downgraded).
 
     Returns:
         ``(size, eightbit, smtputf8)`` for :meth:`SMTPProtocol.send_mail`.
 
     Raises:
         LocalProtocolError: the message is larger than the server's SIZE limit,
-            has 8-bit data and the server lacks 8BITMIME, or has non-ASCII addresses
-            and the server lacks SMTPUTF8.
+            has 8-bit data and the server lacks 8BITMIME, or needs SMTPUTF8 (non-ASCII
+            addresses, or asked for) and the server lacks it.
     """
     size = None
     if ext.size is not None:
@@ -808,13 +802,18 @@ def mail_options(
             "message has 8-bit data but the server does not offer 8BITMIME; "
             "encode it (quoted-printable/base64) first"
         )
-    utf8_addresses = not sender.isascii() or not all(r.isascii() for r in recipients)
-    if utf8_addresses and not ext.smtputf8:
+    # SMTPUTF8 is flagged when the envelope needs it (or the caller asks), not
+    # merely because a header holds raw UTF-8: a flagged message must find SMTPUTF8
+    # on every later hop or bounce (Postfix in front of Dovecot 2.3 LMTP does
+    # exactly that), while raw UTF-8 headers under BODY=8BITMIME are delivered
+    # everywhere in practice -- the choice smtplib and aiosmtplib make too.
+    needs_utf8 = smtputf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
+    if needs_utf8 and not ext.smtputf8:
         raise LocalProtocolError(
-            "non-ASCII envelope address but the server does not offer SMTPUTF8"
+            "non-ASCII envelope address (or SMTPUTF8 asked for) but the server does not "
+            "offer SMTPUTF8"
         )
-    smtputf8 = ext.smtputf8 and (utf8_addresses or _needs_smtputf8(data))
-    return size, eightbit, smtputf8
+    return size, eightbit, needs_utf8
 
 
 def decode_challenge(reply: Reply) -> bytes:

@@ -561,7 +561,9 @@ def test_mail_options() -> None:
     assert mail_options(b"plain", "a@x", ["b@x"], ext) == (5, False, False)
     assert mail_options(b"S: x\n\ncaf\xc3\xa9", "a@x", ["b@x"], ext) == (11, True, False)
     utf8_subject = "Subject: \u00e9t\u00e9\r\n\r\nbody".encode()
-    assert mail_options(utf8_subject, "a@x", ["b@x"], ext)[2] is True
+    # Raw UTF-8 headers travel as 8BITMIME; SMTPUTF8 only when asked for.
+    assert mail_options(utf8_subject, "a@x", ["b@x"], ext) == (22, True, False)
+    assert mail_options(utf8_subject, "a@x", ["b@x"], ext, smtputf8=True)[2] is True
     # 8-bit only in the body: BODY=8BITMIME is enough, no SMTPUTF8.
     assert mail_options("S: x\n\n\u00e9".encode(), "a@x", ["b@x"], ext) == (8, True, False)
     assert mail_options(b"x", "\u00e9@x", ["b@x"], ext)[2] is True
