@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
 
 from prxmail import __version__
-from prxmail.config import Config, load_config
-from prxmail.errors import ConfigError
+from prxmail.doctor import run_doctor
+from prxmail.serve import run_serve
 
 __all__ = ["main"]
 
 CONFIG_ENV = "PRXMAIL_CONFIG"
 DEFAULT_CONFIG = "prxmail.toml"
-
-# Exit statuses, as documented in the README.
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2  # also what argparse uses for usage errors
-EXIT_NOT_AVAILABLE = 3
 
 
 def _config_path(value: str | None) -> Path:
@@ -73,76 +65,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _describe(config: Config) -> list[str]:
-    senders = ", ".join(config.allowed_senders) or "nobody (allowed_senders is empty)"
-    return [
-        f"watch folder {config.imap_folder!r} on {config.imap_host}:{config.imap_port}"
-        f" ({config.imap_security.value}) as {config.username}",
-        f"send replies through {config.smtp_host}:{config.smtp_port}"
-        f" ({config.smtp_security.value}) as {config.smtp_username},"
-        f" From: {config.from_address}",
-        f"answer mail from: {senders}",
-        f"re-issue IDLE every {config.idle_timeout_secs} s; keep state in {config.state_dir}",
-    ]
-
-
-def _print_config_error(exc: ConfigError, out: TextIO) -> None:
-    print(f"prxmail: {exc}", file=out)
-
-
-def _serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    try:
-        config = load_config(_config_path(args.config))
-    except ConfigError as exc:
-        _print_config_error(exc, err)
-        return EXIT_CONFIG
-    for warning in config.warnings:
-        print(f"prxmail: warning: {warning}", file=err)
-    print("prxmail serve: configuration is valid. The channel would:", file=out)
-    for line in _describe(config):
-        print(f"  - {line}", file=out)
-    if args.exec_command:
-        print(f"  - run the handler: {args.exec_command}", file=out)
-    print(
-        "prxmail serve: the mail service is not part of this release yet; nothing was started.",
-        file=err,
-    )
-    return EXIT_NOT_AVAILABLE
-
-
-def _doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    path = _config_path(args.config)
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        if args.json:
-            result = {
-                "ok": False,
-                "steps": [{"step": "config", "status": "fail", "problems": list(exc.problems)}],
-            }
-            print(json.dumps(result, indent=2), file=out)
-        else:
-            print(f"FAIL config: {path}", file=out)
-            for problem in exc.problems:
-                print(f"     {problem}", file=out)
-        return EXIT_FAILURE
-    if args.json:
-        result = {
-            "ok": True,
-            "steps": [{"step": "config", "status": "pass", "warnings": list(config.warnings)}],
-            "not_checked": ["imap", "smtp", "state"],
-        }
-        print(json.dumps(result, indent=2), file=out)
-    else:
-        print(f"PASS config: {path}", file=out)
-        for warning in config.warnings:
-            print(f"WARN config: {warning}", file=out)
-        for line in _describe(config):
-            print(f"     {line}", file=out)
-        print("SKIP network checks: not part of this release yet", file=out)
-    return EXIT_OK
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line.
 
@@ -153,6 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit status.
     """
     args = _build_parser().parse_args(argv)
+    path = _config_path(args.config)
     if args.command == "serve":
-        return _serve(args, sys.stdout, sys.stderr)
-    return _doctor(args, sys.stdout, sys.stderr)
+        return run_serve(
+            path,
+            exec_command=args.exec_command,
+            log_format=args.log_format,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+    return run_doctor(path, as_json=args.json, out=sys.stdout)

@@ -156,6 +156,19 @@ class Config:
         """The PRX ``smtp_tls`` flag: whether SMTP is encrypted at all."""
         return self.smtp_security is not Security.PLAIN
 
+    def describe(self) -> list[str]:
+        """What the channel does with this configuration, one line each, no secrets."""
+        senders = ", ".join(self.allowed_senders) or "nobody (allowed_senders is empty)"
+        return [
+            f"watch folder {self.imap_folder!r} on {self.imap_host}:{self.imap_port}"
+            f" ({self.imap_security.value}) as {self.username}",
+            f"send replies through {self.smtp_host}:{self.smtp_port}"
+            f" ({self.smtp_security.value}) as {self.smtp_username},"
+            f" From: {self.from_address}",
+            f"answer mail from: {senders}",
+            f"re-issue IDLE every {self.idle_timeout_secs} s; keep state in {self.state_dir}",
+        ]
+
 
 class _Invalid(ValueError):
     """A value that failed one of our strict hooks; the message is shown as is."""

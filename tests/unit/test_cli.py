@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from prxmail import __version__
-from prxmail.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_AVAILABLE, EXIT_OK, main
+from prxmail.cli import main
+from prxmail.doctor import EXIT_BLOCKED as EXIT_FAILURE
+from prxmail.doctor import EXIT_OK
+from prxmail.serve import EXIT_CONFIG, EXIT_NOT_AVAILABLE
 
 GOOD = """\
 [channels_config.email]
