@@ -1048,7 +1048,11 @@ class MailServers:
         }
 
     def prxmail_toml(self, user: str = "bot", allowed: str = "alice") -> str:
-        """Return a ``prxmail.toml`` for ``user`` that answers mail from ``allowed``."""
+        """Return a ``prxmail.toml`` for ``user`` that answers mail from ``allowed``.
+
+        IMAP and SMTP use the implicit-TLS ports with the throwaway CA; state is kept
+        inside the workdir, so it goes away with the servers.
+        """
         u, a = self.users[user], self.users[allowed]
         return (
             "[channels_config.email]\n"
@@ -1063,6 +1067,7 @@ class MailServers:
             f'from_address = "{u.address}"\n'
             f'allowed_senders = ["{a.address}"]\n'
             f'tls_ca_file = "{self.ca_file}"\n'
+            f'state_dir = "{self.workdir / "prxmail-state"}"\n'
         )
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -24,9 +25,11 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from tests import mailservers
 from tests.mailservers import DOMAIN, REJECTED_ADDRESS, MailServers, User
 
 pytestmark = pytest.mark.integration
@@ -430,18 +433,7 @@ def test_cli_up_prints_description_and_stops_on_sigterm() -> None:
 
 def _check_up(proc: subprocess.Popen[str]) -> None:
     try:
-        assert proc.stdout is not None
-        text = ""
-        info = None
-        deadline = time.monotonic() + 60
-        while info is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            text += line
-            if line.rstrip() == "}":
-                info = json.loads(text)
-        assert info is not None, (text, proc.stderr.read() if proc.stderr else "")
+        info = _read_up_description(proc)
         assert set(info["users"]) >= {"alice", "bob", "bot"}
         assert re.search(r"^imap_port = \d+$", info["prxmail_toml"], re.MULTILINE)
         assert info["ca_file"] in info["prxmail_toml"]
@@ -464,3 +456,106 @@ def _check_up(proc: subprocess.Popen[str]) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _read_up_description(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    text = ""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        text += line
+        if line.rstrip() == "}":
+            info: dict[str, Any] = json.loads(text)
+            return info
+    raise AssertionError(f"no description from `up`: {text!r}")
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the servers need root")
+def test_servers_do_not_outlive_a_killed_owner() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "tests.mailservers", "up"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        try:
+            info = _read_up_description(proc)
+        finally:
+            proc.kill()  # SIGKILL: no cleanup code of the owner runs
+    workdir = pathlib.Path(info["workdir"])
+    try:
+        dovecot_pid = int((workdir / "dovecot/run/master.pid").read_text().split()[0])
+        postfix_pid = int((workdir / "postfix/queue/pid/master.pid").read_text().split()[0])
+        deadline = time.monotonic() + 30
+        while (_pid_running(dovecot_pid) or _pid_running(postfix_pid)) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert not _pid_running(dovecot_pid)
+        assert not _pid_running(postfix_pid)
+        for port in (info["imap_tls_port"], info["smtp_tls_port"]):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((info["host"], port), timeout=IO_TIMEOUT).close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # kept on an unclean exit, by design
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the servers need root")
+def test_start_retries_when_a_port_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hold a port and hand it out as "free" once: the first attempt must fail to bind
+    # and the second, with fresh ports, succeed.
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real_free_ports = mailservers._free_ports
+    calls = []
+
+    def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+        ports = real_free_ports(count, host)
+        calls.append(ports)
+        if len(calls) == 1:
+            ports[0] = taken  # imap_tls_port of the first attempt
+        return ports
+
+    monkeypatch.setattr(mailservers, "_free_ports", free_ports)
+    try:
+        with mailservers.mail_servers() as servers:
+            assert servers.imap_tls_port != taken
+            alice = servers.users["alice"]
+            client = _imap_tls(servers)
+            try:
+                assert client.login(alice.address, alice.password)[0] == "OK"
+            finally:
+                client.logout()
+    finally:
+        squatter.close()
+    assert len(calls) >= 3  # first attempt (+ its backend port), then a second one
+
+
+def test_prxmail_toml_snippet_is_a_valid_config(mail_servers: MailServers) -> None:
+    from prxmail._tls import Security
+    from prxmail.config import parse_config
+
+    config = parse_config(mail_servers.prxmail_toml(), source="snippet")
+    bot, alice = mail_servers.users["bot"], mail_servers.users["alice"]
+    assert (config.imap_host, config.imap_port) == ("127.0.0.1", mail_servers.imap_tls_port)
+    assert (config.smtp_host, config.smtp_port) == ("127.0.0.1", mail_servers.smtp_tls_port)
+    assert config.imap_security is Security.TLS
+    assert config.smtp_security is Security.TLS
+    assert config.username == config.from_address == bot.address
+    assert config.allowed_senders == (alice.address,)
+    assert config.tls_ca_file == mail_servers.ca_file
+    assert config.warnings == ()
