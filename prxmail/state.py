@@ -635,10 +635,15 @@ class StateStore:
         clock: Wall-clock time source (``time.time``); stored times use it.
         prune_on_open: Run :meth:`prune` once when opening, so the database stays
             bounded even if nobody calls it.
+        read_only: Open for inspection only (``prxmail doctor`` while ``serve``
+            runs): no directory lock, nothing created, migrated or pruned, every
+            write fails with :class:`~prxmail.errors.StateError`. WAL lets this
+            reader see a consistent snapshot while the service writes.
 
     Raises:
-        StateError: another process uses ``state_dir``, the database comes from a
-            newer prxmail, or SQLite cannot open it.
+        StateError: another process uses ``state_dir`` (not for ``read_only``), the
+            database comes from a newer prxmail (or, read-only, does not exist or
+            needs a migration), or SQLite cannot open it.
     """
 
     def __init__(
@@ -649,18 +654,23 @@ class StateStore:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         prune_on_open: bool = True,
+        read_only: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.read_only = read_only
         self.retry_policy = retry_policy or RetryPolicy()
         # Not cryptographic: only spreads retry times.
         self._rng = rng or random.Random()  # noqa: S311
         self._clock = clock
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        db_path = self.state_dir / DB_FILENAME
+        if read_only:
+            self._open_read_only(db_path)
+            return
         _create_private_dir(self.state_dir)
         self._acquire_dir_lock()
         try:
-            db_path = self.state_dir / DB_FILENAME
             _create_private_file(db_path)
             try:
                 self._conn = sqlite3.connect(
@@ -683,6 +693,30 @@ class StateStore:
             self.close()
             raise
 
+    def _open_read_only(self, db_path: Path) -> None:
+        if not db_path.is_file():
+            raise StateError(f"no state database at {db_path} (prxmail has not run there yet)")
+        try:
+            self._conn = sqlite3.connect(
+                f"{db_path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=BUSY_TIMEOUT_SECONDS,
+                isolation_level=None,
+                check_same_thread=True,
+            )
+            row = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        except sqlite3.Error as exc:
+            self.close()
+            raise StateError(f"cannot read state database {db_path}: {exc}") from exc
+        version = row[0] or 0
+        if version != SCHEMA_VERSION:
+            self.close()
+            raise StateError(
+                f"the state database has schema version {version}, this prxmail reads"
+                f" {SCHEMA_VERSION}; "
+                + ("upgrade prxmail" if version > SCHEMA_VERSION else "run prxmail serve once")
+            )
+
     # -- lifecycle -----------------------------------------------------------------
 
     def _acquire_dir_lock(self) -> None:
@@ -692,10 +726,15 @@ class StateStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            holder = os.read(fd, 32).decode("ascii", errors="replace").strip()
             os.close(fd)
+            shown = f" (pid {holder})" if holder.isdigit() else ""
             raise StateError(
-                f"state_dir {str(self.state_dir)!r} is in use by another prxmail process"
+                f"state_dir {str(self.state_dir)!r} is in use by another prxmail process{shown}"
             ) from exc
+        # The holder's pid, for the error message above; informational only.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._lock_fd = fd
 
     def close(self) -> None:
@@ -725,8 +764,8 @@ class StateStore:
             raise LocalProtocolError("the state store is closed")
         try:
             # IMMEDIATE takes the write lock up front, so a transaction never fails
-            # half-way through for lack of it.
-            conn.execute("BEGIN IMMEDIATE")
+            # half-way through for lack of it. A reader only needs a snapshot.
+            conn.execute("BEGIN" if self.read_only else "BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StateError(f"cannot start a state transaction: {exc}") from exc
         try:
@@ -1178,6 +1217,29 @@ class StateStore:
         with self._transaction() as conn:
             rows = conn.execute(sql + " ORDER BY folder, uidvalidity, uid", params).fetchall()
         return [_message_from_row(r) for r in rows]
+
+    def messages_with_status(
+        self, status: MessageStatus, *, account: str | None = None, limit: int = 100
+    ) -> list[MessageRecord]:
+        """Records in one status, most recently updated first (for inspection).
+
+        Args:
+            status: E.g. ``FAILED`` to see what was given up on and why.
+            account: Limit to one account; ``None`` for all.
+            limit: At most this many records.
+
+        Returns:
+            The records.
+        """
+        sql = f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE status = ?"
+        params: list[object] = [status.value]
+        if account is not None:
+            sql += " AND account = ?"
+            params.append(account)
+        params.append(limit)
+        with self._transaction() as conn:
+            rows = conn.execute(sql + " ORDER BY updated_at DESC, uid DESC LIMIT ?", params)
+            return [_message_from_row(r) for r in rows.fetchall()]
 
     # -- outbox ----------------------------------------------------------------------
 
@@ -1773,6 +1835,14 @@ class AsyncStateStore:
         """See :meth:`StateStore.pending`."""
         return await self._call(self._store.pending, account, folder)
 
+    async def messages_with_status(
+        self, status: MessageStatus, *, account: str | None = None, limit: int = 100
+    ) -> list[MessageRecord]:
+        """See :meth:`StateStore.messages_with_status`."""
+        return await self._call(
+            self._store.messages_with_status, status, account=account, limit=limit
+        )
+
     async def record_reply(self, key: MessageKey, draft: OutboxDraft) -> OutboxItem:
         """See :meth:`StateStore.record_reply`."""
         return await self._call(self._store.record_reply, key, draft)
@@ -1841,6 +1911,7 @@ async def open_state_store(
     retry_policy: RetryPolicy | None = None,
     rng: random.Random | None = None,
     clock: Callable[[], float] = time.time,
+    read_only: bool = False,
 ) -> AsyncIterator[AsyncStateStore]:
     """Open the state store for trio code; closed (and its thread ended) on exit.
 
@@ -1849,6 +1920,8 @@ async def open_state_store(
         retry_policy: Backoff for outbox retries.
         rng: Random source for the backoff jitter.
         clock: Wall-clock time source.
+        read_only: Open for inspection while another process may be using it (see
+            :class:`StateStore`).
 
     Yields:
         An :class:`AsyncStateStore`.
@@ -1860,7 +1933,9 @@ async def open_state_store(
     worker = _DedicatedThread(name="prxmail-state")
     try:
         store = await worker.run(
-            lambda: StateStore(state_dir, retry_policy=retry_policy, rng=rng, clock=clock)
+            lambda: StateStore(
+                state_dir, retry_policy=retry_policy, rng=rng, clock=clock, read_only=read_only
+            )
         )
         try:
             yield AsyncStateStore(worker, store)

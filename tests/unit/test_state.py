@@ -152,6 +152,45 @@ def test_second_open_of_same_dir_is_refused_until_closed(tmp_path: Path) -> None
         assert again.schema_version() == SCHEMA_VERSION
 
 
+def test_lock_error_names_the_holder_pid(tmp_path: Path) -> None:
+    with StateStore(tmp_path), pytest.raises(StateError, match=rf"pid {os.getpid()}\b"):
+        StateStore(tmp_path)
+
+
+def test_read_only_open_while_writer_runs(tmp_path: Path) -> None:
+    with pytest.raises(StateError, match="has not run"):
+        StateStore(tmp_path / "missing", read_only=True)
+    assert not (tmp_path / "missing").exists()  # nothing created
+    writer = StateStore(tmp_path)
+    writer.sync_mailbox(ACCOUNT, FOLDER, 1)
+    reader = StateStore(tmp_path, read_only=True)
+    try:
+        claimed(writer, 5)
+        # The reader sees committed changes, takes no lock and cannot write.
+        assert reader.statistics().mailboxes[0].last_uid == 5
+        assert reader.get_message(key(5)) is not None
+        with pytest.raises(StateError, match="readonly"):
+            reader.claim(key(6), "z@x")
+        assert writer.get_message(key(6)) is None
+    finally:
+        reader.close()
+        writer.close()
+    # Also after the writer has gone (no -wal file any more).
+    with StateStore(tmp_path, read_only=True) as again:
+        assert again.mailbox(ACCOUNT, FOLDER).last_uid == 5  # type: ignore[union-attr]
+
+
+def test_read_only_refuses_other_schema_versions(tmp_path: Path) -> None:
+    with StateStore(tmp_path):
+        pass
+    conn = sqlite3.connect(tmp_path / DB_FILENAME)
+    conn.execute("INSERT INTO schema_version VALUES (?, 0)", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError, match="upgrade prxmail"):
+        StateStore(tmp_path, read_only=True)
+
+
 def test_closed_store_refuses_calls(tmp_path: Path) -> None:
     s = StateStore(tmp_path)
     s.close()
@@ -429,6 +468,23 @@ def test_pending_is_in_uid_order_and_per_folder(synced: StateStore) -> None:
     synced.claim(MessageKey(ACCOUNT, "Other", 1, 1), "o@x")
     assert [r.key.uid for r in synced.pending(ACCOUNT, FOLDER)] == [1, 2, 3]
     assert len(synced.pending(ACCOUNT)) == 4
+
+
+def test_messages_with_status(synced: StateStore, clock: FakeClock) -> None:
+    for uid in (1, 2, 3):
+        k = claimed(synced, uid)
+        clock.now += 1
+        synced.mark_failed(k, f"reason {uid}")
+    claimed(synced, 4)
+    failed = synced.messages_with_status(MessageStatus.FAILED)
+    assert [(r.key.uid, r.reason) for r in failed] == [
+        (3, "reason 3"),
+        (2, "reason 2"),
+        (1, "reason 1"),
+    ]
+    assert len(synced.messages_with_status(MessageStatus.FAILED, limit=2)) == 2
+    assert synced.messages_with_status(MessageStatus.FAILED, account="other") == []
+    assert [r.key.uid for r in synced.messages_with_status(MessageStatus.CLAIMED)] == [4]
 
 
 def test_find_by_message_id(synced: StateStore) -> None:
@@ -728,6 +784,14 @@ async def test_async_store_runs_on_one_dedicated_thread(tmp_path: Path) -> None:
         assert s.mailbox(ACCOUNT, FOLDER).last_uid == 40  # type: ignore[union-attr]
 
 
+async def test_async_read_only_store(tmp_path: Path) -> None:
+    with StateStore(tmp_path) as writer:
+        writer.sync_mailbox(ACCOUNT, FOLDER, 3)
+        async with open_state_store(tmp_path, read_only=True) as reader:
+            stats = await reader.statistics()
+            assert [(m.folder, m.uidvalidity) for m in stats.mailboxes] == [(FOLDER, 3)]
+
+
 async def test_async_store_errors_propagate(tmp_path: Path) -> None:
     async with open_state_store(tmp_path) as store:
         with pytest.raises(LocalProtocolError, match="never synced"):
@@ -786,6 +850,8 @@ async def test_async_housekeeping_calls(tmp_path: Path) -> None:
         k2 = key(8)
         await store.claim(k2, "b@x")
         assert (await store.mark_failed(k2, "boom")).status is MessageStatus.FAILED
+        failed = await store.messages_with_status(MessageStatus.FAILED, account=ACCOUNT)
+        assert [r.key for r in failed] == [k2]
         item = await store.enqueue(ACCOUNT, draft(1))
         assert await store.next_due_at() == item.next_attempt_at
         assert (await store.get_outbox_item(item.id)) == item
