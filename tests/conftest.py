@@ -47,10 +47,14 @@ def mail_servers(
         if _in_ci():
             pytest.fail(f"mail servers unavailable in CI: {reason}", pytrace=False)
         pytest.skip(f"mail servers unavailable: {reason}")
+    failure: str | None = None
     try:
         servers = start_mail_servers()
     except MailServersError as exc:
-        pytest.fail(f"mail servers failed to start: {exc}", pytrace=False)
+        failure = f"mail servers failed to start: {exc}"
+    if failure is not None:
+        # Outside the except block, so the report shows the reason, not a chain.
+        pytest.fail(failure, pytrace=False)
     config = request.config
     config.stash[_SERVERS] = servers
     try:
