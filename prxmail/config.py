@@ -14,6 +14,7 @@ show the value, and no error message ever quotes a secret key's value.
 from __future__ import annotations
 
 import difflib
+import enum
 import os
 import re
 import tomllib
@@ -27,6 +28,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 
 from prxmail._tls import Security
 from prxmail.errors import ConfigError
+from prxmail.handler import parse_exec_command
 from prxmail.policy import validate_sender_entry
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "DEFAULT_MAX_ATTACHMENT_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Config",
+    "FirstStart",
+    "LogFormat",
     "Secret",
     "default_state_dir",
     "load_config",
@@ -52,9 +56,65 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 25 * 1024 * 1024
 # Attachment content up to this size is handed to the handler; beyond it only the name,
 # type and size are, so one huge attachment cannot exhaust the handler's memory.
 DEFAULT_MAX_ATTACHMENT_BYTES: Final = 10 * 1024 * 1024
+# How long one handler run may take before it is stopped (SIGTERM, then SIGKILL) and the
+# message recorded as failed. Five minutes covers an agent that calls a slow model API a
+# few times; a handler stuck for longer is broken, and must not hold a slot forever.
+DEFAULT_HANDLER_TIMEOUT_SECS: Final = 300
+# Handlers running at the same time. Each is a process holding one message (up to
+# max_message_bytes of it in its JSON input), so the product bounds memory; four lets a
+# slow answer not delay the next sender's much while staying gentle on a small host.
+DEFAULT_MAX_CONCURRENT_HANDLERS: Final = 4
+# How often one message may be started (interrupted by a crash or shutdown, or its
+# handler could not be started) before it is recorded as failed. A message that crashes
+# the service every time must not do so forever; three absorbs an unlucky restart.
+DEFAULT_HANDLER_MAX_ATTEMPTS: Final = 3
+# Replies one sender may receive per window. Ten an hour is more than a person writes to
+# a bot, yet it stops a ping-pong with another automaton that slipped past the loop
+# guards within minutes.
+DEFAULT_REPLY_RATE_LIMIT: Final = 10
+DEFAULT_REPLY_RATE_WINDOW_SECS: Final = 3600
+# Servers without IDLE are polled this often: a minute is the usual mail-client cadence
+# and far from any provider's rate limits.
+DEFAULT_POLL_INTERVAL_SECS: Final = 60
+# IDLE is ended and re-issued at least this often even when idle_timeout_secs is longer.
+# The DONE must be answered within command_timeout_secs, so a connection that died
+# silently (a NAT box forgot it) is found within keepalive + command timeout, not after
+# the 29-minute IDLE renewal. Five minutes is below common NAT idle timeouts.
+DEFAULT_KEEPALIVE_SECS: Final = 300
+# Every IMAP/SMTP command (connect, login, fetch of one batch, send of one message) must
+# finish within this time or the connection is dropped and re-opened.
+DEFAULT_COMMAND_TIMEOUT_SECS: Final = 60
+# Messages fetched per UID FETCH. Bodies are fetched in such batches (and never more than
+# max_message_bytes of them at once), so a mailbox with 100 000 unseen messages is worked
+# through in bounded steps instead of one unbounded command.
+DEFAULT_FETCH_BATCH_SIZE: Final = 50
+# First wait after a transient SMTP failure; it doubles per failure up to the maximum.
+# Thirty seconds lets a restarting server come back; an hour is the usual MTA ceiling.
+DEFAULT_SMTP_RETRY_INITIAL_SECS: Final = 30
+DEFAULT_SMTP_RETRY_MAX_SECS: Final = 3600
 # Upper bound for the size limits themselves: a limit above 1 GiB is a typo, and the
 # limits exist to keep memory bounded.
 MAX_SIZE_LIMIT: Final = 1024 * 1024 * 1024
+
+
+class FirstStart(enum.Enum):
+    """What happens to mail already in the folder when prxmail first sees it.
+
+    ``UNSEEN``: unseen messages (no ``\\Seen`` flag) are processed, seen ones skipped --
+    mail that arrived before the bot was switched on and nobody read gets an answer.
+    ``NEW``: only mail arriving after the first start is processed.
+    """
+
+    UNSEEN = "unseen"
+    NEW = "new"
+
+
+class LogFormat(enum.Enum):
+    """Log line format: ``HUMAN`` (one readable line) or ``JSON`` (one object per line)."""
+
+    HUMAN = "human"
+    JSON = "json"
+
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
@@ -82,6 +142,11 @@ PositiveInt = NewType("PositiveInt", int)
 ByteLimit = NewType("ByteLimit", int)
 NonEmptyStr = NewType("NonEmptyStr", str)
 EnvName = NewType("EnvName", str)
+ExecCommand = NewType("ExecCommand", str)
+HandlerCount = NewType("HandlerCount", int)
+AttemptCount = NewType("AttemptCount", int)
+BatchSize = NewType("BatchSize", int)
+AuthservId = NewType("AuthservId", str)
 Address = NewType("Address", str)
 SenderEntry = NewType("SenderEntry", str)
 
@@ -114,6 +179,23 @@ class RawEmailTable:
     state_dir: Path | None = None
     max_message_bytes: ByteLimit = ByteLimit(DEFAULT_MAX_MESSAGE_BYTES)
     max_attachment_bytes: ByteLimit = ByteLimit(DEFAULT_MAX_ATTACHMENT_BYTES)
+    exec: ExecCommand | None = None
+    handler_timeout_secs: PositiveInt = PositiveInt(DEFAULT_HANDLER_TIMEOUT_SECS)
+    max_concurrent_handlers: HandlerCount = HandlerCount(DEFAULT_MAX_CONCURRENT_HANDLERS)
+    handler_max_attempts: AttemptCount = AttemptCount(DEFAULT_HANDLER_MAX_ATTEMPTS)
+    mark_seen: bool = True
+    first_start: FirstStart = FirstStart.UNSEEN
+    authserv_id: AuthservId | None = None
+    require_authentication: bool = False
+    reply_rate_limit: HandlerCount = HandlerCount(DEFAULT_REPLY_RATE_LIMIT)
+    reply_rate_window_secs: PositiveInt = PositiveInt(DEFAULT_REPLY_RATE_WINDOW_SECS)
+    poll_interval_secs: PositiveInt = PositiveInt(DEFAULT_POLL_INTERVAL_SECS)
+    keepalive_secs: PositiveInt = PositiveInt(DEFAULT_KEEPALIVE_SECS)
+    command_timeout_secs: PositiveInt = PositiveInt(DEFAULT_COMMAND_TIMEOUT_SECS)
+    fetch_batch_size: BatchSize = BatchSize(DEFAULT_FETCH_BATCH_SIZE)
+    smtp_retry_initial_secs: PositiveInt = PositiveInt(DEFAULT_SMTP_RETRY_INITIAL_SECS)
+    smtp_retry_max_secs: PositiveInt = PositiveInt(DEFAULT_SMTP_RETRY_MAX_SECS)
+    log_format: LogFormat = LogFormat.HUMAN
 
 
 @attrs.frozen
@@ -127,7 +209,13 @@ class Config:
             PLAIN).
         password / smtp_password: :class:`Secret` values (SMTP falls back to IMAP's).
         allowed_senders: normalised entries (lowercase, trimmed).
+        exec_command: the handler's argv (``exec``, split shell-like), or ``None``.
+        authserv_id: the receiving server's authserv-id whose Authentication-Results
+            are trusted; set only when ``require_authentication`` is true.
         warnings: things that work but deserve the operator's attention.
+
+    The service keys (handler, IMAP behaviour, outbox retries, logging) are documented
+    at their ``DEFAULT_*`` constants in this module.
     """
 
     imap_host: str
@@ -149,6 +237,22 @@ class Config:
     state_dir: Path
     max_message_bytes: int
     max_attachment_bytes: int
+    exec_command: tuple[str, ...] | None = None
+    handler_timeout_secs: int = DEFAULT_HANDLER_TIMEOUT_SECS
+    max_concurrent_handlers: int = DEFAULT_MAX_CONCURRENT_HANDLERS
+    handler_max_attempts: int = DEFAULT_HANDLER_MAX_ATTEMPTS
+    mark_seen: bool = True
+    first_start: FirstStart = FirstStart.UNSEEN
+    authserv_id: str | None = None
+    reply_rate_limit: int = DEFAULT_REPLY_RATE_LIMIT
+    reply_rate_window_secs: int = DEFAULT_REPLY_RATE_WINDOW_SECS
+    poll_interval_secs: int = DEFAULT_POLL_INTERVAL_SECS
+    keepalive_secs: int = DEFAULT_KEEPALIVE_SECS
+    command_timeout_secs: int = DEFAULT_COMMAND_TIMEOUT_SECS
+    fetch_batch_size: int = DEFAULT_FETCH_BATCH_SIZE
+    smtp_retry_initial_secs: int = DEFAULT_SMTP_RETRY_INITIAL_SECS
+    smtp_retry_max_secs: int = DEFAULT_SMTP_RETRY_MAX_SECS
+    log_format: LogFormat = LogFormat.HUMAN
     warnings: tuple[str, ...] = ()
 
     @property
@@ -259,6 +363,36 @@ def _path(value: object, _: object = None) -> Path:
     return Path(os.path.expanduser(_non_empty(value)))
 
 
+def _exec_command(value: object, _: object = None) -> str:
+    text = _strict_str(value)
+    try:
+        parse_exec_command(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return text
+
+
+def _authserv_id(value: object, _: object = None) -> str:
+    text = _non_empty(value)
+    if any(ch.isspace() or ch == ";" for ch in text):
+        raise _Invalid(f"expected a host-like authserv-id without spaces or ';', got {text!r}")
+    return text.lower()
+
+
+def _choice(kind: type[enum.Enum]) -> Callable[[object, object], enum.Enum]:
+    choices = ", ".join(repr(member.value) for member in kind)
+
+    def hook(value: object, _: object = None) -> enum.Enum:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected one of {choices}, {_got(value)}")
+        try:
+            return kind(value.strip().lower())
+        except ValueError:
+            raise _Invalid(f"expected one of {choices}, got {value!r}") from None
+
+    return hook
+
+
 def _security(value: object, _: object = None) -> Security:
     choices = ", ".join(repr(s.value) for s in Security)
     if not isinstance(value, str):
@@ -284,6 +418,13 @@ def _build_converter() -> cattrs.Converter:
         Secret: _secret,
         Path: _path,
         Security: _security,
+        ExecCommand: _exec_command,
+        AuthservId: _authserv_id,
+        HandlerCount: _int_in(1, 1000),
+        AttemptCount: _int_in(1, 100),
+        BatchSize: _int_in(1, 1000),
+        FirstStart: _choice(FirstStart),
+        LogFormat: _choice(LogFormat),
     }
     for kind, hook in hooks.items():
         conv.register_structure_hook(kind, hook)
@@ -484,6 +625,16 @@ def parse_config(
     smtp_password = _resolve_secret(raw, "smtp_", env, base, problems)
     imap_security = _imap_security(raw)
     smtp_security = _smtp_security(raw, problems)
+    if raw.require_authentication and raw.authserv_id is None:
+        problems.append(
+            "require_authentication = true needs authserv_id (the receiving server's"
+            f" name in its Authentication-Results headers) @ {TABLE_PATH}.authserv_id"
+        )
+    if raw.smtp_retry_max_secs < raw.smtp_retry_initial_secs:
+        problems.append(
+            f"must be at least smtp_retry_initial_secs ({raw.smtp_retry_initial_secs})"
+            f" @ {TABLE_PATH}.smtp_retry_max_secs"
+        )
     if problems or password is None:
         raise ConfigError(problems, source=source)
 
@@ -510,6 +661,22 @@ def parse_config(
         state_dir=resolve(raw.state_dir) if raw.state_dir else default_state_dir(env),
         max_message_bytes=raw.max_message_bytes,
         max_attachment_bytes=raw.max_attachment_bytes,
+        exec_command=tuple(parse_exec_command(raw.exec)) if raw.exec else None,
+        handler_timeout_secs=raw.handler_timeout_secs,
+        max_concurrent_handlers=raw.max_concurrent_handlers,
+        handler_max_attempts=raw.handler_max_attempts,
+        mark_seen=raw.mark_seen,
+        first_start=raw.first_start,
+        authserv_id=raw.authserv_id if raw.require_authentication else None,
+        reply_rate_limit=raw.reply_rate_limit,
+        reply_rate_window_secs=raw.reply_rate_window_secs,
+        poll_interval_secs=raw.poll_interval_secs,
+        keepalive_secs=raw.keepalive_secs,
+        command_timeout_secs=raw.command_timeout_secs,
+        fetch_batch_size=raw.fetch_batch_size,
+        smtp_retry_initial_secs=raw.smtp_retry_initial_secs,
+        smtp_retry_max_secs=raw.smtp_retry_max_secs,
+        log_format=raw.log_format,
         warnings=tuple(_port_warnings(raw, imap_security, smtp_security)),
     )
 

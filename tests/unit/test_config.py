@@ -293,3 +293,122 @@ def test_header_injection_in_values_refused() -> None:
 def test_load_config_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.toml")
+
+
+# -- service keys -------------------------------------------------------------------
+
+
+def test_service_keys_have_documented_defaults() -> None:
+    from prxmail.config import (
+        DEFAULT_COMMAND_TIMEOUT_SECS,
+        DEFAULT_HANDLER_TIMEOUT_SECS,
+        DEFAULT_KEEPALIVE_SECS,
+        DEFAULT_MAX_CONCURRENT_HANDLERS,
+        FirstStart,
+        LogFormat,
+    )
+
+    config = parse_config(PRX_TABLE)
+    assert config.exec_command is None
+    assert config.handler_timeout_secs == DEFAULT_HANDLER_TIMEOUT_SECS == 300
+    assert config.max_concurrent_handlers == DEFAULT_MAX_CONCURRENT_HANDLERS == 4
+    assert config.handler_max_attempts == 3
+    assert config.mark_seen is True
+    assert config.first_start is FirstStart.UNSEEN
+    assert config.authserv_id is None
+    assert (config.reply_rate_limit, config.reply_rate_window_secs) == (10, 3600)
+    assert config.poll_interval_secs == 60
+    assert config.keepalive_secs == DEFAULT_KEEPALIVE_SECS == 300
+    assert config.command_timeout_secs == DEFAULT_COMMAND_TIMEOUT_SECS == 60
+    assert config.fetch_batch_size == 50
+    assert (config.smtp_retry_initial_secs, config.smtp_retry_max_secs) == (30, 3600)
+    assert config.log_format is LogFormat.HUMAN
+
+
+def test_exec_is_split_shell_like() -> None:
+    config = parse_config(with_lines("""exec = 'python3 -c "print(1)" --flag'"""))
+    assert config.exec_command == ("python3", "-c", "print(1)", "--flag")
+
+
+@pytest.mark.parametrize("value", ['"python3 \'unbalanced"', '"   "', "3"])
+def test_exec_problems_name_the_key(value: str) -> None:
+    (problem,) = problems_of(with_lines(f"exec = {value}"))
+    assert problem.endswith(f"@ {PATH}.exec")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("handler_timeout_secs", "0"),
+        ("max_concurrent_handlers", "0"),
+        ("max_concurrent_handlers", "1001"),
+        ("handler_max_attempts", "0"),
+        ("reply_rate_limit", "0"),
+        ("reply_rate_window_secs", "-1"),
+        ("poll_interval_secs", "0"),
+        ("keepalive_secs", '"300"'),
+        ("command_timeout_secs", "1.5"),
+        ("fetch_batch_size", "0"),
+        ("fetch_batch_size", "5000"),
+        ("mark_seen", '"yes"'),
+        ("first_start", '"everything"'),
+        ("log_format", '"xml"'),
+    ],
+)
+def test_service_key_out_of_range_or_wrong_type(key: str, value: str) -> None:
+    (problem,) = problems_of(with_lines(f"{key} = {value}"))
+    assert problem.endswith(f"@ {PATH}.{key}")
+    assert problem.startswith("expected")
+
+
+def test_service_keys_set() -> None:
+    from prxmail.config import FirstStart, LogFormat
+
+    config = parse_config(
+        with_lines(
+            "handler_timeout_secs = 5",
+            "max_concurrent_handlers = 2",
+            "handler_max_attempts = 7",
+            "mark_seen = false",
+            'first_start = "NEW"',
+            "reply_rate_limit = 1",
+            "reply_rate_window_secs = 60",
+            "poll_interval_secs = 10",
+            "keepalive_secs = 30",
+            "command_timeout_secs = 20",
+            "fetch_batch_size = 5",
+            "smtp_retry_initial_secs = 1",
+            "smtp_retry_max_secs = 2",
+            'log_format = "json"',
+        )
+    )
+    assert config.handler_timeout_secs == 5
+    assert config.max_concurrent_handlers == 2
+    assert config.handler_max_attempts == 7
+    assert config.mark_seen is False
+    assert config.first_start is FirstStart.NEW
+    assert (config.reply_rate_limit, config.reply_rate_window_secs) == (1, 60)
+    assert (config.poll_interval_secs, config.keepalive_secs) == (10, 30)
+    assert (config.command_timeout_secs, config.fetch_batch_size) == (20, 5)
+    assert (config.smtp_retry_initial_secs, config.smtp_retry_max_secs) == (1, 2)
+    assert config.log_format is LogFormat.JSON
+
+
+def test_smtp_retry_max_below_initial_is_an_error() -> None:
+    (problem,) = problems_of(with_lines("smtp_retry_initial_secs = 60", "smtp_retry_max_secs = 10"))
+    assert problem.endswith(f"@ {PATH}.smtp_retry_max_secs")
+
+
+def test_require_authentication_needs_authserv_id() -> None:
+    (problem,) = problems_of(with_lines("require_authentication = true"))
+    assert "authserv_id" in problem
+    assert problem.endswith(f"@ {PATH}.authserv_id")
+
+
+def test_authserv_id_only_used_when_required() -> None:
+    off = parse_config(with_lines('authserv_id = "MX.Example.com"'))
+    assert off.authserv_id is None
+    on = parse_config(with_lines('authserv_id = "MX.Example.com"', "require_authentication = true"))
+    assert on.authserv_id == "mx.example.com"
+    (problem,) = problems_of(with_lines('authserv_id = "mx example"'))
+    assert problem.endswith(f"@ {PATH}.authserv_id")
