@@ -14,23 +14,34 @@ Everything lives in one temporary directory (the *workdir*); nothing under ``/et
 * Dovecot runs *rootless* as the unprivileged ``dovecot`` system user the package
   creates: its master is started by us in the foreground (``-F``), so its pid is our
   child's pid. Every service runs as that one user, so chroots are off and
-  ``first_valid_uid``/``last_valid_uid`` pin mail access to that uid. Users are a
-  ``passwd-file`` (re-read by Dovecot whenever it changes, so ``add_user`` takes effect
-  at once); mail is Maildir under ``mail/<domain>/<localpart>/Maildir``. Postfix talks
-  to Dovecot through two unix sockets in Dovecot's ``base_dir``: LMTP for delivery and
-  the auth socket for SASL.
+  ``first_valid_uid``/``last_valid_uid`` pin mail access to that uid. Users are
+  ``passwd-file`` entries, one file per user, so ``add_user`` works on the very next
+  login; mail is Maildir under ``mail/<domain>/<localpart>/Maildir``. Postfix talks to
+  Dovecot through two unix sockets in Dovecot's ``base_dir``: LMTP for delivery and the
+  auth socket for SASL.
+* Dovecot counts a connection whose remote and local addresses are equal as secure,
+  which on loopback would let a plain-text LOGIN through before STARTTLS. So its plain
+  listener is on 127.0.0.2 and a byte relay in *this* process serves
+  ``imap_plain_port`` on 127.0.0.1; Dovecot then sees 127.0.0.1 -> 127.0.0.2 and
+  enforces ``LOGINDISABLED`` as it would on a network. (Only that port is relayed.)
 * Postfix runs as a private instance (``postfix -c <workdir>/postfix/etc start``, as
   root, which Postfix requires) with its own queue and data directories, listening only
   on two submission ports: implicit TLS (465-style) and STARTTLS-required (587-style).
-  The only deliverable domain is ``prxmail.test`` (virtual, over LMTP); everything else
-  is refused at RCPT, DNS is never consulted, and there is no local delivery.
-* Every port is a free 127.0.0.1 port picked at start. Readiness is checked by
-  connecting, with a bounded deadline; a server that dies during startup fails fast
-  with the tail of its log.
-* ``stop()`` stops what was started, by the pid we started (Dovecot) or by
-  ``postfix -c DIR stop`` followed by a bounded wait on the master pid Postfix
-  recorded. The workdir is removed unless ``keep=True`` (logs are copied out first
-  when asked).
+  The only deliverable domain is ``prxmail.test`` (virtual, over LMTP); other domains
+  and ``rejected@prxmail.test`` are refused at RCPT with 5xx, unauthenticated clients
+  too, DNS is never consulted, and there is no local delivery. An unknown user at
+  ``prxmail.test`` is accepted at RCPT and then bounced by Dovecot's LMTP (the
+  non-delivery report lands in the sender's INBOX): tests should use fresh users.
+* Every port is a free 127.0.0.1 port picked at start; if a server cannot bind (another
+  process took the port meanwhile), the whole start is retried with fresh ports.
+  Readiness means a real greeting (after a TLS handshake on the TLS ports), within a
+  bounded deadline; a server that dies during startup fails fast with its log tail.
+* ``stop()`` stops what was started: Dovecot by the pid we started, Postfix by
+  ``postfix -c DIR stop`` and a bounded wait on the master pid recorded at start
+  (SIGTERM/SIGKILL to that pid if needed). The workdir is then removed if we made it.
+* A watchdog process holds a pipe from the owner; if the owner dies without ``stop()``
+  (a test run killed by a timeout), it stops the servers it can prove are ours, so
+  nothing keeps running. The workdir is then kept for the post-mortem.
 """
 
 from __future__ import annotations
@@ -527,6 +538,11 @@ class MailServers:
         ca_file: PEM of the throwaway CA that signed the servers' certificate.
         log_dir: Directory holding ``dovecot.log`` and ``postfix.log``.
         users: The pre-created users by local part ("alice", "bob", "bot", ...).
+        workdir: The directory holding everything (configs, mail, logs, TLS files).
+        dovecot_log, postfix_log: The two server logs, inside ``log_dir``.
+
+    The methods are synchronous and block (``wait_for_messages`` polls); from trio
+    code call them through ``trio.to_thread.run_sync``. They are thread-safe.
     """
 
     host: str
