@@ -28,7 +28,9 @@ twice*, across a SIGKILL at any instant. Three mechanisms give it:
    (it will be fetched again) or has a row (it will be found by :meth:`pending`), never
    neither. ``begin_handling`` counts an attempt *before* the handler runs, so a message
    whose handler crashes the whole process on every try ends up ``failed`` after
-   ``max_attempts`` restarts instead of looping forever.
+   ``max_attempts`` restarts instead of looping forever. The flip side: a crash after
+   the handler finished but before its outcome was committed runs the handler again
+   -- handlers are executed *at least once*, their replies are recorded at most once.
 
 3. **The outbox is the only way out.** A reply is stored before it is sent and marked
    sent after the server accepted it. A crash between the server's acceptance and our
@@ -44,7 +46,9 @@ that returned is in the WAL file in the OS page cache, which outlives the proces
 does not survive *power loss or a kernel crash*: the last commits can be rolled back.
 For us that is not harmless -- rolling back "outbox row sent" would re-send, rolling
 back "replied" after the reply went out would answer twice -- so we pay one fsync per
-commit (``FULL``). Mail volume is low; the cost is measured in the tests' benchmark.
+commit (``FULL``). Mail volume is low: measured on an ext4 VM disk, FULL manages about
+800-1000 commits/s (a message's whole life is four commits: claim, begin_handling,
+record_reply, mark_sent), NORMAL about 4000.
 
 Threads: a :class:`StateStore` and its connection belong to the thread that created it
 (``check_same_thread=True`` is kept on purpose, so misuse fails loudly instead of
@@ -55,7 +59,9 @@ connection; calls are queued in order, so they are also serialised.
 Only one process may use a state directory at a time: the store takes an exclusive
 ``flock`` on ``state_dir/lock`` and raises :class:`~prxmail.errors.StateError` when
 another process holds it (two instances would both answer every message). The kernel
-drops the lock when the process dies, even by SIGKILL.
+drops the lock when the process dies, even by SIGKILL. ``read_only=True`` opens the
+database for inspection without the lock (``prxmail doctor`` next to a running
+``serve``); WAL gives such a reader a consistent snapshot.
 
 UIDVALIDITY policy
 ------------------

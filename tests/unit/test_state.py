@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hypothesis
+import hypothesis.stateful
 import hypothesis.strategies as st
 import pytest
 import trio
@@ -1028,3 +1032,151 @@ def test_sigkill_at_random_points_loses_nothing_and_answers_nothing_twice(
         assert stats.mailboxes[0].last_uid > 50  # the writer really made progress
     assert kills == 12
     _check_invariants(state_dir, [])
+
+
+# -- model-based: random operation sequences against a plain-Python model ----------------
+
+
+class StoreMachine(hypothesis.stateful.RuleBasedStateMachine):
+    """Random sequences of operations, restarts included, checked against a model."""
+
+    MAX_ATTEMPTS = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="prxmail-state-"))
+        self.clock = FakeClock()
+        self.store = self._open()
+        self.store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        self.status: dict[int, MessageStatus] = {}
+        self.attempts: dict[int, int] = {}
+        self.outbox: dict[int, str] = {}  # item id -> "queued" | "sent" | "failed_permanent"
+        self.reply_of: dict[int, int] = {}  # uid -> item id
+        self.transient: dict[int, int] = {}
+
+    def _open(self) -> StateStore:
+        policy = RetryPolicy(initial_delay=1.0, jitter=0.0, max_attempts=3)
+        return StateStore(self.dir, clock=self.clock, retry_policy=policy, rng=random.Random(0))
+
+    def teardown(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _try(self, allowed: bool, op: Callable[[], object]) -> bool:
+        if allowed:
+            op()
+            return True
+        with pytest.raises(LocalProtocolError):
+            op()
+        return False
+
+    @hypothesis.stateful.rule(uid=st.integers(min_value=1, max_value=12))
+    def claim(self, uid: int) -> None:
+        result = self.store.claim(key(uid), f"m{uid}@x")
+        if uid in self.status:
+            assert result.outcome is ClaimOutcome.ALREADY_KNOWN
+        else:
+            assert result.outcome is ClaimOutcome.CLAIMED
+            self.status[uid] = MessageStatus.CLAIMED
+            self.attempts[uid] = 0
+
+    def _move(self, uid: int, to: MessageStatus, op: Callable[[], object]) -> bool:
+        current = self.status.get(uid)
+        allowed = current is not None and to in TRANSITIONS[current]
+        if current is None:
+            with pytest.raises(LocalProtocolError):
+                op()
+            return False
+        if self._try(allowed, op):
+            self.status[uid] = to
+            return True
+        return False
+
+    @hypothesis.stateful.rule(uid=st.integers(min_value=1, max_value=12))
+    def begin(self, uid: int) -> None:
+        if self._move(uid, MessageStatus.HANDLING, lambda: self.store.begin_handling(key(uid))):
+            self.attempts[uid] += 1
+
+    @hypothesis.stateful.rule(uid=st.integers(min_value=1, max_value=12))
+    def handled(self, uid: int) -> None:
+        self._move(uid, MessageStatus.HANDLED, lambda: self.store.mark_handled(key(uid)))
+
+    @hypothesis.stateful.rule(uid=st.integers(min_value=1, max_value=12))
+    def rejected(self, uid: int) -> None:
+        self._move(uid, MessageStatus.REJECTED, lambda: self.store.mark_rejected(key(uid), "r"))
+
+    @hypothesis.stateful.rule(uid=st.integers(min_value=1, max_value=12))
+    def failed(self, uid: int) -> None:
+        self._move(uid, MessageStatus.FAILED, lambda: self.store.mark_failed(key(uid), "f"))
+
+    @hypothesis.stateful.rule(uid=st.integers(min_value=1, max_value=12))
+    def reply(self, uid: int) -> None:
+        items: list[int] = []
+
+        def op() -> None:
+            items.append(self.store.record_reply(key(uid), draft(uid)).id)
+
+        if self._move(uid, MessageStatus.REPLIED, op):
+            self.outbox[items[0]] = "queued"
+            self.reply_of[uid] = items[0]
+            self.transient[items[0]] = 0
+
+    @hypothesis.stateful.rule(sent=st.booleans(), pick=st.integers(min_value=0, max_value=20))
+    def send(self, sent: bool, pick: int) -> None:
+        queued = sorted(i for i, s in self.outbox.items() if s == "queued")
+        due = self.store.due_outbox(now=self.clock.now + 1e6)
+        assert sorted(i.id for i in due) == queued
+        if not queued:
+            return
+        item_id = queued[pick % len(queued)]
+        if sent:
+            self.store.mark_sent(item_id)
+            self.outbox[item_id] = "sent"
+        else:
+            updated = self.store.mark_transient_failure(item_id, "421")
+            self.transient[item_id] += 1
+            expected = "failed_permanent" if self.transient[item_id] >= 3 else "queued"
+            assert updated.status.value == expected
+            self.outbox[item_id] = expected
+
+    @hypothesis.stateful.rule()
+    def restart(self) -> None:
+        self.store.close()
+        self.clock.now += 10
+        self.store = self._open()
+        report = self.store.recover_interrupted(max_attempts=self.MAX_ATTEMPTS)
+        expect_failed, expect_retried = set(), set()
+        for uid, status in self.status.items():
+            if status is MessageStatus.HANDLING:
+                if self.attempts[uid] >= self.MAX_ATTEMPTS:
+                    self.status[uid] = MessageStatus.FAILED
+                    expect_failed.add(key(uid))
+                else:
+                    self.status[uid] = MessageStatus.CLAIMED
+                    expect_retried.add(key(uid))
+        assert set(report.failed) == expect_failed
+        assert set(report.retried) == expect_retried
+        assert len(report.failed) + len(report.retried) == len(expect_failed | expect_retried)
+
+    @hypothesis.stateful.invariant()
+    def matches_model(self) -> None:
+        for uid, status in self.status.items():
+            rec = self.store.get_message(key(uid))
+            assert rec is not None
+            assert rec.status is status
+            assert rec.attempts == self.attempts[uid]
+        stats = self.store.statistics()
+        assert stats.mailboxes[0].last_uid == max(self.status, default=0)
+        assert sum(stats.messages_by_status.values()) == len(self.status)
+        rows = self.store.outbox_items()
+        assert {r.id: r.status.value for r in rows} == self.outbox
+        parents = [r.parent.uid for r in rows if r.parent is not None]
+        assert sorted(parents) == sorted(self.reply_of)
+        replied = {u for u, s in self.status.items() if s is MessageStatus.REPLIED}
+        assert replied == set(self.reply_of)
+
+
+test_store_state_machine = StoreMachine.TestCase
+test_store_state_machine.settings = hypothesis.settings(
+    max_examples=40, stateful_step_count=25, deadline=None
+)
