@@ -31,7 +31,21 @@ def py(code: str) -> list[str]:
 
 
 def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+    """Our open pipes and pidfds: what a leaking handler run would leave behind.
+
+    Only those kinds are compared, so unrelated activity (a server fixture's sockets,
+    log files) cannot make the comparison flaky.
+    """
+    kinds = ("pipe:", "anon_inode:[pidfd]")
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue  # the listing's own descriptor, closed meanwhile
+        if target.startswith(kinds):
+            found.add(f"{fd}->{target}")
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -431,16 +445,20 @@ async def test_no_fd_or_process_leaks_over_many_runs() -> None:
 
     async def one(n: int) -> None:
         async with limiter:
-            code = f"import sys; sys.stdin.read(); print({n})"
+            code = f"import os, sys; sys.stdin.read(); print({n}, os.getpid())"
             results.append(await run_exec_handler(py(code), PAYLOAD, max_output_bytes=LIMIT))
 
     async with trio.open_nursery() as nursery:
         for n in range(12):
             nursery.start_soon(one, n)
-    assert sorted(int(r.stdout) for r in results) == list(range(12))
+    outputs = [r.stdout.split() for r in results]
+    assert sorted(int(n) for n, _ in outputs) == list(range(12))
     assert open_fds() == fds_before
-    with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG; no unreaped children at all
+    for _, pid in outputs:
+        # Each handler was reaped by us (other tests' servers may be our children too,
+        # so ask about these pids only).
+        with pytest.raises(ChildProcessError):
+            os.waitpid(int(pid), os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
 
 
 async def test_concurrency_limit_is_respected(tmp_path: Path) -> None:
