@@ -92,6 +92,9 @@ PLAIN_BACKEND_HOST = "127.0.0.2"
 # Each relay read: one TLS record's worth, so a STARTTLS handshake and mail both pass
 # without a second buffer; sendall() blocks, so one direction never holds more.
 RELAY_CHUNK = 16 * 1024
+# Relayed connections at once (two threads each). Tests open a handful; the bound keeps
+# a runaway client loop from exhausting threads in the test process.
+RELAY_MAX_CONNECTIONS = 128
 
 APT_PACKAGES = ("dovecot-imapd", "dovecot-lmtpd", "postfix")
 DOVECOT_BIN = "/usr/sbin/dovecot"
@@ -467,7 +470,8 @@ class _Relay:
 
     def _track(self, sock: socket.socket) -> bool:
         with self._lock:
-            if self._closed:
+            # Two sockets per relayed connection.
+            if self._closed or len(self._sockets) >= 2 * RELAY_MAX_CONNECTIONS:
                 return False
             self._sockets.add(sock)
             return True
@@ -1251,6 +1255,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     try:
         info = servers.describe()
         info["prxmail_toml"] = servers.prxmail_toml()
+        if args.toml is not None:
+            # It holds a (throwaway) password: readable by its owner only.
+            fd = os.open(args.toml, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(info["prxmail_toml"])
         print(json.dumps(info, indent=2), flush=True)
         print(
             f"mail servers running (logs in {servers.log_dir}); Ctrl-C or SIGTERM stops them",
@@ -1296,6 +1305,12 @@ def main(argv: list[str] | None = None) -> int:
             "'bot' answering 'alice'. Runs until SIGINT/SIGTERM, then stops the servers "
             "and removes the temporary directory."
         ),
+    )
+    up.add_argument(
+        "--toml",
+        type=pathlib.Path,
+        default=None,
+        help="also write the prxmail TOML snippet to this file (mode 0600)",
     )
     up.add_argument(
         "--workdir",

@@ -420,23 +420,26 @@ def test_cli_help() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the servers need root")
-def test_cli_up_prints_description_and_stops_on_sigterm() -> None:
+def test_cli_up_prints_description_and_stops_on_sigterm(tmp_path: pathlib.Path) -> None:
+    toml_file = tmp_path / "prxmail.toml"
     with subprocess.Popen(
-        [sys.executable, "-m", "tests.mailservers", "up"],
+        [sys.executable, "-m", "tests.mailservers", "up", "--toml", str(toml_file)],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     ) as proc:
-        _check_up(proc)
+        _check_up(proc, toml_file)
 
 
-def _check_up(proc: subprocess.Popen[str]) -> None:
+def _check_up(proc: subprocess.Popen[str], toml_file: pathlib.Path) -> None:
     try:
         info = _read_up_description(proc)
         assert set(info["users"]) >= {"alice", "bob", "bot"}
         assert re.search(r"^imap_port = \d+$", info["prxmail_toml"], re.MULTILINE)
         assert info["ca_file"] in info["prxmail_toml"]
+        assert toml_file.read_text() == info["prxmail_toml"]
+        assert toml_file.stat().st_mode & 0o777 == 0o600
         workdir = info["workdir"]
         bob = info["users"]["bob"]
         client = imaplib.IMAP4_SSL(
