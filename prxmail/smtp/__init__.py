@@ -10,6 +10,7 @@ is the bytes-in, replies-out core with no I/O at all.
 """
 
 from prxmail._tls import Security as Security
+from prxmail.smtp._connection import IDLE_PROBE_SECONDS as IDLE_PROBE_SECONDS
 from prxmail.smtp._connection import RecipientResult as RecipientResult
 from prxmail.smtp._connection import SendResult as SendResult
 from prxmail.smtp._connection import SMTPConnection as SMTPConnection
@@ -28,9 +29,11 @@ from prxmail.smtp._protocol import State as State
 from prxmail.smtp._protocol import decode_data as decode_data
 from prxmail.smtp._protocol import encode_data as encode_data
 from prxmail.smtp._protocol import error_for_reply as error_for_reply
+from prxmail.smtp._protocol import normalize_crlf as normalize_crlf
 from prxmail.smtp._protocol import parse_extensions as parse_extensions
 
 __all__ = [
+    "IDLE_PROBE_SECONDS",
     "MAX_LINE_LENGTH",
     "MAX_REPLY_BYTES",
     "MAX_REPLY_LINES",
@@ -48,6 +51,7 @@ __all__ = [
     "decode_data",
     "encode_data",
     "error_for_reply",
+    "normalize_crlf",
     "open_smtp_connection",
     "open_smtp_sender",
     "parse_extensions",

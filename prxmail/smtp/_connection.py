@@ -53,6 +53,7 @@ from prxmail.smtp._protocol import (
     encode_data,
     error_for_reply,
     mail_options,
+    normalize_crlf,
 )
 
 __all__ = [
@@ -73,6 +74,15 @@ RECEIVE_SIZE = 64 * 1024
 # reply (any message was already accepted or refused), so a server that does not
 # answer quickly must not hold the caller's shutdown.
 QUIT_GRACE_SECONDS = 2.0
+
+# SMTPSender checks a connection with NOOP before using it again after this much
+# idle time.  With CHUNKING the message goes out in the same write as MAIL, so a
+# connection found dead only on reading cannot be retried safely (the message might
+# have been taken); a NOOP round trip costs under a millisecond on a live
+# connection, and servers drop idle clients after tens of seconds to minutes, so a
+# second of idleness is where the check starts paying for itself.  Back-to-back
+# sends (a queue being drained) never pay it.
+IDLE_PROBE_SECONDS = 1.0
 
 # States in which an interrupted operation leaves the conversation out of step.
 _UNSETTLED = frozenset(
@@ -200,6 +210,8 @@ class SMTPConnection:
         # sender must not retry such a message elsewhere (it may have been accepted).
         self._content_started = False
         self._authenticated = False
+        self._use_chunking = True
+        self._last_activity = trio.current_time() if _in_trio() else 0.0
 
     def __repr__(self) -> str:
         state = f"broken: {self._broken}" if self._broken else self._proto.state.value
@@ -231,6 +243,25 @@ class SMTPConnection:
     def is_broken(self) -> bool:
         """True once the connection cannot be used any more."""
         return self._broken is not None
+
+    @property
+    def use_chunking(self) -> bool:
+        """Send messages with BDAT when the server offers CHUNKING and PIPELINING.
+
+        On by default: the whole message then goes out in one write with its
+        envelope, one round trip per message instead of two.  Set to ``False``
+        to always use DATA.
+        """
+        return self._use_chunking
+
+    @use_chunking.setter
+    def use_chunking(self, value: bool) -> None:
+        self._use_chunking = value
+
+    @property
+    def idle_seconds(self) -> float:
+        """Seconds (trio clock) since the connection last finished talking to the server."""
+        return trio.current_time() - self._last_activity
 
     @property
     def content_started(self) -> bool:
@@ -270,6 +301,7 @@ class SMTPConnection:
             raise
         finally:
             self._busy = False
+            self._last_activity = trio.current_time()
             if self._proto.state is State.CLOSED and self._broken is None:
                 self._broken = "the session was closed"
 
@@ -559,6 +591,12 @@ class SMTPConnection:
                 if not rcpt:
                     raise LocalProtocolError("recipient address is empty")
             ext = self._proto.extensions
+            if ext.pipelining and ext.chunking and self._use_chunking:
+                content = normalize_crlf(data)
+                options = mail_options(
+                    data, sender, recipients, ext, wire_size=len(content), smtputf8=smtputf8
+                )
+                return await self._send_chunked(sender, recipients, content, options)
             content = encode_data(data)
             # RFC 1870 SIZE counts the content as sent, less the ".CRLF" terminator.
             options = mail_options(
@@ -600,6 +638,50 @@ class SMTPConnection:
         data_reply = await self._read_reply()
         self._raise_if_closed(data_reply)
         return await self._finish(mail_reply, results, data_reply, content)
+
+    async def _send_chunked(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+        options: tuple[int | None, bool, bool],
+    ) -> SendResult:
+        # PIPELINING + CHUNKING: MAIL, every RCPT and "BDAT n LAST" with the whole
+        # message go out in one write; one round trip per message.  If MAIL or all
+        # RCPTs fail, the server still reads (and drops) the chunk and refuses the
+        # BDAT (RFC 3030 2), so the stream stays in step.
+        size, eightbit, smtputf8 = options
+        proto = self._proto
+        parts: list[bytes] = []
+        rset = self._needs_rset or proto.state is not State.READY
+        if rset:
+            parts.append(proto.send_rset())
+        parts.append(proto.send_mail(sender, size=size, eightbit=eightbit, smtputf8=smtputf8))
+        parts.extend(proto.send_rcpt(r) for r in recipients)
+        parts.append(proto.send_bdat_last(content, crlf_normalized=True))
+        self._needs_rset = True
+        self._content_started = True
+        await self._write(b"".join(parts))
+        if rset:
+            await self._expect_ok(await self._read_reply())
+        mail_reply = await self._read_reply()
+        self._raise_if_closed(mail_reply)
+        results: list[RecipientResult] = []
+        for rcpt in recipients:
+            reply = await self._read_reply()
+            self._raise_if_closed(reply)
+            results.append(RecipientResult(rcpt, reply))
+        final = await self._read_reply()
+        self._raise_if_closed(final)
+        if mail_reply.is_error:
+            raise error_for_reply(mail_reply)
+        if not any(r.accepted for r in results):
+            raise _all_refused(results)
+        if final.is_error:
+            # RFC 3030: after a refused BDAT the transaction is void; reset it.
+            raise error_for_reply(final, "BDAT")
+        self._needs_rset = False
+        return SendResult(final, tuple(results))
 
     async def _send_stepwise(
         self,
@@ -740,6 +822,14 @@ class SMTPConnection:
             await trio.aclose_forcefully(self._stream)
 
 
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _all_refused(results: Sequence[RecipientResult]) -> SMTPReplyError:
     # Transient if any refusal was transient: retrying later may then succeed.
     transient = [r for r in results if r.reply.code < 500]
@@ -835,10 +925,12 @@ async def open_smtp_connection(
 class SMTPSender:
     """Sends many messages over one reused connection, reconnecting when needed.
 
-    The connection is opened on first use.  When the server has closed an idle
-    connection (EOF, 421, reset), the message is sent again on a new connection
-    -- but only if no message content had been written on the old one, so a
-    message is never delivered twice.  Messages from several tasks are sent one
+    The connection is opened on first use.  A connection idle for
+    ``IDLE_PROBE_SECONDS`` or more is checked with NOOP first and replaced when the
+    server has closed it.  When a reused connection fails before any message
+    content was written (EOF, 421, reset), the message is sent again on a new
+    connection; once content went out it never is, so a message is never
+    delivered twice.  Messages from several tasks are sent one
     after the other.
 
     Args:
@@ -888,6 +980,14 @@ class SMTPSender:
                     self._connections_opened += 1
                     fresh = True
                 conn = self._conn
+                if not fresh and conn.idle_seconds >= IDLE_PROBE_SECONDS:
+                    try:
+                        await conn.noop()
+                    except (ConnectionBrokenError, SMTPReplyError):
+                        # Gone while idle (EOF, reset, 421): nothing of this message
+                        # was sent, so open a new connection and go on.
+                        await self._drop()
+                        continue
                 try:
                     return await conn.send_message(sender, recipients, data, smtputf8=smtputf8)
                 except (ConnectionBrokenError, SMTPTransientError) as exc:

@@ -62,6 +62,7 @@ __all__ = [
     "State",
     "encode_data",
     "error_for_reply",
+    "normalize_crlf",
     "parse_extensions",
 ]
 
@@ -107,6 +108,7 @@ class Command(enum.Enum):
     RCPT = "RCPT"
     DATA = "DATA"
     BODY = "message data"  # the dot-terminated content after a 354
+    BDAT = "BDAT"  # RFC 3030 CHUNKING: size-prefixed content, no 354, no dot-stuffing
     RSET = "RSET"
     NOOP = "NOOP"
     QUIT = "QUIT"
@@ -165,6 +167,7 @@ _SEND: dict[State, dict[Command, State]] = {
     State.RCPT: {
         Command.RCPT: State.RCPT,
         Command.DATA: State.DATA,
+        Command.BDAT: State.BODY_SENT,
         Command.RSET: State.READY,
         Command.NOOP: State.RCPT,
         Command.QUIT: State.RCPT,
@@ -196,6 +199,7 @@ _ON_REPLY: dict[Command, tuple[_Outcome, _Outcome, _Outcome]] = {
     Command.RCPT: (_KEEP, _INVALID, _KEEP),
     Command.DATA: (_INVALID, State.BODY, State.READY),
     Command.BODY: (State.READY, _INVALID, State.READY),
+    Command.BDAT: (State.READY, _INVALID, State.READY),
     Command.RSET: (_KEEP, _INVALID, _KEEP),
     Command.NOOP: (_KEEP, _INVALID, _KEEP),
     Command.QUIT: (State.CLOSED, _INVALID, State.CLOSED),
@@ -272,6 +276,7 @@ class Extensions:
         eightbitmime: 8BITMIME (RFC 6152).
         smtputf8: SMTPUTF8 (RFC 6531).
         starttls: STARTTLS (RFC 3207).
+        chunking: CHUNKING, the BDAT command (RFC 3030).
         enhancedstatuscodes: ENHANCEDSTATUSCODES (RFC 2034).
         auth: Upper-case SASL mechanism names offered with AUTH.
         keywords: Every keyword announced, upper-case, mapped to its parameters.
@@ -282,6 +287,7 @@ class Extensions:
     eightbitmime: bool = False
     smtputf8: bool = False
     starttls: bool = False
+    chunking: bool = False
     enhancedstatuscodes: bool = False
     auth: frozenset[str] = frozenset()
     keywords: Mapping[str, str] = attrs.field(factory=dict)
@@ -325,10 +331,30 @@ def parse_extensions(reply: Reply) -> Extensions:
         eightbitmime="8BITMIME" in keywords,
         smtputf8="SMTPUTF8" in keywords,
         starttls="STARTTLS" in keywords,
+        chunking="CHUNKING" in keywords,
         enhancedstatuscodes="ENHANCEDSTATUSCODES" in keywords,
         auth=frozenset(auth),
         keywords=keywords,
     )
+
+
+def normalize_crlf(data: bytes) -> bytes:
+    """Make every line ending CRLF and end the data with one (content for BDAT).
+
+    Bare LF and bare CR both become CRLF (RFC 5321 2.3.8 forbids them on the wire).
+
+    Args:
+        data: The message in any line-ending convention.
+
+    Returns:
+        The message with CRLF line endings, ending in CRLF unless empty.
+    """
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    data = data.replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
 
 
 def encode_data(data: bytes) -> bytes:
@@ -345,15 +371,10 @@ def encode_data(data: bytes) -> bytes:
     Returns:
         The bytes to send after the 354 reply, including the final ``.\\r\\n``.
     """
-    if b"\r" in data:
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    data = data.replace(b"\n", b"\r\n")
+    data = normalize_crlf(data)
     if data.startswith(b"."):
         data = b"." + data
-    data = data.replace(b"\r\n.", b"\r\n..")
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data + b".\r\n"
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
 def decode_data(wire: bytes) -> bytes:
@@ -740,6 +761,24 @@ class SMTPProtocol:
         if not (wire == b".\r\n" or wire.endswith(b"\r\n.\r\n")):
             raise LocalProtocolError("encoded message content must end with CRLF . CRLF")
         return self._send(Command.BODY, wire)
+
+    def send_bdat_last(self, content: bytes, *, crlf_normalized: bool = False) -> bytes:
+        """Encode ``BDAT <size> LAST`` followed by the whole message (RFC 3030).
+
+        Unlike DATA there is no 354 to wait for, so with PIPELINING the message can
+        go out in the same write as MAIL and RCPT, and no dot-stuffing is needed.
+
+        Args:
+            content: The message; line endings are normalised to CRLF here.
+            crlf_normalized: ``content`` already went through :func:`normalize_crlf`
+                (saves passes over a large message).
+
+        Raises:
+            LocalProtocolError: BDAT is not allowed now (no RCPT sent yet).
+        """
+        if not crlf_normalized:
+            content = normalize_crlf(content)
+        return self._send(Command.BDAT, b"BDAT %d LAST\r\n" % len(content) + content)
 
     def send_rset(self) -> bytes:
         """Encode ``RSET``."""

@@ -19,6 +19,7 @@ from prxmail.errors import (
     TLSError,
 )
 from prxmail.smtp import (
+    IDLE_PROBE_SECONDS,
     Security,
     SMTPConnection,
     SMTPProtocol,
@@ -34,6 +35,9 @@ PORTS = [
     pytest.param(Security.TLS, id="implicit-tls"),
     pytest.param(Security.STARTTLS, id="starttls"),
 ]
+# Postfix offers CHUNKING: by default the content goes as BDAT; DATA (dot-stuffed)
+# is what servers without CHUNKING get, so both paths are proven on the real server.
+PATHS = [pytest.param(True, id="bdat"), pytest.param(False, id="data")]
 
 
 def port_for(servers: MailServers, security: Security) -> int:
@@ -53,6 +57,8 @@ async def deliver(
     sender: User,
     recipients: list[str],
     data: bytes,
+    *,
+    chunking: bool = True,
 ) -> None:
     async with open_smtp_connection(
         servers.host,
@@ -60,6 +66,8 @@ async def deliver(
         security=security,
         ssl_context=servers.ssl_context(),
     ) as conn:
+        assert conn.extensions.chunking
+        conn.use_chunking = chunking
         await conn.login(sender.address, sender.password)
         result = await conn.send_message(sender.address, recipients, data)
         assert result.reply.code == 250
@@ -75,9 +83,10 @@ async def inbox(servers: MailServers, user: User, count: int) -> list[bytes]:
     return await trio.to_thread.run_sync(servers.wait_for_messages, user, count, 20)
 
 
+@pytest.mark.parametrize("chunking", PATHS)
 @pytest.mark.parametrize("security", PORTS)
 async def test_utf8_subject_and_body_land_byte_correct(
-    mail_servers: MailServers, security: Security
+    mail_servers: MailServers, security: Security, chunking: bool
 ) -> None:
     sender, rcpt = fresh_pair(mail_servers)
     body = "Grüße aus Köln \u2013 ✓ naïve café\n日本語のテキスト\n".encode()
@@ -87,7 +96,7 @@ async def test_utf8_subject_and_body_land_byte_correct(
         "MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n"
         "Content-Transfer-Encoding: 8bit\n\n"
     ).encode() + body
-    await deliver(mail_servers, security, sender, [rcpt.address], data)
+    await deliver(mail_servers, security, sender, [rcpt.address], data, chunking=chunking)
     (raw,) = await inbox(mail_servers, rcpt, 1)
     header, delivered_body = split_body(raw)
     assert delivered_body == body
@@ -95,19 +104,23 @@ async def test_utf8_subject_and_body_land_byte_correct(
     assert b"Message-ID: <utf8-1@prxmail.test>" in header
 
 
+@pytest.mark.parametrize("chunking", PATHS)
 @pytest.mark.parametrize("security", PORTS)
-async def test_dot_lines_survive(mail_servers: MailServers, security: Security) -> None:
+async def test_dot_lines_survive(
+    mail_servers: MailServers, security: Security, chunking: bool
+) -> None:
     sender, rcpt = fresh_pair(mail_servers)
     body = b".\n..\n.leading dot\n...three\nmiddle . dot\n.\n"
     data = f"From: {sender.address}\nTo: {rcpt.address}\nSubject: dots\n\n".encode() + body
-    await deliver(mail_servers, security, sender, [rcpt.address], data)
+    await deliver(mail_servers, security, sender, [rcpt.address], data, chunking=chunking)
     (raw,) = await inbox(mail_servers, rcpt, 1)
     assert split_body(raw)[1] == body
 
 
+@pytest.mark.parametrize("chunking", PATHS)
 @pytest.mark.parametrize("security", PORTS)
 async def test_large_message_lands_byte_correct(
-    mail_servers: MailServers, security: Security
+    mail_servers: MailServers, security: Security, chunking: bool
 ) -> None:
     sender, rcpt = fresh_pair(mail_servers)
     # About 5 MB of base64 text in 76-character lines, as a big attachment would be,
@@ -118,7 +131,7 @@ async def test_large_message_lands_byte_correct(
     body = b"\n".join(lines) * 65
     assert len(body) > 5_000_000
     data = f"From: {sender.address}\nTo: {rcpt.address}\nSubject: big\n\n".encode() + body
-    await deliver(mail_servers, security, sender, [rcpt.address], data)
+    await deliver(mail_servers, security, sender, [rcpt.address], data, chunking=chunking)
     (raw,) = await inbox(mail_servers, rcpt, 1)
     assert split_body(raw)[1] == body
 
@@ -287,6 +300,7 @@ async def test_sender_many_messages_and_reconnect_after_postfix_restart(
         # Postfix goes away under the idle connection and comes back.
         await trio.to_thread.run_sync(mail_servers.stop_postfix)
         await trio.to_thread.run_sync(mail_servers.start_postfix)
+        await trio.sleep(IDLE_PROBE_SECONDS)  # idle long enough to be checked first
         await smtp.send_message(sender.address, [rcpt.address], b"Subject: after\n\nafter\n")
         assert smtp.connections_opened == 2
     messages = await inbox(mail_servers, rcpt, 11)

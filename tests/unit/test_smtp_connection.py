@@ -23,6 +23,7 @@ from prxmail.errors import (
     TLSError,
 )
 from prxmail.smtp import (
+    IDLE_PROBE_SECONDS,
     Security,
     SMTPConnection,
     SMTPSender,
@@ -43,6 +44,7 @@ class FakeServer:
     """
 
     pipelining: bool = True
+    chunking: bool = False
     starttls: bool = False
     auth: str = "PLAIN LOGIN"
     size: int | None = 1_000_000
@@ -62,6 +64,7 @@ class FakeServer:
     chunks: list[list[str]] = attrs.Factory(list)
     messages: list[tuple[str, list[str], bytes]] = attrs.Factory(list)
     ehlo_count: int = 0
+    bdat_count: int = 0
     tls_done: bool = False
     closed: bool = False
 
@@ -75,6 +78,8 @@ class FakeServer:
             lines.append("STARTTLS")
         if self.auth and (self.tls_done or not self.starttls):
             lines.append(f"AUTH {self.auth}")
+        if self.chunking:
+            lines.append("CHUNKING")
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
         out = b"".join(f"250-{line}\r\n".encode() for line in lines[:-1])
         return out + f"250 {lines[-1]}\r\n".encode()
@@ -107,7 +112,29 @@ class FakeServer:
             chunk: list[str] = []
             self.chunks.append(chunk)
             out = b""
-            while b"\r\n" in buf:
+            while b"\r\n" in buf or (auth_state and auth_state[0] == "BDAT"):
+                if auth_state and auth_state[0] == "BDAT":
+                    want = int(auth_state[1])
+                    if len(buf) < want:
+                        break
+                    content, buf = buf[:want], buf[want:]
+                    auth_state.clear()
+                    self.bdat_count += 1
+                    action = self.override("<content>") if self.override else None
+                    if action == "close":
+                        return
+                    if action == "hang":
+                        await stream.send_all(out)
+                        await trio.sleep_forever()
+                    if not sender or not rcpts:
+                        out += b"503 5.5.1 Error: no valid recipients\r\n"
+                    elif isinstance(action, bytes):
+                        out += action
+                    else:
+                        self.messages.append((sender, list(rcpts), content))
+                        out += b"250 2.0.0 Ok: queued as Y\r\n"
+                    sender, rcpts = "", []
+                    continue
                 if auth_state and auth_state[0] == "DATA":
                     end = buf.find(b"\r\n.\r\n")
                     if buf.startswith(b".\r\n"):
@@ -209,6 +236,10 @@ class FakeServer:
                     else:
                         rcpts.append(rcpt)
                         out += b"250 2.1.5 Ok\r\n"
+                elif verb == "BDAT":
+                    size_text, last = line.split(" ")[1:3]
+                    assert last == "LAST"
+                    auth_state[:] = ["BDAT", size_text]
                 elif verb == "DATA":
                     if not rcpts:
                         out += b"554 5.5.1 Error: no valid recipients\r\n"
@@ -800,5 +831,116 @@ async def test_sender_does_not_retry_on_fresh_connection() -> None:
         with pytest.raises(ConnectionBrokenError):
             await sender.send_message("a@x.test", ["b@x.test"], MESSAGE)
         assert len(servers.servers) == 2
+        await sender.aclose()
+        nursery.cancel_scope.cancel()
+
+
+# ----- CHUNKING (BDAT) -------------------------------------------------------------
+
+
+async def test_bdat_one_write_per_message() -> None:
+    server = FakeServer(chunking=True)
+    body = b"Subject: b\n\n.dot line\nbare\rcr\n"
+    async with connected(server) as conn:
+        assert conn.extensions.chunking
+        result = await conn.send_message("a@x.test", ["b@x.test", "c@x.test"], body)
+        assert result.accepted == ("b@x.test", "c@x.test")
+        assert result.reply.command.value == "BDAT"
+        await conn.send_message("a@x.test", ["b@x.test"], b"second")
+    normalised = b"Subject: b\r\n\r\n.dot line\r\nbare\r\ncr\r\n"
+    assert server.messages[0] == ("a@x.test", ["b@x.test", "c@x.test"], normalised)
+    assert server.messages[1][2] == b"second\r\n"
+    assert server.bdat_count == 2
+    assert "DATA" not in server.commands
+    # Envelope and content went in one write: one read saw MAIL, both RCPTs, BDAT.
+    assert [
+        f"MAIL FROM:<a@x.test> SIZE={len(normalised)}",
+        "RCPT TO:<b@x.test>",
+        "RCPT TO:<c@x.test>",
+        f"BDAT {len(normalised)} LAST",
+    ] in server.chunks
+
+
+async def test_bdat_refusals_keep_stream_in_step() -> None:
+    server = FakeServer(chunking=True, refuse_sender=frozenset({"bad@x.test"}))
+    async with connected(server) as conn:
+        with pytest.raises(SMTPPermanentError) as info:
+            await conn.send_message("a@x.test", ["refused@x.test"], MESSAGE)
+        assert info.value.command == "RCPT"
+        with pytest.raises(SMTPPermanentError) as info:
+            await conn.send_message("bad@x.test", ["b@x.test"], MESSAGE)
+        assert info.value.command == "MAIL"
+        partial = await conn.send_message("a@x.test", ["refused@x.test", "b@x.test"], MESSAGE)
+        assert partial.accepted == ("b@x.test",)
+        assert conn.content_started
+    assert len(server.messages) == 1
+    assert server.messages[0][1] == ["b@x.test"]
+
+
+async def test_bdat_content_refused() -> None:
+    server = FakeServer(
+        chunking=True,
+        override=lambda line: b"552 5.3.4 too big\r\n" if line == "<content>" else None,
+    )
+    async with connected(server) as conn:
+        with pytest.raises(SMTPPermanentError) as info:
+            await conn.send_message("a@x.test", ["b@x.test"], MESSAGE)
+        assert info.value.command == "BDAT"
+        assert info.value.code == 552
+        server.override = None
+        await conn.send_message("a@x.test", ["b@x.test"], MESSAGE)
+    # The failed transaction was reset before the next one.
+    last_mail = max(i for i, c in enumerate(server.commands) if c.startswith("MAIL"))
+    assert server.commands[last_mail - 1] == "RSET"
+    assert len(server.messages) == 1
+
+
+async def test_use_chunking_off_falls_back_to_data() -> None:
+    server = FakeServer(chunking=True)
+    async with connected(server) as conn:
+        conn.use_chunking = False
+        await conn.send_message("a@x.test", ["b@x.test"], MESSAGE)
+    assert "DATA" in server.commands
+    assert server.bdat_count == 0
+    assert server.messages[0][2] == MESSAGE
+
+
+async def test_sender_probes_idle_connection_with_noop(autojump_clock: trio.abc.Clock) -> None:
+    # With CHUNKING the content goes out at once, so a dead connection cannot be
+    # retried after the fact; the sender checks an idle connection first.
+    def make(index: int) -> FakeServer:
+        def hook(line: str) -> str | None:
+            return "close" if index == 0 and line == "NOOP" else None
+
+        return FakeServer(chunking=True, override=hook)
+
+    async with trio.open_nursery() as nursery:
+        servers = Servers(nursery, make)
+        sender = SMTPSender(servers.connect)
+        await sender.send_message("a@x.test", ["b@x.test"], b"one")
+        await sender.send_message("a@x.test", ["b@x.test"], b"two")  # not idle: no NOOP
+        assert "NOOP" not in servers.servers[0].commands
+        await trio.sleep(IDLE_PROBE_SECONDS)
+        await sender.send_message("a@x.test", ["b@x.test"], b"three")
+        assert sender.connections_opened == 2
+        await sender.aclose()
+        nursery.cancel_scope.cancel()
+    assert [m[2] for m in servers.servers[0].messages] == [b"one\r\n", b"two\r\n"]
+    assert [m[2] for m in servers.servers[1].messages] == [b"three\r\n"]
+
+
+async def test_sender_does_not_resend_bdat_message(autojump_clock: trio.abc.Clock) -> None:
+    def make(index: int) -> FakeServer:
+        return FakeServer(
+            chunking=True, override=lambda line: "close" if line == "<content>" else None
+        )
+
+    async with trio.open_nursery() as nursery:
+        servers = Servers(nursery, make)
+        sender = SMTPSender(servers.connect)
+        sender._conn = await servers.connect()
+        with pytest.raises(ConnectionBrokenError):
+            await sender.send_message("a@x.test", ["b@x.test"], MESSAGE)
+        assert len(servers.servers) == 1
         await sender.aclose()
         nursery.cancel_scope.cancel()

@@ -576,3 +576,31 @@ def test_mail_options() -> None:
         mail_options(b"x", "a@x", ["\u00e9@x"], Extensions(eightbitmime=True))
     # SIZE announced with no number: no limit, but the size is still declared.
     assert mail_options(b"x" * 1000, "a@x", ["b@x"], Extensions(size=0))[0] == 1000
+
+
+def test_bdat_transaction() -> None:
+    proto = ready_protocol(EHLO_REPLY.replace(b"250-DSN", b"250-CHUNKING"))
+    assert proto.extensions.chunking
+    proto.send_mail("a@x.test")
+    with pytest.raises(LocalProtocolError):
+        proto.send_bdat_last(b"x")  # needs a RCPT first
+    proto.send_rcpt("b@x.test")
+    wire = proto.send_bdat_last(b"Subject: x\n\n.dot\n")
+    assert wire == b"BDAT 20 LAST\r\nSubject: x\r\n\r\n.dot\r\n"
+    assert proto.state is State.BODY_SENT
+    replies = feed(proto, b"250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n")
+    assert replies[-1].command is Command.BDAT
+    assert proto.state is State.READY
+    # Refused BDAT also ends in READY (the client then sends RSET).
+    proto.send_mail("a@x.test")
+    proto.send_rcpt("b@x.test")
+    proto.send_bdat_last(b"\r\n", crlf_normalized=True)
+    feed(proto, b"250 ok\r\n550 no\r\n554 5.5.1 no valid recipients\r\n")
+    assert proto.state is State.READY
+    proto.send_rset()
+    proto.send_mail("a@x.test")
+    proto.send_rcpt("b@x.test")
+    proto.send_bdat_last(b"x")
+    # 354 is no answer to BDAT.
+    with pytest.raises(RemoteProtocolError):
+        feed(proto, b"250 ok\r\n250 ok\r\n250 ok\r\n354 what\r\n")
