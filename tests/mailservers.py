@@ -165,36 +165,86 @@ def ensure_installed() -> None:
         )
     if shutil.which("apt-get") is None:
         raise MailServersError("missing Dovecot/Postfix and no apt-get to install them")
-    created_policy = False
-    if not POLICY_RC_D.exists():
-        POLICY_RC_D.write_text(
-            "#!/bin/sh\n# Written by prxmail tests/mailservers.py during apt-get install:\n"
-            "# do not start system-wide services.\nexit 101\n"
-        )
-        POLICY_RC_D.chmod(0o755)
-        created_policy = True
-    try:
-        result = _apt_install()
-        if result.returncode != 0:
-            # Package lists may be missing on a fresh machine; update once and retry.
-            subprocess.run(
-                ["apt-get", "update", "-q"],
-                capture_output=True,
-                timeout=APT_TIMEOUT,
-                check=False,
-                env=_apt_env(),
+    # Parallel test runs on a fresh machine would otherwise race for the dpkg lock
+    # and for policy-rc.d (one removing it while the other still installs).
+    with _install_lock():
+        if not _missing_binaries():
+            return
+        before = _system_service_pids()
+        created_policy = False
+        if not POLICY_RC_D.exists():
+            POLICY_RC_D.write_text(
+                "#!/bin/sh\n# Written by prxmail tests/mailservers.py during apt-get install:\n"
+                "# do not start system-wide services.\nexit 101\n"
             )
+            POLICY_RC_D.chmod(0o755)
+            created_policy = True
+        try:
             result = _apt_install()
-        if result.returncode != 0:
-            raise MailServersError(
-                f"apt-get install {' '.join(APT_PACKAGES)} failed "
-                f"(exit {result.returncode}):\n{result.stdout[-LOG_TAIL_BYTES:]}"
-            )
-    finally:
-        if created_policy:
-            POLICY_RC_D.unlink(missing_ok=True)
+            if result.returncode != 0:
+                # Package lists may be missing on a fresh machine; update once, retry.
+                subprocess.run(
+                    ["apt-get", "update", "-q"],
+                    capture_output=True,
+                    timeout=APT_TIMEOUT,
+                    check=False,
+                    env=_apt_env(),
+                )
+                result = _apt_install()
+            if result.returncode != 0:
+                raise MailServersError(
+                    f"apt-get install {' '.join(APT_PACKAGES)} failed "
+                    f"(exit {result.returncode}):\n{result.stdout[-LOG_TAIL_BYTES:]}"
+                )
+        finally:
+            if created_policy:
+                POLICY_RC_D.unlink(missing_ok=True)
+            _stop_services_started_since(before)
     if missing := _missing_binaries():
         raise MailServersError(f"still missing after apt-get install: {', '.join(missing)}")
+
+
+@contextlib.contextmanager
+def _install_lock() -> Iterator[None]:
+    import fcntl
+
+    lock_dir = "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()
+    fd = os.open(f"{lock_dir}/prxmail-mailservers-install.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for one apt-get run at most
+        yield
+    finally:
+        os.close(fd)
+
+
+def _system_service_pids() -> dict[str, set[int]]:
+    """Pids of the system-wide Dovecot and Postfix masters (not private instances)."""
+    found: dict[str, set[int]] = {"dovecot": set(), "postfix": set()}
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        # A private instance always names its config with -c; the system one does not.
+        if argv[0] == DOVECOT_BIN.encode() and b"-c" not in argv:
+            found["dovecot"].add(int(entry.name))
+        if argv[0].endswith(b"/postfix/sbin/master") and cwd == "/var/spool/postfix":
+            found["postfix"].add(int(entry.name))
+    return found
+
+
+def _stop_services_started_since(before: dict[str, set[int]]) -> None:
+    """Stop system-wide services that appeared during our install (and only those)."""
+    after = _system_service_pids()
+    commands = {"dovecot": [DOVECOT_BIN, "stop"], "postfix": [POSTFIX_BIN, "stop"]}
+    for name, command in commands.items():
+        if after[name] - before[name] and not before[name]:
+            print(f"mail servers: stopping the system {name} the install started", file=sys.stderr)
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(command, capture_output=True, timeout=STOP_TIMEOUT, check=False)
 
 
 def _apt_env() -> dict[str, str]:
@@ -203,7 +253,17 @@ def _apt_env() -> dict[str, str]:
 
 def _apt_install() -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES],
+        [
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            # Wait for a dpkg lock held by someone else (unattended-upgrades, ...).
+            "-o",
+            "DPkg::Lock::Timeout=300",
+            *APT_PACKAGES,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

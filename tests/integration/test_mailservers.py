@@ -562,3 +562,14 @@ def test_prxmail_toml_snippet_is_a_valid_config(mail_servers: MailServers) -> No
     assert config.allowed_senders == (alice.address,)
     assert config.tls_ca_file == mail_servers.ca_file
     assert config.warnings == ()
+
+
+def test_private_instances_are_not_taken_for_system_services(mail_servers: MailServers) -> None:
+    # ensure_installed stops system-wide services an install started; it must never
+    # mistake a private instance (ours or a parallel run's) for one.
+    found = mailservers._system_service_pids()
+    dovecot_pid = int((mail_servers.workdir / "dovecot/run/master.pid").read_text().split()[0])
+    postfix_pid = mailservers._read_pid(str(mail_servers.workdir / "postfix/queue/pid/master.pid"))
+    assert postfix_pid is not None
+    assert dovecot_pid not in found["dovecot"]
+    assert postfix_pid not in found["postfix"]
