@@ -12,12 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prxmail.message import (
+    ELIDE_FLOOR_BYTES,
     MAX_FILENAME_BYTES,
     MAX_MIME_PARTS,
     MAX_REFERENCES_KEPT,
     Address,
     Attachment,
     Message,
+    _elide_large_base64,
     decode_header_text,
     missing_message_id,
     parse_message,
@@ -638,3 +640,67 @@ def test_attached_message_is_one_attachment() -> None:
     assert attachment.content is not None
     assert b"Subject: forwarded" in attachment.content
     assert b"inner body" in attachment.content
+
+
+# -- large bodies are not parsed whole ----------------------------------------------
+
+
+def big_attachment_mail(payload: bytes, *, text_type: str = "application/octet-stream") -> bytes:
+    encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+    return (
+        b"From: a@x.org\r\nContent-Type: multipart/mixed; boundary=BND\r\n\r\n"
+        b"--BND\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        b"--BND\r\nContent-Type: " + text_type.encode() + b"\r\n"
+        b'Content-Disposition: attachment; filename="big.bin"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + b"--BND--\r\n"
+    )
+
+
+@pytest.mark.parametrize("length", [ELIDE_FLOOR_BYTES + 1, 3 * ELIDE_FLOOR_BYTES + 2])
+def test_large_attachment_is_described_exactly_without_content(length: int) -> None:
+    raw = big_attachment_mail(bytes(range(256)) * (length // 256) + b"x" * (length % 256))
+    assert _elide_large_base64(raw, 1000) != raw  # cut before the MIME parser runs
+    msg = parse(raw, limit=1000)
+    assert msg.text == "see attached"
+    assert msg.size == len(raw)
+    assert msg.attachments == (Attachment("big.bin", "application/octet-stream", length, None),)
+
+
+def test_large_attachment_within_the_limit_keeps_its_content() -> None:
+    payload = bytes(range(256)) * 1024
+    raw = big_attachment_mail(payload)
+    assert _elide_large_base64(raw, len(payload)) == raw
+    assert parse(raw, limit=len(payload)).attachments[0].content == payload
+
+
+def test_large_base64_text_body_is_always_delivered() -> None:
+    text = ("all work and no play " * 10_000).encode()
+    raw = (
+        b"From: a@x.org\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(text)
+    )
+    assert _elide_large_base64(raw, 10) == raw
+    assert parse(raw, limit=10).text == text.decode()
+
+
+def test_large_top_level_binary_body_is_elided() -> None:
+    payload = b"\x00\xff" * ELIDE_FLOOR_BYTES
+    raw = (
+        b"From: a@x.org\r\nContent-Type: application/pdf\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(payload)
+    )
+    msg = parse(raw, limit=100)
+    assert msg.attachments == (Attachment("attachment-1.pdf", "application/pdf", len(payload)),)
+
+
+def test_large_body_with_junk_in_its_base64_is_not_elided_but_still_bounded() -> None:
+    payload = bytes(range(256)) * 512
+    encoded = base64.encodebytes(payload)
+    raw = big_attachment_mail(b"")
+    raw = raw.replace(
+        b"\r\n\r\n--BND--", b"\r\n\r\n" + encoded[:1000] + b"!junk!\n" + encoded[1000:] + b"--BND--"
+    )
+    assert _elide_large_base64(raw, 10) == raw
+    [attachment] = parse(raw, limit=10).attachments
+    assert attachment.content is None
+    assert abs(attachment.size - len(payload)) < 16
