@@ -1315,6 +1315,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     try:
         info = servers.describe()
         info["prxmail_toml"] = servers.prxmail_toml()
+        if args.json is not None:
+            fd = os.open(args.json, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f, indent=2)
         if args.toml is not None:
             # It holds a (throwaway) password: readable by its owner only.
             fd = os.open(args.toml, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -1331,6 +1335,62 @@ def _cmd_up(args: argparse.Namespace) -> int:
     finally:
         servers.stop()
     print("mail servers stopped", file=sys.stderr)
+    return 0
+
+
+def _load_description(path: pathlib.Path) -> tuple[dict[str, Any], ssl.SSLContext]:
+    info: dict[str, Any] = json.loads(path.read_text())
+    context = ssl.create_default_context(cafile=info["ca_file"])
+    return info, context
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    # smtplib/imaplib are fine here: this is test tooling, never part of prxmail.
+    import email.message
+    import email.utils
+    import smtplib
+
+    info, context = _load_description(args.servers)
+    sender = info["users"][args.sender]
+    recipient = args.recipient if "@" in args.recipient else f"{args.recipient}@{DOMAIN}"
+    msg = email.message.EmailMessage()
+    msg["From"] = sender["address"]
+    msg["To"] = recipient
+    msg["Subject"] = args.subject
+    msg["Date"] = email.utils.formatdate(localtime=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=DOMAIN)
+    msg.set_content(args.body + "\n")
+    with smtplib.SMTP_SSL(
+        info["host"], info["smtp_tls_port"], context=context, timeout=STARTUP_TIMEOUT
+    ) as client:
+        client.login(sender["address"], sender["password"])
+        client.send_message(msg)
+    print(f"sent {msg['Message-ID']} from {sender['address']} to {recipient}")
+    return 0
+
+
+def _cmd_inbox(args: argparse.Namespace) -> int:
+    import imaplib
+
+    info, context = _load_description(args.servers)
+    user = info["users"][args.user]
+    client = imaplib.IMAP4_SSL(
+        info["host"], info["imap_tls_port"], ssl_context=context, timeout=STARTUP_TIMEOUT
+    )
+    try:
+        client.login(user["address"], user["password"])
+        client.select("INBOX", readonly=True)
+        _, data = client.uid("SEARCH", "ALL")
+        uids = (data[0] or b"").decode().split()
+        print(f"{user['address']}: {len(uids)} message(s)")
+        for uid in uids:
+            _, parts = client.uid("FETCH", uid, "(BODY.PEEK[])")
+            for part in parts:
+                if isinstance(part, tuple):
+                    print(f"----- UID {uid} -----")
+                    print(part[1].decode("utf-8", "replace").rstrip())
+    finally:
+        client.logout()
     return 0
 
 
@@ -1373,13 +1433,40 @@ def main(argv: list[str] | None = None) -> int:
         help="also write the prxmail TOML snippet to this file (mode 0600)",
     )
     up.add_argument(
+        "--json",
+        type=pathlib.Path,
+        default=None,
+        help="also write the JSON description to this file (mode 0600), for 'send'/'inbox'",
+    )
+    up.add_argument(
         "--workdir",
         type=pathlib.Path,
         default=None,
         help="empty directory to run in (kept afterwards); default: a temporary one",
     )
     sub.add_parser("install", help="only install the packages if missing (needs root)")
+    send = sub.add_parser(
+        "send",
+        help="submit a message as one user to another (for manual testing and the demo)",
+        description="Submit a message over implicit-TLS submission, as a user of 'up --json'.",
+    )
+    send.add_argument("--servers", type=pathlib.Path, required=True, help="file of up --json")
+    send.add_argument("--from", dest="sender", default="alice", help="local part (alice)")
+    send.add_argument("--to", dest="recipient", default="bot", help="local part or address")
+    send.add_argument("--subject", default="Hello from alice")
+    send.add_argument("--body", default="Hi bot, can you hear me?")
+    inbox = sub.add_parser(
+        "inbox",
+        help="print the messages in a user's INBOX, fetched over IMAP",
+        description="Fetch and print every message in a user's INBOX (IMAP over TLS).",
+    )
+    inbox.add_argument("--servers", type=pathlib.Path, required=True, help="file of up --json")
+    inbox.add_argument("user", nargs="?", default="alice", help="local part (alice)")
     args = parser.parse_args(argv)
+    if args.command == "send":
+        return _cmd_send(args)
+    if args.command == "inbox":
+        return _cmd_inbox(args)
     if args.command == "install":
         try:
             ensure_installed()

@@ -420,45 +420,62 @@ def test_cli_help() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the servers need root")
-def test_cli_up_prints_description_and_stops_on_sigterm(tmp_path: pathlib.Path) -> None:
-    toml_file = tmp_path / "prxmail.toml"
+def test_cli_up_send_inbox_and_sigterm(tmp_path: pathlib.Path) -> None:
+    toml_file, json_file = tmp_path / "prxmail.toml", tmp_path / "servers.json"
+    command = [sys.executable, "-m", "tests.mailservers"]
     with subprocess.Popen(
-        [sys.executable, "-m", "tests.mailservers", "up", "--toml", str(toml_file)],
+        [*command, "up", "--toml", str(toml_file), "--json", str(json_file)],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     ) as proc:
-        _check_up(proc, toml_file)
-
-
-def _check_up(proc: subprocess.Popen[str], toml_file: pathlib.Path) -> None:
-    try:
-        info = _read_up_description(proc)
-        assert set(info["users"]) >= {"alice", "bob", "bot"}
-        assert re.search(r"^imap_port = \d+$", info["prxmail_toml"], re.MULTILINE)
-        assert info["ca_file"] in info["prxmail_toml"]
-        assert toml_file.read_text() == info["prxmail_toml"]
-        assert toml_file.stat().st_mode & 0o777 == 0o600
-        workdir = info["workdir"]
-        bob = info["users"]["bob"]
-        client = imaplib.IMAP4_SSL(
-            info["host"],
-            info["imap_tls_port"],
-            ssl_context=ssl.create_default_context(cafile=info["ca_file"]),
-            timeout=IO_TIMEOUT,
-        )
         try:
-            assert client.login(bob["address"], bob["password"])[0] == "OK"
+            info = _read_up_description(proc)
+            assert set(info["users"]) >= {"alice", "bob", "bot"}
+            assert re.search(r"^imap_port = \d+$", info["prxmail_toml"], re.MULTILINE)
+            assert info["ca_file"] in info["prxmail_toml"]
+            assert toml_file.read_text() == info["prxmail_toml"]
+            assert json.loads(json_file.read_text()) == info
+            for path in (toml_file, json_file):
+                assert path.stat().st_mode & 0o777 == 0o600
+
+            token = uuid.uuid4().hex
+            sent = subprocess.run(
+                [*command, "send", "--servers", str(json_file), "--to", "bob", "--subject", token],
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert sent.returncode == 0, sent.stderr
+            assert "to bob@prxmail.test" in sent.stdout
+            deadline = time.monotonic() + IO_TIMEOUT
+            while True:
+                listed = subprocess.run(
+                    [*command, "inbox", "--servers", str(json_file), "bob"],
+                    cwd=REPO_ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                )
+                assert listed.returncode == 0, listed.stderr
+                if f"Subject: {token}" in listed.stdout or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert "bob@prxmail.test: 1 message(s)" in listed.stdout
+            assert f"Subject: {token}" in listed.stdout
+
+            workdir = info["workdir"]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            assert not os.path.exists(workdir)
         finally:
-            client.logout()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        assert not os.path.exists(workdir)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _read_up_description(proc: subprocess.Popen[str]) -> dict[str, Any]:
