@@ -1,17 +1,47 @@
-"""``prxmail serve``: run the channel from the command line."""
+"""``prxmail serve``: run the channel from the command line until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import logging
+import signal
 from pathlib import Path
 from typing import TextIO
 
-from prxmail.config import load_config
-from prxmail.errors import ConfigError
+import trio
+
+from prxmail._log import log_event, setup_logging
+from prxmail.channel import collapse_exception_group
+from prxmail.config import Config, LogFormat, load_config
+from prxmail.errors import ConfigError, PrxmailError
+from prxmail.handler import parse_exec_command
+from prxmail.service import serve_mail_channel
 
 __all__ = ["run_serve"]
 
+EXIT_OK = 0
+EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-EXIT_NOT_AVAILABLE = 3
+
+
+async def _serve_until_signal(config: Config, argv: list[str]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve, config, argv, nursery.cancel_scope)
+            async for signum in signals:
+                log_event(
+                    logging.INFO,
+                    "shutting down",
+                    signal=signal.Signals(signum).name,
+                )
+                nursery.cancel_scope.cancel()
+                break
+
+
+async def _serve(config: Config, argv: list[str], scope: trio.CancelScope) -> None:
+    try:
+        await serve_mail_channel(config, exec_command=argv)
+    finally:
+        scope.cancel()
 
 
 def run_serve(
@@ -26,27 +56,47 @@ def run_serve(
 
     Args:
         config_path: The configuration file.
-        exec_command: Handler command line (overrides the configuration).
-        log_format: ``"human"`` or ``"json"``.
-        out, err: Where to print.
+        exec_command: Handler command line (overrides ``exec`` in the configuration).
+        log_format: ``"human"`` or ``"json"``; ``"human"`` (the CLI default) defers to
+            the configuration's ``log_format``.
+        out, err: Where to print; log lines go to ``err``.
 
     Returns:
-        The process exit status.
+        The process exit status: 0 after a signal, 2 for configuration problems, 1 when
+        the service stopped on an error.
     """
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         print(f"prxmail: {exc}", file=err)
         return EXIT_CONFIG
+    if exec_command is not None:
+        try:
+            argv = parse_exec_command(exec_command)
+        except ValueError as exc:
+            print(f"prxmail: --exec: {exc}", file=err)
+            return EXIT_CONFIG
+    elif config.exec_command is not None:
+        argv = list(config.exec_command)
+    else:
+        print(
+            "prxmail: no handler: pass --exec CMD or set exec in [channels_config.email]",
+            file=err,
+        )
+        return EXIT_CONFIG
+    chosen = log_format if log_format != LogFormat.HUMAN.value else config.log_format.value
+    setup_logging(chosen, stream=err)
     for warning in config.warnings:
-        print(f"prxmail: warning: {warning}", file=err)
-    print("prxmail serve: configuration is valid. The channel would:", file=out)
+        log_event(logging.WARNING, f"configuration: {warning}")
     for line in config.describe():
-        print(f"  - {line}", file=out)
-    if exec_command:
-        print(f"  - run the handler: {exec_command}", file=out)
-    print(
-        "prxmail serve: the mail service is not part of this release yet; nothing was started.",
-        file=err,
-    )
-    return EXIT_NOT_AVAILABLE
+        log_event(logging.INFO, line)
+    try:
+        try:
+            trio.run(_serve_until_signal, config, argv)
+        except BaseExceptionGroup as group:
+            raise collapse_exception_group(group) from None
+    except PrxmailError as exc:
+        log_event(logging.ERROR, "prxmail stopped", error=f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+    log_event(logging.INFO, "prxmail stopped")
+    return EXIT_OK

@@ -1,0 +1,891 @@
+"""The email channel for trio programs: accepted mail in, threaded replies out.
+
+::
+
+    async with open_mail_channel(config) as channel:
+        async for message in channel:
+            await channel.reply(message, f"Hello {message.from_.name or message.from_.addr}!")
+
+Theory of operation
+-------------------
+:func:`open_mail_channel` opens the durable state store and starts two tasks in one
+nursery: the *watcher* (IMAP) and the *sender* (SMTP outbox). They share nothing but the
+state store and three bounded hand-offs:
+
+* watcher -> you: a trio memory channel of capacity :data:`MESSAGE_BUFFER` (0). A message
+  is only taken off the server when you are ready for it; until then it waits durably on
+  the server, not in our memory.
+* you -> sender: the outbox table. :meth:`MailChannel.reply` composes the reply once,
+  stores it and marks the parent ``replied`` in one transaction, then bumps an
+  ``AsyncValue`` the sender waits on.
+* you -> watcher: UIDs to flag ``\\Seen``, a memory channel of capacity
+  :data:`SEEN_BUFFER`. The flag is cosmetic (state decides what is new), so when the
+  buffer is full a flag is dropped rather than blocking you.
+
+The watcher's loop, per connection: LOGIN, SELECT, record UIDVALIDITY, re-fetch messages
+a previous run claimed but never finished, apply the first-start policy once per folder
+(and again after a UIDVALIDITY change), then repeat: ``UID SEARCH UID last+1:*``, fetch
+in bounded batches (sizes first; bodies at most ``max_message_bytes`` per command;
+oversized messages described from BODYSTRUCTURE with only their text parts fetched),
+parse in a worker thread, *claim* in the state store (which advances the high-water
+mark in the same transaction), run the sender policy, and hand accepted messages on.
+Between searches it IDLEs: an EXISTS push ends the wait at once; IDLE is re-issued at
+least every ``min(idle_timeout_secs, keepalive_secs)`` and the whole cycle has a hard
+deadline, so a connection that died silently is detected and replaced. Servers without
+IDLE are polled every ``poll_interval_secs``. Every command runs under
+``command_timeout_secs``. Connection failures reconnect with exponential backoff and
+jitter (reset after a healthy session); refused credentials are logged as errors and
+retried only every :data:`AUTH_RETRY_SECONDS`.
+
+Guarantees (see :mod:`prxmail.state`): a message is handed to you at least once and
+answered at most once. If the process dies while you hold a message, the next start
+hands it to you again (up to ``handler_max_attempts`` times in total); when the channel
+closes normally, messages you did not finish are released the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Final, NoReturn
+
+import attrs
+import trio
+import trio_util  # type: ignore[import-untyped]
+
+from prxmail._log import log_event
+from prxmail._oversize import (
+    OVERSIZE_DEFECT,
+    build_substitute,
+    describe_attachments,
+    text_sections,
+)
+from prxmail._tls import create_ssl_context
+from prxmail.compose import OutgoingMessage, compose_message, compose_reply
+from prxmail.config import Config, FirstStart
+from prxmail.errors import (
+    AuthenticationError,
+    ConnectionBrokenError,
+    LocalProtocolError,
+    PrxmailError,
+    RemoteProtocolError,
+    SMTPPermanentError,
+)
+from prxmail.imap import (
+    BodyStructure,
+    Exists,
+    IMAPConnection,
+    Raw,
+    SequenceSet,
+    StatusResponse,
+    open_imap_connection,
+)
+from prxmail.message import Address, Message, parse_message_async
+from prxmail.policy import (
+    ReplyRateLimiter,
+    SenderPolicy,
+    choose_reply_recipient,
+    evaluate,
+)
+from prxmail.smtp import SMTPSender, open_smtp_sender
+from prxmail.state import (
+    AsyncStateStore,
+    ClaimOutcome,
+    MessageKey,
+    MessageStatus,
+    OutboxDraft,
+    OutboxItem,
+    RetryPolicy,
+    account_key,
+    open_state_store,
+    own_id_predicate,
+)
+
+__all__ = [
+    "AUTH_RETRY_SECONDS",
+    "MESSAGE_BUFFER",
+    "SEEN_BUFFER",
+    "ChannelStatus",
+    "MailChannel",
+    "collapse_exception_group",
+    "open_mail_channel",
+]
+
+# Accepted messages waiting between the watcher and you. Zero: the watcher hands a
+# message over only when you ask for the next one, so a slow consumer holds back the
+# IMAP side instead of piling parsed messages (up to max_message_bytes each) in memory.
+MESSAGE_BUFFER: Final = 0
+
+# UIDs waiting to be flagged \Seen. One entry is a few bytes; a thousand covers any
+# burst of finished messages between two IDLE cycles. Overflow drops the (cosmetic) flag.
+SEEN_BUFFER: Final = 1000
+
+# Outbox items sent per state-store query; each holds its raw message in memory.
+OUTBOX_BATCH: Final = 20
+
+# Reconnect backoff: the first retry after a failure comes after about this long, each
+# further failure doubles it up to the maximum; jitter takes up to half off so many
+# instances do not reconnect in lock-step. A session that stayed up this long is
+# "healthy" and resets the backoff.
+RECONNECT_INITIAL_SECONDS: Final = 1.0
+RECONNECT_MAX_SECONDS: Final = 300.0
+HEALTHY_SESSION_SECONDS: Final = 60.0
+
+# Refused credentials do not fix themselves: retry rarely (the operator may be rotating
+# a password) instead of hammering the server, which may lock the account.
+AUTH_RETRY_SECONDS: Final = 600.0
+
+# The sender re-reads the outbox at least this often even without a wake-up, so items
+# whose retry time arrives are picked up and a lost wake-up costs at most this delay.
+OUTBOX_RECHECK_SECONDS: Final = 60.0
+
+_SEEN: Final = "\\Seen"
+
+
+@attrs.frozen
+class ChannelStatus:
+    """What the channel is doing, for health checks (``channel.status.value``).
+
+    Attributes:
+        imap: ``"connecting"``, ``"idle"``, ``"polling"``, ``"fetching"``,
+            ``"reconnecting"`` or ``"auth-failed"``.
+        imap_error: The last IMAP problem, or ``None`` while healthy.
+        smtp_error: The last SMTP problem, or ``None`` after a successful send.
+        reconnects: IMAP sessions that ended in a failure so far.
+    """
+
+    imap: str = "connecting"
+    imap_error: str | None = None
+    smtp_error: str | None = None
+    reconnects: int = 0
+
+
+def _draft(outgoing: OutgoingMessage) -> OutboxDraft:
+    recipients: list[str] = list(outgoing.envelope_recipients)
+    return OutboxDraft(
+        message_id=outgoing.message_id,
+        envelope_from=outgoing.envelope_sender,
+        # The attrs plugin types a ``converter=tuple`` field as an unbound Iterable.
+        envelope_to=recipients,  # type: ignore[arg-type]
+        raw=outgoing.raw,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def collapse_exception_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real exception inside a nursery's group (Cancelled aside), or the group."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    real = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
+    if len(real) == 1:
+        return real[0]
+    if not real and leaves:
+        return leaves[0]
+    return group
+
+
+class _Backoff:
+    """Exponential backoff with jitter for reconnecting."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.failures = 0
+        self._rng = rng
+
+    def next_delay(self) -> float:
+        base = min(RECONNECT_MAX_SECONDS, RECONNECT_INITIAL_SECONDS * 2.0 ** min(self.failures, 30))
+        self.failures += 1
+        return base * (0.5 + 0.5 * self._rng.random())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class MailChannel:
+    """An open email channel; see :func:`open_mail_channel`.
+
+    Iterate it (``async for message in channel``) to receive accepted messages, each a
+    :class:`~prxmail.message.Message`. Finish every message with exactly one of
+    :meth:`reply`, :meth:`mark_handled`, :meth:`mark_failed` or :meth:`release`.
+    """
+
+    def __init__(self, config: Config, store: AsyncStateStore, *, rng: random.Random) -> None:
+        self.config = config
+        self.account = account_key(config.username, config.imap_host, config.imap_port)
+        self.folder = config.imap_folder
+        self._store = store
+        self._rng = rng
+        self._policy = SenderPolicy(
+            allowed_senders=config.allowed_senders,
+            own_addresses=(config.from_address, config.username),
+            authserv_id=config.authserv_id,
+        )
+        self._rate_limiter = ReplyRateLimiter(
+            config.reply_rate_limit, config.reply_rate_window_secs, clock=trio.current_time
+        )
+        self._message_send, self._message_receive = trio.open_memory_channel[Message](
+            MESSAGE_BUFFER
+        )
+        self._seen_send, self._seen_receive = trio.open_memory_channel[MessageKey](SEEN_BUFFER)
+        self._seen_retry: list[MessageKey] = []
+        self._in_flight: dict[MessageKey, Message] = {}
+        self._ssl_context = (
+            create_ssl_context(config.tls_ca_file)
+            if config.tls_ca_file is not None
+            else create_ssl_context()
+        )
+        #: Health of the channel; ``await channel.status.wait_value(pred)`` to watch it.
+        self.status: trio_util.AsyncValue[ChannelStatus] = trio_util.AsyncValue(ChannelStatus())
+        self._outbox_generation = trio_util.AsyncValue(0)
+        self._seen_generation = trio_util.AsyncValue(0)
+
+    def __repr__(self) -> str:
+        return f"<MailChannel {self.account} folder={self.folder!r}>"
+
+    def _set_status(self, **changes: object) -> None:
+        self.status.value = attrs.evolve(self.status.value, **changes)
+
+    # -- the consumer's side ------------------------------------------------------------
+
+    def __aiter__(self) -> MailChannel:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self._message_receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Message:
+        """Wait for the next accepted message.
+
+        Returns:
+            The message; it is now ``handling`` in the state store.
+
+        Raises:
+            trio.EndOfChannel: the channel is closing.
+        """
+        return await self._message_receive.receive()
+
+    def _key(self, message: Message) -> MessageKey:
+        return MessageKey(self.account, self.folder, message.uidvalidity, message.uid)
+
+    def _finished(self, key: MessageKey, *, seen: bool) -> None:
+        self._in_flight.pop(key, None)
+        if seen and self.config.mark_seen:
+            try:
+                self._seen_send.send_nowait(key)
+            except trio.WouldBlock:
+                log_event(logging.DEBUG, "seen flag dropped (buffer full)", uid=key.uid)
+            else:
+                self._seen_generation.value += 1
+
+    async def reply(self, message: Message, body: str) -> str:
+        """Answer a message: compose the threaded reply once, store it, send it.
+
+        The reply is stored durably (and the message marked ``replied``) before this
+        returns; the sender task delivers it, retrying transient SMTP failures.
+
+        Args:
+            message: A message received from this channel and not finished yet.
+            body: The reply text; it can never add headers.
+
+        Returns:
+            The reply's Message-ID.
+
+        Raises:
+            LocalProtocolError: the message was already finished (a reply is never
+                composed twice) or an address cannot be written safely.
+        """
+        key = self._key(message)
+        to = choose_reply_recipient(message, self._policy)
+        outgoing = compose_reply(
+            message,
+            body,
+            from_address=self.config.from_address,
+            to=to,
+            default_subject=self.config.default_subject,
+        )
+        draft = _draft(outgoing)
+        await self._store.record_reply(key, draft)
+        self._finished(key, seen=True)
+        self._outbox_generation.value += 1
+        return outgoing.message_id
+
+    async def send(self, to: str, subject: str, body: str) -> str:
+        """Send a new message (not a reply) through the durable outbox.
+
+        Args:
+            to: The recipient address.
+            subject: The subject (``default_subject`` when empty).
+            body: The text.
+
+        Returns:
+            The message's Message-ID.
+
+        Raises:
+            LocalProtocolError: the address cannot be written safely.
+        """
+        outgoing = compose_message(
+            from_address=self.config.from_address,
+            to=Address(to),
+            subject=subject,
+            body=body,
+            default_subject=self.config.default_subject,
+        )
+        draft = _draft(outgoing)
+        await self._store.enqueue(self.account, draft)
+        self._outbox_generation.value += 1
+        return outgoing.message_id
+
+    async def mark_handled(self, message: Message) -> None:
+        """Finish a message without answering it.
+
+        Raises:
+            LocalProtocolError: the message was already finished.
+        """
+        key = self._key(message)
+        await self._store.mark_handled(key)
+        self._finished(key, seen=True)
+
+    async def mark_failed(self, message: Message, reason: str) -> None:
+        """Record that a message could not be handled; it is never retried.
+
+        Failed messages are left unseen on the server for a person to look at.
+
+        Raises:
+            LocalProtocolError: the message was already finished.
+        """
+        key = self._key(message)
+        await self._store.mark_failed(key, reason)
+        self._finished(key, seen=False)
+
+    async def release(self, message: Message, reason: str) -> bool:
+        """Give a message back to be handed on again later (after the next IDLE cycle or
+        restart), e.g. when the handler could not be started at all.
+
+        Returns:
+            True when it will be retried, False when it used up ``handler_max_attempts``
+            and is now failed.
+
+        Raises:
+            LocalProtocolError: the message was already finished.
+        """
+        key = self._key(message)
+        record = await self._store.release(
+            key, reason, max_attempts=self.config.handler_max_attempts
+        )
+        self._finished(key, seen=False)
+        return record.status is MessageStatus.CLAIMED
+
+    async def _release_in_flight(self) -> None:
+        for key in list(self._in_flight):
+            with contextlib.suppress(LocalProtocolError):
+                record = await self._store.release(
+                    key, "shutdown", max_attempts=self.config.handler_max_attempts
+                )
+                log_event(
+                    logging.INFO,
+                    "message released at shutdown",
+                    uid=key.uid,
+                    status=record.status.value,
+                )
+        self._in_flight.clear()
+
+    # -- the sender -----------------------------------------------------------------------
+
+    async def _run_sender(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        config = self.config
+        async with open_smtp_sender(
+            config.smtp_host,
+            config.smtp_port,
+            username=config.smtp_username,
+            password=config.smtp_password.reveal(),
+            security=config.smtp_security,
+            ssl_context=self._ssl_context,
+        ) as smtp:
+            task_status.started()
+            while True:
+                generation = self._outbox_generation.value
+                items = await self._store.due_outbox(limit=OUTBOX_BATCH)
+                for item in items:
+                    await self._send_one(smtp, item)
+                if len(items) == OUTBOX_BATCH:
+                    continue
+                next_at = await self._store.next_due_at()
+                delay = math.inf if next_at is None else max(0.0, next_at - time.time())
+                with trio.move_on_after(min(delay, OUTBOX_RECHECK_SECONDS)):
+                    await self._outbox_generation.wait_value(lambda v, g=generation: v != g)
+
+    async def _send_one(self, smtp: SMTPSender, item: OutboxItem) -> None:
+        fields = {
+            "outbox_id": item.id,
+            "message_id": item.message_id,
+            "to": ",".join(item.envelope_to),
+        }
+        try:
+            with trio.fail_after(self.config.command_timeout_secs):
+                result = await smtp.send_message(item.envelope_from, item.envelope_to, item.raw)
+        except (SMTPPermanentError, LocalProtocolError) as exc:
+            await self._store.mark_permanent_failure(item.id, _describe(exc))
+            self._set_status(smtp_error=_describe(exc))
+            log_event(
+                logging.ERROR,
+                "reply refused permanently, kept in outbox",
+                **fields,
+                error=_describe(exc),
+            )
+            return
+        except (PrxmailError, OSError, trio.TooSlowError) as exc:
+            updated = await self._store.mark_transient_failure(item.id, _describe(exc))
+            self._set_status(smtp_error=_describe(exc))
+            level = logging.ERROR if isinstance(exc, AuthenticationError) else logging.WARNING
+            if updated.status is not updated.status.QUEUED:
+                log_event(
+                    logging.ERROR, "reply given up after retries", **fields, error=_describe(exc)
+                )
+            else:
+                log_event(
+                    level,
+                    "reply not sent yet, will retry",
+                    **fields,
+                    attempts=updated.attempts,
+                    retry_in=round(max(0.0, updated.next_attempt_at - time.time()), 1),
+                    error=_describe(exc),
+                )
+            return
+        await self._store.mark_sent(item.id)
+        self._set_status(smtp_error=None)
+        refused = ", ".join(f"{r.address} ({r.reply.code})" for r in result.refused) or None
+        log_event(logging.INFO, "reply sent", **fields, refused=refused)
+
+    # -- the watcher ----------------------------------------------------------------------
+
+    async def _run_watcher(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        recovered = await self._store.recover_interrupted(
+            max_attempts=self.config.handler_max_attempts, account=self.account
+        )
+        for key in recovered.failed:
+            log_event(logging.ERROR, "message failed: interrupted too often", uid=key.uid)
+        if recovered.retried:
+            log_event(
+                logging.INFO,
+                "messages interrupted by a crash will be handled again",
+                count=len(recovered.retried),
+            )
+        task_status.started()
+        backoff = _Backoff(self._rng)
+        try:
+            while True:
+                started = trio.current_time()
+                delay: float
+                try:
+                    await self._session()
+                except AuthenticationError as exc:
+                    delay = AUTH_RETRY_SECONDS
+                    self._set_status(
+                        imap="auth-failed",
+                        imap_error=_describe(exc),
+                        reconnects=self.status.value.reconnects + 1,
+                    )
+                    log_event(
+                        logging.ERROR,
+                        "IMAP login refused: check username and password",
+                        retry_in=delay,
+                        error=str(exc),
+                    )
+                except (PrxmailError, OSError, trio.TooSlowError) as exc:
+                    if trio.current_time() - started >= HEALTHY_SESSION_SECONDS:
+                        backoff.reset()
+                    delay = backoff.next_delay()
+                    self._set_status(
+                        imap="reconnecting",
+                        imap_error=_describe(exc),
+                        reconnects=self.status.value.reconnects + 1,
+                    )
+                    log_event(
+                        logging.WARNING,
+                        "IMAP connection lost, reconnecting",
+                        retry_in=round(delay, 1),
+                        error=_describe(exc),
+                    )
+                await trio.sleep(delay)
+        finally:
+            self._message_send.close()
+
+    async def _session(self) -> None:
+        config = self.config
+        timeout = config.command_timeout_secs
+        self._set_status(imap="connecting")
+        # Connecting and leaving (LOGOUT) are bounded by this scope's deadline; while
+        # the session runs the deadline is lifted (each command has its own).
+        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
+        with scope:
+            async with open_imap_connection(
+                config.imap_host,
+                config.imap_port,
+                security=config.imap_security,
+                ssl_context=self._ssl_context,
+            ) as conn:
+                scope.deadline = math.inf
+                try:
+                    with trio.fail_after(timeout):
+                        await conn.login(config.username, config.password.reveal())
+                        box = await conn.select(self.folder)
+                    if box.uidvalidity is None:
+                        raise RemoteProtocolError("the server reported no UIDVALIDITY")
+                    await self._watch(conn, box.uidvalidity, box.uidnext)
+                finally:
+                    scope.deadline = trio.current_time() + timeout
+        if scope.cancelled_caught:
+            raise trio.TooSlowError("IMAP connect or logout timed out")
+
+    async def _watch(self, conn: IMAPConnection, uidvalidity: int, uidnext: int | None) -> None:
+        config = self.config
+        timeout = config.command_timeout_secs
+        mailbox = await self._store.sync_mailbox(self.account, self.folder, uidvalidity)
+        changed = mailbox.previous_uidvalidity is not None
+        if changed:
+            log_event(
+                logging.WARNING,
+                "UIDVALIDITY changed: the folder was re-created; unseen mail in it is"
+                " processed again, mail already handled is recognised by Message-ID",
+                folder=self.folder,
+                old=mailbox.previous_uidvalidity,
+                new=uidvalidity,
+            )
+        await self._process_pending(conn, uidvalidity)
+        if not mailbox.initialized:
+            unseen = config.first_start is FirstStart.UNSEEN or changed
+            if unseen:
+                with trio.fail_after(timeout):
+                    uids = await conn.uid_search(Raw("UNSEEN"))
+                await self._process_uids(conn, uidvalidity, uids)
+            if uidnext is not None:
+                mark = uidnext - 1
+            else:
+                with trio.fail_after(timeout):
+                    everything = await conn.uid_search()
+                mark = max(everything, default=0)
+            await self._store.mark_initialized(self.account, self.folder, uidvalidity, mark)
+            log_event(
+                logging.INFO,
+                "folder initialised",
+                folder=self.folder,
+                policy="unseen" if unseen else "new",
+                last_uid=mark,
+            )
+        idle = "IDLE" in conn.capabilities
+        if not idle:
+            log_event(
+                logging.WARNING, "server has no IDLE; polling", every=config.poll_interval_secs
+            )
+        self._set_status(imap_error=None)
+        while True:
+            await self._flag_seen(conn, uidvalidity)
+            await self._catch_up(conn, uidvalidity)
+            self._set_status(imap="idle" if idle else "polling")
+            if idle:
+                await self._idle_once(conn)
+            else:
+                await self._poll_once(conn)
+            self._set_status(imap="fetching")
+            await self._process_pending(conn, uidvalidity)
+
+    async def _catch_up(self, conn: IMAPConnection, uidvalidity: int) -> None:
+        while True:
+            mailbox = await self._store.mailbox(self.account, self.folder)
+            last = mailbox.last_uid if mailbox is not None else 0
+            with trio.fail_after(self.config.command_timeout_secs):
+                found = await conn.uid_search("UID", SequenceSet(((last + 1, None),)))
+            # "UID n:*" always matches the highest UID, even when it is below n.
+            new = [uid for uid in found if uid > last]
+            if not new:
+                return
+            await self._process_uids(conn, uidvalidity, new)
+
+    def _wait_window(self) -> float:
+        return float(min(self.config.idle_timeout_secs, self.config.keepalive_secs))
+
+    async def _wait_for_seen_flags(self, scope: trio.CancelScope, generation: int) -> None:
+        await self._seen_generation.wait_value(lambda v: v != generation)
+        scope.cancel()
+
+    async def _idle_once(self, conn: IMAPConnection) -> None:
+        timeout = self.config.command_timeout_secs
+        window = self._wait_window()
+        generation = self._seen_generation.value
+        # The whole cycle has a hard deadline: if DONE is not answered in time the
+        # connection is dead (a NAT box forgot it) and the TooSlowError reconnects.
+        with trio.fail_after(window + 2 * timeout):
+            async with conn.idle() as session:
+                with trio.move_on_after(window) as wait:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._wait_for_seen_flags, wait, generation)
+                        async for push in session:
+                            if isinstance(push, Exists):
+                                break
+                            if isinstance(push, StatusResponse) and push.status == "BYE":
+                                raise ConnectionBrokenError(f"server said BYE: {push.text}")
+                        nursery.cancel_scope.cancel()
+
+    async def _poll_once(self, conn: IMAPConnection) -> None:
+        generation = self._seen_generation.value
+        with trio.move_on_after(self.config.poll_interval_secs):
+            await self._seen_generation.wait_value(lambda v: v != generation)
+        with trio.fail_after(self.config.command_timeout_secs):
+            await conn.noop()
+
+    async def _flag_seen(self, conn: IMAPConnection, uidvalidity: int) -> None:
+        keys = self._seen_retry
+        self._seen_retry = []
+        while True:
+            try:
+                keys.append(self._seen_receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        uids = sorted(
+            {k.uid for k in keys if k.uidvalidity == uidvalidity and k.folder == self.folder}
+        )
+        if not uids:
+            return
+        try:
+            with trio.fail_after(self.config.command_timeout_secs):
+                await conn.uid_store(uids, "+FLAGS", [_SEEN])
+        except BaseException:
+            self._seen_retry = keys[:SEEN_BUFFER]
+            raise
+
+    async def _process_pending(self, conn: IMAPConnection, uidvalidity: int) -> None:
+        pending = await self._store.pending(self.account, self.folder)
+        current: list[int] = []
+        for record in pending:
+            if record.key in self._in_flight:
+                continue
+            if record.key.uidvalidity != uidvalidity:
+                await self._store.mark_failed(
+                    record.key, "uidvalidity changed before it was handled"
+                )
+                log_event(
+                    logging.ERROR,
+                    "message lost its UID (UIDVALIDITY changed) before it"
+                    " was handled; recorded as failed",
+                    uid=record.key.uid,
+                    message_id=record.message_id,
+                )
+                continue
+            current.append(record.key.uid)
+        if current:
+            await self._process_uids(conn, uidvalidity, current)
+
+    async def _process_uids(
+        self, conn: IMAPConnection, uidvalidity: int, uids: Sequence[int]
+    ) -> None:
+        config = self.config
+        timeout = config.command_timeout_secs
+        ordered = sorted(set(uids))
+        for start in range(0, len(ordered), config.fetch_batch_size):
+            batch = ordered[start : start + config.fetch_batch_size]
+            sizes: dict[int, tuple[int, BodyStructure | None]] = {}
+            with trio.fail_after(timeout):
+                async for data in conn.uid_fetch(batch, ["RFC822.SIZE", "BODYSTRUCTURE"]):
+                    if data.uid is not None:
+                        sizes[data.uid] = (data.rfc822_size or 0, data.bodystructure)
+            # Keep UID order: a claim raises the high-water mark, so a message must never
+            # be claimed after one with a higher UID that is still unprocessed.
+            group: list[int] = []
+            group_bytes = 0
+            for uid in batch:
+                if uid not in sizes:
+                    continue  # expunged meanwhile
+                size, structure = sizes[uid]
+                if size > config.max_message_bytes:
+                    await self._fetch_and_process(conn, uidvalidity, group)
+                    group, group_bytes = [], 0
+                    await self._process_oversized(conn, uidvalidity, uid, size, structure)
+                    continue
+                if group and group_bytes + size > config.max_message_bytes:
+                    await self._fetch_and_process(conn, uidvalidity, group)
+                    group, group_bytes = [], 0
+                group.append(uid)
+                group_bytes += size
+            await self._fetch_and_process(conn, uidvalidity, group)
+            missing = [uid for uid in batch if uid not in sizes]
+            if missing:
+                await self._store.advance_high_water_mark(
+                    self.account, self.folder, uidvalidity, max(missing)
+                )
+
+    async def _fetch_and_process(
+        self, conn: IMAPConnection, uidvalidity: int, uids: list[int]
+    ) -> None:
+        if not uids:
+            return
+        bodies: dict[int, bytes] = {}
+        with trio.fail_after(self.config.command_timeout_secs):
+            async for data in conn.uid_fetch(uids, ["BODY.PEEK[]"]):
+                if data.uid is not None and data.body is not None:
+                    bodies[data.uid] = bytes(data.body)
+        for uid in uids:
+            raw = bodies.pop(uid, None)
+            if raw is None:
+                continue  # expunged between the size probe and now
+            message = await parse_message_async(
+                raw,
+                uid=uid,
+                uidvalidity=uidvalidity,
+                max_attachment_bytes=self.config.max_attachment_bytes,
+            )
+            del raw
+            await self._dispatch(message)
+
+    async def _process_oversized(
+        self,
+        conn: IMAPConnection,
+        uidvalidity: int,
+        uid: int,
+        size: int,
+        structure: BodyStructure | None,
+    ) -> None:
+        limit = self.config.max_message_bytes
+        sections = text_sections(structure) if structure is not None else []
+        items = ["BODY.PEEK[HEADER]"] + [f"BODY.PEEK[{s.section}]<0.{limit}>" for s in sections]
+        header = b""
+        found: dict[str, bytes] = {}
+        with trio.fail_after(self.config.command_timeout_secs):
+            async for data in conn.uid_fetch([uid], items):
+                for name, value in data.sections.items():
+                    if value is None:
+                        continue
+                    if name.upper() == "HEADER":
+                        header = bytes(value)
+                    else:
+                        found[name.split("<", 1)[0]] = bytes(value)
+        parts = [(s, found.get(s.section, b"")) for s in sections]
+        raw = build_substitute(header, parts)
+        message = await parse_message_async(
+            raw,
+            uid=uid,
+            uidvalidity=uidvalidity,
+            max_attachment_bytes=self.config.max_attachment_bytes,
+        )
+        message = attrs.evolve(
+            message,
+            attachments=describe_attachments(structure) if structure is not None else (),
+            size=size,
+            defects=tuple(sorted({*message.defects, OVERSIZE_DEFECT})),
+        )
+        log_event(
+            logging.INFO,
+            "message over max_message_bytes: text parts only",
+            uid=uid,
+            size=size,
+            limit=limit,
+        )
+        await self._dispatch(message)
+
+    async def _dispatch(self, message: Message) -> None:
+        key = self._key(message)
+        result = await self._store.claim(key, message.message_id)
+        fields = {
+            "uid": message.uid,
+            "message_id": message.message_id,
+            "from": message.from_.addr,
+            "subject": message.subject,
+        }
+        if result.outcome is ClaimOutcome.DUPLICATE:
+            log_event(
+                logging.INFO, "message skipped: already processed (same Message-ID)", **fields
+            )
+            return
+        if result.record.status is not MessageStatus.CLAIMED or key in self._in_flight:
+            return
+        ours = await self._store.our_message_ids_among(
+            [
+                message.message_id,
+                *([message.in_reply_to] if message.in_reply_to else []),
+                *message.references,
+            ]
+        )
+        verdict = evaluate(
+            message,
+            self._policy,
+            is_our_message_id=own_id_predicate(ours),
+            rate_limiter=self._rate_limiter,
+        )
+        if not verdict.accepted:
+            await self._store.mark_rejected(key, verdict.reason)
+            log_event(
+                logging.INFO,
+                "message rejected",
+                **fields,
+                reason=verdict.reason,
+                detail=verdict.detail or None,
+            )
+            return
+        self._in_flight[key] = message
+        await self._store.begin_handling(key)
+        await self._message_send.send(message)
+
+
+@contextlib.asynccontextmanager
+async def open_mail_channel(
+    config: Config, *, rng: random.Random | None = None
+) -> AsyncIterator[MailChannel]:
+    """Open the email channel: watch the mailbox, deliver accepted mail, send replies.
+
+    Args:
+        config: The validated configuration (see :func:`prxmail.config.load_config`).
+        rng: Random source for backoff jitter (tests pass a seeded one).
+
+    Yields:
+        The :class:`MailChannel`. Leaving the block stops both tasks; messages you
+        received but did not finish are released to be handed on again next time.
+
+    Raises:
+        StateError: the state directory is in use by another process or unusable.
+        Any exception from the block itself, unwrapped (never an ExceptionGroup).
+    """
+    source = rng or random.Random()  # noqa: S311 - jitter only
+    retry = RetryPolicy(
+        initial_delay=float(config.smtp_retry_initial_secs),
+        max_delay=float(config.smtp_retry_max_secs),
+    )
+    try:
+        async with open_state_store(config.state_dir, retry_policy=retry, rng=source) as store:
+            channel = MailChannel(config, store, rng=source)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(channel._run_sender)
+                    await nursery.start(channel._run_watcher)
+                    try:
+                        yield channel
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await channel._release_in_flight()
+    except BaseExceptionGroup as group:
+        _raise(collapse_exception_group(group))
+
+
+def _raise(exc: BaseException) -> NoReturn:
+    raise exc
