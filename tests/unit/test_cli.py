@@ -11,7 +11,7 @@ from prxmail import __version__
 from prxmail.cli import main
 from prxmail.doctor import EXIT_BLOCKED as EXIT_FAILURE
 from prxmail.doctor import EXIT_OK
-from prxmail.serve import EXIT_CONFIG, EXIT_NOT_AVAILABLE
+from prxmail.serve import EXIT_CONFIG
 
 GOOD = """\
 [channels_config.email]
@@ -90,16 +90,22 @@ def test_doctor_good_config_never_prints_password(
     assert "s3cret-pw" not in captured.out + captured.err
 
 
-def test_serve_loads_config_and_says_what_it_would_do(
+def test_serve_without_handler_says_how_to_set_one(
     good_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["serve", "-c", str(good_config), "--exec", "python3 handler.py"])
+    code = main(["serve", "-c", str(good_config)])
     captured = capsys.readouterr()
-    assert code == EXIT_NOT_AVAILABLE
-    assert "imap.example.com:993 (tls)" in captured.out
-    assert "smtp.example.com:465 (tls)" in captured.out
-    assert "python3 handler.py" in captured.out
+    assert code == EXIT_CONFIG
+    assert "--exec" in captured.err
     assert "s3cret-pw" not in captured.out + captured.err
+
+
+def test_serve_rejects_unsplittable_exec(
+    good_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["serve", "-c", str(good_config), "--exec", "python3 'unbalanced"])
+    assert code == EXIT_CONFIG
+    assert "--exec" in capsys.readouterr().err
 
 
 def test_serve_config_error_exit_status(
