@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+from pathlib import Path
 
 import attrs
 import pytest
@@ -704,3 +705,68 @@ def test_large_body_with_junk_in_its_base64_is_not_elided_but_still_bounded() ->
     [attachment] = parse(raw, limit=10).attachments
     assert attachment.content is None
     assert abs(attachment.size - len(payload)) < 16
+
+
+# -- realistic samples (tests/data/mime, written for these tests) -------------------
+
+SAMPLES = Path(__file__).parent.parent / "data" / "mime"
+
+
+def sample(name: str, *, limit: int = 1000) -> Message:
+    return parse((SAMPLES / name).read_bytes(), limit=limit)
+
+
+def test_sample_outlook_html_only() -> None:
+    msg = sample("outlook_html_only.eml")
+    assert msg.from_ == Address("Hans.Mueller@Corp.Example", "Hans Müller")
+    assert msg.subject == "AW: Angebot für Q2 \u2013 bitte prüfen"
+    assert msg.text == (
+        "Hallo,\n\nanbei das Angebot für Q2 \u2013 bitte bis Freitag prüfen.\n\nGrüße\nHans\n\nLogo"
+    )
+    assert msg.html is not None
+    assert "MsoNormal" in msg.html
+    assert msg.return_path == "hans.mueller@corp.example"
+    assert msg.in_reply_to == "<a1b2c3@ours.example>"
+    [pdf] = msg.attachments
+    assert (pdf.filename, pdf.content_type) == ("Angebot Q2 für Kunden.pdf", "application/pdf")
+    assert pdf.content is not None
+    assert pdf.content.startswith(b"%PDF-1.7")
+    assert len(msg.authentication_results) == 1
+
+
+def test_sample_apple_alternative_with_inline_image() -> None:
+    msg = sample("apple_alternative_inline.eml")
+    assert msg.subject == "Trip photos 📷"
+    assert (
+        msg.text
+        == "Here is the view from the hotel — can you write a caption?\n\n[image: view.png]"
+    )
+    assert msg.html is not None
+    assert "cid:view@example.com" in msg.html
+    assert msg.reply_to == (Address("alice.travel@example.com", "Alice Travel"),)
+    assert msg.date == dt.datetime(2025, 2, 16, 2, 30, tzinfo=dt.UTC)
+    [image] = msg.attachments
+    assert (image.filename, image.content_type, image.size) == ("view.png", "image/png", 48)
+
+
+def test_sample_postfix_bounce() -> None:
+    msg = sample("postfix_bounce.eml")
+    assert msg.return_path == ""
+    assert msg.content_type == "multipart/report"
+    assert msg.auto_submitted == "auto-replied"
+    assert msg.from_ == Address("MAILER-DAEMON@mx.ours.example", "Mail Delivery System")
+    assert msg.text.startswith("This is the mail system at host mx.ours.example.")
+    assert [a.content_type for a in msg.attachments] == [
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+
+
+def test_sample_broken_everything_still_yields_text() -> None:
+    msg = sample("broken_everything.eml")
+    assert "Still" in msg.text
+    assert "readable?" in msg.text
+    assert msg.from_all == ()
+    assert "no-from" in msg.defects
+    assert "StartBoundaryNotFoundDefect" in msg.defects
+    msg.subject.encode("utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -489,3 +490,41 @@ def test_reply_to_is_honoured_for_everybody_when_all_are_allowed() -> None:
     policy = SenderPolicy(allowed_senders=("*",))
     message = msg(reply_to=(Address("other@elsewhere.example"),))
     assert choose_reply_recipient(message, policy) == Address("other@elsewhere.example")
+
+
+# -- verdicts on the realistic samples ----------------------------------------------
+
+SAMPLES = Path(__file__).parent.parent / "data" / "mime"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("outlook_html_only.eml", Verdict(True, "accepted")),
+        ("apple_alternative_inline.eml", Verdict(True, "accepted")),
+        ("postfix_bounce.eml", Verdict(False, "bounce")),
+        ("vacation_autoreply.eml", Verdict(False, "auto-submitted")),
+        ("list_mail.eml", Verdict(False, "bulk")),
+        ("broken_everything.eml", Verdict(False, "no-sender")),
+    ],
+)
+def test_sample_verdicts(name: str, expected: Verdict) -> None:
+    message = parse_message(
+        (SAMPLES / name).read_bytes(), uid=1, uidvalidity=1, max_attachment_bytes=0
+    )
+    policy = SenderPolicy(allowed_senders=("*",), own_addresses=(OURS,))
+    assert verdict(message, policy) == expected
+
+
+def test_sample_outlook_passes_the_authentication_check() -> None:
+    raw = (SAMPLES / "outlook_html_only.eml").read_bytes()
+    message = parse_message(raw, uid=1, uidvalidity=1, max_attachment_bytes=0)
+    policy = SenderPolicy(allowed_senders=("@corp.example",), authserv_id="mx.ours.example")
+    assert verdict(message, policy) == Verdict(True, "accepted")
+    forged = parse_message(
+        raw.replace(b"Authentication-Results: mx.ours.example", b"Authentication-Results: mx.evil"),
+        uid=1,
+        uidvalidity=1,
+        max_attachment_bytes=0,
+    )
+    assert verdict(forged, policy).reason == "auth-results-failed"
