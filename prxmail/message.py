@@ -47,8 +47,12 @@ __all__ = [
     "Address",
     "Attachment",
     "Message",
+    "decode_header_text",
+    "missing_message_id",
+    "parse_addresses",
     "parse_message",
     "parse_message_async",
+    "parse_message_ids",
     "sanitize_filename",
 ]
 
@@ -441,7 +445,9 @@ def _path_address(raw: str) -> str:
     value = _fix_raw_bytes(_UNFOLD.sub("", raw)).strip()
     match = re.search(r"<([^<>]*)>", value)
     inner = match.group(1) if match else value
-    return "".join(inner.split())[:MAX_HEADER_TEXT_CHARS]
+    return "".join(ch for ch in inner if ch.isprintable() and not ch.isspace())[
+        :MAX_HEADER_TEXT_CHARS
+    ]
 
 
 # -- attachments ----------------------------------------------------------------------
@@ -907,9 +913,15 @@ def parse_message(raw: bytes, *, uid: int, uidvalidity: int, max_attachment_byte
         text = "\n\n".join(_normalise_newlines(p).strip("\n") for p in plain)
     elif html is not None:
         text = html_to_text(html)
-    elif unmanaged and _content_type(root).split("/")[0] in ("multipart", "text"):
-        # A broken multipart (boundary never found) ends up here as one blob:
-        # showing it raw beats showing nothing.
+    elif (
+        unmanaged
+        and not root.is_multipart()
+        and _content_type(root).split("/")[0] in ("multipart", "text")
+    ):
+        # A broken multipart (boundary never found) or a text/* body other than
+        # plain/html ends up here as one blob: showing it raw beats showing
+        # nothing. Parts of an intact multipart are never shown this way (they
+        # may be decoded binaries).
         text = "\n\n".join(_normalise_newlines(p).strip("\n") for p in unmanaged)
     else:
         text = ""

@@ -367,6 +367,21 @@ def test_crlf_and_nul_are_normalised_in_text() -> None:
     assert msg.text == "one\ntwo\nthree"
 
 
+def test_other_text_types_as_the_whole_body_are_shown() -> None:
+    raw = mail("From: a@x.org", "Content-Type: text/markdown; charset=utf-8", body=b"# Title\r\n")
+    assert parse(raw).text == "# Title"
+
+
+def test_binary_parts_never_become_text() -> None:
+    raw = (
+        b"From: a@x.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        b"--b\r\nContent-Type: application/octet-stream\r\n\r\n\x00\x01\xff\xfebinary\r\n--b--\r\n"
+    )
+    msg = parse(raw)
+    assert msg.text == ""
+    assert [a.content for a in msg.attachments] == [b"\x00\x01\xff\xfebinary"]
+
+
 # -- malformed MIME ---------------------------------------------------------------
 
 
