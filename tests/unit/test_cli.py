@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,6 @@ import pytest
 from prxmail import __version__
 from prxmail.cli import main
 from prxmail.doctor import EXIT_BLOCKED as EXIT_FAILURE
-from prxmail.doctor import EXIT_OK
 from prxmail.serve import EXIT_CONFIG
 
 GOOD = """\
@@ -70,23 +70,47 @@ def test_doctor_reports_config_problems_with_paths(
     assert "required key missing @ $.channels_config.email.imap_host" in out
 
 
+@pytest.fixture
+def loopback_config(tmp_path: Path) -> Path:
+    """GOOD pointed at closed loopback ports: the doctor's network steps fail at once,
+    and no test talks to a real host."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    text = GOOD.replace('"imap.example.com"', '"127.0.0.1"').replace(
+        '"smtp.example.com"', '"127.0.0.1"'
+    )
+    text += f'imap_port = {ports[0]}\nsmtp_port = {ports[1]}\nstate_dir = "{tmp_path / "st"}"\n'
+    path = tmp_path / "loopback.toml"
+    path.write_text(text)
+    return path
+
+
 def test_doctor_json(
-    bad_config: Path, good_config: Path, capsys: pytest.CaptureFixture[str]
+    bad_config: Path, loopback_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["doctor", "--json", "-c", str(bad_config)]) == EXIT_FAILURE
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] is False
     assert result["steps"][0]["status"] == "fail"
-    assert main(["doctor", "--json", "-c", str(good_config)]) == EXIT_OK
-    assert json.loads(capsys.readouterr().out)["steps"][0]["status"] == "pass"
+    assert main(["doctor", "--json", "-c", str(loopback_config)]) == EXIT_FAILURE
+    result = json.loads(capsys.readouterr().out)
+    steps = {step["name"]: step["status"] for step in result["steps"]}
+    assert steps["config"] == "pass"
+    assert steps["imap.tcp"] == "fail"
+    assert steps["imap.login"] == "skip"
+    assert steps["policy"] == "pass"
 
 
-def test_doctor_good_config_never_prints_password(
-    good_config: Path, capsys: pytest.CaptureFixture[str]
+def test_doctor_never_prints_password(
+    loopback_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["doctor", "-c", str(good_config)]) == EXIT_OK
+    assert main(["doctor", "-c", str(loopback_config)]) == EXIT_FAILURE
     captured = capsys.readouterr()
     assert "PASS config" in captured.out
+    assert "FAIL imap.tcp" in captured.out
     assert "s3cret-pw" not in captured.out + captured.err
 
 
@@ -116,11 +140,11 @@ def test_serve_config_error_exit_status(
 
 
 def test_config_path_from_environment(
-    good_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    loopback_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("PRXMAIL_CONFIG", str(good_config))
-    assert main(["doctor"]) == EXIT_OK
-    assert str(good_config) in capsys.readouterr().out
+    monkeypatch.setenv("PRXMAIL_CONFIG", str(loopback_config))
+    assert main(["doctor"]) == EXIT_FAILURE
+    assert f"{loopback_config} loaded" in capsys.readouterr().out
 
 
 def test_python_dash_m_entry_point() -> None:
