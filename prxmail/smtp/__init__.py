@@ -11,6 +11,9 @@ is the bytes-in, replies-out core with no I/O at all.
 
 from prxmail._tls import Security as Security
 from prxmail.smtp._connection import IDLE_PROBE_SECONDS as IDLE_PROBE_SECONDS
+from prxmail.smtp._connection import MAX_PIPELINED_MESSAGES as MAX_PIPELINED_MESSAGES
+from prxmail.smtp._connection import BatchOutcome as BatchOutcome
+from prxmail.smtp._connection import OutgoingMessage as OutgoingMessage
 from prxmail.smtp._connection import RecipientResult as RecipientResult
 from prxmail.smtp._connection import SendResult as SendResult
 from prxmail.smtp._connection import SMTPConnection as SMTPConnection
@@ -35,10 +38,13 @@ from prxmail.smtp._protocol import parse_extensions as parse_extensions
 __all__ = [
     "IDLE_PROBE_SECONDS",
     "MAX_LINE_LENGTH",
+    "MAX_PIPELINED_MESSAGES",
     "MAX_REPLY_BYTES",
     "MAX_REPLY_LINES",
+    "BatchOutcome",
     "Command",
     "Extensions",
+    "OutgoingMessage",
     "RecipientResult",
     "Reply",
     "SMTPConnection",

@@ -26,6 +26,7 @@ import base64
 import contextlib
 import socket
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import attrs
@@ -57,6 +58,10 @@ from prxmail.smtp._protocol import (
 )
 
 __all__ = [
+    "IDLE_PROBE_SECONDS",
+    "MAX_PIPELINED_MESSAGES",
+    "BatchOutcome",
+    "OutgoingMessage",
     "RecipientResult",
     "SMTPConnection",
     "SMTPSender",
@@ -74,6 +79,15 @@ RECEIVE_SIZE = 64 * 1024
 # reply (any message was already accepted or refused), so a server that does not
 # answer quickly must not hold the caller's shutdown.
 QUIT_GRACE_SECONDS = 2.0
+
+# How many messages send_messages keeps in flight (written, replies not yet read).
+# The server queues its replies to them; if it could not write them because we are
+# busy writing and not reading, both sides would block.  16 messages with their
+# RSET, MAIL, RCPTs and BDAT replies stay far below any socket buffer, as does the
+# command cap below for messages with many recipients, while already keeping the
+# server from ever waiting for us.
+MAX_PIPELINED_MESSAGES = 16
+MAX_PIPELINED_COMMANDS = 256
 
 # SMTPSender checks a connection with NOOP before using it again after this much
 # idle time.  With CHUNKING the message goes out in the same write as MAIL, so a
@@ -138,6 +152,56 @@ class SendResult:
     def refused(self) -> tuple[RecipientResult, ...]:
         """Recipients the server refused (partial success when not empty)."""
         return tuple(r for r in self.recipients if not r.accepted)
+
+
+def _recipient_tuple(value: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise TypeError("recipients must be a sequence of addresses, not a str")
+    return tuple(value)
+
+
+@attrs.frozen
+class OutgoingMessage:
+    """One message for :meth:`SMTPConnection.send_messages`.
+
+    Attributes:
+        sender: Envelope sender (``""`` for the null sender).
+        recipients: Envelope recipients, at least one.
+        data: The message, headers and body.
+        smtputf8: Flag the message SMTPUTF8 (see :meth:`SMTPConnection.send_message`).
+    """
+
+    sender: str
+    recipients: tuple[str, ...] = attrs.field(converter=_recipient_tuple)
+    data: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+    smtputf8: bool = False
+
+
+@attrs.frozen
+class BatchOutcome:
+    """What became of one message of :meth:`SMTPConnection.send_messages`.
+
+    Exactly one of ``result`` and ``error`` is set.
+
+    Attributes:
+        result: The server accepted the message (for some or all recipients).
+        error: Why it was not accepted: an :class:`SMTPReplyError` (refused; the
+            code says whether to retry) or :class:`ConnectionBrokenError` /
+            :class:`RemoteProtocolError` (the connection failed).
+        content_sent: The message content was written.  With a connection error
+            this means the outcome is unknown -- the server may have taken it;
+            without it, the message certainly was not delivered and may be sent
+            again.
+    """
+
+    result: SendResult | None = None
+    error: PrxmailError | None = None
+    content_sent: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        """True when the server accepted the message."""
+        return self.result is not None
 
 
 def _default_local_hostname() -> str:
@@ -313,6 +377,7 @@ class SMTPConnection:
             raise ConnectionBrokenError(f"SMTP connection lost while sending: {exc}") from exc
 
     async def _read_reply(self) -> Reply:
+        self._check_usable()
         while True:
             reply = self._proto.next_reply()
             if reply is not None:
@@ -683,6 +748,149 @@ class SMTPConnection:
         self._needs_rset = False
         return SendResult(final, tuple(results))
 
+    async def send_messages(self, messages: Sequence[OutgoingMessage]) -> list[BatchOutcome]:
+        """Send several messages, pipelining across them when the server allows.
+
+        With PIPELINING and CHUNKING, each message (RSET, MAIL, RCPTs, BDAT LAST
+        and content) is written without waiting for the replies to the ones
+        before it, up to :data:`MAX_PIPELINED_MESSAGES` in flight; the server then
+        never waits for the client between messages.  Otherwise the messages go one
+        by one as with :meth:`send_message`.  A refused message does not stop the
+        others.
+
+        Args:
+            messages: The messages, sent in order.
+
+        Returns:
+            One outcome per message, in order.  After a connection failure the
+            remaining messages carry the error, with ``content_sent`` telling
+            whether the server may have taken them.
+
+        Raises:
+            LocalProtocolError: a message is invalid (see :meth:`send_message`);
+                checked for all messages before anything is sent.
+            ConnectionBrokenError: the connection was already unusable.
+        """
+        ext = self._proto.extensions
+        prepared: list[tuple[OutgoingMessage, bytes, tuple[int | None, bool, bool]]] = []
+        chunked = ext.pipelining and ext.chunking and self._use_chunking
+        for msg in messages:
+            if not msg.recipients:
+                raise LocalProtocolError("a message needs at least one recipient")
+            check_address(msg.sender, "sender")
+            for rcpt in msg.recipients:
+                check_address(rcpt, "recipient")
+                if not rcpt:
+                    raise LocalProtocolError("recipient address is empty")
+            content = normalize_crlf(msg.data) if chunked else b""
+            options = mail_options(
+                msg.data,
+                msg.sender,
+                msg.recipients,
+                ext,
+                wire_size=len(content) if chunked else None,
+                smtputf8=msg.smtputf8,
+            )
+            prepared.append((msg, content, options))
+        if not chunked:
+            return await self._send_each(messages)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._operation():
+            if self._proto.state not in (State.READY, State.MAIL, State.RCPT):
+                raise LocalProtocolError(
+                    f"cannot send mail in state {self._proto.state.value}; call handshake()"
+                )
+            return await self._send_batch(prepared)
+
+    async def _send_each(self, messages: Sequence[OutgoingMessage]) -> list[BatchOutcome]:
+        outcomes: list[BatchOutcome] = []
+        for msg in messages:
+            if self._broken is not None:
+                error = ConnectionBrokenError(f"the SMTP connection is broken ({self._broken})")
+                outcomes.append(BatchOutcome(error=error))
+                continue
+            try:
+                result = await self.send_message(
+                    msg.sender, msg.recipients, msg.data, smtputf8=msg.smtputf8
+                )
+            except (SMTPReplyError, ConnectionBrokenError, RemoteProtocolError) as exc:
+                sent = self._content_started and not isinstance(exc, SMTPReplyError)
+                outcomes.append(BatchOutcome(error=exc, content_sent=sent))
+            else:
+                outcomes.append(BatchOutcome(result=result, content_sent=True))
+        return outcomes
+
+    async def _send_batch(
+        self, prepared: list[tuple[OutgoingMessage, bytes, tuple[int | None, bool, bool]]]
+    ) -> list[BatchOutcome]:
+        proto = self._proto
+        outcomes: list[BatchOutcome | None] = [None] * len(prepared)
+        # (index, RSET sent first?) of messages written whose replies are unread.
+        in_flight: deque[tuple[int, bool]] = deque()
+        commands_in_flight = 0
+        written = 0
+        try:
+            for index, (msg, content, (size, eightbit, smtputf8)) in enumerate(prepared):
+                # Whether the previous transaction succeeded is not known yet when
+                # the next one is written, so every one but a clean first starts
+                # with RSET (cheap, and always valid in a pipelined group).
+                rset = index > 0 or self._needs_rset or proto.state is not State.READY
+                parts = [proto.send_rset()] if rset else []
+                parts.append(
+                    proto.send_mail(msg.sender, size=size, eightbit=eightbit, smtputf8=smtputf8)
+                )
+                parts.extend(proto.send_rcpt(r) for r in msg.recipients)
+                parts.append(proto.send_bdat_last(content, crlf_normalized=True))
+                self._needs_rset = True
+                self._content_started = True
+                in_flight.append((index, rset))
+                commands_in_flight += len(parts)
+                written = index + 1
+                await self._write(b"".join(parts))
+                while in_flight and (
+                    len(in_flight) >= MAX_PIPELINED_MESSAGES
+                    or commands_in_flight > MAX_PIPELINED_COMMANDS
+                ):
+                    done, had_rset = in_flight.popleft()
+                    outcomes[done] = await self._read_batch_item(prepared[done][0], had_rset)
+                    commands_in_flight -= len(prepared[done][0].recipients) + 2 + had_rset
+            while in_flight:
+                done, had_rset = in_flight.popleft()
+                outcomes[done] = await self._read_batch_item(prepared[done][0], had_rset)
+        except (ConnectionBrokenError, RemoteProtocolError) as exc:
+            self._broken = self._broken or "the connection failed during a batch"
+            for index in range(len(prepared)):
+                if outcomes[index] is None:
+                    outcomes[index] = BatchOutcome(error=exc, content_sent=index < written)
+        return [
+            o if o is not None else BatchOutcome(error=ConnectionBrokenError("lost"))
+            for o in outcomes
+        ]
+
+    async def _read_batch_item(self, msg: OutgoingMessage, had_rset: bool) -> BatchOutcome:
+        replies: list[Reply] = []
+        for _ in range(len(msg.recipients) + 2 + had_rset):
+            reply = await self._read_reply()
+            if reply.code == 421:
+                # The server is closing: this message was refused (try later), and
+                # the messages after it will get no reply (the next read says so).
+                return BatchOutcome(error=error_for_reply(reply), content_sent=True)
+            replies.append(reply)
+        if had_rset and replies[0].is_error:
+            return BatchOutcome(error=error_for_reply(replies[0]), content_sent=True)
+        mail_reply, *rcpt_replies, final = replies[1:] if had_rset else replies
+        results = tuple(
+            RecipientResult(a, r) for a, r in zip(msg.recipients, rcpt_replies, strict=True)
+        )
+        if mail_reply.is_error:
+            return BatchOutcome(error=error_for_reply(mail_reply), content_sent=True)
+        if not any(r.accepted for r in results):
+            return BatchOutcome(error=_all_refused(results), content_sent=True)
+        if final.is_error:
+            return BatchOutcome(error=error_for_reply(final, "BDAT"), content_sent=True)
+        self._needs_rset = False
+        return BatchOutcome(result=SendResult(final, results), content_sent=True)
+
     async def _send_stepwise(
         self,
         sender: str,
@@ -1002,6 +1210,46 @@ class SMTPSender:
                     # The server dropped the idle connection before this message:
                     # nothing of it was delivered, so one retry on a new connection.
                     await self._drop()
+
+    async def send_messages(self, messages: Sequence[OutgoingMessage]) -> list[BatchOutcome]:
+        """Send several messages over the current connection, pipelined.
+
+        The connection is opened, or checked with NOOP after being idle, as for
+        :meth:`send_message`; then :meth:`SMTPConnection.send_messages` does the
+        work.  Messages whose outcome says ``content_sent=False`` were certainly not
+        delivered and may be passed again.
+
+        Args:
+            messages: The messages, sent in order.
+
+        Returns:
+            One outcome per message, in order.
+
+        Raises:
+            LocalProtocolError: a message is invalid, or the sender is closed.
+            OSError, TLSError, SMTPReplyError, AuthenticationError: connecting failed.
+        """
+        async with self._lock:
+            if self._closed:
+                raise LocalProtocolError("the SMTP sender is closed")
+            conn = await self._usable_connection()
+            return await conn.send_messages(messages)
+
+    async def _usable_connection(self) -> SMTPConnection:
+        while True:
+            if self._conn is None or self._conn.is_broken:
+                await self._drop()
+                self._conn = await self._connect()
+                self._connections_opened += 1
+                return self._conn
+            if self._conn.idle_seconds < IDLE_PROBE_SECONDS:
+                return self._conn
+            try:
+                await self._conn.noop()
+            except (ConnectionBrokenError, SMTPReplyError):
+                await self._drop()
+                continue
+            return self._conn
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None

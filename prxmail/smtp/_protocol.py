@@ -174,7 +174,14 @@ _SEND: dict[State, dict[Command, State]] = {
     },
     State.DATA: {},
     State.BODY: {Command.BODY: State.BODY_SENT},
-    State.BODY_SENT: {},
+    # RFC 2920 3.1: message content may be followed by the next transaction in the
+    # same pipelined group, so a batch of messages need not wait for each reply.
+    State.BODY_SENT: {
+        Command.RSET: State.READY,
+        Command.MAIL: State.MAIL,
+        Command.NOOP: State.BODY_SENT,
+        Command.QUIT: State.BODY_SENT,
+    },
     State.CLOSED: {},
 }
 
@@ -607,7 +614,10 @@ class SMTPProtocol:
             self.extensions = parse_extensions(reply)
         elif reply.is_success and reply.command is Command.HELO:
             self.extensions = Extensions()
-        if isinstance(outcome, State):
+        # Only the reply to the last command sent moves the state: replies to
+        # earlier commands of a pipelined group arrive after the optimistic send
+        # side has already moved on (e.g. the next MAIL after a BDAT LAST).
+        if isinstance(outcome, State) and (not self._pending or outcome is State.CLOSED):
             self.state = outcome
         if self.state is State.CLOSED:
             self._close("QUIT" if reply.command is Command.QUIT else f"server replied {reply.code}")

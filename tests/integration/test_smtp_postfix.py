@@ -20,6 +20,7 @@ from prxmail.errors import (
 )
 from prxmail.smtp import (
     IDLE_PROBE_SECONDS,
+    OutgoingMessage,
     Security,
     SMTPConnection,
     SMTPProtocol,
@@ -323,3 +324,35 @@ async def test_broken_connection_reports_clearly(mail_servers: MailServers) -> N
             assert conn.is_broken
         finally:
             await trio.to_thread.run_sync(mail_servers.start_postfix)
+
+
+@pytest.mark.parametrize("security", PORTS)
+async def test_batch_pipelined_across_messages(
+    mail_servers: MailServers, security: Security
+) -> None:
+    sender, rcpt = fresh_pair(mail_servers)
+    bodies = [f".line {i}\nGr\u00fc\u00dfe {i}\n".encode() for i in range(40)]
+    messages = [
+        OutgoingMessage(
+            sender.address,
+            ["rejected@prxmail.test"] if i == 17 else [rcpt.address],
+            f"Subject: batch {i}\n\n".encode() + body,
+        )
+        for i, body in enumerate(bodies)
+    ]
+    async with open_smtp_connection(
+        mail_servers.host,
+        port_for(mail_servers, security),
+        security=security,
+        ssl_context=mail_servers.ssl_context(),
+    ) as conn:
+        await conn.login(sender.address, sender.password)
+        outcomes = await conn.send_messages(messages)
+        assert [o.accepted for o in outcomes] == [i != 17 for i in range(40)]
+        assert isinstance(outcomes[17].error, SMTPPermanentError)
+        assert outcomes[17].error.command == "RCPT"
+        assert not conn.is_broken
+    delivered = await inbox(mail_servers, rcpt, 39)
+    assert len(delivered) == 39
+    got = sorted(split_body(m)[1] for m in delivered)
+    assert got == sorted(b for i, b in enumerate(bodies) if i != 17)

@@ -24,6 +24,8 @@ from prxmail.errors import (
 )
 from prxmail.smtp import (
     IDLE_PROBE_SECONDS,
+    MAX_PIPELINED_MESSAGES,
+    OutgoingMessage,
     Security,
     SMTPConnection,
     SMTPSender,
@@ -126,10 +128,10 @@ class FakeServer:
                     if action == "hang":
                         await stream.send_all(out)
                         await trio.sleep_forever()
-                    if not sender or not rcpts:
-                        out += b"503 5.5.1 Error: no valid recipients\r\n"
-                    elif isinstance(action, bytes):
+                    if isinstance(action, bytes):
                         out += action
+                    elif not sender or not rcpts:
+                        out += b"503 5.5.1 Error: no valid recipients\r\n"
                     else:
                         self.messages.append((sender, list(rcpts), content))
                         out += b"250 2.0.0 Ok: queued as Y\r\n"
@@ -944,3 +946,129 @@ async def test_sender_does_not_resend_bdat_message(autojump_clock: trio.abc.Cloc
         assert len(servers.servers) == 1
         await sender.aclose()
         nursery.cancel_scope.cancel()
+
+
+# ----- batches ---------------------------------------------------------------------
+
+
+def batch(n: int, **special: list[str]) -> list[OutgoingMessage]:
+    out = []
+    for i in range(n):
+        rcpts = special.get(f"r{i}", ["b@x.test"])
+        sender = "bad@x.test" if f"bad{i}" in special else "a@x.test"
+        out.append(OutgoingMessage(sender, rcpts, f"Subject: {i}\n\n.body {i}\n".encode()))
+    return out
+
+
+@pytest.mark.parametrize("chunking", [True, False])
+async def test_send_messages_outcomes(chunking: bool) -> None:
+    server = FakeServer(chunking=chunking, refuse_sender=frozenset({"bad@x.test"}))
+    messages = batch(40, r3=["refused@x.test"], r5=["refused@x.test", "c@x.test"], bad7=["yes"])
+    async with connected(server) as conn:
+        outcomes = await conn.send_messages(messages)
+        assert len(outcomes) == 40
+        refused = {i for i, o in enumerate(outcomes) if not o.accepted}
+        assert refused == {3, 7}
+        assert outcomes[3].error is not None
+        assert isinstance(outcomes[3].error, SMTPPermanentError)
+        assert outcomes[3].error.command == "RCPT"
+        assert isinstance(outcomes[7].error, SMTPPermanentError)
+        assert outcomes[7].error.command == "MAIL"
+        assert outcomes[5].result is not None
+        assert outcomes[5].result.accepted == ("c@x.test",)
+        # The connection is still good for more.
+        await conn.send_message("a@x.test", ["b@x.test"], b"after")
+    delivered = [m[2] for m in server.messages]
+    expected = [f"Subject: {i}\r\n\r\n.body {i}\r\n".encode() for i in range(40) if i not in (3, 7)]
+    assert delivered[:-1] == expected
+    if chunking:
+        # Pipelined across messages: some read saw several transactions at once.
+        assert max(sum(c.startswith("MAIL") for c in chunk) for chunk in server.chunks) > 1
+    else:
+        assert server.bdat_count == 0
+
+
+async def test_send_messages_bounds_messages_in_flight(autojump_clock: trio.abc.Clock) -> None:
+    # A server that reads everything but answers nothing: the client must stop
+    # writing after MAX_PIPELINED_MESSAGES and wait for replies.
+    def hook(line: str) -> bytes | None:
+        return b"" if line.startswith(("MAIL", "RCPT", "RSET", "<content>")) else None
+
+    server = FakeServer(chunking=True, override=hook)
+    async with connected(server) as conn:
+        with trio.move_on_after(60):
+            await conn.send_messages(batch(MAX_PIPELINED_MESSAGES * 3))
+        assert conn.is_broken  # cancelled mid-batch
+    assert sum(c.startswith("MAIL") for c in server.commands) == MAX_PIPELINED_MESSAGES
+
+
+async def test_send_messages_connection_lost_midway() -> None:
+    count = [0]
+
+    def hook(line: str) -> str | None:
+        if line == "<content>":
+            count[0] += 1
+            if count[0] == 5:
+                return "close"
+        return None
+
+    server = FakeServer(chunking=True, override=hook)
+    n = MAX_PIPELINED_MESSAGES + 10
+    async with connected(server) as conn:
+        outcomes = await conn.send_messages(batch(n))
+        assert conn.is_broken
+    delivered = {m[2] for m in server.messages}
+    bodies = [f"Subject: {i}\r\n\r\n.body {i}\r\n".encode() for i in range(n)]
+    for i, outcome in enumerate(outcomes):
+        if outcome.accepted:
+            assert bodies[i] in delivered
+        else:
+            assert isinstance(outcome.error, ConnectionBrokenError)
+            if not outcome.content_sent:
+                assert bodies[i] not in delivered
+    # Only a window's worth was written before the failure showed.
+    assert [o.content_sent for o in outcomes[MAX_PIPELINED_MESSAGES:]] == [False] * 10
+    assert outcomes[5].error is not None
+
+
+async def test_send_messages_421_midway() -> None:
+    count = [0]
+
+    def hook(line: str) -> bytes | None:
+        if line.startswith("MAIL"):
+            count[0] += 1
+            if count[0] == 3:
+                return b"421 4.3.2 shutting down\r\n"
+        return None
+
+    server = FakeServer(chunking=True, override=hook)
+    async with connected(server) as conn:
+        outcomes = await conn.send_messages(batch(6))
+    assert [o.accepted for o in outcomes[:2]] == [True, True]
+    assert isinstance(outcomes[2].error, SMTPTransientError)
+    assert outcomes[2].error.code == 421
+    assert all(isinstance(o.error, ConnectionBrokenError) for o in outcomes[3:])
+    assert len(server.messages) == 2
+
+
+async def test_send_messages_validates_everything_first() -> None:
+    server = FakeServer(chunking=True)
+    async with connected(server) as conn:
+        messages = [*batch(3), OutgoingMessage("a@x.test", ["b@x.test\r\nDATA"], b"x")]
+        with pytest.raises(LocalProtocolError):
+            await conn.send_messages(messages)
+        with pytest.raises(TypeError):
+            OutgoingMessage("a@x.test", "b@x.test", b"x")  # type: ignore[arg-type]
+        assert "secret body" not in repr(OutgoingMessage("a@x.test", ["b@x.test"], b"secret body"))
+    assert not any(c.startswith("MAIL") for c in server.commands)
+
+
+async def test_sender_send_messages() -> None:
+    async with trio.open_nursery() as nursery:
+        servers = Servers(nursery, lambda index: FakeServer(chunking=True))
+        sender = SMTPSender(servers.connect)
+        outcomes = await sender.send_messages(batch(5))
+        assert all(o.accepted for o in outcomes)
+        await sender.aclose()
+        nursery.cancel_scope.cancel()
+    assert len(servers.servers[0].messages) == 5
