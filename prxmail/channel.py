@@ -51,7 +51,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Final, NoReturn
+from typing import Final
 
 import attrs
 import trio
@@ -869,6 +869,7 @@ async def open_mail_channel(
         initial_delay=float(config.smtp_retry_initial_secs),
         max_delay=float(config.smtp_retry_max_secs),
     )
+    collapsed: BaseException
     try:
         async with open_state_store(config.state_dir, retry_policy=retry, rng=source) as store:
             channel = MailChannel(config, store, rng=source)
@@ -884,8 +885,8 @@ async def open_mail_channel(
                 with trio.CancelScope(shield=True):
                     await channel._release_in_flight()
     except BaseExceptionGroup as group:
-        _raise(collapse_exception_group(group))
-
-
-def _raise(exc: BaseException) -> NoReturn:
-    raise exc
+        collapsed = collapse_exception_group(group)
+    else:
+        return
+    # Raised outside the except block so the group does not become its __context__.
+    raise collapsed

@@ -44,6 +44,16 @@ async def _serve(config: Config, argv: list[str], scope: trio.CancelScope) -> No
         scope.cancel()
 
 
+def _run(config: Config, argv: list[str]) -> None:
+    try:
+        trio.run(_serve_until_signal, config, argv)
+    except BaseExceptionGroup as group:
+        collapsed = collapse_exception_group(group)
+    else:
+        return
+    raise collapsed
+
+
 def run_serve(
     config_path: Path,
     *,
@@ -91,10 +101,7 @@ def run_serve(
     for line in config.describe():
         log_event(logging.INFO, line)
     try:
-        try:
-            trio.run(_serve_until_signal, config, argv)
-        except BaseExceptionGroup as group:
-            raise collapse_exception_group(group) from None
+        _run(config, argv)
     except PrxmailError as exc:
         log_event(logging.ERROR, "prxmail stopped", error=f"{type(exc).__name__}: {exc}")
         return EXIT_FAILURE

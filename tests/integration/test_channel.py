@@ -1,0 +1,251 @@
+"""The library API (open_mail_channel) against the real Dovecot + Postfix.
+
+Each test makes fresh users, so it does not see other tests' mail, and is bounded in time.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import trio
+
+from prxmail.channel import open_mail_channel
+from prxmail.message import Message
+from tests.integration.servicekit import (
+    append,
+    fresh_pair,
+    imap_login,
+    make_config,
+    make_message,
+    replies,
+    send_mail,
+    wait_replies,
+)
+from tests.mailservers import MailServers
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+async def in_thread(fn: object, *args: object, **kwargs: object) -> object:
+    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))  # type: ignore[arg-type]
+
+
+async def next_message(channel: object) -> Message:
+    with trio.fail_after(30):
+        return await channel.receive()  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_threaded_reply_and_second_message_keeps_references(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "thread")
+    config = make_config(mail_servers, pair, tmp_path / "state")
+    first = make_message(pair.alice, pair.bot, "Question one", "What is 6 x 7?\n")
+    async with open_mail_channel(config) as channel:
+        await in_thread(send_mail, mail_servers, pair.alice, first, pair.bot)
+        message = await next_message(channel)
+        assert message.message_id == first["Message-ID"]
+        assert message.from_.addr == pair.alice.address
+        assert "6 x 7" in message.text
+        reply_id = await channel.reply(message, "42, of course.")
+        (reply,) = await in_thread(wait_replies, mail_servers, pair.alice, 1)  # type: ignore[misc]
+        assert reply["Subject"] == "Re: Question one"
+        assert reply["In-Reply-To"] == first["Message-ID"]
+        assert reply["References"] == first["Message-ID"]
+        assert reply["Message-ID"] == reply_id
+        assert reply["Auto-Submitted"] == "auto-replied"
+        assert "42, of course." in reply.get_content()
+
+        # alice answers the reply: the thread continues with the full chain.
+        second = make_message(
+            pair.alice,
+            pair.bot,
+            "Re: Question one",
+            "And 7 x 8?\n",
+            headers={
+                "In-Reply-To": reply_id,
+                "References": f"{first['Message-ID']} {reply_id}",
+            },
+        )
+        await in_thread(send_mail, mail_servers, pair.alice, second, pair.bot)
+        message2 = await next_message(channel)
+        assert message2.message_id == second["Message-ID"]
+        await channel.reply(message2, "56.")
+        got = await in_thread(wait_replies, mail_servers, pair.alice, 2)
+        reply2 = got[-1]  # type: ignore[index]
+        assert reply2["Subject"] == "Re: Question one"
+        assert reply2["In-Reply-To"] == second["Message-ID"]
+        assert reply2["References"].split() == [first["Message-ID"], reply_id, second["Message-ID"]]
+
+
+async def test_policy_and_loop_guards_only_allowed_mail_reaches_the_handler(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "policy")
+    config = make_config(mail_servers, pair, tmp_path / "state")
+    refused = [
+        (pair.bob, make_message(pair.bob, pair.bot, "from bob")),
+        (
+            pair.alice,
+            make_message(
+                pair.alice, pair.bot, "vacation", headers={"Auto-Submitted": "auto-replied"}
+            ),
+        ),
+        (pair.alice, make_message(pair.alice, pair.bot, "bulk", headers={"Precedence": "bulk"})),
+        (pair.alice, make_message(pair.alice, pair.bot, "list", headers={"List-Id": "<x.lists>"})),
+        (pair.bot, make_message(pair.bot, pair.bot, "from myself")),
+    ]
+    good = make_message(pair.alice, pair.bot, "a real question")
+    async with open_mail_channel(config) as channel:
+        for sender, msg in refused:
+            await in_thread(send_mail, mail_servers, sender, msg, pair.bot)
+        await in_thread(mail_servers.wait_for_messages, pair.bot, len(refused))
+        await in_thread(send_mail, mail_servers, pair.alice, good, pair.bot)
+        # Mail is processed in UID order: the refused ones came first and were skipped.
+        message = await next_message(channel)
+        assert message.subject == "a real question"
+        await channel.mark_handled(message)
+        # Our reply coming back (a loop) is refused too.
+        reply_id = await channel.send(pair.alice.address, "note", "fyi")
+        loop = make_message(pair.alice, pair.bot, "Re: note", headers={"Message-ID": reply_id})
+        await in_thread(send_mail, mail_servers, pair.alice, loop, pair.bot)
+        last = make_message(pair.alice, pair.bot, "after the loop")
+        await in_thread(send_mail, mail_servers, pair.alice, last, pair.bot)
+        message = await next_message(channel)
+        assert message.subject == "after the loop"
+    # Nothing was answered except what we sent on purpose.
+    assert [m["Subject"] for m in replies(mail_servers, pair.alice)] == ["note"]
+
+
+async def test_restart_nothing_lost_nothing_answered_twice(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "restart")
+    config = make_config(mail_servers, pair, tmp_path / "state")
+    subjects = [f"msg {i}" for i in range(6)]
+    handled: list[str] = []
+    async with open_mail_channel(config) as channel:
+        for subject in subjects[:2]:
+            await in_thread(
+                send_mail,
+                mail_servers,
+                pair.alice,
+                make_message(pair.alice, pair.bot, subject),
+                pair.bot,
+            )
+        for _ in range(2):
+            message = await next_message(channel)
+            await channel.reply(message, f"answer to {message.subject}")
+            handled.append(message.subject)
+        # Mail arriving while we are "down" (third received but not finished).
+        for subject in subjects[2:4]:
+            await in_thread(
+                send_mail,
+                mail_servers,
+                pair.alice,
+                make_message(pair.alice, pair.bot, subject),
+                pair.bot,
+            )
+        unfinished = await next_message(channel)
+        assert unfinished.subject == "msg 2"
+    for subject in subjects[4:]:
+        await in_thread(
+            send_mail,
+            mail_servers,
+            pair.alice,
+            make_message(pair.alice, pair.bot, subject),
+            pair.bot,
+        )
+    async with open_mail_channel(config) as channel:
+        while len(handled) < len(subjects):
+            message = await next_message(channel)
+            await channel.reply(message, f"answer to {message.subject}")
+            handled.append(message.subject)
+        got = await in_thread(wait_replies, mail_servers, pair.alice, len(subjects))
+    assert sorted(handled) == subjects
+    answered = sorted(m["Subject"] for m in got)  # type: ignore[attr-defined]
+    assert answered == [f"Re: {s}" for s in subjects]
+
+
+async def test_smtp_down_then_back_reply_delivered_once(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "smtpdown")
+    config = make_config(mail_servers, pair, tmp_path / "state")
+    question = make_message(pair.alice, pair.bot, "while smtp is down")
+    async with open_mail_channel(config) as channel:
+        mail_servers.stop_postfix()
+        try:
+            await in_thread(append, mail_servers, pair.bot, bytes(question))
+            message = await next_message(channel)
+            await channel.reply(message, "sent later")
+            with trio.fail_after(20):
+                await channel.status.wait_value(lambda s: s.smtp_error is not None)
+        finally:
+            await in_thread(mail_servers.start_postfix)
+        with trio.fail_after(30):
+            await channel.status.wait_value(lambda s: s.smtp_error is None)
+        got = await in_thread(wait_replies, mail_servers, pair.alice, 1)
+        await trio.sleep(3)  # a duplicate would arrive within the retry interval
+    got = replies(mail_servers, pair.alice)
+    assert [m["Subject"] for m in got] == ["Re: while smtp is down"]
+
+
+async def test_uidvalidity_change_does_not_reanswer_or_lose_mail(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "uidv")
+    folder = "Work"
+    config = make_config(mail_servers, pair, tmp_path / "state", imap_folder=folder)
+    old = make_message(pair.alice, pair.bot, "old one")
+    imap = imap_login(mail_servers, pair.bot)
+    try:
+        assert imap.create(folder)[0] == "OK"
+    finally:
+        imap.logout()
+    await in_thread(append, mail_servers, pair.bot, bytes(old), folder)
+    async with open_mail_channel(config) as channel:
+        message = await next_message(channel)
+        assert message.subject == "old one"
+        await channel.reply(message, "answered once")
+        await in_thread(wait_replies, mail_servers, pair.alice, 1)
+    # The folder is re-created (new UIDVALIDITY) holding the old mail and a new one.
+    imap = imap_login(mail_servers, pair.bot)
+    try:
+        _, before = imap.select(folder)
+        uidvalidity_before = imap.response("UIDVALIDITY")
+        imap.close()
+        assert imap.delete(folder)[0] == "OK"
+        assert imap.create(folder)[0] == "OK"
+        _, _ = imap.select(folder)
+        uidvalidity_after = imap.response("UIDVALIDITY")
+        imap.close()
+    finally:
+        imap.logout()
+    assert uidvalidity_before != uidvalidity_after, (before, uidvalidity_before)
+    new = make_message(pair.alice, pair.bot, "new one")
+    await in_thread(append, mail_servers, pair.bot, bytes(old), folder)
+    await in_thread(append, mail_servers, pair.bot, bytes(new), folder)
+    async with open_mail_channel(config) as channel:
+        message = await next_message(channel)
+        assert message.subject == "new one"
+        await channel.reply(message, "fresh")
+        await in_thread(wait_replies, mail_servers, pair.alice, 2)
+    subjects = sorted(m["Subject"] for m in replies(mail_servers, pair.alice))
+    assert subjects == ["Re: new one", "Re: old one"]
+
+
+async def test_exception_in_the_block_is_not_an_exception_group(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "exc")
+    config = make_config(mail_servers, pair, tmp_path / "state")
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with open_mail_channel(config):
+            raise Boom
