@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import re
 from pathlib import Path
 
 import attrs
@@ -285,6 +286,37 @@ def test_policy_headers_are_captured() -> None:
     assert plain.auto_submitted is None
     assert plain.precedence is None
     assert plain.list_id is None
+
+
+def test_oversized_header_section_keeps_only_what_is_used() -> None:
+    flood = b"".join(
+        b"Received: from h%d.example by mx.example; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % i
+        for i in range(5000)
+    )
+    raw = flood + b"From: a@x.org\r\nSubject: still here\r\nContent-Type: text/html\r\n\r\n<p>hi"
+    msg = parse(raw)
+    assert "header-section-trimmed" in msg.defects
+    assert msg.from_ == Address("a@x.org")
+    assert msg.subject == "still here"
+    assert msg.text == "hi"  # Content-Type survived the trim
+    assert msg.size == len(raw)
+
+
+def test_trimmed_address_fields_are_cut_between_addresses_only() -> None:
+    many = b", ".join(b"user%d@example.com" % i for i in range(5000))
+    msg = parse(b"From: a@x.org\r\nTo: " + many + b"\r\n\r\nbody")
+    assert "header-section-trimmed" in msg.defects
+    assert 0 < len(msg.to) < 5000
+    assert all(re.fullmatch(r"user\d+@example\.com", a.addr) for a in msg.to)
+    # A single huge From cannot be cut safely: it is dropped, not shortened.
+    huge = b"From: boss@example.com" + b"x" * 40_000 + b".evil.example\r\n\r\nbody"
+    assert parse(huge).from_all == ()
+
+
+def test_huge_subject_is_cut_before_decoding() -> None:
+    msg = parse(b"From: a@x.org\r\nSubject: " + b"=?utf-8?q?ab?= " * 50_000 + b"\r\n\r\nx")
+    assert set(msg.subject) == {"a", "b"}
+    assert "header-section-trimmed" in msg.defects
 
 
 # -- dates ------------------------------------------------------------------------
