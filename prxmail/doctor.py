@@ -103,6 +103,10 @@ GREETING_TIMEOUT: Final = 5.0
 COMMAND_TIMEOUT: Final = 10.0
 # Saying goodbye (LOGOUT, QUIT) is a courtesy; nothing depends on its answer.
 CLOSE_TIMEOUT: Final = 2.0
+# The whole of one chain (IMAP or SMTP). A server that answers every step just before
+# its own limit could otherwise stretch a run to over a minute; the doctor must end in
+# seconds, and a server that slow is itself the problem to report.
+CHAIN_TIMEOUT: Final = 30.0
 
 # How many bytes of what the server sent first are kept to recognise plain text, TLS
 # records or another protocol: one greeting line is enough to tell.
@@ -250,6 +254,7 @@ class Timeouts:
     greeting: float = GREETING_TIMEOUT
     command: float = COMMAND_TIMEOUT
     close: float = CLOSE_TIMEOUT
+    chain: float = CHAIN_TIMEOUT
 
 
 # -- secrets ----------------------------------------------------------------------------
@@ -759,7 +764,11 @@ def _greeting_failure(
     timeouts: Timeouts,
 ) -> None:
     name = f"{proto}.greeting"
-    first = raw.first
+    # Under implicit TLS the recorded bytes are ciphertext; what the server said in
+    # clear is only known from the protocol error's excerpt.
+    first: bytes | bytearray = raw.first
+    if security is Security.TLS:
+        first = exc.excerpt if isinstance(exc, RemoteProtocolError) else b""
     expected = proto.upper()
     if isinstance(exc, trio.TooSlowError) and not first:
         if security is Security.TLS:
@@ -1522,14 +1531,26 @@ async def _guarded(
     timeouts: Timeouts,
     chain: _Chain,
 ) -> None:
-    """Run one chain; a bug in a check becomes a FAIL of the current step, not a crash."""
-    try:
-        await chain_fn(config, timeouts, chain)
-    except Exception as exc:  # a diagnostic tool must finish its report
+    """Run one chain within its time limit; a bug in a check or the limit becomes a FAIL
+    of the step that was running, not a crash."""
+
+    def fail_pending(summary: str, hint: str = "") -> None:
         done = {r.name for r in chain.results}
         pending = next((n for n in chain.names if n not in done), None)
         if pending is not None:
-            chain.add(pending, Status.FAIL, f"unexpected error: {type(exc).__name__}: {exc}")
+            chain.add(pending, Status.FAIL, summary, hint=hint)
+
+    try:
+        with trio.move_on_after(timeouts.chain) as scope:
+            await chain_fn(config, timeouts, chain)
+    except Exception as exc:  # a diagnostic tool must finish its report
+        fail_pending(f"unexpected error: {type(exc).__name__}: {exc}")
+        return
+    if scope.cancelled_caught:
+        fail_pending(
+            f"the checks did not finish within {timeouts.chain:g} s",
+            hint="the server answers very slowly; the service would time out as well",
+        )
 
 
 _MARKS: Final = {

@@ -23,6 +23,7 @@ import pytest
 import trio
 import trustme
 
+from prxmail import doctor as doctor_module
 from prxmail.config import parse_config
 from prxmail.doctor import (
     EXIT_BLOCKED,
@@ -342,6 +343,62 @@ def test_connect_errors_are_named(code: int, words: str) -> None:
     assert hint
 
 
+class _HangingSocket:
+    """Stands in for a socket whose SYNs a firewall drops: connect() never returns."""
+
+    def __init__(self, *args: object) -> None:
+        self.closed = False
+
+    async def connect(self, address: object) -> None:
+        await trio.sleep_forever()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_connect_that_never_completes_times_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trio.socket, "socket", _HangingSocket)
+    start = time.monotonic()
+    report = await run_checks(write_config(tmp_path), timeouts=FAST)
+    assert time.monotonic() - start < FAST.connect + 1.5
+    tcp = report.step("imap.tcp")
+    assert tcp.status is Status.FAIL
+    assert f"timed out after {FAST.connect:g} s" in tcp.summary
+    assert "firewall" in tcp.hint
+
+
+async def test_a_bug_in_a_check_is_a_failure_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(doctor_module, "_step_dns", broken)
+    report = await run_checks(write_config(tmp_path), timeouts=FAST)
+    dns = report.step("imap.dns")
+    assert dns.status is Status.FAIL
+    assert dns.summary == "unexpected error: RuntimeError: boom"
+    assert report.step("imap.tcp").status is Status.SKIP
+    assert report.step("policy").status is Status.PASS
+
+
+async def test_chain_time_limit(tmp_path: Path, nursery: trio.Nursery) -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    port = await serve(nursery, silent)
+    path = write_config(tmp_path, imap_port=port, imap_security="plain")
+    limits = Timeouts(greeting=30.0, chain=0.4)
+    start = time.monotonic()
+    report = await run_checks(path, timeouts=limits)
+    assert time.monotonic() - start < 2
+    greeting = report.step("imap.greeting")
+    assert greeting.status is Status.FAIL
+    assert "did not finish within 0.4 s" in greeting.summary
+
+
 # -- greeting and TLS faults ------------------------------------------------------------
 
 
@@ -361,6 +418,26 @@ async def test_server_that_never_greets_means_implicit_tls_port(
     assert "no greeting" in greeting.summary
     assert "imap_security = 'tls'" in greeting.hint
     assert report.step("imap.tls").status is Status.SKIP
+
+
+async def test_tls_server_that_never_greets(
+    tmp_path: Path, nursery: trio.Nursery, ca: trustme.CA, ca_file: Path
+) -> None:
+    context = server_context(ca.issue_cert(HOST))
+
+    async def handshake_then_silence(raw: trio.SocketStream) -> None:
+        stream = trio.SSLStream(raw, context, server_side=True)
+        await stream.do_handshake()
+        await trio.sleep_forever()
+
+    port = await serve(nursery, handshake_then_silence)
+    path = write_config(tmp_path, imap_port=port, tls_ca_file=str(ca_file))
+    report = await run_checks(path, timeouts=FAST)
+    assert report.step("imap.tls").status is Status.PASS
+    greeting = report.step("imap.greeting")
+    assert greeting.status is Status.FAIL
+    assert "TLS is up but the server sent no greeting" in greeting.summary
+    assert "imap_port" in greeting.hint
 
 
 async def test_tls_port_speaking_plain_text_means_starttls(
