@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 import re
 from pathlib import Path
 
@@ -462,6 +463,32 @@ def test_too_many_parts_are_not_all_listed() -> None:
     msg = parse(raw)
     assert len(msg.attachments) < MAX_MIME_PARTS
     assert "too-many-parts" in msg.defects
+
+
+def test_boundary_flood_is_cut_and_the_text_before_it_kept() -> None:
+    parts = b"".join(
+        b"--p\r\nContent-Type: application/octet-stream\r\n\r\nx\r\n"
+        for _ in range(3 * MAX_MIME_PARTS)
+    )
+    raw = (
+        b"From: a@x.org\r\nContent-Type: multipart/mixed; boundary=p\r\n\r\n"
+        b"--p\r\nContent-Type: text/plain\r\n\r\nfirst words\r\n" + parts + b"--p--\r\n"
+    )
+    msg = parse(raw)
+    assert msg.text == "first words"
+    assert "too-many-parts" in msg.defects
+    assert 0 < len(msg.attachments) < MAX_MIME_PARTS
+
+
+def test_attachments_do_not_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    raw = (
+        b"From: a@x.org\r\nContent-Type: multipart/mixed; boundary=p\r\n\r\n"
+        + b"--p\r\nContent-Type: application/octet-stream\r\n\r\nx\r\n" * 20
+        + b"--p--\r\n"
+    )
+    with caplog.at_level(logging.DEBUG, logger="prxmail"):
+        assert len(parse(raw).attachments) == 20
+    assert [r for r in caplog.records if r.name.startswith("mailparser")] == []
 
 
 @pytest.mark.parametrize(
