@@ -3,6 +3,7 @@
 from prxmail.errors import AuthenticationError as AuthenticationError
 from prxmail.errors import ConfigError as ConfigError
 from prxmail.errors import ConnectionBrokenError as ConnectionBrokenError
+from prxmail.errors import HandlerError as HandlerError
 from prxmail.errors import IMAPBadResponse as IMAPBadResponse
 from prxmail.errors import IMAPCommandError as IMAPCommandError
 from prxmail.errors import IMAPNoResponse as IMAPNoResponse
@@ -12,6 +13,7 @@ from prxmail.errors import RemoteProtocolError as RemoteProtocolError
 from prxmail.errors import SMTPPermanentError as SMTPPermanentError
 from prxmail.errors import SMTPReplyError as SMTPReplyError
 from prxmail.errors import SMTPTransientError as SMTPTransientError
+from prxmail.errors import StateError as StateError
 from prxmail.errors import TLSError as TLSError
 
 __version__ = "0.1.0.dev0"
@@ -20,6 +22,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ConnectionBrokenError",
+    "HandlerError",
     "IMAPBadResponse",
     "IMAPCommandError",
     "IMAPNoResponse",
@@ -29,6 +32,7 @@ __all__ = [
     "SMTPPermanentError",
     "SMTPReplyError",
     "SMTPTransientError",
+    "StateError",
     "TLSError",
     "__version__",
 ]
