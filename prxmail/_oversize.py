@@ -107,7 +107,8 @@ def text_sections(structure: BodyStructure) -> list[TextSection]:
 
 def _decoded_size(part: BodyPart) -> int:
     if (part.encoding or "").lower() == "base64":
-        return part.size * 3 // 4
+        # MIME base64 is written in 76-character lines plus CRLF: 57 bytes per 78.
+        return part.size * 57 // 78
     return part.size
 
 

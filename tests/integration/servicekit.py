@@ -204,14 +204,19 @@ class ServeProcess:
                 raise AssertionError(  # noqa: B904 - the timeout is the failure
                     f"serve did not stop on SIGTERM; log:\n{self.log()}"
                 )
-        self._reader.join(timeout=5)
+        self._close()
         return self.proc.returncode
+
+    def _close(self) -> None:
+        self._reader.join(timeout=5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self._reader.join(timeout=5)
+        self._close()
 
     def peak_rss_kib(self) -> int:
         status = Path(f"/proc/{self.pid}/status").read_text()
