@@ -445,6 +445,14 @@ async def _step_dns(
     addresses: list[AddrInfo] = [
         (family, kind, prot, sockaddr) for family, kind, prot, _, sockaddr in infos
     ]
+    if not addresses:
+        chain.add(
+            name,
+            Status.FAIL,
+            f"{host} resolves to no usable address",
+            hint=f"check {key}; the name exists but has no address for this machine",
+        )
+        return None
     shown = ", ".join(dict.fromkeys(str(a[3][0]) for a in addresses))
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)

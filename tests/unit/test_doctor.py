@@ -517,6 +517,22 @@ async def test_certificate_problems_are_classified(
     assert report.step("imap.greeting").status is Status.SKIP
 
 
+async def test_self_signed_certificate_is_named(
+    tmp_path: Path, nursery: trio.Nursery, ca: trustme.CA
+) -> None:
+    # A CA certificate served as the leaf: self-signed, and trusted by nobody here.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.cert_pem.write_to_path(str(tmp_path / "self.pem"))
+    ca.private_key_pem.write_to_path(str(tmp_path / "self.key"))
+    context.load_cert_chain(tmp_path / "self.pem", tmp_path / "self.key")
+    port = await serve(nursery, fake_imap(context=context))
+    report = await run_checks(write_config(tmp_path, imap_port=port), timeouts=FAST)
+    tls = report.step("imap.tls")
+    assert tls.status is Status.FAIL
+    assert "self-signed" in tls.summary
+    assert "tls_ca_file" in tls.hint
+
+
 async def test_missing_ca_file_is_a_tls_failure(tmp_path: Path, nursery: trio.Nursery) -> None:
     port = await serve(nursery, fake_imap())
     path = write_config(tmp_path, imap_port=port, tls_ca_file=str(tmp_path / "missing.pem"))
