@@ -69,6 +69,7 @@ import attrs
 
 __all__ = [
     "DOMAIN",
+    "REJECTED_ADDRESS",
     "MailServers",
     "MailServersError",
     "User",
@@ -673,9 +674,11 @@ class MailServers:
             self._postfix_queue_dir,
         ):
             d.mkdir(mode=0o755)
-        for d in (self._dovecot_dir, self._base_dir, self._passwd_dir, self._dovecot_dir / "state"):
+        for d in (self._dovecot_dir, self._base_dir, self._dovecot_dir / "state"):
             d.mkdir(mode=0o755)
             _chown(d, uid, gid)
+        self._passwd_dir.mkdir(mode=0o700)  # passwords: Dovecot's user (and root) only
+        _chown(self._passwd_dir, uid, gid)
         self._mail_root.mkdir(mode=0o700)
         _chown(self._mail_root, uid, gid)
 
