@@ -19,6 +19,13 @@ How the work is split:
   bounded walk of the MIME tree so names are deterministic and sanitised and
   oversized content is never decoded.
 
+* Before either sees the bytes, three cheap byte-level passes bound the work that
+  hostile input can cause (each described where it is defined): an oversized header
+  section is cut down to the fields we read (:data:`MAX_FAST_HEADER_SECTION`), a
+  flood of MIME parts is cut (:data:`MAX_BOUNDARY_LINES`), and base64 bodies over the
+  attachment limit are replaced by a size marker (:data:`ELIDE_FLOOR_BYTES`) -- a
+  50 MB attachment is described exactly without being parsed.
+
 Parsing is CPU work proportional to the message size; in a trio program use
 :func:`parse_message_async`, which runs it in a worker thread.
 """
@@ -183,7 +190,9 @@ class Message:
         in_reply_to: The first Message-ID in In-Reply-To, or ``None``.
         references: The Message-IDs in References, oldest first.
         text: The body as plain text: text/plain parts preferred, otherwise the
-            HTML converted to readable text. Lines end in ``"\\n"``.
+            HTML converted to readable text. Lines end in ``"\\n"``. The text of
+            attached messages (message/rfc822) follows the main text, as
+            mail-parser presents it.
         html: The raw HTML body, or ``None`` when there is none.
         attachments: Attachments and inline non-text parts, in MIME order.
         authentication_results: Raw Authentication-Results values, topmost first.
