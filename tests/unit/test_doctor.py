@@ -470,6 +470,28 @@ async def test_plain_port_answering_with_tls_bytes(tmp_path: Path, nursery: trio
     assert "smtp_security = 'tls'" in greeting.hint
 
 
+@pytest.mark.parametrize(
+    ("proto", "refusal", "words"),
+    [
+        ("smtp", b"554 5.7.1 no service for you\r\n", "refused the session: 554"),
+        ("imap", b"* BYE too many connections\r\n", "too many connections"),
+    ],
+)
+async def test_greeting_refusals(
+    tmp_path: Path, nursery: trio.Nursery, proto: str, refusal: bytes, words: str
+) -> None:
+    async def refuse(stream: trio.SocketStream) -> None:
+        await stream.send_all(refusal)
+
+    port = await serve(nursery, refuse)
+    path = write_config(tmp_path, **{f"{proto}_port": port, f"{proto}_security": "plain"})
+    report = await run_checks(path, timeouts=FAST)
+    greeting = report.step(f"{proto}.greeting")
+    assert greeting.status is Status.FAIL
+    assert words in greeting.summary
+    assert greeting.hint
+
+
 async def test_wrong_protocol_on_port_is_named(tmp_path: Path, nursery: trio.Nursery) -> None:
     smtp_port = await serve(nursery, fake_smtp())
     path = write_config(tmp_path, imap_port=smtp_port, imap_security="starttls")
@@ -769,6 +791,17 @@ async def test_existing_state_shows_outbox_and_last_uid(tmp_path: Path) -> None:
     assert "1 replies waiting" in db.summary
     assert "last processed UID 41 in 'INBOX'" in db.summary
     assert "UIDVALIDITY 777" in db.detail[0]
+
+
+async def test_unreadable_state_database_fails(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.sqlite3").write_bytes(b"this is not a database" * 100)
+    report = await run_checks(write_config(tmp_path, state_dir=str(state)), timeouts=FAST)
+    db = report.step("state.db")
+    assert db.status is Status.FAIL
+    assert "cannot be read" in db.summary
+    assert db.hint
 
 
 # -- output -----------------------------------------------------------------------------
