@@ -251,7 +251,8 @@ class MailChannel:
         #: Health of the channel; ``await channel.status.wait_value(pred)`` to watch it.
         self.status: trio_util.AsyncValue[ChannelStatus] = trio_util.AsyncValue(ChannelStatus())
         self._outbox_generation = trio_util.AsyncValue(0)
-        self._seen_generation = trio_util.AsyncValue(0)
+        # The watcher's current wait (IDLE or poll interval), cancelled to wake it early.
+        self._wake_scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
         return f"<MailChannel {self.account} folder={self.folder!r}>"
@@ -292,7 +293,8 @@ class MailChannel:
             except trio.WouldBlock:
                 log_event(logging.DEBUG, "seen flag dropped (buffer full)", uid=key.uid)
             else:
-                self._seen_generation.value += 1
+                if self._wake_scope is not None:
+                    self._wake_scope.cancel()
 
     async def reply(self, message: Message, body: str) -> str:
         """Answer a message: compose the threaded reply once, store it, send it.
@@ -625,34 +627,41 @@ class MailChannel:
     def _wait_window(self) -> float:
         return float(min(self.config.idle_timeout_secs, self.config.keepalive_secs))
 
-    async def _wait_for_seen_flags(self, scope: trio.CancelScope, generation: int) -> None:
-        await self._seen_generation.wait_value(lambda v: v != generation)
-        scope.cancel()
-
     async def _idle_once(self, conn: IMAPConnection) -> None:
         timeout = self.config.command_timeout_secs
         window = self._wait_window()
-        generation = self._seen_generation.value
         # The whole cycle has a hard deadline: if DONE is not answered in time the
         # connection is dead (a NAT box forgot it) and the TooSlowError reconnects.
         with trio.fail_after(window + 2 * timeout):
             async with conn.idle() as session:
                 with trio.move_on_after(window) as wait:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._wait_for_seen_flags, wait, generation)
+                    # Finished messages cancel this scope so their \Seen flags go out.
+                    self._wake_scope = wait
+                    if self._seen_pending():
+                        wait.cancel()
+                    try:
                         async for push in session:
                             if isinstance(push, Exists):
                                 break
                             if isinstance(push, StatusResponse) and push.status == "BYE":
                                 raise ConnectionBrokenError(f"server said BYE: {push.text}")
-                        nursery.cancel_scope.cancel()
+                    finally:
+                        self._wake_scope = None
 
     async def _poll_once(self, conn: IMAPConnection) -> None:
-        generation = self._seen_generation.value
-        with trio.move_on_after(self.config.poll_interval_secs):
-            await self._seen_generation.wait_value(lambda v: v != generation)
+        with trio.move_on_after(self.config.poll_interval_secs) as wait:
+            self._wake_scope = wait
+            if self._seen_pending():
+                wait.cancel()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._wake_scope = None
         with trio.fail_after(self.config.command_timeout_secs):
             await conn.noop()
+
+    def _seen_pending(self) -> bool:
+        return bool(self._seen_retry) or self._seen_receive.statistics().current_buffer_used > 0
 
     async def _flag_seen(self, conn: IMAPConnection, uidvalidity: int) -> None:
         keys = self._seen_retry

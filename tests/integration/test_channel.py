@@ -8,10 +8,12 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
 from prxmail.channel import open_mail_channel
+from prxmail.config import Secret
 from prxmail.message import Message
 from tests.integration.servicekit import (
     append,
@@ -249,3 +251,49 @@ async def test_exception_in_the_block_is_not_an_exception_group(
     with pytest.raises(Boom):
         async with open_mail_channel(config):
             raise Boom
+
+
+async def test_dovecot_restart_during_idle_reconnects_and_catches_up(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "imaprestart")
+    config = make_config(mail_servers, pair, tmp_path / "state")
+    async with open_mail_channel(config) as channel:
+        await in_thread(
+            send_mail,
+            mail_servers,
+            pair.alice,
+            make_message(pair.alice, pair.bot, "before"),
+            pair.bot,
+        )
+        message = await next_message(channel)
+        await channel.mark_handled(message)
+        with trio.fail_after(20):
+            await channel.status.wait_value(lambda s: s.imap == "idle")
+        await in_thread(mail_servers.restart_dovecot)
+        # Sent while the watcher is reconnecting (or just after).
+        await in_thread(
+            send_mail,
+            mail_servers,
+            pair.alice,
+            make_message(pair.alice, pair.bot, "after"),
+            pair.bot,
+        )
+        message = await next_message(channel)
+        assert message.subject == "after"
+        assert channel.status.value.reconnects >= 1
+
+
+async def test_refused_login_is_reported_not_hammered(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "badauth")
+    text = make_config(mail_servers, pair, tmp_path / "state")
+    config = attrs.evolve(text, password=Secret("definitely-wrong"))
+    async with open_mail_channel(config) as channel:
+        with trio.fail_after(20):
+            await channel.status.wait_value(lambda s: s.imap == "auth-failed")
+        await trio.sleep(2)
+        status = channel.status.value
+    assert status.reconnects == 1  # one attempt, then a long wait (AUTH_RETRY_SECONDS)
+    assert "definitely-wrong" not in str(status.imap_error)
