@@ -962,9 +962,10 @@ async def _imap_chain(config: Config, timeouts: Timeouts, chain: _Chain) -> None
             chain.add(
                 "imap.idle",
                 Status.WARN,
-                "the server does not support IDLE: prxmail will poll for new mail",
-                hint="replies come with a delay of up to one poll interval; nothing to fix"
-                " unless the provider offers an IDLE-capable server",
+                "the server does not support IDLE: prxmail will poll for new mail every"
+                f" {config.poll_interval_secs} s",
+                hint="replies come up to one poll interval late; lower poll_interval_secs"
+                " for quicker answers, or use a provider with IDLE",
             )
     finally:
         if conn is not None:
@@ -1164,11 +1165,14 @@ async def _imap_folder(
     validity = box.uidvalidity if box.uidvalidity is not None else "not reported"
     summary = f"{folder!r}: {box.exists} messages, {unseen}, UIDVALIDITY {validity}"
     if box.uidvalidity is None:
+        # The service refuses such a folder: without UIDVALIDITY a re-created folder
+        # cannot be told from the old one, so stored UIDs could skip or repeat mail.
         return chain.add(
             "imap.folder",
-            Status.WARN,
+            Status.FAIL,
             summary,
-            hint="without UIDVALIDITY prxmail cannot tell a re-created folder from the old one",
+            hint="the server does not report UIDVALIDITY, which prxmail needs to track"
+            " mail safely; use another server or folder",
         )
     return chain.add("imap.folder", Status.PASS, summary)
 

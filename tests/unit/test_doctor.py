@@ -24,7 +24,7 @@ import trio
 import trustme
 
 from prxmail import doctor as doctor_module
-from prxmail.config import parse_config
+from prxmail.config import DEFAULT_POLL_INTERVAL_SECS, parse_config
 from prxmail.doctor import (
     EXIT_BLOCKED,
     EXIT_OK,
@@ -154,6 +154,7 @@ def fake_imap(
     login_failure: str = "Authentication failed.",
     folders: tuple[str, ...] = ("INBOX", "Archive", "Sent Items"),
     starttls: ssl.SSLContext | None = None,
+    uidvalidity: bool = True,
 ) -> Handler:
     """A scripted IMAP server: enough of RFC 3501 for the doctor's questions."""
 
@@ -185,8 +186,9 @@ def fake_imap(
             elif command == "EXAMINE":
                 name = args.strip('"')
                 if name in folders:
+                    validity = "* OK [UIDVALIDITY 4242] ok\r\n" if uidvalidity else ""
                     out = (
-                        "* 7 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 4242] ok\r\n"
+                        f"* 7 EXISTS\r\n* 0 RECENT\r\n{validity}"
                         f"* OK [UIDNEXT 8] ok\r\n{tag} OK [READ-ONLY] done\r\n"
                     )
                 else:
@@ -706,8 +708,22 @@ async def test_no_idle_is_a_warning_not_a_failure(
     report = await run_checks(path, timeouts=FAST)
     idle = report.step("imap.idle")
     assert idle.status is Status.WARN
-    assert "poll" in idle.summary
+    assert f"poll for new mail every {DEFAULT_POLL_INTERVAL_SECS} s" in idle.summary
+    assert "poll_interval_secs" in idle.hint
     assert report.ok
+
+
+async def test_folder_without_uidvalidity_fails(
+    tmp_path: Path, nursery: trio.Nursery, ca: trustme.CA, ca_file: Path
+) -> None:
+    context = server_context(ca.issue_cert(HOST))
+    imap_port = await serve(nursery, fake_imap(context=context, uidvalidity=False))
+    path = write_config(tmp_path, imap_port=imap_port, tls_ca_file=str(ca_file))
+    report = await run_checks(path, timeouts=FAST)
+    folder = report.step("imap.folder")
+    assert folder.status is Status.FAIL
+    assert "UIDVALIDITY not reported" in folder.summary
+    assert "UIDVALIDITY" in folder.hint
 
 
 async def test_smtp_without_auth_is_named(
