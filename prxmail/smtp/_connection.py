@@ -373,7 +373,8 @@ class SMTPConnection:
         try:
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._broken = "sending failed"
+            # Not marked broken here: a batch may still read the replies that
+            # arrived before the failure (the _operation guard marks it after).
             raise ConnectionBrokenError(f"SMTP connection lost while sending: {exc}") from exc
 
     async def _read_reply(self) -> Reply:
@@ -829,6 +830,7 @@ class SMTPConnection:
         in_flight: deque[tuple[int, bool]] = deque()
         commands_in_flight = 0
         written = 0
+        failure: PrxmailError | None = None
         try:
             for index, (msg, content, (size, eightbit, smtputf8)) in enumerate(prepared):
                 # Whether the previous transaction succeeded is not known yet when
@@ -846,7 +848,14 @@ class SMTPConnection:
                 in_flight.append((index, rset))
                 commands_in_flight += len(parts)
                 written = index + 1
-                await self._write(b"".join(parts))
+                try:
+                    await self._write(b"".join(parts))
+                except ConnectionBrokenError as exc:
+                    # The server may have answered earlier messages before it went
+                    # away: read what it sent (over TLS the stream is broken for
+                    # reading too, and the messages stay "unknown").
+                    failure = exc
+                    break
                 while in_flight and (
                     len(in_flight) >= MAX_PIPELINED_MESSAGES
                     or commands_in_flight > MAX_PIPELINED_COMMANDS
@@ -858,13 +867,17 @@ class SMTPConnection:
                 done, had_rset = in_flight.popleft()
                 outcomes[done] = await self._read_batch_item(prepared[done][0], had_rset)
         except (ConnectionBrokenError, RemoteProtocolError) as exc:
-            self._broken = self._broken or "the connection failed during a batch"
-            for index in range(len(prepared)):
-                if outcomes[index] is None:
-                    outcomes[index] = BatchOutcome(error=exc, content_sent=index < written)
+            # A write failure is the root cause; otherwise the read that failed.
+            failure = failure or exc
+        if failure is not None:
+            self._broken = self._broken or f"the connection failed during a batch ({failure})"
         return [
-            o if o is not None else BatchOutcome(error=ConnectionBrokenError("lost"))
-            for o in outcomes
+            outcome
+            if outcome is not None
+            else BatchOutcome(
+                error=failure or ConnectionBrokenError("no reply"), content_sent=index < written
+            )
+            for index, outcome in enumerate(outcomes)
         ]
 
     async def _read_batch_item(self, msg: OutgoingMessage, had_rset: bool) -> BatchOutcome:

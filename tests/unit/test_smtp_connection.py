@@ -1044,7 +1044,7 @@ async def test_send_messages_421_midway() -> None:
     server = FakeServer(chunking=True, override=hook)
     async with connected(server) as conn:
         outcomes = await conn.send_messages(batch(6))
-    assert [o.accepted for o in outcomes[:2]] == [True, True]
+    assert [o.accepted for o in outcomes[:2]] == [True, True], outcomes
     assert isinstance(outcomes[2].error, SMTPTransientError)
     assert outcomes[2].error.code == 421
     assert all(isinstance(o.error, ConnectionBrokenError) for o in outcomes[3:])
