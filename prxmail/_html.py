@@ -18,7 +18,8 @@ by line*:
 * A new line starts with the current prefix: ``"> "`` per ``blockquote`` level and
   the indentation of nested lists. List items get ``"- "`` (``"1. "``, ``"2. "`` ...
   inside ``<ol>``).
-* ``script``, ``style``, ``head``, ``title`` and ``template`` content is dropped.
+* ``script``, ``style``, ``head``, ``title`` and ``template`` content is dropped, and
+  so is every element marked ``hidden`` or styled ``display: none`` (preview text).
   Comments (including Outlook's ``<!--[if mso]>`` blocks) are ignored. Entities are
   decoded by the parser (``convert_charrefs``).
 * A link whose visible text differs from its target is written ``text (url)``;
@@ -94,6 +95,23 @@ _INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u034f\u200b\u200c\u200d\u2060\ufeff"
 
 _HIDDEN_LINK_SCHEMES = ("javascript:", "data:", "cid:", "vbscript:")
 
+# Elements without content: never "hidden" containers.
+_VOID = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param"}
+    | {"source", "track", "wbr"}
+)
+
+
+def _is_hidden(attributes: dict[str, str | None]) -> bool:
+    """Whether an element is not rendered: ``hidden`` or ``display: none``.
+
+    Newsletters hide their "preview text" this way; it is not part of the message.
+    """
+    if "hidden" in attributes:
+        return True
+    style = "".join((attributes.get("style") or "").split()).lower()
+    return "display:none" in style
+
 
 class _TextRenderer(HTMLParser):
     def __init__(self) -> None:
@@ -111,6 +129,8 @@ class _TextRenderer(HTMLParser):
         self._marker: str | None = None  # "- " / "3. " waiting for the item's text
         self._links: list[tuple[str, list[str]]] = []  # (href, text seen inside)
         self._cell_in_row = 0
+        self._hidden_tag: str | None = None  # element hidden by display:none / hidden
+        self._hidden_depth = 0
 
     # -- output primitives ------------------------------------------------------
 
@@ -194,13 +214,27 @@ class _TextRenderer(HTMLParser):
             return
         if self._dropping:
             return
+        if self._hidden_tag is not None:
+            if tag == self._hidden_tag:
+                self._hidden_depth += 1
+            return
         attributes = dict(attrs)
+        if _is_hidden(attributes):
+            if tag not in _VOID:  # a hidden <br>/<img> just shows nothing
+                self._hidden_tag = tag
+                self._hidden_depth = 1
+            return
         if tag in _BLOCK_BREAKS:
             nested_list = tag in ("ul", "ol") and bool(self._lists)
             self._break(_LINE if nested_list else _BLOCK_BREAKS[tag])
         if tag == "br":
             if self._line_open:
                 self._end_line()
+                if self._want_break:
+                    # <div><br></div>: the block would end the line anyway, so the
+                    # <br> shows as an empty line of its own.
+                    self._lines.append(self._prefix().rstrip())
+                    self._want_break = 0
             elif self._want_break == 0 and self._lines:
                 # A second <br> in a row: the empty line is what it shows.
                 self._lines.append(self._prefix().rstrip())
@@ -247,7 +281,7 @@ class _TextRenderer(HTMLParser):
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         # <br/>, <img/>, <hr/>: no content, so no end tag bookkeeping.
         self.handle_starttag(tag, attrs)
-        if tag not in ("br", "img", "hr", "a"):
+        if tag not in _VOID and tag != "a":
             self.handle_endtag(tag)
 
     def handle_endtag(self, tag: str) -> None:
@@ -259,6 +293,12 @@ class _TextRenderer(HTMLParser):
                 self._dropping[tag] = count - 1
             return
         if self._dropping:
+            return
+        if self._hidden_tag is not None:
+            if tag == self._hidden_tag:
+                self._hidden_depth -= 1
+                if self._hidden_depth == 0:
+                    self._hidden_tag = None
             return
         if tag in _BLOCK_BREAKS and tag != "hr":
             nested_list = tag in ("ul", "ol") and len(self._lists) > 1
@@ -281,7 +321,7 @@ class _TextRenderer(HTMLParser):
                 self._emit_flowing(f" ({shown})")
 
     def handle_data(self, data: str) -> None:
-        if self._dropping:
+        if self._dropping or self._hidden_tag is not None:
             return
         data = data.translate(_INVISIBLE)
         if self._pre:

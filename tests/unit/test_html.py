@@ -130,6 +130,34 @@ def test_invisible_preheader_padding_is_removed() -> None:
     ) == ("Hi\nthere")
 
 
+def test_hidden_preview_text_is_dropped() -> None:
+    html = (
+        '<div style="display: none; max-height:0">Preview &zwnj;&nbsp;text'
+        "<div>nested <div>deeper</div></div> still hidden</div>"
+        "<p hidden>also hidden</p><p>Visible</p>"
+    )
+    assert html_to_text(html) == "Visible"
+
+
+def test_display_block_is_not_hidden() -> None:
+    assert html_to_text('<div style="display:block">shown</div>') == "shown"
+
+
+def test_hidden_void_element_does_not_hide_what_follows() -> None:
+    assert html_to_text('a<br style="display:none">b<img hidden alt="x">c') == "abc"
+    assert html_to_text('<div>a<img style="display:none" alt="x"/>b</div>c') == "ab\nc"
+
+
+def test_empty_div_line_as_mail_clients_write_it() -> None:
+    html = (
+        "<div>On Mon, Bob wrote:</div><blockquote><div>Can you check <b>this</b>?</div>"
+        "<div><br></div><div>Bob</div></blockquote><div>Sure, done.</div>"
+    )
+    assert html_to_text(html) == (
+        "On Mon, Bob wrote:\n\n> Can you check this?\n>\n> Bob\n\nSure, done."
+    )
+
+
 def test_hr_is_a_separator_line() -> None:
     assert html_to_text("above<hr>below") == "above\n---\nbelow"
 
