@@ -70,6 +70,7 @@ import attrs
 __all__ = [
     "DOMAIN",
     "REJECTED_ADDRESS",
+    "SMTP_SIZE_LIMIT",
     "MailServers",
     "MailServersError",
     "User",
@@ -83,6 +84,11 @@ HOST = "127.0.0.1"
 # The address Postfix refuses at RCPT with a 5xx, for tests of refused recipients.
 REJECTED_ADDRESS = f"rejected@{DOMAIN}"
 DEFAULT_USERS = ("alice", "bob", "bot")
+# Postfix's message_size_limit (advertised as SIZE in EHLO): its default, made explicit
+# so tests of oversized messages can rely on it.
+SMTP_SIZE_LIMIT = 10_240_000
+# Concurrent IMAP sessions per user and client address.
+IMAP_MAX_USER_IP_CONNECTIONS = 100
 
 # Dovecot treats a connection whose remote and local addresses are equal as secure
 # (login-common: "secured = ssl || trusted || remote_ip == local_ip"), so on loopback it
@@ -319,6 +325,9 @@ userdb {{
   args = uid={uid} gid={gid} home={mail_root}/%d/%n
 }}
 mail_location = maildir:~/Maildir
+# Benchmarks and concurrency tests open many sessions as one user from one address;
+# Dovecot's default of 10 per user+IP would refuse them.
+mail_max_userip_connections = {max_userip}
 namespace inbox {{
   inbox = yes
   separator = /
@@ -393,6 +402,7 @@ lmtp_host_lookup = native
 smtpd_peername_lookup = no
 
 smtpd_banner = $myhostname ESMTP prxmail-test
+message_size_limit = {size_limit}
 smtpd_tls_chain_files = {key_file}, {cert_file}
 smtpd_tls_security_level = encrypt
 smtpd_tls_auth_only = yes
@@ -716,6 +726,7 @@ class MailServers:
                 plain_backend_host=PLAIN_BACKEND_HOST,
                 plain_backend_port=self._plain_backend_port,
                 imap_tls_port=self.imap_tls_port,
+                max_userip=IMAP_MAX_USER_IP_CONNECTIONS,
             )
         )
         (self._postfix_conf_dir / "main.cf").write_text(
@@ -731,6 +742,7 @@ class MailServers:
                 auth_socket=self._base_dir / "auth-postfix",
                 key_file=self._key_file,
                 cert_file=self._cert_file,
+                size_limit=SMTP_SIZE_LIMIT,
             )
         )
         (self._postfix_conf_dir / "master.cf").write_text(
