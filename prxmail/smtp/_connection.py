@@ -614,11 +614,13 @@ class SMTPConnection:
     async def send_message(
         self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False
     ) -> SendResult:
-        """Send one message: MAIL FROM, RCPT TO for each recipient, DATA.
+        """Send one message: MAIL FROM, RCPT TO for each recipient, then the content.
 
-        With PIPELINING the envelope commands go out in one write and their replies
-        are read together -- two round trips per message instead of 3 + recipients.
-        Line endings are normalised to CRLF and lines starting with "." are stuffed.
+        With PIPELINING and CHUNKING (Postfix, Exim, Gmail...) MAIL, the RCPTs and
+        ``BDAT n LAST`` with the content go out in one write: one round trip.  With
+        PIPELINING alone the envelope and DATA go in one write, the dot-stuffed
+        content after the 354: two round trips.  Otherwise each command waits for
+        its reply.  Line endings are normalised to CRLF in every case.
 
         Args:
             sender: Envelope sender (``""`` for the null sender).
@@ -651,11 +653,7 @@ class SMTPConnection:
                 raise LocalProtocolError(
                     f"cannot send mail in state {self._proto.state.value}; call handshake()"
                 )
-            check_address(sender, "sender")
-            for rcpt in recipients:
-                check_address(rcpt, "recipient")
-                if not rcpt:
-                    raise LocalProtocolError("recipient address is empty")
+            _check_envelope(sender, recipients)
             ext = self._proto.extensions
             if ext.pipelining and ext.chunking and self._use_chunking:
                 content = normalize_crlf(data)
@@ -776,13 +774,7 @@ class SMTPConnection:
         prepared: list[tuple[OutgoingMessage, bytes, tuple[int | None, bool, bool]]] = []
         chunked = ext.pipelining and ext.chunking and self._use_chunking
         for msg in messages:
-            if not msg.recipients:
-                raise LocalProtocolError("a message needs at least one recipient")
-            check_address(msg.sender, "sender")
-            for rcpt in msg.recipients:
-                check_address(rcpt, "recipient")
-                if not rcpt:
-                    raise LocalProtocolError("recipient address is empty")
+            _check_envelope(msg.sender, msg.recipients)
             content = normalize_crlf(msg.data) if chunked else b""
             options = mail_options(
                 msg.data,
@@ -1041,6 +1033,18 @@ class SMTPConnection:
         finally:
             self._broken = self._broken or "the connection was closed"
             await trio.aclose_forcefully(self._stream)
+
+
+def _check_envelope(sender: str, recipients: Sequence[str]) -> None:
+    # Everything is checked before the first byte is written, so a bad address
+    # late in the list cannot leave a half-sent pipelined group behind.
+    if not recipients:
+        raise LocalProtocolError("a message needs at least one recipient")
+    check_address(sender, "sender")
+    for rcpt in recipients:
+        if not rcpt:
+            raise LocalProtocolError("recipient address is empty")
+        check_address(rcpt, "recipient")
 
 
 def _in_trio() -> bool:

@@ -60,8 +60,12 @@ __all__ = [
     "Reply",
     "SMTPProtocol",
     "State",
+    "check_address",
+    "decode_challenge",
+    "decode_data",
     "encode_data",
     "error_for_reply",
+    "mail_options",
     "normalize_crlf",
     "parse_extensions",
 ]
@@ -76,9 +80,10 @@ MAX_LINE_LENGTH = 4096
 # making us collect them forever.
 MAX_REPLY_LINES = 100
 
-# Bound on everything buffered for one reply (complete lines plus the unfinished
-# one).  MAX_REPLY_LINES * MAX_LINE_LENGTH would be 400 KiB, more than any real reply
-# needs; 64 KiB keeps the worst case for a hostile server small.
+# Bound on the lines collected for one multi-line reply (the unfinished line is
+# bounded by MAX_LINE_LENGTH on its own).  MAX_REPLY_LINES * MAX_LINE_LENGTH would be
+# 400 KiB, far more than any real reply needs; 64 KiB keeps a hostile server's worst
+# case small.
 MAX_REPLY_BYTES = 64 * 1024
 
 _CRLF = b"\r\n"
@@ -92,7 +97,6 @@ _UNSAFE_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
 # RFC 5321 4.1.2 "Domain"/"address-literal": we accept anything printable without
 # spaces for the EHLO name; the server decides the rest.
 _EHLO_NAME = re.compile(r"[\x21-\x7e]+")
-_XTEXT_SAFE = re.compile(rb"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*")
 
 
 class Command(enum.Enum):
@@ -404,14 +408,6 @@ def decode_data(wire: bytes) -> bytes:
     if body.startswith(b"."):
         body = body[1:]
     return body.replace(b"\r\n..", b"\r\n.")
-
-
-def _xtext(value: str) -> str:
-    """Encode an ESMTP parameter value as xtext (RFC 3461 4)."""
-    raw = value.encode("utf-8")
-    if _XTEXT_SAFE.fullmatch(raw):
-        return value
-    return "".join(chr(b) if _XTEXT_SAFE.fullmatch(bytes([b])) else f"+{b:02X}" for b in raw)
 
 
 def check_address(address: str, what: str) -> None:
