@@ -1,0 +1,300 @@
+"""The channel's watcher against a scripted IMAP server on loopback.
+
+Faults a real server will not produce on demand are injected here: a connection that
+goes silent in the middle of IDLE (a NAT box that forgot it), a server without IDLE
+(polling), and the IDLE renewal schedule. The fake speaks just enough IMAP4rev1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from prxmail.channel import ChannelStatus, MailChannel, open_mail_channel
+from prxmail.config import Config, parse_config
+
+pytestmark = pytest.mark.timeout(60)
+
+UIDVALIDITY = 77
+
+
+def raw_message(uid: int, sender: str = "alice@example.com") -> bytes:
+    return (
+        f"From: {sender}\r\nTo: bot@example.com\r\nSubject: fake {uid}\r\n"
+        f"Message-ID: <fake-{uid}@example.com>\r\n\r\nbody {uid}\r\n"
+    ).encode()
+
+
+@attrs.define
+class FakeIMAP:
+    """A scripted IMAP server: one folder, messages by UID, switchable faults."""
+
+    idle: bool = True
+    messages: dict[int, bytes] = attrs.field(factory=dict)
+    seen: set[int] = attrs.field(factory=set)
+    go_silent_in_idle: bool = False
+    commands: list[str] = attrs.field(factory=list)
+    connections: int = 0
+    reported: int = 0
+    idle_starts: list[float] = attrs.field(factory=list)
+    new_mail: trio.Event = attrs.field(factory=trio.Event)
+
+    def caps(self) -> str:
+        return "IMAP4rev1 LITERAL+" + (" IDLE" if self.idle else "")
+
+    def add(self, uid: int, raw: bytes) -> None:
+        self.messages[uid] = raw
+        self.new_mail.set()
+        self.new_mail = trio.Event()
+
+    def uids_in(self, spec: str) -> list[int]:
+        present = sorted(self.messages)
+        found: set[int] = set()
+        for part in spec.split(","):
+            lo, _, hi = part.partition(":")
+            start = int(lo)
+            end = (max(present, default=0) if hi == "*" else int(hi)) if hi else start
+            if hi == "*" and present and start > present[-1]:
+                found.add(present[-1])  # "n:*" always matches the highest UID
+                continue
+            found.update(u for u in present if min(start, end) <= u <= max(start, end))
+        return sorted(found)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        # The client may drop the connection at any moment (that is what it does on
+        # shutdown and after a timeout): that ends this session, not the server.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._session(stream)
+
+    async def _session(self, stream: trio.SocketStream) -> None:
+        buf = b""
+
+        async def send(line: str | bytes) -> None:
+            data = line if isinstance(line, bytes) else line.encode()
+            await stream.send_all(data + (b"" if data.endswith(b"\r\n") else b"\r\n"))
+
+        async def read_line() -> str | None:
+            nonlocal buf
+            while b"\r\n" not in buf:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return None
+                buf += chunk
+            line, _, buf = buf.partition(b"\r\n")
+            return line.decode()
+
+        await send(f"* OK [CAPABILITY {self.caps()}] fake ready")
+        while True:
+            line = await read_line()
+            if line is None:
+                return
+            self.commands.append(line)
+            tag, _, rest = line.partition(" ")
+            command = rest.upper()
+            if command.startswith("CAPABILITY"):
+                await send(f"* CAPABILITY {self.caps()}")
+                await send(f"{tag} OK done")
+            elif command.startswith("LOGIN"):
+                await send(f"{tag} OK [CAPABILITY {self.caps()}] logged in")
+            elif command.startswith("SELECT"):
+                self.reported = len(self.messages)
+                await send(f"* {len(self.messages)} EXISTS")
+                await send(f"* OK [UIDVALIDITY {UIDVALIDITY}] ok")
+                await send(f"* OK [UIDNEXT {max(self.messages, default=0) + 1}] ok")
+                await send(f"{tag} OK [READ-WRITE] selected")
+            elif command.startswith("UID SEARCH"):
+                self.reported = len(self.messages)
+                if "UNSEEN" in command:
+                    found = [u for u in sorted(self.messages) if u not in self.seen]
+                else:
+                    match = re.search(r"UID ([0-9:*,]+)\s*$", command)
+                    assert match is not None, line
+                    found = self.uids_in(match.group(1))
+                await send("* SEARCH" + "".join(f" {u}" for u in found))
+                await send(f"{tag} OK searched")
+            elif command.startswith("UID FETCH"):
+                spec = command.split()[2]
+                for seq, uid in enumerate(self.uids_in(spec), start=1):
+                    raw = self.messages[uid]
+                    if "BODY.PEEK[]" in command:
+                        await send(f"* {seq} FETCH (UID {uid} BODY[] {{{len(raw)}}}".encode())
+                        await stream.send_all(raw + b")\r\n")
+                    else:
+                        structure = (
+                            f'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" {len(raw)} 2)'
+                        )
+                        size = f"RFC822.SIZE {len(raw)}"
+                        await send(f"* {seq} FETCH (UID {uid} {size} BODYSTRUCTURE {structure})")
+                await send(f"{tag} OK fetched")
+            elif command.startswith("UID STORE"):
+                self.seen.update(self.uids_in(command.split()[2]))
+                await send(f"{tag} OK stored")
+            elif command.startswith("NOOP"):
+                await send(f"{tag} OK noop")
+            elif command.startswith("IDLE"):
+                self.idle_starts.append(trio.current_time())
+                await send("+ idling")
+                if self.go_silent_in_idle:
+                    # Swallow everything from now on: the connection "died".
+                    while await read_line() is not None:
+                        pass
+                    return
+                async with trio.open_nursery() as nursery:
+
+                    async def push_new() -> None:
+                        # Like a real server: report what changed since the session
+                        # last heard about the mailbox, or wait for a change.
+                        while len(self.messages) == self.reported:
+                            await self.new_mail.wait()
+                        self.reported = len(self.messages)
+                        await send(f"* {self.reported} EXISTS")
+
+                    nursery.start_soon(push_new)
+                    done = await read_line()
+                    nursery.cancel_scope.cancel()
+                if done is None:
+                    return
+                assert done.upper() == "DONE", done
+                await send(f"{tag} OK idle done")
+            elif command.startswith("LOGOUT"):
+                await send("* BYE bye")
+                await send(f"{tag} OK logged out")
+                return
+            else:
+                await send(f"{tag} BAD unknown command")
+
+
+def fake_config(port: int, state_dir: Path, **extra: object) -> Config:
+    lines = [
+        "[channels_config.email]",
+        'imap_host = "127.0.0.1"',
+        f"imap_port = {port}",
+        'imap_security = "plain"',
+        'smtp_host = "127.0.0.1"',
+        "smtp_port = 9",
+        'smtp_security = "plain"',
+        'username = "bot@example.com"',
+        'password = "pw"',
+        'from_address = "bot@example.com"',
+        'allowed_senders = ["alice@example.com"]',
+        f'state_dir = "{state_dir}"',
+    ]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return parse_config("\n".join(lines) + "\n")
+
+
+async def start_fake(nursery: trio.Nursery, fake: FakeIMAP) -> int:
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, fake.handle, 0, host="127.0.0.1")
+    )
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll a condition the fake server changes (it has no events of its own)."""
+    with trio.fail_after(10):
+        while not predicate():  # noqa: ASYNC110 - polling another task's plain state
+            await trio.sleep(0.05)
+
+
+async def receive(channel: MailChannel) -> str:
+    with trio.fail_after(10):
+        message = await channel.receive()
+    await channel.mark_handled(message)
+    return message.subject
+
+
+async def test_new_mail_during_idle_is_fetched_at_once_and_flagged_seen(tmp_path: Path) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state")
+        async with open_mail_channel(config) as channel:
+            assert await receive(channel) == "fake 1"  # unseen on first start
+            with trio.fail_after(10):
+                await channel.status.wait_value(lambda s: s.imap == "idle")
+            started = trio.current_time()
+            fake.add(2, raw_message(2))
+            assert await receive(channel) == "fake 2"
+            assert trio.current_time() - started < 2
+            await wait_until(lambda: fake.seen == {1, 2})
+        nursery.cancel_scope.cancel()
+    assert not any("BODY[]" in c.upper() and "PEEK" not in c.upper() for c in fake.commands)
+
+
+async def test_idle_is_renewed_before_the_keepalive(tmp_path: Path) -> None:
+    fake = FakeIMAP()
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state", keepalive_secs=1)
+        async with open_mail_channel(config):
+            await wait_until(lambda: len(fake.idle_starts) >= 3)
+        nursery.cancel_scope.cancel()
+    gaps = [b - a for a, b in zip(fake.idle_starts, fake.idle_starts[1:], strict=False)]
+    assert all(0.8 < gap < 2.0 for gap in gaps), gaps
+    assert fake.connections == 1  # renewal, not reconnection
+
+
+async def test_silent_connection_is_detected_and_replaced(tmp_path: Path) -> None:
+    fake = FakeIMAP(go_silent_in_idle=True)
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state", keepalive_secs=1, command_timeout_secs=1)
+        async with open_mail_channel(config) as channel:
+            with trio.fail_after(15):
+                await channel.status.wait_value(lambda s: s.reconnects >= 1)
+            status: ChannelStatus = channel.status.value
+            assert "TooSlowError" in str(status.imap_error)
+            fake.go_silent_in_idle = False
+            fake.add(1, raw_message(1))
+            assert await receive(channel) == "fake 1"
+        nursery.cancel_scope.cancel()
+    assert fake.connections >= 2
+
+
+async def test_server_without_idle_is_polled(tmp_path: Path) -> None:
+    fake = FakeIMAP(idle=False)
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state", poll_interval_secs=1)
+        async with open_mail_channel(config) as channel:
+            with trio.fail_after(10):
+                await channel.status.wait_value(lambda s: s.imap == "polling")
+            fake.add(5, raw_message(5))
+            assert await receive(channel) == "fake 5"
+        nursery.cancel_scope.cancel()
+    assert not any(c.upper().endswith("IDLE") for c in fake.commands)
+    assert any("NOOP" in c.upper() for c in fake.commands)
+
+
+async def test_first_start_new_skips_existing_mail(tmp_path: Path) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state", first_start='"new"')
+        async with open_mail_channel(config) as channel:
+            with trio.fail_after(10):
+                await channel.status.wait_value(lambda s: s.imap == "idle")
+            fake.add(3, raw_message(3))
+            assert await receive(channel) == "fake 3"
+        nursery.cancel_scope.cancel()
+
+
+async def test_rejected_mail_is_not_delivered_nor_flagged(tmp_path: Path) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1, "mallory@example.com"), 2: raw_message(2)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state")
+        async with open_mail_channel(config) as channel:
+            assert await receive(channel) == "fake 2"
+            await wait_until(lambda: 2 in fake.seen)
+        nursery.cancel_scope.cancel()
+    assert 1 not in fake.seen  # left unseen for a person to look at
