@@ -567,6 +567,25 @@ async def test_starttls_not_offered_is_refused(tls: TLSPair) -> None:
     assert not any(c.startswith(("AUTH", "STARTTLS")) for c in server.commands)
 
 
+async def test_starttls_refused_by_server_blocks_auth(tls: TLSPair) -> None:
+    server = FakeServer(
+        starttls=True,
+        tls_context=tls.server,
+        override=lambda line: b"454 4.7.0 TLS not available\r\n" if line == "STARTTLS" else None,
+    )
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve, server_stream)
+        conn = SMTPConnection(client_stream, security=Security.STARTTLS, ssl_context=tls.client)
+        with pytest.raises(TLSError, match="refused STARTTLS: 454"):
+            await conn.handshake()
+        assert not conn.tls_active
+        with pytest.raises(TLSError):
+            await conn.login("user", PASSWORD)
+        await conn.aclose()
+    assert not any(c.startswith("AUTH") for c in server.commands)
+
+
 async def test_starttls_untrusted_certificate(tls: TLSPair) -> None:
     server = FakeServer(starttls=True, tls_context=tls.server)
     untrusting = ssl.create_default_context()  # the test CA is not in it
