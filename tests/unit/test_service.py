@@ -1,0 +1,226 @@
+"""Pure pieces of the service: oversized-message substitutes, handler payload and
+environment, log formatting, backoff, exception-group collapsing."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+
+import attrs
+import pytest
+import trio
+
+from prxmail._log import MAX_FIELD_CHARS, log_event, setup_logging
+from prxmail._oversize import (
+    OVERSIZE_DEFECT,
+    build_substitute,
+    describe_attachments,
+    text_sections,
+)
+from prxmail.channel import (
+    RECONNECT_INITIAL_SECONDS,
+    RECONNECT_MAX_SECONDS,
+    _Backoff,
+    collapse_exception_group,
+)
+from prxmail.config import parse_config
+from prxmail.imap import BodyPart, MultipartBody
+from prxmail.message import parse_message
+from prxmail.service import handler_environment, message_payload
+
+CONFIG = """\
+[channels_config.email]
+imap_host = "imap.example.com"
+smtp_host = "smtp.example.com"
+username = "bot@example.com"
+password = "top-secret-pw"
+from_address = "bot@example.com"
+allowed_senders = ["alice@example.com"]
+"""
+
+
+def part(type_: str, subtype: str, size: int, **kwargs: object) -> BodyPart:
+    params = kwargs.pop("params", {})
+    return BodyPart(
+        type=type_,
+        subtype=subtype,
+        params=params,  # type: ignore[arg-type]
+        id=None,
+        description=None,
+        encoding=kwargs.pop("encoding", "7bit"),  # type: ignore[arg-type]
+        size=size,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+STRUCTURE = MultipartBody(
+    parts=(
+        MultipartBody(
+            parts=(
+                part("text", "plain", 40, params={"charset": "utf-8"}),
+                part("text", "html", 80, params={"charset": "utf-8"}),
+            ),
+            subtype="alternative",
+        ),
+        part(
+            "application",
+            "octet-stream",
+            78 * 1000,
+            encoding="base64",
+            disposition=("attachment", {"filename": "../../etc/big.bin"}),
+        ),
+        part("text", "plain", 500, disposition=("attachment", {"filename": "notes.txt"})),
+        part("image", "png", 7800, encoding="base64", params={"name": "pic.png"}),
+    ),
+    subtype="mixed",
+)
+
+
+def test_text_sections_pick_readable_parts_with_their_numbers() -> None:
+    sections = text_sections(STRUCTURE)
+    assert [(s.section, s.subtype, s.charset) for s in sections] == [
+        ("1.1", "plain", "utf-8"),
+        ("1.2", "html", "utf-8"),
+    ]
+
+
+def test_single_part_message_is_section_one() -> None:
+    (section,) = text_sections(part("text", "plain", 10))
+    assert section.section == "1"
+
+
+def test_describe_attachments_sanitises_names_and_estimates_sizes() -> None:
+    described = describe_attachments(STRUCTURE)
+    assert [a.filename for a in described] == ["big.bin", "notes.txt", "pic.png"]
+    assert [a.content_type for a in described] == [
+        "application/octet-stream",
+        "text/plain",
+        "image/png",
+    ]
+    assert described[0].size == 57 * 1000  # base64: 57 bytes per 78-byte line
+    assert described[1].size == 500
+    assert all(a.content is None for a in described)
+
+
+def test_substitute_parses_to_the_text_and_keeps_headers() -> None:
+    header = (
+        b"From: Alice <alice@example.com>\r\nSubject: big one\r\nMessage-ID: <big@x>\r\n"
+        b'Content-Type: multipart/mixed;\r\n boundary="orig"\r\nMIME-Version: 1.0\r\n\r\n'
+    )
+    sections = text_sections(STRUCTURE)
+    raw = build_substitute(
+        header,
+        [(sections[0], "Gr\u00fc\u00dfe, see attached.".encode()), (sections[1], b"<p>hi</p>")],
+    )
+    assert b"orig" not in raw
+    message = parse_message(raw, uid=7, uidvalidity=1, max_attachment_bytes=1000)
+    assert message.subject == "big one"
+    assert message.message_id == "<big@x>"
+    assert message.from_.addr == "alice@example.com"
+    assert "Gr\u00fc\u00dfe, see attached." in message.text
+    assert message.html is not None
+    assert "<p>hi</p>" in message.html
+
+
+def test_message_payload_has_the_documented_contract() -> None:
+    raw = (
+        b"From: Alice <alice@example.com>\r\nTo: bot@example.com, other@example.com\r\n"
+        b"Cc: c@example.com\r\nSubject: Hi\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+        b"Message-ID: <m1@x>\r\nIn-Reply-To: <p@x>\r\nReferences: <r@x> <p@x>\r\n\r\nbody\r\n"
+    )
+    message = parse_message(raw, uid=3, uidvalidity=9, max_attachment_bytes=100)
+    payload = message_payload(message)
+    json.dumps(payload)  # serialisable
+    assert payload["message_id"] == "<m1@x>"
+    assert payload["from"] == "alice@example.com"
+    assert payload["from_name"] == "Alice"
+    assert payload["to"] == ["bot@example.com", "other@example.com"]
+    assert payload["cc"] == ["c@example.com"]
+    assert payload["subject"] == "Hi"
+    assert payload["date"] == "2026-11-23T10:00:00+00:00"
+    assert payload["text"].startswith("body")  # type: ignore[attr-defined]
+    assert payload["html"] is None
+    assert payload["attachments"] == []
+    assert payload["in_reply_to"] == "<p@x>"
+    assert payload["references"] == ["<r@x>", "<p@x>"]
+    assert payload["truncated"] is False
+
+
+def test_payload_marks_truncated_messages() -> None:
+    message = parse_message(b"From: a@b.c\r\n\r\nx", uid=1, uidvalidity=1, max_attachment_bytes=1)
+    big = attrs.evolve(message, defects=(OVERSIZE_DEFECT,))
+    assert message_payload(big)["truncated"] is True
+
+
+def test_handler_environment_drops_password_variables() -> None:
+    config = parse_config(CONFIG)
+    env = {"PATH": "/bin", "MAIL_PW": "top-secret-pw", "OTHER": "fine"}
+    assert handler_environment(config, env) == {"PATH": "/bin", "OTHER": "fine"}
+
+
+def test_human_log_line_is_one_line_without_injection() -> None:
+    out = io.StringIO()
+    setup_logging("human", stream=out)
+    log_event(logging.INFO, "message replied", subject="evil\r\nFAKE LINE", uid=4, none=None)
+    line = out.getvalue()
+    assert line.count("\n") == 1
+    assert "message replied" in line
+    assert "uid=4" in line
+    assert "none=" not in line
+    assert 'subject="evil  FAKE LINE"' in line
+
+
+def test_json_log_line_is_an_object_and_fields_are_bounded() -> None:
+    out = io.StringIO()
+    setup_logging("json", stream=out)
+    log_event(logging.WARNING, "message failed", reason="x" * 5000, uid=1)
+    (line,) = out.getvalue().splitlines()
+    obj = json.loads(line)
+    assert obj["event"] == "message failed"
+    assert obj["level"] == "warning"
+    assert obj["uid"] == 1
+    assert len(obj["reason"]) == MAX_FIELD_CHARS
+
+
+def test_setup_logging_replaces_its_own_handler() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    setup_logging("human", stream=first)
+    setup_logging("human", stream=second)
+    log_event(logging.INFO, "once")
+    assert first.getvalue() == ""
+    assert "once" in second.getvalue()
+    with pytest.raises(ValueError, match="unknown log format"):
+        setup_logging("xml")
+
+
+def test_backoff_grows_caps_jitters_and_resets() -> None:
+    backoff = _Backoff(random.Random(1))
+    delays = [backoff.next_delay() for _ in range(15)]
+    assert RECONNECT_INITIAL_SECONDS / 2 <= delays[0] <= RECONNECT_INITIAL_SECONDS
+    assert delays[3] > delays[0]
+    assert max(delays) <= RECONNECT_MAX_SECONDS
+    assert delays[-1] >= RECONNECT_MAX_SECONDS / 2
+    backoff.reset()
+    assert backoff.next_delay() <= RECONNECT_INITIAL_SECONDS
+
+
+def test_collapse_exception_group_unwraps_the_one_real_error() -> None:
+    boom = ValueError("boom")
+    group = BaseExceptionGroup("g", [BaseExceptionGroup("inner", [boom])])
+    assert collapse_exception_group(group) is boom
+
+
+async def test_collapse_ignores_cancelled_siblings() -> None:
+    boom = KeyError("k")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.sleep(1)
+        except trio.Cancelled as cancelled:
+            group = BaseExceptionGroup("g", [cancelled, boom])
+            assert collapse_exception_group(group) is boom
+            raise
+    two = BaseExceptionGroup("g", [ValueError(), KeyError()])
+    assert collapse_exception_group(two) is two
