@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 from pathlib import Path
 from typing import TextIO
@@ -93,6 +94,9 @@ def run_serve(
             "prxmail: no handler: pass --exec CMD or set exec in [channels_config.email]",
             file=err,
         )
+        return EXIT_CONFIG
+    if shutil.which(argv[0]) is None:
+        print(f"prxmail: handler program {argv[0]!r} not found or not executable", file=err)
         return EXIT_CONFIG
     chosen = log_format if log_format != LogFormat.HUMAN.value else config.log_format.value
     setup_logging(chosen, stream=err)

@@ -132,6 +132,14 @@ def test_serve_rejects_unsplittable_exec(
     assert "--exec" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_handler_that_does_not_exist(
+    good_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["serve", "-c", str(good_config), "--exec", "/nonexistent/handler --x"])
+    assert code == EXIT_CONFIG
+    assert "/nonexistent/handler" in capsys.readouterr().err
+
+
 def test_serve_config_error_exit_status(
     bad_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import random
+import sys
+from pathlib import Path
 
 import attrs
 import pytest
@@ -25,10 +27,13 @@ from prxmail.channel import (
     _Backoff,
     collapse_exception_group,
 )
+from prxmail.cli import main
 from prxmail.config import parse_config
 from prxmail.imap import BodyPart, MultipartBody
 from prxmail.message import parse_message
+from prxmail.serve import EXIT_FAILURE
 from prxmail.service import handler_environment, message_payload
+from prxmail.state import StateStore
 
 CONFIG = """\
 [channels_config.email]
@@ -224,3 +229,17 @@ async def test_collapse_ignores_cancelled_siblings() -> None:
             raise
     two = BaseExceptionGroup("g", [ValueError(), KeyError()])
     assert collapse_exception_group(two) is two
+
+
+def test_serve_exits_with_failure_when_another_instance_holds_the_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "prxmail.toml"
+    config.write_text(CONFIG + f'state_dir = "{state}"\n')
+    with StateStore(state):
+        code = main(["serve", "-c", str(config), "--exec", f"{sys.executable} -c pass"])
+    assert code == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "StateError" in err
+    assert "top-secret-pw" not in err
