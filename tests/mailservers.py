@@ -52,6 +52,7 @@ import json
 import os
 import pathlib
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -62,7 +63,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -84,9 +85,10 @@ HOST = "127.0.0.1"
 # The address Postfix refuses at RCPT with a 5xx, for tests of refused recipients.
 REJECTED_ADDRESS = f"rejected@{DOMAIN}"
 DEFAULT_USERS = ("alice", "bob", "bot")
-# Postfix's message_size_limit (advertised as SIZE in EHLO): its default, made explicit
-# so tests of oversized messages can rely on it.
-SMTP_SIZE_LIMIT = 10_240_000
+# Postfix's message_size_limit (advertised as SIZE in EHLO). Room for the 50 MB
+# attachment tests (about 68 MB once base64-encoded); stated so tests of oversized
+# messages can rely on it.
+SMTP_SIZE_LIMIT = 100 * 1024 * 1024
 # Concurrent IMAP sessions per user and client address.
 IMAP_MAX_USER_IP_CONNECTIONS = 100
 
@@ -107,6 +109,8 @@ APT_PACKAGES = ("dovecot-imapd", "dovecot-lmtpd", "postfix")
 DOVECOT_BIN = "/usr/sbin/dovecot"
 POSTFIX_BIN = "/usr/sbin/postfix"
 LMTP_MODULE = "/usr/lib/dovecot/lmtp"
+DOVEADM_BIN = "/usr/bin/doveadm"
+_MAILDIR_SUBDIRS = ("cur", "new", "tmp")
 POLICY_RC_D = pathlib.Path("/usr/sbin/policy-rc.d")
 # The unprivileged user the dovecot-core package creates; the private Dovecot runs as it.
 DOVECOT_USER = "dovecot"
@@ -505,6 +509,23 @@ def _pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+_MAILDIR_NAME = re.compile(r"(\d+)\.M(\d+)P(\d+)(?:Q(\d+))?")
+
+
+def _maildir_order(name: str) -> tuple[int, int, int, int, str]:
+    """Sort key for Maildir file names: delivery second, microsecond, then counter.
+
+    File mtimes are only as fine as the kernel's coarse clock (milliseconds), so
+    messages delivered in a burst tie on mtime; the numbers in the name break the tie
+    (compared as numbers: "M99" is before "M100").
+    """
+    m = _MAILDIR_NAME.match(name)
+    if m is None:
+        return (0, 0, 0, 0, name)
+    secs, usecs, pid, counter = m.groups()
+    return (int(secs), int(usecs), int(pid), int(counter or 0), name)
+
+
 def _chown(path: pathlib.Path, uid: int, gid: int) -> None:
     os.chown(path, uid, gid)
 
@@ -648,6 +669,7 @@ class MailServers:
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._watchdog_pipe: int | None = None
         self._stopped = False
+        self._maildir_counter = 0
 
         pw = pwd.getpwnam(DOVECOT_USER)
         self._uid, self._gid = pw.pw_uid, pw.pw_gid
@@ -825,7 +847,9 @@ class MailServers:
                         continue
                     for entry in os.scandir(d):
                         if entry.is_file():
-                            found.append((entry.stat().st_mtime_ns, entry.name, entry.path))
+                            found.append(
+                                (entry.stat().st_mtime_ns, _maildir_order(entry.name), entry.path)
+                            )
                 found.sort()
                 return [pathlib.Path(p).read_bytes() for _, _, p in found]
             except FileNotFoundError:
@@ -858,6 +882,87 @@ class MailServers:
                     f"{timeout}s; postfix log tail:\n{_tail(self.postfix_log, 1500)}"
                 )
             time.sleep(POLL_INTERVAL)
+
+    def deliver_to_maildir(self, user: User, messages: Iterable[bytes]) -> list[pathlib.Path]:
+        """Put raw messages straight into ``user``'s INBOX, bypassing SMTP (fast bulk fill).
+
+        Files are written the Maildir way (``tmp/`` then renamed into ``new/``) and owned
+        by Dovecot's user, so Dovecot can flag and move them; it sees them at its next
+        mailbox sync (SELECT, NOOP, or at once during IDLE).
+
+        Args:
+            user: Whose INBOX.
+            messages: Raw RFC 5322 messages (LF or CRLF line ends).
+
+        Returns:
+            The paths of the new files, in order.
+        """
+        root = self.maildir(user)
+        created = []
+        with self._lock:
+            # Create missing directories as Dovecot's user would: owned by it, 0700.
+            for d in (root.parent.parent, root.parent, root, *(root / x for x in _MAILDIR_SUBDIRS)):
+                if not d.exists():
+                    d.mkdir(mode=0o700)
+                    _chown(d, self._uid, self._gid)
+            for raw in messages:
+                self._maildir_counter += 1
+                now = time.time_ns()
+                name = (
+                    f"{now // 1_000_000_000}.M{now // 1000 % 1_000_000}"
+                    f"P{os.getpid()}Q{self._maildir_counter}.prxmail-test"
+                )
+                tmp = root / "tmp" / name
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(raw)
+                _chown(tmp, self._uid, self._gid)
+                final = root / "new" / name
+                tmp.rename(final)
+                created.append(final)
+        return created
+
+    def _doveadm(self, *args: str) -> str:
+        result = subprocess.run(
+            [DOVEADM_BIN, "-c", str(self._dovecot_conf), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=STARTUP_TIMEOUT,
+            check=False,
+            user=self._uid,
+            group=self._gid,
+            extra_groups=[],
+            cwd=self._dovecot_dir,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+        )
+        if result.returncode != 0:
+            raise MailServersError(f"doveadm {args[0]} failed: {result.stdout.strip()}")
+        return result.stdout
+
+    def uidvalidity(self, user: User, mailbox: str = "INBOX") -> int:
+        """Return the UIDVALIDITY of ``user``'s ``mailbox`` (creating INBOX if needed).
+
+        Raises:
+            MailServersError: doveadm failed (unknown mailbox, say).
+        """
+        out = self._doveadm("mailbox", "status", "-u", user.address, "uidvalidity", mailbox)
+        return int(out.strip().partition("=")[2])
+
+    def change_uidvalidity(self, user: User, mailbox: str = "INBOX") -> int:
+        """Give ``user``'s ``mailbox`` a new, higher UIDVALIDITY, as after a server rebuild.
+
+        Messages stay; a client must treat every UID it knew as invalid.
+
+        Returns:
+            The new UIDVALIDITY.
+
+        Raises:
+            MailServersError: doveadm failed.
+        """
+        new = self.uidvalidity(user, mailbox) + 1
+        self._doveadm("mailbox", "update", "-u", user.address, "--uid-validity", str(new), mailbox)
+        return new
 
     # -- TLS -----------------------------------------------------------------
 
@@ -1142,28 +1247,75 @@ class MailServers:
             },
         }
 
-    def prxmail_toml(self, user: str = "bot", allowed: str = "alice") -> str:
+    def prxmail_toml(
+        self,
+        user: str = "bot",
+        allowed: str | Sequence[str] = "alice",
+        *,
+        imap_security: str = "tls",
+        smtp_security: str = "tls",
+        imap_port: int | None = None,
+        smtp_port: int | None = None,
+        tls_ca_file: bool = True,
+        state_dir: pathlib.Path | None = None,
+    ) -> str:
         """Return a ``prxmail.toml`` for ``user`` that answers mail from ``allowed``.
 
-        IMAP and SMTP use the implicit-TLS ports with the throwaway CA; state is kept
-        inside the workdir, so it goes away with the servers.
+        Args:
+            user: Local part of the account prxmail logs in as (and sends from).
+            allowed: ``allowed_senders``: local parts of users here, or entries used
+                verbatim when they contain ``@`` or are ``"*"``.
+            imap_security: ``"tls"`` (the implicit-TLS port) or ``"starttls"``/``"plain"``
+                (the plain port); written as ``imap_security``.
+            smtp_security: ``"tls"`` (465-style port) or ``"starttls"``/``"plain"``
+                (587-style port); written as ``smtp_security``.
+            imap_port, smtp_port: Override the port chosen from the security mode (to
+                test a mismatch, say implicit TLS against the STARTTLS port).
+            tls_ca_file: Include the throwaway CA; ``False`` tests an untrusted server.
+            state_dir: Where prxmail keeps state; default inside the workdir, so it
+                goes away with the servers.
+
+        Returns:
+            The TOML text: one ``[channels_config.email]`` table.
+
+        Raises:
+            KeyError: ``user`` or an ``allowed`` local part is not a user here.
+            ValueError: an unknown security mode.
         """
-        u, a = self.users[user], self.users[allowed]
-        return (
-            "[channels_config.email]\n"
-            f'imap_host = "{self.host}"\n'
-            f"imap_port = {self.imap_tls_port}\n"
-            'imap_security = "tls"\n'
-            f'smtp_host = "{self.host}"\n'
-            f"smtp_port = {self.smtp_tls_port}\n"
-            'smtp_security = "tls"\n'
-            f'username = "{u.address}"\n'
-            f'password = "{u.password}"\n'
-            f'from_address = "{u.address}"\n'
-            f'allowed_senders = ["{a.address}"]\n'
-            f'tls_ca_file = "{self.ca_file}"\n'
-            f'state_dir = "{self.workdir / "prxmail-state"}"\n'
-        )
+        modes = ("tls", "starttls", "plain")
+        if imap_security not in modes or smtp_security not in modes:
+            raise ValueError(f"security modes are {modes}")
+        if imap_port is None:
+            imap_port = self.imap_tls_port if imap_security == "tls" else self.imap_plain_port
+        if smtp_port is None:
+            smtp_port = self.smtp_tls_port if smtp_security == "tls" else self.smtp_starttls_port
+        account = self.users[user]
+        entries = [allowed] if isinstance(allowed, str) else list(allowed)
+        senders = [e if "@" in e or e == "*" else self.users[e].address for e in entries]
+        if state_dir is None:
+            state_dir = self.workdir / "prxmail-state"
+
+        def q(value: object) -> str:
+            # JSON string escapes are valid TOML basic-string escapes.
+            return json.dumps(str(value))
+
+        lines = [
+            "[channels_config.email]",
+            f"imap_host = {q(self.host)}",
+            f"imap_port = {imap_port}",
+            f"imap_security = {q(imap_security)}",
+            f"smtp_host = {q(self.host)}",
+            f"smtp_port = {smtp_port}",
+            f"smtp_security = {q(smtp_security)}",
+            f"username = {q(account.address)}",
+            f"password = {q(account.password)}",
+            f"from_address = {q(account.address)}",
+            f"allowed_senders = [{', '.join(q(a) for a in senders)}]",
+        ]
+        if tls_ca_file:
+            lines.append(f"tls_ca_file = {q(self.ca_file)}")
+        lines.append(f"state_dir = {q(state_dir)}")
+        return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
         return (

@@ -614,3 +614,92 @@ def test_many_imap_sessions_per_user(mail_servers: MailServers) -> None:
     finally:
         for client in clients:
             client.logout()
+
+
+def test_prxmail_toml_variants(mail_servers: MailServers) -> None:
+    from prxmail._tls import Security
+    from prxmail.config import parse_config
+
+    config = parse_config(
+        mail_servers.prxmail_toml(
+            "bob",
+            ["alice", "@example.com", "*"],
+            imap_security="starttls",
+            smtp_security="starttls",
+            tls_ca_file=False,
+        )
+    )
+    assert config.username == mail_servers.users["bob"].address
+    assert (config.imap_port, config.imap_security) == (
+        mail_servers.imap_plain_port,
+        Security.STARTTLS,
+    )
+    assert (config.smtp_port, config.smtp_security) == (
+        mail_servers.smtp_starttls_port,
+        Security.STARTTLS,
+    )
+    assert config.tls_ca_file is None
+    assert config.allowed_senders == (mail_servers.users["alice"].address, "@example.com", "*")
+    # A deliberate mismatch: implicit TLS spoken to the STARTTLS port.
+    text = mail_servers.prxmail_toml(imap_port=mail_servers.imap_plain_port)
+    assert f'imap_port = {mail_servers.imap_plain_port}\nimap_security = "tls"' in text
+    with pytest.raises(ValueError, match="security"):
+        mail_servers.prxmail_toml(imap_security="ssl")
+
+
+def test_deliver_to_maildir_is_seen_by_imap(mail_servers: MailServers) -> None:
+    user = _fresh_user(mail_servers, "bulk")  # never logged in: no Maildir yet
+    raws = [
+        f"From: x@example.com\nTo: {user.address}\nSubject: bulk {i}\n\nbody {i}\n".encode()
+        for i in range(3)
+    ]
+    paths = mail_servers.deliver_to_maildir(user, raws)
+    assert [p.parent.name for p in paths] == ["new", "new", "new"]
+    assert mail_servers.inbox_messages(user) == raws
+
+    client = _imap_tls(mail_servers)
+    try:
+        client.login(user.address, user.password)
+        assert client.select("INBOX") == ("OK", [b"3"])
+        typ, _ = client.store("1", "+FLAGS", "(\\Seen)")  # Dovecot must be able to rename
+        assert typ == "OK"
+    finally:
+        client.logout()
+    assert [_subject(m) for m in _imap_fetch_all(mail_servers, user)] == [
+        "bulk 0",
+        "bulk 1",
+        "bulk 2",
+    ]
+    seen = [p.name for p in (mail_servers.maildir(user) / "cur").iterdir()]
+    assert any(name.endswith(":2,S") for name in seen), seen
+
+
+def test_change_uidvalidity(mail_servers: MailServers) -> None:
+    user = _fresh_user(mail_servers, "uidv")
+    _submit(mail_servers, mail_servers.users["alice"], user.address, "kept")
+    mail_servers.wait_for_messages(user, 1)
+    before = mail_servers.uidvalidity(user)
+    after = mail_servers.change_uidvalidity(user)
+    assert after == before + 1
+    client = _imap_tls(mail_servers)
+    try:
+        client.login(user.address, user.password)
+        assert client.select("INBOX", readonly=True) == ("OK", [b"1"])
+        assert client.response("UIDVALIDITY") == ("UIDVALIDITY", [str(after).encode()])
+    finally:
+        client.logout()
+
+
+def test_maildir_names_sort_numerically() -> None:
+    names = [
+        "1700000001.M5P1.host",
+        "1700000000.M100P7Q10.prxmail-test",
+        "1700000000.M100P7Q9.prxmail-test",
+        "1700000000.M99P7Q11.prxmail-test",
+    ]
+    assert sorted(names, key=mailservers._maildir_order) == [
+        "1700000000.M99P7Q11.prxmail-test",
+        "1700000000.M100P7Q9.prxmail-test",
+        "1700000000.M100P7Q10.prxmail-test",
+        "1700000001.M5P1.host",
+    ]
