@@ -25,6 +25,7 @@ from prxmail.imap._connection import MailboxState as MailboxState
 from prxmail.imap._connection import open_imap_connection as open_imap_connection
 from prxmail.imap._connection import open_imap_stream as open_imap_stream
 from prxmail.imap._encoder import Raw as Raw
+from prxmail.imap._encoder import String as String
 from prxmail.imap._encoder import decode_mailbox as decode_mailbox
 from prxmail.imap._encoder import encode_command as encode_command
 from prxmail.imap._encoder import encode_mailbox as encode_mailbox
@@ -97,6 +98,7 @@ __all__ = [
     "Security",
     "SequenceSet",
     "StatusResponse",
+    "String",
     "TaggedResponse",
     "UnknownResponse",
     "decode_mailbox",

@@ -52,7 +52,7 @@ from prxmail.errors import (
     RemoteProtocolError,
     TLSError,
 )
-from prxmail.imap._encoder import Arg, Raw, encode_mailbox
+from prxmail.imap._encoder import Arg, Raw, String, encode_mailbox
 from prxmail.imap._events import (
     CapabilityData,
     ConnectionClosed,
@@ -150,8 +150,12 @@ def _uid_set(uids: UidSet) -> SequenceSet:
 
 
 def _scrub(text: str, secrets: Sequence[str]) -> str:
+    """Remove secrets a server echoed back. A very short secret cannot be cut out
+    without mangling ordinary words, so then the whole text is withheld."""
     for secret in secrets:
-        if secret:
+        if secret and secret in text:
+            if len(secret) < 4:
+                return "(server text withheld: it contains the credentials)"
             text = text.replace(secret, "***")
     return text
 
@@ -262,8 +266,16 @@ class IMAPConnection:
         """The next event; sends whatever the core released on the way."""
         proto = self._proto
         while True:
-            event = proto.next_event()
+            try:
+                event = proto.next_event()
+            except RemoteProtocolError as exc:
+                if not proto.framer.eof:
+                    raise
+                raise ConnectionBrokenError(
+                    f"the server closed the connection in the middle of a response: {exc}"
+                ) from exc
             if isinstance(event, NeedData):
+                await self._send_pending()  # e.g. a literal released by a "+"
                 try:
                     data = await self._stream.receive_some(RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -524,7 +536,9 @@ class IMAPConnection:
         Returns:
             The server's identification, or ``None`` if it sent NIL.
         """
-        arg: Arg = [item for pair in fields.items() for item in pair] if fields else Raw("NIL")
+        arg: Arg = (
+            [String(item) for pair in fields.items() for item in pair] if fields else Raw("NIL")
+        )
         _, responses = await self._command("ID", [arg])
         for event in responses:
             if isinstance(event, IdData):

@@ -35,6 +35,7 @@ from prxmail.imap._events import SequenceSet
 __all__ = [
     "Arg",
     "Raw",
+    "String",
     "decode_mailbox",
     "encode_command",
     "encode_mailbox",
@@ -52,7 +53,15 @@ class Raw:
     text: str
 
 
-Arg: TypeAlias = "str | bytes | int | Raw | SequenceSet | Sequence[Arg]"
+@attrs.frozen
+class String:
+    """Data that the grammar requires as a string (quoted or literal), never an atom:
+    e.g. the field names and values of ID."""
+
+    value: str | bytes
+
+
+Arg: TypeAlias = "str | bytes | int | Raw | String | SequenceSet | Sequence[Arg]"
 
 # ASTRING-CHAR (RFC 3501): anything but CTL, SP, "(", ")", "{", "%", "*", '"', "\".
 _ATOM_SAFE = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\]+\Z")
@@ -61,7 +70,11 @@ _FORBIDDEN_RAW = re.compile(r"[\r\n\x00]")
 
 
 def encode_string(
-    value: str | bytes, *, literal_plus: bool = False, literal_minus: bool = False
+    value: str | bytes,
+    *,
+    literal_plus: bool = False,
+    literal_minus: bool = False,
+    allow_atom: bool = True,
 ) -> list[bytes]:
     """Encode an astring, returning chunks as :func:`encode_command` does.
 
@@ -69,7 +82,7 @@ def encode_string(
         LocalProtocolError: the value contains NUL.
     """
     data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-    if data and _ATOM_SAFE.match(data):
+    if allow_atom and data and _ATOM_SAFE.match(data):
         return [data]
     if _QUOTABLE.match(data):
         return [b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"']
@@ -93,8 +106,13 @@ def _encode_arg(arg: Arg, out: list[bytearray], literal_plus: bool, literal_minu
         out[-1] += b"%d" % arg
     elif isinstance(arg, SequenceSet):
         out[-1] += str(arg).encode("ascii")
-    elif isinstance(arg, str | bytes):
-        chunks = encode_string(arg, literal_plus=literal_plus, literal_minus=literal_minus)
+    elif isinstance(arg, str | bytes | String):
+        chunks = encode_string(
+            arg.value if isinstance(arg, String) else arg,
+            literal_plus=literal_plus,
+            literal_minus=literal_minus,
+            allow_atom=not isinstance(arg, String),
+        )
         out[-1] += chunks[0]
         out.extend(bytearray(c) for c in chunks[1:])
     else:

@@ -142,9 +142,15 @@ class IMAPProtocol:
                     self._tag = self._command = None
                     return ConnectionClosed()
                 return NEED_DATA
-            event = parse_response(frame)
             if self._greeting is None:
+                try:
+                    event = parse_response(frame)
+                except RemoteProtocolError as exc:
+                    raise RemoteProtocolError(
+                        "the server greeting is not IMAP", excerpt=frame.excerpt()
+                    ) from exc
                 return self._on_greeting(event, frame.excerpt())
+            event = parse_response(frame)
             if isinstance(event, TaggedResponse):
                 return self._on_tagged(event)
             if isinstance(event, ContinuationRequest):
@@ -257,8 +263,7 @@ class IMAPProtocol:
             raise LocalProtocolError(f"cannot send {name}: {self._command} is still in progress")
         keyword = name.split(" ", 1)[0].upper()
         check_allowed(self.state, keyword)
-        self._counter += 1
-        tag = f"{self._tag_prefix}{self._counter:04d}"
+        tag = f"{self._tag_prefix}{self._counter + 1:04d}"
         chunks = encode_command(
             tag,
             name,
@@ -266,6 +271,7 @@ class IMAPProtocol:
             literal_plus="LITERAL+" in self.capabilities,
             literal_minus="LITERAL-" in self.capabilities,
         )
+        self._counter += 1
         self._out += chunks[0]
         self._waiting_chunks = chunks[1:]
         self._tag = tag

@@ -1,0 +1,671 @@
+"""The trio IMAP connection against a scripted fake server on memory streams."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from prxmail.errors import (
+    AuthenticationError,
+    ConnectionBrokenError,
+    IMAPNoResponse,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TLSError,
+)
+from prxmail.imap import (
+    ConnectionState,
+    Exists,
+    Expunge,
+    FetchData,
+    IMAPConnection,
+    MailboxState,
+    Raw,
+    Security,
+    SequenceSet,
+    StatusResponse,
+    open_imap_stream,
+)
+
+GREETING = b"* OK [CAPABILITY IMAP4rev1 IDLE AUTH=PLAIN ID ENABLE CONDSTORE] ready\r\n"
+
+
+class Peer:
+    """The server side of a memory stream, driven line by line by a test script."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError(bytes(self.buf))
+            self.buf += data
+        idx = self.buf.index(b"\r\n")
+        line = bytes(self.buf[:idx])
+        del self.buf[: idx + 2]
+        return line
+
+    async def expect(self, want: bytes) -> None:
+        got = await self.line()
+        assert got == want
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def logout(self, tag: bytes) -> None:
+        await self.expect(tag + b" LOGOUT")
+        await self.send(b"* BYE bye\r\n" + tag + b" OK Logout completed\r\n")
+        await self.stream.aclose()
+
+
+Script = Callable[[Peer], Awaitable[None]]
+
+
+async def run(script: Script, body: Callable[[IMAPConnection], Awaitable[None]]) -> None:
+    """Run the scripted server beside the client body (plaintext, explicitly chosen)."""
+    client, server = trio.testing.memory_stream_pair()
+    peer = Peer(server)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script, peer)
+        async with open_imap_stream(client, security=Security.PLAIN) as imap:
+            await body(imap)
+
+
+async def login(peer: Peer, tag: bytes = b"A0001") -> None:
+    await peer.expect(tag + b" LOGIN alice secret")
+    await peer.send(tag + b" OK [CAPABILITY IMAP4rev1 IDLE CONDSTORE ESEARCH] Logged in\r\n")
+
+
+SELECT_REPLY = (
+    b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n"
+    b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] Flags\r\n"
+    b"* 3 EXISTS\r\n"
+    b"* 1 RECENT\r\n"
+    b"* OK [UIDVALIDITY 1700000000] UIDs valid\r\n"
+    b"* OK [UIDNEXT 12] Predicted next UID\r\n"
+    b"* OK [HIGHESTMODSEQ 99] Highest\r\n"
+)
+
+
+async def test_session_login_select_search_fetch_store_noop_logout() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX (CONDSTORE)")
+        await peer.send(SELECT_REPLY + b"A0002 OK [READ-WRITE] Select completed\r\n")
+        await peer.expect(b"A0003 UID SEARCH RETURN (ALL) UID 10:*")
+        await peer.send(b'* ESEARCH (TAG "A0003") UID ALL 10:11\r\nA0003 OK done\r\n')
+        await peer.expect(b"A0004 UID FETCH 10:11 (UID RFC822.SIZE BODY.PEEK[])")
+        await peer.send(
+            b"* 2 FETCH (UID 10 RFC822.SIZE 3 BODY[] {3}\r\none)\r\n"
+            b"* 1 FETCH (FLAGS (\\Seen))\r\n"  # unsolicited: no UID
+            b"* 3 FETCH (UID 11 RFC822.SIZE 3 BODY[] {3}\r\ntwo)\r\n"
+            b"A0004 OK Fetch completed\r\n"
+        )
+        await peer.expect(b"A0005 UID STORE 10:11 +FLAGS.SILENT (\\Seen)")
+        await peer.send(b"A0005 OK Store completed\r\n")
+        await peer.expect(b"A0006 NOOP")
+        await peer.send(b"* 4 EXISTS\r\n* 2 EXPUNGE\r\nA0006 OK NOOP completed\r\n")
+        await peer.logout(b"A0007")
+
+    async def body(imap: IMAPConnection) -> None:
+        assert imap.state is ConnectionState.NOT_AUTHENTICATED
+        await imap.login("alice", "secret")
+        assert imap.state is ConnectionState.AUTHENTICATED
+        assert "ESEARCH" in imap.capabilities
+        box = await imap.select("INBOX", condstore=True)
+        assert box == MailboxState(
+            name="INBOX",
+            exists=3,
+            recent=1,
+            uidvalidity=1700000000,
+            uidnext=12,
+            flags=("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"),
+            permanent_flags=("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft", "\\*"),
+            unseen=None,
+            highestmodseq=99,
+            read_only=False,
+        )
+        uids = await imap.uid_search("UID", SequenceSet(((10, None),)))
+        assert uids == (10, 11)
+        got = [
+            (m.uid, m.rfc822_size, m.body)
+            async for m in imap.uid_fetch(uids, ["UID", "RFC822.SIZE", "BODY.PEEK[]"])
+        ]
+        assert got == [(10, 3, b"one"), (11, 3, b"two")]
+        assert await imap.uid_store(uids, "+FLAGS", ["\\Seen"]) == ()
+        assert await imap.noop() == (Exists(4), Expunge(2))
+
+    await run(script, body)
+
+
+async def test_streaming_fetch_yields_before_the_command_completes() -> None:
+    first_seen = trio.Event()
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID FETCH 1:2 (BODY.PEEK[])")
+        await peer.send(b"* 1 FETCH (UID 1 BODY[] {1}\r\na)\r\n")
+        await first_seen.wait()  # the client has it while the command is still open
+        await peer.send(b"* 2 FETCH (UID 2 BODY[] {1}\r\nb)\r\nA0003 OK done\r\n")
+        await peer.logout(b"A0004")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        seen = []
+        async for msg in imap.uid_fetch([1, 2]):
+            seen.append(msg.body)
+            first_seen.set()
+        assert seen == [b"a", b"b"]
+
+    with trio.fail_after(5):
+        await run(script, body)
+
+
+async def test_leaving_a_fetch_early_drains_it_before_the_next_command() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 EXAMINE INBOX")
+        await peer.send(b"A0002 OK [READ-ONLY] done\r\n")
+        await peer.expect(b"A0003 UID FETCH 1:3 (FLAGS)")
+        await peer.send(
+            b"* 1 FETCH (UID 1 FLAGS ())\r\n* 2 FETCH (UID 2 FLAGS ())\r\n"
+            b"* 3 FETCH (UID 3 FLAGS ())\r\nA0003 OK done\r\n"
+        )
+        await peer.expect(b"A0004 NOOP")
+        await peer.send(b"A0004 OK done\r\n")
+        await peer.logout(b"A0005")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        box = await imap.examine()
+        assert box.read_only
+        async for msg in imap.uid_fetch(range(1, 4), "FLAGS"):
+            assert msg.uid == 1
+            break
+        assert await imap.noop() == ()
+
+    await run(script, body)
+
+
+async def test_login_failure_never_shows_the_password() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await peer.expect(b'A0001 LOGIN alice "hunter 2"')
+        await peer.send(b"A0001 NO [AUTHENTICATIONFAILED] bad password hunter 2 for alice\r\n")
+        await peer.logout(b"A0002")
+
+    async def body(imap: IMAPConnection) -> None:
+        with pytest.raises(AuthenticationError) as info:
+            await imap.login("alice", "hunter 2")
+        err = info.value
+        assert err.code == "AUTHENTICATIONFAILED"
+        assert "hunter 2" not in str(err)
+        assert "hunter 2" not in err.server_text
+        assert "***" in err.server_text
+        assert imap.state is ConnectionState.NOT_AUTHENTICATED
+        assert not imap.broken
+
+    await run(script, body)
+
+
+async def test_password_needing_a_literal_waits_for_continuation() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await peer.expect(b"A0001 LOGIN alice {7}")
+        await peer.send(b"+ go ahead\r\n")
+        await peer.expect("pässwd".encode())
+        await peer.send(b"A0001 OK [CAPABILITY IMAP4rev1] ok\r\n")
+        await peer.logout(b"A0002")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "pässwd")
+        assert imap.state is ConnectionState.AUTHENTICATED
+
+    await run(script, body)
+
+
+async def test_authenticate_plain_without_and_with_sasl_ir() -> None:
+    token = base64.b64encode(b"\0alice\0secret")
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await peer.expect(b"A0001 AUTHENTICATE PLAIN")
+        await peer.send(b"+ \r\n")
+        await peer.expect(token)
+        await peer.send(b"A0001 OK [CAPABILITY IMAP4rev1 IDLE] ok\r\n")
+        await peer.logout(b"A0002")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.authenticate_plain("alice", "secret")
+        assert imap.state is ConnectionState.AUTHENTICATED
+
+    await run(script, body)
+
+    async def script_ir(peer: Peer) -> None:
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n")
+        await peer.expect(b"A0001 AUTHENTICATE PLAIN " + token)
+        await peer.send(b"A0001 NO [AUTHENTICATIONFAILED] no " + token + b"\r\n")
+        await peer.logout(b"A0002")
+
+    async def body_ir(imap: IMAPConnection) -> None:
+        with pytest.raises(AuthenticationError) as info:
+            await imap.authenticate_plain("alice", "secret")
+        assert token.decode() not in str(info.value.server_text)
+
+    await run(script_ir, body_ir)
+
+
+async def test_xoauth2_error_challenge_is_answered_with_an_empty_line() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n")
+        await peer.expect(b"A0001 AUTHENTICATE XOAUTH2")
+        await peer.send(b"+ \r\n")
+        sent = base64.b64decode(await peer.line())
+        assert sent == b"user=bob\x01auth=Bearer ya29.tok3n\x01\x01"
+        await peer.send(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
+        await peer.expect(b"")
+        await peer.send(b"A0001 NO [AUTHENTICATIONFAILED] invalid token ya29.tok3n\r\n")
+        await peer.logout(b"A0002")
+
+    async def body(imap: IMAPConnection) -> None:
+        with pytest.raises(AuthenticationError, match="invalid token") as info:
+            await imap.authenticate_xoauth2("bob", "ya29.tok3n")
+        assert "tok3n" not in str(info.value)
+
+    await run(script, body)
+
+
+async def test_id_and_enable() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await peer.expect(b'A0001 ID ("name" "prxmail")')
+        await peer.send(b'* ID ("name" "Dovecot")\r\nA0001 OK ID completed\r\n')
+        await login(peer, b"A0002")
+        await peer.expect(b"A0003 CAPABILITY")
+        await peer.send(b"* CAPABILITY IMAP4rev1 ENABLE CONDSTORE\r\nA0003 OK ok\r\n")
+        await peer.expect(b"A0004 ENABLE CONDSTORE")
+        await peer.send(b"* ENABLED CONDSTORE\r\nA0004 OK Enabled\r\n")
+        await peer.logout(b"A0005")
+
+    async def body(imap: IMAPConnection) -> None:
+        assert await imap.id({"name": "prxmail"}) == {"name": "Dovecot"}
+        await imap.login("alice", "secret")
+        await imap.capability()
+        assert await imap.enable("CONDSTORE") == {"CONDSTORE"}
+
+    await run(script, body)
+
+
+async def test_failed_select_raises_and_deselects() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b'A0002 SELECT "No such"')
+        await peer.send(b"A0002 NO [NONEXISTENT] Mailbox doesn't exist\r\n")
+        await peer.logout(b"A0003")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        with pytest.raises(IMAPNoResponse) as info:
+            await imap.select("No such")
+        assert info.value.code == "NONEXISTENT"
+        assert imap.mailbox is None
+        with pytest.raises(LocalProtocolError, match="not allowed"):
+            await imap.uid_search()
+
+    await run(script, body)
+
+
+async def test_idle_yields_pushes_renews_and_ends_with_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"* 1 EXISTS\r\nA0002 OK done\r\n")
+        await peer.expect(b"A0003 IDLE")
+        await peer.send(b"+ idling\r\n")
+        await trio.sleep(1)
+        await peer.send(b"* OK Still here\r\n* 2 EXISTS\r\n* 1 FETCH (FLAGS (\\Seen))\r\n")
+        await peer.expect(b"DONE")
+        await peer.send(b"A0003 OK Idle completed\r\n")
+        # second IDLE: nothing happens, the client renews after its timeout
+        await peer.expect(b"A0004 IDLE")
+        await peer.send(b"+ idling\r\n")
+        await peer.expect(b"DONE")
+        await peer.send(b"* 3 EXISTS\r\nA0004 OK Idle completed\r\n")
+        await peer.expect(b"A0005 IDLE")
+        await peer.send(b"+ idling\r\n")
+        await peer.expect(b"DONE")
+        await peer.send(b"A0005 OK Idle completed\r\n")
+        await peer.logout(b"A0006")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        pushes = []
+        async with imap.idle() as idle:
+            assert imap.state is ConnectionState.IDLING
+            async for push in idle:
+                pushes.append(push)
+                if len(pushes) == 2:
+                    break
+        assert pushes == [Exists(2), FetchData(seq=1, flags=("\\Seen",))]
+        assert imap.state is ConnectionState.SELECTED
+        start = trio.current_time()
+        async with imap.idle() as idle:
+            with trio.move_on_after(60):
+                async for push in idle:
+                    pytest.fail(f"unexpected push {push}")
+        assert trio.current_time() - start == pytest.approx(60)
+        assert not imap.broken
+        # the EXISTS sent between DONE and the tagged OK is reported by the next IDLE
+        async with imap.idle() as idle:
+            async for push in idle:
+                assert push == Exists(3)
+                break
+
+    await run(script, body)
+
+
+async def test_bye_during_idle_ends_iteration_and_breaks_connection() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 IDLE")
+        await peer.send(b"+ idling\r\n* BYE Server shutting down\r\n")
+        await peer.stream.aclose()
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        pushes = []
+        with pytest.raises(ConnectionBrokenError, match="shutting down"):
+            async with imap.idle() as idle:
+                pushes.extend([push async for push in idle])
+        assert pushes == [StatusResponse("BYE", None, "Server shutting down")]
+        with pytest.raises(ConnectionBrokenError):
+            await imap.noop()
+
+    await run(script, body)
+
+
+async def test_cancelled_command_breaks_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    closed = trio.Event()
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 NOOP")
+        with pytest.raises((EOFError, trio.ClosedResourceError, trio.BrokenResourceError)):
+            await peer.line()  # never answers; the client gives up and closes
+        closed.set()
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        with pytest.raises(trio.TooSlowError), trio.fail_after(10):
+            await imap.noop()
+        assert imap.broken
+        with pytest.raises(ConnectionBrokenError, match="cancelled"):
+            await imap.noop()
+        with pytest.raises(ConnectionBrokenError):
+            async for _ in imap.uid_fetch([1]):
+                pass
+        await imap.aclose()
+        await imap.aclose()  # idempotent
+
+    await run(script, body)
+    assert closed.is_set()
+
+
+async def test_server_bye_mid_command_is_a_clear_error() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 NOOP")
+        await peer.send(b"* BYE Disconnected for inactivity\r\n")
+        await peer.stream.aclose()
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        with pytest.raises(ConnectionBrokenError, match="Disconnected for inactivity"):
+            await imap.noop()
+        assert imap.state is ConnectionState.LOGOUT
+        with pytest.raises(ConnectionBrokenError):
+            await imap.capability()
+
+    await run(script, body)
+
+
+async def test_eof_mid_literal_is_a_clear_error() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID FETCH 5 (BODY.PEEK[])")
+        await peer.send(b"* 1 FETCH (UID 5 BODY[] {100000}\r\n" + b"x" * 5000)
+        await peer.stream.aclose()
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        with pytest.raises(ConnectionBrokenError, match="middle of"):
+            async for _ in imap.uid_fetch([5]):
+                pass
+        assert imap.broken
+
+    await run(script, body)
+
+
+async def test_garbage_greeting() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    await server.send_all(b"SSH-2.0-OpenSSH_9.2\r\n")
+    with pytest.raises(RemoteProtocolError, match="greeting"):
+        async with open_imap_stream(client, security=Security.PLAIN):
+            pass
+
+
+async def test_bye_greeting() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    await server.send_all(b"* BYE Too many connections\r\n")
+    with pytest.raises(ConnectionBrokenError, match="Too many connections"):
+        async with open_imap_stream(client, security=Security.PLAIN):
+            pass
+
+
+async def test_concurrent_commands_are_refused() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await peer.expect(b"A0001 NOOP")
+        await trio.sleep(0.05)
+        await peer.send(b"A0001 OK done\r\n")
+        await peer.logout(b"A0002")
+
+    async def body(imap: IMAPConnection) -> None:
+        errors = []
+
+        async def second() -> None:
+            await trio.sleep(0.01)
+            try:
+                await imap.capability()
+            except LocalProtocolError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second)
+            await imap.noop()
+        assert len(errors) == 1
+        assert "still running" in str(errors[0])
+
+    await run(script, body)
+
+
+async def test_credentials_refused_on_unencrypted_connection_unless_plain_chosen() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    imap = IMAPConnection(client, encrypted=False)
+    await server.send_all(GREETING)
+    await imap.read_greeting()
+    with pytest.raises(TLSError, match="unencrypted"):
+        await imap.login("alice", "secret")
+    with pytest.raises(TLSError, match="unencrypted"):
+        await imap.authenticate_plain("alice", "secret")
+    await imap.aclose()
+
+
+async def test_logindisabled_is_refused_locally() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n")
+        await peer.logout(b"A0001")
+
+    async def body(imap: IMAPConnection) -> None:
+        with pytest.raises(AuthenticationError, match="LOGINDISABLED"):
+            await imap.login("alice", "secret")
+
+    await run(script, body)
+
+
+async def test_bad_arguments_are_refused_before_anything_is_sent() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.logout(b"A0003")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        with pytest.raises(LocalProtocolError):
+            imap.uid_fetch([1], ["BODY[]\r\nA9 DELETE INBOX"])
+        with pytest.raises(LocalProtocolError):
+            await imap.uid_store([1], "+FLAGS", ["\\Seen) (x"])
+        with pytest.raises(LocalProtocolError):
+            imap.uid_fetch([])
+        with pytest.raises(LocalProtocolError):
+            await imap.uid_search(Raw("ALL\r\nA9 LOGOUT"))
+        assert not imap.broken
+
+    await run(script, body)
+
+
+# -- STARTTLS ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_pair() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("imap.test").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
+async def test_starttls_upgrades_and_drops_injected_plaintext(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_ctx, client_ctx = tls_pair
+    client, server = trio.testing.memory_stream_pair()
+
+    async def script() -> None:
+        peer = Peer(server)
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n")
+        await peer.expect(b"A0001 STARTTLS")
+        # a man in the middle appends a forged capability list in plaintext
+        await peer.send(b"A0001 OK Begin TLS\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN FORGED\r\n")
+        tls = trio.SSLStream(server, server_ctx, server_side=True)
+        await tls.do_handshake()
+        peer = Peer(tls)
+        await peer.expect(b"A0002 CAPABILITY")
+        await peer.send(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN IDLE\r\nA0002 OK ok\r\n")
+        await login(peer, b"A0003")
+        await peer.expect(b"A0004 LOGOUT")
+        await peer.send(b"* BYE\r\nA0004 OK bye\r\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_imap_stream(
+            client, security=Security.STARTTLS, ssl_context=client_ctx, server_hostname="imap.test"
+        ) as imap:
+            assert imap.encrypted
+            assert "FORGED" not in imap.capabilities
+            assert "LOGINDISABLED" not in imap.capabilities
+            await imap.login("alice", "secret")
+
+
+async def test_starttls_not_offered_is_refused(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    await server.send_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n")
+    with pytest.raises(TLSError, match="does not offer"):
+        async with open_imap_stream(client, security=Security.STARTTLS, ssl_context=tls_pair[1]):
+            pytest.fail("must not get here")
+
+
+async def test_starttls_refused_by_server(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+
+    async def script() -> None:
+        peer = Peer(server)
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n")
+        await peer.expect(b"A0001 STARTTLS")
+        await peer.send(b"A0001 NO TLS unavailable\r\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(TLSError, match="TLS unavailable"):
+            async with open_imap_stream(
+                client, security=Security.STARTTLS, ssl_context=tls_pair[1]
+            ):
+                pytest.fail("must not get here")
+
+
+async def test_starttls_handshake_failure_wrong_host(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_ctx, client_ctx = tls_pair
+    client, server = trio.testing.memory_stream_pair()
+
+    async def script() -> None:
+        peer = Peer(server)
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n")
+        await peer.expect(b"A0001 STARTTLS")
+        await peer.send(b"A0001 OK go\r\n")
+        tls = trio.SSLStream(server, server_ctx, server_side=True)
+        with pytest.raises(trio.BrokenResourceError):
+            await tls.do_handshake()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(TLSError, match="handshake"):
+            async with open_imap_stream(
+                client,
+                security=Security.STARTTLS,
+                ssl_context=client_ctx,
+                server_hostname="evil.test",
+            ):
+                pytest.fail("must not get here")
