@@ -84,7 +84,7 @@ from prxmail.imap import (
     StatusResponse,
     open_imap_connection,
 )
-from prxmail.message import Address, Message, parse_message_async
+from prxmail.message import Address, Message, missing_message_id, parse_message_async
 from prxmail.policy import (
     ReplyRateLimiter,
     SenderPolicy,
@@ -757,14 +757,10 @@ class MailChannel:
             raw = bodies.pop(uid, None)
             if raw is None:
                 continue  # expunged between the size probe and now
-            message = await parse_message_async(
-                raw,
-                uid=uid,
-                uidvalidity=uidvalidity,
-                max_attachment_bytes=self.config.max_attachment_bytes,
-            )
+            message = await self._parse(raw, uid, uidvalidity)
             del raw
-            await self._dispatch(message)
+            if message is not None:
+                await self._dispatch(message)
 
     async def _process_oversized(
         self,
@@ -790,17 +786,14 @@ class MailChannel:
                         found[name.split("<", 1)[0]] = bytes(value)
         parts = [(s, found.get(s.section, b"")) for s in sections]
         raw = build_substitute(header, parts)
-        message = await parse_message_async(
-            raw,
-            uid=uid,
-            uidvalidity=uidvalidity,
-            max_attachment_bytes=self.config.max_attachment_bytes,
-        )
+        parsed = await self._parse(raw, uid, uidvalidity)
+        if parsed is None:
+            return
         message = attrs.evolve(
-            message,
+            parsed,
             attachments=describe_attachments(structure) if structure is not None else (),
             size=size,
-            defects=tuple(sorted({*message.defects, OVERSIZE_DEFECT})),
+            defects=tuple(sorted({*parsed.defects, OVERSIZE_DEFECT})),
         )
         log_event(
             logging.INFO,
@@ -810,6 +803,24 @@ class MailChannel:
             limit=limit,
         )
         await self._dispatch(message)
+
+    async def _parse(self, raw: bytes, uid: int, uidvalidity: int) -> Message | None:
+        """Parse, or record the message as failed: one poison message must not stall
+        the folder (it would be fetched and fail again on every reconnect)."""
+        try:
+            return await parse_message_async(
+                raw,
+                uid=uid,
+                uidvalidity=uidvalidity,
+                max_attachment_bytes=self.config.max_attachment_bytes,
+            )
+        except Exception as exc:
+            key = MessageKey(self.account, self.folder, uidvalidity, uid)
+            result = await self._store.claim(key, missing_message_id(uid, uidvalidity))
+            if result.record.status is MessageStatus.CLAIMED:
+                await self._store.mark_failed(key, f"cannot parse: {_describe(exc)}")
+            log_event(logging.ERROR, "message failed: cannot parse", uid=uid, error=_describe(exc))
+            return None
 
     async def _dispatch(self, message: Message) -> None:
         key = self._key(message)

@@ -298,3 +298,30 @@ async def test_rejected_mail_is_not_delivered_nor_flagged(tmp_path: Path) -> Non
             await wait_until(lambda: 2 in fake.seen)
         nursery.cancel_scope.cancel()
     assert 1 not in fake.seen  # left unseen for a person to look at
+
+
+async def test_a_message_that_breaks_the_parser_is_failed_not_retried_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prxmail import channel as channel_module
+
+    real = channel_module.parse_message_async
+    calls: list[int] = []
+
+    async def flaky(raw: bytes, *, uid: int, **kwargs: int) -> object:
+        calls.append(uid)
+        if uid == 1:
+            raise RuntimeError("parser bug")
+        return await real(raw, uid=uid, **kwargs)
+
+    monkeypatch.setattr(channel_module, "parse_message_async", flaky)
+    fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state", keepalive_secs=1)
+        async with open_mail_channel(config) as channel:
+            assert await receive(channel) == "fake 2"
+            await wait_until(lambda: len(fake.idle_starts) >= 2)
+            assert channel.status.value.reconnects == 0
+        nursery.cancel_scope.cancel()
+    assert calls.count(1) == 1
