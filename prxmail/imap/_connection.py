@@ -149,6 +149,18 @@ def _uid_set(uids: UidSet) -> SequenceSet:
         raise LocalProtocolError(str(exc)) from None
 
 
+def _describe(exc: BaseException) -> str:
+    """A readable reason for a transport failure (trio's own messages are often empty)."""
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLEOFError):
+        return "the server closed the connection (without ending TLS cleanly)"
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    if isinstance(exc, trio.ClosedResourceError):
+        return "the connection was closed locally"
+    return str(exc) or type(exc).__name__
+
+
 def _scrub(text: str, secrets: Sequence[str]) -> str:
     """Remove secrets a server echoed back. A very short secret cannot be cut out
     without mangling ordinary words, so then the whole text is withheld."""
@@ -259,7 +271,9 @@ class IMAPConnection:
             try:
                 await self._stream.send_all(out)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionBrokenError(f"sending to the server failed: {exc}") from exc
+                raise ConnectionBrokenError(
+                    f"sending to the server failed: {_describe(exc)}"
+                ) from exc
             self._sending = False
 
     async def _next_event(self) -> Event:
@@ -279,7 +293,9 @@ class IMAPConnection:
                 try:
                     data = await self._stream.receive_some(RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise ConnectionBrokenError(f"receiving from the server failed: {exc}") from exc
+                    raise ConnectionBrokenError(
+                        f"receiving from the server failed: {_describe(exc)}"
+                    ) from exc
                 proto.receive_data(data)
                 continue
             await self._send_pending()
