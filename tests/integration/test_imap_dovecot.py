@@ -260,6 +260,11 @@ async def test_idle_renewed(mail_servers: MailServers) -> None:
         assert not imap.broken
 
 
+async def idle_until_closed(imap: IMAPConnection, pushes: list[object]) -> None:
+    async with imap.idle() as idle:
+        pushes.extend([push async for push in idle])
+
+
 async def test_server_restart_surfaces_as_connection_broken(mail_servers: MailServers) -> None:
     user = fresh_user(mail_servers)
     async with open_imap_connection(
@@ -270,13 +275,12 @@ async def test_server_restart_surfaces_as_connection_broken(mail_servers: MailSe
     ) as imap:
         await imap.login(user.address, user.password)
         await imap.select()
-        pushes = []
+        pushes: list[object] = []
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, mail_servers.restart_dovecot)
                 with pytest.raises(ConnectionBrokenError) as info:
-                    async with imap.idle() as idle:
-                        nursery.start_soon(trio.to_thread.run_sync, mail_servers.restart_dovecot)
-                        pushes.extend([push async for push in idle])
+                    await idle_until_closed(imap, pushes)
         assert imap.broken
         assert "closed the connection" in str(info.value) or "BYE" in str(info.value)
         assert all(isinstance(p, StatusResponse) and p.status == "BYE" for p in pushes)
