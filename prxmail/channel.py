@@ -623,6 +623,16 @@ class MailChannel:
             if not new:
                 return
             await self._process_uids(conn, uidvalidity, new)
+            after = await self._store.mailbox(self.account, self.folder)
+            if after is None or after.last_uid <= last:
+                # The server listed UIDs it then would not deliver: try again after the
+                # next wait instead of spinning on them.
+                log_event(
+                    logging.WARNING,
+                    "server listed messages it did not return; retrying later",
+                    uids=",".join(map(str, new[:20])),
+                )
+                return
 
     def _wait_window(self) -> float:
         return float(min(self.config.idle_timeout_secs, self.config.keepalive_secs))
@@ -756,7 +766,10 @@ class MailChannel:
         for uid in uids:
             raw = bodies.pop(uid, None)
             if raw is None:
-                continue  # expunged between the size probe and now
+                # Expunged since the size probe, or a server fault. Going on would claim
+                # a higher UID and move the high-water mark past this one, losing it:
+                # reconnect instead (a vanished message is not listed next time).
+                raise RemoteProtocolError(f"the server did not return message UID {uid}")
             message = await self._parse(raw, uid, uidvalidity)
             del raw
             if message is not None:
@@ -784,6 +797,8 @@ class MailChannel:
                         header = bytes(value)
                     else:
                         found[name.split("<", 1)[0]] = bytes(value)
+        if not header:
+            raise RemoteProtocolError(f"the server did not return the header of UID {uid}")
         parts = [(s, found.get(s.section, b"")) for s in sections]
         raw = build_substitute(header, parts)
         parsed = await self._parse(raw, uid, uidvalidity)

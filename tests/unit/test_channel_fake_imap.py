@@ -40,6 +40,7 @@ class FakeIMAP:
     messages: dict[int, bytes] = attrs.field(factory=dict)
     seen: set[int] = attrs.field(factory=set)
     go_silent_in_idle: bool = False
+    no_body: set[int] = attrs.field(factory=set)
     commands: list[str] = attrs.field(factory=list)
     connections: int = 0
     reported: int = 0
@@ -124,7 +125,9 @@ class FakeIMAP:
                 spec = command.split()[2]
                 for seq, uid in enumerate(self.uids_in(spec), start=1):
                     raw = self.messages[uid]
-                    if "BODY.PEEK[]" in command:
+                    if "BODY.PEEK[]" in command and uid in self.no_body:
+                        await send(f"* {seq} FETCH (UID {uid} FLAGS ())")
+                    elif "BODY.PEEK[]" in command:
                         await send(f"* {seq} FETCH (UID {uid} BODY[] {{{len(raw)}}}".encode())
                         await stream.send_all(raw + b")\r\n")
                     else:
@@ -325,3 +328,22 @@ async def test_a_message_that_breaks_the_parser_is_failed_not_retried_forever(
             assert channel.status.value.reconnects == 0
         nursery.cancel_scope.cancel()
     assert calls.count(1) == 1
+
+
+async def test_a_message_the_server_lists_but_does_not_return_is_not_skipped(
+    tmp_path: Path,
+) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)}, no_body={1})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state")
+        async with open_mail_channel(config) as channel:
+            # UID 2 must not be claimed past UID 1: the watcher reconnects (backing off).
+            with trio.fail_after(10):
+                await channel.status.wait_value(lambda s: s.reconnects >= 2)
+            assert "UID 1" in str(channel.status.value.imap_error)
+            fake.no_body.clear()  # the server recovers: the message comes through
+            assert await receive(channel) == "fake 1"
+            assert await receive(channel) == "fake 2"
+        nursery.cancel_scope.cancel()
+    assert fake.connections < 8  # backed off, did not hammer
