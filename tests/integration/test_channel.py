@@ -297,3 +297,44 @@ async def test_refused_login_is_reported_not_hammered(
         status = channel.status.value
     assert status.reconnects == 1  # one attempt, then a long wait (AUTH_RETRY_SECONDS)
     assert "definitely-wrong" not in str(status.imap_error)
+
+
+async def test_idle_push_latency(mail_servers: MailServers, tmp_path: Path) -> None:
+    """New mail reaches the program within a fraction of a second of its delivery."""
+    pair = fresh_pair(mail_servers, "latency")
+    config = make_config(mail_servers, pair, tmp_path / "state")
+    after_delivery: list[float] = []
+    after_submission: list[float] = []
+    async with open_mail_channel(config) as channel:
+        for i in range(5):
+            with trio.fail_after(20):
+                await channel.status.wait_value(lambda s: s.imap == "idle")
+            msg = make_message(pair.alice, pair.bot, f"latency {i}")
+            await in_thread(send_mail, mail_servers, pair.alice, msg, pair.bot)
+            sent = trio.current_time()
+            async with trio.open_nursery() as nursery:
+
+                async def watch_maildir(stored: list[float], count: int) -> None:
+                    # Poll the Maildir the way a test can: when did Dovecot store it?
+                    while len(mail_servers.inbox_messages(pair.bot)) < count:  # noqa: ASYNC110
+                        await trio.sleep(0.005)
+                    stored.append(trio.current_time())
+
+                stored: list[float] = []
+                nursery.start_soon(watch_maildir, stored, i + 1)
+                message = await next_message(channel)
+            got = trio.current_time()
+            after_submission.append(got - sent)
+            after_delivery.append(got - stored[0])
+            assert message.subject == f"latency {i}"
+            await channel.mark_handled(message)
+    after_delivery.sort()
+    after_submission.sort()
+    print(
+        f"IDLE push latency: delivery -> program median {after_delivery[2] * 1000:.0f} ms"
+        f" (max {after_delivery[-1] * 1000:.0f} ms); submission -> program median"
+        f" {after_submission[2] * 1000:.0f} ms"
+    )
+    # Dovecot itself waits 500 ms after a change before it notifies IDLE clients
+    # (NOTIFY_DELAY_MSECS in its mailbox-watch.c); our share is the rest.
+    assert after_delivery[2] < 1.0, after_delivery
