@@ -109,6 +109,7 @@ __all__ = [
     "AUTH_RETRY_SECONDS",
     "MESSAGE_BUFFER",
     "SEEN_BUFFER",
+    "ChannelStatistics",
     "ChannelStatus",
     "MailChannel",
     "collapse_exception_group",
@@ -144,6 +145,27 @@ AUTH_RETRY_SECONDS: Final = 600.0
 OUTBOX_RECHECK_SECONDS: Final = 60.0
 
 _SEEN: Final = "\\Seen"
+
+
+@attrs.frozen
+class ChannelStatistics:
+    """Counters since the channel opened (see :meth:`MailChannel.statistics`).
+
+    Attributes:
+        delivered: Messages handed to you.
+        rejected: Messages the sender policy or loop guards refused.
+        duplicates: Messages skipped because their Message-ID was already processed.
+        replies_queued: Replies and messages put in the outbox.
+        replies_sent: Outbox items the SMTP server accepted.
+        in_flight: Messages handed to you and not finished yet.
+    """
+
+    delivered: int
+    rejected: int
+    duplicates: int
+    replies_queued: int
+    replies_sent: int
+    in_flight: int
 
 
 @attrs.frozen
@@ -251,8 +273,22 @@ class MailChannel:
         #: Health of the channel; ``await channel.status.wait_value(pred)`` to watch it.
         self.status: trio_util.AsyncValue[ChannelStatus] = trio_util.AsyncValue(ChannelStatus())
         self._outbox_generation = trio_util.AsyncValue(0)
+        self._counts = dict.fromkeys(
+            ("delivered", "rejected", "duplicates", "replies_queued", "replies_sent"), 0
+        )
         # The watcher's current wait (IDLE or poll interval), cancelled to wake it early.
         self._wake_scope: trio.CancelScope | None = None
+
+    def statistics(self) -> ChannelStatistics:
+        """Returns: counters of what the channel did since it opened."""
+        return ChannelStatistics(
+            delivered=self._counts["delivered"],
+            rejected=self._counts["rejected"],
+            duplicates=self._counts["duplicates"],
+            replies_queued=self._counts["replies_queued"],
+            replies_sent=self._counts["replies_sent"],
+            in_flight=len(self._in_flight),
+        )
 
     def __repr__(self) -> str:
         return f"<MailChannel {self.account} folder={self.folder!r}>"
@@ -325,6 +361,7 @@ class MailChannel:
         draft = _draft(outgoing)
         await self._store.record_reply(key, draft)
         self._finished(key, seen=True)
+        self._counts["replies_queued"] += 1
         self._outbox_generation.value += 1
         return outgoing.message_id
 
@@ -351,6 +388,7 @@ class MailChannel:
         )
         draft = _draft(outgoing)
         await self._store.enqueue(self.account, draft)
+        self._counts["replies_queued"] += 1
         self._outbox_generation.value += 1
         return outgoing.message_id
 
@@ -473,6 +511,7 @@ class MailChannel:
                 )
             return
         await self._store.mark_sent(item.id)
+        self._counts["replies_sent"] += 1
         self._set_status(smtp_error=None)
         refused = ", ".join(f"{r.address} ({r.reply.code})" for r in result.refused) or None
         log_event(logging.INFO, "reply sent", **fields, refused=refused)
@@ -850,6 +889,7 @@ class MailChannel:
             log_event(
                 logging.INFO, "message skipped: already processed (same Message-ID)", **fields
             )
+            self._counts["duplicates"] += 1
             return
         if result.record.status is not MessageStatus.CLAIMED or key in self._in_flight:
             return
@@ -868,6 +908,7 @@ class MailChannel:
         )
         if not verdict.accepted:
             await self._store.mark_rejected(key, verdict.reason)
+            self._counts["rejected"] += 1
             log_event(
                 logging.INFO,
                 "message rejected",
@@ -879,6 +920,7 @@ class MailChannel:
         self._in_flight[key] = message
         await self._store.begin_handling(key)
         await self._message_send.send(message)
+        self._counts["delivered"] += 1
 
 
 @contextlib.asynccontextmanager

@@ -117,6 +117,11 @@ async def test_policy_and_loop_guards_only_allowed_mail_reaches_the_handler(
         await in_thread(send_mail, mail_servers, pair.alice, last, pair.bot)
         message = await next_message(channel)
         assert message.subject == "after the loop"
+        stats = channel.statistics()
+        assert stats.rejected == len(refused) + 1
+        assert stats.delivered == 2
+        assert stats.in_flight == 1
+        assert stats.replies_queued == 1
     # Nothing was answered except what we sent on purpose.
     assert [m["Subject"] for m in replies(mail_servers, pair.alice)] == ["note"]
 
@@ -233,6 +238,7 @@ async def test_uidvalidity_change_does_not_reanswer_or_lose_mail(
     async with open_mail_channel(config) as channel:
         message = await next_message(channel)
         assert message.subject == "new one"
+        assert channel.statistics().duplicates == 1
         await channel.reply(message, "fresh")
         await in_thread(wait_replies, mail_servers, pair.alice, 2)
     subjects = sorted(m["Subject"] for m in replies(mail_servers, pair.alice))
