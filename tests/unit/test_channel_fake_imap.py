@@ -347,3 +347,40 @@ async def test_a_message_the_server_lists_but_does_not_return_is_not_skipped(
             assert await receive(channel) == "fake 2"
         nursery.cancel_scope.cancel()
     assert fake.connections < 8  # backed off, did not hammer
+
+
+async def test_reply_rate_limit_refuses_the_sender_beyond_the_limit(tmp_path: Path) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2), 3: raw_message(3)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state", reply_rate_limit=2)
+        async with open_mail_channel(config) as channel:
+            assert await receive(channel) == "fake 1"
+            assert await receive(channel) == "fake 2"
+            await wait_until(lambda: channel.statistics().rejected == 1)
+            assert channel.statistics().delivered == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_required_authentication_results(tmp_path: Path) -> None:
+    verified = (
+        b"Authentication-Results: mx.example.com; dmarc=pass header.from=example.com\r\n"
+        + raw_message(2)
+    )
+    forged = (
+        b"Authentication-Results: evil.example.net; dmarc=pass header.from=example.com\r\n"
+        + raw_message(1)
+    )
+    fake = FakeIMAP(messages={1: forged, 2: verified})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(
+            port,
+            tmp_path / "state",
+            require_authentication="true",
+            authserv_id='"mx.example.com"',
+        )
+        async with open_mail_channel(config) as channel:
+            assert await receive(channel) == "fake 2"
+            assert channel.statistics().rejected == 1
+        nursery.cancel_scope.cancel()
