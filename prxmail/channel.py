@@ -74,6 +74,8 @@ from prxmail.errors import (
     PrxmailError,
     RemoteProtocolError,
     SMTPPermanentError,
+    StateError,
+    TLSError,
 )
 from prxmail.imap import (
     BodyStructure,
@@ -540,6 +542,8 @@ class MailChannel:
                 delay: float
                 try:
                     await self._session()
+                except StateError:
+                    raise  # durable state unusable: running on would break the guarantees
                 except AuthenticationError as exc:
                     delay = AUTH_RETRY_SECONDS
                     self._set_status(
@@ -563,7 +567,7 @@ class MailChannel:
                         reconnects=self.status.value.reconnects + 1,
                     )
                     log_event(
-                        logging.WARNING,
+                        logging.ERROR if isinstance(exc, TLSError) else logging.WARNING,
                         "IMAP connection lost, reconnecting",
                         retry_in=round(delay, 1),
                         error=_describe(exc),
