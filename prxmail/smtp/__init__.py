@@ -7,6 +7,10 @@ Typical use::
 
 :class:`SMTPConnection` works over any ``trio.abc.Stream``; :class:`SMTPProtocol`
 is the bytes-in, replies-out core with no I/O at all.
+
+Several messages at once go faster with ``send_messages([OutgoingMessage(...), ...])``,
+which pipelines across messages (one message at a time is bound by the server's
+per-message work, whatever the client does); each gets a :class:`BatchOutcome`.
 """
 
 from prxmail._tls import Security as Security
