@@ -604,3 +604,30 @@ def test_bdat_transaction() -> None:
     # 354 is no answer to BDAT.
     with pytest.raises(RemoteProtocolError):
         feed(proto, b"250 ok\r\n250 ok\r\n250 ok\r\n354 what\r\n")
+
+
+@given(
+    st.lists(
+        st.binary(max_size=64)
+        | st.sampled_from([b"250-x\r\n", b"250 ok\r\n", b"\r\n", b"354 go\r\n", b"421 bye\r\n"]),
+        max_size=30,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_hostile_bytes_only_ever_raise_remote_protocol_error(chunks: list[bytes]) -> None:
+    proto = ready_protocol()
+    proto.send_mail("a@x.test")
+    proto.send_rcpt("b@x.test")
+    proto.send_data()
+    error: RemoteProtocolError | None = None
+    try:
+        for chunk in chunks:
+            proto.receive_data(chunk)
+            while proto.next_reply() is not None:
+                pass
+    except RemoteProtocolError as exc:
+        error = exc
+    if error is not None:
+        assert len(error.excerpt) <= 80
+        assert proto.state is State.CLOSED
+    assert proto.pending <= 3
