@@ -78,6 +78,7 @@ from prxmail.imap._framer import (
 )
 from prxmail.imap._protocol import IMAPProtocol, NeedData
 from prxmail.imap._state import ConnectionState
+from prxmail.imap._tls import ClientTLSStream
 
 __all__ = [
     "FetchStream",
@@ -241,7 +242,7 @@ class IMAPConnection:
 
     @property
     def stream(self) -> trio.abc.Stream:
-        """The transport stream (a trio.SSLStream once TLS is up)."""
+        """The transport stream (a TLS stream with an ``ssl_object`` once TLS is up)."""
         return self._stream
 
     def __repr__(self) -> str:
@@ -298,7 +299,8 @@ class IMAPConnection:
                     ) from exc
                 proto.receive_data(data)
                 continue
-            await self._send_pending()
+            if proto.has_data_to_send:
+                await self._send_pending()
             if isinstance(event, ConnectionClosed):
                 why = f" ({self._bye.text})" if self._bye is not None else ""
                 raise ConnectionBrokenError(f"the server closed the connection{why}")
@@ -428,7 +430,7 @@ class IMAPConnection:
         except IMAPCommandError as exc:
             self._broken = "STARTTLS was refused"
             raise TLSError(f"the server refused STARTTLS: {exc.text}") from exc
-        tls = trio.SSLStream(self._stream, ssl_context, server_hostname=server_hostname)
+        tls = ClientTLSStream(self._stream, ssl_context, server_hostname=server_hostname)
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:
@@ -1031,7 +1033,7 @@ async def open_imap_stream(
 
     Args:
         stream: A connected stream. With ``Security.TLS`` it is wrapped in TLS unless
-            it already is a ``trio.SSLStream``.
+            it already is a ``trio.SSLStream`` (or this package's TLS stream).
         security: ``TLS`` (implicit), ``STARTTLS`` (required upgrade) or ``PLAIN``
             (no encryption; only when explicitly chosen).
         ssl_context: Client TLS context; default: system trust store, verification on.
@@ -1048,9 +1050,9 @@ async def open_imap_stream(
         RemoteProtocolError: the server's greeting is not IMAP.
     """
     context = ssl_context if ssl_context is not None else create_ssl_context()
-    encrypted = isinstance(stream, trio.SSLStream)
+    encrypted = isinstance(stream, trio.SSLStream | ClientTLSStream)
     if security is Security.TLS and not encrypted:
-        stream = trio.SSLStream(stream, context, server_hostname=server_hostname)
+        stream = ClientTLSStream(stream, context, server_hostname=server_hostname)
         encrypted = True
     conn = IMAPConnection(
         stream,
@@ -1068,7 +1070,7 @@ async def open_imap_stream(
         except ConnectionBrokenError as exc:
             cause = exc.__cause__
             if (
-                isinstance(stream, trio.SSLStream)
+                isinstance(stream, trio.SSLStream | ClientTLSStream)
                 and isinstance(cause, trio.BrokenResourceError)
                 and isinstance(cause.__cause__, ssl.SSLError)
             ):

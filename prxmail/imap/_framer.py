@@ -189,12 +189,20 @@ class Framer:
                 of a response.
         """
         buf = self._buf
+        lines = self._lines
         while True:
             if self._literal_size >= 0:
-                literal = self._take_literal()
-                if literal is None:
-                    return None
-                self._literals.append(literal)
+                size = self._literal_size
+                if self._direct is None and len(buf) >= size:
+                    # Small literal, all here: the common case of a fetch.
+                    with memoryview(buf) as view:
+                        self._literals.append(bytes(view[:size]))
+                    del buf[:size]
+                else:
+                    literal = self._take_literal()
+                    if literal is None:
+                        return None
+                    self._literals.append(literal)
                 self._literal_size = -1
             idx = buf.find(b"\n", self._scanned)
             if idx < 0:
@@ -207,7 +215,7 @@ class Framer:
                 if self._eof and not self.at_boundary:
                     raise RemoteProtocolError(
                         "server closed the connection in the middle of a response",
-                        excerpt=bytes(buf[:80]) or (self._lines[0] if self._lines else b""),
+                        excerpt=bytes(buf[:80]) or (lines[0] if lines else b""),
                     )
                 return None
             if idx > self.max_line_length:
@@ -219,16 +227,19 @@ class Framer:
             line = bytes(buf[:end])
             del buf[: idx + 1]
             self._scanned = 0
-            self._size += len(line) + 2
-            self._check_size(line)
-            self._lines.append(line)
+            self._size += end + 2
+            if self._size > self.max_response_size:
+                self._check_size(line)
+            lines.append(line)
             if line.endswith(b"}"):
-                match = _LITERAL_AT_END.search(line, max(0, len(line) - 24))
+                match = _LITERAL_AT_END.search(line, end - 24 if end > 24 else 0)
                 if match is not None:
                     self._start_literal(int(match[1]), line)
                     continue
-            frame = Frame(self._lines, self._literals)
-            self._reset_frame()
+            frame = Frame(lines, self._literals)
+            self._lines = []
+            self._literals = []
+            self._size = 0
             return frame
 
     # -- internals --------------------------------------------------------------------

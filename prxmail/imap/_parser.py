@@ -66,7 +66,8 @@ _ATOM = re.compile(rb'[^\x00-\x20\x7f()"{]+')
 _NUMBER = re.compile(rb"[0-9]+")
 _TAG = re.compile(rb"[^\x00-\x20\x7f(){%*\"\\+]+")
 _LITERAL = re.compile(rb"~?\{([0-9]+)\+?\}\Z")
-_FETCH_ITEM = re.compile(rb"([A-Za-z0-9.\-]+)(?:\[([^\]]*)\])?(?:<([0-9]+)>)?")
+_FETCH_NEXT = re.compile(rb" *(?:(\))|([A-Za-z0-9.\-]+)(?:\[([^\]]*)\])?(?:<([0-9]+)>)? +)")
+_FETCH_START = re.compile(rb"\* ([0-9]+) FETCH \(")
 _CODE_NAME = re.compile(rb"[A-Za-z0-9.\-]+")
 _SPACES = re.compile(rb" *")
 
@@ -232,6 +233,10 @@ def parse_response(frame: Frame) -> Event:
     """
     reader = _Reader(frame)
     line = reader.line
+    match = _FETCH_START.match(line)
+    if match is not None:  # the hot path of a mailbox sync
+        reader.pos = match.end()
+        return _fetch_items(reader, int(match[1]))
     if line.startswith(b"*"):
         reader.pos = 1
         reader.spaces()
@@ -353,7 +358,7 @@ def _flag_list(reader: _Reader) -> tuple[str, ...]:
         if end < 0:
             reader.fail("unterminated flag list")
         reader.pos = end + 1
-        return tuple(f.decode("utf-8", "replace") for f in line[pos + 1 : end].split())
+        return tuple(line[pos + 1 : end].decode("utf-8", "replace").split())
     if line[pos : pos + 3].upper() == b"NIL":  # NIL for an empty list: tolerated
         reader.pos = pos + 3
         return ()
@@ -438,6 +443,10 @@ def _id(reader: _Reader) -> IdData:
 
 def _fetch(reader: _Reader, seq: int) -> FetchData:
     reader.expect(40)
+    return _fetch_items(reader, seq)
+
+
+def _fetch_items(reader: _Reader, seq: int) -> FetchData:
     uid = rfc822_size = modseq = None
     flags = None
     internaldate = None
@@ -445,27 +454,27 @@ def _fetch(reader: _Reader, seq: int) -> FetchData:
     bodystructure = None
     sections: dict[str, bytes | bytearray | None] = {}
     extra: dict[str, object] = {}
+    next_item = _FETCH_NEXT.match
     while True:
-        reader.skip_spaces()
-        c = reader.peek()
-        if c == 41:  # )
-            reader.pos += 1
-            break
-        if c < 0:
-            reader.fail("unterminated FETCH item list")
-        match = _FETCH_ITEM.match(reader.line, reader.pos)
+        # One regex per item: spaces, then ")" or "NAME[section]<origin>" and spaces.
+        match = next_item(reader.line, reader.pos)
         if match is None:
-            reader.fail("expected a FETCH item name")
+            reader.skip_spaces()
+            if reader.at_line_end():
+                reader.fail("unterminated FETCH item list")
+            reader.fail("expected a FETCH item name and a space")
         reader.pos = match.end()
-        reader.spaces()
-        name = match[1].upper()
-        section = match[2]
+        if match[1] is not None:  # ")"
+            break
+        name = match[2].upper()
+        section = match[3]
         if section is not None:
             key = section.decode("utf-8", "replace").upper()
-            if match[3] is not None:
-                key += f"<{int(match[3])}>"
+            if match[4] is not None:
+                key += f"<{int(match[4])}>"
             if name == b"BODY":
-                sections[key] = reader.nstring()
+                c = reader.line[reader.pos : reader.pos + 1]
+                sections[key] = reader.literal() if c == b"{" else reader.nstring()
             else:  # BINARY[...], BINARY.SIZE[...]
                 extra[f"{name.decode()}[{key}]"] = reader.value()
         elif name == b"UID":

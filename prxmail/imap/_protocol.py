@@ -38,6 +38,7 @@ from prxmail.imap._events import (
     ContinuationRequest,
     EnabledData,
     Event,
+    FetchData,
     StatusResponse,
     TaggedResponse,
 )
@@ -151,6 +152,8 @@ class IMAPProtocol:
                     ) from exc
                 return self._on_greeting(event, frame.excerpt())
             event = parse_response(frame)
+            if type(event) is FetchData:  # the hot path: nothing to track
+                return event
             if isinstance(event, TaggedResponse):
                 return self._on_tagged(event)
             if isinstance(event, ContinuationRequest):
@@ -300,6 +303,11 @@ class IMAPProtocol:
             raise LocalProtocolError("DONE is only sent once, to end IDLE")
         self._done_sent = True
         self._out += b"DONE\r\n"
+
+    @property
+    def has_data_to_send(self) -> bool:
+        """True if :meth:`data_to_send` would return bytes."""
+        return bool(self._out)
 
     def data_to_send(self) -> bytes:
         """Return (and forget) the bytes to write to the server now."""

@@ -669,3 +669,57 @@ async def test_starttls_handshake_failure_wrong_host(
                 server_hostname="evil.test",
             ):
                 pytest.fail("must not get here")
+
+
+# -- the client TLS stream -------------------------------------------------------------------
+
+
+async def test_tls_stream_returns_every_buffered_record_in_one_read(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    from prxmail.imap._tls import ClientTLSStream
+
+    server_ctx, client_ctx = tls_pair
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    client = ClientTLSStream(client_raw, client_ctx, server_hostname="imap.test")
+    server = trio.SSLStream(server_raw, server_ctx, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        await client.do_handshake()
+    for i in range(50):  # fifty separate TLS records
+        await server.send_all(b"record %02d\r\n" % i)
+    got = await client.receive_some(1 << 20)
+    assert got == b"".join(b"record %02d\r\n" % i for i in range(50))
+    await client.send_all(b"hello")
+    assert await server.receive_some(100) == b"hello"
+    # max_bytes is honoured; the rest comes with the next read
+    await server.send_all(b"x" * 100)
+    assert await client.receive_some(10) == b"x" * 10
+    assert await client.receive_some(1000) == b"x" * 90
+    # the peer vanishing without close_notify is an error, not a clean EOF
+    await server_raw.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        await client.receive_some(100)
+    await client.aclose()
+    await client.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await client.send_all(b"x")
+
+
+async def test_tls_stream_clean_close_notify_is_eof(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    from prxmail.imap._tls import ClientTLSStream
+
+    server_ctx, client_ctx = tls_pair
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    client = ClientTLSStream(client_raw, client_ctx, server_hostname="imap.test")
+    server = trio.SSLStream(server_raw, server_ctx, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        await client.do_handshake()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.aclose)
+        assert await client.receive_some(100) == b""
+    assert await client.receive_some(100) == b""
+    await client.aclose()
