@@ -109,6 +109,11 @@ MAX_SEARCH_RESULTS = 2_000_000
 _FETCH_ITEM_OK = re.compile(r"[A-Za-z0-9.\-\[\]<> ()]+\Z")
 _FLAG_OK = re.compile(r"\\?[^\x00-\x20\x7f(){%*\"\\\]]+\Z")
 
+# UID FETCH commands kept outstanding by a batched uid_fetch(). Two is enough for the
+# server never to wait for us between batches; more would only let unread responses
+# pile up in socket buffers.
+FETCH_PIPELINE_DEPTH = 2
+
 UidSet = SequenceSet | Iterable[int]
 
 
@@ -693,6 +698,7 @@ class IMAPConnection:
         items: Sequence[str] | str = ("BODY.PEEK[]",),
         *,
         changedsince: int | None = None,
+        batch_size: int | None = None,
     ) -> FetchStream:
         """UID FETCH, yielding each result as it arrives.
 
@@ -706,6 +712,9 @@ class IMAPConnection:
             items: Fetch items (protocol text, e.g. ``"BODY.PEEK[]"``,
                 ``"BODYSTRUCTURE"``, ``"RFC822.SIZE"``, ``"FLAGS"``).
             changedsince: CONDSTORE CHANGEDSINCE modifier.
+            batch_size: Split the UIDs into UID FETCH commands of at most this many
+                UIDs each, pipelined (the server works on the next batch while this one
+                is read). ``None``: one command.
 
         Returns:
             An async iterator of :class:`FetchData` (each carries ``uid``).
@@ -716,10 +725,20 @@ class IMAPConnection:
         names = [items] if isinstance(items, str) else list(items)
         if not names or not all(_FETCH_ITEM_OK.match(item) for item in names):
             raise LocalProtocolError(f"invalid fetch items: {names!r}")
-        args: list[Arg] = [_uid_set(uids), Raw("(" + " ".join(names) + ")")]
+        if batch_size is not None and batch_size < 1:
+            raise LocalProtocolError("batch_size must be at least 1")
+        sets: list[SequenceSet]
+        if batch_size is None or isinstance(uids, SequenceSet):
+            sets = [_uid_set(uids)]
+        else:
+            ordered = sorted(set(uids))
+            sets = [
+                _uid_set(ordered[i : i + batch_size]) for i in range(0, len(ordered), batch_size)
+            ] or [_uid_set(ordered)]
+        tail: list[Arg] = [Raw("(" + " ".join(names) + ")")]
         if changedsince is not None:
-            args.append([Raw("CHANGEDSINCE"), changedsince])
-        return FetchStream(self, args)
+            tail.append([Raw("CHANGEDSINCE"), changedsince])
+        return FetchStream(self, [[uid_set, *tail] for uid_set in sets])
 
     async def uid_store(
         self,
@@ -810,11 +829,16 @@ class IMAPConnection:
 
 
 class FetchStream:
-    """The async iterator returned by :meth:`IMAPConnection.uid_fetch`."""
+    """The async iterator returned by :meth:`IMAPConnection.uid_fetch`.
 
-    def __init__(self, conn: IMAPConnection, args: list[Arg]) -> None:
+    With several batches, up to :data:`FETCH_PIPELINE_DEPTH` UID FETCH commands are
+    outstanding at once, so the server works on the next batch while this one is read.
+    """
+
+    def __init__(self, conn: IMAPConnection, batches: list[list[Arg]]) -> None:
         self._conn = conn
-        self._args = args
+        self._batches = collections.deque(batches)
+        self._outstanding = 0
         self._started = False
         self._finished = False
         self._error: IMAPCommandError | None = None
@@ -834,11 +858,17 @@ class FetchStream:
         if exc is None:
             await self.aclose()
 
+    def _queue_commands(self) -> None:
+        proto = self._conn._proto
+        while self._batches and self._outstanding < FETCH_PIPELINE_DEPTH and not self._error:
+            proto.send_command("UID FETCH", self._batches.popleft())
+            self._outstanding += 1
+
     async def _start(self) -> None:
         conn = self._conn
         conn._begin("UID FETCH")
         await conn._drain_active_fetch()
-        conn._proto.send_command("UID FETCH", self._args)
+        self._queue_commands()  # local errors surface here, before anything is sent
         conn._busy = "UID FETCH"
         conn._active_fetch = self
         self._started = True
@@ -867,12 +897,18 @@ class FetchStream:
         try:
             while True:
                 event = await conn._next_event()
-                if isinstance(event, FetchData):
+                if type(event) is FetchData:
                     if event.uid is not None:
                         return event
                     conn._pushes.append(event)  # a flag change of another message
                 elif isinstance(event, TaggedResponse):
-                    break
+                    self._outstanding -= 1
+                    if event.status != "OK" and self._error is None:
+                        self._error = _command_error("UID FETCH", event)
+                    self._queue_commands()
+                    if self._outstanding == 0:
+                        break
+                    await conn._send_pending()
                 else:
                     conn._note_pushes((event,))
         except BaseException as exc:
@@ -880,15 +916,16 @@ class FetchStream:
             conn._mark_broken(exc)
             raise
         self._finish()
-        if event.status != "OK":
-            raise _command_error("UID FETCH", event)
+        if self._error is not None:
+            raise self._error
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
-        """Read and discard the rest of the results (does nothing if complete)."""
+        """Stop early: send no further batches, read and discard what is on its way."""
         if not self._started or self._finished:
             self._finished = True
             return
+        self._batches.clear()
         try:
             async for _ in self:
                 pass

@@ -22,8 +22,9 @@
 #   after STARTTLS (a man in the middle may have forged them);
 # * STARTTLS: after its tagged OK every byte already buffered is discarded.
 #
-# One command is in flight at a time. That keeps tag matching trivial and lets the
-# state machine be exact; IMAP batching is done with sequence sets instead.
+# One command is in flight at a time, except that FETCH / UID FETCH may be pipelined
+# behind each other (PIPELINABLE): they change no state, so the state machine stays
+# exact, and tagged responses are matched by tag.
 
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ from prxmail.imap._parser import parse_response
 from prxmail.imap._state import TRANSITIONS, UNSOLICITED, ConnectionState, check_allowed
 
 __all__ = ["NEED_DATA", "IMAPProtocol", "NeedData"]
+
+
+# Commands that may be sent while others of this set await their responses: they never
+# change the connection state and carry no literals, so pipelining them is safe and
+# keeps the server busy between batches of a large fetch.
+PIPELINABLE = frozenset({"FETCH", "UID FETCH"})
 
 
 class NeedData:
@@ -94,8 +101,9 @@ class IMAPProtocol:
         self._out = bytearray()
         self._waiting_chunks: list[bytes] = []
         self._greeting: StatusResponse | None = None
-        self._tag: str | None = None
-        self._command: str | None = None
+        # Commands awaiting their tagged response, in the order sent: tag -> (keyword,
+        # full name). More than one only for pipelined fetches (see PIPELINABLE).
+        self._inflight: dict[str, tuple[str, str]] = {}
         self._done_sent = False
         self._closed_reported = False
         self.state = ConnectionState.NOT_AUTHENTICATED
@@ -112,7 +120,14 @@ class IMAPProtocol:
     @property
     def command_in_progress(self) -> str | None:
         """The name of the command awaiting its tagged response, if any."""
-        return self._command
+        for keyword, _ in self._inflight.values():
+            return keyword
+        return None
+
+    @property
+    def commands_in_flight(self) -> int:
+        """How many commands await their tagged response."""
+        return len(self._inflight)
 
     @property
     def framer(self) -> Framer:
@@ -140,7 +155,7 @@ class IMAPProtocol:
             if frame is None:
                 if self._framer.eof:
                     self._apply_unsolicited("EOF")
-                    self._tag = self._command = None
+                    self._inflight.clear()
                     return ConnectionClosed()
                 return NEED_DATA
             if self._greeting is None:
@@ -184,18 +199,17 @@ class IMAPProtocol:
         return event
 
     def _on_tagged(self, event: TaggedResponse) -> Event:
-        if self._tag is None or event.tag != self._tag:
+        entry = self._inflight.pop(event.tag, None)
+        if entry is None:
             raise RemoteProtocolError(
-                f"tagged response {event.tag!r} does not match the command in progress "
-                f"({self._tag!r})",
+                f"tagged response {event.tag!r} does not match a command in progress "
+                f"({', '.join(self._inflight) or 'none'})",
                 excerpt=event.tag.encode(),
             )
-        command = self._command
-        assert command is not None
+        command = entry[0]
         new_state = TRANSITIONS.get((self.state, command, event.status))
         if new_state is not None:
             self.state = new_state
-        self._tag = self._command = None
         self._waiting_chunks = []
         self._done_sent = False
         if event.code is not None and event.code.name == "CAPABILITY":
@@ -213,7 +227,8 @@ class IMAPProtocol:
 
     def _on_continuation(self, event: ContinuationRequest) -> bool:
         """Handle a "+"; return True if it was consumed here."""
-        if self._command is None:
+        command = self.command_in_progress
+        if command is None:
             raise RemoteProtocolError(
                 "continuation request with no command in progress",
                 excerpt=event.text.encode()[:80],
@@ -221,15 +236,15 @@ class IMAPProtocol:
         if self._waiting_chunks:
             self._out += self._waiting_chunks.pop(0)
             return True
-        if self._command == "IDLE":
+        if command == "IDLE":
             if self.state is ConnectionState.IDLING:
                 raise RemoteProtocolError("second continuation during IDLE")
             self.state = TRANSITIONS[(self.state, "IDLE", "+")]
             return False
-        if self._command == "AUTHENTICATE":
+        if command == "AUTHENTICATE":
             return False
         raise RemoteProtocolError(
-            f"unexpected continuation request during {self._command}",
+            f"unexpected continuation request during {command}",
             excerpt=event.text.encode()[:80],
         )
 
@@ -262,8 +277,15 @@ class IMAPProtocol:
         """
         if self._greeting is None:
             raise LocalProtocolError("wait for the server greeting before sending commands")
-        if self._command is not None:
-            raise LocalProtocolError(f"cannot send {name}: {self._command} is still in progress")
+        full_name = name.upper()
+        if self._inflight and (
+            full_name not in PIPELINABLE
+            or self._waiting_chunks
+            or any(n not in PIPELINABLE for _, n in self._inflight.values())
+        ):
+            raise LocalProtocolError(
+                f"cannot send {name}: {self.command_in_progress} is still in progress"
+            )
         keyword = name.split(" ", 1)[0].upper()
         check_allowed(self.state, keyword)
         tag = f"{self._tag_prefix}{self._counter + 1:04d}"
@@ -277,8 +299,7 @@ class IMAPProtocol:
         self._counter += 1
         self._out += chunks[0]
         self._waiting_chunks = chunks[1:]
-        self._tag = tag
-        self._command = keyword
+        self._inflight[tag] = (keyword, full_name)
         return tag
 
     def send_continuation(self, line: bytes) -> None:
@@ -287,7 +308,7 @@ class IMAPProtocol:
         Raises:
             LocalProtocolError: no AUTHENTICATE in progress, or the line has CR/LF/NUL.
         """
-        if self._command != "AUTHENTICATE":
+        if self.command_in_progress != "AUTHENTICATE":
             raise LocalProtocolError("continuation data is only sent during AUTHENTICATE")
         if any(c in line for c in b"\r\n\x00"):
             raise LocalProtocolError("CR, LF and NUL are not allowed in a continuation")

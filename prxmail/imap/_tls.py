@@ -115,6 +115,8 @@ class ClientTLSStream(trio.abc.Stream):
         if self._eof:
             await trio.lowlevel.checkpoint()
             return b""
+        # Honour a pending cancellation before taking anything out of the TLS object.
+        await trio.lowlevel.checkpoint_if_cancelled()
         obj = self.ssl_object
         while True:
             chunks: list[bytes] = []
@@ -134,8 +136,9 @@ class ClientTLSStream(trio.abc.Stream):
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
             if chunks or self._eof:
-                # Hand back what we have; the scheduler still gets its checkpoint.
-                await trio.lowlevel.checkpoint()
+                # Hand back what we have. The scheduler still gets its checkpoint, but a
+                # shielded one: a cancellation now would throw away decrypted data.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             await self._flush()  # e.g. a TLS 1.3 KeyUpdate answer
             if not await self._feed():

@@ -24,6 +24,7 @@ from prxmail.imap import (
     Exists,
     Expunge,
     FetchData,
+    FetchStream,
     IMAPConnection,
     MailboxState,
     Raw,
@@ -723,3 +724,67 @@ async def test_tls_stream_clean_close_notify_is_eof(
         assert await client.receive_some(100) == b""
     assert await client.receive_some(100) == b""
     await client.aclose()
+
+
+async def collect_uids(stream: FetchStream, into: list[int | None]) -> None:
+    async for msg in stream:
+        into.append(msg.uid)
+
+
+async def test_batched_fetch_pipelines_two_commands() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        # two batches arrive before any answer: the client pipelines them
+        await peer.expect(b"A0003 UID FETCH 1:2 (FLAGS)")
+        await peer.expect(b"A0004 UID FETCH 3,5 (FLAGS)")
+        await peer.send(b"* 1 FETCH (UID 1 FLAGS ())\r\n* 2 FETCH (UID 2 FLAGS ())\r\n")
+        await peer.send(b"A0003 OK done\r\n")
+        # the third batch goes out once the first is complete
+        await peer.expect(b"A0005 UID FETCH 7 (FLAGS)")
+        await peer.send(b"* 3 FETCH (UID 3 FLAGS ())\r\n* 4 FETCH (UID 5 FLAGS ())\r\n")
+        await peer.send(b"A0004 NO [SERVERBUG] half failed\r\n")
+        await peer.send(b"* 5 FETCH (UID 7 FLAGS ())\r\nA0005 OK done\r\n")
+        await peer.logout(b"A0006")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        seen: list[int | None] = []
+        stream = imap.uid_fetch([7, 5, 3, 2, 1], "FLAGS", batch_size=2)
+        with pytest.raises(IMAPNoResponse, match="half failed"):
+            await collect_uids(stream, seen)
+        assert seen == [1, 2, 3, 5, 7]
+        assert not imap.broken
+
+    with trio.fail_after(5):
+        await run(script, body)
+
+
+async def test_stopping_a_batched_fetch_sends_no_more_batches() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID FETCH 1 (FLAGS)")
+        await peer.expect(b"A0004 UID FETCH 2 (FLAGS)")
+        await peer.send(b"* 1 FETCH (UID 1 FLAGS ())\r\nA0003 OK done\r\n")
+        await peer.send(b"* 2 FETCH (UID 2 FLAGS ())\r\nA0004 OK done\r\n")
+        await peer.expect(b"A0005 NOOP")  # no "UID FETCH 3" before it
+        await peer.send(b"A0005 OK done\r\n")
+        await peer.logout(b"A0006")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        async with imap.uid_fetch([1, 2, 3], "FLAGS", batch_size=1) as stream:
+            async for msg in stream:
+                assert msg.uid == 1
+                break
+        await imap.noop()
+
+    with trio.fail_after(5):
+        await run(script, body)
