@@ -661,6 +661,8 @@ class IMAPConnection:
                 (quoted or literal when needed), so use :class:`SequenceSet` or
                 :class:`Raw` for sequence sets: ``uid_search("UID",
                 SequenceSet(((101, None),)))`` finds UIDs from 101 up. Defaults to ALL.
+                Note that IMAP's ``n:*`` always includes the highest UID, even when it
+                is below ``n``: filter the result when looking for new mail.
 
         Returns:
             Matching UIDs in ascending order.

@@ -788,3 +788,45 @@ async def test_stopping_a_batched_fetch_sends_no_more_batches() -> None:
 
     with trio.fail_after(5):
         await run(script, body)
+
+
+async def test_hostile_literal_claim_breaks_the_connection_without_allocating() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID FETCH 1 (BODY.PEEK[])")
+        await peer.send(b"* 1 FETCH (UID 1 BODY[] {99999999999999}\r\n")
+        with pytest.raises((EOFError, trio.BrokenResourceError, trio.ClosedResourceError)):
+            await peer.line()
+
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script, Peer(server))
+        async with open_imap_stream(
+            client, security=Security.PLAIN, max_literal_size=10_000_000
+        ) as imap:
+            await imap.login("alice", "secret")
+            await imap.select()
+            with pytest.raises(RemoteProtocolError, match="literal of 99999999999999 bytes"):
+                await imap.uid_fetch([1]).__anext__()
+            assert imap.broken
+            with pytest.raises(ConnectionBrokenError, match="literal"):
+                await imap.noop()
+
+
+async def test_short_password_echoed_by_server_withholds_the_text() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await peer.expect(b"A0001 LOGIN alice abc")
+        await peer.send(b"A0001 NO [AUTHENTICATIONFAILED] password abc is wrong\r\n")
+        await peer.logout(b"A0002")
+
+    async def body(imap: IMAPConnection) -> None:
+        with pytest.raises(AuthenticationError) as info:
+            await imap.login("alice", "abc")
+        assert "abc" not in str(info.value)
+        assert "withheld" in info.value.server_text
+
+    await run(script, body)

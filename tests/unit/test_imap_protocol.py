@@ -351,3 +351,11 @@ def test_parse_response_is_exported_for_custom_use() -> None:
     frame = framer.next_frame()
     assert frame is not None
     assert parse_response(frame) == Exists(4)
+
+
+def test_events_identical_for_a_split_at_every_offset() -> None:
+    reference = events(IMAPProtocol(), SESSION)
+    for cut in range(1, len(SESSION)):
+        proto = IMAPProtocol()
+        got = events(proto, SESSION[:cut]) + events(proto, SESSION[cut:])
+        assert got == reference, cut
