@@ -10,11 +10,13 @@
 # make us buffer without bound (the model is imap-codec's fragmentizer and h11's
 # receive buffer).
 #
-# Data flow: ``receive_data`` appends to one ``bytearray``; ``next_frame`` finds the
-# next line with ``bytearray.find`` (resuming where the last unsuccessful search
-# stopped, so a slow trickle of bytes is scanned once), and takes literals by slicing.
-# Consumed bytes are dropped with ``del buf[:n]``, which CPython implements for the
-# front of a bytearray by moving a start offset: no O(n^2) compaction.
+# Data flow: the unread input is one immutable ``bytes`` object plus a read position.
+# ``next_frame`` finds the next line with ``bytes.find`` (resuming where the last
+# unsuccessful search stopped, so a slow trickle of bytes is scanned once) and takes
+# lines and literals by slicing -- exactly one copy each, no per-byte Python work.
+# ``receive_data`` keeps only the unread tail when new data arrives, so each byte is
+# copied into the buffer at most once more; the tail is at most one partial response
+# below DIRECT_LITERAL_THRESHOLD plus one line, never a whole big literal.
 #
 # Large literals (a 100 MB message) are not accumulated in the receive buffer: as soon
 # as the announcement is seen, one bytearray of the announced size is allocated and the
@@ -109,8 +111,9 @@ class Framer:
         self.max_line_length = max_line_length
         self.max_literal_size = max_literal_size
         self.max_response_size = max_response_size
-        self._buf = bytearray()
-        self._scanned = 0  # bytes at the front of _buf known to contain no LF
+        self._data = b""  # received bytes; those before _pos are consumed
+        self._pos = 0
+        self._scanned = 0  # absolute offset up to which _data holds no LF after _pos
         self._eof = False
         # The response being assembled.
         self._lines: list[bytes] = []
@@ -137,17 +140,26 @@ class Framer:
         if not data:
             self._eof = True
             return
+        unread = len(self._data) - self._pos
         view = self._direct_view
-        if view is not None and not self._buf:
+        if view is not None and not unread:
             # Straight into the preallocated literal: the hot path of a big fetch.
             filled = self._direct_filled
             take = min(len(data), len(view) - filled)
             view[filled : filled + take] = memoryview(data)[:take]
             self._direct_filled = filled + take
             if take < len(data):
-                self._buf += memoryview(data)[take:]
+                self._data = bytes(memoryview(data)[take:])
+                self._pos = self._scanned = 0
             return
-        self._buf += data
+        if not unread:
+            self._data = data if isinstance(data, bytes) else bytes(data)
+            self._scanned -= self._pos
+        else:
+            self._data = self._data[self._pos :] + data
+            self._scanned -= self._pos
+        self._pos = 0
+        self._scanned = max(self._scanned, 0)
 
     @property
     def eof(self) -> bool:
@@ -157,12 +169,12 @@ class Framer:
     @property
     def at_boundary(self) -> bool:
         """True when no partial response is buffered."""
-        return not self._buf and not self._lines and self._literal_size < 0
+        return self._pos >= len(self._data) and not self._lines and self._literal_size < 0
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned in a frame (a rough figure)."""
-        return len(self._buf) + self._size + self._direct_filled
+        return len(self._data) - self._pos + self._size + self._direct_filled
 
     def discard_buffered(self) -> int:
         """Drop every byte received so far (after STARTTLS) and return how many.
@@ -171,8 +183,8 @@ class Framer:
         STARTTLS OK; they must never be read as if they came over TLS.
         """
         dropped = self.buffered
-        self._buf = bytearray()
-        self._scanned = 0
+        self._data = b""
+        self._pos = self._scanned = 0
         self._reset_frame()
         return dropped
 
@@ -188,54 +200,62 @@ class Framer:
             RemoteProtocolError: a limit was exceeded or the stream ended in the middle
                 of a response.
         """
-        buf = self._buf
+        data = self._data
+        pos = self._pos
         lines = self._lines
         while True:
             if self._literal_size >= 0:
                 size = self._literal_size
-                if self._direct is None and len(buf) >= size:
+                if self._direct is None and len(data) - pos >= size:
                     # Small literal, all here: the common case of a fetch.
-                    with memoryview(buf) as view:
-                        self._literals.append(bytes(view[:size]))
-                    del buf[:size]
+                    self._literals.append(data[pos : pos + size])
+                    pos += size
                 else:
+                    self._pos = pos
                     literal = self._take_literal()
                     if literal is None:
                         return None
+                    data = self._data
+                    pos = self._pos
                     self._literals.append(literal)
                 self._literal_size = -1
-            idx = buf.find(b"\n", self._scanned)
+            idx = data.find(b"\n", pos if pos > self._scanned else self._scanned)
             if idx < 0:
-                if len(buf) > self.max_line_length:
+                self._pos = pos
+                if len(data) - pos > self.max_line_length:
                     raise RemoteProtocolError(
                         f"server sent a line longer than {self.max_line_length} bytes",
-                        excerpt=bytes(buf[:80]),
+                        excerpt=data[pos : pos + 80],
                     )
-                self._scanned = len(buf)
+                self._scanned = len(data)
                 if self._eof and not self.at_boundary:
                     raise RemoteProtocolError(
                         "server closed the connection in the middle of a response",
-                        excerpt=bytes(buf[:80]) or (lines[0] if lines else b""),
+                        excerpt=data[pos : pos + 80] or (lines[0] if lines else b""),
                     )
                 return None
-            if idx > self.max_line_length:
+            if idx - pos > self.max_line_length:
+                self._pos = pos
                 raise RemoteProtocolError(
                     f"server sent a line longer than {self.max_line_length} bytes",
-                    excerpt=bytes(buf[:80]),
+                    excerpt=data[pos : pos + 80],
                 )
-            end = idx - 1 if idx and buf[idx - 1] == 13 else idx  # tolerate a bare LF
-            line = bytes(buf[:end])
-            del buf[: idx + 1]
-            self._scanned = 0
-            self._size += end + 2
+            end = idx - 1 if idx > pos and data[idx - 1] == 13 else idx  # bare LF is fine
+            line = data[pos:end]
+            self._size += end - pos + 2
+            pos = idx + 1
             if self._size > self.max_response_size:
+                self._pos = pos
                 self._check_size(line)
             lines.append(line)
             if line.endswith(b"}"):
-                match = _LITERAL_AT_END.search(line, end - 24 if end > 24 else 0)
+                length = len(line)
+                match = _LITERAL_AT_END.search(line, length - 24 if length > 24 else 0)
                 if match is not None:
+                    self._pos = pos
                     self._start_literal(int(match[1]), line)
                     continue
+            self._pos = pos
             frame = Frame(lines, self._literals)
             self._lines = []
             self._literals = []
@@ -277,26 +297,24 @@ class Framer:
 
     def _take_literal(self) -> bytes | bytearray | None:
         size = self._literal_size
-        buf = self._buf
         direct = self._direct
         if direct is None:
-            if len(buf) < size:
-                if self._eof:
-                    raise RemoteProtocolError(
-                        "server closed the connection in the middle of a literal",
-                        excerpt=self._lines[0],
-                    )
-                return None
-            literal = bytes(buf[:size])
-            del buf[:size]
-            return literal
+            if self._eof:
+                raise RemoteProtocolError(
+                    "server closed the connection in the middle of a literal",
+                    excerpt=self._lines[0],
+                )
+            return None  # small literal not complete yet (the caller checked)
         view = self._direct_view
         assert view is not None
-        if buf:
-            take = min(len(buf), size - self._direct_filled)
-            view[self._direct_filled : self._direct_filled + take] = memoryview(buf)[:take]
+        unread = len(self._data) - self._pos
+        if unread:
+            take = min(unread, size - self._direct_filled)
+            view[self._direct_filled : self._direct_filled + take] = memoryview(self._data)[
+                self._pos : self._pos + take
+            ]
             self._direct_filled += take
-            del buf[:take]
+            self._pos += take
         if self._direct_filled < size:
             if self._eof:
                 raise RemoteProtocolError(

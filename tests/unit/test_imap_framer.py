@@ -184,3 +184,28 @@ def test_data_after_eof_is_a_bug() -> None:
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         Framer(max_line_length=0)
+
+
+def test_response_size_counts_lines_too() -> None:
+    framer = Framer(max_line_length=1000, max_response_size=100)
+    framer.receive_data(
+        b"* 1 FETCH (A {1}\r\nx" + b"B" * 60 + b" C {1}\r\ny" + b"D" * 60 + b")\r\n"
+    )
+    with pytest.raises(RemoteProtocolError, match="larger than 100"):
+        frames_of(framer)
+    framer = Framer(max_line_length=1000, max_response_size=200)
+    framer.receive_data(
+        b"* 1 FETCH (A {1}\r\nx" + b"B" * 60 + b" C {1}\r\ny" + b"D" * 60 + b")\r\n"
+    )
+    assert len(frames_of(framer)) == 1
+
+
+def test_partial_small_literal_across_many_reads() -> None:
+    body = bytes(range(256)) * 100  # below the direct threshold
+    data = b"* 1 FETCH (BODY[] {%d}\r\n" % len(body) + body + b")\r\n"
+    framer = Framer()
+    got = []
+    for i in range(0, len(data), 1000):
+        framer.receive_data(data[i : i + 1000])
+        got.extend(frames_of(framer))
+    assert got == [([b"* 1 FETCH (BODY[] {%d}" % len(body), b")"], [body])]
