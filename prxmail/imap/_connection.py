@@ -435,7 +435,9 @@ class IMAPConnection:
         except IMAPCommandError as exc:
             self._broken = "STARTTLS was refused"
             raise TLSError(f"the server refused STARTTLS: {exc.text}") from exc
-        tls = ClientTLSStream(self._stream, ssl_context, server_hostname=server_hostname)
+        # trio.SSLStream here (not ClientTLSStream) because callers such as the doctor
+        # inspect the upgraded stream as a trio.SSLStream (version(), getpeercert()).
+        tls = trio.SSLStream(self._stream, ssl_context, server_hostname=server_hostname)
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:

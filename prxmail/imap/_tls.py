@@ -59,6 +59,18 @@ class ClientTLSStream(trio.abc.Stream):
         self._eof = False
         self._closed = False
 
+    def version(self) -> str | None:
+        """The negotiated TLS version, e.g. ``"TLSv1.3"`` (as trio.SSLStream offers)."""
+        return self.ssl_object.version()
+
+    def getpeercert(self) -> dict[str, object] | None:
+        """The server certificate as a dict (as trio.SSLStream offers)."""
+        return self.ssl_object.getpeercert()  # type: ignore[return-value]
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        """The negotiated cipher (as trio.SSLStream offers)."""
+        return self.ssl_object.cipher()
+
     async def _flush(self) -> None:
         pending = self._outgoing.read()
         if pending:
