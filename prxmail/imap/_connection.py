@@ -100,6 +100,12 @@ RECEIVE_SIZE = 256 * 1024
 # mail is lost.
 MAX_PENDING_PUSHES = 1000
 
+# Untagged responses one command may collect (SELECT, NOOP, STORE, SEARCH...). A real
+# answer carries at most about one response per message (EXPUNGEs after a NOOP, FETCHes
+# after a non-silent STORE); a million covers any real mailbox, and beyond it a server
+# is flooding us.
+MAX_RESPONSES_PER_COMMAND = 1_000_000
+
 # Most UIDs uid_search() expands from one answer. A SEARCH line is already bounded by
 # the framer's line limit (16 MiB, about 2 million UIDs); ESEARCH ranges are compact,
 # so "1:4294967295" from a hostile server must not become 4 billion Python ints.
@@ -352,6 +358,7 @@ class IMAPConnection:
                     await self._send_pending()
                     continue
                 responses.append(event)
+                _check_response_count(len(responses), name)
         except BaseException as exc:
             self._mark_broken(exc)
             raise
@@ -942,7 +949,9 @@ class IdleSession:
 
     def __init__(self, conn: IMAPConnection) -> None:
         self._conn = conn
-        self._backlog: collections.deque[Event] = collections.deque()
+        # Pushes that arrived before IDLE was accepted; bounded like the connection's
+        # own push buffer, and for the same reason (they are hints).
+        self._backlog: collections.deque[Event] = collections.deque(maxlen=MAX_PENDING_PUSHES)
         self._ended = False
 
     async def __aenter__(self) -> IdleSession:
@@ -1041,6 +1050,13 @@ class IdleSession:
         finally:
             conn._busy = None
         self._backlog.clear()
+
+
+def _check_response_count(count: int, command: str) -> None:
+    if count > MAX_RESPONSES_PER_COMMAND:
+        raise RemoteProtocolError(
+            f"more than {MAX_RESPONSES_PER_COMMAND} responses to one {command}"
+        )
 
 
 def _command_error(command: str, event: TaggedResponse) -> IMAPCommandError:

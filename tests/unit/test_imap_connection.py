@@ -830,3 +830,23 @@ async def test_short_password_echoed_by_server_withholds_the_text() -> None:
         assert "withheld" in info.value.server_text
 
     await run(script, body)
+
+
+async def test_flood_of_untagged_responses_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prxmail.imap._connection as connection_module
+
+    monkeypatch.setattr(connection_module, "MAX_RESPONSES_PER_COMMAND", 3)
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await peer.expect(b"A0001 NOOP")
+        await peer.send(b"* 1 EXISTS\r\n" * 10)
+        with pytest.raises((EOFError, trio.BrokenResourceError, trio.ClosedResourceError)):
+            await peer.line()
+
+    async def body(imap: IMAPConnection) -> None:
+        with pytest.raises(RemoteProtocolError, match="more than 3 responses"):
+            await imap.noop()
+        assert imap.broken
+
+    await run(script, body)
