@@ -305,7 +305,7 @@ class MailChannel:
 
     async def __anext__(self) -> Message:
         try:
-            return await self._message_receive.receive()
+            return await self.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
@@ -318,7 +318,9 @@ class MailChannel:
         Raises:
             trio.EndOfChannel: the channel is closing.
         """
-        return await self._message_receive.receive()
+        message = await self._message_receive.receive()
+        self._counts["delivered"] += 1
+        return message
 
     def _key(self, message: Message) -> MessageKey:
         return MessageKey(self.account, self.folder, message.uidvalidity, message.uid)
@@ -924,7 +926,6 @@ class MailChannel:
         self._in_flight[key] = message
         await self._store.begin_handling(key)
         await self._message_send.send(message)
-        self._counts["delivered"] += 1
 
 
 @contextlib.asynccontextmanager

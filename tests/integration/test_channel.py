@@ -113,6 +113,7 @@ async def test_policy_and_loop_guards_only_allowed_mail_reaches_the_handler(
         reply_id = await channel.send(pair.alice.address, "note", "fyi")
         loop = make_message(pair.alice, pair.bot, "Re: note", headers={"Message-ID": reply_id})
         await in_thread(send_mail, mail_servers, pair.alice, loop, pair.bot)
+        await in_thread(mail_servers.wait_for_messages, pair.bot, len(refused) + 2)
         last = make_message(pair.alice, pair.bot, "after the loop")
         await in_thread(send_mail, mail_servers, pair.alice, last, pair.bot)
         message = await next_message(channel)
@@ -155,8 +156,10 @@ async def test_restart_nothing_lost_nothing_answered_twice(
                 make_message(pair.alice, pair.bot, subject),
                 pair.bot,
             )
+        # Received but not finished: handed on again after the restart. (Postfix may
+        # deliver the two in either order, so which one this is does not matter.)
         unfinished = await next_message(channel)
-        assert unfinished.subject == "msg 2"
+        assert unfinished.subject in subjects[2:4]
     for subject in subjects[4:]:
         await in_thread(
             send_mail,
