@@ -15,6 +15,7 @@ import trio
 from prxmail.channel import open_mail_channel
 from prxmail.config import Secret
 from prxmail.message import Message
+from prxmail.state import OutboxStatus, StateStore
 from tests.integration.servicekit import (
     append,
     fresh_pair,
@@ -25,7 +26,7 @@ from tests.integration.servicekit import (
     send_mail,
     wait_replies,
 )
-from tests.mailservers import MailServers
+from tests.mailservers import REJECTED_ADDRESS, MailServers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -347,3 +348,22 @@ async def test_idle_push_latency(mail_servers: MailServers, tmp_path: Path) -> N
     # Dovecot itself waits 500 ms after a change before it notifies IDLE clients
     # (NOTIFY_DELAY_MSECS in its mailbox-watch.c); our share is the rest.
     assert after_delivery[2] < 1.0, after_delivery
+
+
+async def test_permanent_smtp_failure_is_kept_for_inspection(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "permfail")
+    config = make_config(mail_servers, pair, tmp_path / "state")
+    async with open_mail_channel(config) as channel:
+        message_id = await channel.send(REJECTED_ADDRESS, "to nowhere", "never delivered")
+        with trio.fail_after(20):
+            await channel.status.wait_value(lambda s: s.smtp_error is not None)
+        assert "SMTPPermanentError" in str(channel.status.value.smtp_error)
+        assert channel.statistics().replies_sent == 0
+    with StateStore(tmp_path / "state", read_only=True) as store:
+        (item,) = store.outbox_items()
+    assert item.message_id == message_id
+    assert item.status is OutboxStatus.FAILED_PERMANENT
+    assert item.raw  # the message is kept, not dropped
+    assert item.attempts == 1  # a 5xx is not retried
