@@ -317,3 +317,7 @@ async def test_many_messages_in_batches(mail_servers: MailServers) -> None:
             async for msg in imap.uid_fetch(uids[i : i + 128], ["BODY.PEEK[]"]):
                 fetched.append(msg.body)
         assert fetched == messages
+        # the same through the pipelined batches of uid_fetch(batch_size=...)
+        piped = [msg async for msg in imap.uid_fetch(uids, ["BODY.PEEK[]"], batch_size=64)]
+        assert [m.uid for m in piped] == list(uids)
+        assert [m.body for m in piped] == messages
