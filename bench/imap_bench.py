@@ -7,7 +7,7 @@
    4 KB) is written straight into a fresh user's Maildir, Dovecot indexes it once (a
    warm-up fetch), then each library logs in over implicit TLS, selects INBOX and times
    ``UID FETCH <batch> (BODY.PEEK[])`` over all UIDs in batches of B (prxmail also
-   with its pipelined ``uid_fetch(batch_size=B)``). Rounds interleave
+   with its pipelined ``uid_fetch(batch_size=B, pipeline=True)``). Rounds interleave
    the libraries; the median round is reported. Every library must return every byte
    (checked by total size), so a fast-but-wrong client cannot win.
 2. Parser throughput: one in-memory blob of FETCH responses (UID + BODY[] literals) is
@@ -138,7 +138,7 @@ def _fetch_prxmail_pipelined(
             await imap.select("INBOX")
             total = 0
             start = time.perf_counter()
-            async for msg in imap.uid_fetch(uids, ["BODY.PEEK[]"], batch_size=batch):
+            async for msg in imap.uid_fetch(uids, ["BODY.PEEK[]"], batch_size=batch, pipeline=True):
                 body = msg.body
                 assert body is not None
                 total += len(body)
@@ -182,7 +182,7 @@ def bench_fetch(servers: MailServers, n: int, size: int, batch: int, rounds: int
             f"  ratio {ours}/imapclient = {rates[ours] / rates['imapclient']:.2f}x  (target >= 2)"
         )
     print("  (prxmail: one UID FETCH per batch like the peers; prxmail-pipe: the same")
-    print("   batches via uid_fetch(batch_size=...), two commands kept in flight)")
+    print("   batches via uid_fetch(batch_size=..., pipeline=True), two in flight)")
 
 
 # -- parser throughput ----------------------------------------------------------------------

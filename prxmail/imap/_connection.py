@@ -710,6 +710,7 @@ class IMAPConnection:
         *,
         changedsince: int | None = None,
         batch_size: int | None = None,
+        pipeline: bool = False,
     ) -> FetchStream:
         """UID FETCH, yielding each result as it arrives.
 
@@ -724,8 +725,13 @@ class IMAPConnection:
                 ``"BODYSTRUCTURE"``, ``"RFC822.SIZE"``, ``"FLAGS"``).
             changedsince: CONDSTORE CHANGEDSINCE modifier.
             batch_size: Split the UIDs into UID FETCH commands of at most this many
-                UIDs each, pipelined (the server works on the next batch while this one
-                is read). ``None``: one command.
+                UIDs each, sent one after the other (results in ascending UID order
+                with servers that answer in order, as Dovecot does). ``None``: one
+                command.
+            pipeline: With ``batch_size``, keep two commands in flight so the server
+                works on the next batch while this one is read (faster). Servers may
+                then interleave the batches' results (Dovecot does), so the order
+                across batches is not guaranteed.
 
         Returns:
             An async iterator of :class:`FetchData` (each carries ``uid``).
@@ -749,7 +755,8 @@ class IMAPConnection:
         tail: list[Arg] = [Raw("(" + " ".join(names) + ")")]
         if changedsince is not None:
             tail.append([Raw("CHANGEDSINCE"), changedsince])
-        return FetchStream(self, [[uid_set, *tail] for uid_set in sets])
+        depth = FETCH_PIPELINE_DEPTH if pipeline else 1
+        return FetchStream(self, [[uid_set, *tail] for uid_set in sets], depth)
 
     async def uid_store(
         self,
@@ -842,12 +849,14 @@ class IMAPConnection:
 class FetchStream:
     """The async iterator returned by :meth:`IMAPConnection.uid_fetch`.
 
-    With several batches, up to :data:`FETCH_PIPELINE_DEPTH` UID FETCH commands are
-    outstanding at once, so the server works on the next batch while this one is read.
+    With several batches and ``pipeline=True``, up to :data:`FETCH_PIPELINE_DEPTH` UID
+    FETCH commands are outstanding at once, so the server works on the next batch
+    while this one is read; otherwise one batch follows the other.
     """
 
-    def __init__(self, conn: IMAPConnection, batches: list[list[Arg]]) -> None:
+    def __init__(self, conn: IMAPConnection, batches: list[list[Arg]], depth: int = 1) -> None:
         self._conn = conn
+        self._depth = depth
         self._batches = collections.deque(batches)
         self._outstanding = 0
         self._started = False
@@ -871,7 +880,7 @@ class FetchStream:
 
     def _queue_commands(self) -> None:
         proto = self._conn._proto
-        while self._batches and self._outstanding < FETCH_PIPELINE_DEPTH and not self._error:
+        while self._batches and self._outstanding < self._depth and not self._error:
             proto.send_command("UID FETCH", self._batches.popleft())
             self._outstanding += 1
 

@@ -317,7 +317,14 @@ async def test_many_messages_in_batches(mail_servers: MailServers) -> None:
             async for msg in imap.uid_fetch(uids[i : i + 128], ["BODY.PEEK[]"]):
                 fetched.append(msg.body)
         assert fetched == messages
-        # the same through the pipelined batches of uid_fetch(batch_size=...)
-        piped = [msg async for msg in imap.uid_fetch(uids, ["BODY.PEEK[]"], batch_size=64)]
-        assert [m.uid for m in piped] == list(uids)
-        assert [m.body for m in piped] == messages
+        # the same through uid_fetch(batch_size=...): in order, batch after batch
+        batched = [msg async for msg in imap.uid_fetch(uids, ["BODY.PEEK[]"], batch_size=64)]
+        assert [m.uid for m in batched] == list(uids)
+        assert [m.body for m in batched] == messages
+        # pipelined: Dovecot may interleave two batches, but nothing is lost or doubled
+        piped = [
+            msg async for msg in imap.uid_fetch(uids, ["BODY.PEEK[]"], batch_size=64, pipeline=True)
+        ]
+        assert sorted(m.uid or 0 for m in piped) == list(uids)
+        by_uid = {m.uid: m.body for m in piped}
+        assert [by_uid[u] for u in uids] == messages

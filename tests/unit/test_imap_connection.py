@@ -753,7 +753,7 @@ async def test_batched_fetch_pipelines_two_commands() -> None:
         await imap.login("alice", "secret")
         await imap.select()
         seen: list[int | None] = []
-        stream = imap.uid_fetch([7, 5, 3, 2, 1], "FLAGS", batch_size=2)
+        stream = imap.uid_fetch([7, 5, 3, 2, 1], "FLAGS", batch_size=2, pipeline=True)
         with pytest.raises(IMAPNoResponse, match="half failed"):
             await collect_uids(stream, seen)
         assert seen == [1, 2, 3, 5, 7]
@@ -780,7 +780,7 @@ async def test_stopping_a_batched_fetch_sends_no_more_batches() -> None:
     async def body(imap: IMAPConnection) -> None:
         await imap.login("alice", "secret")
         await imap.select()
-        async with imap.uid_fetch([1, 2, 3], "FLAGS", batch_size=1) as stream:
+        async with imap.uid_fetch([1, 2, 3], "FLAGS", batch_size=1, pipeline=True) as stream:
             async for msg in stream:
                 assert msg.uid == 1
                 break
@@ -850,3 +850,25 @@ async def test_flood_of_untagged_responses_is_bounded(monkeypatch: pytest.Monkey
         assert imap.broken
 
     await run(script, body)
+
+
+async def test_batched_fetch_without_pipelining_sends_one_batch_at_a_time() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID FETCH 1:2 (UID)")
+        await peer.send(b"* 1 FETCH (UID 1)\r\n* 2 FETCH (UID 2)\r\nA0003 OK done\r\n")
+        await peer.expect(b"A0004 UID FETCH 3 (UID)")
+        await peer.send(b"* 3 FETCH (UID 3)\r\nA0004 OK done\r\n")
+        await peer.logout(b"A0005")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        got = [m.uid async for m in imap.uid_fetch([3, 1, 2], "UID", batch_size=2)]
+        assert got == [1, 2, 3]
+
+    with trio.fail_after(5):
+        await run(script, body)
