@@ -367,3 +367,38 @@ async def test_permanent_smtp_failure_is_kept_for_inspection(
     assert item.status is OutboxStatus.FAILED_PERMANENT
     assert item.raw  # the message is kept, not dropped
     assert item.attempts == 1  # a 5xx is not retried
+
+
+async def test_catch_up_of_a_full_mailbox_in_batches(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    """200 unseen messages waiting at first start: all delivered once, in UID order."""
+    pair = fresh_pair(mail_servers, "catchup")
+    count = 200
+    config = make_config(
+        mail_servers, pair, tmp_path / "state", fetch_batch_size=25, reply_rate_limit=1000
+    )
+
+    def fill() -> None:
+        imap = imap_login(mail_servers, pair.bot)
+        try:
+            for i in range(count):
+                raw = bytes(make_message(pair.alice, pair.bot, f"queued {i:03d}"))
+                assert imap.append("INBOX", None, None, raw)[0] == "OK"
+        finally:
+            imap.logout()
+
+    await in_thread(fill)
+    subjects = []
+    started = trio.current_time()
+    async with open_mail_channel(config) as channel:
+        for _ in range(count):
+            message = await next_message(channel)
+            subjects.append(message.subject)
+            await channel.mark_handled(message)
+        elapsed = trio.current_time() - started
+    assert subjects == [f"queued {i:03d}" for i in range(count)]
+    print(
+        f"catch-up: {count} messages fetched, parsed, recorded and handed over in"
+        f" {elapsed:.2f} s ({count / elapsed:.0f} msg/s)"
+    )
