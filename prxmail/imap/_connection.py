@@ -336,10 +336,13 @@ class IMAPConnection:
         *,
         secrets: Sequence[str] = (),
         on_continuation: Iterable[bytes] = (),
+        keep_pushes: bool = True,
     ) -> tuple[TaggedResponse, list[Event]]:
         """Run one command to completion; return its tagged response and untagged data.
 
         ``on_continuation`` supplies the lines sent for each "+" (AUTHENTICATE).
+        ``keep_pushes=False`` for commands that hand their untagged data to the caller,
+        so the next idle() does not report it a second time.
         """
         self._begin(name)
         await self._drain_active_fetch()
@@ -364,7 +367,8 @@ class IMAPConnection:
             raise
         finally:
             self._busy = None
-        self._note_pushes(responses)
+        if keep_pushes:
+            self._note_pushes(responses)
         if event.status != "OK":
             raise _command_error(name, attrs.evolve(event, text=_scrub(event.text, secrets)))
         return event, responses
@@ -616,7 +620,7 @@ class IMAPConnection:
         if condstore and "CONDSTORE" in self._proto.capabilities:
             args.append([Raw("CONDSTORE")])
         self._mailbox = None
-        tagged, responses = await self._command(command, args)
+        tagged, responses = await self._command(command, args, keep_pushes=False)
         exists = recent = 0
         flags: tuple[str, ...] = ()
         permanent: tuple[str, ...] = ()
@@ -793,7 +797,7 @@ class IMAPConnection:
             args.append([Raw("UNCHANGEDSINCE"), unchangedsince])
         args.append(Raw(action + (".SILENT" if silent else "")))
         args.append([Raw(flag) for flag in flags])
-        _, responses = await self._command("UID STORE", args)
+        _, responses = await self._command("UID STORE", args, keep_pushes=False)
         return tuple(event for event in responses if isinstance(event, FetchData))
 
     async def noop(self) -> tuple[Event, ...]:
@@ -802,7 +806,7 @@ class IMAPConnection:
         Returns:
             The untagged responses received (EXISTS, EXPUNGE, FETCH...).
         """
-        _, responses = await self._command("NOOP")
+        _, responses = await self._command("NOOP", keep_pushes=False)
         return tuple(responses)
 
     def idle(self) -> IdleSession:

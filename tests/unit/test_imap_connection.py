@@ -872,3 +872,33 @@ async def test_batched_fetch_without_pipelining_sends_one_batch_at_a_time() -> N
 
     with trio.fail_after(5):
         await run(script, body)
+
+
+async def test_pushes_seen_during_other_commands_reach_the_next_idle_once() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"* 1 EXISTS\r\nA0002 OK done\r\n")
+        await peer.expect(b"A0003 NOOP")
+        await peer.send(b"* 2 EXISTS\r\nA0003 OK done\r\n")  # returned by noop()
+        await peer.expect(b"A0004 UID SEARCH RETURN (ALL) ALL")
+        await peer.send(b"* 3 EXISTS\r\nA0004 OK done\r\n")  # kept for the next IDLE
+        await peer.expect(b"A0005 IDLE")
+        await peer.send(b"+ idling\r\n")
+        await peer.expect(b"DONE")
+        await peer.send(b"A0005 OK done\r\n")
+        await peer.logout(b"A0006")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        assert await imap.noop() == (Exists(2),)
+        assert await imap.uid_search() == ()
+        async with imap.idle() as idle:
+            async for push in idle:
+                assert push == Exists(3)
+                break
+
+    with trio.fail_after(5):
+        await run(script, body)
