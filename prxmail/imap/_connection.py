@@ -1048,6 +1048,9 @@ class IdleSession:
                         f"the server ended the connection: {conn._bye.text}"
                     )
             return
+        # Pushes the body did not read stay for the next idle(), oldest first.
+        conn._pushes.extend(event for event in self._backlog if _is_push(event))
+        self._backlog.clear()
         try:
             conn._proto.send_done()
             await conn._send_pending()
@@ -1062,7 +1065,6 @@ class IdleSession:
                 raise
         finally:
             conn._busy = None
-        self._backlog.clear()
 
 
 def _check_response_count(count: int, command: str) -> None:
