@@ -290,3 +290,36 @@ def test_handler_timeout_is_recorded_as_failure(mail_servers: MailServers, tmp_p
         assert reply["Subject"] == "Re: next one"
     finally:
         assert proc.terminate() == 0
+
+
+def test_sigterm_during_handling_releases_the_message_for_the_next_start(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    setup = Setup(mail_servers, tmp_path, "sigterm")
+    first = setup.serve()
+    try:
+        first.wait_log("prxmail serving")
+        setup.send("sleep-once then stop")
+        deadline = time.monotonic() + 30
+        while not setup.marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert setup.marker.exists(), first.log()
+        stopping = time.monotonic()
+        status = first.terminate()
+        took = time.monotonic() - stopping
+    finally:
+        first.kill()
+    assert status == 0
+    assert took < 10, took  # the handler group is stopped, not waited for
+    assert "message released at shutdown" in first.log()
+    handler_pid = int(setup.marker.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(handler_pid, 0)  # the handler did not outlive serve
+    second = setup.serve()
+    try:
+        (reply,) = wait_replies(mail_servers, setup.pair.alice, 1)
+        assert reply["Subject"] == "Re: sleep-once then stop"
+        time.sleep(2)
+    finally:
+        assert second.terminate() == 0
+    assert len(replies(mail_servers, setup.pair.alice)) == 1
