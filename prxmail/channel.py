@@ -81,6 +81,7 @@ from prxmail.imap import (
     BodyStructure,
     Exists,
     IMAPConnection,
+    MailboxState,
     Raw,
     SequenceSet,
     StatusResponse,
@@ -597,17 +598,20 @@ class MailChannel:
                     with trio.fail_after(timeout):
                         await conn.login(config.username, config.password.reveal())
                         box = await conn.select(self.folder)
-                    if box.uidvalidity is None:
-                        raise RemoteProtocolError("the server reported no UIDVALIDITY")
-                    await self._watch(conn, box.uidvalidity, box.uidnext)
+                    while True:  # again after each UIDVALIDITY change seen in session
+                        box = await self._watch(conn, box)
                 finally:
                     scope.deadline = trio.current_time() + timeout
         if scope.cancelled_caught:
             raise trio.TooSlowError("IMAP connect or logout timed out")
 
-    async def _watch(self, conn: IMAPConnection, uidvalidity: int, uidnext: int | None) -> None:
+    async def _watch(self, conn: IMAPConnection, box: MailboxState) -> MailboxState:
+        """Watch the selected folder; return the new state when its UIDVALIDITY changed."""
         config = self.config
         timeout = config.command_timeout_secs
+        if box.uidvalidity is None:
+            raise RemoteProtocolError("the server reported no UIDVALIDITY")
+        uidvalidity, uidnext = box.uidvalidity, box.uidnext
         mailbox = await self._store.sync_mailbox(self.account, self.folder, uidvalidity)
         changed = mailbox.previous_uidvalidity is not None
         if changed:
@@ -650,11 +654,16 @@ class MailChannel:
             await self._flag_seen(conn, uidvalidity)
             await self._catch_up(conn, uidvalidity)
             self._set_status(imap="idle" if idle else "polling")
-            if idle:
-                await self._idle_once(conn)
-            else:
-                await self._poll_once(conn)
+            quiet = await (self._idle_once(conn) if idle else self._poll_once(conn))
             self._set_status(imap="fetching")
+            if quiet:
+                # Nothing happened for a whole window: SELECT again. Servers do not all
+                # tell a selected session that its folder was re-created (Dovecot keeps
+                # serving the old view), and a new UIDVALIDITY must not go unnoticed.
+                with trio.fail_after(timeout):
+                    fresh = await conn.select(self.folder)
+                if fresh.uidvalidity != uidvalidity:
+                    return fresh
             await self._process_pending(conn, uidvalidity)
 
     async def _catch_up(self, conn: IMAPConnection, uidvalidity: int) -> None:
@@ -682,7 +691,12 @@ class MailChannel:
     def _wait_window(self) -> float:
         return float(min(self.config.idle_timeout_secs, self.config.keepalive_secs))
 
-    async def _idle_once(self, conn: IMAPConnection) -> None:
+    async def _idle_once(self, conn: IMAPConnection) -> bool:
+        """IDLE until a push, a wake-up or the end of the window.
+
+        Returns:
+            True when the window ended with nothing happening.
+        """
         timeout = self.config.command_timeout_secs
         window = self._wait_window()
         # The whole cycle has a hard deadline: if DONE is not answered in time the
@@ -702,8 +716,10 @@ class MailChannel:
                                 raise ConnectionBrokenError(f"server said BYE: {push.text}")
                     finally:
                         self._wake_scope = None
+        return wait.cancelled_caught and trio.current_time() >= wait.deadline
 
-    async def _poll_once(self, conn: IMAPConnection) -> None:
+    async def _poll_once(self, conn: IMAPConnection) -> bool:
+        """Wait one poll interval (or until woken); returns True when not woken."""
         with trio.move_on_after(self.config.poll_interval_secs) as wait:
             self._wake_scope = wait
             if self._seen_pending():
@@ -712,8 +728,7 @@ class MailChannel:
                 await trio.sleep_forever()
             finally:
                 self._wake_scope = None
-        with trio.fail_after(self.config.command_timeout_secs):
-            await conn.noop()
+        return trio.current_time() >= wait.deadline
 
     def _seen_pending(self) -> bool:
         return bool(self._seen_retry) or self._seen_receive.statistics().current_buffer_used > 0

@@ -402,3 +402,51 @@ async def test_catch_up_of_a_full_mailbox_in_batches(
         f"catch-up: {count} messages fetched, parsed, recorded and handed over in"
         f" {elapsed:.2f} s ({count / elapsed:.0f} msg/s)"
     )
+
+
+async def test_folder_recreated_while_the_channel_watches_it(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "uidvlive")
+    folder = "Live"
+    # Dovecot does not tell an IDLE session that its folder was re-created; the
+    # keepalive's renewal (DONE, then searching again) is what finds out.
+    config = make_config(
+        mail_servers, pair, tmp_path / "state", imap_folder=folder, keepalive_secs=2
+    )
+    old = make_message(pair.alice, pair.bot, "answered before")
+
+    def create() -> None:
+        imap = imap_login(mail_servers, pair.bot)
+        try:
+            assert imap.create(folder)[0] == "OK"
+        finally:
+            imap.logout()
+
+    def recreate() -> None:
+        imap = imap_login(mail_servers, pair.bot)
+        try:
+            assert imap.delete(folder)[0] == "OK"
+            assert imap.create(folder)[0] == "OK"
+        finally:
+            imap.logout()
+
+    await in_thread(create)
+    await in_thread(append, mail_servers, pair.bot, bytes(old), folder)
+    async with open_mail_channel(config) as channel:
+        message = await next_message(channel)
+        await channel.reply(message, "first answer")
+        with trio.fail_after(20):
+            await channel.status.wait_value(lambda s: s.imap == "idle")
+        await in_thread(recreate)
+        await in_thread(append, mail_servers, pair.bot, bytes(old), folder)
+        await in_thread(
+            append,
+            mail_servers,
+            pair.bot,
+            bytes(make_message(pair.alice, pair.bot, "fresh")),
+            folder,
+        )
+        message = await next_message(channel)
+        assert message.subject == "fresh"
+        assert channel.statistics().duplicates == 1
