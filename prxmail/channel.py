@@ -31,8 +31,10 @@ parse in a worker thread, *claim* in the state store (which advances the high-wa
 mark in the same transaction), run the sender policy, and hand accepted messages on.
 Between searches it IDLEs: an EXISTS push ends the wait at once; IDLE is re-issued at
 least every ``min(idle_timeout_secs, keepalive_secs)`` and the whole cycle has a hard
-deadline, so a connection that died silently is detected and replaced. Servers without
-IDLE are polled every ``poll_interval_secs``. Every command runs under
+deadline, so a connection that died silently is detected and replaced. After a window
+in which nothing happened the folder is SELECTed again: that is how a UIDVALIDITY change
+under a live session is noticed (the watch then starts over with the new value).
+Servers without IDLE are polled every ``poll_interval_secs``. Every command runs under
 ``command_timeout_secs``. Connection failures reconnect with exponential backoff and
 jitter (reset after a healthy session); refused credentials are logged as errors and
 retried only every :data:`AUTH_RETRY_SECONDS`.
