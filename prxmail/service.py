@@ -156,7 +156,14 @@ async def _handle(
             await channel.mark_failed(message, f"reply cannot be composed: {exc}")
             log_event(logging.WARNING, "message failed", **fields, reason=str(exc))
             return
-        log_event(logging.INFO, "message replied", **fields, reply_id=reply_id, duration=duration)
+        log_event(
+            logging.WARNING if result.stdout_invalid_utf8 else logging.INFO,
+            "message replied",
+            **fields,
+            reply_id=reply_id,
+            duration=duration,
+            note="handler output was not valid UTF-8" if result.stdout_invalid_utf8 else None,
+        )
     finally:
         limiter.release_on_behalf_of(token)
 
