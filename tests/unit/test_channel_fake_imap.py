@@ -385,3 +385,16 @@ async def test_required_authentication_results(tmp_path: Path) -> None:
             assert await receive(channel) == "fake 2"
             assert channel.statistics().rejected == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_mark_seen_false_never_changes_flags(tmp_path: Path) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state", mark_seen="false", keepalive_secs=1)
+        async with open_mail_channel(config) as channel:
+            assert await receive(channel) == "fake 1"
+            await wait_until(lambda: len(fake.idle_starts) >= 2)
+        nursery.cancel_scope.cancel()
+    assert not any("STORE" in c.upper() for c in fake.commands)
+    assert fake.seen == set()
