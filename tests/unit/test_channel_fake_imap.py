@@ -227,7 +227,9 @@ async def test_new_mail_during_idle_is_fetched_at_once_and_flagged_seen(tmp_path
             started = trio.current_time()
             fake.add(2, raw_message(2))
             assert await receive(channel) == "fake 2"
-            assert trio.current_time() - started < 0.3  # EXISTS -> search -> fetch -> you
+            # EXISTS -> search -> fetch -> you; without the push it would take the
+            # 300 s keepalive. (Usually ~20 ms; the bound leaves room for a loaded CI.)
+            assert trio.current_time() - started < 1.0
             await wait_until(lambda: fake.seen == {1, 2})
         nursery.cancel_scope.cancel()
     assert not any("BODY[]" in c.upper() and "PEEK" not in c.upper() for c in fake.commands)
@@ -242,7 +244,7 @@ async def test_idle_is_renewed_before_the_keepalive(tmp_path: Path) -> None:
             await wait_until(lambda: len(fake.idle_starts) >= 3)
         nursery.cancel_scope.cancel()
     gaps = [b - a for a, b in zip(fake.idle_starts, fake.idle_starts[1:], strict=False)]
-    assert all(0.8 < gap < 2.0 for gap in gaps), gaps
+    assert all(0.9 < gap < 4.0 for gap in gaps), gaps  # window 1 s + one round trip
     assert fake.connections == 1  # renewal, not reconnection
 
 
