@@ -85,7 +85,11 @@ QUIT_GRACE_SECONDS = 2.0
 # busy writing and not reading, both sides would block.  16 messages with their
 # RSET, MAIL, RCPTs and BDAT replies stay far below any socket buffer, as does the
 # command cap below for messages with many recipients, while already keeping the
-# server from ever waiting for us.
+# server from ever waiting for us.  Messages are written half a window at a time
+# (one write, one TLS record for 8 small messages), so the other half keeps the
+# server busy while we read.  Measured against the test Postfix (500 small
+# messages, median of 3): 1 -> 167 msg/s, 4 -> 225, 16 -> 278, 64 -> 271; past 16
+# the server's per-message work is the limit, so a larger window only buffers more.
 MAX_PIPELINED_MESSAGES = 16
 MAX_PIPELINED_COMMANDS = 256
 
@@ -824,22 +828,32 @@ class SMTPConnection:
         written = 0
         failure: PrxmailError | None = None
         try:
-            for index, (msg, content, (size, eightbit, smtputf8)) in enumerate(prepared):
-                # Whether the previous transaction succeeded is not known yet when
-                # the next one is written, so every one but a clean first starts
-                # with RSET (cheap, and always valid in a pipelined group).
-                rset = index > 0 or self._needs_rset or proto.state is not State.READY
-                parts = [proto.send_rset()] if rset else []
-                parts.append(
-                    proto.send_mail(msg.sender, size=size, eightbit=eightbit, smtputf8=smtputf8)
-                )
-                parts.extend(proto.send_rcpt(r) for r in msg.recipients)
-                parts.append(proto.send_bdat_last(content, crlf_normalized=True))
+            while written < len(prepared):
+                # Fill the window's free half in one write: one TLS record and one
+                # send instead of one per message, and the server reads the group
+                # in one go.  The messages still in flight keep it busy meanwhile.
+                parts: list[bytes] = []
+                while written < len(prepared) and len(in_flight) < MAX_PIPELINED_MESSAGES:
+                    msg, content, (size, eightbit, smtputf8) = prepared[written]
+                    commands = len(msg.recipients) + 2 + 1
+                    if in_flight and commands_in_flight + commands > MAX_PIPELINED_COMMANDS:
+                        break
+                    # Whether the previous transaction succeeded is not known yet
+                    # when the next one is written, so every one but a clean first
+                    # starts with RSET (cheap, and always valid in a pipelined group).
+                    rset = written > 0 or self._needs_rset or proto.state is not State.READY
+                    if rset:
+                        parts.append(proto.send_rset())
+                    parts.append(
+                        proto.send_mail(msg.sender, size=size, eightbit=eightbit, smtputf8=smtputf8)
+                    )
+                    parts.extend(proto.send_rcpt(r) for r in msg.recipients)
+                    parts.append(proto.send_bdat_last(content, crlf_normalized=True))
+                    in_flight.append((written, rset))
+                    commands_in_flight += commands - (not rset)
+                    written += 1
                 self._needs_rset = True
                 self._content_started = True
-                in_flight.append((index, rset))
-                commands_in_flight += len(parts)
-                written = index + 1
                 try:
                     await self._write(b"".join(parts))
                 except ConnectionBrokenError as exc:
@@ -848,9 +862,16 @@ class SMTPConnection:
                     # reading too, and the messages stay "unknown").
                     failure = exc
                     break
-                while in_flight and (
-                    len(in_flight) >= MAX_PIPELINED_MESSAGES
-                    or commands_in_flight > MAX_PIPELINED_COMMANDS
+                # Read until half the window is free again and the next message's
+                # commands fit (once all is written, the loop below reads the rest).
+                while (
+                    in_flight
+                    and written < len(prepared)
+                    and (
+                        len(in_flight) > MAX_PIPELINED_MESSAGES // 2
+                        or commands_in_flight + len(prepared[written][0].recipients) + 3
+                        > MAX_PIPELINED_COMMANDS
+                    )
                 ):
                     done, had_rset = in_flight.popleft()
                     outcomes[done] = await self._read_batch_item(prepared[done][0], had_rset)

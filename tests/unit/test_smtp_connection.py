@@ -31,6 +31,7 @@ from prxmail.smtp import (
     SMTPSender,
     decode_data,
 )
+from prxmail.smtp._connection import MAX_PIPELINED_COMMANDS
 
 PASSWORD = "s3cret-Pa55"
 SERVER_NAME = "mail.test"
@@ -1019,6 +1020,20 @@ async def test_send_messages_bounds_messages_in_flight(autojump_clock: trio.abc.
             await conn.send_messages(batch(MAX_PIPELINED_MESSAGES * 3))
         assert conn.is_broken  # cancelled mid-batch
     assert sum(c.startswith("MAIL") for c in server.commands) == MAX_PIPELINED_MESSAGES
+
+
+async def test_send_messages_groups_writes_and_bounds_commands() -> None:
+    # Messages go out several to a write, and a message with many recipients
+    # waits until its commands fit under the command cap (it must not stall).
+    many = [f"r{j}@x.test" for j in range(MAX_PIPELINED_COMMANDS // 2)]
+    messages = batch(MAX_PIPELINED_MESSAGES * 2) + batch(3, r0=many, r1=many, r2=many)
+    server = FakeServer(chunking=True)
+    async with connected(server) as conn:
+        outcomes = await conn.send_messages(messages)
+    assert all(o.accepted for o in outcomes)
+    assert len(server.messages) == len(messages)
+    per_chunk = [sum(c.startswith("MAIL") for c in chunk) for chunk in server.chunks]
+    assert max(per_chunk) >= MAX_PIPELINED_MESSAGES // 2
 
 
 async def test_send_messages_connection_lost_midway() -> None:
