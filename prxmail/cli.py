@@ -51,7 +51,10 @@ def _build_parser() -> argparse.ArgumentParser:
         " as JSON on stdin and its stdout becomes the reply",
     )
     serve.add_argument(
-        "--log-format", choices=("human", "json"), default="human", help="log line format"
+        "--log-format",
+        choices=("human", "json"),
+        default=None,
+        help="log line format (default: log_format from the configuration, else human)",
     )
 
     doctor = sub.add_parser(

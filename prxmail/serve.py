@@ -12,7 +12,7 @@ import trio
 
 from prxmail._log import log_event, setup_logging
 from prxmail.channel import collapse_exception_group
-from prxmail.config import Config, LogFormat, load_config
+from prxmail.config import Config, load_config
 from prxmail.errors import ConfigError, PrxmailError
 from prxmail.handler import parse_exec_command
 from prxmail.service import serve_mail_channel
@@ -59,7 +59,7 @@ def run_serve(
     config_path: Path,
     *,
     exec_command: str | None,
-    log_format: str,
+    log_format: str | None,
     out: TextIO,
     err: TextIO,
 ) -> int:
@@ -68,8 +68,8 @@ def run_serve(
     Args:
         config_path: The configuration file.
         exec_command: Handler command line (overrides ``exec`` in the configuration).
-        log_format: ``"human"`` or ``"json"``; ``"human"`` (the CLI default) defers to
-            the configuration's ``log_format``.
+        log_format: ``"human"`` or ``"json"``; ``None`` uses the configuration's
+            ``log_format``.
         out, err: Where to print; log lines go to ``err``.
 
     Returns:
@@ -98,7 +98,7 @@ def run_serve(
     if shutil.which(argv[0]) is None:
         print(f"prxmail: handler program {argv[0]!r} not found or not executable", file=err)
         return EXIT_CONFIG
-    chosen = log_format if log_format != LogFormat.HUMAN.value else config.log_format.value
+    chosen = log_format if log_format is not None else config.log_format.value
     setup_logging(chosen, stream=err)
     for warning in config.warnings:
         log_event(logging.WARNING, f"configuration: {warning}")
