@@ -87,7 +87,9 @@ MAX_REPLY_LINES = 100
 MAX_REPLY_BYTES = 64 * 1024
 
 _CRLF = b"\r\n"
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)(.*)", re.DOTALL)
+# Code, separator, text; the text may hold neither CR nor NUL.  Matched in place in
+# the receive buffer (pos/endpos), so a line is not copied before it is parsed.
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)([^\r\x00]*)")
 # RFC 3463: class "." subject "." detail, where subject and detail are 1-3 digits.
 _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |$)")
 # Anything that could end or split a command line, plus the other C0 controls and
@@ -215,6 +217,9 @@ _ON_REPLY: dict[Command, tuple[_Outcome, _Outcome, _Outcome]] = {
     Command.NOOP: (_KEEP, _INVALID, _KEEP),
     Command.QUIT: (State.CLOSED, _INVALID, State.CLOSED),
 }
+
+# 354 is the only 3xx DATA may get; 334 the only one AUTH may get.
+_EXPECTED_3XX = {Command.DATA: 354, Command.AUTH: 334, Command.AUTH_RESPONSE: 334}
 
 
 @attrs.frozen
@@ -360,9 +365,13 @@ def normalize_crlf(data: bytes) -> bytes:
     Returns:
         The message with CRLF line endings, ending in CRLF unless empty.
     """
-    if b"\r" in data:
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    data = data.replace(b"\n", b"\r\n")
+    # Already CRLF throughout (the usual case: every CR and every LF is part of a
+    # CRLF pair): three counting passes, no copy of a possibly large message.
+    crlf = data.count(b"\r\n")
+    if not (data.count(b"\n") == crlf and data.count(b"\r") == crlf):
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        data = data.replace(b"\n", b"\r\n")
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
@@ -434,6 +443,7 @@ class _ReplyFramer:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._code = b""  # the code of the reply being collected, b"" between replies
         self._lines: list[bytes] = []
         self._reply_bytes = 0
         # Where to resume the search for CRLF, so a reply that arrives one byte at
@@ -455,6 +465,7 @@ class _ReplyFramer:
     def discard(self) -> int:
         dropped = len(self._buffer)
         self._buffer.clear()
+        self._code = b""
         self._lines.clear()
         self._reply_bytes = 0
         self._scan_from = 0
@@ -471,40 +482,53 @@ class _ReplyFramer:
 
     def next_reply(self) -> tuple[int, list[bytes]] | None:
         """Return (code, raw texts) of the next complete reply, or None for more data."""
-        while True:
-            end = self._buffer.find(b"\n", self._scan_from)
-            if end < 0:
-                self._check_unfinished_line()
-                return None
-            self._scan_from = 0
-            line = bytes(self._buffer[: end + 1])
-            del self._buffer[: end + 1]
-            if len(line) > MAX_LINE_LENGTH:
+        buffer = self._buffer
+        # Lines are parsed where they lie; the consumed prefix is dropped once, when
+        # the reply is complete or the complete lines run out.
+        start = 0
+        end = buffer.find(b"\n", self._scan_from)
+        while end >= 0:
+            if end + 1 - start > MAX_LINE_LENGTH:
                 raise RemoteProtocolError(
-                    f"reply line longer than {MAX_LINE_LENGTH} bytes", excerpt=_excerpt(line)
+                    f"reply line longer than {MAX_LINE_LENGTH} bytes",
+                    excerpt=_excerpt(buffer[start : end + 1]),
                 )
             # RFC 5321 wants CRLF; bare LF is tolerated (several servers and proxies
             # send it), a CR elsewhere in the line is not.
-            content = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-            match = _REPLY_LINE.fullmatch(content)
-            if match is None or b"\r" in content or b"\x00" in content:
-                raise RemoteProtocolError("malformed SMTP reply line", excerpt=_excerpt(line))
-            code, sep, text = match.group(1), match.group(2), match.group(3)
-            if self._lines and code != self._lines[0][:3]:
+            stop = end - 1 if end > start and buffer[end - 1] == 0x0D else end
+            match = _REPLY_LINE.fullmatch(buffer, start, stop)
+            if match is None:
                 raise RemoteProtocolError(
-                    "reply code changed inside a multi-line reply", excerpt=_excerpt(line)
+                    "malformed SMTP reply line", excerpt=_excerpt(buffer[start : end + 1])
                 )
-            self._lines.append(code + text)
-            self._reply_bytes += len(line)
+            code, sep, text = match.groups()
+            if not self._code:
+                self._code = code
+            elif code != self._code:
+                raise RemoteProtocolError(
+                    "reply code changed inside a multi-line reply",
+                    excerpt=_excerpt(buffer[start : end + 1]),
+                )
+            self._lines.append(text)
+            self._reply_bytes += end + 1 - start
             if len(self._lines) > MAX_REPLY_LINES or self._reply_bytes > MAX_REPLY_BYTES:
                 raise RemoteProtocolError(
                     f"reply longer than {MAX_REPLY_LINES} lines or {MAX_REPLY_BYTES} bytes",
-                    excerpt=_excerpt(line),
+                    excerpt=_excerpt(buffer[start : end + 1]),
                 )
-            if sep == b"-":
-                continue
-            lines, self._lines, self._reply_bytes = self._lines, [], 0
-            return int(lines[0][:3]), [raw[3:] for raw in lines]
+            start = end + 1
+            if sep != b"-":
+                del buffer[:start]
+                self._scan_from = 0
+                lines, self._lines, self._reply_bytes = self._lines, [], 0
+                code, self._code = self._code, b""
+                return int(code), lines
+            end = buffer.find(b"\n", start)
+        if start:
+            del buffer[:start]
+            self._scan_from = 0
+        self._check_unfinished_line()
+        return None
 
 
 class SMTPProtocol:
@@ -566,7 +590,7 @@ class SMTPProtocol:
         if framed is None:
             return None
         code, raw_lines = framed
-        texts = tuple(raw.decode("utf-8", "replace") for raw in raw_lines)
+        texts = tuple([raw.decode("utf-8", "replace") for raw in raw_lines])
         if not self._pending:
             self._close("unsolicited reply")
             raise RemoteProtocolError(
@@ -580,43 +604,42 @@ class SMTPProtocol:
         # with the reply code, so ordinary text starting with digits is not taken.
         match = _ENHANCED.match(texts[0])
         if match is not None and match.group(1) == str(code)[0]:
-            enhanced = f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
+            enhanced = match.group(0).rstrip(" ")
         reply = Reply(code=code, lines=texts, command=command, enhanced=enhanced)
         self._apply_reply(reply)
         return reply
 
     def _apply_reply(self, reply: Reply) -> None:
-        if reply.code == 421 or (reply.command is Command.GREETING and reply.is_error):
+        code, command = reply.code, reply.command
+        if code == 421 or (command is Command.GREETING and code >= 400):
             # RFC 5321 3.8: 421 means the server is closing the transmission channel,
             # whatever command it answers; a 4xx/5xx greeting means "go away".
-            self._close(f"server replied {reply.code}")
+            self._close(f"server replied {code}")
             return
-        on_2xx, on_3xx, on_error = _ON_REPLY[reply.command]
-        if reply.is_success:
+        on_2xx, on_3xx, on_error = _ON_REPLY[command]
+        if code < 300:
             outcome = on_2xx
-        elif reply.is_intermediate:
-            # 354 is the only 3xx DATA may get; 334 the only one AUTH may get.
-            expected = {Command.DATA: 354, Command.AUTH: 334, Command.AUTH_RESPONSE: 334}
-            outcome = on_3xx if expected.get(reply.command) == reply.code else _INVALID
+            if command is Command.EHLO:
+                self.extensions = parse_extensions(reply)
+            elif command is Command.HELO:
+                self.extensions = Extensions()
+        elif code < 400:
+            outcome = on_3xx if _EXPECTED_3XX.get(command) == code else _INVALID
         else:
             outcome = on_error
         if outcome == _INVALID:
             self._close("invalid reply")
             raise RemoteProtocolError(
-                f"{reply.code} is not a valid reply to {reply.command.value}",
-                excerpt=f"{reply.code} {reply.lines[0]}".encode()[:EXCERPT_LIMIT],
+                f"{code} is not a valid reply to {command.value}",
+                excerpt=f"{code} {reply.lines[0]}".encode()[:EXCERPT_LIMIT],
             )
-        if reply.is_success and reply.command is Command.EHLO:
-            self.extensions = parse_extensions(reply)
-        elif reply.is_success and reply.command is Command.HELO:
-            self.extensions = Extensions()
         # Only the reply to the last command sent moves the state: replies to
         # earlier commands of a pipelined group arrive after the optimistic send
         # side has already moved on (e.g. the next MAIL after a BDAT LAST).
         if isinstance(outcome, State) and (not self._pending or outcome is State.CLOSED):
             self.state = outcome
         if self.state is State.CLOSED:
-            self._close("QUIT" if reply.command is Command.QUIT else f"server replied {reply.code}")
+            self._close("QUIT" if command is Command.QUIT else f"server replied {code}")
 
     def _close(self, reason: str) -> None:
         self.state = State.CLOSED
@@ -630,10 +653,10 @@ class SMTPProtocol:
             raise ConnectionBrokenError(
                 f"the SMTP connection is closed ({self._closed_reason or 'closed'})"
             )
-        allowed = _SEND[self.state]
-        if command not in allowed:
+        following = _SEND[self.state].get(command)
+        if following is None:
             raise LocalProtocolError(f"cannot send {command.value} in state {self.state.value}")
-        self.state = allowed[command]
+        self.state = following
         self._pending.append(command)
         return line
 
