@@ -1,5 +1,18 @@
-"""prxmail: an email channel for agents on Trio -- IMAP IDLE in, threaded SMTP replies out."""
+"""prxmail: an email channel for agents on Trio -- IMAP IDLE in, threaded SMTP replies out.
 
+Most programs need :func:`open_mail_channel` with a :class:`Config` from
+:func:`load_config`; the IMAP and SMTP clients live in :mod:`prxmail.imap` and
+:mod:`prxmail.smtp`.
+"""
+
+from prxmail._tls import Security as Security
+from prxmail.channel import ChannelStatistics as ChannelStatistics
+from prxmail.channel import ChannelStatus as ChannelStatus
+from prxmail.channel import MailChannel as MailChannel
+from prxmail.channel import open_mail_channel as open_mail_channel
+from prxmail.config import Config as Config
+from prxmail.config import load_config as load_config
+from prxmail.config import parse_config as parse_config
 from prxmail.errors import AuthenticationError as AuthenticationError
 from prxmail.errors import ConfigError as ConfigError
 from prxmail.errors import ConnectionBrokenError as ConnectionBrokenError
@@ -15,11 +28,20 @@ from prxmail.errors import SMTPReplyError as SMTPReplyError
 from prxmail.errors import SMTPTransientError as SMTPTransientError
 from prxmail.errors import StateError as StateError
 from prxmail.errors import TLSError as TLSError
+from prxmail.message import Address as Address
+from prxmail.message import Attachment as Attachment
+from prxmail.message import Message as Message
+from prxmail.service import serve_mail_channel as serve_mail_channel
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Address",
+    "Attachment",
     "AuthenticationError",
+    "ChannelStatistics",
+    "ChannelStatus",
+    "Config",
     "ConfigError",
     "ConnectionBrokenError",
     "HandlerError",
@@ -27,12 +49,19 @@ __all__ = [
     "IMAPCommandError",
     "IMAPNoResponse",
     "LocalProtocolError",
+    "MailChannel",
+    "Message",
     "PrxmailError",
     "RemoteProtocolError",
     "SMTPPermanentError",
     "SMTPReplyError",
     "SMTPTransientError",
+    "Security",
     "StateError",
     "TLSError",
     "__version__",
+    "load_config",
+    "open_mail_channel",
+    "parse_config",
+    "serve_mail_channel",
 ]
