@@ -37,7 +37,6 @@ wire (base64 for SASL PLAIN/LOGIN, IMAP quoted strings), whatever the server ech
 
 from __future__ import annotations
 
-import base64
 import enum
 import errno
 import json
@@ -53,6 +52,7 @@ from typing import Any, Final, TextIO
 import attrs
 import trio
 
+from prxmail._redact import Redactor
 from prxmail._tls import Security, create_ssl_context
 from prxmail.config import Config, load_config
 from prxmail.errors import (
@@ -260,45 +260,27 @@ class Timeouts:
 # -- secrets ----------------------------------------------------------------------------
 
 
-def _secret_forms(config: Config) -> tuple[str, ...]:
-    """Every form in which a password goes on the wire, longest first."""
-    forms: set[str] = set()
-    pairs = {
+def _redactor(config: Config) -> Redactor:
+    """Removes every form in which the passwords go on the wire: as typed, IMAP-quoted,
+    base64, and inside the SASL PLAIN payloads (with and without an authzid)."""
+    secrets: list[str | bytes] = []
+    for user, password in {
         (config.username, config.password.reveal()),
         (config.smtp_username, config.smtp_password.reveal()),
-    }
-    for user, password in pairs:
+    }:
         raw, user_b = password.encode(), user.encode()
-        forms.add(password)
-        # An IMAP quoted string escapes backslash and double quote.
-        forms.add(password.replace("\\", "\\\\").replace('"', '\\"'))
-        for blob in (raw, b"\0" + user_b + b"\0" + raw, user_b + b"\0" + user_b + b"\0" + raw):
-            encoded = base64.b64encode(blob).decode()
-            forms.add(encoded)
-            forms.add(encoded.rstrip("="))
-    return tuple(sorted((f for f in forms if f), key=len, reverse=True))
+        secrets += [password, b"\0" + user_b + b"\0" + raw, user_b + b"\0" + user_b + b"\0" + raw]
+    return Redactor(secrets)
 
 
-class _Redactor:
-    """Removes every secret form from text, case-insensitively."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        parts = [re.escape(s) for s in secrets if s]
-        self._pattern = re.compile("|".join(parts), re.IGNORECASE) if parts else None
-
-    def __call__(self, text: str) -> str:
-        if self._pattern is None:
-            return text
-        return self._pattern.sub("***", text)
-
-    def result(self, step: StepResult) -> StepResult:
-        return StepResult(
-            name=step.name,
-            status=step.status,
-            summary=self(step.summary),
-            detail=tuple(self(line) for line in step.detail),
-            hint=self(step.hint),
-        )
+def _redact_step(redact: Redactor, step: StepResult) -> StepResult:
+    return StepResult(
+        name=step.name,
+        status=step.status,
+        summary=redact(step.summary),
+        detail=tuple(redact(line) for line in step.detail),
+        hint=redact(step.hint),
+    )
 
 
 def _server_text(text: str) -> str:
@@ -1519,7 +1501,7 @@ async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> 
                 ),
             ),
         )
-    redact = _Redactor(_secret_forms(config))
+    redact = _redactor(config)
     imap = _Chain(_imap_names(config.imap_security))
     smtp = _Chain(_smtp_names(config.smtp_security))
     async with trio.open_nursery() as nursery:
@@ -1534,7 +1516,7 @@ async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> 
         _check_state_dir(config.state_dir),
         _check_state_db(config),
     ]
-    return DoctorReport(str(config_path), tuple(redact.result(s) for s in steps))
+    return DoctorReport(str(config_path), tuple(_redact_step(redact, s) for s in steps))
 
 
 async def _guarded(

@@ -40,6 +40,7 @@ from typing import Literal
 import attrs
 import trio
 
+from prxmail._redact import Redactor
 from prxmail._tls import Security, create_ssl_context
 from prxmail.errors import (
     AuthenticationError,
@@ -171,17 +172,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.ClosedResourceError):
         return "the connection was closed locally"
     return str(exc) or type(exc).__name__
-
-
-def _scrub(text: str, secrets: Sequence[str]) -> str:
-    """Remove secrets a server echoed back. A very short secret cannot be cut out
-    without mangling ordinary words, so then the whole text is withheld."""
-    for secret in secrets:
-        if secret and secret in text:
-            if len(secret) < 4:
-                return "(server text withheld: it contains the credentials)"
-            text = text.replace(secret, "***")
-    return text
 
 
 class IMAPConnection:
@@ -370,7 +360,7 @@ class IMAPConnection:
         if keep_pushes:
             self._note_pushes(responses)
         if event.status != "OK":
-            raise _command_error(name, attrs.evolve(event, text=_scrub(event.text, secrets)))
+            raise _command_error(name, attrs.evolve(event, text=Redactor(secrets)(event.text)))
         return event, responses
 
     def _note_pushes(self, responses: Iterable[Event]) -> None:
@@ -476,7 +466,7 @@ class IMAPConnection:
             await self.capability()
 
     def _auth_error(self, exc: IMAPCommandError, secrets: Sequence[str]) -> AuthenticationError:
-        text = _scrub(exc.text, secrets)
+        text = Redactor(secrets)(exc.text)
         return AuthenticationError(
             f"the IMAP server refused the login: {text}",
             protocol="imap",

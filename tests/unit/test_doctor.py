@@ -34,8 +34,7 @@ from prxmail.doctor import (
     Timeouts,
     _connect_error,
     _parse_list_name,
-    _Redactor,
-    _secret_forms,
+    _redactor,
     render_text,
     run_checks,
     run_doctor,
@@ -831,7 +830,7 @@ def test_redactor_covers_wire_forms() -> None:
         'smtp_username = "s@x.org"\nsmtp_password = "other-secret"\n',
         environ={},
     )
-    redact = _Redactor(_secret_forms(config))
+    redact = _redactor(config)
     forms = [
         'pa"ss',
         'pa\\"ss',

@@ -1,0 +1,73 @@
+"""Keeping secrets out of everything prxmail shows: errors, logs and doctor output.
+
+A server may echo what we sent -- the password in a LOGIN line, the base64 of a SASL
+exchange -- back in its error text, and that text ends up in exceptions, log lines and
+``prxmail doctor``. Every such text goes through one :class:`Redactor`, built from the
+secrets as they went on the wire: for each secret its plain form, its IMAP quoted-string
+form and its base64 forms (padded and unpadded). SASL payloads (``\\0user\\0password``)
+are passed as secrets of their own so that their base64 is covered too. Matching ignores
+case, because some servers upper-case what they echo.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterable
+
+__all__ = ["REDACTED", "SHORT_SECRET", "WITHHELD", "Redactor", "secret_forms"]
+
+REDACTED = "***"
+WITHHELD = "(server text withheld: it contains the credentials)"
+
+# A secret shorter than this cannot be cut out of a text without also cutting ordinary
+# words (a two-letter password occurs everywhere); a text containing one is withheld whole.
+SHORT_SECRET = 4
+
+
+def secret_forms(secret: str | bytes) -> set[str]:
+    """Every form in which ``secret`` may travel on the wire and come back in a text.
+
+    Args:
+        secret: A password, token or SASL payload.
+
+    Returns:
+        The plain text, the IMAP quoted-string escaping, and base64 with and without
+        padding; empty forms left out.
+    """
+    raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    if not raw:
+        return set()
+    text = raw.decode("utf-8", "replace")
+    encoded = base64.b64encode(raw).decode("ascii")
+    forms = {text, text.replace("\\", "\\\\").replace('"', '\\"'), encoded, encoded.rstrip("=")}
+    return {form for form in forms if form}
+
+
+class Redactor:
+    """Removes every form of the given secrets from texts.
+
+    Args:
+        secrets: Passwords, tokens and SASL payloads (str or bytes); empty ones ignored.
+    """
+
+    def __init__(self, secrets: Iterable[str | bytes]) -> None:
+        forms: set[str] = set()
+        for secret in secrets:
+            forms |= secret_forms(secret)
+        short = sorted(f for f in forms if len(f) < SHORT_SECRET)
+        long = sorted((f for f in forms if len(f) >= SHORT_SECRET), key=len, reverse=True)
+        self._short = re.compile("|".join(map(re.escape, short)), re.I) if short else None
+        self._long = re.compile("|".join(map(re.escape, long)), re.I) if long else None
+
+    def __call__(self, text: str) -> str:
+        """Return ``text`` with every secret form replaced by ``***``.
+
+        A text that contains a secret too short to cut out cleanly is replaced whole by
+        a note saying it was withheld.
+        """
+        if self._short is not None and self._short.search(text):
+            return WITHHELD
+        if self._long is not None:
+            text = self._long.sub(REDACTED, text)
+        return text
