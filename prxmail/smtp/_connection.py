@@ -88,8 +88,11 @@ QUIT_GRACE_SECONDS = 2.0
 # server from ever waiting for us.  Messages are written half a window at a time
 # (one write, one TLS record for 8 small messages), so the other half keeps the
 # server busy while we read.  Measured against the test Postfix (500 small
-# messages, median of 3): 1 -> 167 msg/s, 4 -> 225, 16 -> 278, 64 -> 271; past 16
-# the server's per-message work is the limit, so a larger window only buffers more.
+# messages, medians of 3-5 rounds on a loaded 2-CPU machine): one message at a
+# time 167 msg/s, 4 -> 225, 16 -> 278; with grouped writes 8/16/32/64 were within
+# the run-to-run noise of each other (244-266 in one run, 354-443 in another).
+# Past 16 the server's per-message work is the limit, and a larger window only
+# means more messages in the "outcome unknown" state when a connection drops.
 MAX_PIPELINED_MESSAGES = 16
 MAX_PIPELINED_COMMANDS = 256
 
