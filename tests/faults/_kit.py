@@ -1,0 +1,80 @@
+"""Shared pieces of the fault tests: the seed, the message mix, reply accounting."""
+
+from __future__ import annotations
+
+import collections
+import email.message
+import os
+import random
+import time
+
+import attrs
+
+from tests.integration.servicekit import Pair, make_message
+from tests.mailservers import MailServers
+
+
+def seeded(name: str) -> tuple[random.Random, int]:
+    """A random source for one test: ``PRXMAIL_FAULT_SEED`` or a fresh seed, printed.
+
+    The seed is printed so a failing CI run can be replayed exactly.
+    """
+    raw = os.environ.get("PRXMAIL_FAULT_SEED")
+    seed = int(raw) if raw else int.from_bytes(os.urandom(4), "big")
+    print(f"{name}: seed {seed} (replay with PRXMAIL_FAULT_SEED={seed})")
+    return random.Random(seed), seed  # test scheduling, not security
+
+
+def incoming(pair: Pair, rng: random.Random, index: int, tag: str) -> tuple[str, bytes]:
+    """Message ``index`` from alice to the bot; bodies from 1 KB to ~150 KB so a fetch
+    spans many TLS records (a cut lands inside the literal). Returns (Message-ID, raw)."""
+    size = rng.choice((1_000, 8_000, 40_000, 150_000))
+    line = f"{tag} message {index} line of text to make the body longer.\n"
+    body = line * max(1, size // len(line))
+    msg = make_message(pair.alice, pair.bot, f"{tag} {index}", body)
+    return str(msg["Message-ID"]), bytes(msg)
+
+
+@attrs.frozen
+class ReplyTally:
+    """What alice received, per parent Message-ID."""
+
+    answered: dict[str, list[str]]  # parent -> reply Message-IDs, one per copy received
+
+    @property
+    def copies(self) -> int:
+        return sum(len(ids) for ids in self.answered.values())
+
+    def lost(self, parents: list[str]) -> list[str]:
+        return [p for p in parents if p not in self.answered]
+
+    def answered_twice(self) -> dict[str, list[str]]:
+        """Parents with two *different* replies: answered twice, never allowed."""
+        return {p: ids for p, ids in self.answered.items() if len(set(ids)) > 1}
+
+    def resent(self) -> int:
+        """Extra copies of the same reply (the one duplicate SMTP allows)."""
+        return sum(len(ids) - 1 for ids in self.answered.values() if len(set(ids)) == 1)
+
+
+def tally_replies(servers: MailServers, pair: Pair) -> ReplyTally:
+    answered: dict[str, list[str]] = collections.defaultdict(list)
+    for raw in servers.inbox_messages(pair.alice):
+        msg = email.message_from_bytes(raw)
+        parent = str(msg["In-Reply-To"] or "").strip()
+        answered[parent].append(str(msg["Message-ID"] or "").strip())
+    return ReplyTally(answered=dict(answered))
+
+
+def wait_reply_count(servers: MailServers, pair: Pair, count: int, timeout: float) -> ReplyTally:
+    """Poll alice's INBOX until ``count`` distinct parents are answered (or time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tally = tally_replies(servers, pair)
+        if len(tally.answered) >= count or time.monotonic() >= deadline:
+            return tally
+        time.sleep(0.1)
+
+
+def email_message(raw: bytes) -> email.message.Message:
+    return email.message_from_bytes(raw)
