@@ -850,45 +850,16 @@ def _imap_capabilities(caps: frozenset[str]) -> str:
     return f"{len(caps)} capabilities: {text}"
 
 
-def _parse_list_name(line: bytes) -> str | None:
-    """The mailbox name at the end of a ``* LIST (...) "/" name`` line, if simple."""
-    text = line.decode("utf-8", "replace").rstrip("\r\n")
-    quoted = re.search(r'"((?:[^"\\]|\\.)*)"\s*$', text)
-    if quoted:
-        raw = re.sub(r"\\(.)", r"\1", quoted.group(1))
-    else:
-        atom = re.search(r"\s([^\s\"{}()]+)\s*$", text)
-        if atom is None:
-            return None  # a literal: the name is on the next line; not worth parsing here
-        raw = atom.group(1)
-    try:
-        return decode_mailbox(raw)
-    except (ValueError, UnicodeError):
-        return raw
-
-
 async def _list_folders(conn: IMAPConnection, timeouts: Timeouts) -> list[str] | None:
-    """Folder names from LIST, or None when they cannot be had.
-
-    IMAPConnection has no public LIST yet, so this uses its command runner, guarded:
-    any problem just means "cannot list".
-    """
-    command = getattr(conn, "_command", None)
-    if command is None or conn.broken:
+    """Selectable folder names from LIST, or None when they cannot be had."""
+    if conn.broken:
         return None
     try:
         with trio.fail_after(timeouts.command):
-            _, responses = await command("LIST", ["", "*"])
-    except (PrxmailError, trio.TooSlowError, TypeError):
+            boxes = await conn.list_mailboxes()
+    except (PrxmailError, trio.TooSlowError):
         return None
-    names = []
-    for event in responses:
-        line = getattr(event, "line", None)
-        if getattr(event, "name", None) == "LIST" and isinstance(line, bytes):
-            found = _parse_list_name(line)
-            if found is not None:
-                names.append(found)
-    return names
+    return [decode_mailbox(box.raw_name) for box in boxes if box.selectable]
 
 
 async def _imap_chain(config: Config, timeouts: Timeouts, chain: _Chain) -> None:

@@ -44,6 +44,7 @@ from prxmail.imap._events import Expunge as Expunge
 from prxmail.imap._events import FetchData as FetchData
 from prxmail.imap._events import FlagsData as FlagsData
 from prxmail.imap._events import IdData as IdData
+from prxmail.imap._events import ListData as ListData
 from prxmail.imap._events import MultipartBody as MultipartBody
 from prxmail.imap._events import Recent as Recent
 from prxmail.imap._events import ResponseCode as ResponseCode
@@ -89,6 +90,7 @@ __all__ = [
     "IMAPProtocol",
     "IdData",
     "IdleSession",
+    "ListData",
     "MailboxState",
     "MultipartBody",
     "Raw",

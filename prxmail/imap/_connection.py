@@ -66,6 +66,7 @@ from prxmail.imap._events import (
     FetchData,
     FlagsData,
     IdData,
+    ListData,
     Recent,
     SearchData,
     SequenceSet,
@@ -789,6 +790,28 @@ class IMAPConnection:
         args.append([Raw(flag) for flag in flags])
         _, responses = await self._command("UID STORE", args, keep_pushes=False)
         return tuple(event for event in responses if isinstance(event, FetchData))
+
+    async def list_mailboxes(self, reference: str = "", pattern: str = "*") -> tuple[ListData, ...]:
+        """LIST: the mailboxes matching ``pattern`` under ``reference``.
+
+        Args:
+            reference: The reference name (usually empty).
+            pattern: A mailbox pattern; ``*`` matches across hierarchy levels, ``%``
+                within one level.
+
+        Returns:
+            One :class:`ListData` per mailbox, in the server's order. Decode names for
+            display with :func:`decode_mailbox`.
+
+        Raises:
+            IMAPCommandError: the server refused the LIST.
+        """
+        _, responses = await self._command(
+            "LIST",
+            [String(encode_mailbox(reference)), String(encode_mailbox(pattern))],
+            keep_pushes=False,
+        )
+        return tuple(event for event in responses if isinstance(event, ListData))
 
     async def noop(self) -> tuple[Event, ...]:
         """NOOP: lets the server report changes.

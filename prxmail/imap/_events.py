@@ -259,8 +259,28 @@ class IdData:
 
 
 @attrs.frozen
+class ListData:
+    """One mailbox from a LIST (or LSUB) response.
+
+    Attributes:
+        attributes: Name attributes such as ``\\HasNoChildren`` or ``\\Noselect``.
+        delimiter: The hierarchy delimiter, or ``None`` for a flat namespace.
+        raw_name: The mailbox name as sent (modified UTF-7, RFC 3501 section 5.1.3).
+    """
+
+    attributes: tuple[str, ...]
+    delimiter: str | None
+    raw_name: bytes
+
+    @property
+    def selectable(self) -> bool:
+        """False for ``\\Noselect`` / ``\\NonExistent`` entries (RFC 3501, RFC 5258)."""
+        return not any(a.lower() in ("\\noselect", "\\nonexistent") for a in self.attributes)
+
+
+@attrs.frozen
 class UnknownResponse:
-    """An untagged response this client does not interpret (LIST, STATUS, ...).
+    """An untagged response this client does not interpret (STATUS, NAMESPACE, ...).
 
     Attributes:
         name: Its keyword in upper case.
@@ -403,5 +423,5 @@ class FetchData:
 Event: TypeAlias = (
     "TaggedResponse | StatusResponse | ContinuationRequest | CapabilityData | EnabledData"
     " | FlagsData | Exists | Recent | Expunge | SearchData | ESearchData | IdData"
-    " | FetchData | UnknownResponse | ConnectionClosed"
+    " | FetchData | ListData | UnknownResponse | ConnectionClosed"
 )

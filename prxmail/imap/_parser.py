@@ -42,6 +42,7 @@ from prxmail.imap._events import (
     FetchData,
     FlagsData,
     IdData,
+    ListData,
     MultipartBody,
     Recent,
     ResponseCode,
@@ -298,7 +299,23 @@ def _untagged(reader: _Reader) -> Event:
     if keyword == b"ID":
         reader.skip_spaces()
         return _id(reader)
+    if keyword in (b"LIST", b"LSUB"):
+        reader.skip_spaces()
+        return _list_data(reader)
     return UnknownResponse(keyword.decode("ascii", "replace"), reader.line)
+
+
+def _list_data(reader: _Reader) -> ListData:
+    # mailbox-list = "(" [mbx-list-flags] ")" SP (DQUOTE QUOTED-CHAR DQUOTE / nil) SP mailbox
+    attributes = _flag_list(reader)
+    reader.spaces()
+    delimiter = reader.nstring()
+    reader.spaces()
+    name = reader.nstring()
+    # An atom NIL here is the mailbox called "NIL", not a missing name.
+    raw_name = b"NIL" if name is None else bytes(name)
+    shown = None if delimiter is None else bytes(delimiter).decode("utf-8", "replace")
+    return ListData(attributes, shown, raw_name)
 
 
 def _words(raw: bytes) -> list[str]:

@@ -18,8 +18,11 @@ from prxmail.imap import (
     Security,
     SequenceSet,
     StatusResponse,
+    decode_mailbox,
+    encode_mailbox,
     open_imap_connection,
 )
+from prxmail.imap._encoder import String
 from tests.mailservers import MailServers, User
 
 pytestmark = pytest.mark.integration
@@ -328,3 +331,16 @@ async def test_many_messages_in_batches(mail_servers: MailServers) -> None:
         assert sorted(m.uid or 0 for m in piped) == list(uids)
         by_uid = {m.uid: m.body for m in piped}
         assert [by_uid[u] for u in uids] == messages
+
+
+async def test_list_mailboxes(mail_servers: MailServers) -> None:
+    user = fresh_user(mail_servers)
+    async with connect(mail_servers) as imap:  # type: ignore[attr-defined]
+        await imap.login(user.address, user.password)
+        await imap._command("CREATE", [String(encode_mailbox("Entwürfe"))])
+        boxes = await imap.list_mailboxes()
+        names = {decode_mailbox(box.raw_name) for box in boxes}
+        assert {"INBOX", "Entwürfe"} <= names
+        assert all(box.delimiter in ("/", ".") for box in boxes)
+        only_inbox = await imap.list_mailboxes("", "INBOX")
+        assert [box.raw_name for box in only_inbox] == [b"INBOX"]

@@ -33,7 +33,6 @@ from prxmail.doctor import (
     StepResult,
     Timeouts,
     _connect_error,
-    _parse_list_name,
     _redactor,
     render_text,
     run_checks,
@@ -844,13 +843,6 @@ def test_redactor_covers_wire_forms() -> None:
     for form in forms:
         assert redact(f"<{form}>") == "<***>", form
     assert redact("nothing secret here") == "nothing secret here"
-
-
-def test_list_line_parsing() -> None:
-    assert _parse_list_name(b'* LIST (\\HasNoChildren) "/" "Sent Items"') == "Sent Items"
-    assert _parse_list_name(b'* LIST () "." INBOX') == "INBOX"
-    assert _parse_list_name(b'* LIST () "/" "Entw&APw-rfe"') == "Entwürfe"
-    assert _parse_list_name(b'* LIST () "/" {5}') is None
 
 
 def test_text_rendering_marks_and_fixes() -> None:

@@ -24,6 +24,7 @@ from prxmail.imap import (
     FlagsData,
     Framer,
     IdData,
+    ListData,
     MultipartBody,
     Recent,
     ResponseCode,
@@ -32,6 +33,7 @@ from prxmail.imap import (
     StatusResponse,
     TaggedResponse,
     UnknownResponse,
+    decode_mailbox,
     parse_response,
 )
 from prxmail.imap._parser import MAX_NESTING_DEPTH
@@ -162,8 +164,8 @@ def test_id_and_unknown() -> None:
         {"name": "Dovecot", "version": None}
     )
     assert parse(b"* ID NIL\r\n") == IdData(None)
-    event = parse(b'* LIST (\\HasNoChildren) "/" INBOX\r\n')
-    assert event == UnknownResponse("LIST", b'* LIST (\\HasNoChildren) "/" INBOX')
+    event = parse(b"* STATUS INBOX (MESSAGES 3)\r\n")
+    assert event == UnknownResponse("STATUS", b"* STATUS INBOX (MESSAGES 3)")
     assert parse(b"* 3 WEIRD\r\n") == UnknownResponse("WEIRD", b"* 3 WEIRD")
 
 
@@ -407,3 +409,42 @@ def test_sequence_set_star_forms() -> None:
         SequenceSet.parse("0:3")
     with pytest.raises(ValueError, match="at least one"):
         SequenceSet.of([])
+
+
+# -- LIST ------------------------------------------------------------------------------
+
+
+def test_list_quoted_name_and_delimiter() -> None:
+    event = parse(b'* LIST (\\HasNoChildren \\Sent) "/" "Sent Items"\r\n')
+    assert event == ListData(("\\HasNoChildren", "\\Sent"), "/", b"Sent Items")
+    assert event.selectable
+
+
+def test_list_atom_name_nil_delimiter_and_noselect() -> None:
+    event = parse(b"* LIST (\\Noselect) NIL INBOX\r\n")
+    assert event == ListData(("\\Noselect",), None, b"INBOX")
+    assert not event.selectable
+
+
+def test_list_literal_name_and_lsub() -> None:
+    event = parse(b'* LSUB () "." {12}\r\nfoo\r\nbar.baz\r\n')
+    assert event == ListData((), ".", b"foo\r\nbar.baz")
+
+
+def test_list_mailbox_named_nil_is_a_name() -> None:
+    assert parse(b'* LIST () "/" NIL\r\n') == ListData((), "/", b"NIL")
+
+
+def test_list_modified_utf7_name_kept_raw_and_decodable() -> None:
+    event = parse(b'* LIST () "/" "Entw&APw-rfe"\r\n')
+    assert isinstance(event, ListData)
+    assert decode_mailbox(event.raw_name) == "Entwürfe"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b'* LIST \\HasNoChildren "/" x\r\n', b'* LIST () "/"\r\n', b"* LIST (\r\n"],
+)
+def test_list_malformed(line: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        parse(line)
