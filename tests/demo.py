@@ -1,7 +1,8 @@
 """The README's main job: prxmail end to end against private local mail servers.
 
 1. Starts Dovecot + Postfix on 127.0.0.1 (tests/mailservers.py) with users alice and bot.
-2. Writes a configuration for the bot account that answers alice.
+2. Writes a configuration for the bot account that answers alice and checks it with
+   ``prxmail doctor`` (every step from config to mailbox must pass).
 3. Runs ``prxmail serve`` as a subprocess with a small example handler (a ``python3 -c``
    one-liner that greets the sender and quotes the subject).
 4. Sends a message as alice (stdlib smtplib, implicit TLS, the servers' throwaway CA).
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration {config} (password elided):")
         for line in config.read_text().splitlines():
             print("   ", 'password = "********"' if line.startswith("password") else line)
+        doctor = [sys.executable, "-m", "prxmail", "doctor", "-c", str(config)]
+        print(f"\n$ {' '.join(doctor)}", flush=True)
+        doctor_status = subprocess.run(doctor, check=False).returncode
+        if doctor_status != 0:
+            print(f"\ndemo FAILED: doctor found a problem (exit status {doctor_status})")
+            return 1
         command = [sys.executable, "-m", "prxmail", "serve", "-c", str(config)]
         print(f"\n$ {' '.join(command)} --exec 'python3 -c ...'", flush=True)
         proc = subprocess.Popen(
