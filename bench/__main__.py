@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = {"imap": "bench.imap_bench", "smtp": "bench.smtp_bench"}
+SUITES = {
+    "imap": "bench.imap_bench",
+    "smtp": "bench.smtp_bench",
+    "channel": "bench.channel_bench",
+}
 
 
 def main(argv: list[str]) -> int:
