@@ -7,10 +7,11 @@ import email.message
 import os
 import random
 import time
+from pathlib import Path
 
 import attrs
 
-from tests.integration.servicekit import Pair, make_message
+from tests.integration.servicekit import Pair, config_text, make_message
 from tests.mailservers import MailServers
 
 
@@ -78,3 +79,17 @@ def wait_reply_count(servers: MailServers, pair: Pair, count: int, timeout: floa
 
 def email_message(raw: bytes) -> email.message.Message:
     return email.message_from_bytes(raw)
+
+
+def proxied_config_text(
+    servers: MailServers, pair: Pair, state: Path, imap_port: int, smtp_port: int, **extra: int
+) -> str:
+    """The integration config, pointed at the proxies, with ``extra`` keys overriding."""
+    settings = {"imap_port": imap_port, "smtp_port": smtp_port, **extra}
+    lines = [
+        line
+        for line in config_text(servers, pair, state).splitlines()
+        if line.partition(" = ")[0] not in settings
+    ]
+    lines += [f"{key} = {value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"

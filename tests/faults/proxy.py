@@ -17,9 +17,9 @@ is what lets the client recover):
 * :meth:`cut_after` arms a cut that fires after N more bytes in one direction (or
   either), so a test can land a cut inside a literal being fetched or a DATA being sent.
 * :meth:`cut_on` arms a cut that fires when a byte pattern passes (plain-text protocols).
-* :meth:`stall` stops forwarding silently: no bytes either way, no FIN, no RST; the
-  sockets stay open until :meth:`close`. It is what a NAT box that forgot the mapping
-  looks like to both ends.
+* :meth:`stall` (now) and :meth:`stall_after` (after N bytes) stop forwarding
+  silently: no bytes either way, no FIN, no RST; the sockets stay open until
+  :meth:`close`. It is what a NAT box that forgot the mapping looks like to both ends.
 
 Counters (:meth:`statistics`) say how many connections were accepted, cut and stalled.
 """
@@ -69,6 +69,7 @@ class _Trigger:
     remaining: int | None
     pattern: bytes | None
     rst: bool
+    stall: bool = False
 
 
 class _Conn:
@@ -111,6 +112,10 @@ class _Conn:
                     except OSError:
                         self.shut(rst=False)
                         return
+                if fire == "stall":
+                    self.proxy._count_stall()
+                    self.stall()
+                    continue
                 if fire is not None:
                     self.proxy._count_cut()
                     self.shut(rst=fire)
@@ -128,7 +133,10 @@ class _Conn:
                     return False
             self.proxy._closing.wait(STALL_POLL)
 
-    def _apply_triggers(self, direction: str, data: bytes) -> tuple[bytes, bool | None]:
+    def _apply_triggers(
+        self, direction: str, data: bytes
+    ) -> tuple[bytes, bool | Literal["stall"] | None]:
+        """Returns: the bytes to forward and what fires after them (RST?, stall, None)."""
         with self.lock:
             self.bytes[direction] += len(data)
             window = (self.tails[direction] + data)[-PATTERN_WINDOW:]
@@ -139,12 +147,12 @@ class _Conn:
                 if trigger.remaining is not None:
                     if len(data) >= trigger.remaining:
                         self.triggers.remove(trigger)
-                        return data[: trigger.remaining], trigger.rst
+                        return data[: trigger.remaining], "stall" if trigger.stall else trigger.rst
                     trigger.remaining -= len(data)
                 elif trigger.pattern is not None and trigger.pattern in window:
                     self.triggers.remove(trigger)
                     # The chunk that completed the pattern is not forwarded.
-                    return b"", trigger.rst
+                    return b"", "stall" if trigger.stall else trigger.rst
         return data, None
 
     def arm(self, trigger: _Trigger) -> None:
@@ -246,6 +254,10 @@ class FaultProxy:
             if not self._closing.is_set():
                 self._pending.extend(leftover)
 
+    def _count_stall(self) -> None:
+        with self._lock:
+            self._stalls += 1
+
     def _count_cut(self) -> None:
         with self._lock:
             self._cuts += 1
@@ -332,6 +344,19 @@ class FaultProxy:
         with self._lock:
             self._stalls += len(conns)
         return len(conns)
+
+    def stall_after(self, nbytes: int, direction: Direction = "any") -> int:
+        """Arm a silent stall after ``nbytes`` more bytes pass, like :meth:`cut_after`.
+
+        Returns:
+            How many connections were armed.
+
+        Raises:
+            ValueError: ``nbytes`` is negative.
+        """
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        return self._arm(lambda: _Trigger(direction, nbytes, None, rst=False, stall=True))
 
     def statistics(self) -> ProxyStatistics:
         """Returns: the counters since the proxy started."""

@@ -22,9 +22,15 @@ import trio
 
 from prxmail.channel import MailChannel, open_mail_channel
 from prxmail.config import parse_config
-from tests.faults._kit import incoming, seeded, tally_replies, wait_reply_count
+from tests.faults._kit import (
+    incoming,
+    proxied_config_text,
+    seeded,
+    tally_replies,
+    wait_reply_count,
+)
 from tests.faults.proxy import FaultProxy
-from tests.integration.servicekit import Pair, append, config_text, fresh_pair
+from tests.integration.servicekit import append, fresh_pair
 from tests.mailservers import MailServers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -33,20 +39,6 @@ MESSAGES = 24
 CUTS = 8
 # Large enough that DATA spans several TLS records, so a cut after N up-bytes lands in it.
 REPLY_BODY = "This reply is long on purpose, to make DATA span many records.\n" * 1000
-
-
-def proxied_config_text(
-    servers: MailServers, pair: Pair, state: Path, imap_port: int, smtp_port: int, **extra: int
-) -> str:
-    """The integration config, pointed at the proxies, with ``extra`` keys overriding."""
-    settings = {"imap_port": imap_port, "smtp_port": smtp_port, **extra}
-    lines = [
-        line
-        for line in config_text(servers, pair, state).splitlines()
-        if line.partition(" = ")[0] not in settings
-    ]
-    lines += [f"{key} = {value}" for key, value in settings.items()]
-    return "\n".join(lines) + "\n"
 
 
 async def in_thread(fn: Any, *args: Any) -> Any:
