@@ -752,8 +752,9 @@ class SMTPConnection:
 
         With PIPELINING and CHUNKING, each message (RSET, MAIL, RCPTs, BDAT LAST
         and content) is written without waiting for the replies to the ones
-        before it, up to :data:`MAX_PIPELINED_MESSAGES` in flight; the server then
-        never waits for the client between messages.  Otherwise the messages go one
+        before it, up to :data:`MAX_PIPELINED_MESSAGES` in flight, several
+        messages to a write; the server then never waits for the client between
+        messages.  Otherwise the messages go one
         by one as with :meth:`send_message`.  A refused message does not stop the
         others.
 
