@@ -24,7 +24,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from prxmail.smtp import OutgoingMessage, Security, open_smtp_connection
+from prxmail.smtp import MailTransaction, Security, open_smtp_connection
 from tests.mailservers import MailServers, User, start_mail_servers
 
 
@@ -77,7 +77,7 @@ def run_prxmail_batch(target: Target, rcpt: User, n: int) -> float:
         ) as conn:
             await conn.login(sender.address, sender.password)
             messages = [
-                OutgoingMessage(sender.address, [rcpt.address], _message(sender, rcpt, "batch", i))
+                MailTransaction(sender.address, [rcpt.address], _message(sender, rcpt, "batch", i))
                 for i in range(n)
             ]
             start = time.perf_counter()

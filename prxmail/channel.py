@@ -96,7 +96,7 @@ from prxmail.policy import (
     choose_reply_recipient,
     evaluate,
 )
-from prxmail.smtp import SMTPSender, open_smtp_sender
+from prxmail.smtp import MailTransaction, SendResult, SMTPSender, open_smtp_sender
 from prxmail.state import (
     AsyncStateStore,
     ClaimOutcome,
@@ -200,6 +200,10 @@ def _draft(outgoing: OutgoingMessage) -> OutboxDraft:
         envelope_to=recipients,  # type: ignore[arg-type]
         raw=outgoing.raw,
     )
+
+
+def _outbox_fields(item: OutboxItem) -> dict[str, object]:
+    return {"outbox_id": item.id, "message_id": item.message_id, "to": ",".join(item.envelope_to)}
 
 
 def _describe(exc: BaseException) -> str:
@@ -471,8 +475,10 @@ class MailChannel:
             while True:
                 generation = self._outbox_generation.value
                 items = await self._store.due_outbox(limit=OUTBOX_BATCH)
-                for item in items:
-                    await self._send_one(smtp, item)
+                if len(items) == 1:
+                    await self._send_one(smtp, items[0])
+                elif items:
+                    await self._send_batch(smtp, items)
                 if len(items) == OUTBOX_BATCH:
                     continue
                 next_at = await self._store.next_due_at()
@@ -481,15 +487,51 @@ class MailChannel:
                     await self._outbox_generation.wait_value(lambda v, g=generation: v != g)
 
     async def _send_one(self, smtp: SMTPSender, item: OutboxItem) -> None:
-        fields = {
-            "outbox_id": item.id,
-            "message_id": item.message_id,
-            "to": ",".join(item.envelope_to),
-        }
         try:
             with trio.fail_after(self.config.command_timeout_secs):
                 result = await smtp.send_message(item.envelope_from, item.envelope_to, item.raw)
-        except (SMTPPermanentError, LocalProtocolError) as exc:
+        except (PrxmailError, OSError, trio.TooSlowError) as exc:
+            await self._record_send_failure(item, exc)
+            return
+        await self._record_sent(item, result)
+
+    async def _send_batch(self, smtp: SMTPSender, items: Sequence[OutboxItem]) -> None:
+        """Send several due replies pipelined in one exchange (the server's per-message
+        work overlaps with the transfer of the next), then record each outcome."""
+        messages = [
+            MailTransaction(item.envelope_from, item.envelope_to, item.raw) for item in items
+        ]
+        try:
+            # One command timeout per message: the batch is one long exchange.
+            with trio.fail_after(self.config.command_timeout_secs * len(items)):
+                outcomes = await smtp.send_messages(messages)
+        except LocalProtocolError:
+            # One of them cannot go on the wire: send them one by one so that only
+            # that one is refused.
+            for item in items:
+                await self._send_one(smtp, item)
+            return
+        except (PrxmailError, OSError, trio.TooSlowError) as exc:
+            for item in items:
+                await self._record_send_failure(item, exc)
+            return
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome.result is not None:
+                await self._record_sent(item, outcome.result)
+            else:
+                error = outcome.error or ConnectionBrokenError("no outcome for this message")
+                await self._record_send_failure(item, error)
+
+    async def _record_sent(self, item: OutboxItem, result: SendResult) -> None:
+        await self._store.mark_sent(item.id)
+        self._counts["replies_sent"] += 1
+        self._set_status(smtp_error=None)
+        refused = ", ".join(f"{r.address} ({r.reply.code})" for r in result.refused) or None
+        log_event(logging.INFO, "reply sent", **_outbox_fields(item), refused=refused)
+
+    async def _record_send_failure(self, item: OutboxItem, exc: BaseException) -> None:
+        fields = _outbox_fields(item)
+        if isinstance(exc, SMTPPermanentError | LocalProtocolError):
             await self._store.mark_permanent_failure(item.id, _describe(exc))
             self._set_status(smtp_error=_describe(exc))
             log_event(
@@ -499,29 +541,20 @@ class MailChannel:
                 error=_describe(exc),
             )
             return
-        except (PrxmailError, OSError, trio.TooSlowError) as exc:
-            updated = await self._store.mark_transient_failure(item.id, _describe(exc))
-            self._set_status(smtp_error=_describe(exc))
-            level = logging.ERROR if isinstance(exc, AuthenticationError) else logging.WARNING
-            if updated.status is not updated.status.QUEUED:
-                log_event(
-                    logging.ERROR, "reply given up after retries", **fields, error=_describe(exc)
-                )
-            else:
-                log_event(
-                    level,
-                    "reply not sent yet, will retry",
-                    **fields,
-                    attempts=updated.attempts,
-                    retry_in=round(max(0.0, updated.next_attempt_at - time.time()), 1),
-                    error=_describe(exc),
-                )
-            return
-        await self._store.mark_sent(item.id)
-        self._counts["replies_sent"] += 1
-        self._set_status(smtp_error=None)
-        refused = ", ".join(f"{r.address} ({r.reply.code})" for r in result.refused) or None
-        log_event(logging.INFO, "reply sent", **fields, refused=refused)
+        updated = await self._store.mark_transient_failure(item.id, _describe(exc))
+        self._set_status(smtp_error=_describe(exc))
+        level = logging.ERROR if isinstance(exc, AuthenticationError) else logging.WARNING
+        if updated.status is not updated.status.QUEUED:
+            log_event(logging.ERROR, "reply given up after retries", **fields, error=_describe(exc))
+        else:
+            log_event(
+                level,
+                "reply not sent yet, will retry",
+                **fields,
+                attempts=updated.attempts,
+                retry_in=round(max(0.0, updated.next_attempt_at - time.time()), 1),
+                error=_describe(exc),
+            )
 
     # -- the watcher ----------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ Typical use::
 :class:`SMTPConnection` works over any ``trio.abc.Stream``; :class:`SMTPProtocol`
 is the bytes-in, replies-out core with no I/O at all.
 
-Several messages at once go faster with ``send_messages([OutgoingMessage(...), ...])``,
+Several messages at once go faster with ``send_messages([MailTransaction(...), ...])``,
 which pipelines across messages (one message at a time is bound by the server's
 per-message work, whatever the client does); each gets a :class:`BatchOutcome`.
 """
@@ -17,7 +17,7 @@ from prxmail._tls import Security as Security
 from prxmail.smtp._connection import IDLE_PROBE_SECONDS as IDLE_PROBE_SECONDS
 from prxmail.smtp._connection import MAX_PIPELINED_MESSAGES as MAX_PIPELINED_MESSAGES
 from prxmail.smtp._connection import BatchOutcome as BatchOutcome
-from prxmail.smtp._connection import OutgoingMessage as OutgoingMessage
+from prxmail.smtp._connection import MailTransaction as MailTransaction
 from prxmail.smtp._connection import RecipientResult as RecipientResult
 from prxmail.smtp._connection import SendResult as SendResult
 from prxmail.smtp._connection import SMTPConnection as SMTPConnection
@@ -48,7 +48,7 @@ __all__ = [
     "BatchOutcome",
     "Command",
     "Extensions",
-    "OutgoingMessage",
+    "MailTransaction",
     "RecipientResult",
     "Reply",
     "SMTPConnection",

@@ -61,7 +61,7 @@ __all__ = [
     "IDLE_PROBE_SECONDS",
     "MAX_PIPELINED_MESSAGES",
     "BatchOutcome",
-    "OutgoingMessage",
+    "MailTransaction",
     "RecipientResult",
     "SMTPConnection",
     "SMTPSender",
@@ -168,7 +168,7 @@ def _recipient_tuple(value: Sequence[str]) -> tuple[str, ...]:
 
 
 @attrs.frozen
-class OutgoingMessage:
+class MailTransaction:
     """One message for :meth:`SMTPConnection.send_messages`.
 
     Attributes:
@@ -747,7 +747,7 @@ class SMTPConnection:
         self._needs_rset = False
         return SendResult(final, tuple(results))
 
-    async def send_messages(self, messages: Sequence[OutgoingMessage]) -> list[BatchOutcome]:
+    async def send_messages(self, messages: Sequence[MailTransaction]) -> list[BatchOutcome]:
         """Send several messages, pipelining across them when the server allows.
 
         With PIPELINING and CHUNKING, each message (RSET, MAIL, RCPTs, BDAT LAST
@@ -772,7 +772,7 @@ class SMTPConnection:
             ConnectionBrokenError: the connection was already unusable.
         """
         ext = self._proto.extensions
-        prepared: list[tuple[OutgoingMessage, bytes, tuple[int | None, bool, bool]]] = []
+        prepared: list[tuple[MailTransaction, bytes, tuple[int | None, bool, bool]]] = []
         chunked = ext.pipelining and ext.chunking and self._use_chunking
         for msg in messages:
             _check_envelope(msg.sender, msg.recipients)
@@ -796,7 +796,7 @@ class SMTPConnection:
                 )
             return await self._send_batch(prepared)
 
-    async def _send_each(self, messages: Sequence[OutgoingMessage]) -> list[BatchOutcome]:
+    async def _send_each(self, messages: Sequence[MailTransaction]) -> list[BatchOutcome]:
         outcomes: list[BatchOutcome] = []
         for msg in messages:
             if self._broken is not None:
@@ -815,7 +815,7 @@ class SMTPConnection:
         return outcomes
 
     async def _send_batch(
-        self, prepared: list[tuple[OutgoingMessage, bytes, tuple[int | None, bool, bool]]]
+        self, prepared: list[tuple[MailTransaction, bytes, tuple[int | None, bool, bool]]]
     ) -> list[BatchOutcome]:
         proto = self._proto
         outcomes: list[BatchOutcome | None] = [None] * len(prepared)
@@ -890,7 +890,7 @@ class SMTPConnection:
             for index, outcome in enumerate(outcomes)
         ]
 
-    async def _read_batch_item(self, msg: OutgoingMessage, had_rset: bool) -> BatchOutcome:
+    async def _read_batch_item(self, msg: MailTransaction, had_rset: bool) -> BatchOutcome:
         replies: list[Reply] = []
         for _ in range(len(msg.recipients) + 2 + had_rset):
             reply = await self._read_reply()
@@ -1246,7 +1246,7 @@ class SMTPSender:
                     # nothing of it was delivered, so one retry on a new connection.
                     await self._drop()
 
-    async def send_messages(self, messages: Sequence[OutgoingMessage]) -> list[BatchOutcome]:
+    async def send_messages(self, messages: Sequence[MailTransaction]) -> list[BatchOutcome]:
         """Send several messages over the current connection, pipelined.
 
         The connection is opened, or checked with NOOP after being idle, as for

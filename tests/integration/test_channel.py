@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from prxmail.channel import open_mail_channel
+from prxmail.compose import compose_message
 from prxmail.config import Secret
-from prxmail.message import Message
-from prxmail.state import OutboxStatus, StateStore
+from prxmail.message import Address, Message
+from prxmail.state import OutboxDraft, OutboxStatus, StateStore, account_key
 from tests.integration.servicekit import (
     append,
     fresh_pair,
@@ -450,3 +451,37 @@ async def test_folder_recreated_while_the_channel_watches_it(
         message = await next_message(channel)
         assert message.subject == "fresh"
         assert channel.statistics().duplicates == 1
+
+
+async def test_queued_replies_go_out_pipelined_once_each(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    """Replies waiting in the outbox at start leave in one pipelined exchange; one
+    refused recipient among them is kept as a permanent failure, the rest are sent once."""
+    pair = fresh_pair(mail_servers, "batch")
+    config = make_config(mail_servers, pair, tmp_path / "state")
+    account = account_key(config.smtp_username, config.smtp_host, config.smtp_port)
+    recipients = [pair.alice.address] * 4 + [REJECTED_ADDRESS] + [pair.alice.address]
+    with StateStore(tmp_path / "state") as store:
+        for n, rcpt in enumerate(recipients):
+            outgoing = compose_message(
+                to=Address(rcpt),
+                subject=f"queued {n}",
+                body=f"number {n}",
+                from_address=config.from_address,
+            )
+            store.enqueue(
+                account,
+                OutboxDraft(outgoing.message_id, config.from_address, (rcpt,), outgoing.raw),
+            )
+    async with open_mail_channel(config) as channel:
+        with trio.fail_after(30):
+            await channel.status.wait_value(lambda s: s.smtp_error is not None)
+        await in_thread(wait_replies, mail_servers, pair.alice, 5)
+        await trio.sleep(1)  # a duplicate would be delivered by now
+        assert channel.statistics().replies_sent == 5
+    got = sorted(str(m["Subject"]) for m in replies(mail_servers, pair.alice))
+    assert got == [f"queued {n}" for n in (0, 1, 2, 3, 5)]
+    with StateStore(tmp_path / "state", read_only=True) as store:
+        statuses = {item.envelope_to: item.status for item in store.outbox_items()}
+    assert statuses[(REJECTED_ADDRESS,)] is OutboxStatus.FAILED_PERMANENT

@@ -20,7 +20,7 @@ from prxmail.errors import (
 )
 from prxmail.smtp import (
     IDLE_PROBE_SECONDS,
-    OutgoingMessage,
+    MailTransaction,
     Security,
     SMTPConnection,
     SMTPProtocol,
@@ -333,7 +333,7 @@ async def test_batch_pipelined_across_messages(
     sender, rcpt = fresh_pair(mail_servers)
     bodies = [f".line {i}\nGr\u00fc\u00dfe {i}\n".encode() for i in range(40)]
     messages = [
-        OutgoingMessage(
+        MailTransaction(
             sender.address,
             ["rejected@prxmail.test"] if i == 17 else [rcpt.address],
             f"Subject: batch {i}\n\n".encode() + body,

@@ -25,7 +25,7 @@ from prxmail.errors import (
 from prxmail.smtp import (
     IDLE_PROBE_SECONDS,
     MAX_PIPELINED_MESSAGES,
-    OutgoingMessage,
+    MailTransaction,
     Security,
     SMTPConnection,
     SMTPSender,
@@ -971,12 +971,12 @@ async def test_sender_does_not_resend_bdat_message(autojump_clock: trio.abc.Cloc
 # ----- batches ---------------------------------------------------------------------
 
 
-def batch(n: int, **special: list[str]) -> list[OutgoingMessage]:
+def batch(n: int, **special: list[str]) -> list[MailTransaction]:
     out = []
     for i in range(n):
         rcpts = special.get(f"r{i}", ["b@x.test"])
         sender = "bad@x.test" if f"bad{i}" in special else "a@x.test"
-        out.append(OutgoingMessage(sender, rcpts, f"Subject: {i}\n\n.body {i}\n".encode()))
+        out.append(MailTransaction(sender, rcpts, f"Subject: {i}\n\n.body {i}\n".encode()))
     return out
 
 
@@ -1088,12 +1088,12 @@ async def test_send_messages_421_midway() -> None:
 async def test_send_messages_validates_everything_first() -> None:
     server = FakeServer(chunking=True)
     async with connected(server) as conn:
-        messages = [*batch(3), OutgoingMessage("a@x.test", ["b@x.test\r\nDATA"], b"x")]
+        messages = [*batch(3), MailTransaction("a@x.test", ["b@x.test\r\nDATA"], b"x")]
         with pytest.raises(LocalProtocolError):
             await conn.send_messages(messages)
         with pytest.raises(TypeError):
-            OutgoingMessage("a@x.test", "b@x.test", b"x")  # type: ignore[arg-type]
-        assert "secret body" not in repr(OutgoingMessage("a@x.test", ["b@x.test"], b"secret body"))
+            MailTransaction("a@x.test", "b@x.test", b"x")  # type: ignore[arg-type]
+        assert "secret body" not in repr(MailTransaction("a@x.test", ["b@x.test"], b"secret body"))
     assert not any(c.startswith("MAIL") for c in server.commands)
 
 
