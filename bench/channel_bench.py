@@ -26,9 +26,11 @@ What is measured (issue 7, benchmarks 1, 2 and 5)
    ``fetch_batch_size`` (50), ``mailparser.parse_from_bytes`` for each. Every contender
    must deliver every message (checked), and each reports its peak RSS (VmHWM read from
    /proc/self/status at the end) and its RSS after imports (the baseline).
-3. **Many accounts.** N channels (default 10 and 100) in one process, one fresh user and
+3. **Many accounts.** N channels (default 1, 10 and 90) in one process, one fresh user and
    state directory each: RSS growth per account once all are idling, then the push
-   latency (as in 1) to accounts picked round-robin while all N watch.
+   latency (as in 1) to the first five accounts, round-robin, while all N watch. N stops
+   at 90 because the private Dovecot serves 100 TLS sessions at once (its imap-login
+   ``process_limit``; each TLS session keeps its login process as the TLS proxy).
 
 Everything runs on loopback against the private servers of ``tests/mailservers.py``;
 every loop is bounded in count and time; subprocesses are waited for with a timeout.
@@ -56,6 +58,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import trio
 
 from tests.mailservers import MailServers, User, mail_servers
@@ -73,6 +76,12 @@ SETTLE_SECONDS = 0.1
 PUSH_TIMEOUT = 30.0
 BACKLOG_TIMEOUT = 900.0
 ACCOUNTS_START_TIMEOUT = 300.0
+# The private Dovecot's imap-login process_limit (Dovecot's default_process_limit): each
+# TLS session keeps one login process as its TLS proxy, so this many sessions at most.
+DOVECOT_TLS_SESSIONS = 100
+# Accounts the many-accounts latency samples go to, round-robin (the injector holds one
+# session per account it appends to, and those count against DOVECOT_TLS_SESSIONS).
+INJECT_USERS = 5
 
 
 # -- test mail --------------------------------------------------------------------------------
@@ -209,21 +218,54 @@ class Injector:
 # -- 1. IDLE push latency -------------------------------------------------------------------
 
 
+@attrs.frozen
+class Sample:
+    """One push: seconds from just before the APPEND, and from the EXISTS push being
+    seen by the contender, to the parsed message in the contender's hands."""
+
+    total: float
+    after_exists: float
+
+
+def _hook_exists() -> list[float]:
+    """Record when prxmail's watcher is handed an EXISTS push (wraps IdleSession's
+    ``__anext__`` from outside; one call and a clock read per push)."""
+    from prxmail.imap import Exists
+    from prxmail.imap._connection import IdleSession
+
+    original = IdleSession.__anext__
+    if hasattr(original, "bench_marks"):
+        return original.bench_marks  # type: ignore[no-any-return]
+    marks: list[float] = []
+
+    async def hooked(self: IdleSession) -> Any:
+        event = await original(self)
+        if isinstance(event, Exists) and not marks:
+            marks.append(time.perf_counter())
+        return event
+
+    hooked.bench_marks = marks  # type: ignore[attr-defined]
+    IdleSession.__anext__ = hooked  # type: ignore[method-assign]
+    return marks
+
+
 def _latency_prxmail(
     servers: MailServers, user: User, injector: Injector, samples: int, tag: str
-) -> list[float]:
+) -> list[Sample]:
     from prxmail.channel import open_mail_channel
     from prxmail.config import parse_config
 
     state = servers.workdir / f"state-{user.localpart}"
     config = parse_config(_channel_toml(servers, user, state))
+    exists_at = _hook_exists()
 
-    async def main() -> list[float]:
-        out: list[float] = []
+    async def main() -> list[Sample]:
+        out: list[Sample] = []
         async with open_mail_channel(config) as channel:
             for i in range(samples):
                 with trio.fail_after(PUSH_TIMEOUT):
                     await channel.status.wait_value(lambda s: s.imap == "idle")
+                    exists_at.clear()
                     injector.fire(user, _push_message(tag, i))
                     message = await channel.receive()
                     got = time.perf_counter()
@@ -231,7 +273,9 @@ def _latency_prxmail(
                         raise injector.error
                     if not message.subject.endswith(f" {i}"):
                         raise RuntimeError(f"prxmail: expected push {i}, got {message.subject!r}")
-                    out.append(got - injector.sent_at)
+                    if not exists_at:
+                        raise RuntimeError("prxmail: the message came without an EXISTS push")
+                    out.append(Sample(got - injector.sent_at, got - exists_at[0]))
                     await channel.mark_handled(message)
         return out
 
@@ -240,7 +284,7 @@ def _latency_prxmail(
 
 def _latency_imapclient(
     servers: MailServers, user: User, injector: Injector, samples: int, tag: str
-) -> list[float]:
+) -> list[Sample]:
     import mailparser
     from imapclient import IMAPClient
 
@@ -251,7 +295,7 @@ def _latency_imapclient(
         ssl_context=servers.ssl_context(),
         timeout=PUSH_TIMEOUT,
     )
-    out: list[float] = []
+    out: list[Sample] = []
     try:
         client.login(user.address, user.password)
         client.select_folder("INBOX")
@@ -267,6 +311,7 @@ def _latency_imapclient(
                 for resp in client.idle_check(timeout=1.0):
                     if len(resp) >= 2 and resp[1] == b"EXISTS":
                         pushed = True
+            exists_at = time.perf_counter()
             client.idle_done()
             uids = client.search(["UID", f"{last + 1}:*"])
             fetched = client.fetch([u for u in uids if u > last], ["BODY.PEEK[]"])
@@ -277,7 +322,7 @@ def _latency_imapclient(
             injector.done.wait(PUSH_TIMEOUT)
             if not parsed.subject.endswith(f" {i}"):
                 raise RuntimeError(f"imapclient: expected push {i}, got {parsed.subject!r}")
-            out.append(got - injector.sent_at)
+            out.append(Sample(got - injector.sent_at, got - exists_at))
     finally:
         client.logout()
     return out
@@ -285,18 +330,18 @@ def _latency_imapclient(
 
 def _latency_aioimaplib(
     servers: MailServers, user: User, injector: Injector, samples: int, tag: str
-) -> list[float]:
+) -> list[Sample]:
     import aioimaplib
     import mailparser
 
-    async def main() -> list[float]:
+    async def main() -> list[Sample]:
         client = aioimaplib.IMAP4_SSL(
             servers.host, servers.imap_tls_port, ssl_context=servers.ssl_context()
         )
         await client.wait_hello_from_server()
         await client.login(user.address, user.password)
         await client.select("INBOX")
-        out: list[float] = []
+        out: list[Sample] = []
         last = 0
         try:
             for i in range(samples):
@@ -311,6 +356,7 @@ def _latency_aioimaplib(
                             isinstance(x, bytes | bytearray) and x.endswith(b"EXISTS")
                             for x in lines
                         )
+                    exists_at = time.perf_counter()
                     client.idle_done()
                     await asyncio.wait_for(idle, PUSH_TIMEOUT)
                     resp = await client.uid("fetch", f"{last + 1}:*", "(UID BODY.PEEK[])")
@@ -326,7 +372,7 @@ def _latency_aioimaplib(
                 injector.done.wait(PUSH_TIMEOUT)
                 if parsed is None or not parsed.subject.endswith(f" {i}"):
                     raise RuntimeError(f"aioimaplib: push {i} not fetched")
-                out.append(got - injector.sent_at)
+                out.append(Sample(got - injector.sent_at, got - exists_at))
         finally:
             await client.logout()
         return out
@@ -334,7 +380,7 @@ def _latency_aioimaplib(
     return asyncio.run(main())
 
 
-LATENCY: dict[str, Callable[[MailServers, User, Injector, int, str], list[float]]] = {
+LATENCY: dict[str, Callable[[MailServers, User, Injector, int, str], list[Sample]]] = {
     "prxmail": _latency_prxmail,
     "aioimaplib": _latency_aioimaplib,
     "imapclient": _latency_imapclient,
@@ -343,7 +389,7 @@ LATENCY: dict[str, Callable[[MailServers, User, Injector, int, str], list[float]
 
 def bench_latency(servers: MailServers, samples: int) -> dict[str, Any]:
     injector = Injector(servers)
-    results: dict[str, list[float]] = {}
+    results: dict[str, list[Sample]] = {}
     try:
         for name, run in LATENCY.items():
             user = servers.add_user(f"lat-{name}-{os.getpid()}")
@@ -354,12 +400,17 @@ def bench_latency(servers: MailServers, samples: int) -> dict[str, Any]:
         injector.close()
     print(f"\n1. IDLE push latency: APPEND on a second connection -> parsed message ({samples})")
     table = {}
+    print(f"  {'':<11} {'APPEND -> message':^29} {'EXISTS seen -> message':^29}")
+    print(f"  {'':<11} {'p50':>9} {'p95':>9} {'max':>9} {'p50':>9} {'p95':>9} {'max':>9}")
     for name, values in results.items():
-        ms = [v * 1000 for v in values]
-        table[name] = {"p50": _pct(ms, 50), "p95": _pct(ms, 95), "max": max(ms)}
+        ms = [v.total * 1000 for v in values]
+        ex = [v.after_exists * 1000 for v in values]
+        row = {"p50": _pct(ms, 50), "p95": _pct(ms, 95), "max": max(ms)}
+        row |= {"ex_p50": _pct(ex, 50), "ex_p95": _pct(ex, 95), "ex_max": max(ex)}
+        table[name] = row
         print(
-            f"  {name:<11} p50 {table[name]['p50']:7.1f} ms   p95 {table[name]['p95']:7.1f} ms"
-            f"   max {table[name]['max']:7.1f} ms"
+            f"  {name:<11} {row['p50']:9.1f} {row['p95']:9.1f} {row['max']:9.1f}"
+            f" {row['ex_p50']:9.2f} {row['ex_p95']:9.2f} {row['ex_max']:9.2f}  ms"
         )
     peers = [n for n in table if n != "prxmail"]
     best50 = min(table[n]["p50"] for n in peers)
@@ -370,7 +421,18 @@ def bench_latency(servers: MailServers, samples: int) -> dict[str, Any]:
     print(f"   p95 {table['prxmail']['p95'] / best95:.2f}x")
     print(f"  prxmail's own share: p50 {own50:+.1f} ms (target < 5)   p95 {own95:+.1f} ms", end="")
     print(" (target < 20)")
-    return {"samples": samples, "table": table, "own_p50": own50, "own_p95": own95}
+    ex50 = table["prxmail"]["ex_p50"] - min(table[n]["ex_p50"] for n in peers)
+    ex95 = table["prxmail"]["ex_p95"] - min(table[n]["ex_p95"] for n in peers)
+    print(f"  the same from the EXISTS push on (no Dovecot delay): p50 {ex50:+.2f} ms", end="")
+    print(f"   p95 {ex95:+.2f} ms")
+    return {
+        "samples": samples,
+        "table": table,
+        "own_p50": own50,
+        "own_p95": own95,
+        "own_exists_p50": ex50,
+        "own_exists_p95": ex95,
+    }
 
 
 # -- 2. backlog catch-up (each contender in its own subprocess) ------------------------------
@@ -494,9 +556,73 @@ def _context(spec: dict[str, Any]) -> ssl.SSLContext:
     return context
 
 
+def _instrument_prxmail() -> dict[str, list[float]]:
+    """Time prxmail's state-store calls and parses from outside (``--breakdown`` only).
+
+    For each store method: calls, wall time seen by the trio task (which includes the
+    hop to the store's thread and back) and time spent inside the thread. For the parse:
+    wall time of ``parse_message_async`` and time inside ``parse_message``. Wrapping
+    adds a frame per call; the breakdown run is separate from the timed run.
+    """
+    import prxmail.channel
+    import prxmail.message
+    import prxmail.state
+
+    stats: dict[str, list[float]] = {}
+
+    def add(name: str, wall: float, inside: float) -> None:
+        entry = stats.setdefault(name, [0.0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += wall
+        entry[2] += inside
+
+    original_call = prxmail.state.AsyncStateStore._call
+
+    async def timed_call(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        inside = [0.0]
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                inside[0] = time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        try:
+            return await original_call(self, timed, *args, **kwargs)
+        finally:
+            add("store." + getattr(fn, "__name__", "?"), time.perf_counter() - t0, inside[0])
+
+    prxmail.state.AsyncStateStore._call = timed_call  # type: ignore[method-assign]
+
+    original_parse = prxmail.message.parse_message
+    original_async = prxmail.channel.parse_message_async
+    parse_inside = [0.0]
+
+    def timed_parse(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return original_parse(*a, **k)
+        finally:
+            parse_inside[0] = time.perf_counter() - t
+
+    async def timed_async(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await original_async(*a, **k)
+        finally:
+            add("parse_message", time.perf_counter() - t0, parse_inside[0])
+
+    prxmail.message.parse_message = timed_parse
+    prxmail.channel.parse_message_async = timed_async  # type: ignore[assignment]
+    return stats
+
+
 def _backlog_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one contender; the parent reads the JSON line this prints."""
     run = BACKLOG[spec["contender"]]
+    breakdown = _instrument_prxmail() if spec.get("breakdown") else None
     # Import what the contender needs before the baseline, so it is not counted as work.
     if spec["contender"] == "prxmail":
         import prxmail.channel  # noqa: F401
@@ -516,13 +642,19 @@ def _backlog_child(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu": cpu,
         "base_kib": base,
         "hwm_kib": _vm_kib("VmHWM"),
+        "breakdown": breakdown,
     }
 
 
 def _run_child(spec: dict[str, Any], profile: pathlib.Path | None = None) -> dict[str, Any]:
     root = pathlib.Path(__file__).resolve().parent.parent
     cmd = [sys.executable]
-    if profile is not None:
+    if profile is not None and profile.suffix == ".txt":
+        # py-spy samples every thread (cProfile sees only the main one): collapsed stacks.
+        spy = pathlib.Path(sys.executable).with_name("py-spy")
+        cmd = [str(spy), "record", "-r", "200", "-f", "raw", "-o", str(profile), "--", *cmd]
+        cmd += ["-m", "bench.channel_bench"]
+    elif profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
         cmd += [str(pathlib.Path(__file__).resolve())]
     else:
@@ -558,6 +690,9 @@ def bench_backlog(
     label: str,
     messages: list[bytes],
     profile_dir: pathlib.Path | None,
+    *,
+    breakdown: bool = False,
+    pyspy: bool = False,
 ) -> dict[str, Any]:
     n = len(messages)
     expected = sum(len(m) for m in messages)
@@ -577,7 +712,9 @@ def bench_backlog(
             "n": n,
             "toml": _channel_toml(servers, user, state),
         }
-        prof = profile_dir / f"{label}-{name}.prof" if profile_dir and name == "prxmail" else None
+        prof = None
+        if profile_dir is not None and name == "prxmail":
+            prof = profile_dir / f"{label}-{name}.{'txt' if pyspy else 'prof'}"
         res = _run_child(spec, prof)
         if res["count"] != n:
             raise SystemExit(f"{name} handed {res['count']} of {n} messages to the consumer")
@@ -595,6 +732,27 @@ def bench_backlog(
             f"  {name:<11} {res['msg_s']:8,.0f} {res['mb_s']:7.1f} {res['cpu']:7.1f}"
             f" {res['hwm_kib'] / 1024:7.1f}MB {res['base_kib'] / 1024:7.1f}MB"
         )
+    if breakdown:
+        user = servers.add_user(f"bd-{label.lower()}-{os.getpid()}")
+        servers.deliver_to_maildir(user, messages)
+        _warm(servers, user)
+        state = servers.workdir / f"state-{user.localpart}"
+        spec = {"contender": "prxmail", "n": n, "breakdown": True}
+        spec["toml"] = _channel_toml(servers, user, state)
+        res = _run_child(spec)
+        total_s = res["elapsed"]
+        print(f"  prxmail breakdown (separate instrumented run, {total_s:.2f} s wall):")
+        print(f"    {'':<28} {'calls':>6} {'wall s':>7} {'in thread s':>11} {'ms/msg':>7}")
+        accounted = 0.0
+        for name, (calls, wall, inside) in sorted(
+            res["breakdown"].items(), key=lambda kv: -kv[1][1]
+        ):
+            accounted += wall
+            print(f"    {name:<28} {calls:6.0f} {wall:7.2f} {inside:11.2f} {wall / n * 1000:7.2f}")
+        # The consumer's mark_handled runs while the watcher fetches and parses the
+        # next message, so the rows can add up to more than the wall time.
+        print(f"    sum of rows {accounted:.2f} s of {total_s:.2f} s wall (rows overlap)")
+        results["prxmail"]["breakdown"] = res["breakdown"]
     peers = [x for x in results if x != "prxmail"]
     best = max(peers, key=lambda x: results[x]["msg_s"])
     ratio = results["prxmail"]["msg_s"] / results[best]["msg_s"]
@@ -620,7 +778,8 @@ def bench_accounts(servers: MailServers, n: int, samples: int) -> dict[str, Any]
         for u in users
     ]
     injector = Injector(servers)
-    for u in users[:samples]:
+    targets = min(n, INJECT_USERS)
+    for u in users[:targets]:
         injector.prepare(u)
     out: dict[str, Any] = {"n": n}
 
@@ -652,7 +811,8 @@ def bench_accounts(servers: MailServers, n: int, samples: int) -> dict[str, Any]
             out["per_account_kib"] = (after - before) / n
             lat: list[float] = []
             for i in range(samples):
-                channel, user = ready[i % n], users[i % n]
+                # ready[] is in start order, which is the order of users[].
+                channel, user = ready[i % targets], users[i % targets]
                 with trio.fail_after(PUSH_TIMEOUT):
                     await channel.status.wait_value(lambda s: s.imap == "idle")
                     injector.fire(user, _push_message(f"acct{n}", i))
@@ -694,17 +854,37 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--samples", type=int, default=None, help="push samples (20)")
     parser.add_argument("--small", type=int, default=None, help="4 KB backlog size (5000)")
     parser.add_argument("--large", type=int, default=None, help="200 KB backlog size (200)")
-    parser.add_argument("--accounts", default=None, help="account counts (10,100)")
+    parser.add_argument("--accounts", default=None, help="account counts (1,10,90)")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-backlog", action="store_true")
     parser.add_argument("--skip-accounts", action="store_true")
-    parser.add_argument("--profile", type=pathlib.Path, default=None, help="cProfile dir")
+    parser.add_argument(
+        "--profile",
+        type=pathlib.Path,
+        default=None,
+        help="profile prxmail's backlog runs into this directory (cProfile, main thread)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="with --profile: sample all threads with py-spy instead (collapsed stacks)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="one more instrumented prxmail backlog run: where its time goes",
+    )
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
     args = parser.parse_args(argv)
     samples = min(200, args.samples or (8 if args.quick else 20))
     small = args.small or (500 if args.quick else 5000)
     large = args.large or (40 if args.quick else 200)
-    accounts = [int(x) for x in (args.accounts or ("5" if args.quick else "10,100")).split(",")]
+    accounts = [int(x) for x in (args.accounts or ("5" if args.quick else "1,10,90")).split(",")]
+    if max(accounts) + INJECT_USERS > DOVECOT_TLS_SESSIONS:
+        parser.error(
+            f"at most {DOVECOT_TLS_SESSIONS - INJECT_USERS} accounts: the private Dovecot"
+            f" serves {DOVECOT_TLS_SESSIONS} TLS sessions at once"
+        )
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine_start": _machine(), "argv": argv}
@@ -715,16 +895,28 @@ def main(argv: list[str]) -> int:
         if not args.skip_backlog:
             rng = random.Random(7)
             small_msgs = [_text_message(i, 4096, "s") for i in range(small)]
-            report["backlog_small"] = bench_backlog(servers, "4KB", small_msgs, args.profile)
+            report["backlog_small"] = bench_backlog(
+                servers,
+                "4KB",
+                small_msgs,
+                args.profile,
+                breakdown=args.breakdown,
+                pyspy=args.py_spy,
+            )
             del small_msgs
             large_msgs = [_attachment_message(i, 200_000, "l", rng) for i in range(large)]
-            report["backlog_large"] = bench_backlog(servers, "200KB", large_msgs, args.profile)
+            report["backlog_large"] = bench_backlog(
+                servers,
+                "200KB",
+                large_msgs,
+                args.profile,
+                breakdown=args.breakdown,
+                pyspy=args.py_spy,
+            )
             del large_msgs
         if not args.skip_accounts:
             print("\n5. many accounts in one process (one channel each)")
-            report["accounts"] = [
-                bench_accounts(servers, n, min(samples, max(n, 5))) for n in accounts
-            ]
+            report["accounts"] = [bench_accounts(servers, n, samples) for n in accounts]
     report["machine_end"] = _machine()
     print(f"machine at end: {report['machine_end']}")
     if args.json is not None:
