@@ -172,7 +172,10 @@ class _Conn:
             with contextlib.suppress(OSError):
                 if rst:
                     # Linger 0: close() sends RST instead of FIN and drops unsent data.
+                    # SHUT_RD sends nothing but wakes the pump blocked in recv() on this
+                    # socket; until that recv returns, close() would not release it.
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.shutdown(socket.SHUT_RD)
                 else:
                     sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
