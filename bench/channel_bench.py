@@ -634,12 +634,15 @@ def _backlog_child(spec: dict[str, Any]) -> dict[str, Any]:
     count, total = run(spec)
     elapsed = time.perf_counter() - start
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    user = cpu1.ru_utime - cpu0.ru_utime
+    system = cpu1.ru_stime - cpu0.ru_stime
     return {
         "count": count,
         "bytes": total,
         "elapsed": elapsed,
-        "cpu": cpu,
+        "cpu": user + system,
+        "cpu_user": user,
+        "cpu_sys": system,
         "base_kib": base,
         "hwm_kib": _vm_kib("VmHWM"),
         "breakdown": breakdown,
@@ -650,9 +653,22 @@ def _run_child(spec: dict[str, Any], profile: pathlib.Path | None = None) -> dic
     root = pathlib.Path(__file__).resolve().parent.parent
     cmd = [sys.executable]
     if profile is not None and profile.suffix == ".txt":
-        # py-spy samples every thread (cProfile sees only the main one): collapsed stacks.
+        # py-spy samples whichever thread holds the GIL (cProfile sees only the main
+        # thread): where the Python CPU time goes, as collapsed stacks.
         spy = pathlib.Path(sys.executable).with_name("py-spy")
-        cmd = [str(spy), "record", "-r", "200", "-f", "raw", "-o", str(profile), "--", *cmd]
+        cmd = [
+            str(spy),
+            "record",
+            "--gil",
+            "-r",
+            "200",
+            "-f",
+            "raw",
+            "-o",
+            str(profile),
+            "--",
+            *cmd,
+        ]
         cmd += ["-m", "bench.channel_bench"]
     elif profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
@@ -671,7 +687,9 @@ def _run_child(spec: dict[str, Any], profile: pathlib.Path | None = None) -> dic
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['contender']} failed:\n{proc.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The last JSON line: py-spy adds lines of its own after the child's.
+    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{"))
+    result: dict[str, Any] = json.loads(line)
     return result
 
 
@@ -724,12 +742,16 @@ def bench_backlog(
         results[name] = res
     mb = expected / 1e6
     print(f"\n2. backlog catch-up: {label} ({n} messages, {mb:.1f} MB) -> no-op consumer")
-    print(f"  {'':<11} {'msg/s':>8} {'MB/s':>7} {'CPU s':>7} {'peak RSS':>9} {'baseline':>9}")
+    print(
+        f"  {'':<11} {'msg/s':>8} {'MB/s':>7} {'CPU s':>7} {'(sys)':>7}"
+        f" {'peak RSS':>9} {'baseline':>9}"
+    )
     for name, res in results.items():
         res["msg_s"] = n / res["elapsed"]
         res["mb_s"] = mb / res["elapsed"]
         print(
             f"  {name:<11} {res['msg_s']:8,.0f} {res['mb_s']:7.1f} {res['cpu']:7.1f}"
+            f" {res['cpu_sys']:7.1f}"
             f" {res['hwm_kib'] / 1024:7.1f}MB {res['base_kib'] / 1024:7.1f}MB"
         )
     if breakdown:
