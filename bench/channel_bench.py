@@ -1,7 +1,8 @@
 """Channel benchmarks: prxmail's library API vs IMAP peers + mail-parser, same Dovecot.
 
 ``python -m bench channel [--quick] [--samples N] [--small N] [--large N] [--accounts
-10,100] [--skip-latency] [--skip-backlog] [--skip-accounts]``
+1,10,90] [--skip-latency] [--skip-backlog] [--skip-accounts] [--breakdown] [--profile DIR
+[--py-spy]] [--json FILE]``
 
 What is measured (issue 7, benchmarks 1, 2 and 5)
 -------------------------------------------------
