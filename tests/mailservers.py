@@ -1087,6 +1087,10 @@ class MailServers:
             alive=lambda: _pid_alive(pid),
         )
 
+    def flush_postfix(self) -> None:
+        """Ask Postfix to retry deferred mail now (after Dovecot was down, say)."""
+        self._postfix("flush")
+
     def stop_postfix(self) -> None:
         """Stop the private Postfix with ``postfix -c DIR stop`` and wait for its master.
 

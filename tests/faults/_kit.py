@@ -73,7 +73,7 @@ def flush_postfix(servers: MailServers) -> None:
     While Dovecot restarts, Postfix's LMTP delivery of replies fails and it defers them
     for minutes: a test-bed delay, not a prxmail one, so the tests cut it short.
     """
-    servers._postfix("flush")  # test tooling; mailservers has no public wrapper
+    servers.flush_postfix()
 
 
 def wait_reply_count(
