@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import enum
+import functools
+import os
 import ssl
 from pathlib import Path
 
-__all__ = ["Security", "create_ssl_context"]
+__all__ = ["Security", "create_ssl_context", "shared_ssl_context"]
+
+# How many distinct CA files keep a shared context. Each context holds the whole system
+# trust store (about 0.8 MB measured), so sharing one per CA file is what keeps memory
+# per watched account small; a process rarely talks to servers under more than a
+# handful of private CAs.
+SHARED_CONTEXTS = 16
 
 
 class Security(enum.Enum):
@@ -43,3 +51,29 @@ def create_ssl_context(ca_file: Path | str | None = None) -> ssl.SSLContext:
         context.load_verify_locations(cafile=str(ca_file))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+@functools.lru_cache(maxsize=SHARED_CONTEXTS)
+def _cached_context(ca_file: str | None, mtime_ns: int, size: int) -> ssl.SSLContext:
+    return create_ssl_context(ca_file)
+
+
+def shared_ssl_context(ca_file: Path | str | None = None) -> ssl.SSLContext:
+    """Like :func:`create_ssl_context`, but one context per CA file for the process.
+
+    Loading a trust store costs memory and CPU on every call; a client that reconnects,
+    or a process that watches many mailboxes, should not pay that each time. The
+    context is built anew when the CA file changes (size or modification time). Do not
+    modify the returned context: it is shared.
+
+    Args:
+        ca_file: PEM file of extra trusted CAs, or ``None`` for the system store (read
+            once per process, including ``SSL_CERT_FILE``/``SSL_CERT_DIR``).
+
+    Raises:
+        FileNotFoundError, ssl.SSLError: the CA file is missing or not valid PEM.
+    """
+    if ca_file is None:
+        return _cached_context(None, 0, 0)
+    stat = os.stat(ca_file)
+    return _cached_context(str(ca_file), stat.st_mtime_ns, stat.st_size)

@@ -66,7 +66,7 @@ from prxmail._oversize import (
     describe_attachments,
     text_sections,
 )
-from prxmail._tls import create_ssl_context
+from prxmail._tls import shared_ssl_context
 from prxmail.compose import OutgoingMessage, compose_message, compose_reply
 from prxmail.config import Config, FirstStart
 from prxmail.errors import (
@@ -274,11 +274,7 @@ class MailChannel:
         self._seen_send, self._seen_receive = trio.open_memory_channel[MessageKey](SEEN_BUFFER)
         self._seen_retry: list[MessageKey] = []
         self._in_flight: dict[MessageKey, Message] = {}
-        self._ssl_context = (
-            create_ssl_context(config.tls_ca_file)
-            if config.tls_ca_file is not None
-            else create_ssl_context()
-        )
+        self._ssl_context = shared_ssl_context(config.tls_ca_file)
         #: Health of the channel; ``await channel.status.wait_value(pred)`` to watch it.
         self.status: trio_util.AsyncValue[ChannelStatus] = trio_util.AsyncValue(ChannelStatus())
         self._outbox_generation = trio_util.AsyncValue(0)

@@ -41,7 +41,7 @@ import attrs
 import trio
 
 from prxmail._redact import Redactor
-from prxmail._tls import Security, create_ssl_context
+from prxmail._tls import Security, shared_ssl_context
 from prxmail.errors import (
     AuthenticationError,
     ConnectionBrokenError,
@@ -1134,7 +1134,7 @@ async def open_imap_stream(
         ConnectionBrokenError: the server refused the connection or closed it.
         RemoteProtocolError: the server's greeting is not IMAP.
     """
-    context = ssl_context if ssl_context is not None else create_ssl_context()
+    context = ssl_context if ssl_context is not None else shared_ssl_context()
     encrypted = isinstance(stream, trio.SSLStream | ClientTLSStream)
     if security is Security.TLS and not encrypted:
         stream = ClientTLSStream(stream, context, server_hostname=server_hostname)

@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from prxmail._redact import Redactor
-from prxmail._tls import Security, create_ssl_context
+from prxmail._tls import Security, shared_ssl_context
 from prxmail.errors import (
     AuthenticationError,
     ConnectionBrokenError,
@@ -466,7 +466,7 @@ class SMTPConnection:
             if reply.is_error:
                 raise TLSError(f"the SMTP server refused STARTTLS: {reply.code} {reply.text}")
             self._proto.start_tls()
-            context = self._ssl_context or create_ssl_context()
+            context = self._ssl_context or shared_ssl_context()
             tls_stream = trio.SSLStream(
                 self._stream, context, server_hostname=self._server_hostname
             )
@@ -1114,7 +1114,7 @@ async def connect_smtp(
     """
     context = ssl_context
     if context is None and security is not Security.PLAIN:
-        context = create_ssl_context()
+        context = shared_ssl_context()
     tcp = await trio.open_tcp_stream(host, port)
     stream: trio.abc.Stream = tcp
     if security is Security.TLS:
