@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 from collections import deque
@@ -677,19 +678,41 @@ class SMTPConnection:
         content: bytes,
         options: tuple[int | None, bool, bool],
     ) -> SendResult:
-        size, eightbit, smtputf8 = options
-        proto = self._proto
-        parts: list[bytes] = []
-        rset = self._needs_rset or proto.state is not State.READY
-        if rset:
-            parts.append(proto.send_rset())
-        parts.append(proto.send_mail(sender, size=size, eightbit=eightbit, smtputf8=smtputf8))
-        parts.extend(proto.send_rcpt(r) for r in recipients)
-        parts.append(proto.send_data())
+        rset = self._needs_rset or self._proto.state is not State.READY
+        commands = self._transaction_commands(
+            sender, recipients, options, self._proto.send_data, rset=rset
+        )
         # From here the server's transaction state is unknown until every reply is
         # read; mark it so an error below makes the next message start with RSET.
         self._needs_rset = True
-        await self._write(b"".join(parts))
+        await self._write(commands)
+        mail_reply, results, data_reply = await self._read_transaction_replies(recipients, rset)
+        return await self._finish(mail_reply, results, data_reply, content)
+
+    def _transaction_commands(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        options: tuple[int | None, bool, bool],
+        last: Callable[[], bytes],
+        *,
+        rset: bool,
+    ) -> bytes:
+        """One pipelined transaction as one write: [RSET], MAIL, every RCPT, then
+        ``last()`` (DATA, or BDAT LAST with the content). The protocol core records
+        each command as it is encoded, so ``last`` is called after the others."""
+        size, eightbit, smtputf8 = options
+        proto = self._proto
+        parts = [proto.send_rset()] if rset else []
+        parts.append(proto.send_mail(sender, size=size, eightbit=eightbit, smtputf8=smtputf8))
+        parts.extend(proto.send_rcpt(r) for r in recipients)
+        parts.append(last())
+        return b"".join(parts)
+
+    async def _read_transaction_replies(
+        self, recipients: Sequence[str], rset: bool
+    ) -> tuple[Reply, list[RecipientResult], Reply]:
+        """The replies to :meth:`_transaction_commands`: MAIL's, each RCPT's, the last."""
         if rset:
             await self._expect_ok(await self._read_reply())
         mail_reply = await self._read_reply()
@@ -699,9 +722,9 @@ class SMTPConnection:
             reply = await self._read_reply()
             self._raise_if_closed(reply)
             results.append(RecipientResult(rcpt, reply))
-        data_reply = await self._read_reply()
-        self._raise_if_closed(data_reply)
-        return await self._finish(mail_reply, results, data_reply, content)
+        last = await self._read_reply()
+        self._raise_if_closed(last)
+        return mail_reply, results, last
 
     async def _send_chunked(
         self,
@@ -714,29 +737,13 @@ class SMTPConnection:
         # message go out in one write; one round trip per message.  If MAIL or all
         # RCPTs fail, the server still reads (and drops) the chunk and refuses the
         # BDAT (RFC 3030 2), so the stream stays in step.
-        size, eightbit, smtputf8 = options
-        proto = self._proto
-        parts: list[bytes] = []
-        rset = self._needs_rset or proto.state is not State.READY
-        if rset:
-            parts.append(proto.send_rset())
-        parts.append(proto.send_mail(sender, size=size, eightbit=eightbit, smtputf8=smtputf8))
-        parts.extend(proto.send_rcpt(r) for r in recipients)
-        parts.append(proto.send_bdat_last(content, crlf_normalized=True))
+        rset = self._needs_rset or self._proto.state is not State.READY
+        bdat = functools.partial(self._proto.send_bdat_last, content, crlf_normalized=True)
+        commands = self._transaction_commands(sender, recipients, options, bdat, rset=rset)
         self._needs_rset = True
         self._content_started = True
-        await self._write(b"".join(parts))
-        if rset:
-            await self._expect_ok(await self._read_reply())
-        mail_reply = await self._read_reply()
-        self._raise_if_closed(mail_reply)
-        results: list[RecipientResult] = []
-        for rcpt in recipients:
-            reply = await self._read_reply()
-            self._raise_if_closed(reply)
-            results.append(RecipientResult(rcpt, reply))
-        final = await self._read_reply()
-        self._raise_if_closed(final)
+        await self._write(commands)
+        mail_reply, results, final = await self._read_transaction_replies(recipients, rset)
         if mail_reply.is_error:
             raise error_for_reply(mail_reply)
         if not any(r.accepted for r in results):
@@ -831,7 +838,7 @@ class SMTPConnection:
                 # in one go.  The messages still in flight keep it busy meanwhile.
                 parts: list[bytes] = []
                 while written < len(prepared) and len(in_flight) < MAX_PIPELINED_MESSAGES:
-                    msg, content, (size, eightbit, smtputf8) = prepared[written]
+                    msg, content, options = prepared[written]
                     commands = len(msg.recipients) + 2 + 1
                     if in_flight and commands_in_flight + commands > MAX_PIPELINED_COMMANDS:
                         break
@@ -839,13 +846,12 @@ class SMTPConnection:
                     # when the next one is written, so every one but a clean first
                     # starts with RSET (cheap, and always valid in a pipelined group).
                     rset = written > 0 or self._needs_rset or proto.state is not State.READY
-                    if rset:
-                        parts.append(proto.send_rset())
+                    bdat = functools.partial(proto.send_bdat_last, content, crlf_normalized=True)
                     parts.append(
-                        proto.send_mail(msg.sender, size=size, eightbit=eightbit, smtputf8=smtputf8)
+                        self._transaction_commands(
+                            msg.sender, msg.recipients, options, bdat, rset=rset
+                        )
                     )
-                    parts.extend(proto.send_rcpt(r) for r in msg.recipients)
-                    parts.append(proto.send_bdat_last(content, crlf_normalized=True))
                     in_flight.append((written, rset))
                     commands_in_flight += commands - (not rset)
                     written += 1
