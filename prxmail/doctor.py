@@ -862,29 +862,61 @@ async def _list_folders(conn: IMAPConnection, timeouts: Timeouts) -> list[str] |
     return [decode_mailbox(box.raw_name) for box in boxes if box.selectable]
 
 
-async def _imap_chain(config: Config, timeouts: Timeouts, chain: _Chain) -> None:
-    host, port, security = config.imap_host, config.imap_port, config.imap_security
-    addresses = await _step_dns(chain, "imap", host, port, timeouts)
+async def _open_transport(
+    chain: _Chain,
+    proto: str,
+    config: Config,
+    *,
+    host: str,
+    port: int,
+    security: Security,
+    timeouts: Timeouts,
+) -> tuple[_RecordingStream, trio.abc.Stream, ssl.SSLContext | None] | None:
+    """The steps both chains share: DNS, TCP and, for implicit TLS, the handshake.
+
+    Returns:
+        The raw (recording) stream, the stream to speak the protocol on, and the TLS
+        context (``None`` for plain text); ``None`` when a step failed (it is reported
+        in ``chain`` and the connection is closed).
+    """
+    addresses = await _step_dns(chain, proto, host, port, timeouts)
     if addresses is None:
-        return
-    tcp = await _step_tcp(chain, "imap", host, port, addresses, timeouts=timeouts)
+        return None
+    tcp = await _step_tcp(chain, proto, host, port, addresses, timeouts=timeouts)
     if tcp is None:
-        return
+        return None
     raw = _RecordingStream(tcp)
-    stream: trio.abc.Stream = raw
-    conn: IMAPConnection | None = None
+    opened = False
     try:
         context = None
         if security is not Security.PLAIN:
-            context = _ssl_context(chain, "imap", config)
+            context = _ssl_context(chain, proto, config)
             if context is None:
-                return
+                return None
+        stream: trio.abc.Stream = raw
         if security is Security.TLS:
             assert context is not None
-            tls = await _step_tls_implicit(chain, "imap", config, context, raw, timeouts=timeouts)
+            tls = await _step_tls_implicit(chain, proto, config, context, raw, timeouts=timeouts)
             if tls is None:
-                return
+                return None
             stream = tls
+        opened = True
+        return raw, stream, context
+    finally:
+        if not opened:
+            await trio.aclose_forcefully(raw)
+
+
+async def _imap_chain(config: Config, timeouts: Timeouts, chain: _Chain) -> None:
+    host, port, security = config.imap_host, config.imap_port, config.imap_security
+    opened = await _open_transport(
+        chain, "imap", config, host=host, port=port, security=security, timeouts=timeouts
+    )
+    if opened is None:
+        return
+    raw, stream, context = opened
+    conn: IMAPConnection | None = None
+    try:
         conn = IMAPConnection(
             stream,
             encrypted=security is Security.TLS,
@@ -1159,27 +1191,14 @@ def _describe_extensions(ext: Extensions) -> str:
 
 async def _smtp_chain(config: Config, timeouts: Timeouts, chain: _Chain) -> None:
     host, port, security = config.smtp_host, config.smtp_port, config.smtp_security
-    addresses = await _step_dns(chain, "smtp", host, port, timeouts)
-    if addresses is None:
+    opened = await _open_transport(
+        chain, "smtp", config, host=host, port=port, security=security, timeouts=timeouts
+    )
+    if opened is None:
         return
-    tcp = await _step_tcp(chain, "smtp", host, port, addresses, timeouts=timeouts)
-    if tcp is None:
-        return
-    raw = _RecordingStream(tcp)
-    stream: trio.abc.Stream = raw
+    raw, stream, context = opened
     conn: SMTPConnection | None = None
     try:
-        context = None
-        if security is not Security.PLAIN:
-            context = _ssl_context(chain, "smtp", config)
-            if context is None:
-                return
-        if security is Security.TLS:
-            assert context is not None
-            tls = await _step_tls_implicit(chain, "smtp", config, context, raw, timeouts=timeouts)
-            if tls is None:
-                return
-            stream = tls
         conn = SMTPConnection(stream, security=security, ssl_context=context, server_hostname=host)
         try:
             with trio.fail_after(timeouts.greeting):
