@@ -91,6 +91,13 @@ DEFAULT_USERS = ("alice", "bob", "bot")
 SMTP_SIZE_LIMIT = 100 * 1024 * 1024
 # Concurrent IMAP sessions per user and client address.
 IMAP_MAX_USER_IP_CONNECTIONS = 100
+# Concurrent IMAP sessions in all (imap-login and imap process_limit): the many-accounts
+# benchmark opens 100 plus its own injector connections, with room for a reconnect wave.
+IMAP_LOGIN_PROCESS_LIMIT = 300
+# Connections each Dovecot helper service (log, anvil, auth, stats) accepts: one from
+# every login and imap process, so it must exceed twice IMAP_LOGIN_PROCESS_LIMIT. This
+# is Dovecot 2.3's default, written out so that raising the limit above stays honest.
+DOVECOT_CLIENT_LIMIT = 1000
 
 # Dovecot treats a connection whose remote and local addresses are equal as secure
 # (login-common: "secured = ssl || trusted || remote_ip == local_ip"), so on loopback it
@@ -337,8 +344,17 @@ namespace inbox {{
   separator = /
 }}
 
+# Benchmarks watch 100 mailboxes from one process (issue 7, N = 100). Every TLS session
+# keeps its own imap-login process as the TLS proxy (service_count = 1, the default
+# high-security mode), and imap-login's process_limit defaults to default_process_limit
+# (100): the 101st login waited for a free process and clients timed out and
+# reconnected in a loop. IMAP_LOGIN_PROCESS_LIMIT sessions at once, and as many imap
+# processes; default_client_limit must cover them, because the log, anvil, auth and
+# stats services take one connection from each of those processes.
+default_client_limit = {client_limit}
 service imap-login {{
   chroot =
+  process_limit = {login_limit}
   inet_listener imap {{
     address = {plain_backend_host}
     port = {plain_backend_port}
@@ -348,6 +364,9 @@ service imap-login {{
     port = {imap_tls_port}
     ssl = yes
   }}
+}}
+service imap {{
+  process_limit = {login_limit}
 }}
 service anvil {{
   chroot =
@@ -749,6 +768,8 @@ class MailServers:
                 plain_backend_port=self._plain_backend_port,
                 imap_tls_port=self.imap_tls_port,
                 max_userip=IMAP_MAX_USER_IP_CONNECTIONS,
+                login_limit=IMAP_LOGIN_PROCESS_LIMIT,
+                client_limit=DOVECOT_CLIENT_LIMIT,
             )
         )
         (self._postfix_conf_dir / "main.cf").write_text(
