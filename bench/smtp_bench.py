@@ -19,7 +19,7 @@ import asyncio
 import smtplib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -97,7 +97,14 @@ def run_prxmail_data(target: Target, rcpt: User, n: int) -> float:
     return _run_prxmail(target, rcpt, n, chunking=False)
 
 
-def run_aiosmtplib(target: Target, rcpt: User, n: int) -> float:
+def run_aiosmtplib(
+    target: Target, rcpt: User, n: int, *, raws: Sequence[bytes] | None = None
+) -> float:
+    """Send ``n`` messages (``raws`` when given, else small ones) over one connection.
+
+    Returns:
+        Seconds from after login to the last message's reply.
+    """
     import aiosmtplib
 
     servers, port, security, sender = target.servers, target.port, target.security, target.sender
@@ -113,7 +120,11 @@ def run_aiosmtplib(target: Target, rcpt: User, n: int) -> float:
         await smtp.connect()
         try:
             await smtp.login(sender.address, sender.password)
-            messages = [_message(sender, rcpt, "aiosmtplib", i) for i in range(n)]
+            messages = (
+                list(raws)
+                if raws is not None
+                else [_message(sender, rcpt, "aiosmtplib", i) for i in range(n)]
+            )
             start = time.perf_counter()
             for data in messages:
                 await smtp.sendmail(sender.address, [rcpt.address], data)
@@ -124,7 +135,14 @@ def run_aiosmtplib(target: Target, rcpt: User, n: int) -> float:
     return asyncio.run(main())
 
 
-def run_smtplib(target: Target, rcpt: User, n: int) -> float:
+def run_smtplib(
+    target: Target, rcpt: User, n: int, *, raws: Sequence[bytes] | None = None
+) -> float:
+    """Send ``n`` messages (``raws`` when given, else small ones) over one connection.
+
+    Returns:
+        Seconds from after login to the last message's reply.
+    """
     servers, port, security, sender = target.servers, target.port, target.security, target.sender
     context = servers.ssl_context()
     client: smtplib.SMTP
@@ -135,7 +153,11 @@ def run_smtplib(target: Target, rcpt: User, n: int) -> float:
         client.starttls(context=context)
     with client:
         client.login(sender.address, sender.password)
-        messages = [_message(sender, rcpt, "smtplib", i) for i in range(n)]
+        messages = (
+            list(raws)
+            if raws is not None
+            else [_message(sender, rcpt, "smtplib", i) for i in range(n)]
+        )
         start = time.perf_counter()
         for data in messages:
             client.sendmail(sender.address, [rcpt.address], data)
