@@ -47,6 +47,8 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against peer libraries on the same local servers (prints ratios)."""
     session.install("-q", ".", *BENCH_DEPS)
+    # For `python -m bench plot` (the PNG in docs/); only this session needs it.
+    session.install("-q", "matplotlib>=3.8")
     args = session.posargs or ["all"]
     session.run("python", "-m", "bench", *args)
 

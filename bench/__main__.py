@@ -1,4 +1,8 @@
-"""``python -m bench [imap|smtp|all] [ARGS...]``: run benchmarks and print ratios."""
+"""``python -m bench SUITE|all [ARGS...]``: run benchmarks and print ratios.
+
+``python -m bench plot REPORT.json OUT.png`` draws the many-accounts section of a
+``bench channel --json`` report (a tool, not a suite: ``all`` does not run it).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,21 @@ SUITES = {
     "imap": "bench.imap_bench",
     "smtp": "bench.smtp_bench",
     "channel": "bench.channel_bench",
+    "memory": "bench.memory_bench",
+    "outbox": "bench.outbox_bench",
 }
+TOOLS = {"plot": "bench.plot"}
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("suites:", ", ".join(SUITES), "or all")
+        print("suites:", ", ".join(SUITES), "or all; tools:", ", ".join(TOOLS))
         return 0
     name, rest = argv[0], argv[1:]
+    if name in TOOLS:
+        status: int = importlib.import_module(TOOLS[name]).main(rest)
+        return status
     names = list(SUITES) if name == "all" else [name]
     unknown = [n for n in names if n not in SUITES]
     if unknown:
