@@ -89,7 +89,7 @@ from prxmail.imap import (
     StatusResponse,
     open_imap_connection,
 )
-from prxmail.message import Address, Message, missing_message_id, parse_message_async
+from prxmail.message import Address, Message, missing_message_id, parse_message
 from prxmail.policy import (
     ReplyRateLimiter,
     SenderPolicy,
@@ -812,13 +812,16 @@ class MailChannel:
         config = self.config
         timeout = config.command_timeout_secs
         ordered = sorted(set(uids))
+        if len(ordered) == 1:
+            await self._process_one(conn, uidvalidity, ordered[0])
+            return
         for start in range(0, len(ordered), config.fetch_batch_size):
             batch = ordered[start : start + config.fetch_batch_size]
-            sizes: dict[int, tuple[int, BodyStructure | None]] = {}
+            sizes: dict[int, int] = {}
             with trio.fail_after(timeout):
-                async for data in conn.uid_fetch(batch, ["RFC822.SIZE", "BODYSTRUCTURE"]):
+                async for data in conn.uid_fetch(batch, ["RFC822.SIZE"]):
                     if data.uid is not None:
-                        sizes[data.uid] = (data.rfc822_size or 0, data.bodystructure)
+                        sizes[data.uid] = data.rfc822_size or 0
             # Keep UID order: a claim raises the high-water mark, so a message must never
             # be claimed after one with a higher UID that is still unprocessed.
             group: list[int] = []
@@ -826,11 +829,11 @@ class MailChannel:
             for uid in batch:
                 if uid not in sizes:
                     continue  # expunged meanwhile
-                size, structure = sizes[uid]
+                size = sizes[uid]
                 if size > config.max_message_bytes:
                     await self._fetch_and_process(conn, uidvalidity, group)
                     group, group_bytes = [], 0
-                    await self._process_oversized(conn, uidvalidity, uid, size, structure)
+                    await self._process_oversized(conn, uidvalidity, uid, size)
                     continue
                 if group and group_bytes + size > config.max_message_bytes:
                     await self._fetch_and_process(conn, uidvalidity, group)
@@ -840,9 +843,36 @@ class MailChannel:
             await self._fetch_and_process(conn, uidvalidity, group)
             missing = [uid for uid in batch if uid not in sizes]
             if missing:
-                await self._store.advance_high_water_mark(
-                    self.account, self.folder, uidvalidity, max(missing)
-                )
+                await self._advance_past(uidvalidity, max(missing))
+
+    async def _advance_past(self, uidvalidity: int, uid: int) -> None:
+        """Move the high-water mark past UIDs the server listed but no longer has."""
+        await self._store.advance_high_water_mark(self.account, self.folder, uidvalidity, uid)
+
+    async def _process_one(self, conn: IMAPConnection, uidvalidity: int, uid: int) -> None:
+        """The usual push: one new message. Its size and its content (up to the limit)
+        come in one round trip instead of a size probe followed by the fetch."""
+        limit = self.config.max_message_bytes
+        size: int | None = None
+        body: bytes | None = None
+        with trio.fail_after(self.config.command_timeout_secs):
+            async for data in conn.uid_fetch([uid], ["RFC822.SIZE", f"BODY.PEEK[]<0.{limit}>"]):
+                if data.uid == uid:
+                    size = data.rfc822_size
+                    value = data.sections.get("<0>")
+                    body = None if value is None else bytes(value)
+        if size is None:
+            await self._advance_past(uidvalidity, uid)  # expunged meanwhile
+            return
+        if body is None:
+            raise RemoteProtocolError(f"the server did not return message UID {uid}")
+        # A server whose RFC822.SIZE is off could make a cut-off message look whole: a
+        # body that fills the partial fetch completely is only trusted with a matching size.
+        if size > limit or (len(body) >= limit and len(body) != size):
+            del body
+            await self._process_oversized(conn, uidvalidity, uid, size)
+            return
+        await self._admit(uidvalidity, await self._parse_all(uidvalidity, [(uid, body)]))
 
     async def _fetch_and_process(
         self, conn: IMAPConnection, uidvalidity: int, uids: list[int]
@@ -854,6 +884,7 @@ class MailChannel:
             async for data in conn.uid_fetch(uids, ["BODY.PEEK[]"]):
                 if data.uid is not None and data.body is not None:
                     bodies[data.uid] = bytes(data.body)
+        raws: list[tuple[int, bytes]] = []
         for uid in uids:
             raw = bodies.pop(uid, None)
             if raw is None:
@@ -861,25 +892,24 @@ class MailChannel:
                 # a higher UID and move the high-water mark past this one, losing it:
                 # reconnect instead (a vanished message is not listed next time).
                 raise RemoteProtocolError(f"the server did not return message UID {uid}")
-            message = await self._parse(raw, uid, uidvalidity)
-            del raw
-            if message is not None:
-                await self._dispatch(message)
+            raws.append((uid, raw))
+        await self._admit(uidvalidity, await self._parse_all(uidvalidity, raws))
 
     async def _process_oversized(
-        self,
-        conn: IMAPConnection,
-        uidvalidity: int,
-        uid: int,
-        size: int,
-        structure: BodyStructure | None,
+        self, conn: IMAPConnection, uidvalidity: int, uid: int, size: int
     ) -> None:
         limit = self.config.max_message_bytes
+        timeout = self.config.command_timeout_secs
+        structure: BodyStructure | None = None
+        with trio.fail_after(timeout):
+            async for data in conn.uid_fetch([uid], ["BODYSTRUCTURE"]):
+                if data.uid == uid:
+                    structure = data.bodystructure
         sections = text_sections(structure) if structure is not None else []
         items = ["BODY.PEEK[HEADER]"] + [f"BODY.PEEK[{s.section}]<0.{limit}>" for s in sections]
         header = b""
         found: dict[str, bytes] = {}
-        with trio.fail_after(self.config.command_timeout_secs):
+        with trio.fail_after(timeout):
             async for data in conn.uid_fetch([uid], items):
                 for name, value in data.sections.items():
                     if value is None:
@@ -892,86 +922,133 @@ class MailChannel:
             raise RemoteProtocolError(f"the server did not return the header of UID {uid}")
         parts = [(s, found.get(s.section, b"")) for s in sections]
         raw = build_substitute(header, parts)
-        parsed = await self._parse(raw, uid, uidvalidity)
-        if parsed is None:
-            return
-        message = attrs.evolve(
-            parsed,
-            attachments=describe_attachments(structure) if structure is not None else (),
-            size=size,
-            defects=tuple(sorted({*parsed.defects, OVERSIZE_DEFECT})),
-        )
-        log_event(
-            logging.INFO,
-            "message over max_message_bytes: text parts only",
-            uid=uid,
-            size=size,
-            limit=limit,
-        )
-        await self._dispatch(message)
-
-    async def _parse(self, raw: bytes, uid: int, uidvalidity: int) -> Message | None:
-        """Parse, or record the message as failed: one poison message must not stall
-        the folder (it would be fetched and fail again on every reconnect)."""
-        try:
-            return await parse_message_async(
-                raw,
-                uid=uid,
-                uidvalidity=uidvalidity,
-                max_attachment_bytes=self.config.max_attachment_bytes,
+        [(_, parsed)] = await self._parse_all(uidvalidity, [(uid, raw)])
+        if isinstance(parsed, Message):
+            parsed = attrs.evolve(
+                parsed,
+                attachments=describe_attachments(structure) if structure is not None else (),
+                size=size,
+                defects=tuple(sorted({*parsed.defects, OVERSIZE_DEFECT})),
             )
-        except Exception as exc:
-            key = MessageKey(self.account, self.folder, uidvalidity, uid)
-            result = await self._store.claim(key, missing_message_id(uid, uidvalidity))
-            if result.record.status is MessageStatus.CLAIMED:
-                await self._store.mark_failed(key, f"cannot parse: {_describe(exc)}")
-            log_event(logging.ERROR, "message failed: cannot parse", uid=uid, error=_describe(exc))
-            return None
-
-    async def _dispatch(self, message: Message) -> None:
-        key = self._key(message)
-        result = await self._store.claim(key, message.message_id)
-        fields = {
-            "uid": message.uid,
-            "message_id": message.message_id,
-            "from": message.from_.addr,
-            "subject": message.subject,
-        }
-        if result.outcome is ClaimOutcome.DUPLICATE:
             log_event(
-                logging.INFO, "message skipped: already processed (same Message-ID)", **fields
+                logging.INFO,
+                "message over max_message_bytes: text parts only",
+                uid=uid,
+                size=size,
+                limit=limit,
             )
-            self._counts["duplicates"] += 1
+        await self._admit(uidvalidity, [(uid, parsed)])
+
+    async def _parse_all(
+        self, uidvalidity: int, raws: list[tuple[int, bytes]]
+    ) -> list[tuple[int, Message | Exception]]:
+        """Parse a fetched group in one worker-thread call (one hop, not one per message).
+
+        A message that cannot be parsed comes back as its exception: it is recorded as
+        failed when the group is claimed, because one poison message must not stall the
+        folder (it would be fetched and fail again on every reconnect).
+        """
+        max_attachment_bytes = self.config.max_attachment_bytes
+
+        def parse_all() -> list[tuple[int, Message | Exception]]:
+            parsed: list[tuple[int, Message | Exception]] = []
+            raws.reverse()
+            while raws:
+                uid, raw = raws.pop()  # each raw message is freed once it is parsed
+                try:
+                    item: Message | Exception = parse_message(
+                        raw,
+                        uid=uid,
+                        uidvalidity=uidvalidity,
+                        max_attachment_bytes=max_attachment_bytes,
+                    )
+                except Exception as exc:
+                    item = exc
+                del raw
+                parsed.append((uid, item))
+            return parsed
+
+        return await trio.to_thread.run_sync(parse_all)
+
+    async def _admit(
+        self, uidvalidity: int, parsed: Sequence[tuple[int, Message | Exception]]
+    ) -> None:
+        """Claim a fetched group in one transaction, apply the sender policy to it, and
+        hand the accepted messages on in UID order."""
+        if not parsed:
             return
-        if result.record.status is not MessageStatus.CLAIMED or key in self._in_flight:
+        pairs: list[tuple[MessageKey, str]] = []
+        failed: dict[MessageKey, str] = {}
+        for uid, item in parsed:
+            key = MessageKey(self.account, self.folder, uidvalidity, uid)
+            if isinstance(item, Message):
+                pairs.append((key, item.message_id))
+            else:
+                pairs.append((key, missing_message_id(uid, uidvalidity)))
+                failed[key] = f"cannot parse: {_describe(item)}"
+        results = await self._store.claim_many(pairs, failed=failed)
+        candidates: list[tuple[MessageKey, Message]] = []
+        for (uid, item), (key, _), result in zip(parsed, pairs, results, strict=True):
+            if not isinstance(item, Message):
+                log_event(
+                    logging.ERROR, "message failed: cannot parse", uid=uid, error=_describe(item)
+                )
+                continue
+            if result.outcome is ClaimOutcome.DUPLICATE:
+                log_event(
+                    logging.INFO,
+                    "message skipped: already processed (same Message-ID)",
+                    **_message_fields(item),
+                )
+                self._counts["duplicates"] += 1
+                continue
+            if result.record.status is MessageStatus.CLAIMED and key not in self._in_flight:
+                candidates.append((key, item))
+        if not candidates:
             return
         ours = await self._store.our_message_ids_among(
-            [
+            ident
+            for _, message in candidates
+            for ident in (
                 message.message_id,
                 *([message.in_reply_to] if message.in_reply_to else []),
                 *message.references,
-            ]
+            )
         )
-        verdict = evaluate(
-            message,
-            self._policy,
-            is_our_message_id=own_id_predicate(ours),
-            rate_limiter=self._rate_limiter,
-        )
-        if not verdict.accepted:
-            await self._store.mark_rejected(key, verdict.reason)
-            self._counts["rejected"] += 1
+        is_ours = own_id_predicate(ours)
+        accepted: list[tuple[MessageKey, Message]] = []
+        rejected: list[tuple[MessageKey, str]] = []
+        for key, message in candidates:
+            verdict = evaluate(
+                message, self._policy, is_our_message_id=is_ours, rate_limiter=self._rate_limiter
+            )
+            if verdict.accepted:
+                accepted.append((key, message))
+                continue
+            rejected.append((key, verdict.reason))
             log_event(
                 logging.INFO,
                 "message rejected",
-                **fields,
+                **_message_fields(message),
                 reason=verdict.reason,
                 detail=verdict.detail or None,
             )
-            return
-        self._in_flight[key] = message
-        await self._store.begin_handling(key)
-        await self._message_send.send(message)
+        if rejected:
+            await self._store.mark_rejected_many(rejected)
+            self._counts["rejected"] += len(rejected)
+        for key, message in accepted:
+            self._in_flight[key] = message
+            await self._store.begin_handling(key)
+            await self._message_send.send(message)
+
+
+def _message_fields(message: Message) -> dict[str, object]:
+    return {
+        "uid": message.uid,
+        "message_id": message.message_id,
+        "from": message.from_.addr,
+        "subject": message.subject,
+    }
 
 
 @contextlib.asynccontextmanager

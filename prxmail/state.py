@@ -39,16 +39,27 @@ twice*, across a SIGKILL at any instant. Three mechanisms give it:
    the reply is never *composed* twice and receivers' clients collapse the copy by its
    Message-ID.
 
-Durability settings: ``journal_mode=WAL`` and ``synchronous=FULL``. WAL lets the
-read-mostly statistics not block the writer and makes each commit one append. With WAL,
-``synchronous=NORMAL`` would already survive a *process* crash (SIGKILL): a commit
-that returned is in the WAL file in the OS page cache, which outlives the process. It
-does not survive *power loss or a kernel crash*: the last commits can be rolled back.
-For us that is not harmless -- rolling back "outbox row sent" would re-send, rolling
-back "replied" after the reply went out would answer twice -- so we pay one fsync per
-commit (``FULL``). Mail volume is low: measured on an ext4 VM disk, FULL manages about
-800-1000 commits/s (a message's whole life is four commits: claim, begin_handling,
-record_reply, mark_sent), NORMAL about 4000.
+Durability settings: ``journal_mode=WAL``, and the commit mode chosen per transaction.
+WAL lets the read-mostly statistics not block the writer and makes each commit one
+append to the WAL file. A commit that returned is in that file in the OS page cache, so
+it survives a *process* crash (SIGKILL) in either mode. What differs is *power loss or a
+kernel crash*:
+
+* ``synchronous=FULL`` (an fsync per commit) for every change whose loss could answer
+  twice or lose mail: the outbox (``record_reply``, ``enqueue``, ``mark_sent``, retries),
+  our own Message-IDs, the mailbox's UIDVALIDITY and first-start marker.
+* ``synchronous=NORMAL`` (no fsync) for the steps of a message's life before its
+  outcome -- ``claim``, ``begin_handling``, ``mark_handled``, ``mark_rejected``,
+  ``mark_failed``, ``release``, crash recovery, the high-water mark. WAL frames are
+  appended in order and a FULL commit syncs every frame before it, so power loss can
+  only roll back a *suffix* of such steps after the last durable change. Each of them
+  rolled back leaves the message above the high-water mark or unfinished, so it is
+  fetched or handed out again: at least once, which is the contract. None can make a
+  reply go out twice, because a reply exists only through a FULL commit
+  (``record_reply``) that also makes everything before it durable.
+
+Measured on an ext4 VM disk: FULL manages about 800-1000 commits/s, NORMAL about 4000;
+a message's way to its handler used to cost three fsyncs, it now costs none.
 
 Threads: a :class:`StateStore` and its connection belong to the thread that created it
 (``check_same_thread=True`` is kept on purpose, so misuse fails loudly instead of
@@ -670,6 +681,9 @@ class StateStore:
         self._clock = clock
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        # The connection's current PRAGMA synchronous (FULL or NORMAL), so that
+        # switching it costs a statement only when it changes.
+        self._synchronous = "FULL"
         db_path = self.state_dir / DB_FILENAME
         if read_only:
             self._open_read_only(db_path)
@@ -690,6 +704,7 @@ class StateStore:
                 if str(mode).lower() != "wal":
                     raise StateError(f"cannot switch {db_path} to WAL mode (got {mode!r})")
                 self._conn.execute("PRAGMA synchronous=FULL")
+                self._synchronous = "FULL"
             except sqlite3.Error as exc:
                 raise StateError(f"cannot open state database {db_path}: {exc}") from exc
             self._migrate()
@@ -764,10 +779,21 @@ class StateStore:
         return self._conn is None
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; ``durable=False`` commits without an fsync (see the module
+        docstring, "Durability settings": only for changes whose loss on power failure
+        hands a message out again and can never answer twice)."""
         conn = self._conn
         if conn is None:
             raise LocalProtocolError("the state store is closed")
+        level = "FULL" if durable else "NORMAL"
+        if level != self._synchronous and not self.read_only:
+            try:
+                # Allowed between transactions only; it applies to the next COMMIT.
+                conn.execute(f"PRAGMA synchronous={level}")
+            except sqlite3.Error as exc:
+                raise StateError(f"cannot set the commit mode: {exc}") from exc
+            self._synchronous = level
         try:
             # IMMEDIATE takes the write lock up front, so a transaction never fails
             # half-way through for lack of it. A reader only needs a snapshot.
@@ -931,7 +957,7 @@ class StateStore:
         Raises:
             LocalProtocolError: the folder was not synced, or ``uidvalidity`` is stale.
         """
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             row = self._require_mailbox(conn, account, folder, uidvalidity)
             new_last = max(row[3], uid)
             if new_last != row[3]:
@@ -998,23 +1024,34 @@ class StateStore:
         """
         return self.claim_many([(key, message_id)])[0]
 
-    def claim_many(self, items: Iterable[tuple[MessageKey, str]]) -> list[ClaimResult]:
-        """:meth:`claim` several messages in one transaction (one fsync for a batch).
+    def claim_many(
+        self,
+        items: Iterable[tuple[MessageKey, str]],
+        *,
+        failed: Mapping[MessageKey, str] | None = None,
+    ) -> list[ClaimResult]:
+        """:meth:`claim` several messages in one transaction.
 
         Args:
             items: ``(key, message_id)`` pairs.
+            failed: Messages among ``items`` that cannot be handled at all (e.g. they
+                cannot be parsed), with the reason: each that ends up ``claimed`` is
+                made ``failed`` in the same transaction, so the high-water mark never
+                passes a message that is neither finished nor pending.
 
         Returns:
-            One :class:`ClaimResult` per item, in order.
+            One :class:`ClaimResult` per item, in order (a record made ``failed``
+            through ``failed`` is returned as such).
 
         Raises:
             LocalProtocolError: a folder was not synced with the key's UIDVALIDITY.
             ValueError: a Message-ID is empty.
         """
         prepared = [(key, normalize_message_id(mid)) for key, mid in items]
+        failures = failed or {}
         now = self._clock()
         results: list[ClaimResult] = []
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             marks: dict[tuple[str, str], int] = {}
             for key, mid in prepared:
                 mailbox = (key.account, key.folder)
@@ -1054,6 +1091,11 @@ class StateStore:
                 )
                 record = MessageRecord(key, mid, status, reason, 0, now, now)
                 results.append(ClaimResult(outcome, record))
+            for index, result in enumerate(results):
+                key = result.record.key
+                if key in failures and result.record.status is MessageStatus.CLAIMED:
+                    record = self._transition(conn, key, MessageStatus.FAILED, reason=failures[key])
+                    results[index] = attrs.evolve(result, record=record)
             for (account, folder), mark in marks.items():
                 conn.execute(
                     "UPDATE mailbox SET last_uid = MAX(last_uid, ?), updated_at = ?"
@@ -1111,7 +1153,7 @@ class StateStore:
         Raises:
             LocalProtocolError: the message is not ``claimed``.
         """
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             return self._transition(conn, key, MessageStatus.HANDLING, count_attempt=True)
 
     def mark_handled(self, key: MessageKey) -> MessageRecord:
@@ -1120,7 +1162,7 @@ class StateStore:
         Raises:
             LocalProtocolError: the message is not ``handling``.
         """
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             return self._transition(conn, key, MessageStatus.HANDLED)
 
     def mark_rejected(self, key: MessageKey, reason: str) -> MessageRecord:
@@ -1129,8 +1171,26 @@ class StateStore:
         Raises:
             LocalProtocolError: the message is not ``claimed``.
         """
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             return self._transition(conn, key, MessageStatus.REJECTED, reason=reason)
+
+    def mark_rejected_many(self, items: Iterable[tuple[MessageKey, str]]) -> list[MessageRecord]:
+        """:meth:`mark_rejected` several messages in one transaction.
+
+        Args:
+            items: ``(key, reason)`` pairs.
+
+        Returns:
+            The updated records, in order.
+
+        Raises:
+            LocalProtocolError: a message is not ``claimed`` (nothing is changed).
+        """
+        with self._transaction(durable=False) as conn:
+            return [
+                self._transition(conn, key, MessageStatus.REJECTED, reason=reason)
+                for key, reason in items
+            ]
 
     def mark_failed(self, key: MessageKey, reason: str) -> MessageRecord:
         """``claimed``/``handling`` -> ``failed``, with the reason. Never retried.
@@ -1138,7 +1198,7 @@ class StateStore:
         Raises:
             LocalProtocolError: the message is already finished.
         """
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             return self._transition(conn, key, MessageStatus.FAILED, reason=reason)
 
     def release(self, key: MessageKey, reason: str, *, max_attempts: int) -> MessageRecord:
@@ -1158,7 +1218,7 @@ class StateStore:
         Raises:
             LocalProtocolError: the message is not ``handling``.
         """
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             record = self._get_message(conn, key)
             if record is not None and record.attempts >= max_attempts:
                 return self._transition(
@@ -1187,7 +1247,7 @@ class StateStore:
             raise ValueError("max_attempts must be at least 1")
         retried: list[MessageKey] = []
         failed: list[MessageKey] = []
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             sql = f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE status = 'handling'"
             params: tuple[str, ...] = ()
             if account is not None:
@@ -1805,9 +1865,14 @@ class AsyncStateStore:
         """See :meth:`StateStore.claim`."""
         return await self._call(self._store.claim, key, message_id)
 
-    async def claim_many(self, items: Iterable[tuple[MessageKey, str]]) -> list[ClaimResult]:
+    async def claim_many(
+        self,
+        items: Iterable[tuple[MessageKey, str]],
+        *,
+        failed: Mapping[MessageKey, str] | None = None,
+    ) -> list[ClaimResult]:
         """See :meth:`StateStore.claim_many`."""
-        return await self._call(self._store.claim_many, list(items))
+        return await self._call(self._store.claim_many, list(items), failed=failed)
 
     async def begin_handling(self, key: MessageKey) -> MessageRecord:
         """See :meth:`StateStore.begin_handling`."""
@@ -1820,6 +1885,12 @@ class AsyncStateStore:
     async def mark_rejected(self, key: MessageKey, reason: str) -> MessageRecord:
         """See :meth:`StateStore.mark_rejected`."""
         return await self._call(self._store.mark_rejected, key, reason)
+
+    async def mark_rejected_many(
+        self, items: Iterable[tuple[MessageKey, str]]
+    ) -> list[MessageRecord]:
+        """See :meth:`StateStore.mark_rejected_many`."""
+        return await self._call(self._store.mark_rejected_many, list(items))
 
     async def mark_failed(self, key: MessageKey, reason: str) -> MessageRecord:
         """See :meth:`StateStore.mark_failed`."""

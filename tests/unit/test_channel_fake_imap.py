@@ -123,19 +123,28 @@ class FakeIMAP:
                 await send(f"{tag} OK searched")
             elif command.startswith("UID FETCH"):
                 spec = command.split()[2]
+                partial = re.search(r"BODY\.PEEK\[\]<0\.(\d+)>", command)
                 for seq, uid in enumerate(self.uids_in(spec), start=1):
                     raw = self.messages[uid]
-                    if "BODY.PEEK[]" in command and uid in self.no_body:
-                        await send(f"* {seq} FETCH (UID {uid} FLAGS ())")
-                    elif "BODY.PEEK[]" in command:
-                        await send(f"* {seq} FETCH (UID {uid} BODY[] {{{len(raw)}}}".encode())
-                        await stream.send_all(raw + b")\r\n")
-                    else:
-                        structure = (
-                            f'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" {len(raw)} 2)'
+                    items = [f"UID {uid}"]
+                    if "RFC822.SIZE" in command:
+                        items.append(f"RFC822.SIZE {len(raw)}")
+                    if "BODYSTRUCTURE" in command:
+                        items.append(
+                            "BODYSTRUCTURE"
+                            f' ("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" {len(raw)} 2)'
                         )
-                        size = f"RFC822.SIZE {len(raw)}"
-                        await send(f"* {seq} FETCH (UID {uid} {size} BODYSTRUCTURE {structure})")
+                    if "BODY.PEEK[]" in command and uid in self.no_body:
+                        items.append("FLAGS ()")
+                    elif "BODY.PEEK[]" in command:
+                        name, data = "BODY[]", raw
+                        if partial is not None:
+                            name, data = "BODY[]<0>", raw[: int(partial.group(1))]
+                        head = " ".join(items)
+                        await send(f"* {seq} FETCH ({head} {name} {{{len(data)}}}".encode())
+                        await stream.send_all(data + b")\r\n")
+                        continue
+                    await send(f"* {seq} FETCH ({' '.join(items)})")
                 await send(f"{tag} OK fetched")
             elif command.startswith("UID STORE"):
                 self.seen.update(self.uids_in(command.split()[2]))
@@ -311,16 +320,16 @@ async def test_a_message_that_breaks_the_parser_is_failed_not_retried_forever(
 ) -> None:
     from prxmail import channel as channel_module
 
-    real = channel_module.parse_message_async
+    real = channel_module.parse_message
     calls: list[int] = []
 
-    async def flaky(raw: bytes, *, uid: int, **kwargs: int) -> object:
+    def flaky(raw: bytes, *, uid: int, **kwargs: int) -> object:
         calls.append(uid)
         if uid == 1:
             raise RuntimeError("parser bug")
-        return await real(raw, uid=uid, **kwargs)
+        return real(raw, uid=uid, **kwargs)
 
-    monkeypatch.setattr(channel_module, "parse_message_async", flaky)
+    monkeypatch.setattr(channel_module, "parse_message", flaky)
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)})
     async with trio.open_nursery() as nursery:
         port = await start_fake(nursery, fake)

@@ -340,6 +340,71 @@ def test_claim_many_is_all_or_nothing(synced: StateStore) -> None:
     assert synced.mailbox(ACCOUNT, FOLDER).last_uid == 3  # type: ignore[union-attr]
 
 
+def test_claim_many_fails_unparseable_messages_in_the_same_transaction(
+    synced: StateStore,
+) -> None:
+    pending_before = claimed(synced, 1)  # claimed earlier, e.g. by a run that crashed
+    results = synced.claim_many(
+        [(pending_before, "m1.1@example.com"), (key(2), "b@x"), (key(3), "c@x")],
+        failed={pending_before: "cannot parse: bug", key(3): "cannot parse: bomb"},
+    )
+    assert [r.outcome for r in results] == [
+        ClaimOutcome.ALREADY_KNOWN,
+        ClaimOutcome.CLAIMED,
+        ClaimOutcome.CLAIMED,
+    ]
+    assert [r.record.status for r in results] == [
+        MessageStatus.FAILED,
+        MessageStatus.CLAIMED,
+        MessageStatus.FAILED,
+    ]
+    assert synced.get_message(key(3)).reason == "cannot parse: bomb"  # type: ignore[union-attr]
+    assert [r.key for r in synced.pending(ACCOUNT)] == [key(2)]
+    assert synced.mailbox(ACCOUNT, FOLDER).last_uid == 3  # type: ignore[union-attr]
+    # A finished message is never turned into a failure afterwards.
+    synced.begin_handling(key(2))
+    synced.mark_handled(key(2))
+    again = synced.claim_many([(key(2), "b@x")], failed={key(2): "cannot parse"})
+    assert again[0].record.status is MessageStatus.HANDLED
+
+
+def test_mark_rejected_many_is_all_or_nothing(synced: StateStore) -> None:
+    a, b, c = claimed(synced, 1), claimed(synced, 2), handling(synced, 3)
+    with pytest.raises(LocalProtocolError):
+        synced.mark_rejected_many([(a, "bounce"), (c, "list-mail")])
+    assert synced.get_message(a).status is MessageStatus.CLAIMED  # type: ignore[union-attr]
+    records = synced.mark_rejected_many([(a, "bounce"), (b, "list-mail")])
+    assert [(r.status, r.reason) for r in records] == [
+        (MessageStatus.REJECTED, "bounce"),
+        (MessageStatus.REJECTED, "list-mail"),
+    ]
+
+
+def _synchronous(store: StateStore) -> int:
+    conn = store._conn
+    assert conn is not None
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_commit_mode_is_full_where_power_loss_could_answer_twice(synced: StateStore) -> None:
+    full, normal = 2, 1  # SQLite's numbers for synchronous=FULL / NORMAL
+    k = claimed(synced, 1)
+    assert _synchronous(synced) == normal
+    synced.begin_handling(k)
+    assert _synchronous(synced) == normal
+    item = synced.record_reply(k, draft(1))
+    assert _synchronous(synced) == full
+    claimed(synced, 2)
+    synced.mark_handled(handling(synced, 3))
+    assert _synchronous(synced) == normal
+    synced.mark_sent(item.id)
+    assert _synchronous(synced) == full
+    synced.mark_rejected(key(2), "bounce")
+    assert _synchronous(synced) == normal
+    synced.mark_initialized(ACCOUNT, FOLDER, 1, 10)
+    assert _synchronous(synced) == full
+
+
 def test_happy_path_to_handled(synced: StateStore) -> None:
     k = claimed(synced, 1)
     rec = synced.begin_handling(k)
