@@ -6,9 +6,11 @@ import base64
 import datetime as dt
 import logging
 import re
+import string
 from pathlib import Path
 
 import attrs
+import mailparser.utils  # type: ignore[import-untyped]
 import pytest
 import trio
 from hypothesis import given, settings
@@ -23,6 +25,7 @@ from prxmail.message import (
     Attachment,
     Message,
     _elide_large_base64,
+    _fast_address_pairs,
     decode_header_text,
     missing_message_id,
     parse_message,
@@ -844,3 +847,135 @@ def test_sample_broken_everything_still_yields_text() -> None:
     assert "no-from" in msg.defects
     assert "StartBoundaryNotFoundDefect" in msg.defects
     msg.subject.encode("utf-8")
+
+
+# -- the address fast path ----------------------------------------------------------
+
+_ATEXT_CHARS = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-"
+_ATOMS = st.text(alphabet=_ATEXT_CHARS, min_size=1, max_size=10)
+_DOT_ATOMS = st.lists(_ATOMS, min_size=1, max_size=3).map(".".join)
+_ADDR_SPECS = st.builds(lambda local, domain: f"{local}@{domain}", _DOT_ATOMS, _DOT_ATOMS)
+_BLANKS = st.text(alphabet=" \t", max_size=2)
+_CHARSETS = st.sampled_from(
+    [
+        *("utf-8", "UTF-8", "iso-8859-1", "us-ascii", "windows-1252", "koi8-r", "shift_jis"),
+        *("utf-16", "unknown-8bit", "x-no-such-charset", "base64"),
+    ]
+)
+_Q_SAFE = set(string.ascii_letters + string.digits)
+
+
+def _encoded_word(text: str, charset: str, kind: str) -> str:
+    try:
+        data = text.encode(charset, "replace")
+    except (LookupError, UnicodeError):
+        data = text.encode("utf-8", "surrogatepass")
+    if kind in "bB":
+        payload = base64.b64encode(data).decode("ascii")
+    else:
+        payload = "".join(
+            chr(b) if chr(b) in _Q_SAFE else "_" if b == 0x20 else f"={b:02X}" for b in data
+        )
+    return f"=?{charset}?{kind}?{payload}?="
+
+
+_ENCODED_WORDS = st.one_of(
+    st.builds(_encoded_word, st.text(max_size=12), _CHARSETS, st.sampled_from("bBqQ")),
+    # junk payloads: wrong padding, stray '=', characters mail-parser may refuse
+    st.builds(
+        lambda charset, kind, payload: f"=?{charset}?{kind}?{payload}?=",
+        _CHARSETS,
+        st.sampled_from("bBqQ"),
+        st.text(alphabet=_ATEXT_CHARS.replace("?", "") + ".", max_size=12),
+    ),
+)
+_NAME_WORDS = st.lists(st.one_of(_ATOMS, _ENCODED_WORDS), max_size=4)
+
+
+@st.composite
+def _fast_shaped_values(draw: st.DrawFn) -> str:
+    addr = draw(_ADDR_SPECS)
+    if draw(st.booleans()):
+        return draw(_BLANKS) + addr + draw(_BLANKS)
+    gaps = [draw(st.text(alphabet=" \t", min_size=1, max_size=2)) for _ in range(5)]
+    words = draw(_NAME_WORDS)
+    phrase = "".join(word + gap for word, gap in zip(words, gaps, strict=False))
+    if draw(st.booleans()):
+        phrase = phrase.rstrip(" \t")
+    return f"{draw(_BLANKS)}{phrase}<{addr}>{draw(_BLANKS)}"
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_fast_shaped_values())
+def test_address_fast_path_gives_what_mail_parser_gives(value: str) -> None:
+    fast = _fast_address_pairs(value)
+    if fast is None:
+        return  # declined: mail-parser reads it, as for any other value
+    defects: list[object] = []
+    assert fast == mailparser.utils.get_addresses(value, defects=defects, decode_names=True)
+    assert defects == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("bot@example.org", [("", "bot@example.org")]),
+        (" \tfirst.last+tag@mail.example.org ", [("", "first.last+tag@mail.example.org")]),
+        ("<bot@example.org>", [("", "bot@example.org")]),
+        ("Sender 7 <sender7@bench.example>", [("Sender 7", "sender7@bench.example")]),
+        ("Bob<bob@x.org>", [("Bob", "bob@x.org")]),
+        ("=?utf-8?q?J=C3=B6rg?= Smith <j@x.org>", [("Jörg Smith", "j@x.org")]),
+        ("=?utf-8?q?J=C3=B6?= =?utf-8?q?rg?= <j@x.org>", [("Jörg", "j@x.org")]),
+        ("=?iso-8859-1?b?SvZyZw==?= <j@x.org>", [("Jörg", "j@x.org")]),
+    ],
+)
+def test_address_fast_path_takes_the_plain_shapes(
+    value: str, expected: list[tuple[str, str]]
+) -> None:
+    assert _fast_address_pairs(value) == expected
+    assert mailparser.utils.get_addresses(value, decode_names=True) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '"alice@example.com" <evil@x.org>',
+        "alice@example.com <evil@x.org>",
+        "alice@example.com@evil.org",
+        "alice@example.com.<evil@x.org>",
+        "Alice <alice@x.org>, Bob <bob@y.org>",
+        "a@x.org, b@y.org",
+        "Alice (boss) <a@x.org>",
+        "a@x.org (Alice)",
+        "Alice <a@x.org> <b@y.org>",
+        "Alice <<a@x.org>>",
+        "Alice <a@x.org>>",
+        "Alice <a@x.org> x",
+        'Alice <"a b"@x.org>',
+        "Alice <a@[127.0.0.1]>",
+        "Alice <@route.org:a@x.org>",
+        "Al\\ice <a@x.org>",
+        "team: a@x.org;",
+        "J. Smith <a@x.org>",
+        ".a@x.org",
+        "a.@x.org",
+        "a..b@x.org",
+        "a@x.org.",
+        "Jörg <j@x.org>",
+        "jörg@x.org",
+        "a@x.org\r\n",
+        "a\x00b@x.org",
+        "=?utf-8?b?Q?= <a@x.org>",
+        "=?utf-8*en?q?Alice?= <a@x.org>",
+        "=?utf-8?q?a=0D=0AB?= <a@x.org>",
+        "=?utf-8?q?" + "x" * 70 + "?= <a@x.org>",
+        "=?x-no-such-charset?q?Alice?= <a@x.org>",
+        "=?utf-8?q?Alice?=<a@x.org>",
+        '=?utf-8?q?a"b?= <a@x.org>',
+        "=?utf-8?q?a<b@c>?= <a@x.org>",
+        "",
+        " ",
+    ],
+)
+def test_address_fast_path_declines_anything_else(value: str) -> None:
+    assert _fast_address_pairs(value) is None
