@@ -1,6 +1,6 @@
 """SMTP through the outbox: 500 replies queued on an open channel vs direct SMTP sends.
 
-``python -m bench outbox [--messages 500] [--rounds 3] [--json FILE]``
+``python -m bench outbox [--messages 500] [--rounds 3] [--state-root DIR] [--json FILE]``
 
 What is measured (issue 7, benchmark 4)
 ---------------------------------------
@@ -25,6 +25,10 @@ The time until the last message was accepted by Postfix is shown too.
   ``prxmail.compose.compose_message`` with the same body, so the bytes on the wire are
   the same but for prxmail's reply headers (In-Reply-To, References). No durable record.
 
+``--state-root DIR`` puts prxmail's state directories there instead of next to the
+servers (on /dev/shm, say: tmpfs, where fsync costs nothing, which shows the share of the
+durable recording in prxmail's time).
+
 Rounds interleave the contenders (Postfix's queue manager and LMTP deliveries share the
 CPUs with everyone); the median round is reported.
 """
@@ -39,6 +43,7 @@ import pathlib
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -96,16 +101,20 @@ def _inbound(rcpt: User, sender: User, i: int) -> bytes:
 
 
 def _run_prxmail(
-    servers: MailServers, sender: User, rcpt: User, n: int, mode: str
+    servers: MailServers,
+    sender: User,
+    rcpt: User,
+    n: int,
+    state_root: pathlib.Path,
+    *,
+    mode: str,
 ) -> dict[str, Any]:
     from prxmail.channel import open_mail_channel
     from prxmail.config import parse_config
 
     if mode == "reply":
         servers.deliver_to_maildir(sender, [_inbound(rcpt, sender, i) for i in range(n)])
-    config = parse_config(
-        _channel_toml(servers, sender, servers.workdir / f"state-{sender.localpart}")
-    )
+    config = parse_config(_channel_toml(servers, sender, state_root / f"state-{sender.localpart}"))
     out: dict[str, Any] = {}
 
     async def main() -> None:
@@ -166,10 +175,12 @@ def _run_peer(
     sender: User,
     rcpt: User,
     n: int,
+    state_root: pathlib.Path,
     *,
     runner: Callable[..., float],
     tag: str,
 ) -> dict[str, Any]:
+    del state_root  # the peers record nothing
     raws = _compose(sender, rcpt, n, tag)
     target = Target(servers, servers.smtp_tls_port, Security.TLS, sender)
     elapsed = runner(target, rcpt, n, raws=raws)
@@ -181,15 +192,18 @@ def _run_peer(
     return {"queued_s": elapsed, "accepted_s": elapsed, "delivered_s": delivered - t0}
 
 
-CONTENDERS: dict[str, Callable[[MailServers, User, User, int], dict[str, Any]]] = {
-    "prxmail reply": lambda s, a, b, n: _run_prxmail(s, a, b, n, "reply"),
-    "prxmail send": lambda s, a, b, n: _run_prxmail(s, a, b, n, "send"),
-    "aiosmtplib": lambda s, a, b, n: _run_peer(s, a, b, n, runner=run_aiosmtplib, tag="aiosmtplib"),
-    "smtplib": lambda s, a, b, n: _run_peer(s, a, b, n, runner=run_smtplib, tag="smtplib"),
+Contender = Callable[[MailServers, User, User, int, pathlib.Path], dict[str, Any]]
+CONTENDERS: dict[str, Contender] = {
+    "prxmail reply": partial(_run_prxmail, mode="reply"),
+    "prxmail send": partial(_run_prxmail, mode="send"),
+    "aiosmtplib": partial(_run_peer, runner=run_aiosmtplib, tag="aiosmtplib"),
+    "smtplib": partial(_run_peer, runner=run_smtplib, tag="smtplib"),
 }
 
 
-def bench_outbox(servers: MailServers, n: int, rounds: int) -> dict[str, Any]:
+def bench_outbox(
+    servers: MailServers, n: int, rounds: int, state_root: pathlib.Path | None = None
+) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
     tag = os.getpid()
     print(f"\n4. SMTP: {n} messages, first queue/send call -> all in the recipient's Maildir")
@@ -198,7 +212,7 @@ def bench_outbox(servers: MailServers, n: int, rounds: int) -> dict[str, Any]:
             slug = name.replace(" ", "-")
             sender = servers.add_user(f"ob-{slug}-{r}-{tag}")
             rcpt = servers.add_user(f"ob-rcpt-{slug}-{r}-{tag}")
-            res = run(servers, sender, rcpt, n)
+            res = run(servers, sender, rcpt, n, state_root or servers.workdir)
             res["bytes_per_msg"] = _maildir_bytes(servers, rcpt) / n
             runs[name].append(res)
             print(
@@ -249,12 +263,17 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench outbox", description=__doc__)
     parser.add_argument("--messages", type=int, default=500, help="messages per run (500)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is shown")
+    parser.add_argument(
+        "--state-root", type=pathlib.Path, default=None, help="parent of prxmail's state dirs"
+    )
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
     args = parser.parse_args(argv)
+    if args.state_root is not None:
+        args.state_root.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine_start": _machine(), "argv": argv}
     print(f"machine: {report['machine_start']}")
     with mail_servers() as servers:
-        report["outbox"] = bench_outbox(servers, args.messages, args.rounds)
+        report["outbox"] = bench_outbox(servers, args.messages, args.rounds, args.state_root)
     report["machine_end"] = _machine()
     print(f"machine at end: {report['machine_end']}")
     if args.json is not None:
