@@ -1,6 +1,7 @@
 """SMTP through the outbox: 500 replies queued on an open channel vs direct SMTP sends.
 
-``python -m bench outbox [--messages 500] [--rounds 3] [--state-root DIR] [--json FILE]``
+``python -m bench outbox [--messages 500] [--rounds 3] [--state-root DIR] [--breakdown]
+[--json FILE]``
 
 What is measured (issue 7, benchmark 4)
 ---------------------------------------
@@ -29,6 +30,10 @@ The time until the last message was accepted by Postfix is shown too.
 servers (on /dev/shm, say: tmpfs, where fsync costs nothing, which shows the share of the
 durable recording in prxmail's time).
 
+``--breakdown`` adds one more prxmail reply run (not part of the table) that times the
+channel's state-store calls (wall time seen by the trio task, and time inside the store's
+thread) and the reply composition, wrapped from the bench.
+
 Rounds interleave the contenders (Postfix's queue manager and LMTP deliveries share the
 CPUs with everyone); the median round is reported.
 """
@@ -36,13 +41,14 @@ CPUs with everyone); the median round is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import email.utils
 import json
 import os
 import pathlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -201,8 +207,82 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
+@contextlib.contextmanager
+def _instrumented() -> Iterator[dict[str, list[float]]]:
+    """Time prxmail's state-store calls and ``compose_reply`` while the block runs.
+
+    Yields:
+        name -> [calls, wall seconds seen by the caller, seconds inside the call].
+    """
+    import prxmail.channel
+    import prxmail.state
+
+    stats: dict[str, list[float]] = {}
+
+    def add(name: str, wall: float, inside: float) -> None:
+        entry = stats.setdefault(name, [0.0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += wall
+        entry[2] += inside
+
+    original_call = prxmail.state.AsyncStateStore._call
+    original_compose = prxmail.channel.compose_reply  # type: ignore[attr-defined]
+
+    async def timed_call(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        inside = [0.0]
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                inside[0] = time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        try:
+            return await original_call(self, timed, *args, **kwargs)
+        finally:
+            add("store." + getattr(fn, "__name__", "?"), time.perf_counter() - t0, inside[0])
+
+    def timed_compose(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original_compose(*a, **k)
+        finally:
+            wall = time.perf_counter() - t0
+            add("compose_reply", wall, wall)
+
+    prxmail.state.AsyncStateStore._call = timed_call  # type: ignore[method-assign]
+    prxmail.channel.compose_reply = timed_compose  # type: ignore[attr-defined]
+    try:
+        yield stats
+    finally:
+        prxmail.state.AsyncStateStore._call = original_call  # type: ignore[method-assign]
+        prxmail.channel.compose_reply = original_compose  # type: ignore[attr-defined]
+
+
+def _breakdown(servers: MailServers, n: int, state_root: pathlib.Path) -> dict[str, Any]:
+    tag = f"bd-{os.getpid()}"
+    sender, rcpt = servers.add_user(f"ob-{tag}"), servers.add_user(f"ob-rcpt-{tag}")
+    with _instrumented() as stats:
+        res = _run_prxmail(servers, sender, rcpt, n, state_root, mode="reply")
+    print(
+        f"  prxmail reply breakdown (separate instrumented run: queued {res['queued_s']:.2f} s,"
+        f" in Maildir {res['delivered_s']:.2f} s; includes the untimed hand-over of {n}):"
+    )
+    print(f"    {'':<30} {'calls':>6} {'wall s':>7} {'in call s':>9} {'ms/call':>7}")
+    for name, (calls, wall, inside) in sorted(stats.items(), key=lambda kv: -kv[1][1]):
+        print(f"    {name:<30} {calls:6.0f} {wall:7.2f} {inside:9.2f} {wall / calls * 1000:7.2f}")
+    return {"run": res, "stats": stats}
+
+
 def bench_outbox(
-    servers: MailServers, n: int, rounds: int, state_root: pathlib.Path | None = None
+    servers: MailServers,
+    n: int,
+    rounds: int,
+    state_root: pathlib.Path | None = None,
+    *,
+    breakdown: bool = False,
 ) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
     tag = os.getpid()
@@ -248,7 +328,10 @@ def bench_outbox(
         "  (prxmail's queue time is the durable recording: one fsync'd SQLite commit per"
         " reply; the peers keep nothing.)"
     )
-    return {"n": n, "rounds": rounds, "runs": runs, "table": table, "ratios": ratios}
+    result = {"n": n, "rounds": rounds, "runs": runs, "table": table, "ratios": ratios}
+    if breakdown:
+        result["breakdown"] = _breakdown(servers, n, state_root or servers.workdir)
+    return result
 
 
 def main(argv: list[str]) -> int:
@@ -266,6 +349,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--state-root", type=pathlib.Path, default=None, help="parent of prxmail's state dirs"
     )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="one more instrumented prxmail reply run"
+    )
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
     args = parser.parse_args(argv)
     if args.state_root is not None:
@@ -273,7 +359,9 @@ def main(argv: list[str]) -> int:
     report: dict[str, Any] = {"machine_start": _machine(), "argv": argv}
     print(f"machine: {report['machine_start']}")
     with mail_servers() as servers:
-        report["outbox"] = bench_outbox(servers, args.messages, args.rounds, args.state_root)
+        report["outbox"] = bench_outbox(
+            servers, args.messages, args.rounds, args.state_root, breakdown=args.breakdown
+        )
     report["machine_end"] = _machine()
     print(f"machine at end: {report['machine_end']}")
     if args.json is not None:
