@@ -44,9 +44,11 @@ import logging
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import attrs
 import mailparser  # type: ignore[import-untyped]
+import mailparser.const  # type: ignore[import-untyped]
 import mailparser.utils  # type: ignore[import-untyped]
 import trio
 
@@ -861,6 +863,66 @@ def _list_attachments(
 
 # -- the parser -----------------------------------------------------------------------
 
+# mail-parser exposes one header's addresses through these names; its _reset()
+# runs the address scanner on every value of them.
+_MAILPARSER_ADDRESS_HEADERS = frozenset(mailparser.const.ADDRESSES_HEADERS)
+
+
+class _MailParser(mailparser.MailParser):  # type: ignore[misc]
+    """``mailparser.MailParser`` without the work :func:`parse_message` never reads.
+
+    Two private hooks of mail-parser are overridden; results are unchanged, and
+    tests/unit/test_message.py fails if a new mail-parser release stops calling
+    them (the speed-up would be lost) or if results differ from the plain class.
+
+    * ``parse()`` ends by building ``.mail`` and ``.mail_partial``, two dicts of
+      every header with their addresses parsed again: about a sixth of a small
+      message's parse. Here they are built when first read.
+    * ``_reset()`` runs the address scanner on every value of every address
+      header, for ``.mail`` and for its defect list. Values in the fast grammar
+      (see :func:`_fast_address_pairs`) give the same pairs and no defect, so
+      they are hidden from that loop and their pairs filled in after it.
+    """
+
+    _mail: dict[str, Any] | None
+    _mail_partial: dict[str, Any] | None
+
+    def _build_header_index(self) -> dict[str, list[Any]]:
+        index: dict[str, list[Any]] = super()._build_header_index()
+        self._fast_addresses: dict[str, tuple[list[Any], list[tuple[str, str]]]] = {}
+        for header in _MAILPARSER_ADDRESS_HEADERS & index.keys():
+            values = index[header]
+            pairs = [_fast_address_pairs(v) if isinstance(v, str) else None for v in values]
+            first = pairs[0]
+            if first is not None and None not in pairs:
+                self._fast_addresses[header] = (values, first)
+                del index[header]
+        return index
+
+    def _reset(self) -> None:
+        self._fast_addresses = {}
+        super()._reset()
+        for header, (values, first) in self._fast_addresses.items():
+            self._header_index[header] = values
+            self._address_headers[header] = first
+
+    def _make_mail(self, complete: bool = True) -> None:
+        return None  # built by the properties below when first read
+
+    @property
+    def mail(self) -> dict[str, Any]:
+        """All headers and parts as a dict, as ``MailParser.mail``."""
+        if self._mail is None:
+            self._mail = mailparser.MailParser._make_mail(self)
+        return self._mail
+
+    @property
+    def mail_partial(self) -> dict[str, Any]:
+        """The main headers and parts as a dict, as ``MailParser.mail_partial``."""
+        if self._mail_partial is None:
+            self._mail_partial = mailparser.MailParser._make_mail(self, complete=False)
+        return self._mail_partial
+
 
 def _normalise_newlines(text: str) -> str:
     # NUL is never text, and it truncates strings in the C programs handlers use.
@@ -1064,7 +1126,7 @@ def parse_message(raw: bytes, *, uid: int, uidvalidity: int, max_attachment_byte
     root: email.message.Message | None = None
     lenient_date: _dt.datetime | None = None
     try:
-        parsed = mailparser.MailParser.from_bytes(data)
+        parsed = _MailParser.from_bytes(data)
     except MemoryError:
         raise
     except Exception as exc:

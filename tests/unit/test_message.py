@@ -10,6 +10,8 @@ import string
 from pathlib import Path
 
 import attrs
+import mailparser  # type: ignore[import-untyped]
+import mailparser.core  # type: ignore[import-untyped]
 import mailparser.utils  # type: ignore[import-untyped]
 import pytest
 import trio
@@ -26,6 +28,7 @@ from prxmail.message import (
     Message,
     _elide_large_base64,
     _fast_address_pairs,
+    _MailParser,
     decode_header_text,
     missing_message_id,
     parse_message,
@@ -979,3 +982,73 @@ def test_address_fast_path_takes_the_plain_shapes(
 )
 def test_address_fast_path_declines_anything_else(value: str) -> None:
     assert _fast_address_pairs(value) is None
+
+
+# -- the mail-parser subclass ---------------------------------------------------------
+
+_MAILPARSER_SAMPLES = [
+    SIMPLE,
+    mail(
+        "From: =?utf-8?q?J=C3=B6rg?= <j@x.org>",
+        "From: second@y.org",
+        "To: team: a@x.org, b@y.org;",
+        "Cc: Carol <c@x.org>",
+        'Cc: "Smith, Ann" <ann@x.org>, bad@@x',
+        "Bcc: <b@x.org>",
+        "Delivered-To: bot@x.org",
+        "Reply-To: J\xf6rg <j@x.org>",
+        "Date: Tue, 31 Feb 2025 09:15:00 +0100",
+        "Received: from x (y [203.0.113.9]) by z; Tue, 04 Mar 2025 09:15:00 +0100",
+    ),
+    mail("From: a@x.org", "Date: not a date", "Content-Type: text/html", body=b"<p>hi</p>"),
+    *(path.read_bytes() for path in sorted(SAMPLES.glob("*.eml"))),
+]
+
+
+def _mailparser_view(parser: mailparser.MailParser) -> dict[str, object]:
+    return {
+        "text_plain": parser.text_plain,
+        "text_html": parser.text_html,
+        "text_not_managed": parser.text_not_managed,
+        "defects": parser.defects,
+        "defects_categories": parser.defects_categories,
+        "date": parser.date,
+        "timezone": parser.timezone,
+        "address_header_defects": parser.address_header_defects,
+        "from": parser.from_,
+        "to": parser.to,
+        "cc": parser.cc,
+        "raw_from": parser.from_raw,
+        "raw_cc": parser.cc_raw,
+        "mail": parser.mail,
+        "mail_partial": parser.mail_partial,
+    }
+
+
+@pytest.mark.parametrize("raw", _MAILPARSER_SAMPLES)
+def test_mail_parser_subclass_gives_what_mail_parser_gives(raw: bytes) -> None:
+    ours = _MailParser.from_bytes(raw)
+    theirs = mailparser.MailParser.from_bytes(raw)
+    assert _mailparser_view(ours) == _mailparser_view(theirs)
+
+
+def test_mail_parser_subclass_skips_unread_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    # If this fails, mail-parser's internals changed and parse_message lost its
+    # speed-up (results stay right: see the test above). Adapt _MailParser.
+    scanned: list[object] = []
+    real_get_addresses = mailparser.core.get_addresses
+
+    def counting_get_addresses(value: object, **kwargs: object) -> object:
+        scanned.append(value)
+        return real_get_addresses(value, **kwargs)
+
+    monkeypatch.setattr(mailparser.core, "get_addresses", counting_get_addresses)
+    parser = _MailParser.from_bytes(
+        mail("From: Alice <alice@x.org>", "To: bot@x.org, carol@x.org", "Cc: dave@x.org")
+    )
+    assert parser._mail is None
+    assert parser._mail_partial is None
+    assert scanned == ["bot@x.org, carol@x.org"]  # not in the fast grammar: scanned
+    assert parser.from_ == [("Alice", "alice@x.org")]
+    assert parser.cc == [("", "dave@x.org")]
+    assert parser.mail["from"] == [("Alice", "alice@x.org")]
