@@ -112,6 +112,7 @@ from prxmail.state import (
 
 __all__ = [
     "AUTH_RETRY_SECONDS",
+    "INLINE_PARSE_BYTES",
     "MESSAGE_BUFFER",
     "SEEN_BUFFER",
     "ChannelStatistics",
@@ -148,6 +149,12 @@ AUTH_RETRY_SECONDS: Final = 600.0
 # The sender re-reads the outbox at least this often even without a wake-up, so items
 # whose retry time arrives are picked up and a lost wake-up costs at most this delay.
 OUTBOX_RECHECK_SECONDS: Final = 60.0
+
+# A fetched group this small is parsed on the event loop instead of in a worker thread:
+# that takes well under a millisecond for typical mail (a few KB; the hand-off to a
+# thread and back costs about as much as the parse), and the parse is bounded by these
+# bytes, so the loop is never held for long. Larger groups go to a thread.
+INLINE_PARSE_BYTES: Final = 32 * 1024
 
 _SEEN: Final = "\\Seen"
 
@@ -283,6 +290,13 @@ class MailChannel:
         )
         # The watcher's current wait (IDLE or poll interval), cancelled to wake it early.
         self._wake_scope: trio.CancelScope | None = None
+        # The folder's high-water mark as stored (the watcher is its only writer), so
+        # looking for new mail needs no state-store round trip.
+        self._high_water = 0
+        # Whether claimed-but-unfinished messages may exist that are not in flight: after
+        # a start, a release, or an interrupted hand-over. Saves reading pending() after
+        # every IDLE wake-up when nothing can be pending.
+        self._pending_dirty = True
 
     def statistics(self) -> ChannelStatistics:
         """Returns: counters of what the channel did since it opened."""
@@ -436,6 +450,7 @@ class MailChannel:
         record = await self._store.release(
             key, reason, max_attempts=self.config.handler_max_attempts
         )
+        self._pending_dirty = True
         self._finished(key, seen=False)
         return record.status is MessageStatus.CLAIMED
 
@@ -644,6 +659,8 @@ class MailChannel:
             raise RemoteProtocolError("the server reported no UIDVALIDITY")
         uidvalidity, uidnext = box.uidvalidity, box.uidnext
         mailbox = await self._store.sync_mailbox(self.account, self.folder, uidvalidity)
+        self._high_water = mailbox.last_uid
+        self._pending_dirty = True
         changed = mailbox.previous_uidvalidity is not None
         if changed:
             log_event(
@@ -667,7 +684,10 @@ class MailChannel:
                 with trio.fail_after(timeout):
                     everything = await conn.uid_search()
                 mark = max(everything, default=0)
-            await self._store.mark_initialized(self.account, self.folder, uidvalidity, mark)
+            initialized = await self._store.mark_initialized(
+                self.account, self.folder, uidvalidity, mark
+            )
+            self._high_water = initialized.last_uid
             log_event(
                 logging.INFO,
                 "folder initialised",
@@ -699,8 +719,7 @@ class MailChannel:
 
     async def _catch_up(self, conn: IMAPConnection, uidvalidity: int) -> None:
         while True:
-            mailbox = await self._store.mailbox(self.account, self.folder)
-            last = mailbox.last_uid if mailbox is not None else 0
+            last = self._high_water
             with trio.fail_after(self.config.command_timeout_secs):
                 found = await conn.uid_search("UID", SequenceSet(((last + 1, None),)))
             # "UID n:*" always matches the highest UID, even when it is below n.
@@ -708,8 +727,7 @@ class MailChannel:
             if not new:
                 return
             await self._process_uids(conn, uidvalidity, new)
-            after = await self._store.mailbox(self.account, self.folder)
-            if after is None or after.last_uid <= last:
+            if self._high_water <= last:
                 # The server listed UIDs it then would not deliver: try again after the
                 # next wait instead of spinning on them.
                 log_event(
@@ -785,6 +803,9 @@ class MailChannel:
             raise
 
     async def _process_pending(self, conn: IMAPConnection, uidvalidity: int) -> None:
+        if not self._pending_dirty:
+            return
+        self._pending_dirty = False
         pending = await self._store.pending(self.account, self.folder)
         current: list[int] = []
         for record in pending:
@@ -847,7 +868,9 @@ class MailChannel:
 
     async def _advance_past(self, uidvalidity: int, uid: int) -> None:
         """Move the high-water mark past UIDs the server listed but no longer has."""
-        await self._store.advance_high_water_mark(self.account, self.folder, uidvalidity, uid)
+        self._high_water = await self._store.advance_high_water_mark(
+            self.account, self.folder, uidvalidity, uid
+        )
 
     async def _process_one(self, conn: IMAPConnection, uidvalidity: int, uid: int) -> None:
         """The usual push: one new message. Its size and its content (up to the limit)
@@ -942,7 +965,8 @@ class MailChannel:
     async def _parse_all(
         self, uidvalidity: int, raws: list[tuple[int, bytes]]
     ) -> list[tuple[int, Message | Exception]]:
-        """Parse a fetched group in one worker-thread call (one hop, not one per message).
+        """Parse a fetched group in one worker-thread call (one hop, not one per message);
+        a group of at most :data:`INLINE_PARSE_BYTES` is parsed right here.
 
         A message that cannot be parsed comes back as its exception: it is recorded as
         failed when the group is claimed, because one poison message must not stall the
@@ -968,6 +992,9 @@ class MailChannel:
                 parsed.append((uid, item))
             return parsed
 
+        if sum(len(raw) for _, raw in raws) <= INLINE_PARSE_BYTES:
+            await trio.lowlevel.checkpoint()
+            return parse_all()
         return await trio.to_thread.run_sync(parse_all)
 
     async def _admit(
@@ -986,9 +1013,23 @@ class MailChannel:
             else:
                 pairs.append((key, missing_message_id(uid, uidvalidity)))
                 failed[key] = f"cannot parse: {_describe(item)}"
-        results = await self._store.claim_many(pairs, failed=failed)
+        batch = await self._store.claim_batch(
+            pairs,
+            failed=failed,
+            message_ids=(
+                ident
+                for _, item in parsed
+                if isinstance(item, Message)
+                for ident in (
+                    item.message_id,
+                    *([item.in_reply_to] if item.in_reply_to else []),
+                    *item.references,
+                )
+            ),
+        )
+        self._high_water = max(self._high_water, *(uid for uid, _ in parsed))
         candidates: list[tuple[MessageKey, Message]] = []
-        for (uid, item), (key, _), result in zip(parsed, pairs, results, strict=True):
+        for (uid, item), (key, _), result in zip(parsed, pairs, batch.results, strict=True):
             if not isinstance(item, Message):
                 log_event(
                     logging.ERROR, "message failed: cannot parse", uid=uid, error=_describe(item)
@@ -1006,16 +1047,7 @@ class MailChannel:
                 candidates.append((key, item))
         if not candidates:
             return
-        ours = await self._store.our_message_ids_among(
-            ident
-            for _, message in candidates
-            for ident in (
-                message.message_id,
-                *([message.in_reply_to] if message.in_reply_to else []),
-                *message.references,
-            )
-        )
-        is_ours = own_id_predicate(ours)
+        is_ours = own_id_predicate(batch.ours)
         accepted: list[tuple[MessageKey, Message]] = []
         rejected: list[tuple[MessageKey, str]] = []
         for key, message in candidates:
@@ -1033,13 +1065,19 @@ class MailChannel:
                 reason=verdict.reason,
                 detail=verdict.detail or None,
             )
-        if rejected:
-            await self._store.mark_rejected_many(rejected)
+        try:
+            await self._store.record_verdicts(rejected, accepted[0][0] if accepted else None)
             self._counts["rejected"] += len(rejected)
-        for key, message in accepted:
-            self._in_flight[key] = message
-            await self._store.begin_handling(key)
-            await self._message_send.send(message)
+            for index, (key, message) in enumerate(accepted):
+                self._in_flight[key] = message
+                if index:
+                    await self._store.begin_handling(key)
+                await self._message_send.send(message)
+        except BaseException:
+            # Interrupted half-way: the rest of the group stays claimed, for the next
+            # round's pending() to find.
+            self._pending_dirty = True
+            raise
 
 
 def _message_fields(message: Message) -> dict[str, object]:

@@ -126,6 +126,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TRANSITIONS",
     "AsyncStateStore",
+    "ClaimBatch",
     "ClaimOutcome",
     "ClaimResult",
     "MailboxState",
@@ -334,6 +335,16 @@ class ClaimResult:
 
     outcome: ClaimOutcome
     record: MessageRecord
+
+
+@attrs.frozen
+class ClaimBatch:
+    """Result of :meth:`StateStore.claim_batch`."""
+
+    #: One result per claimed item, in order.
+    results: tuple[ClaimResult, ...]
+    #: Which of the Message-IDs asked about are ours (normalised, ``"<...>"``).
+    ours: frozenset[str]
 
 
 @attrs.frozen
@@ -684,6 +695,7 @@ class StateStore:
         # The connection's current PRAGMA synchronous (FULL or NORMAL), so that
         # switching it costs a statement only when it changes.
         self._synchronous = "FULL"
+        self._in_transaction = False
         db_path = self.state_dir / DB_FILENAME
         if read_only:
             self._open_read_only(db_path)
@@ -787,6 +799,11 @@ class StateStore:
         if conn is None:
             raise LocalProtocolError("the state store is closed")
         level = "FULL" if durable else "NORMAL"
+        if self._in_transaction:
+            # Nested (a method composed of others): part of the enclosing transaction,
+            # committed with it and in its mode.
+            yield conn
+            return
         if level != self._synchronous and not self.read_only:
             try:
                 # Allowed between transactions only; it applies to the next COMMIT.
@@ -800,6 +817,7 @@ class StateStore:
             conn.execute("BEGIN" if self.read_only else "BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StateError(f"cannot start a state transaction: {exc}") from exc
+        self._in_transaction = True
         try:
             yield conn
         except BaseException as exc:
@@ -808,6 +826,8 @@ class StateStore:
             if isinstance(exc, sqlite3.Error):
                 raise StateError(f"state database error: {exc}") from exc
             raise
+        finally:
+            self._in_transaction = False
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -1104,6 +1124,63 @@ class StateStore:
                 )
         return results
 
+    def claim_batch(
+        self,
+        items: Iterable[tuple[MessageKey, str]],
+        *,
+        failed: Mapping[MessageKey, str] | None = None,
+        message_ids: Iterable[str] = (),
+    ) -> ClaimBatch:
+        """:meth:`claim_many`, and :meth:`our_message_ids_among` for the Message-IDs the
+        sender policy needs, in one call and one transaction (the watcher's one store
+        round trip per fetched group).
+
+        Args:
+            items: As for :meth:`claim_many`.
+            failed: As for :meth:`claim_many`.
+            message_ids: Message-IDs (the group's own, In-Reply-To, References) to look
+                up among the Message-IDs we sent.
+
+        Returns:
+            The claim results and which of ``message_ids`` are ours.
+
+        Raises:
+            As :meth:`claim_many`.
+        """
+        with self._transaction(durable=False):
+            results = self.claim_many(items, failed=failed)
+            ours = self.our_message_ids_among(message_ids)
+        return ClaimBatch(tuple(results), ours)
+
+    def record_verdicts(
+        self,
+        rejected: Iterable[tuple[MessageKey, str]],
+        accepted: MessageKey | None = None,
+    ) -> MessageRecord | None:
+        """Store the sender policy's verdicts on a claimed group in one transaction.
+
+        Rejected messages become ``rejected``; ``accepted`` (the first accepted message,
+        about to be handed on) begins handling. Later accepted messages of the group
+        begin one by one, as each is handed on, so a crash counts an attempt only
+        against messages a handler actually got.
+
+        Args:
+            rejected: ``(key, reason)`` pairs.
+            accepted: The message that is handed on next, or ``None``.
+
+        Returns:
+            ``accepted``'s updated record (see :meth:`begin_handling`), or ``None``.
+
+        Raises:
+            LocalProtocolError: a message is not ``claimed`` (nothing is changed).
+        """
+        with self._transaction(durable=False) as conn:
+            for key, reason in rejected:
+                self._transition(conn, key, MessageStatus.REJECTED, reason=reason)
+            if accepted is None:
+                return None
+            return self._transition(conn, accepted, MessageStatus.HANDLING, count_attempt=True)
+
     def _transition(
         self,
         conn: sqlite3.Connection,
@@ -1173,24 +1250,6 @@ class StateStore:
         """
         with self._transaction(durable=False) as conn:
             return self._transition(conn, key, MessageStatus.REJECTED, reason=reason)
-
-    def mark_rejected_many(self, items: Iterable[tuple[MessageKey, str]]) -> list[MessageRecord]:
-        """:meth:`mark_rejected` several messages in one transaction.
-
-        Args:
-            items: ``(key, reason)`` pairs.
-
-        Returns:
-            The updated records, in order.
-
-        Raises:
-            LocalProtocolError: a message is not ``claimed`` (nothing is changed).
-        """
-        with self._transaction(durable=False) as conn:
-            return [
-                self._transition(conn, key, MessageStatus.REJECTED, reason=reason)
-                for key, reason in items
-            ]
 
     def mark_failed(self, key: MessageKey, reason: str) -> MessageRecord:
         """``claimed``/``handling`` -> ``failed``, with the reason. Never retried.
@@ -1886,11 +1945,25 @@ class AsyncStateStore:
         """See :meth:`StateStore.mark_rejected`."""
         return await self._call(self._store.mark_rejected, key, reason)
 
-    async def mark_rejected_many(
-        self, items: Iterable[tuple[MessageKey, str]]
-    ) -> list[MessageRecord]:
-        """See :meth:`StateStore.mark_rejected_many`."""
-        return await self._call(self._store.mark_rejected_many, list(items))
+    async def claim_batch(
+        self,
+        items: Iterable[tuple[MessageKey, str]],
+        *,
+        failed: Mapping[MessageKey, str] | None = None,
+        message_ids: Iterable[str] = (),
+    ) -> ClaimBatch:
+        """See :meth:`StateStore.claim_batch`."""
+        return await self._call(
+            self._store.claim_batch, list(items), failed=failed, message_ids=list(message_ids)
+        )
+
+    async def record_verdicts(
+        self,
+        rejected: Iterable[tuple[MessageKey, str]],
+        accepted: MessageKey | None = None,
+    ) -> MessageRecord | None:
+        """See :meth:`StateStore.record_verdicts`."""
+        return await self._call(self._store.record_verdicts, list(rejected), accepted)
 
     async def mark_failed(self, key: MessageKey, reason: str) -> MessageRecord:
         """See :meth:`StateStore.mark_failed`."""

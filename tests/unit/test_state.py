@@ -368,16 +368,40 @@ def test_claim_many_fails_unparseable_messages_in_the_same_transaction(
     assert again[0].record.status is MessageStatus.HANDLED
 
 
-def test_mark_rejected_many_is_all_or_nothing(synced: StateStore) -> None:
-    a, b, c = claimed(synced, 1), claimed(synced, 2), handling(synced, 3)
+def test_record_verdicts_is_all_or_nothing(synced: StateStore) -> None:
+    a, b, c, d = claimed(synced, 1), claimed(synced, 2), handling(synced, 3), claimed(synced, 4)
     with pytest.raises(LocalProtocolError):
-        synced.mark_rejected_many([(a, "bounce"), (c, "list-mail")])
+        synced.record_verdicts([(a, "bounce"), (c, "list-mail")], d)
     assert synced.get_message(a).status is MessageStatus.CLAIMED  # type: ignore[union-attr]
-    records = synced.mark_rejected_many([(a, "bounce"), (b, "list-mail")])
-    assert [(r.status, r.reason) for r in records] == [
+    assert synced.get_message(d).status is MessageStatus.CLAIMED  # type: ignore[union-attr]
+    started = synced.record_verdicts([(a, "bounce"), (b, "list-mail")], d)
+    assert started is not None
+    assert (started.status, started.attempts) == (MessageStatus.HANDLING, 1)
+    assert [(synced.get_message(k).status, synced.get_message(k).reason) for k in (a, b)] == [  # type: ignore[union-attr]
         (MessageStatus.REJECTED, "bounce"),
         (MessageStatus.REJECTED, "list-mail"),
     ]
+    assert synced.record_verdicts([]) is None
+
+
+def test_claim_batch_claims_and_finds_our_ids_in_one_transaction(synced: StateStore) -> None:
+    synced.remember_message_id(ACCOUNT, "<ours@bot.example.com>")
+    with pytest.raises(LocalProtocolError):
+        synced.claim_batch(
+            [(key(1), "a@x"), (key(2, uidvalidity=99), "b@x")],
+            message_ids=["<ours@bot.example.com>"],
+        )
+    assert synced.get_message(key(1)) is None
+    batch = synced.claim_batch(
+        [(key(1), "a@x"), (key(2), "b@x")],
+        failed={key(2): "cannot parse"},
+        message_ids=["<a@x>", "ours@bot.example.com", "<other@x>"],
+    )
+    assert [r.record.status for r in batch.results] == [
+        MessageStatus.CLAIMED,
+        MessageStatus.FAILED,
+    ]
+    assert batch.ours == frozenset({"<ours@bot.example.com>"})
 
 
 def _synchronous(store: StateStore) -> int:
