@@ -25,10 +25,14 @@ state store and three bounded hand-offs:
 The watcher's loop, per connection: LOGIN, SELECT, record UIDVALIDITY, re-fetch messages
 a previous run claimed but never finished, apply the first-start policy once per folder
 (and again after a UIDVALIDITY change), then repeat: ``UID SEARCH UID last+1:*``, fetch
-in bounded batches (sizes first; bodies at most ``max_message_bytes`` per command;
-oversized messages described from BODYSTRUCTURE with only their text parts fetched),
-parse in a worker thread, *claim* in the state store (which advances the high-water
-mark in the same transaction), run the sender policy, and hand accepted messages on.
+in bounded groups (sizes first, then bodies, at most ``max_message_bytes`` per command;
+a single new message comes with its size in one round trip; oversized messages are
+described from BODYSTRUCTURE with only their text parts fetched), parse each group (on
+the loop when small, else in one worker-thread call), *claim* the group in the state
+store in one transaction (which advances the high-water mark), run the sender policy,
+and hand accepted messages on one by one. A group costs two state-store round trips
+(claim; verdicts + the first hand-over), each further message of it one, and none of
+them an fsync (see :mod:`prxmail.state`, "Durability settings").
 Between searches it IDLEs: an EXISTS push ends the wait at once; IDLE is re-issued at
 least every ``min(idle_timeout_secs, keepalive_secs)`` and the whole cycle has a hard
 deadline, so a connection that died silently is detected and replaced. After a window
