@@ -27,8 +27,9 @@ What is measured (issue 7, benchmarks 1, 2 and 5)
    ``fetch_batch_size`` (50), ``mailparser.parse_from_bytes`` for each. Every contender
    must deliver every message (checked), and each reports its peak RSS (VmHWM read from
    /proc/self/status at the end) and its RSS after imports (the baseline).
-3. **Many accounts.** N channels (default 1, 10 and 100) in one process, one fresh user
-   and state directory each: RSS growth per account once all are idling, then the push
+3. **Many accounts.** N channels (default 1, 10 and 100) in one process (a fresh
+   subprocess for each N), one fresh user and state directory each: RSS growth per
+   account once all are idling, then the push
    latency (as in 1) to the first five accounts, round-robin, while all N watch. Each
    account's reconnect count is checked (a reconnect loop fails the run). N is bounded
    by the TLS sessions the private Dovecot serves at once (its imap-login
@@ -163,7 +164,7 @@ class Injector:
     and ``sent_at`` holds ``perf_counter()`` taken just before it.
     """
 
-    def __init__(self, servers: MailServers) -> None:
+    def __init__(self, servers: MailServers | _Endpoint) -> None:
         self._servers = servers
         self._conns: dict[str, imaplib.IMAP4_SSL] = {}
         self._jobs: queue.Queue[tuple[User, bytes] | None] = queue.Queue(maxsize=1)
@@ -656,7 +657,9 @@ def _backlog_child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_child(spec: dict[str, Any], profile: pathlib.Path | None = None) -> dict[str, Any]:
+def _run_child(
+    spec: dict[str, Any], profile: pathlib.Path | None = None, *, mode: str = "_backlog"
+) -> dict[str, Any]:
     root = pathlib.Path(__file__).resolve().parent.parent
     cmd = [sys.executable]
     if profile is not None and profile.suffix == ".txt":
@@ -683,7 +686,7 @@ def _run_child(spec: dict[str, Any], profile: pathlib.Path | None = None) -> dic
     else:
         cmd += ["-m", "bench.channel_bench"]
     proc = subprocess.run(
-        [*cmd, "_backlog"],
+        [*cmd, mode],
         input=json.dumps(spec),
         capture_output=True,
         text=True,
@@ -797,16 +800,54 @@ def bench_backlog(
 # -- 5. many accounts -----------------------------------------------------------------------
 
 
+@attrs.frozen
+class _Endpoint:
+    """The private Dovecot's TLS port as a child process sees it (no MailServers there)."""
+
+    host: str
+    imap_tls_port: int
+    ca_file: str
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return _context({"ca_file": self.ca_file})
+
+
 def bench_accounts(servers: MailServers, n: int, samples: int) -> dict[str, Any]:
+    """N channels in one process, a fresh subprocess per N: memory freed by a smaller
+    N before would otherwise be reused and hide part of the growth."""
+    users = [servers.add_user(f"acct{n}-{i}-{os.getpid()}") for i in range(n)]
+    spec = {
+        "contender": f"accounts N={n}",
+        "n": n,
+        "samples": samples,
+        "host": servers.host,
+        "port": servers.imap_tls_port,
+        "ca_file": str(servers.ca_file),
+        "users": [[u.address, u.password] for u in users],
+        "tomls": [
+            _channel_toml(servers, u, servers.workdir / f"state-{u.localpart}") for u in users
+        ],
+    }
+    out = _run_child(spec, mode="_accounts")
+    print(
+        f"  N={n:<4} all idling after {out['start_s']:5.1f} s; RSS {out['rss_before_mb']:.0f}"
+        f" -> {out['rss_after_mb']:.0f} MB = {out['per_account_kib']:,.0f} KiB per account;"
+        f" push latency p50 {out['p50']:.1f} ms, p95 {out['p95']:.1f} ms ({samples} samples);"
+        f" reconnects {out['reconnects']}"
+    )
+    if out["reconnects"]:
+        raise SystemExit(f"N={n}: {out['reconnects']} IMAP reconnects: {out['errors']}")
+    return out
+
+
+def _accounts_child(spec: dict[str, Any]) -> dict[str, Any]:
     from prxmail.channel import MailChannel, open_mail_channel
     from prxmail.config import parse_config
 
-    users = [servers.add_user(f"acct{n}-{i}-{os.getpid()}") for i in range(n)]
-    configs = [
-        parse_config(_channel_toml(servers, u, servers.workdir / f"state-{u.localpart}"))
-        for u in users
-    ]
-    injector = Injector(servers)
+    n, samples = spec["n"], spec["samples"]
+    users = [User(address, password) for address, password in spec["users"]]
+    configs = [parse_config(text) for text in spec["tomls"]]
+    injector = Injector(_Endpoint(spec["host"], spec["port"], spec["ca_file"]))
     targets = min(n, INJECT_USERS)
     for u in users[:targets]:
         injector.prepare(u)
@@ -824,8 +865,7 @@ def bench_accounts(servers: MailServers, n: int, samples: int) -> dict[str, Any]
     async def main() -> None:
         ready: list[MailChannel] = []
         stop = trio.Event()
-        import prxmail.channel  # noqa: F401  (already imported; baseline after imports)
-
+        # Imports, configs and the injector's sessions are in the baseline.
         before = _vm_kib("VmRSS")
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
@@ -847,10 +887,13 @@ def bench_accounts(servers: MailServers, n: int, samples: int) -> dict[str, Any]
                     injector.fire(user, _push_message(f"acct{n}", i))
                     message = await channel.receive()
                     got = time.perf_counter()
+                    if injector.error is not None:
+                        raise injector.error
                     lat.append((got - injector.sent_at) * 1000)
                     await channel.mark_handled(message)
             out["p50"] = _pct(lat, 50)
             out["p95"] = _pct(lat, 95)
+            out["max"] = max(lat)
             # A session that failed (a refused or timed-out login, say) shows here: a
             # clean run has none, on every account.
             out["reconnects"] = sum(c.status.value.reconnects for c in ready)
@@ -863,14 +906,7 @@ def bench_accounts(servers: MailServers, n: int, samples: int) -> dict[str, Any]
         trio.run(main)
     finally:
         injector.close()
-    print(
-        f"  N={n:<4} all idling after {out['start_s']:5.1f} s; RSS {out['rss_before_mb']:.0f}"
-        f" -> {out['rss_after_mb']:.0f} MB = {out['per_account_kib']:,.0f} KiB per account;"
-        f" push latency p50 {out['p50']:.1f} ms, p95 {out['p95']:.1f} ms ({samples} samples);"
-        f" reconnects {out['reconnects']}"
-    )
-    if out["reconnects"]:
-        raise SystemExit(f"N={n}: {out['reconnects']} IMAP reconnects: {out['errors']}")
+    out["hwm_mb"] = _vm_kib("VmHWM") / 1024
     return out
 
 
@@ -965,5 +1001,8 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_backlog"]:
         print(json.dumps(_backlog_child(json.loads(sys.stdin.read()))))
+        raise SystemExit(0)
+    if sys.argv[1:2] == ["_accounts"]:
+        print(json.dumps(_accounts_child(json.loads(sys.stdin.read()))))
         raise SystemExit(0)
     raise SystemExit(main(sys.argv[1:]))
