@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import email
+import email.message
 import logging
 import re
 import string
@@ -29,6 +31,9 @@ from prxmail.message import (
     _elide_large_base64,
     _fast_address_pairs,
     _MailParser,
+    _mark_runs,
+    _parse_tree,
+    _restore_runs,
     decode_header_text,
     missing_message_id,
     parse_message,
@@ -1052,3 +1057,136 @@ def test_mail_parser_subclass_skips_unread_work(monkeypatch: pytest.MonkeyPatch)
     assert parser.from_ == [("Alice", "alice@x.org")]
     assert parser.cc == [("", "dave@x.org")]
     assert parser.mail["from"] == [("Alice", "alice@x.org")]
+
+
+# -- runs of lines kept away from the stdlib parser ----------------------------------
+
+
+def _tree_view(part: email.message.Message) -> dict[str, object]:
+    payload = vars(part)["_payload"]
+    return {
+        "unixfrom": part.get_unixfrom(),
+        "headers": [(name, str(value)) for name, value in part.raw_items()],
+        "payload": [_tree_view(p) for p in payload] if isinstance(payload, list) else payload,
+        "preamble": part.preamble,
+        "epilogue": part.epilogue,
+        "defects": [type(defect).__name__ for defect in part.defects],
+        "default_type": part.get_default_type(),
+    }
+
+
+def _b64_block(size: int, eol: bytes, seed: int = 1) -> bytes:
+    data = bytes((seed * 7 + i * 31) % 256 for i in range(size))
+    return base64.encodebytes(data).replace(b"\n", eol)
+
+
+def _mime_with(body: bytes, *, eol: bytes = b"\r\n", kind: str = "application/pdf") -> bytes:
+    head = [
+        b"From: a@x.org",
+        b"Content-Type: multipart/mixed; boundary=BND",
+        b"",
+        b"preamble",
+        b"--BND",
+        b"Content-Type: text/plain",
+        b"",
+        b"hello",
+        b"--BND",
+        b"Content-Type: " + kind.encode(),
+        b"Content-Transfer-Encoding: base64",
+        b"",
+    ]
+    return eol.join(head) + eol + body + eol + b"--BND--" + eol
+
+
+_BLOCK = _b64_block(6000, b"\r\n")
+_RUN_SAMPLES = [
+    _mime_with(_BLOCK),
+    _mime_with(_b64_block(6000, b"\n"), eol=b"\n"),
+    _mime_with(_BLOCK + b"\r\n\r\n"),  # blank lines before the boundary
+    _mime_with(_BLOCK.replace(b"\r\n", b"\r", 5)),  # bare CRs end lines too
+    _mime_with(_BLOCK.replace(b"\r\n", b"\r\r\n", 1)),  # ...and make an empty line
+    _mime_with(_BLOCK.replace(b"\r\n", b"\r\n\r\n", 1)),  # a blank line inside
+    _mime_with(_BLOCK[:-2] + b"\r"),
+    _mime_with(_BLOCK + b"PRXMAILRUN0Z\r\n"),  # the marker text in the input
+    _mime_with(_BLOCK, kind="message/rfc822"),
+    _mime_with(
+        b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n" + _BLOCK,
+        kind="message/rfc822",
+    ),
+    _mime_with(_BLOCK, kind="message/delivery-status"),
+    _mime_with(b"Subject: x\r\n\r\n" + _BLOCK, kind="multipart/mixed; boundary=BND"),
+    _mime_with(_BLOCK).replace(b"--BND--", b"--BND--\r\n\r\n" + _BLOCK),  # epilogue
+    _mime_with(_BLOCK).replace(b"preamble", _BLOCK),  # preamble
+    _mime_with(_BLOCK).replace(b"boundary=BND", b"boundary=OTHER"),
+    b"From: a@x.org\r\nSubject: plain\r\n\r\n"
+    + b"Some text: with colons\r\n--dashes\r\n\r\n" * 200,
+    b"From: a@x.org\r\nContent-Type: text/plain\r\n\r\n" + _BLOCK,
+    b"From: a@x.org\r\nGarbage line\r\nSubject: late\r\n\r\n" + _BLOCK,
+    b"From: a@x.org\r\nSubject: x\r\r\nMore: y\r\n\r\n" + _BLOCK,
+    b"From: a@x.org\r\nContent-Type:\r\n multipart/mixed; boundary=BND\r\n\r\n" + _BLOCK,
+    b"From: a@x.org\r\nContent-Type: message/rfc822\r\n\r\n" + _BLOCK,
+    b"From: a@x.org\r\n\r\n" + _BLOCK + b"PRXMAILRUN0Z",
+    *(path.read_bytes() for path in sorted(SAMPLES.glob("*.eml"))),
+]
+
+
+@pytest.mark.parametrize("raw", _RUN_SAMPLES)
+def test_marked_runs_give_the_tree_of_a_full_parse(raw: bytes) -> None:
+    assert _tree_view(_parse_tree(raw)) == _tree_view(email.message_from_bytes(raw))
+
+
+def test_runs_are_marked_where_they_save_work() -> None:
+    # Without this the test above could pass with the optimisation never applied.
+    marked, runs, whole_body = _mark_runs(_RUN_SAMPLES[0])
+    assert len(runs) == 1
+    assert whole_body is None
+    assert len(marked) < 1000
+    marked, runs, whole_body = _mark_runs(_RUN_SAMPLES[16])
+    assert whole_body is not None
+    assert len(marked) < 200
+    assert _mark_runs(_RUN_SAMPLES[7])[1] == {}  # the marker text is in the input
+    assert _mark_runs(_RUN_SAMPLES[5])[1] == {}  # a blank line inside the run
+
+
+_SOUP_LINES = st.sampled_from(
+    [
+        b"From: a@x.org",
+        b"Content-Type: multipart/mixed; boundary=q",
+        b"Content-Type: message/rfc822",
+        b"Content-Type: text/plain",
+        b"Content-Transfer-Encoding: base64",
+        b" folded",
+        b"--q",
+        b"--q--",
+        b"",
+        b"\r",
+        b"PRXMAILRUN1Z",
+        b"text: line",
+        _b64_block(2500, b"\r\n", 2).rstrip(),
+        _b64_block(3000, b"\n", 3).rstrip(),
+        _b64_block(2500, b"\r", 4).rstrip(),
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_SOUP_LINES, max_size=20), st.sampled_from([b"\r\n", b"\n"]))
+def test_marked_runs_give_the_tree_of_a_full_parse_for_mime_soup(
+    lines: list[bytes], eol: bytes
+) -> None:
+    raw = eol.join(lines)
+    assert _tree_view(_parse_tree(raw)) == _tree_view(email.message_from_bytes(raw))
+
+
+def test_runs_not_put_back_exactly_once_mean_a_full_parse() -> None:
+    multipart_root = email.message_from_bytes(
+        b"Content-Type: multipart/mixed; boundary=x\r\n\r\nPRXMAILRUN0Z"
+    )
+    assert not _restore_runs(multipart_root, {"PRXMAILRUN0Z": "AAAA"}, "PRXMAILRUN0Z")
+    root = email.message_from_bytes(b"Subject: x\r\n\r\nPRXMAILRUN0Z\r\nPRXMAILRUN0Z")
+    assert not _restore_runs(root, {"PRXMAILRUN0Z": "AAAA"}, None)  # seen twice
+    root = email.message_from_bytes(b"Subject: x\r\n\r\nPRXMAILRUN0Z")
+    assert not _restore_runs(root, {"PRXMAILRUN0Z": "A", "PRXMAILRUN1Z": "B"}, None)
+    root = email.message_from_bytes(b"Subject: x\r\n\r\nPRXMAILRUN0Z\r\n")
+    assert _restore_runs(root, {"PRXMAILRUN0Z": "AAAA"}, None)
+    assert root.get_payload() == "AAAA\r\n"
