@@ -2,8 +2,8 @@
 
 ``python -m bench plot REPORT.json OUT.png``
 
-Two panels against N (accounts watched by one process, log scale): the RSS each
-account adds (and the process's RSS once all are idle), and the push latency at p50 and
+Two panels against N (accounts watched by one process): the process's RSS once all N
+are idle (with the RSS each account adds, in a box), and the push latency at p50 and
 p95. matplotlib is needed (the nox ``bench`` session installs it); it draws off screen.
 """
 
@@ -37,29 +37,28 @@ def plot_accounts(report: dict[str, Any], out: pathlib.Path) -> None:
     machine = report.get("machine_start", {})
     fig, (mem, lat) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
 
-    mem.plot(ns, [r["per_account_kib"] for r in rows], "o-", color="tab:blue")
-    mem.set_ylabel("RSS added per account (KiB)", color="tab:blue")
-    mem.set_ylim(bottom=0, top=max(r["per_account_kib"] for r in rows) * 1.3)
-    total = mem.twinx()
-    total.plot(ns, [r["rss_after_mb"] for r in rows], "s--", color="tab:gray")
-    total.set_ylabel("process RSS, all idle (MB)", color="tab:gray")
-    total.set_ylim(bottom=0, top=max(r["rss_after_mb"] for r in rows) * 1.3)
-    for r in rows:
-        mem.annotate(
-            f"{r['per_account_kib']:.0f} KiB",
-            (r["n"], r["per_account_kib"]),
-            textcoords="offset points",
-            xytext=(0, 8),
-            ha="center",
-            fontsize=8,
-        )
-    mem.set_title("Memory per watched mailbox")
-    mem.legend(
-        [*mem.get_lines(), *total.get_lines()],
-        ["per account (left)", "whole process (right)"],
-        loc="upper center",
-        fontsize=8,
+    mem.plot(ns, [r["rss_after_mb"] for r in rows], "o-", color="tab:blue", label="all idle")
+    mem.plot(
+        ns,
+        [r["rss_before_mb"] for r in rows],
+        "--",
+        color="tab:gray",
+        label="before the first channel opens",
     )
+    mem.set_ylabel("process RSS (MB)")
+    mem.set_ylim(bottom=0, top=max(r["rss_after_mb"] for r in rows) * 1.2)
+    mem.legend(loc="lower right", fontsize=8)
+    per = "\n".join(f"N = {r['n']}: {r['per_account_kib']:,.0f} KiB" for r in rows)
+    mem.text(
+        0.03,
+        0.97,
+        f"RSS added per account\n{per}",
+        transform=mem.transAxes,
+        va="top",
+        fontsize=8,
+        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "lightgray"},
+    )
+    mem.set_title("Memory: N channels in one process")
 
     lat.plot(ns, [r["p50"] for r in rows], "o-", label="p50")
     lat.plot(ns, [r["p95"] for r in rows], "^-", label="p95")
@@ -78,10 +77,9 @@ def plot_accounts(report: dict[str, Any], out: pathlib.Path) -> None:
     )
 
     for ax in (mem, lat):
-        ax.set_xscale("log")
-        ax.set_xlim(min(ns) / 1.6, max(ns) * 1.6)
         ax.set_xticks(ns)
-        ax.set_xticklabels([str(n) for n in ns])
+        ax.set_xticklabels([str(n) for n in ns], fontsize=8)
+        ax.set_xlim(0, max(ns) * 1.05)
         ax.set_xlabel("accounts watched by one process (N)")
         ax.grid(True, which="major", alpha=0.3)
     load = machine.get("load") or ["?"]
