@@ -9,6 +9,8 @@ import email.message
 import logging
 import re
 import string
+import sys
+import unicodedata
 from pathlib import Path
 
 import attrs
@@ -21,6 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prxmail.message import (
+    _LINE_BREAKING,
+    _SPACE_OR_CONTROL,
+    _SURROGATE,
     ELIDE_FLOOR_BYTES,
     MAX_FILENAME_BYTES,
     MAX_MIME_PARTS,
@@ -1190,3 +1195,18 @@ def test_runs_not_put_back_exactly_once_mean_a_full_parse() -> None:
     root = email.message_from_bytes(b"Subject: x\r\n\r\nPRXMAILRUN0Z\r\n")
     assert _restore_runs(root, {"PRXMAILRUN0Z": "AAAA"}, None)
     assert root.get_payload() == "AAAA\r\n"
+
+
+def test_character_classes_match_unicodedata() -> None:
+    # _clean_text and _clean_addr use regex classes for Unicode categories.
+    everything = "".join(map(chr, range(sys.maxunicode + 1)))
+    categories = [unicodedata.category(ch) for ch in everything]
+    assert {m.start() for m in _LINE_BREAKING.finditer(everything)} == {
+        i for i, cat in enumerate(categories) if cat in ("Cc", "Zl", "Zp")
+    }
+    assert {m.start() for m in _SURROGATE.finditer(everything)} == {
+        i for i, cat in enumerate(categories) if cat == "Cs"
+    }
+    assert {m.start() for m in _SPACE_OR_CONTROL.finditer(everything)} == {
+        i for i, ch in enumerate(everything) if ch.isspace() or categories[i] == "Cc"
+    }
