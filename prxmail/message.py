@@ -908,9 +908,14 @@ def _is_inert_run(data: bytes, start: int, end: int) -> bool:
         chunk = data[offset : min(offset + _ELIDE_CHECK_CHUNK, end)]
         if chunk.translate(None, _RUN_BYTES):
             return False
-    # No empty line, as the parser splits lines (at CRLF, CR or LF): it would
-    # be a separator. The run starts after a line end and is followed by one.
-    return all(data[start:end].splitlines()) and data[end - 1 : end] != b"\r"
+    # No empty line, as the parser splits lines (at CRLF, CR or LF): it would be
+    # a separator. One is there exactly when a line end follows another: LF LF,
+    # LF CR, or CR CR (a CR not followed by LF ends a line on its own). The run
+    # starts after a line end, so its first byte must not end a line either (the
+    # caller ends it before the line ends that precede the next line).
+    if data[start : start + 1] in (b"\r", b"\n"):
+        return False
+    return all(data.find(pair, start, end) < 0 for pair in (b"\n\n", b"\n\r", b"\r\r"))
 
 
 def _base64_runs(data: bytes) -> Iterator[tuple[int, int]]:
@@ -1012,7 +1017,10 @@ def _restore_runs(
 
 def _parse_tree(data: bytes) -> email.message.Message:
     """``email.message_from_bytes(data)``, without walking long runs line by line."""
-    marked, runs, whole_body = _mark_runs(data)
+    try:
+        marked, runs, whole_body = _mark_runs(data)
+    except Exception:  # never expected; the full parse is always right
+        marked, runs, whole_body = data, {}, None
     if runs:
         root = email.message_from_bytes(marked)
         try:

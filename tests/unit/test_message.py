@@ -1112,6 +1112,8 @@ _RUN_SAMPLES = [
     _mime_with(_BLOCK.replace(b"\r\n", b"\r\r\n", 1)),  # ...and make an empty line
     _mime_with(_BLOCK.replace(b"\r\n", b"\r\n\r\n", 1)),  # a blank line inside
     _mime_with(_BLOCK[:-2] + b"\r"),
+    _mime_with(b"\r\n" + _BLOCK),  # a second blank line before the run
+    _mime_with(b"\r\n" + _BLOCK, kind="message/rfc822"),
     _mime_with(_BLOCK + b"PRXMAILRUN0Z\r\n"),  # the marker text in the input
     _mime_with(_BLOCK, kind="message/rfc822"),
     _mime_with(
@@ -1142,15 +1144,15 @@ def test_marked_runs_give_the_tree_of_a_full_parse(raw: bytes) -> None:
 
 def test_runs_are_marked_where_they_save_work() -> None:
     # Without this the test above could pass with the optimisation never applied.
-    marked, runs, whole_body = _mark_runs(_RUN_SAMPLES[0])
+    marked, runs, whole_body = _mark_runs(_mime_with(_BLOCK))
     assert len(runs) == 1
     assert whole_body is None
     assert len(marked) < 1000
-    marked, runs, whole_body = _mark_runs(_RUN_SAMPLES[16])
+    marked, runs, whole_body = _mark_runs(b"From: a@x.org\r\n\r\n" + _BLOCK)
     assert whole_body is not None
     assert len(marked) < 200
-    assert _mark_runs(_RUN_SAMPLES[7])[1] == {}  # the marker text is in the input
-    assert _mark_runs(_RUN_SAMPLES[5])[1] == {}  # a blank line inside the run
+    assert _mark_runs(_mime_with(_BLOCK + b"PRXMAILRUN0Z"))[1] == {}  # marker text in the input
+    assert _mark_runs(_mime_with(_BLOCK.replace(b"\r\n", b"\r\n\r\n", 1)))[1] == {}
 
 
 _SOUP_LINES = st.sampled_from(
