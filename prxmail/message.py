@@ -278,6 +278,8 @@ def _bytes_to_text(data: bytes, charset: str | None = None) -> str:
 
 def _fix_raw_bytes(value: str) -> str:
     """Turn 8-bit header bytes (carried by ``email`` as surrogates) into text."""
+    if value.isascii():  # known without a scan: str keeps the flag
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -389,11 +391,14 @@ def decode_header_text(raw: str) -> str:
 _MSG_ID = re.compile(r"<([^<>]*)>")
 
 
+_PRINTABLE_ASCII = re.compile(r"[!-~]+")
+
+
 def _valid_msg_id(inner: str) -> str | None:
     inner = "".join(inner.split())
     if not inner or len(inner) + 2 > MAX_MESSAGE_ID_CHARS:
         return None
-    if not all("!" <= ch <= "~" for ch in inner):
+    if not _PRINTABLE_ASCII.fullmatch(inner):
         # Only printable ASCII: anything else cannot be written back into our
         # replies' headers safely (and RFC 5322 msg-ids are ASCII).
         return None
@@ -1097,12 +1102,11 @@ class _MailParser(mailparser.MailParser):  # type: ignore[misc]
 
 def _normalise_newlines(text: str) -> str:
     # NUL is never text, and it truncates strings in the C programs handlers use.
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = _fix_raw_bytes(text)
-    return text
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    return _fix_raw_bytes(text)
 
 
 _WANTED_HEADERS = frozenset(
