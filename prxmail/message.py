@@ -51,6 +51,7 @@ from typing import Any
 import attrs
 import mailparser  # type: ignore[import-untyped]
 import mailparser.const  # type: ignore[import-untyped]
+import mailparser.exceptions  # type: ignore[import-untyped]
 import mailparser.utils  # type: ignore[import-untyped]
 import trio
 
@@ -1141,6 +1142,22 @@ MAX_RAW_FIELD_BYTES = 8 * 1024
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 
 
+def _mail_parser(data: bytes) -> _MailParser:
+    """What ``mailparser.MailParser.from_bytes(data)`` gives, with the tree of
+    :func:`_parse_tree`.
+
+    Raises:
+        MailParserRecursionError: The MIME tree nests too deeply to walk (as
+            mail-parser's own constructors raise it).
+    """
+    try:
+        return _MailParser(_parse_tree(data))
+    except RecursionError as exc:
+        raise mailparser.exceptions.MailParserRecursionError(
+            "Message nesting too deep to parse"
+        ) from exc
+
+
 def _header_section_end(data: bytes) -> int:
     """Offset of the blank line ending the header section (len(data) if none)."""
     if data.startswith((b"\r\n", b"\n")):
@@ -1305,7 +1322,7 @@ def parse_message(raw: bytes, *, uid: int, uidvalidity: int, max_attachment_byte
     root: email.message.Message | None = None
     lenient_date: _dt.datetime | None = None
     try:
-        parsed = _MailParser._parse_guarded(functools.partial(_parse_tree, data))
+        parsed = _mail_parser(data)
     except MemoryError:
         raise
     except Exception as exc:

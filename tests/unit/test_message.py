@@ -16,6 +16,7 @@ from pathlib import Path
 import attrs
 import mailparser  # type: ignore[import-untyped]
 import mailparser.core  # type: ignore[import-untyped]
+import mailparser.exceptions  # type: ignore[import-untyped]
 import mailparser.utils  # type: ignore[import-untyped]
 import pytest
 import trio
@@ -35,6 +36,7 @@ from prxmail.message import (
     Message,
     _elide_large_base64,
     _fast_address_pairs,
+    _mail_parser,
     _MailParser,
     _mark_runs,
     _parse_tree,
@@ -1037,9 +1039,20 @@ def _mailparser_view(parser: mailparser.MailParser) -> dict[str, object]:
 
 @pytest.mark.parametrize("raw", _MAILPARSER_SAMPLES)
 def test_mail_parser_subclass_gives_what_mail_parser_gives(raw: bytes) -> None:
-    ours = _MailParser.from_bytes(raw)
+    ours = _mail_parser(raw)
     theirs = mailparser.MailParser.from_bytes(raw)
     assert _mailparser_view(ours) == _mailparser_view(theirs)
+
+
+def test_mail_parser_subclass_raises_what_mail_parser_raises_on_a_nesting_bomb() -> None:
+    raw = b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n" + b"".join(
+        b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1)
+        for i in range(5000)
+    )
+    with pytest.raises(mailparser.exceptions.MailParserRecursionError):
+        mailparser.MailParser.from_bytes(raw)
+    with pytest.raises(mailparser.exceptions.MailParserRecursionError):
+        _mail_parser(raw)
 
 
 def test_mail_parser_subclass_skips_unread_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1140,6 +1153,12 @@ _RUN_SAMPLES = [
 @pytest.mark.parametrize("raw", _RUN_SAMPLES)
 def test_marked_runs_give_the_tree_of_a_full_parse(raw: bytes) -> None:
     assert _tree_view(_parse_tree(raw)) == _tree_view(email.message_from_bytes(raw))
+
+
+@pytest.mark.parametrize("raw", _RUN_SAMPLES)
+def test_marked_runs_give_what_mail_parser_gives(raw: bytes) -> None:
+    theirs = mailparser.MailParser.from_bytes(raw)
+    assert _mailparser_view(_mail_parser(raw)) == _mailparser_view(theirs)
 
 
 def test_runs_are_marked_where_they_save_work() -> None:
