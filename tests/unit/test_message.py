@@ -34,6 +34,7 @@ from prxmail.message import (
     Address,
     Attachment,
     Message,
+    _decoded_payload,
     _elide_large_base64,
     _fast_address_pairs,
     _mail_parser,
@@ -1231,3 +1232,26 @@ def test_character_classes_match_unicodedata() -> None:
     assert {m.start() for m in _SPACE_OR_CONTROL.finditer(everything)} == {
         i for i, ch in enumerate(everything) if ch.isspace() or categories[i] == "Cc"
     }
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(alphabet="ABCDEFabcdef0123+/=\r\n \t!-é", max_size=60),
+    st.sampled_from(["base64", "BASE64", "base64 ", " base64", "quoted-printable", ""]),
+)
+def test_decoded_payload_is_the_stdlib_decoding(payload: str, encoding: str) -> None:
+    part = email.message.Message()
+    if encoding:
+        part["Content-Transfer-Encoding"] = encoding
+    part.set_payload(payload)
+    assert _decoded_payload(part) == part.get_payload(decode=True)
+
+
+def test_decoded_payload_takes_the_quick_path_for_plain_base64(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    part = email.message.Message()
+    part["Content-Transfer-Encoding"] = "base64"
+    part.set_payload(base64.encodebytes(b"%PDF-1.7 " * 100).decode("ascii"))
+    monkeypatch.setattr(part, "get_payload", lambda *args, **kwargs: pytest.fail("slow path"))
+    assert _decoded_payload(part) == b"%PDF-1.7 " * 100
