@@ -934,13 +934,13 @@ def _list_attachments(
 _RUN_MARKER = "PRXMAILRUN"
 _RUN_MARKER_FOUND = re.compile(_RUN_MARKER + r"(\d+)Z")
 # Shorter runs are not worth a marker (each line saved is about 1.5 us).
-MIN_MARKED_RUN_BYTES = 2048
+_MIN_MARKED_RUN_BYTES = 2048
 _RUN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
 _MAYBE_COMPOSITE = re.compile(rb"(?i)multipart|message/")
 
 
 def _is_inert_run(data: bytes, start: int, end: int) -> bool:
-    if end - start < MIN_MARKED_RUN_BYTES:
+    if end - start < _MIN_MARKED_RUN_BYTES:
         return False
     for offset in range(start, end, _ELIDE_CHECK_CHUNK):
         chunk = data[offset : min(offset + _ELIDE_CHECK_CHUNK, end)]
@@ -987,12 +987,12 @@ def _mark_runs(data: bytes) -> tuple[bytes, dict[str, str], str | None]:
         The marked input, each marker's original text, and the marker of the
         whole-body run (None when the body was not marked as a whole).
     """
-    if len(data) < MIN_MARKED_RUN_BYTES or _RUN_MARKER.encode() in data:
+    if len(data) < _MIN_MARKED_RUN_BYTES or _RUN_MARKER.encode() in data:
         return data, {}, None
     end = _header_section_end(data)
     if 0 < end < len(data) and not _MAYBE_COMPOSITE.search(data, 0, end):
         body = end + (2 if data.startswith(b"\r\n", end) else 1)
-        if len(data) - body >= MIN_MARKED_RUN_BYTES:
+        if len(data) - body >= _MIN_MARKED_RUN_BYTES:
             marker = f"{_RUN_MARKER}0Z"
             text = data[body:].decode("ascii", "surrogateescape")
             return data[:body] + marker.encode(), {marker: text}, marker
@@ -1074,9 +1074,12 @@ _MAILPARSER_ADDRESS_HEADERS = frozenset(mailparser.const.ADDRESSES_HEADERS)
 class _MailParser(mailparser.MailParser):  # type: ignore[misc]
     """``mailparser.MailParser`` without the work :func:`parse_message` never reads.
 
-    Two private hooks of mail-parser are overridden; results are unchanged, and
-    tests/unit/test_message.py fails if a new mail-parser release stops calling
-    them (the speed-up would be lost) or if results differ from the plain class.
+    Private methods of mail-parser are overridden (``_make_mail``,
+    ``_build_header_index``, ``_reset``) and private attributes set
+    (``_mail``, ``_header_index``, ``_address_headers``); results are unchanged,
+    and tests/unit/test_message.py fails if a new mail-parser release stops
+    calling them (the speed-up would be lost) or if results differ from the
+    plain class.
 
     * ``parse()`` ends by building ``.mail`` and ``.mail_partial``, two dicts of
       every header with their addresses parsed again: about a sixth of a small
