@@ -869,6 +869,9 @@ class MailChannel:
             missing = [uid for uid in batch if uid not in sizes]
             if missing:
                 await self._advance_past(uidvalidity, max(missing))
+            # A long catch-up finishes messages faster than the end of the catch-up
+            # comes: flag them as it goes, so SEEN_BUFFER never overflows.
+            await self._flag_seen(conn, uidvalidity)
 
     async def _advance_past(self, uidvalidity: int, uid: int) -> None:
         """Move the high-water mark past UIDs the server listed but no longer has."""

@@ -409,3 +409,21 @@ async def test_mark_seen_false_never_changes_flags(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     assert not any("STORE" in c.upper() for c in fake.commands)
     assert fake.seen == set()
+
+
+async def test_a_backlog_larger_than_the_seen_buffer_is_flagged_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prxmail import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "SEEN_BUFFER", 8)
+    count = 40
+    fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state", fetch_batch_size=5, reply_rate_limit=1000)
+        async with open_mail_channel(config) as channel:
+            for uid in range(1, count + 1):
+                assert await receive(channel) == f"fake {uid}"
+            await wait_until(lambda: len(fake.seen) == count)
+        nursery.cancel_scope.cancel()
