@@ -530,15 +530,25 @@ class MailChannel:
             for item in items:
                 await self._record_send_failure(item, exc)
             return
+        sent = [
+            (item, outcome.result)
+            for item, outcome in zip(items, outcomes, strict=True)
+            if outcome.result is not None
+        ]
+        # One durable commit for everything the server accepted in this exchange.
+        await self._store.mark_sent_many(item.id for item, _ in sent)
+        for item, result in sent:
+            self._log_sent(item, result)
         for item, outcome in zip(items, outcomes, strict=True):
-            if outcome.result is not None:
-                await self._record_sent(item, outcome.result)
-            else:
+            if outcome.result is None:
                 error = outcome.error or ConnectionBrokenError("no outcome for this message")
                 await self._record_send_failure(item, error)
 
     async def _record_sent(self, item: OutboxItem, result: SendResult) -> None:
         await self._store.mark_sent(item.id)
+        self._log_sent(item, result)
+
+    def _log_sent(self, item: OutboxItem, result: SendResult) -> None:
         self._counts["replies_sent"] += 1
         self._set_status(smtp_error=None)
         refused = ", ".join(f"{r.address} ({r.reply.code})" for r in result.refused) or None

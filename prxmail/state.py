@@ -1574,6 +1574,34 @@ class StateStore:
             last_error=None,
         )
 
+    def mark_sent_many(self, item_ids: Iterable[int]) -> None:
+        """:meth:`mark_sent` several items in one transaction: one fsync for a batch the
+        server accepted in one pipelined exchange.
+
+        Args:
+            item_ids: Queued items.
+
+        Raises:
+            LocalProtocolError: an item does not exist or is not queued (nothing is
+                changed).
+        """
+        ids = list(dict.fromkeys(item_ids))
+        if not ids:
+            return
+        now = self._clock()
+        with self._transaction() as conn:
+            for item_id in ids:
+                row = conn.execute("SELECT status FROM outbox WHERE id = ?", (item_id,)).fetchone()
+                if row is None:
+                    raise LocalProtocolError(f"no outbox item {item_id}")
+                if row[0] != OutboxStatus.QUEUED.value:
+                    raise LocalProtocolError(f"outbox item {item_id} is {row[0]}, not queued")
+                conn.execute(
+                    "UPDATE outbox SET status = 'sent', raw = X'', attempts = attempts + 1,"
+                    " sent_at = ?, updated_at = ?, last_error = NULL WHERE id = ?",
+                    (now, now, item_id),
+                )
+
     def mark_transient_failure(self, item_id: int, error: str) -> OutboxItem:
         """A sending attempt failed in a way that may pass: schedule the next one.
 
@@ -2051,6 +2079,10 @@ class AsyncStateStore:
     async def mark_sent(self, item_id: int) -> OutboxItem:
         """See :meth:`StateStore.mark_sent`."""
         return await self._call(self._store.mark_sent, item_id)
+
+    async def mark_sent_many(self, item_ids: Iterable[int]) -> None:
+        """See :meth:`StateStore.mark_sent_many`."""
+        await self._call(self._store.mark_sent_many, list(item_ids))
 
     async def mark_transient_failure(self, item_id: int, error: str) -> OutboxItem:
         """See :meth:`StateStore.mark_transient_failure`."""

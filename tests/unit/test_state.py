@@ -679,6 +679,27 @@ def test_mark_sent_drops_bytes_and_keeps_row(synced: StateStore, clock: FakeCloc
         synced.mark_sent(9999)
 
 
+def test_mark_sent_many_is_one_all_or_nothing_change(synced: StateStore, clock: FakeClock) -> None:
+    items = [synced.enqueue(ACCOUNT, draft(n, b"y" * 100)) for n in range(3)]
+    done = synced.enqueue(ACCOUNT, draft(9))
+    synced.mark_sent(done.id)
+    with pytest.raises(LocalProtocolError, match="not queued"):
+        synced.mark_sent_many([items[0].id, done.id])
+    with pytest.raises(LocalProtocolError, match="no outbox item"):
+        synced.mark_sent_many([items[0].id, 9999])
+    assert [i.id for i in synced.due_outbox()] == [i.id for i in items]
+    clock.now += 7
+    synced.mark_sent_many([items[0].id, items[2].id, items[0].id])
+    sent = [synced.get_outbox_item(i.id) for i in items]
+    assert [(i.status, i.raw, i.sent_at, i.attempts) for i in sent if i is not None] == [
+        (OutboxStatus.SENT, b"", clock.now, 1),
+        (OutboxStatus.QUEUED, b"y" * 100, None, 0),
+        (OutboxStatus.SENT, b"", clock.now, 1),
+    ]
+    synced.mark_sent_many([])
+    assert [i.id for i in synced.due_outbox()] == [items[1].id]
+
+
 def test_transient_failures_back_off_exponentially_then_give_up(
     tmp_path: Path, clock: FakeClock
 ) -> None:
