@@ -116,6 +116,7 @@ from prxmail.state import (
 
 __all__ = [
     "AUTH_RETRY_SECONDS",
+    "FIRST_FETCH_BYTES",
     "INLINE_PARSE_BYTES",
     "MESSAGE_BUFFER",
     "SEEN_BUFFER",
@@ -153,6 +154,12 @@ AUTH_RETRY_SECONDS: Final = 600.0
 # The sender re-reads the outbox at least this often even without a wake-up, so items
 # whose retry time arrives are picked up and a lost wake-up costs at most this delay.
 OUTBOX_RECHECK_SECONDS: Final = 60.0
+
+# A single new message is fetched together with its size, up to this many bytes: all of
+# most mail in one round trip. A larger one costs a second fetch (of the whole message,
+# or of its text parts when over max_message_bytes); the bound keeps what a guess can
+# waste on an oversized message small.
+FIRST_FETCH_BYTES: Final = 1024 * 1024
 
 # A fetched group this small is parsed on the event loop instead of in a worker thread:
 # that takes well under a millisecond for typical mail (a few KB; the hand-off to a
@@ -890,13 +897,15 @@ class MailChannel:
         )
 
     async def _process_one(self, conn: IMAPConnection, uidvalidity: int, uid: int) -> None:
-        """The usual push: one new message. Its size and its content (up to the limit)
-        come in one round trip instead of a size probe followed by the fetch."""
+        """The usual push: one new message. Its size and its first
+        :data:`FIRST_FETCH_BYTES` come in one round trip, which is all of most mail;
+        a larger message is then fetched whole, or as text parts when oversized."""
         limit = self.config.max_message_bytes
+        first = min(limit, FIRST_FETCH_BYTES)
         size: int | None = None
         body: bytes | None = None
         with trio.fail_after(self.config.command_timeout_secs):
-            async for data in conn.uid_fetch([uid], ["RFC822.SIZE", f"BODY.PEEK[]<0.{limit}>"]):
+            async for data in conn.uid_fetch([uid], ["RFC822.SIZE", f"BODY.PEEK[]<0.{first}>"]):
                 if data.uid == uid:
                     size = data.rfc822_size
                     value = data.sections.get("<0>")
@@ -908,9 +917,12 @@ class MailChannel:
             raise RemoteProtocolError(f"the server did not return message UID {uid}")
         # A server whose RFC822.SIZE is off could make a cut-off message look whole: a
         # body that fills the partial fetch completely is only trusted with a matching size.
-        if size > limit or (len(body) >= limit and len(body) != size):
+        if size > first or (len(body) >= first and len(body) != size):
             del body
-            await self._process_oversized(conn, uidvalidity, uid, size)
+            if size > limit:
+                await self._process_oversized(conn, uidvalidity, uid, size)
+            else:
+                await self._fetch_and_process(conn, uidvalidity, [uid])
             return
         await self._admit(uidvalidity, await self._parse_all(uidvalidity, [(uid, body)]))
 

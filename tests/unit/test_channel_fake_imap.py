@@ -427,3 +427,42 @@ async def test_a_backlog_larger_than_the_seen_buffer_is_flagged_in_full(
                 assert await receive(channel) == f"fake {uid}"
             await wait_until(lambda: len(fake.seen) == count)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_pushed_message_larger_than_the_first_fetch_comes_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prxmail import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "FIRST_FETCH_BYTES", 200)
+    small, large = raw_message(1), raw_message(2).replace(b"body 2", b"x" * 500)
+    assert len(small) < 200 < len(large)
+    fake = FakeIMAP()
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state")
+        async with open_mail_channel(config) as channel:
+            for uid, raw in ((1, small), (2, large)):
+                with trio.fail_after(10):
+                    await channel.status.wait_value(lambda s: s.imap == "idle")
+                fake.add(uid, raw)
+                with trio.fail_after(10):
+                    message = await channel.receive()
+                await channel.mark_handled(message)
+                assert message.uid == uid
+        nursery.cancel_scope.cancel()
+    assert message.text == "x" * 500
+
+    def fetches(uid: int) -> list[str]:
+        return [
+            c.split(" ", 1)[1].upper()
+            for c in fake.commands
+            if c.upper().split(" ", 1)[1].startswith(f"UID FETCH {uid} ")
+        ]
+
+    # Within the first fetch: one round trip. Beyond it: the whole message next.
+    assert fetches(1) == ["UID FETCH 1 (RFC822.SIZE BODY.PEEK[]<0.200>)"]
+    assert fetches(2) == [
+        "UID FETCH 2 (RFC822.SIZE BODY.PEEK[]<0.200>)",
+        "UID FETCH 2 (BODY.PEEK[])",
+    ]
