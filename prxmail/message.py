@@ -942,18 +942,20 @@ _MAYBE_COMPOSITE = re.compile(rb"(?i)multipart|message/")
 def _is_inert_run(data: bytes, start: int, end: int) -> bool:
     if end - start < _MIN_MARKED_RUN_BYTES:
         return False
-    for offset in range(start, end, _ELIDE_CHECK_CHUNK):
-        chunk = data[offset : min(offset + _ELIDE_CHECK_CHUNK, end)]
-        if chunk.translate(None, _RUN_BYTES):
+    # Only base64 characters and line ends, and no empty line as the parser
+    # splits lines (at CRLF, CR or LF): that would be a separator. The run
+    # starts at a line start, so an empty first line shows too. The check goes
+    # by slices of about _ELIDE_CHECK_CHUNK, each ending after an LF, to bound
+    # the copies and lists without splitting a line end between two slices.
+    offset = start
+    while offset < end:
+        cut = data.find(b"\n", min(offset + _ELIDE_CHECK_CHUNK, end), end)
+        stop = end if cut < 0 else cut + 1
+        chunk = data[offset:stop]
+        if chunk.translate(None, _RUN_BYTES) or not all(chunk.splitlines()):
             return False
-    # No empty line, as the parser splits lines (at CRLF, CR or LF): it would be
-    # a separator. One is there exactly when a line end follows another: LF LF,
-    # LF CR, or CR CR (a CR not followed by LF ends a line on its own). The run
-    # starts after a line end, so its first byte must not end a line either (the
-    # caller ends it before the line ends that precede the next line).
-    if data[start : start + 1] in (b"\r", b"\n"):
-        return False
-    return all(data.find(pair, start, end) < 0 for pair in (b"\n\n", b"\n\r", b"\r\r"))
+        offset = stop
+    return True
 
 
 def _base64_runs(data: bytes) -> Iterator[tuple[int, int]]:

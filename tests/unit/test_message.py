@@ -7,6 +7,7 @@ import datetime as dt
 import email
 import email.message
 import logging
+import random
 import re
 import string
 import sys
@@ -1172,6 +1173,16 @@ def test_runs_are_marked_where_they_save_work() -> None:
     assert whole_body is not None
     assert len(marked) < 200
     assert _mark_runs(_mime_with(_BLOCK + b"PRXMAILRUN0Z"))[1] == {}  # marker text in the input
+    # A run over the 1 MB slices of the check is still one run, whatever falls
+    # where the slices would meet (lines of 17 bytes put an LF at 1 MiB).
+    text = base64.b64encode(random.Random(1).randbytes(1_800_000))
+    for width, eol in ((16, b"\n"), (16, b"\r\n"), (76, b"\n"), (76, b"\r\n")):
+        lines = [text[i : i + width] for i in range(0, len(text), width)]
+        big = _mime_with(eol.join(lines), eol=eol)
+        marked, runs, _ = _mark_runs(big)
+        assert len(runs) == 1
+        assert len(marked) < 1000
+        assert _tree_view(_parse_tree(big)) == _tree_view(email.message_from_bytes(big))
     assert _mark_runs(_mime_with(_BLOCK.replace(b"\r\n", b"\r\n\r\n", 1)))[1] == {}
 
 
