@@ -15,6 +15,7 @@ SUITES = {
     "channel": "bench.channel_bench",
     "memory": "bench.memory_bench",
     "outbox": "bench.outbox_bench",
+    "parse": "bench.parse_bench",
 }
 TOOLS = {"plot": "bench.plot"}
 
