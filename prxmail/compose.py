@@ -2,11 +2,17 @@
 
 Everything that goes into a header -- the parent's subject, display names, the
 configured subject -- comes from outside and is treated as hostile: control
-characters (CR and LF above all) are turned into spaces *before* the stdlib
-``email`` package sees them, and the serialised header section is checked again
-afterwards to hold exactly the fields we set. The handler's output only ever becomes
-the body: a body that starts with ``"Bcc: x"`` is body text, because the header
+characters (CR and LF above all) become spaces and ``=?`` is broken up before any
+of it is written, and the serialised header section is checked again afterwards
+to hold exactly the fields we set. The handler's output only ever becomes the
+body: a body that starts with ``"Bcc: x"`` is body text, because the header
 section is closed before it is written.
+
+The header section is written here, not by the stdlib ``email`` package: the
+fields and the shape of each value are known, and the header registry's
+parse-then-refold cost milliseconds per reply (see ``_HeaderWriter``). The old
+EmailMessage-based writer is kept in the tests as the reference the output is
+held to.
 
 Encoding: headers use RFC 2047 encoded words for non-ASCII text (raw UTF-8 only when
 an address itself is non-ASCII, which needs SMTPUTF8 anyway -- see
@@ -19,15 +25,13 @@ dot-stuffed: that is the SMTP client's job when it sends DATA.
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as _dt
-import email.headerregistry
-import email.policy
 import email.utils
 import re
 import secrets
 import unicodedata
 from collections.abc import Sequence
-from email.message import EmailMessage
 
 import attrs
 
@@ -69,7 +73,41 @@ _REPLY_PREFIX = re.compile(
     re.IGNORECASE,
 )
 _WHITESPACE_RUN = re.compile(r"\s+")
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ADDR_SPEC = re.compile(r"^[^\s@<>()\[\],;:\\\"]+@[^\s@<>()\[\],;:\\\"]+$")
+# Non-empty atoms joined by single dots; the characters are already limited by
+# _ADDR_SPEC.
+_DOT_ATOM = re.compile(r"[^.]+(?:\.[^.]+)*\Z")
+_LOOKS_ENCODED = re.compile(r"=\?[^?]*\?[A-Za-z]\?.*\?=")
+
+# A display name written as it is: atext words (RFC 5322 3.2.3) separated by single
+# spaces; with SMTPUTF8, non-ASCII characters count as atext (RFC 6532 3.2).
+_ASCII_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ ]+\Z")
+_UTF8_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ \x80-\U0010ffff]+\Z")
+
+# 7bit bodies: printable ASCII and tabs only (with the line-length limit below).
+_NOT_SEVEN_BIT = re.compile(r"[^\t\n -~]")
+# The bytes quoted-printable writes as they are (for the encoding choice).
+_QP_PLAIN = bytes(byte for byte in range(256) if 32 <= byte < 127 or byte in (9, 10))
+
+# Header lines are folded to at most this many octets wherever a word boundary
+# allows (RFC 5322 2.1.1 SHOULD); words longer than a line are encoded words
+# (text) or addresses and ids, bounded far below the 998-octet MUST.
+_FOLD_AT = 78
+# RFC 2047 section 2: an encoded word is at most 75 characters.
+_MAX_ENCODED_WORD = 75
+_ENCODED_WORD_OVERHEAD = len("=?utf-8?q??=")
+# Less room than this left on a line starts a new line for an encoded word; it
+# holds one 4-byte character in either encoding (12 + 12 for "q").
+_MIN_ENCODED_WORD = 24
+# RFC 2047 5(3): in "Q" encoded words of a phrase only letters, digits and
+# "!*+-/" stand for themselves and "_" stands for a space; the same (safe for
+# unstructured text too) is used everywhere.
+_Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+_Q_TEXT = [
+    chr(byte) if byte in _Q_SAFE else "_" if byte == 0x20 else f"={byte:02X}" for byte in range(256)
+]
+_Q_COST = [len(text) for text in _Q_TEXT]
 
 
 @attrs.frozen
@@ -106,17 +144,24 @@ class OutgoingMessage:
 def _header_text(value: str, limit: int) -> str:
     """Text safe for a header: no control/format characters, single spaces, bounded.
 
-    The stdlib header classes *decode* RFC 2047 encoded words in values we set
-    (Python 3.11 before 3.11.10 then writes a decoded CR/LF straight into the
-    header section, CVE-2024-6923). Text reaching here is already decoded, so any
-    ``=?`` left is literal: it is broken up so it can never be taken for an
-    encoded word.
+    The stdlib parser (which every reader of our mail may use) *decodes* RFC 2047
+    encoded words wherever it finds them, even inside quoted strings. Text reaching
+    here is already decoded, so any ``=?`` left is literal: it is broken up so it
+    can never be taken for an encoded word.
     """
-    cleaned = "".join(
-        " " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch
-        for ch in value
-        if unicodedata.category(ch) not in ("Cs", "Cf")
-    )
+    # str.isprintable() is False for every character of the categories handled
+    # below (Cc, Cf, Cs, Zl, Zp), so printable text skips the per-character scan.
+    if value.isprintable():
+        cleaned = value
+    elif value.isascii():
+        # In ASCII, only Cc exists of those categories.
+        cleaned = _ASCII_CONTROL.sub(" ", value)
+    else:
+        cleaned = "".join(
+            " " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch
+            for ch in value
+            if unicodedata.category(ch) not in ("Cs", "Cf")
+        )
     cleaned = _WHITESPACE_RUN.sub(" ", cleaned).strip()[:limit].strip()
     while "=?" in cleaned:
         cleaned = cleaned.replace("=?", "= ?")
@@ -225,15 +270,18 @@ def thread_references(parent: Message) -> tuple[str, ...]:
 
 
 def _choose_cte(body: str) -> str:
-    lines = body.split("\n")
-    if all((" " <= ch <= "~") or ch == "\t" for line in lines for ch in line) and all(
-        len(line) <= _SEVEN_BIT_LINE for line in lines
+    # The figures are those of the stdlib encoders: quoted-printable writes a byte
+    # outside _QP_PLAIN as "=XX", base64 4 characters per 3 bytes.
+    if (
+        body.isascii()
+        and not _NOT_SEVEN_BIT.search(body)
+        and max(map(len, body.split("\n"))) <= _SEVEN_BIT_LINE
     ):
         return "7bit"
     data = body.encode("utf-8")
-    plain = sum(1 for byte in data if 32 <= byte < 127 or byte in (9, 10))
-    quoted_length = plain + 3 * (len(data) - plain)
-    base64_length = len(base64.b64encode(data))
+    escaped = len(data.translate(None, _QP_PLAIN))
+    quoted_length = len(data) + 2 * escaped
+    base64_length = 4 * ((len(data) + 2) // 3)
     return "quoted-printable" if quoted_length <= base64_length else "base64"
 
 
@@ -247,18 +295,33 @@ def _normalise_body(body: str) -> str:
     return body
 
 
-def _mailbox(address: Address, what: str) -> email.headerregistry.Address:
+def _encode_body(text: str, cte: str) -> bytes:
+    """The body in ``cte``, CRLF line ends; ``text`` is normalised (LF, final LF)."""
+    if cte == "7bit":
+        return text.replace("\n", "\r\n").encode("ascii")
+    data = text.encode("utf-8")
+    if cte == "quoted-printable":
+        # istext: LF stays a line break (not "=0A"); lines of at most 76 characters
+        # with "=" soft breaks; trailing spaces and tabs, "=", controls and 8-bit
+        # bytes are escaped (RFC 2045 6.7).
+        encoded = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
+    else:
+        encoded = base64.encodebytes(data)  # lines of 76 characters
+    return encoded.replace(b"\n", b"\r\n")
+
+
+def _mailbox(address: Address, what: str) -> tuple[str, str]:
+    """(display name, addr-spec) of ``address``, both safe to write as they are."""
     addr = _check_address(address.addr, what)
-    name = _header_text(address.name, MAX_DISPLAY_NAME_CHARS)
-    try:
-        if addr.isascii():
-            return email.headerregistry.Address(display_name=name, addr_spec=addr)
-        # The addr-spec parser refuses non-ASCII local parts even though RFC 6532
-        # allows them (with SMTPUTF8); give the parts directly.
-        local, _, domain = addr.rpartition("@")
-        return email.headerregistry.Address(display_name=name, username=local, domain=domain)
-    except (ValueError, IndexError, TypeError) as exc:
-        raise LocalProtocolError(f"{what} {addr!r} cannot be written in a header") from exc
+    local, _, domain = addr.rpartition("@")
+    # RFC 5322 3.4.1: both sides are dot-atoms (the characters _ADDR_SPEC lets
+    # through are atext, or UTF-8 under RFC 6532); anything else would need
+    # quoting that no recipient address worth answering uses. Something shaped
+    # like an encoded word is refused because lenient parsers (the stdlib's among
+    # them) decode encoded words even inside an address.
+    if not (_DOT_ATOM.match(local) and _DOT_ATOM.match(domain)) or _LOOKS_ENCODED.search(addr):
+        raise LocalProtocolError(f"{what} {addr!r} cannot be written in a header")
+    return _header_text(address.name, MAX_DISPLAY_NAME_CHARS), addr
 
 
 def _verify_header_section(raw: bytes, expected: set[str]) -> None:
@@ -278,6 +341,140 @@ def _verify_header_section(raw: bytes, expected: set[str]) -> None:
         seen.append(name.decode("ascii", "replace").lower())
     if sorted(seen) != sorted(expected):
         raise LocalProtocolError(f"composed header fields {seen} differ from those set")
+
+
+# -- the header writer -------------------------------------------------------------
+#
+# Theory of operation: every field we write is one of a fixed set whose value we
+# build from parts we have already made safe (ids checked by _valid_id, addresses
+# by _mailbox, text by _header_text: no control characters, single spaces, no
+# "=?"). A value is a sequence of words; _HeaderWriter puts them on lines of at
+# most _FOLD_AT octets, folding (CRLF + space) only between words, where RFC 5322
+# allows folding whitespace. Text that cannot go out as it is -- non-ASCII without
+# SMTPUTF8, or a word too long for one line -- becomes RFC 2047 encoded words,
+# cut to fit the room left on the line; adjacent encoded words are joined by
+# decoders without the whitespace between them, so a run of such words (spaces
+# included) is encoded as one text. A word longer than a line can only be an
+# address (at most 254 octets) or an id (MAX_MESSAGE_ID_CHARS): both far below the
+# 998-octet limit, which _verify_header_section checks again on the bytes.
+
+
+class _HeaderWriter:
+    __slots__ = ("_line", "_parts", "utf8")
+
+    def __init__(self, *, utf8: bool) -> None:
+        self._parts: list[str] = []
+        # Octets on the current line; 0 on a fresh continuation line, where a
+        # word goes whatever its size (there is no better place for it).
+        self._line = 0
+        self.utf8 = utf8
+
+    def field(self, name: str) -> None:
+        if self._parts:
+            self._parts.append("\r\n")
+        self._parts.append(name + ":")
+        self._line = len(name) + 1
+
+    def word(self, token: str) -> None:
+        size = len(token) if token.isascii() else len(token.encode("utf-8"))
+        if self._line and self._line + 1 + size > _FOLD_AT:
+            self._parts.append("\r\n")
+            self._line = 0
+        self._parts.append(" " + token)
+        self._line += 1 + size
+
+    def words(self, tokens: Sequence[str]) -> None:
+        for token in tokens:
+            self.word(token)
+
+    def encoded(self, text: str) -> None:
+        """``text`` as encoded words, as many as it takes."""
+        start = 0
+        while start < len(text):
+            room = _FOLD_AT - self._line - 1
+            if room < _MIN_ENCODED_WORD and self._line:
+                room = _FOLD_AT - 1
+            start = self._encoded_word(text, start, min(room, _MAX_ENCODED_WORD))
+
+    def _encoded_word(self, text: str, start: int, room: int) -> int:
+        """Write the longest encoded word of ``text[start:]`` of ``room`` characters.
+
+        A word that cannot hold the rest of the text ends after a space when it
+        can: decoders that (wrongly, like the stdlib's in a display name) keep the
+        whitespace between encoded words then show at worst a doubled space, not
+        a space inside a word.
+        """
+        q_length = b_length = 0
+        end = start
+        at_space = (start, 0, 0)  # (end, q_length, b_length) after the last space
+        while end < len(text):
+            code = ord(text[end])
+            if code < 0x80:
+                q_next, b_next = q_length + _Q_COST[code], b_length + 1
+            else:
+                octets = 2 if code < 0x800 else 3 if code < 0x10000 else 4
+                q_next, b_next = q_length + 3 * octets, b_length + octets
+            if _ENCODED_WORD_OVERHEAD + min(q_next, 4 * ((b_next + 2) // 3)) > room:
+                if at_space[0] > start:
+                    end, q_length, b_length = at_space
+                break
+            q_length, b_length = q_next, b_next
+            end += 1
+            if code == 0x20:
+                at_space = (end, q_length, b_length)
+        # room >= _MIN_ENCODED_WORD holds one character of any size; kept as a
+        # guard so that the loop in encoded() always advances.
+        end = max(end, start + 1)
+        data = text[start:end].encode("utf-8")
+        if q_length <= 4 * ((b_length + 2) // 3):
+            self.word("=?utf-8?q?" + "".join([_Q_TEXT[byte] for byte in data]) + "?=")
+        else:
+            self.word("=?utf-8?b?" + base64.b64encode(data).decode("ascii") + "?=")
+        return end
+
+    def text(self, value: str) -> None:
+        """Unstructured text (RFC 5322 3.2.5), from :func:`_header_text`."""
+        if value.isascii() and len(value) <= _FOLD_AT - 1:
+            self.words(value.split(" "))
+            return
+        run: list[str] = []  # consecutive words to be encoded together
+        for token in value.split(" "):
+            size = len(token) if token.isascii() else len(token.encode("utf-8"))
+            if size < _FOLD_AT and (token.isascii() or self.utf8):
+                if run:
+                    self.encoded(" ".join(run))
+                    run = []
+                self.word(token)
+            else:
+                run.append(token)
+        if run:
+            self.encoded(" ".join(run))
+
+    def mailboxes(self, boxes: Sequence[tuple[str, str]]) -> None:
+        """An address list: ``name <addr>`` or ``addr``, comma-separated."""
+        for index, (name, addr) in enumerate(boxes):
+            comma = "," if index < len(boxes) - 1 else ""
+            if not name:
+                self.word(addr + comma)
+                continue
+            ascii_name = name.isascii()
+            if ascii_name or self.utf8:
+                atoms = _ASCII_PHRASE if ascii_name else _UTF8_PHRASE
+                quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                if atoms.match(name) and all(
+                    len(word.encode("utf-8")) < _FOLD_AT for word in name.split(" ")
+                ):
+                    self.words(name.split(" "))
+                elif len(quoted.encode("utf-8")) < _FOLD_AT:
+                    self.word(quoted)
+                else:
+                    self.encoded(name)
+            else:
+                self.encoded(name)
+            self.word(f"<{addr}>{comma}")
+
+    def header_section(self) -> str:
+        return "".join(self._parts) + "\r\n\r\n"
 
 
 # -- composition ----------------------------------------------------------------------
@@ -323,7 +520,8 @@ def compose_message(
         The composed message.
 
     Raises:
-        LocalProtocolError: An address is not a plain ``user@domain``, the
+        LocalProtocolError: An address is not a plain ``user@domain`` (a
+            dot-atom on each side, nothing shaped like an encoded word), the
             message id is malformed, or the result would not be a clean message.
         ValueError: ``now`` is a naive datetime.
     """
@@ -348,37 +546,53 @@ def compose_message(
         _check_address(envelope, "envelope_sender")
 
     smtputf8 = (
-        not all(box.addr_spec.isascii() for box in (sender_box, *to_boxes))
-        or not envelope.isascii()
+        not all(addr.isascii() for _, addr in (sender_box, *to_boxes)) or not envelope.isascii()
     )
-    policy = email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP
     final_subject = _header_text(subject, MAX_SUBJECT_CHARS) or _header_text(
         default_subject, MAX_SUBJECT_CHARS
     )
 
-    message = EmailMessage(policy=policy)
-    message["From"] = sender_box
-    message["To"] = to_boxes
-    message["Date"] = email.utils.format_datetime(now)
-    message["Message-ID"] = message_id
+    writer = _HeaderWriter(utf8=smtputf8)
+    writer.field("From")
+    writer.mailboxes([sender_box])
+    writer.field("To")
+    writer.mailboxes(to_boxes)
+    writer.field("Date")
+    writer.text(email.utils.format_datetime(now))
+    writer.field("Message-ID")
+    writer.word(message_id)
     expected = {"from", "to", "date", "message-id"}
     if final_subject:
-        message["Subject"] = final_subject
+        writer.field("Subject")
+        writer.text(final_subject)
         expected.add("subject")
     if in_reply_to is not None:
-        message["In-Reply-To"] = in_reply_to
+        writer.field("In-Reply-To")
+        writer.word(in_reply_to)
         expected.add("in-reply-to")
     if chain:
-        message["References"] = " ".join(chain)
+        writer.field("References")
+        writer.words(chain)
         expected.add("references")
     if auto_submitted is not None:
-        message["Auto-Submitted"] = _header_text(auto_submitted, 100)
+        writer.field("Auto-Submitted")
+        writer.text(_header_text(auto_submitted, 100))
         expected.add("auto-submitted")
     text = _normalise_body(body)
-    message.set_content(text, subtype="plain", charset="utf-8", cte=_choose_cte(text))
+    cte = _choose_cte(text)
+    writer.field("Content-Type")
+    writer.words(("text/plain;", 'charset="utf-8"'))
+    writer.field("Content-Transfer-Encoding")
+    writer.word(cte)
+    writer.field("MIME-Version")
+    writer.word("1.0")
     expected.update({"content-type", "content-transfer-encoding", "mime-version"})
 
-    raw = message.as_bytes(policy=policy)
+    try:
+        head = writer.header_section().encode("utf-8" if smtputf8 else "ascii")
+    except UnicodeEncodeError as exc:  # a non-ASCII header without SMTPUTF8: a bug
+        raise LocalProtocolError("composed header section is not ASCII") from exc
+    raw = head + _encode_body(text, cte)
     _verify_header_section(raw, expected)
     return OutgoingMessage(
         message_id=message_id,
@@ -388,7 +602,7 @@ def compose_message(
         references=chain,
         raw=raw,
         envelope_sender=envelope,
-        envelope_recipients=tuple(box.addr_spec for box in to_boxes),
+        envelope_recipients=tuple(addr for _, addr in to_boxes),
         smtputf8=smtputf8,
     )
 
