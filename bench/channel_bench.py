@@ -56,7 +56,6 @@ import queue
 import random
 import resource
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -66,6 +65,7 @@ from typing import Any
 import attrs
 import trio
 
+from bench._kit import Stats, add_sample, run_child, timed_state_store
 from tests.mailservers import IMAP_LOGIN_PROCESS_LIMIT, MailServers, User, mail_servers
 
 # Peers fetch in batches of this many UIDs: prxmail's default fetch_batch_size.
@@ -561,6 +561,10 @@ def _context(spec: dict[str, Any]) -> ssl.SSLContext:
     return context
 
 
+# Keeps the --breakdown instrumentation of a child process entered (and referenced).
+_INSTRUMENTS = contextlib.ExitStack()
+
+
 def _instrument_prxmail() -> dict[str, list[float]]:
     """Time prxmail's state-store calls and parses from outside (``--breakdown`` only).
 
@@ -570,52 +574,12 @@ def _instrument_prxmail() -> dict[str, list[float]]:
     adds a frame per call; the breakdown run is separate from the timed run.
     """
     import prxmail.channel
-    import prxmail.message
-    import prxmail.state
 
-    stats: dict[str, list[float]] = {}
+    stats: Stats = {}
+    # Left in place for the rest of the child process's life: it exits after the run.
+    _INSTRUMENTS.enter_context(timed_state_store(stats))
 
-    def add(name: str, wall: float, inside: float) -> None:
-        entry = stats.setdefault(name, [0.0, 0.0, 0.0])
-        entry[0] += 1
-        entry[1] += wall
-        entry[2] += inside
-
-    def timed_facade(original: Callable[..., Any]) -> Callable[..., Any]:
-        async def timed_call(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            inside = [0.0]
-
-            def timed(*a: Any, **k: Any) -> Any:
-                t = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    inside[0] = time.perf_counter() - t
-
-            t0 = time.perf_counter()
-            try:
-                return await original(self, timed, *args, **kwargs)
-            finally:
-                name = "store." + getattr(fn, "__name__", "?")
-                add(name, time.perf_counter() - t0, inside[0])
-
-        return timed_call
-
-    store_class = prxmail.state.AsyncStateStore
-    # Short calls run on the trio thread when the store's worker is idle (_call_quick),
-    # the rest on the worker (_call); a quick call that finds the worker busy goes
-    # through _call and is counted there only.
-    quick = store_class._call_quick
-    store_class._call = timed_facade(store_class._call)  # type: ignore[method-assign]
-
-    async def timed_quick(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self._worker.outstanding:
-            return await self._call(fn, *args, **kwargs)
-        return await timed_facade(quick)(self, fn, *args, **kwargs)
-
-    store_class._call_quick = timed_quick  # type: ignore[method-assign]
-
-    original_parse = prxmail.channel.parse_message
+    original_parse = getattr(prxmail.channel, "parse_message")  # noqa: B009 - private name
     original_group = prxmail.channel.MailChannel._parse_all
     parse_inside = [0.0]
 
@@ -634,9 +598,9 @@ def _instrument_prxmail() -> dict[str, list[float]]:
         try:
             return await original_group(self, uidvalidity, raws)
         finally:
-            add("parse group", time.perf_counter() - t0, parse_inside[0])
+            add_sample(stats, "parse group", time.perf_counter() - t0, parse_inside[0])
 
-    prxmail.channel.parse_message = timed_parse
+    setattr(prxmail.channel, "parse_message", timed_parse)  # noqa: B010
     prxmail.channel.MailChannel._parse_all = timed_group  # type: ignore[method-assign]
     return stats
 
@@ -674,47 +638,24 @@ def _backlog_child(spec: dict[str, Any]) -> dict[str, Any]:
 def _run_child(
     spec: dict[str, Any], profile: pathlib.Path | None = None, *, mode: str = "_backlog"
 ) -> dict[str, Any]:
-    root = pathlib.Path(__file__).resolve().parent.parent
-    cmd = [sys.executable]
+    prefix: list[str] = []
+    module, interpreter_args = "bench.channel_bench", ["-m"]
     if profile is not None and profile.suffix == ".txt":
         # py-spy samples whichever thread holds the GIL (cProfile sees only the main
         # thread): where the Python CPU time goes, as collapsed stacks.
         spy = pathlib.Path(sys.executable).with_name("py-spy")
-        cmd = [
-            str(spy),
-            "record",
-            "--gil",
-            "-r",
-            "200",
-            "-f",
-            "raw",
-            "-o",
-            str(profile),
-            "--",
-            *cmd,
-        ]
-        cmd += ["-m", "bench.channel_bench"]
+        prefix = [str(spy), "record", "--gil", "-r", "200", "-f", "raw", "-o", str(profile), "--"]
     elif profile is not None:
-        cmd += ["-m", "cProfile", "-o", str(profile)]
-        cmd += [str(pathlib.Path(__file__).resolve())]
-    else:
-        cmd += ["-m", "bench.channel_bench"]
-    proc = subprocess.run(
-        [*cmd, mode],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
+        interpreter_args = ["-m", "cProfile", "-o", str(profile)]
+        module = str(pathlib.Path(__file__).resolve())
+    return run_child(
+        module,
+        mode,
+        spec,
         timeout=BACKLOG_TIMEOUT + 60,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        check=False,
+        prefix=prefix,
+        interpreter_args=interpreter_args,
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec['contender']} failed:\n{proc.stderr[-3000:]}")
-    # The last JSON line: py-spy adds lines of its own after the child's.
-    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{"))
-    result: dict[str, Any] = json.loads(line)
-    return result
 
 
 def _warm(servers: MailServers, user: User) -> None:

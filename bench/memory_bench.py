@@ -33,7 +33,6 @@ import os
 import pathlib
 import pwd
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from typing import Any, BinaryIO
 
 import trio
 
+from bench._kit import run_child
 from bench.channel_bench import _channel_toml, _context, _machine, _vm_kib
 from tests.mailservers import MailServers, User, mail_servers
 
@@ -288,22 +288,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    root = pathlib.Path(__file__).resolve().parent.parent
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.memory_bench", "_child"],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT + 60,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec['contender']} failed:\n{proc.stderr[-3000:]}")
-    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{"))
-    result: dict[str, Any] = json.loads(line)
-    return result
+    return run_child("bench.memory_bench", "_child", spec, timeout=CHILD_TIMEOUT + 60)
 
 
 # -- the section -----------------------------------------------------------------------------

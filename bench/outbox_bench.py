@@ -55,6 +55,7 @@ from typing import Any
 
 import trio
 
+from bench._kit import Stats, add_sample, timed_state_store
 from bench.channel_bench import _channel_toml, _machine
 from bench.smtp_bench import Target, run_aiosmtplib, run_smtplib
 from prxmail.message import Message
@@ -216,49 +217,9 @@ def _instrumented() -> Iterator[dict[str, list[float]]]:
         name -> [calls, wall seconds seen by the caller, seconds inside the call].
     """
     import prxmail.channel
-    import prxmail.state
 
-    stats: dict[str, list[float]] = {}
-
-    def add(name: str, wall: float, inside: float) -> None:
-        entry = stats.setdefault(name, [0.0, 0.0, 0.0])
-        entry[0] += 1
-        entry[1] += wall
-        entry[2] += inside
-
-    original_call = prxmail.state.AsyncStateStore._call
-    original_compose = prxmail.channel.compose_reply  # type: ignore[attr-defined]
-
-    async def timed_call(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        inside = [0.0]
-
-        def timed(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                inside[0] = time.perf_counter() - t
-
-        t0 = time.perf_counter()
-        try:
-            return await original_call(self, timed, *args, **kwargs)
-        finally:
-            add("store." + getattr(fn, "__name__", "?"), time.perf_counter() - t0, inside[0])
-
-    original_quick = getattr(prxmail.state.AsyncStateStore, "_call_quick", None)
-
-    async def timed_quick(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        # A short call runs on the trio thread when the store's worker is idle; when it
-        # is busy the call is queued through _call, which times it already.
-        assert original_quick is not None
-        if self._worker.outstanding:
-            return await original_quick(self, fn, *args, **kwargs)
-        t0 = time.perf_counter()
-        try:
-            return await original_quick(self, fn, *args, **kwargs)
-        finally:
-            wall = time.perf_counter() - t0
-            add("store." + getattr(fn, "__name__", "?") + " (trio thread)", wall, wall)
+    stats: Stats = {}
+    original_compose = getattr(prxmail.channel, "compose_reply")  # noqa: B009 - private name
 
     def timed_compose(*a: Any, **k: Any) -> Any:
         t0 = time.perf_counter()
@@ -266,19 +227,14 @@ def _instrumented() -> Iterator[dict[str, list[float]]]:
             return original_compose(*a, **k)
         finally:
             wall = time.perf_counter() - t0
-            add("compose_reply", wall, wall)
+            add_sample(stats, "compose_reply", wall, wall)
 
-    prxmail.state.AsyncStateStore._call = timed_call  # type: ignore[method-assign]
-    if original_quick is not None:
-        prxmail.state.AsyncStateStore._call_quick = timed_quick  # type: ignore[method-assign]
-    prxmail.channel.compose_reply = timed_compose  # type: ignore[attr-defined]
+    setattr(prxmail.channel, "compose_reply", timed_compose)  # noqa: B010
     try:
-        yield stats
+        with timed_state_store(stats):
+            yield stats
     finally:
-        prxmail.state.AsyncStateStore._call = original_call  # type: ignore[method-assign]
-        if original_quick is not None:
-            prxmail.state.AsyncStateStore._call_quick = original_quick  # type: ignore[method-assign]
-        prxmail.channel.compose_reply = original_compose  # type: ignore[attr-defined]
+        setattr(prxmail.channel, "compose_reply", original_compose)  # noqa: B010
 
 
 def _breakdown(servers: MailServers, n: int, state_root: pathlib.Path) -> dict[str, Any]:

@@ -1,0 +1,110 @@
+"""Pieces the bench suites share: running one contender in a child process, and timing
+prxmail's state-store calls from outside for the ``--breakdown`` runs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# name -> [calls, wall seconds as the caller waited, seconds inside the call]
+Stats = dict[str, list[float]]
+
+
+def run_child(
+    module: str,
+    mode: str,
+    spec: dict[str, Any],
+    *,
+    timeout: float,
+    prefix: Sequence[str] = (),
+    interpreter_args: Sequence[str] = ("-m",),
+) -> dict[str, Any]:
+    """Run ``python -m MODULE MODE`` with ``spec`` as JSON on stdin; return the last JSON
+    line it printed (a profiler in ``prefix`` may print lines of its own after it).
+
+    Raises:
+        RuntimeError: the child failed; the message carries the end of its stderr.
+    """
+    cmd = [*prefix, sys.executable, *interpreter_args, module, mode]
+    proc = subprocess.run(
+        cmd,
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec.get('contender', module)} failed:\n{proc.stderr[-3000:]}")
+    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{"))
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+def add_sample(stats: Stats, name: str, wall: float, inside: float) -> None:
+    entry = stats.setdefault(name, [0.0, 0.0, 0.0])
+    entry[0] += 1
+    entry[1] += wall
+    entry[2] += inside
+
+
+@contextlib.contextmanager
+def timed_state_store(stats: Stats) -> Iterator[Stats]:
+    """Time every ``AsyncStateStore`` call while the block runs, into ``stats``.
+
+    Calls on the store's worker go through ``_call``: wall time as the trio task waits
+    (the hop to the thread and back included) and time inside. Short calls that run on
+    the trio thread (``_call_quick`` with the worker idle) are timed the same way; one
+    that finds the worker busy goes through ``_call`` and is counted there only. This
+    wraps private names: it is for ``--breakdown`` runs, never the timed ones.
+    """
+    import prxmail.state
+
+    store_class = prxmail.state.AsyncStateStore
+    original_call, original_quick = store_class._call, store_class._call_quick
+
+    def timed_facade(original: Callable[..., Any]) -> Callable[..., Any]:
+        async def timed_call(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            inside = [0.0]
+
+            def timed(*a: Any, **k: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    inside[0] = time.perf_counter() - t
+
+            t0 = time.perf_counter()
+            try:
+                return await original(self, timed, *args, **kwargs)
+            finally:
+                name = "store." + getattr(fn, "__name__", "?")
+                add_sample(stats, name, time.perf_counter() - t0, inside[0])
+
+        return timed_call
+
+    timed_worker, timed_inline = timed_facade(original_call), timed_facade(original_quick)
+
+    async def timed_quick(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._worker.outstanding:
+            return await self._call(fn, *args, **kwargs)
+        return await timed_inline(self, fn, *args, **kwargs)
+
+    store_class._call = timed_worker  # type: ignore[method-assign]
+    store_class._call_quick = timed_quick  # type: ignore[method-assign]
+    try:
+        yield stats
+    finally:
+        store_class._call = original_call  # type: ignore[method-assign]
+        store_class._call_quick = original_quick  # type: ignore[method-assign]
