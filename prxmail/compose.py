@@ -78,6 +78,8 @@ _ADDR_SPEC = re.compile(r"^[^\s@<>()\[\],;:\\\"]+@[^\s@<>()\[\],;:\\\"]+$")
 # Non-empty atoms joined by single dots; the characters are already limited by
 # _ADDR_SPEC.
 _DOT_ATOM = re.compile(r"[^.]+(?:\.[^.]+)*\Z")
+# "<" + printable ASCII but "<" and ">" + ">": an id we can write back.
+_ID_TEXT = re.compile(r"<[!-;=?-~]+>\Z")
 _LOOKS_ENCODED = re.compile(r"=\?[^?]*\?[A-Za-z]\?.*\?=")
 
 # A display name written as it is: atext words (RFC 5322 3.2.3) separated by single
@@ -172,7 +174,9 @@ def _check_address(addr: str, what: str) -> str:
     addr = addr.strip()
     if not _ADDR_SPEC.match(addr) or len(addr) > 254:
         raise LocalProtocolError(f"{what} {addr!r} is not a plain user@domain address")
-    if any(unicodedata.category(ch)[0] in "CZ" for ch in addr):
+    # After _ADDR_SPEC (no whitespace, so no " "), isprintable() is False exactly
+    # when a character is of a category C* or Z*.
+    if not addr.isprintable():
         raise LocalProtocolError(f"{what} {addr!r} contains control or space characters")
     return addr
 
@@ -190,10 +194,7 @@ def _ascii_domain(addr: str) -> str:
 def _valid_id(message_id: str) -> bool:
     return (
         len(message_id) <= MAX_MESSAGE_ID_CHARS
-        and message_id.startswith("<")
-        and message_id.endswith(">")
-        and len(message_id) > 2
-        and all("!" <= ch <= "~" and ch not in "<>" for ch in message_id[1:-1])
+        and _ID_TEXT.match(message_id) is not None
         # Would be decoded as an encoded word by the stdlib (see _header_text).
         and "=?" not in message_id
     )
@@ -433,14 +434,21 @@ class _HeaderWriter:
         return end
 
     def text(self, value: str) -> None:
-        """Unstructured text (RFC 5322 3.2.5), from :func:`_header_text`."""
-        if value.isascii() and len(value) <= _FOLD_AT - 1:
+        """Unstructured text (RFC 5322 3.2.5), from :func:`_header_text`.
+
+        The first word stays on the field's own line: a fold right after the
+        colon is whitespace that readers keep at the start of the text. A first
+        word too long for that line is encoded, which can be cut to fit.
+        """
+        if value.isascii() and self._line + 1 + len(value) <= _FOLD_AT:
             self.words(value.split(" "))
             return
         run: list[str] = []  # consecutive words to be encoded together
-        for token in value.split(" "):
+        first_line = self._line
+        for index, token in enumerate(value.split(" ")):
             size = len(token) if token.isascii() else len(token.encode("utf-8"))
-            if size < _FOLD_AT and (token.isascii() or self.utf8):
+            fits = index or first_line + 1 + size <= _FOLD_AT
+            if fits and size < _FOLD_AT and (token.isascii() or self.utf8):
                 if run:
                     self.encoded(" ".join(run))
                     run = []

@@ -17,18 +17,35 @@ import unicodedata
 from collections.abc import Sequence
 from email.message import EmailMessage
 
-from prxmail.compose import (
-    MAX_DISPLAY_NAME_CHARS,
-    MAX_SUBJECT_CHARS,
-    _check_address,
-    _valid_id,
-    _verify_header_section,
-)
+from prxmail.compose import MAX_DISPLAY_NAME_CHARS, MAX_SUBJECT_CHARS, _verify_header_section
 from prxmail.errors import LocalProtocolError
-from prxmail.message import Address
+from prxmail.message import MAX_MESSAGE_ID_CHARS, Address
 
 _SEVEN_BIT_LINE = 78
 _WHITESPACE_RUN = re.compile(r"\s+")
+
+
+_ADDR_SPEC = re.compile(r"^[^\s@<>()\[\],;:\\\"]+@[^\s@<>()\[\],;:\\\"]+$")
+
+
+def reference_check_address(addr: str, what: str) -> str:
+    addr = addr.strip()
+    if not _ADDR_SPEC.match(addr) or len(addr) > 254:
+        raise LocalProtocolError(f"{what} {addr!r} is not a plain user@domain address")
+    if any(unicodedata.category(ch)[0] in "CZ" for ch in addr):
+        raise LocalProtocolError(f"{what} {addr!r} contains control or space characters")
+    return addr
+
+
+def reference_valid_id(message_id: str) -> bool:
+    return (
+        len(message_id) <= MAX_MESSAGE_ID_CHARS
+        and message_id.startswith("<")
+        and message_id.endswith(">")
+        and len(message_id) > 2
+        and all("!" <= ch <= "~" and ch not in "<>" for ch in message_id[1:-1])
+        and "=?" not in message_id
+    )
 
 
 def reference_header_text(value: str, limit: int) -> str:
@@ -65,7 +82,7 @@ def reference_normalise_body(body: str) -> str:
 
 
 def _mailbox(address: Address, what: str) -> email.headerregistry.Address:
-    addr = _check_address(address.addr, what)
+    addr = reference_check_address(address.addr, what)
     name = reference_header_text(address.name, MAX_DISPLAY_NAME_CHARS)
     try:
         if addr.isascii():
@@ -94,12 +111,12 @@ def reference_compose_raw(
     """The old composition: (raw, smtputf8, envelope recipients); message_id is given."""
     sender_box = _mailbox(Address(from_address, from_name), "from_address")
     to_boxes = [_mailbox(r, "recipient") for r in to]
-    if in_reply_to is not None and not _valid_id(in_reply_to):
+    if in_reply_to is not None and not reference_valid_id(in_reply_to):
         in_reply_to = None
-    chain = tuple(ident for ident in dict.fromkeys(references) if _valid_id(ident))
+    chain = tuple(ident for ident in dict.fromkeys(references) if reference_valid_id(ident))
     envelope = from_address.strip() if envelope_sender is None else envelope_sender.strip()
     if envelope:
-        _check_address(envelope, "envelope_sender")
+        reference_check_address(envelope, "envelope_sender")
     smtputf8 = (
         not all(box.addr_spec.isascii() for box in (sender_box, *to_boxes))
         or not envelope.isascii()

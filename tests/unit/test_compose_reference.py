@@ -25,16 +25,20 @@ from hypothesis import strategies as st
 from prxmail.compose import (
     MAX_DISPLAY_NAME_CHARS,
     MAX_SUBJECT_CHARS,
+    _check_address,
     _choose_cte,
     _header_text,
+    _valid_id,
     compose_message,
 )
 from prxmail.errors import LocalProtocolError
-from prxmail.message import Address
+from prxmail.message import MAX_MESSAGE_ID_CHARS, Address
 from tests.unit._compose_reference import (
+    reference_check_address,
     reference_choose_cte,
     reference_compose_raw,
     reference_header_text,
+    reference_valid_id,
 )
 
 NOW = dt.datetime(2025, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
@@ -297,6 +301,41 @@ def test_addresses_refused_where_the_reference_refuses(local: str, domain: str) 
         same_meaning(new, old)
 
 
+@given(
+    ident=st.one_of(
+        st.text(max_size=30).map(lambda text: f"<{text}>"),
+        st.text(alphabet="<>=?a@.\x7f\x00 é~!", max_size=12),
+        st.text(alphabet="<>=?a@.\x7f\x00 é~!", max_size=12).map(lambda text: f"<{text}>"),
+        st.text(
+            alphabet="xy", min_size=MAX_MESSAGE_ID_CHARS - 3, max_size=MAX_MESSAGE_ID_CHARS
+        ).map(lambda text: f"<{text}>"),
+    )
+)
+def test_valid_id_matches_the_reference(ident: str) -> None:
+    assert _valid_id(ident) == reference_valid_id(ident)
+
+
+_ADDRESS_PART = st.text(alphabet="ab.é\x00\x1f\x7f\x85\xa0\u200b\u2028\ue000", max_size=6)
+
+
+@given(
+    addr=st.one_of(
+        st.text(max_size=30),
+        _ADDRESSES,
+        st.builds("{}@{}".format, _SOUP, _SOUP),
+        st.builds("{}@{}".format, _ADDRESS_PART, _ADDRESS_PART),
+    )
+)
+def test_check_address_matches_the_reference(addr: str) -> None:
+    outcomes = []
+    for check in (reference_check_address, _check_address):
+        try:
+            outcomes.append(check(addr, "x"))
+        except LocalProtocolError as exc:
+            outcomes.append(f"refused: {exc}")
+    assert outcomes[0] == outcomes[1]
+
+
 @given(text=st.one_of(st.text(max_size=300), _SOUP), limit=st.integers(0, 600))
 def test_header_text_matches_the_reference(text: str, limit: int) -> None:
     assert _header_text(text, limit) == reference_header_text(text, limit)
@@ -306,6 +345,27 @@ def test_header_text_matches_the_reference(text: str, limit: int) -> None:
 def test_transfer_encoding_choice_matches_the_reference(body: str) -> None:
     text = body.replace("\r", "\n") + "\n"
     assert _choose_cte(text) == reference_choose_cte(text)
+
+
+# Characters that mean something inside an encoded word or a quoted string, next
+# to non-ASCII ones so that they end up encoded.
+# Mostly letters, so that "Q" encoding is the shorter one and gets used.
+_TRICKY_TEXT = st.lists(
+    st.sampled_from([*'?_=.:;,()<>"\\ é日😀\t', *"abcdefghij" * 20]), min_size=15, max_size=120
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(subject=_TRICKY_TEXT, name=_TRICKY_TEXT, utf8=st.booleans())
+def test_tricky_text_reads_back_exactly(subject: str, name: str, utf8: bool) -> None:
+    to = [Address("jörg@example.com" if utf8 else "a@example.com", name)]
+    out = compose_message(
+        from_address=BOT, from_name=name, to=to, subject=subject, body="b", now=NOW
+    )
+    assert out.smtputf8 == utf8
+    check_wire_form(out.raw, smtputf8=utf8)
+    check_text(out.raw, {"subject": subject})
+    check_addresses(out.raw, Address(BOT, name), to)
 
 
 # -- targeted cases -----------------------------------------------------------------
@@ -363,6 +423,8 @@ def test_display_names(name: str, addr: str) -> None:
         "Überprüfung der Größenänderung für München und Zürich, bitte",
         "日本語のテキストです。" * 30,
         "x" * MAX_SUBJECT_CHARS,
+        "y" * 75,  # fits no line after "Subject:", and a fold there reads as a space
+        "?" * 70,
         ("word " * 200).strip(),
         "😀" * 300,
         "ascii then 日本語 then ascii again " * 10,
