@@ -355,9 +355,11 @@ def _verify_header_section(raw: bytes, expected: set[str]) -> None:
 # SMTPUTF8, or a word too long for one line -- becomes RFC 2047 encoded words,
 # cut to fit the room left on the line; adjacent encoded words are joined by
 # decoders without the whitespace between them, so a run of such words (spaces
-# included) is encoded as one text. A word longer than a line can only be an
-# address (at most 254 octets) or an id (MAX_MESSAGE_ID_CHARS): both far below the
-# 998-octet limit, which _verify_header_section checks again on the bytes.
+# included) is encoded as one text. Nothing is folded right after the colon of a
+# text or id field (readers keep that whitespace as part of the value). A line
+# longer than _FOLD_AT can only hold an address (at most 254 octets) or an id
+# (MAX_MESSAGE_ID_CHARS): both far below the 998-octet limit, which
+# _verify_header_section checks again on the bytes.
 
 
 class _HeaderWriter:
@@ -375,6 +377,16 @@ class _HeaderWriter:
             self._parts.append("\r\n")
         self._parts.append(name + ":")
         self._line = len(name) + 1
+
+    def first_id(self, ident: str) -> None:
+        """An id right after the colon, however long: never folded away from it.
+
+        Readers that take the field body as text (the stdlib's among them) keep
+        a fold after the colon as a leading space of the id; an id is at most
+        MAX_MESSAGE_ID_CHARS, so the line stays within 998 octets.
+        """
+        self._parts.append(" " + ident)
+        self._line += 1 + len(ident)
 
     def word(self, token: str) -> None:
         size = len(token) if token.isascii() else len(token.encode("utf-8"))
@@ -568,7 +580,7 @@ def compose_message(
     writer.field("Date")
     writer.text(email.utils.format_datetime(now))
     writer.field("Message-ID")
-    writer.word(message_id)
+    writer.first_id(message_id)
     expected = {"from", "to", "date", "message-id"}
     if final_subject:
         writer.field("Subject")
@@ -576,11 +588,12 @@ def compose_message(
         expected.add("subject")
     if in_reply_to is not None:
         writer.field("In-Reply-To")
-        writer.word(in_reply_to)
+        writer.first_id(in_reply_to)
         expected.add("in-reply-to")
     if chain:
         writer.field("References")
-        writer.words(chain)
+        writer.first_id(chain[0])
+        writer.words(chain[1:])
         expected.add("references")
     if auto_submitted is not None:
         writer.field("Auto-Submitted")
