@@ -16,6 +16,7 @@ SUITES = {
     "memory": "bench.memory_bench",
     "outbox": "bench.outbox_bench",
     "parse": "bench.parse_bench",
+    "compose": "bench.compose_bench",
 }
 TOOLS = {"plot": "bench.plot"}
 
