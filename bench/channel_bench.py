@@ -570,8 +570,8 @@ def _instrument_prxmail() -> dict[str, list[float]]:
 
     For each store method: calls, wall time seen by the trio task (which includes the
     hop to the store's thread and back) and time spent inside the thread. For the parse:
-    wall time of each group's ``MailChannel._parse_all`` and time inside ``parse_message``. Wrapping
-    adds a frame per call; the breakdown run is separate from the timed run.
+    time inside each ``parse_message`` call. Wrapping adds a frame per call; the
+    breakdown run is separate from the timed run.
     """
     import prxmail.channel
 
@@ -580,28 +580,18 @@ def _instrument_prxmail() -> dict[str, list[float]]:
     _INSTRUMENTS.enter_context(timed_state_store(stats))
 
     original_parse = getattr(prxmail.channel, "parse_message")  # noqa: B009 - private name
-    original_group = prxmail.channel.MailChannel._parse_all
-    parse_inside = [0.0]
 
     def timed_parse(*a: Any, **k: Any) -> Any:
+        # In the worker thread (or inline for small groups), overlapping the fetch of
+        # the next group: its wall time is not the watcher's waiting time.
         t = time.perf_counter()
         try:
             return original_parse(*a, **k)
         finally:
-            parse_inside[0] += time.perf_counter() - t
-
-    async def timed_group(self: Any, uidvalidity: int, raws: Any) -> Any:
-        # One call per fetched group: wall time as the watcher waits (thread hop
-        # included), and the sum of the parses inside it.
-        parse_inside[0] = 0.0
-        t0 = time.perf_counter()
-        try:
-            return await original_group(self, uidvalidity, raws)
-        finally:
-            add_sample(stats, "parse group", time.perf_counter() - t0, parse_inside[0])
+            spent = time.perf_counter() - t
+            add_sample(stats, "parse_message (per message)", spent, spent)
 
     setattr(prxmail.channel, "parse_message", timed_parse)  # noqa: B010
-    prxmail.channel.MailChannel._parse_all = timed_group  # type: ignore[method-assign]
     return stats
 
 

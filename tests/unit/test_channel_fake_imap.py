@@ -19,6 +19,7 @@ import trio
 
 from prxmail.channel import ChannelStatus, MailChannel, open_mail_channel
 from prxmail.config import Config, parse_config
+from prxmail.state import MessageKey, MessageStatus, StateStore, account_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -466,3 +467,43 @@ async def test_a_pushed_message_larger_than_the_first_fetch_comes_whole(
         "UID FETCH 2 (RFC822.SIZE BODY.PEEK[]<0.200>)",
         "UID FETCH 2 (BODY.PEEK[])",
     ]
+
+
+async def test_a_catch_up_parsed_in_threads_keeps_uid_order_and_fails_only_the_poison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prxmail import channel as channel_module
+
+    # Every message its own group, every group parsed in a worker thread while the next
+    # is fetched.
+    monkeypatch.setattr(channel_module, "INLINE_PARSE_BYTES", 0)
+    monkeypatch.setattr(channel_module, "GROUP_BYTES", 1)
+    real = channel_module.parse_message
+
+    def poisoned(raw: bytes, *, uid: int, **kwargs: int) -> object:
+        if uid == 7:
+            raise RuntimeError("parser bug")
+        return real(raw, uid=uid, **kwargs)
+
+    monkeypatch.setattr(channel_module, "parse_message", poisoned)
+    count = 15
+    fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        state = tmp_path / "state"
+        config = fake_config(port, state, fetch_batch_size=4, reply_rate_limit=1000)
+        async with open_mail_channel(config) as channel:
+            got = [await receive(channel) for _ in range(count - 1)]
+            await wait_until(lambda: len(fake.seen) == count - 1)
+        nursery.cancel_scope.cancel()
+    assert got == [f"fake {uid}" for uid in range(1, count + 1) if uid != 7]
+    assert 7 not in fake.seen
+    with StateStore(state) as store:
+        account = account_key(config.username, config.imap_host, config.imap_port)
+        failed = store.get_message(MessageKey(account, "INBOX", UIDVALIDITY, 7))
+        mailbox = store.mailbox(account, "INBOX")
+    assert failed is not None
+    assert failed.status is MessageStatus.FAILED
+    assert failed.reason == "cannot parse: RuntimeError: parser bug"
+    assert mailbox is not None
+    assert mailbox.last_uid == count
