@@ -550,9 +550,9 @@ class MailChannel:
                 await self._record_send_failure(item, exc)
             return
         sent = [
-            (item, outcome.result)
-            for item, outcome in zip(items, outcomes, strict=True)
-            if outcome.result is not None
+            (item, reported.result)
+            for item, reported in zip(items, outcomes, strict=True)
+            if reported.result is not None
         ]
         # One durable commit for everything the server accepted in this exchange.
         await self._store.mark_sent_many(item.id for item, _ in sent)

@@ -66,12 +66,14 @@ Threads: a :class:`StateStore` and its connection belong to the thread that crea
 :func:`open_state_store` gives trio code an :class:`AsyncStateStore` with *one dedicated
 worker thread* which opens and closes the connection and runs every call that may take
 long: each FULL commit (an fsync, 1-2 ms) and each read that can return much data. The
-short calls -- the NORMAL commits and small reads on a message's way in, about 80 us
-each -- run on the trio thread itself when the worker is idle: handing them to a
-thread and back cost twice as much as the call (two wake-ups, 100-180 us on the
-measured VM). The facade alone decides who touches the connection and never lets both
-do so at once (it is opened with ``check_same_thread=False`` for that reason), and
-calls stay serialised in the order they were made.
+short calls -- the NORMAL commits and small reads of one message, about 80 us each --
+run on the trio thread itself when the worker is idle: handing them to a thread and
+back cost twice as much as the call (two wake-ups, 100-180 us on the measured VM). A
+whole group's claim stays on the worker: it is longer, and while a parse runs in
+another thread each of its statements may wait for the GIL. The facade alone decides
+who touches the connection and never lets both do so at once (it is opened with
+``check_same_thread=False`` for that reason), and calls stay serialised in the order
+they were made.
 
 Only one process may use a state directory at a time: the store takes an exclusive
 ``flock`` on ``state_dir/lock`` and raises :class:`~prxmail.errors.StateError` when
@@ -1990,7 +1992,7 @@ class AsyncStateStore:
         failed: Mapping[MessageKey, str] | None = None,
     ) -> list[ClaimResult]:
         """See :meth:`StateStore.claim_many`."""
-        return await self._call_quick(self._store.claim_many, list(items), failed=failed)
+        return await self._call(self._store.claim_many, list(items), failed=failed)
 
     async def begin_handling(self, key: MessageKey) -> MessageRecord:
         """See :meth:`StateStore.begin_handling`."""
@@ -2012,7 +2014,7 @@ class AsyncStateStore:
         message_ids: Iterable[str] = (),
     ) -> ClaimBatch:
         """See :meth:`StateStore.claim_batch`."""
-        return await self._call_quick(
+        return await self._call(
             self._store.claim_batch, list(items), failed=failed, message_ids=list(message_ids)
         )
 
