@@ -2165,4 +2165,7 @@ async def open_state_store(
             with trio.CancelScope(shield=True):
                 await worker.run(store.close)
     finally:
-        await worker.stop()
+        # Even when the block was cancelled: an unstopped worker would be a thread left
+        # waiting for work forever.
+        with trio.CancelScope(shield=True):
+            await worker.stop()

@@ -7,7 +7,6 @@ goes silent in the middle of IDLE (a NAT box that forgot it), a server without I
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 from collections.abc import Callable
@@ -73,8 +72,10 @@ class FakeIMAP:
         self.connections += 1
         # The client may drop the connection at any moment (that is what it does on
         # shutdown and after a timeout): that ends this session, not the server.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        try:
             await self._session(stream)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # also from inside the IDLE nursery, wrapped in an ExceptionGroup
 
     async def _session(self, stream: trio.SocketStream) -> None:
         buf = b""

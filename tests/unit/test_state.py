@@ -1290,3 +1290,13 @@ test_store_state_machine = StoreMachine.TestCase
 test_store_state_machine.settings = hypothesis.settings(
     max_examples=40, stateful_step_count=25, deadline=None
 )
+
+
+async def test_async_store_thread_ends_when_the_block_is_cancelled(tmp_path: Path) -> None:
+    with trio.CancelScope() as scope:
+        async with open_state_store(tmp_path) as store:
+            await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+            scope.cancel()
+            await trio.sleep(1)
+    assert scope.cancelled_caught
+    assert not [t for t in threading.enumerate() if t.name == "prxmail-state"]
