@@ -956,14 +956,11 @@ class MailChannel:
             if size > limit:
                 await self._process_oversized(conn, uidvalidity, uid, size)
             else:
-                await self._fetch_and_process(conn, uidvalidity, [uid])
+                await self._parse_and_admit(uidvalidity, await self._fetch_bodies(conn, [uid]))
             return
-        await self._admit(uidvalidity, await self._start_parse(uidvalidity, [(uid, body)]).result())
+        await self._parse_and_admit(uidvalidity, [(uid, body)])
 
-    async def _fetch_and_process(
-        self, conn: IMAPConnection, uidvalidity: int, uids: list[int]
-    ) -> None:
-        raws = await self._fetch_bodies(conn, uids)
+    async def _parse_and_admit(self, uidvalidity: int, raws: list[tuple[int, bytes]]) -> None:
         await self._admit(uidvalidity, await self._start_parse(uidvalidity, raws).result())
 
     async def _fetch_bodies(self, conn: IMAPConnection, uids: list[int]) -> list[tuple[int, bytes]]:
@@ -1145,7 +1142,8 @@ class MailChannel:
 class _ParseJob:
     """A group's parse, running in a worker thread or already done.
 
-    The watcher starts one and goes on fetching; :meth:`result` waits for it. A job
+    The watcher starts one and goes on fetching; :meth:`result` waits for it. A channel
+    has at most one in flight, so parse threads are bounded by the channels. A job
     whose watcher gave up (cancelled, or the connection broke) is simply dropped: the
     thread finishes its bounded work and the result is freed; nothing was claimed, so
     the messages are fetched again.

@@ -729,7 +729,6 @@ class StateStore:
                 if str(mode).lower() != "wal":
                     raise StateError(f"cannot switch {db_path} to WAL mode (got {mode!r})")
                 self._conn.execute("PRAGMA synchronous=FULL")
-                self._synchronous = "FULL"
             except sqlite3.Error as exc:
                 raise StateError(f"cannot open state database {db_path}: {exc}") from exc
             self._migrate()
