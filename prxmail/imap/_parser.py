@@ -54,12 +54,23 @@ from prxmail.imap._events import (
 )
 from prxmail.imap._framer import Frame
 
-__all__ = ["MAX_NESTING_DEPTH", "parse_response"]
+__all__ = ["MAX_NESTING_DEPTH", "MAX_NUMBER", "MAX_NUMBER64", "parse_response"]
 
 # Deepest parenthesised nesting accepted. A BODYSTRUCTURE nests two levels per MIME
 # level and Dovecot stops parsing MIME at 100 levels; real mail rarely exceeds 10.
 # 250 covers every real tree while keeping recursion far from Python's stack limit.
 MAX_NESTING_DEPTH = 250
+
+# Largest values of the grammar's number types. RFC 3501 section 9: ``number`` (and
+# ``nz-number``) is an unsigned 32-bit integer -- message numbers, UIDs, counts, sizes of
+# parts. RFC 7162 / RFC 9051: ``mod-sequence-value`` and ``number64`` are 63-bit. A digit
+# string longer than the largest value is refused before int() is called on it, so a
+# hostile "* OK [UIDNEXT 999...]" costs one length check, not a quadratic conversion or
+# Python's "exceeds the limit for integer string conversion" ValueError.
+MAX_NUMBER = 2**32 - 1
+MAX_NUMBER64 = 2**63 - 1
+_NUMBER_DIGITS = len(str(MAX_NUMBER))
+_NUMBER64_DIGITS = len(str(MAX_NUMBER64))
 
 Value: TypeAlias = "bytes | bytearray | list[Value] | None"
 
@@ -74,7 +85,13 @@ _SPACES = re.compile(rb" *")
 
 _STATUSES = frozenset((b"OK", b"NO", b"BAD", b"PREAUTH", b"BYE"))
 _RFC822_SECTIONS = {b"RFC822": "", b"RFC822.HEADER": "HEADER", b"RFC822.TEXT": "TEXT"}
-_INT_CODES = frozenset(("UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ"))
+# Response codes whose data is a number, with the largest value their grammar allows.
+_INT_CODES = {
+    "UIDNEXT": MAX_NUMBER,
+    "UIDVALIDITY": MAX_NUMBER,
+    "UNSEEN": MAX_NUMBER,
+    "HIGHESTMODSEQ": MAX_NUMBER64,
+}
 
 
 class _Reader:
@@ -135,12 +152,14 @@ class _Reader:
         self.pos = match.end()
         return match[0]
 
-    def number(self) -> int:
+    def number(self, limit: int = MAX_NUMBER, *, nonzero: bool = False) -> int:
+        """A number of at most ``limit`` (``nz-number`` if ``nonzero``)."""
         match = _NUMBER.match(self.line, self.pos)
         if match is None:
             self.fail("expected a number")
+        value = _bounded(match[0], limit, nonzero, self)
         self.pos = match.end()
-        return int(match[0])
+        return value
 
     def rest(self) -> bytes:
         rest = self.line[self.pos :]
@@ -237,7 +256,7 @@ def parse_response(frame: Frame) -> Event:
     match = _FETCH_START.match(line)
     if match is not None:  # the hot path of a mailbox sync
         reader.pos = match.end()
-        return _fetch_items(reader, int(match[1]))
+        return _fetch_items(reader, _bounded(match[1], MAX_NUMBER, True, reader))
     if line.startswith(b"*"):
         reader.pos = 1
         reader.spaces()
@@ -267,9 +286,13 @@ def parse_response(frame: Frame) -> Event:
 def _untagged(reader: _Reader) -> Event:
     c = reader.peek()
     if 48 <= c <= 57:  # a digit: message data
+        start = reader.pos
         number = reader.number()
         reader.spaces()
         keyword = reader.atom().upper()
+        if keyword in (b"FETCH", b"EXPUNGE") and not number:
+            reader.pos = start
+            reader.fail(f"{keyword.decode()} needs a non-zero message number")
         if keyword == b"FETCH":
             reader.spaces()
             return _fetch(reader, number)
@@ -351,11 +374,14 @@ def _resp_code(reader: _Reader) -> ResponseCode | None:
     raw = line[data_start:end].strip()
     reader.pos = end + 1
     value: int | str | tuple[str, ...] | None
-    if name in _INT_CODES:
+    limit = _INT_CODES.get(name)
+    if limit is not None:
         if not raw.isdigit():
             reader.pos = start
             reader.fail(f"{name} needs a number")
-        value = int(raw)
+        # Zero is tolerated although UIDNEXT/UIDVALIDITY/UNSEEN are nz-number: some
+        # servers send "[UNSEEN 0]" for an empty mailbox, and nothing breaks on it.
+        value = _bounded(raw, limit, False, reader)
     elif name == "CAPABILITY":
         value = tuple(_words(raw))
     elif name == "PERMANENTFLAGS":
@@ -398,9 +424,9 @@ def _search(reader: _Reader) -> SearchData:
                 and isinstance(item[0], bytes)
                 and item[0].upper() == b"MODSEQ"
             ):
-                modseq = _int(item[1], reader)
+                modseq = _int(item[1], reader, MAX_NUMBER64)
             continue
-        ids.append(reader.number())
+        ids.append(reader.number(nonzero=True))
     return SearchData(tuple(ids), modseq)
 
 
@@ -424,7 +450,8 @@ def _esearch(reader: _Reader) -> ESearchData:
         reader.spaces()
         value = reader.value()
         if name in (b"MIN", b"MAX", b"COUNT", b"MODSEQ"):
-            fields[name.decode().lower()] = _int(value, reader)
+            limit = MAX_NUMBER64 if name == b"MODSEQ" else MAX_NUMBER
+            fields[name.decode().lower()] = _int(value, reader, limit)
         elif name == b"ALL":
             if not isinstance(value, bytes):
                 reader.fail("ESEARCH ALL needs a sequence set")
@@ -488,25 +515,26 @@ def _fetch_items(reader: _Reader, seq: int) -> FetchData:
         if section is not None:
             key = section.decode("utf-8", "replace").upper()
             if match[4] is not None:
-                key += f"<{int(match[4])}>"
+                key += f"<{_bounded(match[4], MAX_NUMBER, False, reader)}>"
             if name == b"BODY":
                 c = reader.line[reader.pos : reader.pos + 1]
                 sections[key] = reader.literal() if c == b"{" else reader.nstring()
             else:  # BINARY[...], BINARY.SIZE[...]
                 extra[f"{name.decode()}[{key}]"] = reader.value()
         elif name == b"UID":
-            uid = reader.number()
+            uid = reader.number(nonzero=True)
         elif name == b"FLAGS":
             flags = _flag_list(reader)
         elif name == b"RFC822.SIZE":
-            rfc822_size = reader.number()
+            # number64 in RFC 9051: IMAP4rev2 servers may hold messages over 4 GiB.
+            rfc822_size = reader.number(MAX_NUMBER64)
         elif name in _RFC822_SECTIONS:
             sections[_RFC822_SECTIONS[name]] = reader.nstring()
         elif name == b"MODSEQ":
             item = reader.value()
             if not isinstance(item, list) or len(item) != 1:
                 reader.fail("MODSEQ needs a parenthesised number")
-            modseq = _int(item[0], reader)
+            modseq = _int(item[0], reader, MAX_NUMBER64)
         elif name == b"INTERNALDATE":
             raw = reader.nstring()
             internaldate = _internaldate(raw, reader)
@@ -548,15 +576,35 @@ def _text(value: Value) -> str | None:
     return bytes(value).decode("utf-8", "replace")
 
 
-def _int(value: Value, reader: _Reader) -> int:
+def _bounded(digits: bytes | bytearray, limit: int, nonzero: bool, reader: _Reader) -> int:
+    """The value of an ASCII digit string, refused above ``limit`` (or 0 if ``nonzero``).
+
+    Longer strings than the 63-bit maximum are refused by length alone: int() is never
+    called on them (leading zeros that long are no real server's output).
+    """
+    if len(digits) <= _NUMBER64_DIGITS:
+        value = int(digits)
+        if value <= limit and (value or not nonzero):
+            return value
+    kind = "a non-zero number" if nonzero else "a number"
+    # The start of the line names the response ("* OK [UIDNEXT 99..."), which says
+    # more than a window of digits would.
+    raise RemoteProtocolError(
+        f"malformed server response: expected {kind} of at most {limit}, got {len(digits)} digits",
+        excerpt=reader.line[:60],
+    )
+
+
+def _int(value: Value, reader: _Reader, limit: int = MAX_NUMBER) -> int:
     if isinstance(value, bytes | bytearray) and value.isdigit():
-        return int(value)
+        return _bounded(value, limit, False, reader)
     raise reader.error("expected a number")
 
 
-def _opt_int(value: Value) -> int | None:
+def _opt_int(value: Value, reader: _Reader) -> int | None:
+    """A number where the grammar wants one but some servers send NIL or junk."""
     if isinstance(value, bytes | bytearray) and value.isdigit():
-        return int(value)
+        return _bounded(value, MAX_NUMBER, False, reader)
     return None
 
 
@@ -651,10 +699,10 @@ def _body(value: Value, reader: _Reader, depth: int) -> BodyStructure:
     if mtype == "message" and subtype == "rfc822" and len(rest) >= 3:
         envelope = _envelope(rest[0], reader) if isinstance(rest[0], list) else None
         inner = _body(rest[1], reader, depth + 1) if isinstance(rest[1], list) else None
-        lines = _opt_int(rest[2])
+        lines = _opt_int(rest[2], reader)
         rest = rest[3:]
     elif mtype == "text" and rest:
-        lines = _opt_int(rest[0])
+        lines = _opt_int(rest[0], reader)
         rest = rest[1:]
     return BodyPart(
         type=mtype,
@@ -663,7 +711,7 @@ def _body(value: Value, reader: _Reader, depth: int) -> BodyStructure:
         id=_text(items[3]),
         description=_text(items[4]),
         encoding=(_text(items[5]) or "").lower() or None,
-        size=_opt_int(items[6]) or 0,
+        size=_opt_int(items[6], reader) or 0,
         lines=lines,
         envelope=envelope,
         body=inner,

@@ -448,3 +448,88 @@ def test_list_modified_utf7_name_kept_raw_and_decodable() -> None:
 def test_list_malformed(line: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         parse(line)
+
+
+# -- numbers are bounded by their grammar (issue 11 item 1) ------------------------------
+
+HUGE = b"9" * 5000  # past Python's 4,300-digit int() limit: a bare ValueError before
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"* OK [UIDNEXT " + HUGE + b"] Predicted next UID\r\n",
+        b"* OK [UIDVALIDITY " + HUGE + b"] UIDs valid\r\n",
+        b"* OK [HIGHESTMODSEQ " + HUGE + b"] x\r\n",
+        b"A1 OK [UNSEEN " + HUGE + b"] x\r\n",
+        b"* " + HUGE + b" EXISTS\r\n",
+        b"* " + HUGE + b" RECENT\r\n",
+        b"* " + HUGE + b" EXPUNGE\r\n",
+        b"* " + HUGE + b" FETCH (UID 1)\r\n",
+        b"* 1 FETCH (UID " + HUGE + b")\r\n",
+        b"* 1 FETCH (RFC822.SIZE " + HUGE + b")\r\n",
+        b"* 1 FETCH (MODSEQ (" + HUGE + b"))\r\n",
+        b"* 1 FETCH (BODY[]<" + HUGE + b"> NIL)\r\n",
+        b'* 1 FETCH (BODYSTRUCTURE ("text" "plain" NIL NIL NIL "7bit" ' + HUGE + b" 1))\r\n",
+        b'* 1 FETCH (BODYSTRUCTURE ("text" "plain" NIL NIL NIL "7bit" 1 ' + HUGE + b"))\r\n",
+        b"* SEARCH 1 " + HUGE + b"\r\n",
+        b"* SEARCH 1 (MODSEQ " + HUGE + b")\r\n",
+        b'* ESEARCH (TAG "A1") UID COUNT ' + HUGE + b"\r\n",
+        b'* ESEARCH (TAG "A1") UID MODSEQ ' + HUGE + b"\r\n",
+    ],
+)
+def test_over_long_numbers_are_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="at most") as info:
+        parse(data)
+    assert len(info.value.excerpt) <= 80
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # number / nz-number: 32 bits unsigned.
+        b"* OK [UIDNEXT 4294967296] x\r\n",
+        b"* 4294967296 EXISTS\r\n",
+        b"* 1 FETCH (UID 4294967296)\r\n",
+        b"* SEARCH 4294967296\r\n",
+        b"* ESEARCH UID MAX 4294967296\r\n",
+        # nz-number: zero is not a message number or UID.
+        b"* 0 FETCH (UID 1)\r\n",
+        b"* 0 FETCH (FLAGS ())\r\n",
+        b"* 0 EXPUNGE\r\n",
+        b"* 1 FETCH (UID 0)\r\n",
+        b"* SEARCH 3 0\r\n",
+        # mod-sequence-value / number64: 63 bits.
+        b"* OK [HIGHESTMODSEQ 9223372036854775808] x\r\n",
+        b"* 1 FETCH (MODSEQ (9223372036854775808))\r\n",
+        b"* 1 FETCH (RFC822.SIZE 9223372036854775808)\r\n",
+        # Absurd zero padding is refused by length, before int().
+        b"* 1 FETCH (UID " + b"0" * 30 + b"1)\r\n",
+    ],
+)
+def test_out_of_range_numbers_are_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        parse(data)
+
+
+def test_numbers_at_their_grammar_maximum_are_accepted() -> None:
+    top, top64 = 2**32 - 1, 2**63 - 1
+    assert parse(b"* OK [UIDNEXT 4294967295] x\r\n") == StatusResponse(
+        "OK", ResponseCode("UIDNEXT", top), "x"
+    )
+    assert parse(b"* OK [HIGHESTMODSEQ 9223372036854775807] x\r\n") == StatusResponse(
+        "OK", ResponseCode("HIGHESTMODSEQ", top64), "x"
+    )
+    assert parse(b"* 4294967295 EXISTS\r\n") == Exists(top)
+    assert parse(b"* 0 EXISTS\r\n") == Exists(0)  # number, not nz-number
+    assert parse(b"* OK [UNSEEN 0] x\r\n") == StatusResponse(
+        "OK", ResponseCode("UNSEEN", 0), "x"
+    )  # tolerated: some servers say so for an empty mailbox
+    assert parse(
+        b"* 4294967295 FETCH (UID 4294967295 RFC822.SIZE 9223372036854775807 "
+        b"MODSEQ (9223372036854775807))\r\n"
+    ) == FetchData(seq=top, uid=top, rfc822_size=top64, modseq=top64)
+    assert parse(b"* SEARCH 4294967295 (MODSEQ 9223372036854775807)\r\n") == SearchData(
+        (top,), top64
+    )
+    assert parse(b"* 1 FETCH (UID 0000000007)\r\n") == FetchData(seq=1, uid=7)
