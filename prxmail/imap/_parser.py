@@ -51,6 +51,7 @@ from prxmail.imap._events import (
     StatusResponse,
     TaggedResponse,
     UnknownResponse,
+    normalize_section,
 )
 from prxmail.imap._framer import Frame
 
@@ -78,9 +79,13 @@ _ATOM = re.compile(rb'[^\x00-\x20\x7f()"{]+')
 _NUMBER = re.compile(rb"[0-9]+")
 _TAG = re.compile(rb"[^\x00-\x20\x7f(){%*\"\\+]+")
 _LITERAL = re.compile(rb"~?\{([0-9]+)\+?\}\Z")
-_FETCH_NEXT = re.compile(rb" *(?:(\))|([A-Za-z0-9.\-]+)(?:\[([^\]]*)\])?(?:<([0-9]+)>)? +)")
+_FETCH_NEXT = re.compile(
+    rb" *(?:(\))|([A-Za-z0-9.\-]+)(?:\[([^\]]*)\])?(?:<([0-9]+)>)?(?: +|(?=\))))"
+)
 _FETCH_START = re.compile(rb"\* ([0-9]+) FETCH \(")
-_CODE_NAME = re.compile(rb"[A-Za-z0-9.\-]+")
+# A response code's name: an atom, which must be followed by a space or "]" -- so
+# Exchange's '[Error="Microsoft.Exchange..." ...]' is text, not a code named ERROR.
+_CODE_NAME = re.compile(rb"[A-Za-z0-9.\-]+(?=[ \]])")
 _SPACES = re.compile(rb" *")
 
 _STATUSES = frozenset((b"OK", b"NO", b"BAD", b"PREAUTH", b"BYE"))
@@ -204,7 +209,7 @@ class _Reader:
         c = self.peek()
         if c == 34:
             return self.quoted()
-        if c in (123, 126):  # { or ~
+        if c == 123 or (c == 126 and self.line.startswith(b"{", self.pos + 1)):  # { or ~{
             return self.literal()
         word = self.atom()
         if word.upper() == b"NIL":
@@ -261,6 +266,8 @@ def parse_response(frame: Frame) -> Event:
         reader.pos = 1
         reader.spaces()
         return _untagged(reader)
+    if line.startswith(b"["):
+        return _stray_code(reader)
     if line.startswith(b"+"):
         raw = line[1:]
         if raw.startswith(b" "):
@@ -283,8 +290,21 @@ def parse_response(frame: Frame) -> Event:
     )
 
 
+def _stray_code(reader: _Reader) -> UnknownResponse:
+    # Exchange sends a bare "[COPYUID ...]" line (or "* [COPYUID ...]") during MOVE: a
+    # response code outside any response. It carries nothing the caller needs (the
+    # tagged OK follows), so it is reported for logging instead of breaking the
+    # connection. Anything else that starts with "[" is still an error.
+    code = _resp_code(reader)
+    if code is None:
+        reader.fail("expected '*', '+' or a tag")
+    return UnknownResponse(f"[{code.name}]", reader.line)
+
+
 def _untagged(reader: _Reader) -> Event:
     c = reader.peek()
+    if c == 91:  # [
+        return _stray_code(reader)
     if 48 <= c <= 57:  # a digit: message data
         start = reader.pos
         number = reader.number()
@@ -513,12 +533,17 @@ def _fetch_items(reader: _Reader, seq: int) -> FetchData:
         name = match[2].upper()
         section = match[3]
         if section is not None:
-            key = section.decode("utf-8", "replace").upper()
+            key = normalize_section(section.decode("utf-8", "replace"))
             if match[4] is not None:
                 key += f"<{_bounded(match[4], MAX_NUMBER, False, reader)}>"
             if name == b"BODY":
                 c = reader.line[reader.pos : reader.pos + 1]
-                sections[key] = reader.literal() if c == b"{" else reader.nstring()
+                if c == b")":
+                    # Yandex leaves out the value of an empty section ("BODY[2] )"):
+                    # the section was there and held nothing.
+                    sections[key] = b""
+                else:
+                    sections[key] = reader.literal() if c == b"{" else reader.nstring()
             else:  # BINARY[...], BINARY.SIZE[...]
                 extra[f"{name.decode()}[{key}]"] = reader.value()
         elif name == b"UID":
@@ -668,38 +693,82 @@ def _language(value: Value) -> tuple[str, ...] | None:
     return (bytes(value).decode("utf-8", "replace"),)
 
 
+def _is_number(value: Value) -> bool:
+    return isinstance(value, bytes | bytearray) and value.isdigit()
+
+
+def _multipart(parts: list[BodyStructure], ext: list[Value]) -> MultipartBody:
+    # NIL (or nothing) where the subtype belongs: RFC 2046 5.1.3 reads an unknown
+    # multipart subtype as "mixed".
+    subtype = (_text(ext[0]) if ext else None) or "mixed"
+    return MultipartBody(
+        parts=tuple(parts),
+        subtype=subtype.lower(),
+        params=_params(ext[1]) if len(ext) > 1 else {},
+        disposition=_disposition(ext[2]) if len(ext) > 2 else None,
+        language=_language(ext[3]) if len(ext) > 3 else None,
+        location=_text(ext[4]) if len(ext) > 4 else None,
+    )
+
+
 def _body(value: Value, reader: _Reader, depth: int) -> BodyStructure:
+    # Real servers bend this grammar (issue 11 item 13); each shape below is read
+    # into the closest faithful structure rather than refusing the whole response:
+    # * a multipart with zero parts, "("MIXED")" or "("MIXED" ("BOUNDARY" "x") NIL
+    #   NIL NIL)" -- a string that is not followed by a subtype string;
+    # * the same with NIL for its media type, "(NIL "MIXED" ...)" in under 7 fields;
+    # * a basic part whose Content-Type had no subtype, sent without the subtype
+    #   field: "("X-ZIP" NIL NIL NIL "BASE64" 1234 ...)" (the size, a number, sits
+    #   one field early);
+    # * a message/rfc822 part sent as a basic part, without envelope, body and line
+    #   count (see _basic).
     items = _list(value)
     if not items:
         reader.fail("empty BODYSTRUCTURE")
-    if isinstance(items[0], list):
+    first = items[0]
+    if isinstance(first, list):
         parts: list[BodyStructure] = []
         i = 0
         while i < len(items) and isinstance(items[i], list):
             parts.append(_body(items[i], reader, depth + 1))
             i += 1
-        ext = items[i:]
-        subtype = (_text(ext[0]) if ext else None) or "mixed"
-        return MultipartBody(
-            parts=tuple(parts),
-            subtype=subtype.lower(),
-            params=_params(ext[1]) if len(ext) > 1 else {},
-            disposition=_disposition(ext[2]) if len(ext) > 2 else None,
-            language=_language(ext[3]) if len(ext) > 3 else None,
-            location=_text(ext[4]) if len(ext) > 4 else None,
-        )
+        return _multipart(parts, items[i:])
+    second = items[1] if len(items) > 1 else None
+    if not isinstance(second, bytes | bytearray):
+        if len(items) >= 6 and _is_number(items[5]) and not _is_number(items[4]):
+            return _basic([first, None, *items[1:]], reader, depth)
+        if len(items) <= 5:
+            return _multipart([], items)
+    elif first is None and len(items) < 7:
+        return _multipart([], items[1:])
     if len(items) < 7:
         reader.fail("a body part needs at least 7 fields")
+    return _basic(items, reader, depth)
+
+
+def _basic(items: list[Value], reader: _Reader, depth: int) -> BodyPart:
     mtype = (_text(items[0]) or "").lower()
     subtype = (_text(items[1]) or "").lower()
     lines = None
     envelope = None
     inner = None
     rest = items[7:]
-    if mtype == "message" and subtype == "rfc822" and len(rest) >= 3:
+    if (
+        mtype == "message"
+        and subtype in ("rfc822", "global")
+        and rest
+        # The full form has an envelope (a list) first; NIL envelope and body are
+        # taken as the full form only when a line count follows them. Otherwise the
+        # server sent the part as a basic one and what follows is extension data.
+        and (isinstance(rest[0], list) or (len(rest) >= 3 and _is_number(rest[2])))
+    ):
         envelope = _envelope(rest[0], reader) if isinstance(rest[0], list) else None
-        inner = _body(rest[1], reader, depth + 1) if isinstance(rest[1], list) else None
-        lines = _opt_int(rest[2], reader)
+        inner = (
+            _body(rest[1], reader, depth + 1)
+            if len(rest) > 1 and isinstance(rest[1], list)
+            else None
+        )
+        lines = _opt_int(rest[2], reader) if len(rest) > 2 else None
         rest = rest[3:]
     elif mtype == "text" and rest:
         lines = _opt_int(rest[0], reader)
