@@ -8,6 +8,7 @@ immutable, compared by value, cheap to build on the fetch hot path.
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from typing import Literal, TypeAlias
@@ -159,16 +160,35 @@ _FIELD_NAME = re.compile(r'"([^"]*)"|([^ ()"]+)')
 _PARTIAL = re.compile(r"<([0-9]{1,19})(?:\.[0-9]{1,19})?>\Z")
 
 
+# A session asks for the same few sections in every FETCH, so the normal form of a
+# field list is cached. Bounded both ways, so a hostile server sending endless
+# distinct specs holds at most 128 entries of 512 characters.
+_SECTION_CACHE_ENTRIES = 128
+_SECTION_CACHE_MAX_LENGTH = 512
+
+
 def normalize_section(section: str) -> str:
     """A section spec (the text between the brackets) in its one canonical spelling.
 
     Upper case; in a ``HEADER.FIELDS`` / ``HEADER.FIELDS.NOT`` list the field names
     unquoted and separated by single spaces. Anything else is only upper-cased, so
     keys of the other sections are what they always were.
+
+    Args:
+        section: The section spec, e.g. ``'header.fields ("To" cc)'``.
+
+    Returns:
+        Its canonical spelling, e.g. ``"HEADER.FIELDS (TO CC)"``.
     """
     key = section.upper()
     if "FIELDS" not in key:
         return key
+    if len(key) <= _SECTION_CACHE_MAX_LENGTH:
+        return _normalize_fields_cached(key)
+    return _normalize_fields(key)
+
+
+def _normalize_fields(key: str) -> str:
     trimmed = key.rstrip(" ")
     opening = key.find("(")
     if opening < 0 or not trimmed.endswith(")"):
@@ -181,6 +201,9 @@ def normalize_section(section: str) -> str:
         for m in _FIELD_NAME.finditer(key, opening + 1, len(trimmed) - 1)
     ]
     return f"{prefix} ({' '.join(names)})"
+
+
+_normalize_fields_cached = functools.lru_cache(maxsize=_SECTION_CACHE_ENTRIES)(_normalize_fields)
 
 
 def section_key(spec: str) -> str:
@@ -342,8 +365,12 @@ class ListData:
 class UnknownResponse:
     """An untagged response this client does not interpret (STATUS, NAMESPACE, ...).
 
+    A stray response code outside any response (Exchange sends ``[COPYUID ...]`` on
+    a line of its own during MOVE) is reported here too, named after the code in
+    brackets (``"[COPYUID]"``), so the caller can log it and carry on.
+
     Attributes:
-        name: Its keyword in upper case.
+        name: Its keyword in upper case, or ``"[CODE]"`` for a stray response code.
         line: The first line of the response, for logging or custom parsing.
     """
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prxmail.errors import LocalProtocolError, RemoteProtocolError
@@ -463,3 +463,48 @@ def test_eof_and_bye_still_close_cleanly_without_an_error() -> None:
     assert proto.next_event() == ConnectionClosed()  # every time, as documented
     assert proto.state is ConnectionState.LOGOUT
     assert proto.error is None
+
+
+# Real-server quirks inside a session: each response is accepted and the session goes on.
+QUIRKS = (
+    b"* OK [CAPABILITY IMAP4rev1 MOVE] hi\r\n"
+    b'* LIST (\\Noselect) "/" ~/Mail/foo\r\n'
+    b'* 2 FETCH (UID 9 BODYSTRUCTURE ("MIXED") BODY[2] )\r\n'
+    b'* 3 FETCH (UID 10 BODY[HEADER.FIELDS ("Content-Type")] {4}\r\nab\r\n)\r\n'
+    b"[COPYUID 17 9:10 101:102]\r\n"
+    b"* 2 EXPUNGE\r\n"
+    b'A0001 OK [Error="Microsoft.Exchange.X" Service=Imap4] done\r\n'
+)
+
+
+QUIRKS_GREETING, QUIRKS_REST = QUIRKS.split(b"\r\n", 1)
+
+
+def quirk_session(cuts: list[int]) -> list[Event]:
+    proto = IMAPProtocol()
+    got = events(proto, QUIRKS_GREETING + b"\r\n")
+    proto.send_command("NOOP")
+    points = sorted(set(cuts))
+    for a, b in zip([0, *points], [*points, len(QUIRKS_REST)], strict=False):
+        if QUIRKS_REST[a:b]:
+            got.extend(events(proto, QUIRKS_REST[a:b]))
+    assert proto.state is ConnectionState.NOT_AUTHENTICATED
+    assert proto.commands_in_flight == 0
+    return got
+
+
+def test_quirks_session_is_accepted_whole() -> None:
+    got = quirk_session([])
+    assert len(got) == 7
+    fetch = got[3]
+    assert isinstance(fetch, FetchData)
+    assert fetch.section('HEADER.FIELDS ("Content-Type")') == b"ab\r\n"
+    assert got[-1] == TaggedResponse(
+        "A0001", "OK", None, '[Error="Microsoft.Exchange.X" Service=Imap4] done'
+    )
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(min_value=1, max_value=len(QUIRKS_REST) - 1), max_size=12))
+def test_quirks_session_independent_of_how_input_is_split(cuts: list[int]) -> None:
+    assert quirk_session(cuts) == quirk_session([])
