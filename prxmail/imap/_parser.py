@@ -8,7 +8,11 @@
 # Grammar: RFC 3501 section 9, with what RFC 9051 and real servers relax. Harmless
 # quirks are accepted: several spaces where one is required, NIL where a list is
 # expected, ``]`` inside flags and keywords, 8-bit bytes in quoted strings, a status
-# line with no text, bare LF line ends (the framer). Anything else raises
+# line with no text, bare LF line ends (the framer), and the shapes real servers send
+# (issue 11): multiparts with no parts, parts without a subtype, message/rfc822 sent as
+# a basic part, Exchange's "[Error=...]" text and stray "[COPYUID ...]" lines, Yandex's
+# empty section without a value, LIST names starting with "~". Every number is bounded
+# by its grammar (MAX_NUMBER, MAX_NUMBER64) before int() sees it. Anything else raises
 # RemoteProtocolError with an excerpt, at the boundary of this one response; the framer
 # has already found where the next response starts, so the stream never desynchronises.
 #
@@ -70,7 +74,6 @@ MAX_NESTING_DEPTH = 250
 # Python's "exceeds the limit for integer string conversion" ValueError.
 MAX_NUMBER = 2**32 - 1
 MAX_NUMBER64 = 2**63 - 1
-_NUMBER_DIGITS = len(str(MAX_NUMBER))
 _NUMBER64_DIGITS = len(str(MAX_NUMBER64))
 
 Value: TypeAlias = "bytes | bytearray | list[Value] | None"
