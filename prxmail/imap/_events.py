@@ -8,6 +8,8 @@ immutable, compared by value, cheap to build on the fetch hot path.
 from __future__ import annotations
 
 import datetime
+import functools
+import re
 from collections.abc import Iterator, Mapping
 from typing import Literal, TypeAlias
 
@@ -37,6 +39,8 @@ __all__ = [
     "StatusResponse",
     "TaggedResponse",
     "UnknownResponse",
+    "normalize_section",
+    "section_key",
 ]
 
 Status: TypeAlias = Literal["OK", "NO", "BAD", "PREAUTH", "BYE"]
@@ -145,6 +149,85 @@ def _seq_number(text: str) -> int | None:
     if not 0 < value <= 0xFFFFFFFF:
         raise ValueError(f"sequence number out of range: {text!r}")
     return value
+
+
+# One header field name in a HEADER.FIELDS list: a quoted string (group 1) or an atom
+# (group 2). No backslash escapes: field names never need them, and without them the
+# scan is linear even on a hostile spec full of quotes.
+_FIELD_NAME = re.compile(r'"([^"]*)"|([^ ()"]+)')
+# A partial-fetch suffix as requested ("<0.1024>") or as answered ("<0>"); 19 digits
+# bound it to 63 bits so int() stays cheap whatever the caller passes.
+_PARTIAL = re.compile(r"<([0-9]{1,19})(?:\.[0-9]{1,19})?>\Z")
+
+
+# A session asks for the same few sections in every FETCH, so the normal form of a
+# field list is cached. Bounded both ways, so a hostile server sending endless
+# distinct specs holds at most 128 entries of 512 characters.
+_SECTION_CACHE_ENTRIES = 128
+_SECTION_CACHE_MAX_LENGTH = 512
+
+
+def normalize_section(section: str) -> str:
+    """A section spec (the text between the brackets) in its one canonical spelling.
+
+    Upper case; in a ``HEADER.FIELDS`` / ``HEADER.FIELDS.NOT`` list the field names
+    unquoted and separated by single spaces. Anything else is only upper-cased, so
+    keys of the other sections are what they always were.
+
+    Args:
+        section: The section spec, e.g. ``'header.fields ("To" cc)'``.
+
+    Returns:
+        Its canonical spelling, e.g. ``"HEADER.FIELDS (TO CC)"``.
+    """
+    key = section.upper()
+    if "FIELDS" not in key:
+        return key
+    if len(key) <= _SECTION_CACHE_MAX_LENGTH:
+        return _normalize_fields_cached(key)
+    return _normalize_fields(key)
+
+
+def _normalize_fields(key: str) -> str:
+    trimmed = key.rstrip(" ")
+    opening = key.find("(")
+    if opening < 0 or not trimmed.endswith(")"):
+        return key
+    prefix = key[:opening].rstrip(" ")
+    if not prefix.endswith(("HEADER.FIELDS", "HEADER.FIELDS.NOT")):
+        return key
+    names = [
+        m[1] if m[1] is not None else m[2]
+        for m in _FIELD_NAME.finditer(key, opening + 1, len(trimmed) - 1)
+    ]
+    return f"{prefix} ({' '.join(names)})"
+
+
+_normalize_fields_cached = functools.lru_cache(maxsize=_SECTION_CACHE_ENTRIES)(_normalize_fields)
+
+
+def section_key(spec: str) -> str:
+    """The key under which :attr:`FetchData.sections` stores a requested section.
+
+    Section specs are case-insensitive and header field names may be sent as atoms or
+    quoted strings, so servers answer ``BODY.PEEK[HEADER.FIELDS ("Content-Type")]``
+    in several spellings; the parser files each under :func:`normalize_section` of
+    what the server sent, and this maps the requested spelling to the same key. A
+    partial suffix is reduced to its origin (``<0.1024>`` becomes ``<0>``), as the
+    server names it.
+
+    Args:
+        spec: The text between the brackets of the fetch item, optionally followed
+            by ``<origin>`` or ``<origin.length>``: ``"1.MIME"``,
+            ``'HEADER.FIELDS ("To")'``, ``"1<0.4096>"``.
+
+    Returns:
+        The key, e.g. ``"HEADER.FIELDS (CONTENT-TYPE)"``.
+    """
+    partial = _PARTIAL.search(spec)
+    if partial is None:
+        return normalize_section(spec)
+    return f"{normalize_section(spec[: partial.start()])}<{int(partial[1])}>"
 
 
 # -- responses -----------------------------------------------------------------------
@@ -282,8 +365,12 @@ class ListData:
 class UnknownResponse:
     """An untagged response this client does not interpret (STATUS, NAMESPACE, ...).
 
+    A stray response code outside any response (Exchange sends ``[COPYUID ...]`` on
+    a line of its own during MOVE) is reported here too, named after the code in
+    brackets (``"[COPYUID]"``), so the caller can log it and carry on.
+
     Attributes:
-        name: Its keyword in upper case.
+        name: Its keyword in upper case, or ``"[CODE]"`` for a stray response code.
         line: The first line of the response, for logging or custom parsing.
     """
 
@@ -394,11 +481,13 @@ class FetchData:
         internaldate: INTERNALDATE, timezone-aware.
         envelope: ENVELOPE.
         bodystructure: BODYSTRUCTURE or BODY.
-        sections: Fetched body sections, keyed by the section text as the server
-            named it (``""`` for ``BODY[]``, ``"HEADER"``, ``"1.MIME"``, with
-            ``"<origin>"`` appended for partial fetches). ``RFC822``,
-            ``RFC822.HEADER`` and ``RFC822.TEXT`` appear as ``""``, ``"HEADER"`` and
-            ``"TEXT"``. Values are ``None`` for NIL; large ones may be ``bytearray``.
+        sections: Fetched body sections, keyed by :func:`section_key` of the
+            section text the server sent (``""`` for ``BODY[]``, ``"HEADER"``,
+            ``"1.MIME"``, ``"HEADER.FIELDS (FROM TO)"``, with ``"<origin>"`` appended
+            for partial fetches); :meth:`section` looks one up by the spelling that
+            was requested. ``RFC822``, ``RFC822.HEADER`` and ``RFC822.TEXT`` appear as
+            ``""``, ``"HEADER"`` and ``"TEXT"``. Values are ``None`` for NIL and
+            ``b""`` for a value the server left out; large ones may be ``bytearray``.
         modseq: MODSEQ (CONDSTORE).
         extra: Items this client does not interpret, by name, raw.
     """
@@ -418,6 +507,18 @@ class FetchData:
     def body(self) -> bytes | bytearray | None:
         """The whole message (``BODY[]`` / ``RFC822``), if fetched."""
         return self.sections.get("")
+
+    def section(self, spec: str) -> bytes | bytearray | None:
+        """A fetched section, looked up by the spelling used in the request.
+
+        Args:
+            spec: The text between the brackets of the fetch item, with its partial
+                suffix if any: ``'HEADER.FIELDS ("Content-Type")'``, ``"1<0.4096>"``.
+
+        Returns:
+            The section's bytes; ``None`` if it was not returned or was NIL.
+        """
+        return self.sections.get(section_key(spec))
 
 
 Event: TypeAlias = (

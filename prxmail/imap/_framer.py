@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from prxmail.errors import RemoteProtocolError
+from prxmail.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "DEFAULT_MAX_LINE_LENGTH",
@@ -131,11 +131,11 @@ class Framer:
         """Feed bytes received from the server; ``b""`` means the server closed.
 
         Raises:
-            RuntimeError: data after end of stream.
+            LocalProtocolError: data after end of stream (the caller's mistake).
         """
         if self._eof:
             if data:
-                raise RuntimeError("received data after end of stream")
+                raise LocalProtocolError("received data after end of stream")
             return
         if not data:
             self._eof = True

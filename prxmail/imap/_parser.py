@@ -8,7 +8,11 @@
 # Grammar: RFC 3501 section 9, with what RFC 9051 and real servers relax. Harmless
 # quirks are accepted: several spaces where one is required, NIL where a list is
 # expected, ``]`` inside flags and keywords, 8-bit bytes in quoted strings, a status
-# line with no text, bare LF line ends (the framer). Anything else raises
+# line with no text, bare LF line ends (the framer), and the shapes real servers send
+# (issue 11): multiparts with no parts, parts without a subtype, message/rfc822 sent as
+# a basic part, Exchange's "[Error=...]" text and stray "[COPYUID ...]" lines, Yandex's
+# empty section without a value, LIST names starting with "~". Every number is bounded
+# by its grammar (MAX_NUMBER, MAX_NUMBER64) before int() sees it. Anything else raises
 # RemoteProtocolError with an excerpt, at the boundary of this one response; the framer
 # has already found where the next response starts, so the stream never desynchronises.
 #
@@ -51,15 +55,26 @@ from prxmail.imap._events import (
     StatusResponse,
     TaggedResponse,
     UnknownResponse,
+    normalize_section,
 )
 from prxmail.imap._framer import Frame
 
-__all__ = ["MAX_NESTING_DEPTH", "parse_response"]
+__all__ = ["MAX_NESTING_DEPTH", "MAX_NUMBER", "MAX_NUMBER64", "parse_response"]
 
 # Deepest parenthesised nesting accepted. A BODYSTRUCTURE nests two levels per MIME
 # level and Dovecot stops parsing MIME at 100 levels; real mail rarely exceeds 10.
 # 250 covers every real tree while keeping recursion far from Python's stack limit.
 MAX_NESTING_DEPTH = 250
+
+# Largest values of the grammar's number types. RFC 3501 section 9: ``number`` (and
+# ``nz-number``) is an unsigned 32-bit integer -- message numbers, UIDs, counts, sizes of
+# parts. RFC 7162 / RFC 9051: ``mod-sequence-value`` and ``number64`` are 63-bit. A digit
+# string longer than the largest value is refused before int() is called on it, so a
+# hostile "* OK [UIDNEXT 999...]" costs one length check, not a quadratic conversion or
+# Python's "exceeds the limit for integer string conversion" ValueError.
+MAX_NUMBER = 2**32 - 1
+MAX_NUMBER64 = 2**63 - 1
+_NUMBER64_DIGITS = len(str(MAX_NUMBER64))
 
 Value: TypeAlias = "bytes | bytearray | list[Value] | None"
 
@@ -67,14 +82,24 @@ _ATOM = re.compile(rb'[^\x00-\x20\x7f()"{]+')
 _NUMBER = re.compile(rb"[0-9]+")
 _TAG = re.compile(rb"[^\x00-\x20\x7f(){%*\"\\+]+")
 _LITERAL = re.compile(rb"~?\{([0-9]+)\+?\}\Z")
-_FETCH_NEXT = re.compile(rb" *(?:(\))|([A-Za-z0-9.\-]+)(?:\[([^\]]*)\])?(?:<([0-9]+)>)? +)")
+_FETCH_NEXT = re.compile(
+    rb" *(?:(\))|([A-Za-z0-9.\-]+)(?:\[([^\]]*)\])?(?:<([0-9]+)>)?(?: +|(?=\))))"
+)
 _FETCH_START = re.compile(rb"\* ([0-9]+) FETCH \(")
-_CODE_NAME = re.compile(rb"[A-Za-z0-9.\-]+")
+# A response code's name: an atom, which must be followed by a space or "]" -- so
+# Exchange's '[Error="Microsoft.Exchange..." ...]' is text, not a code named ERROR.
+_CODE_NAME = re.compile(rb"[A-Za-z0-9.\-]+(?=[ \]])")
 _SPACES = re.compile(rb" *")
 
 _STATUSES = frozenset((b"OK", b"NO", b"BAD", b"PREAUTH", b"BYE"))
 _RFC822_SECTIONS = {b"RFC822": "", b"RFC822.HEADER": "HEADER", b"RFC822.TEXT": "TEXT"}
-_INT_CODES = frozenset(("UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ"))
+# Response codes whose data is a number, with the largest value their grammar allows.
+_INT_CODES = {
+    "UIDNEXT": MAX_NUMBER,
+    "UIDVALIDITY": MAX_NUMBER,
+    "UNSEEN": MAX_NUMBER,
+    "HIGHESTMODSEQ": MAX_NUMBER64,
+}
 
 
 class _Reader:
@@ -135,12 +160,14 @@ class _Reader:
         self.pos = match.end()
         return match[0]
 
-    def number(self) -> int:
+    def number(self, limit: int = MAX_NUMBER, *, nonzero: bool = False) -> int:
+        """A number of at most ``limit`` (``nz-number`` if ``nonzero``)."""
         match = _NUMBER.match(self.line, self.pos)
         if match is None:
             self.fail("expected a number")
+        value = _bounded(match[0], limit, nonzero, self)
         self.pos = match.end()
-        return int(match[0])
+        return value
 
     def rest(self) -> bytes:
         rest = self.line[self.pos :]
@@ -185,7 +212,7 @@ class _Reader:
         c = self.peek()
         if c == 34:
             return self.quoted()
-        if c in (123, 126):  # { or ~
+        if c == 123 or (c == 126 and self.line.startswith(b"{", self.pos + 1)):  # { or ~{
             return self.literal()
         word = self.atom()
         if word.upper() == b"NIL":
@@ -237,11 +264,13 @@ def parse_response(frame: Frame) -> Event:
     match = _FETCH_START.match(line)
     if match is not None:  # the hot path of a mailbox sync
         reader.pos = match.end()
-        return _fetch_items(reader, int(match[1]))
+        return _fetch_items(reader, _bounded(match[1], MAX_NUMBER, True, reader))
     if line.startswith(b"*"):
         reader.pos = 1
         reader.spaces()
         return _untagged(reader)
+    if line.startswith(b"["):
+        return _stray_code(reader)
     if line.startswith(b"+"):
         raw = line[1:]
         if raw.startswith(b" "):
@@ -264,12 +293,29 @@ def parse_response(frame: Frame) -> Event:
     )
 
 
+def _stray_code(reader: _Reader) -> UnknownResponse:
+    # Exchange sends a bare "[COPYUID ...]" line (or "* [COPYUID ...]") during MOVE: a
+    # response code outside any response. It carries nothing the caller needs (the
+    # tagged OK follows), so it is reported for logging instead of breaking the
+    # connection. Anything else that starts with "[" is still an error.
+    code = _resp_code(reader)
+    if code is None:
+        reader.fail("expected '*', '+' or a tag")
+    return UnknownResponse(f"[{code.name}]", reader.line)
+
+
 def _untagged(reader: _Reader) -> Event:
     c = reader.peek()
+    if c == 91:  # [
+        return _stray_code(reader)
     if 48 <= c <= 57:  # a digit: message data
+        start = reader.pos
         number = reader.number()
         reader.spaces()
         keyword = reader.atom().upper()
+        if keyword in (b"FETCH", b"EXPUNGE") and not number:
+            reader.pos = start
+            reader.fail(f"{keyword.decode()} needs a non-zero message number")
         if keyword == b"FETCH":
             reader.spaces()
             return _fetch(reader, number)
@@ -351,11 +397,14 @@ def _resp_code(reader: _Reader) -> ResponseCode | None:
     raw = line[data_start:end].strip()
     reader.pos = end + 1
     value: int | str | tuple[str, ...] | None
-    if name in _INT_CODES:
+    limit = _INT_CODES.get(name)
+    if limit is not None:
         if not raw.isdigit():
             reader.pos = start
             reader.fail(f"{name} needs a number")
-        value = int(raw)
+        # Zero is tolerated although UIDNEXT/UIDVALIDITY/UNSEEN are nz-number: some
+        # servers send "[UNSEEN 0]" for an empty mailbox, and nothing breaks on it.
+        value = _bounded(raw, limit, False, reader)
     elif name == "CAPABILITY":
         value = tuple(_words(raw))
     elif name == "PERMANENTFLAGS":
@@ -398,9 +447,9 @@ def _search(reader: _Reader) -> SearchData:
                 and isinstance(item[0], bytes)
                 and item[0].upper() == b"MODSEQ"
             ):
-                modseq = _int(item[1], reader)
+                modseq = _int(item[1], reader, MAX_NUMBER64)
             continue
-        ids.append(reader.number())
+        ids.append(reader.number(nonzero=True))
     return SearchData(tuple(ids), modseq)
 
 
@@ -424,7 +473,8 @@ def _esearch(reader: _Reader) -> ESearchData:
         reader.spaces()
         value = reader.value()
         if name in (b"MIN", b"MAX", b"COUNT", b"MODSEQ"):
-            fields[name.decode().lower()] = _int(value, reader)
+            limit = MAX_NUMBER64 if name == b"MODSEQ" else MAX_NUMBER
+            fields[name.decode().lower()] = _int(value, reader, limit)
         elif name == b"ALL":
             if not isinstance(value, bytes):
                 reader.fail("ESEARCH ALL needs a sequence set")
@@ -486,27 +536,33 @@ def _fetch_items(reader: _Reader, seq: int) -> FetchData:
         name = match[2].upper()
         section = match[3]
         if section is not None:
-            key = section.decode("utf-8", "replace").upper()
+            key = normalize_section(section.decode("utf-8", "replace"))
             if match[4] is not None:
-                key += f"<{int(match[4])}>"
+                key += f"<{_bounded(match[4], MAX_NUMBER, False, reader)}>"
             if name == b"BODY":
                 c = reader.line[reader.pos : reader.pos + 1]
-                sections[key] = reader.literal() if c == b"{" else reader.nstring()
+                if c == b")":
+                    # Yandex leaves out the value of an empty section ("BODY[2] )"):
+                    # the section was there and held nothing.
+                    sections[key] = b""
+                else:
+                    sections[key] = reader.literal() if c == b"{" else reader.nstring()
             else:  # BINARY[...], BINARY.SIZE[...]
                 extra[f"{name.decode()}[{key}]"] = reader.value()
         elif name == b"UID":
-            uid = reader.number()
+            uid = reader.number(nonzero=True)
         elif name == b"FLAGS":
             flags = _flag_list(reader)
         elif name == b"RFC822.SIZE":
-            rfc822_size = reader.number()
+            # number64 in RFC 9051: IMAP4rev2 servers may hold messages over 4 GiB.
+            rfc822_size = reader.number(MAX_NUMBER64)
         elif name in _RFC822_SECTIONS:
             sections[_RFC822_SECTIONS[name]] = reader.nstring()
         elif name == b"MODSEQ":
             item = reader.value()
             if not isinstance(item, list) or len(item) != 1:
                 reader.fail("MODSEQ needs a parenthesised number")
-            modseq = _int(item[0], reader)
+            modseq = _int(item[0], reader, MAX_NUMBER64)
         elif name == b"INTERNALDATE":
             raw = reader.nstring()
             internaldate = _internaldate(raw, reader)
@@ -548,15 +604,35 @@ def _text(value: Value) -> str | None:
     return bytes(value).decode("utf-8", "replace")
 
 
-def _int(value: Value, reader: _Reader) -> int:
+def _bounded(digits: bytes | bytearray, limit: int, nonzero: bool, reader: _Reader) -> int:
+    """The value of an ASCII digit string, refused above ``limit`` (or 0 if ``nonzero``).
+
+    Longer strings than the 63-bit maximum are refused by length alone: int() is never
+    called on them (leading zeros that long are no real server's output).
+    """
+    if len(digits) <= _NUMBER64_DIGITS:
+        value = int(digits)
+        if value <= limit and (value or not nonzero):
+            return value
+    kind = "a non-zero number" if nonzero else "a number"
+    # The start of the line names the response ("* OK [UIDNEXT 99..."), which says
+    # more than a window of digits would.
+    raise RemoteProtocolError(
+        f"malformed server response: expected {kind} of at most {limit}, got {len(digits)} digits",
+        excerpt=reader.line[:60],
+    )
+
+
+def _int(value: Value, reader: _Reader, limit: int = MAX_NUMBER) -> int:
     if isinstance(value, bytes | bytearray) and value.isdigit():
-        return int(value)
+        return _bounded(value, limit, False, reader)
     raise reader.error("expected a number")
 
 
-def _opt_int(value: Value) -> int | None:
+def _opt_int(value: Value, reader: _Reader) -> int | None:
+    """A number where the grammar wants one but some servers send NIL or junk."""
     if isinstance(value, bytes | bytearray) and value.isdigit():
-        return int(value)
+        return _bounded(value, MAX_NUMBER, False, reader)
     return None
 
 
@@ -620,41 +696,85 @@ def _language(value: Value) -> tuple[str, ...] | None:
     return (bytes(value).decode("utf-8", "replace"),)
 
 
+def _is_number(value: Value) -> bool:
+    return isinstance(value, bytes | bytearray) and value.isdigit()
+
+
+def _multipart(parts: list[BodyStructure], ext: list[Value]) -> MultipartBody:
+    # NIL (or nothing) where the subtype belongs: RFC 2046 5.1.3 reads an unknown
+    # multipart subtype as "mixed".
+    subtype = (_text(ext[0]) if ext else None) or "mixed"
+    return MultipartBody(
+        parts=tuple(parts),
+        subtype=subtype.lower(),
+        params=_params(ext[1]) if len(ext) > 1 else {},
+        disposition=_disposition(ext[2]) if len(ext) > 2 else None,
+        language=_language(ext[3]) if len(ext) > 3 else None,
+        location=_text(ext[4]) if len(ext) > 4 else None,
+    )
+
+
 def _body(value: Value, reader: _Reader, depth: int) -> BodyStructure:
+    # Real servers bend this grammar (issue 11 item 13); each shape below is read
+    # into the closest faithful structure rather than refusing the whole response:
+    # * a multipart with zero parts, "("MIXED")" or "("MIXED" ("BOUNDARY" "x") NIL
+    #   NIL NIL)" -- a string that is not followed by a subtype string;
+    # * the same with NIL for its media type, "(NIL "MIXED" ...)" in under 7 fields;
+    # * a basic part whose Content-Type had no subtype, sent without the subtype
+    #   field: "("X-ZIP" NIL NIL NIL "BASE64" 1234 ...)" (the size, a number, sits
+    #   one field early);
+    # * a message/rfc822 part sent as a basic part, without envelope, body and line
+    #   count (see _basic).
     items = _list(value)
     if not items:
         reader.fail("empty BODYSTRUCTURE")
-    if isinstance(items[0], list):
+    first = items[0]
+    if isinstance(first, list):
         parts: list[BodyStructure] = []
         i = 0
         while i < len(items) and isinstance(items[i], list):
             parts.append(_body(items[i], reader, depth + 1))
             i += 1
-        ext = items[i:]
-        subtype = (_text(ext[0]) if ext else None) or "mixed"
-        return MultipartBody(
-            parts=tuple(parts),
-            subtype=subtype.lower(),
-            params=_params(ext[1]) if len(ext) > 1 else {},
-            disposition=_disposition(ext[2]) if len(ext) > 2 else None,
-            language=_language(ext[3]) if len(ext) > 3 else None,
-            location=_text(ext[4]) if len(ext) > 4 else None,
-        )
+        return _multipart(parts, items[i:])
+    second = items[1] if len(items) > 1 else None
+    if not isinstance(second, bytes | bytearray):
+        if len(items) >= 6 and _is_number(items[5]) and not _is_number(items[4]):
+            return _basic([first, None, *items[1:]], reader, depth)
+        if len(items) <= 5:
+            return _multipart([], items)
+    elif first is None and len(items) < 7:
+        return _multipart([], items[1:])
     if len(items) < 7:
         reader.fail("a body part needs at least 7 fields")
+    return _basic(items, reader, depth)
+
+
+def _basic(items: list[Value], reader: _Reader, depth: int) -> BodyPart:
     mtype = (_text(items[0]) or "").lower()
     subtype = (_text(items[1]) or "").lower()
     lines = None
     envelope = None
     inner = None
     rest = items[7:]
-    if mtype == "message" and subtype == "rfc822" and len(rest) >= 3:
+    if (
+        mtype == "message"
+        and subtype in ("rfc822", "global")
+        and rest
+        # The full form has an envelope (a list) first; NIL envelope and body are
+        # taken as the full form only when a line count follows them. Otherwise the
+        # server sent the part as a basic one and what follows is extension data.
+        and (isinstance(rest[0], list) or (len(rest) >= 3 and _is_number(rest[2])))
+    ):
         envelope = _envelope(rest[0], reader) if isinstance(rest[0], list) else None
-        inner = _body(rest[1], reader, depth + 1) if isinstance(rest[1], list) else None
-        lines = _opt_int(rest[2])
+        inner = (
+            _body(rest[1], reader, depth + 1)
+            if len(rest) > 1 and isinstance(rest[1], list)
+            else None
+        )
+        lines = _opt_int(rest[2], reader) if len(rest) > 2 else None
         rest = rest[3:]
     elif mtype == "text" and rest:
-        lines = _opt_int(rest[0])
+        lines = _opt_int(rest[0], reader)
         rest = rest[1:]
     return BodyPart(
         type=mtype,
@@ -663,7 +783,7 @@ def _body(value: Value, reader: _Reader, depth: int) -> BodyStructure:
         id=_text(items[3]),
         description=_text(items[4]),
         encoding=(_text(items[5]) or "").lower() or None,
-        size=_opt_int(items[6]) or 0,
+        size=_opt_int(items[6], reader) or 0,
         lines=lines,
         envelope=envelope,
         body=inner,

@@ -20,7 +20,11 @@
 #   consumed here; the I/O layer only sees the "+" of AUTHENTICATE and IDLE;
 # * capabilities: tracked from CAPABILITY responses and [CAPABILITY] codes, forgotten
 #   after STARTTLS (a man in the middle may have forged them);
-# * STARTTLS: after its tagged OK every byte already buffered is discarded.
+# * STARTTLS: after its tagged OK every byte already buffered is discarded;
+# * protocol errors: the first RemoteProtocolError out of next_event moves the core to
+#   the ERROR state (the table in _state.py); from then on receive_data, next_event
+#   and every send_* raise LocalProtocolError naming that first error, and nothing
+#   more is released to data_to_send() -- the SMTP core closes itself the same way.
 #
 # One command is in flight at a time, except that FETCH / UID FETCH may be pipelined
 # behind each other (PIPELINABLE): they change no state, so the state machine stays
@@ -106,6 +110,8 @@ class IMAPProtocol:
         self._inflight: dict[str, tuple[str, str]] = {}
         self._done_sent = False
         self._closed_reported = False
+        # The first RemoteProtocolError; set once, when the state becomes ERROR.
+        self._error: RemoteProtocolError | None = None
         self.state = ConnectionState.NOT_AUTHENTICATED
         self.capabilities: frozenset[str] = frozenset()
         self.enabled: frozenset[str] = frozenset()
@@ -136,8 +142,34 @@ class IMAPProtocol:
 
     # -- input ------------------------------------------------------------------------
 
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """The protocol error that made the connection unusable, if any."""
+        return self._error
+
+    def _check_usable(self) -> None:
+        error = self._error
+        if error is not None:
+            raise LocalProtocolError(
+                f"the IMAP connection is unusable since the server broke the protocol: {error}"
+            ) from error
+
+    def _fail(self, error: RemoteProtocolError) -> None:
+        self._error = error
+        self._apply_unsolicited("PROTOCOL_ERROR")
+        # Nothing queued may reach a server whose stream we no longer understand.
+        self._out.clear()
+        self._waiting_chunks = []
+        self._inflight.clear()
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes from the server; ``b""`` signals end of stream."""
+        """Feed bytes from the server; ``b""`` signals end of stream.
+
+        Raises:
+            LocalProtocolError: data after end of stream, or the connection is
+                unusable after a protocol error.
+        """
+        self._check_usable()
         self._framer.receive_data(data)
 
     def next_event(self) -> Event | NeedData:
@@ -147,9 +179,18 @@ class IMAPProtocol:
         :class:`ConnectionClosed` (every time it is called).
 
         Raises:
-            RemoteProtocolError: the server broke the protocol. The connection must
-                not be used any more.
+            RemoteProtocolError: the server broke the protocol. The connection is in
+                the ERROR state from then on.
+            LocalProtocolError: called again after such an error.
         """
+        self._check_usable()
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def _next_event(self) -> Event | NeedData:
         while True:
             frame = self._framer.next_frame()
             if frame is None:
@@ -272,9 +313,10 @@ class IMAPProtocol:
 
         Raises:
             LocalProtocolError: no greeting yet, another command is in progress, the
-                command is not allowed in the current state, or an argument cannot be
-                sent safely.
+                command is not allowed in the current state, an argument cannot be
+                sent safely, or the connection is unusable after a protocol error.
         """
+        self._check_usable()
         if self._greeting is None:
             raise LocalProtocolError("wait for the server greeting before sending commands")
         full_name = name.upper()
@@ -306,8 +348,10 @@ class IMAPProtocol:
         """Answer an AUTHENTICATE challenge with one line (CRLF added here).
 
         Raises:
-            LocalProtocolError: no AUTHENTICATE in progress, or the line has CR/LF/NUL.
+            LocalProtocolError: no AUTHENTICATE in progress, the line has CR/LF/NUL,
+                or the connection is unusable after a protocol error.
         """
+        self._check_usable()
         if self.command_in_progress != "AUTHENTICATE":
             raise LocalProtocolError("continuation data is only sent during AUTHENTICATE")
         if any(c in line for c in b"\r\n\x00"):
@@ -318,8 +362,10 @@ class IMAPProtocol:
         """End IDLE (sends ``DONE``); the tagged response of IDLE follows.
 
         Raises:
-            LocalProtocolError: not idling, or DONE was already sent.
+            LocalProtocolError: not idling, DONE was already sent, or the connection
+                is unusable after a protocol error.
         """
+        self._check_usable()
         if self.state is not ConnectionState.IDLING or self._done_sent:
             raise LocalProtocolError("DONE is only sent once, to end IDLE")
         self._done_sent = True

@@ -9,8 +9,14 @@
 #
 # Outcomes are the tagged status ("OK", "NO", "BAD") or "+" for an accepted
 # continuation (IDLE goes to IDLING on the server's "+", not on its completion).
-# Events outside any command (greeting PREAUTH, BYE, end of stream) are in
-# UNSOLICITED.
+# Events outside any command (greeting PREAUTH, BYE, end of stream, a protocol error)
+# are in UNSOLICITED.
+#
+# ERROR is terminal, like trio's SSLStream BROKEN: once the server has broken the
+# protocol nothing it sends can be trusted to mean what it says (the next tagged OK
+# may answer a command we never sent), so the core refuses every later call instead
+# of going on as if nothing happened. No event leads out of it; BYE and end of
+# stream do not turn a broken connection into a cleanly closed one.
 
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ class ConnectionState(enum.Enum):
     SELECTED = "selected"
     IDLING = "idling"
     LOGOUT = "logout"
+    ERROR = "error"
 
 
 NA = ConnectionState.NOT_AUTHENTICATED
@@ -36,6 +43,8 @@ AU = ConnectionState.AUTHENTICATED
 SE = ConnectionState.SELECTED
 ID = ConnectionState.IDLING
 LO = ConnectionState.LOGOUT
+ER = ConnectionState.ERROR
+_LIVE = tuple(state for state in ConnectionState if state is not ER)
 
 _ANY_STATE = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "ID"})
 _AUTHENTICATED = _ANY_STATE | {
@@ -74,6 +83,7 @@ ALLOWED: dict[ConnectionState, frozenset[str]] = {
     },
     ID: frozenset(),  # only DONE, which is not a command
     LO: frozenset(),
+    ER: frozenset(),
 }
 
 # (state, command, outcome) -> new state. Anything not listed leaves the state alone.
@@ -100,8 +110,10 @@ TRANSITIONS: dict[tuple[ConnectionState, str, str], ConnectionState] = {
 # Events outside the command flow.
 UNSOLICITED: dict[tuple[ConnectionState, str], ConnectionState] = {
     (NA, "PREAUTH"): AU,
-    **{(state, "BYE"): LO for state in ConnectionState},
-    **{(state, "EOF"): LO for state in ConnectionState},
+    **{(state, "BYE"): LO for state in _LIVE},
+    **{(state, "EOF"): LO for state in _LIVE},
+    # The server broke the protocol (a RemoteProtocolError): from any state.
+    **{(state, "PROTOCOL_ERROR"): ER for state in ConnectionState},
 }
 
 

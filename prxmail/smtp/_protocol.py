@@ -55,6 +55,7 @@ __all__ = [
     "MAX_LINE_LENGTH",
     "MAX_REPLY_BYTES",
     "MAX_REPLY_LINES",
+    "MAX_SIZE_DIGITS",
     "Command",
     "Extensions",
     "Reply",
@@ -85,6 +86,11 @@ MAX_REPLY_LINES = 100
 # 400 KiB, far more than any real reply needs; 64 KiB keeps a hostile server's worst
 # case small.
 MAX_REPLY_BYTES = 64 * 1024
+
+# RFC 1870: the SIZE keyword's value is 1*20DIGIT. A longer value, or one that is not
+# ASCII digits, is read as "announced, no fixed limit" (0), the same as a bare SIZE.
+MAX_SIZE_DIGITS = 20
+_SIZE_VALUE = re.compile(rf"[0-9]{{1,{MAX_SIZE_DIGITS}}}")
 
 _CRLF = b"\r\n"
 # Code, separator, text; the text may hold neither CR nor NUL.  Matched in place in
@@ -340,7 +346,9 @@ def parse_extensions(reply: Reply) -> Extensions:
             auth.update(mech.upper() for mech in params.split())
         elif keyword == "SIZE":
             token = params.split()[0] if params.split() else ""
-            size = int(token) if token.isdigit() and len(token) <= 18 else 0
+            # str.isdigit() would accept "²" or Arabic-Indic digits (the text is
+            # decoded UTF-8) and int() would then raise: only ASCII digits count.
+            size = int(token) if _SIZE_VALUE.fullmatch(token) else 0
     return Extensions(
         size=size,
         pipelining="PIPELINING" in keywords,

@@ -10,6 +10,15 @@ way the connection layer does. The only exceptions allowed are the documented on
 RemoteProtocolError from the input side (and LocalProtocolError from a ``send_*`` the
 mutated server made illegal, e.g. after a forged BYE). Memory stays bounded by the
 configured limits whatever the input claims (tracemalloc peak).
+
+Hostile streams on top of the mutations: numbers far past their grammar (5,000 digits,
+2**64), lists nested past the parser's cap, stray response-code lines, and streams of
+100 MB and more (endless untagged data, endless literals, a line or a number that never
+ends) fed the way the connection layer does. After the first RemoteProtocolError the
+IMAP core must refuse every later call (its ERROR state), never carry on.
+
+These use no server, so they carry no ``integration`` mark: ``-m "not integration"``
+runs them.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import itertools
 import re
 import tracemalloc
+from collections.abc import Iterable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,8 +34,10 @@ from hypothesis import strategies as st
 
 from prxmail.errors import LocalProtocolError, RemoteProtocolError
 from prxmail.imap import (
+    DEFAULT_MAX_LINE_LENGTH,
     NEED_DATA,
     ConnectionClosed,
+    ConnectionState,
     ContinuationRequest,
     IMAPProtocol,
     Raw,
@@ -33,8 +45,6 @@ from prxmail.imap import (
     TaggedResponse,
 )
 from prxmail.smtp import Command, SMTPProtocol
-
-pytestmark = [pytest.mark.integration]
 
 BODY = (
     b"From: alice@prxmail.test\r\nTo: bot@prxmail.test\r\nSubject: {hi}\r\n"
@@ -86,8 +96,10 @@ SMTP_TRANSCRIPT = (
 )
 
 # Framer limits for the fuzz runs: small, so a mutated size claim meets them fast, and
-# the memory bound below is stated in their terms.
-MAX_LINE = 2_000
+# the memory bound below is stated in their terms. The line limit is above 4,300 bytes
+# so that a number past Python's int() digit limit reaches the parser instead of being
+# stopped by the framer first.
+MAX_LINE = 8_000
 MAX_LITERAL = 16_000
 MAX_RESPONSE = 32_000
 # Peak traced allocation allowed while driving one transcript: the buffered input (a
@@ -129,6 +141,12 @@ def mutated(draw: st.DrawFn, original: bytes) -> bytes:
                             b" ",
                             b"* ",
                             b"+ ",
+                            b"9" * 5000,  # past Python's int() digit limit
+                            b"18446744073709551616",  # 2**64
+                            b"(" * 300,  # past MAX_NESTING_DEPTH
+                            b"[COPYUID 1 2 3]\r\n",  # Exchange's stray code line
+                            b"~/x ",
+                            b"\xd9\xa2",  # an Arabic-Indic digit in UTF-8
                         ]
                     ),
                 )
@@ -140,8 +158,15 @@ def mutated(draw: st.DrawFn, original: bytes) -> bytes:
             numbers = list(re.finditer(rb"\d+", bytes(data)))
             if numbers:
                 match = numbers[draw(st.integers(min_value=0, max_value=len(numbers) - 1))]
-                value = draw(st.sampled_from([0, 1, 99, 999, 2**31, 2**32, 2**64, 10**30]))
-                data[match.start() : match.end()] = str(value).encode()
+                value = draw(
+                    st.sampled_from(
+                        [b"0", b"1", b"99", b"999", b"2147483648", b"4294967296", b"9" * 5000]
+                        # Not ASCII digits, though str.isdigit() says they are.
+                        + ["\u00b2".encode(), "\u0661\u0662".encode()]
+                        + [str(n).encode() for n in (2**63, 2**64, 10**30)]
+                    )
+                )
+                data[match.start() : match.end()] = value
         elif op == "truncate":
             del data[pos:]
     return bytes(data)
@@ -163,11 +188,39 @@ def smtp_input(draw: st.DrawFn) -> list[bytes]:
     return chunked(draw, draw(mutated(SMTP_TRANSCRIPT)))
 
 
-def drive_imap(chunks: list[bytes]) -> int:
-    """Run the client side over ``chunks``; returns how many events came out."""
-    proto = IMAPProtocol(
-        max_line_length=MAX_LINE, max_literal_size=MAX_LITERAL, max_response_size=MAX_RESPONSE
-    )
+def drive_imap(chunks: Iterable[bytes], proto: IMAPProtocol | None = None) -> int:
+    """Run the client side over ``chunks``; returns how many events came out.
+
+    A RemoteProtocolError is re-raised after checking that the core has gone to its
+    ERROR state for good.
+    """
+    if proto is None:
+        proto = IMAPProtocol(
+            max_line_length=MAX_LINE, max_literal_size=MAX_LITERAL, max_response_size=MAX_RESPONSE
+        )
+    try:
+        return _run_imap_script(proto, chunks)
+    except RemoteProtocolError as exc:
+        assert_unusable(proto, exc)
+        raise
+
+
+def assert_unusable(proto: IMAPProtocol, error: RemoteProtocolError) -> None:
+    """The ERROR state: every later call refuses, naming the first error."""
+    assert proto.state is ConnectionState.ERROR
+    assert proto.error is error
+    for call in (
+        proto.next_event,
+        lambda: proto.receive_data(b"* 1 EXISTS\r\n"),
+        lambda: proto.send_command("NOOP"),
+        proto.send_done,
+    ):
+        with pytest.raises(LocalProtocolError, match="unusable since"):
+            call()
+    assert proto.data_to_send() == b""
+
+
+def _run_imap_script(proto: IMAPProtocol, chunks: Iterable[bytes]) -> int:
     script = iter(IMAP_SCRIPT)
     tag: str | None = None
     events = 0
@@ -184,7 +237,7 @@ def drive_imap(chunks: list[bytes]) -> int:
         proto.data_to_send()
         return True
 
-    for chunk in [*chunks, b""]:
+    for chunk in itertools.chain(chunks, [b""]):
         proto.receive_data(chunk)
         while (event := proto.next_event()) is not NEED_DATA:
             events += 1
@@ -202,7 +255,7 @@ def drive_imap(chunks: list[bytes]) -> int:
     return events
 
 
-def drive_smtp(chunks: list[bytes]) -> int:
+def drive_smtp(chunks: Iterable[bytes]) -> int:
     """Answer each reply the way the sender does; returns how many replies came out."""
     proto = SMTPProtocol()
     replies = 0
@@ -287,3 +340,136 @@ def bounded_strict(run: object, chunks: list[bytes]) -> None:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert peak < MEMORY_BOUND, peak
+
+
+# -- hostile streams of 100 MB and more ------------------------------------------------
+
+# Each stream below is at least this long (or is refused before its end): far more than
+# any limit, so buffering it, or any fixed fraction of it, would show in the peak.
+STREAM_BYTES = 100 * 1024 * 1024
+# Fed in pieces of the IMAP connection's read size, as the trio layer does.
+STREAM_CHUNK = 256 * 1024
+# The literal limit for the streaming runs: each 1 MiB literal is held once, whole (the
+# framer receives it straight into one bytearray), and dropped with its event.
+STREAM_LITERAL = 2 * 1024 * 1024
+# Allowed peak while a stream runs with the limits above: one literal being received,
+# one just parsed, one receive chunk and the parser's small objects, with headroom. The
+# stream is 100 MB; accumulating it would exceed this by a factor of ten or more.
+STREAM_MEMORY_BOUND = 8 * 1024 * 1024
+
+
+class Fed:
+    """Yields the pieces of a stream and counts the bytes handed out."""
+
+    def __init__(self, pieces: Iterable[bytes]) -> None:
+        self._pieces = pieces
+        self.total = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for piece in self._pieces:
+            self.total += len(piece)
+            yield piece
+
+
+def repeated(head: bytes, unit: bytes, tail: bytes = b"") -> Iterator[bytes]:
+    """``head``, then ``unit`` until STREAM_BYTES have gone by, then ``tail``."""
+    yield head
+    sent = len(head)
+    while sent < STREAM_BYTES:
+        yield unit
+        sent += len(unit)
+    if tail:
+        yield tail
+
+
+def peak_of(run: object, *args: object) -> tuple[int, BaseException | None]:
+    """Run ``run(*args)`` under tracemalloc; return the peak and what it raised."""
+    error: BaseException | None = None
+    tracemalloc.start()
+    try:
+        try:
+            run(*args)  # type: ignore[operator]
+        except RemoteProtocolError as exc:
+            error = exc
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, error
+
+
+def streaming_imap() -> IMAPProtocol:
+    return IMAPProtocol(max_literal_size=STREAM_LITERAL, max_response_size=2 * STREAM_LITERAL)
+
+
+def test_endless_untagged_literals_are_not_accumulated() -> None:
+    # 100 MB of unsolicited 1 MiB FETCH literals before any tagged answer.
+    body = b"z" * (1024 * 1024)
+    fetch_head = b"* 1 FETCH (UID 1 BODY[] {" + str(len(body)).encode() + b"}\r\n"
+    unit_tail = b")\r\n"
+    count = STREAM_BYTES // len(body) + 1
+    greeting = b"* OK [CAPABILITY IMAP4rev1] hi\r\n"
+    pieces = Fed([greeting, *([fetch_head, body, unit_tail] * count)])
+    events: list[int] = []
+    peak, error = peak_of(lambda: events.append(drive_imap(pieces, streaming_imap())))
+    assert error is None
+    assert pieces.total >= STREAM_BYTES
+    assert events == [1 + count + 1]  # greeting, every FETCH, end of stream
+    assert peak < STREAM_MEMORY_BOUND, peak
+
+
+def test_endless_status_lines_during_select_stay_bounded() -> None:
+    line = b"* OK " + b"o" * 4000 + b"\r\n"
+    chunk = line * (STREAM_CHUNK // len(line))
+    pieces = Fed(repeated(b"* OK [CAPABILITY IMAP4rev1] hi\r\n", chunk))
+    peak, error = peak_of(drive_imap, pieces, streaming_imap())
+    assert error is None
+    assert pieces.total >= STREAM_BYTES
+    assert peak < STREAM_MEMORY_BOUND, peak
+
+
+@pytest.mark.parametrize(
+    ("head", "unit"),
+    [
+        # A line that never ends, and a number that never ends.
+        (b"* OK hi\r\n* 1 FETCH (BODY[] ", b"x" * STREAM_CHUNK),
+        (b"* OK hi\r\n* OK [UIDNEXT ", b"9" * STREAM_CHUNK),
+        # Lists nested far past MAX_NESTING_DEPTH, on one line under the line limit.
+        (b"* OK hi\r\n* 1 FETCH (BODYSTRUCTURE ", b"(" * 1000 + b")" * 1000 + b"\r\n"),
+    ],
+)
+def test_endless_lines_numbers_and_nesting_are_refused_at_the_limit(
+    head: bytes, unit: bytes
+) -> None:
+    # Default limits here: the line limit (16 MiB) is what must stop the stream.
+    pieces = Fed(repeated(head, unit))
+    peak, error = peak_of(drive_imap, pieces, IMAPProtocol())
+    assert isinstance(error, RemoteProtocolError)
+    assert len(error.excerpt) <= 80
+    assert pieces.total <= 2 * DEFAULT_MAX_LINE_LENGTH  # refused long before 100 MB
+    # The buffered line is the bound (it is joined with each new chunk once).
+    assert peak < 2 * DEFAULT_MAX_LINE_LENGTH + 4 * STREAM_CHUNK, peak
+
+
+def test_huge_numbers_within_a_line_are_a_protocol_error_not_a_crash() -> None:
+    for response in (
+        b"* 1 FETCH (UID " + b"7" * (4 * 1024 * 1024) + b")\r\n",
+        b"* " + b"1" * (4 * 1024 * 1024) + b" EXISTS\r\n",
+        b"* SEARCH 1 2 " + b"3" * 5000 + b"\r\n",
+    ):
+        peak, error = peak_of(drive_imap, [b"* OK hi\r\n", response], IMAPProtocol())
+        assert isinstance(error, RemoteProtocolError)
+        assert "at most" in str(error)
+        assert peak < MEMORY_BOUND + 3 * len(response), peak
+
+
+def test_endless_smtp_replies_are_refused_at_the_limit() -> None:
+    for head, unit in (
+        (b"220-mx.prxmail.test\r\n", b"220-" + b"z" * 4000 + b"\r\n"),  # one reply, forever
+        (b"220 mx.prxmail.test\r\n250", b"5" * STREAM_CHUNK),  # a reply code that never ends
+        (b"220 mx.prxmail.test\r\n250-", b"x" * STREAM_CHUNK),  # a line that never ends
+    ):
+        pieces = Fed(repeated(head, unit))
+        peak, error = peak_of(drive_smtp, pieces)
+        assert isinstance(error, RemoteProtocolError)
+        assert pieces.total < 2 * STREAM_CHUNK + len(head) + 70_000
+        assert peak < MEMORY_BOUND + 2 * STREAM_CHUNK, peak

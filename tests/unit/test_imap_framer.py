@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prxmail.errors import RemoteProtocolError
+from prxmail.errors import LocalProtocolError, RemoteProtocolError
 from prxmail.imap import Frame, Framer
 from prxmail.imap._framer import DIRECT_LITERAL_THRESHOLD
 
@@ -177,7 +177,7 @@ def test_discard_buffered_drops_everything() -> None:
 def test_data_after_eof_is_a_bug() -> None:
     framer = Framer()
     framer.receive_data(b"")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(LocalProtocolError, match="after end of stream"):
         framer.receive_data(b"x")
 
 

@@ -448,3 +448,265 @@ def test_list_modified_utf7_name_kept_raw_and_decodable() -> None:
 def test_list_malformed(line: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         parse(line)
+
+
+# -- numbers are bounded by their grammar (issue 11 item 1) ------------------------------
+
+HUGE = b"9" * 5000  # past Python's 4,300-digit int() limit: a bare ValueError before
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"* OK [UIDNEXT " + HUGE + b"] Predicted next UID\r\n",
+        b"* OK [UIDVALIDITY " + HUGE + b"] UIDs valid\r\n",
+        b"* OK [HIGHESTMODSEQ " + HUGE + b"] x\r\n",
+        b"A1 OK [UNSEEN " + HUGE + b"] x\r\n",
+        b"* " + HUGE + b" EXISTS\r\n",
+        b"* " + HUGE + b" RECENT\r\n",
+        b"* " + HUGE + b" EXPUNGE\r\n",
+        b"* " + HUGE + b" FETCH (UID 1)\r\n",
+        b"* 1 FETCH (UID " + HUGE + b")\r\n",
+        b"* 1 FETCH (RFC822.SIZE " + HUGE + b")\r\n",
+        b"* 1 FETCH (MODSEQ (" + HUGE + b"))\r\n",
+        b"* 1 FETCH (BODY[]<" + HUGE + b"> NIL)\r\n",
+        b'* 1 FETCH (BODYSTRUCTURE ("text" "plain" NIL NIL NIL "7bit" ' + HUGE + b" 1))\r\n",
+        b'* 1 FETCH (BODYSTRUCTURE ("text" "plain" NIL NIL NIL "7bit" 1 ' + HUGE + b"))\r\n",
+        b"* SEARCH 1 " + HUGE + b"\r\n",
+        b"* SEARCH 1 (MODSEQ " + HUGE + b")\r\n",
+        b'* ESEARCH (TAG "A1") UID COUNT ' + HUGE + b"\r\n",
+        b'* ESEARCH (TAG "A1") UID MODSEQ ' + HUGE + b"\r\n",
+    ],
+)
+def test_over_long_numbers_are_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="at most") as info:
+        parse(data)
+    assert len(info.value.excerpt) <= 80
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # number / nz-number: 32 bits unsigned.
+        b"* OK [UIDNEXT 4294967296] x\r\n",
+        b"* 4294967296 EXISTS\r\n",
+        b"* 1 FETCH (UID 4294967296)\r\n",
+        b"* SEARCH 4294967296\r\n",
+        b"* ESEARCH UID MAX 4294967296\r\n",
+        # nz-number: zero is not a message number or UID.
+        b"* 0 FETCH (UID 1)\r\n",
+        b"* 0 FETCH (FLAGS ())\r\n",
+        b"* 0 EXPUNGE\r\n",
+        b"* 1 FETCH (UID 0)\r\n",
+        b"* SEARCH 3 0\r\n",
+        # mod-sequence-value / number64: 63 bits.
+        b"* OK [HIGHESTMODSEQ 9223372036854775808] x\r\n",
+        b"* 1 FETCH (MODSEQ (9223372036854775808))\r\n",
+        b"* 1 FETCH (RFC822.SIZE 9223372036854775808)\r\n",
+        # Absurd zero padding is refused by length, before int().
+        b"* 1 FETCH (UID " + b"0" * 30 + b"1)\r\n",
+    ],
+)
+def test_out_of_range_numbers_are_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        parse(data)
+
+
+def test_numbers_at_their_grammar_maximum_are_accepted() -> None:
+    top, top64 = 2**32 - 1, 2**63 - 1
+    assert parse(b"* OK [UIDNEXT 4294967295] x\r\n") == StatusResponse(
+        "OK", ResponseCode("UIDNEXT", top), "x"
+    )
+    assert parse(b"* OK [HIGHESTMODSEQ 9223372036854775807] x\r\n") == StatusResponse(
+        "OK", ResponseCode("HIGHESTMODSEQ", top64), "x"
+    )
+    assert parse(b"* 4294967295 EXISTS\r\n") == Exists(top)
+    assert parse(b"* 0 EXISTS\r\n") == Exists(0)  # number, not nz-number
+    assert parse(b"* OK [UNSEEN 0] x\r\n") == StatusResponse(
+        "OK", ResponseCode("UNSEEN", 0), "x"
+    )  # tolerated: some servers say so for an empty mailbox
+    assert parse(
+        b"* 4294967295 FETCH (UID 4294967295 RFC822.SIZE 9223372036854775807 "
+        b"MODSEQ (9223372036854775807))\r\n"
+    ) == FetchData(seq=top, uid=top, rfc822_size=top64, modseq=top64)
+    assert parse(b"* SEARCH 4294967295 (MODSEQ 9223372036854775807)\r\n") == SearchData(
+        (top,), top64
+    )
+    assert parse(b"* 1 FETCH (UID 0000000007)\r\n") == FetchData(seq=1, uid=7)
+
+
+# -- real-server quirks (issue 11 items 13-18) -------------------------------------------
+
+TEXT_PART = b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 3 1 NIL NIL NIL NIL)'
+ENVELOPE_RAW = b'(NIL "inner" NIL NIL NIL NIL NIL NIL NIL "<i@x.test>")'
+
+
+def structure(raw: bytes) -> object:
+    event = parse(b"* 1 FETCH (UID 7 BODYSTRUCTURE " + raw + b")\r\n")
+    assert isinstance(event, FetchData)
+    assert event.uid == 7  # the rest of the response still parses
+    return event.bodystructure
+
+
+def test_multipart_with_zero_parts_is_an_empty_multipart() -> None:
+    assert structure(b'("MIXED")') == MultipartBody(parts=(), subtype="mixed")
+    assert structure(b'("ALTERNATIVE" ("BOUNDARY" "b1") NIL NIL NIL)') == MultipartBody(
+        parts=(), subtype="alternative", params={"boundary": "b1"}
+    )
+    # ... also as the body of a message/rfc822 part.
+    part = structure(
+        b'("message" "rfc822" NIL NIL NIL "7bit" 100 ' + ENVELOPE_RAW + b' ("MIXED") 5)'
+    )
+    assert isinstance(part, BodyPart)
+    assert part.body == MultipartBody(parts=(), subtype="mixed")
+    assert part.envelope is not None
+    assert part.envelope.subject == "inner"
+    assert part.lines == 5
+
+
+def test_nil_media_type_of_a_multipart() -> None:
+    # NIL where the multipart's subtype belongs: read as mixed (RFC 2046 5.1.3).
+    node = structure(b"(" + TEXT_PART + b" NIL)")
+    assert isinstance(node, MultipartBody)
+    assert node.subtype == "mixed"
+    assert len(node.parts) == 1
+    # NIL as the type of a part-less multipart.
+    assert structure(b'(NIL "MIXED" ("BOUNDARY" "x") NIL NIL)') == MultipartBody(
+        parts=(), subtype="mixed", params={"boundary": "x"}
+    )
+
+
+def test_message_rfc822_sent_as_a_basic_part() -> None:
+    assert structure(b'("MESSAGE" "RFC822" NIL NIL NIL "7BIT" 1234)') == BodyPart(
+        "message", "rfc822", {}, None, None, "7bit", 1234
+    )
+    # Without envelope/body/lines but with extension data: the extension data is
+    # read as such, not as a (broken) inner body.
+    part = structure(
+        b'("MESSAGE" "RFC822" ("name" "a.eml") NIL NIL "7BIT" 1234 NIL '
+        b'("attachment" ("filename" "a.eml")) NIL NIL)'
+    )
+    assert part == BodyPart(
+        "message",
+        "rfc822",
+        {"name": "a.eml"},
+        None,
+        None,
+        "7bit",
+        1234,
+        disposition=("attachment", {"filename": "a.eml"}),
+    )
+    # NIL envelope and body followed by a line count: still the full form.
+    part = structure(b'("MESSAGE" "RFC822" NIL NIL NIL "7BIT" 1234 NIL NIL 12)')
+    assert isinstance(part, BodyPart)
+    assert part.lines == 12
+    assert part.body is None
+
+
+def test_basic_part_without_subtype() -> None:
+    # Content-Type "X-ZIP" with no "/subtype": the server leaves the field out.
+    assert structure(b'("X-ZIP" NIL NIL NIL "BASE64" 1234)') == BodyPart(
+        "x-zip", "", {}, None, None, "base64", 1234
+    )
+    part = structure(
+        b'(("X-ZIP" ("name" "a.zip") NIL NIL "BASE64" 1234 NIL ("attachment" NIL) NIL NIL) '
+        + TEXT_PART
+        + b' "MIXED")'
+    )
+    assert isinstance(part, MultipartBody)
+    assert part.parts[0] == BodyPart(
+        "x-zip",
+        "",
+        {"name": "a.zip"},
+        None,
+        None,
+        "base64",
+        1234,
+        disposition=("attachment", {}),
+    )
+
+
+@pytest.mark.parametrize(
+    "raw", [b"()", b'("text" "plain" NIL)', b'("text" "plain" NIL NIL NIL "7bit")']
+)
+def test_bodystructure_beyond_repair_is_still_refused(raw: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        structure(raw)
+
+
+def test_exchange_bracket_that_is_not_a_response_code_is_text() -> None:
+    line = (
+        b'A1 OK [Error="Microsoft.Exchange.Data.Storage.StoragePermanentException" '
+        b"Proxy=BN8PR12CA0001.NAMPRD12.PROD.OUTLOOK.COM:1993:SSL Service=Imap4] "
+        b"AUTHENTICATE completed.\r\n"
+    )
+    event = parse(line)
+    assert event == TaggedResponse("A1", "OK", None, line[6:-2].decode())
+    # A code name is an atom followed by a space or "]": both still work.
+    assert parse(b"* OK [ALERT] hi\r\n") == StatusResponse("OK", ResponseCode("ALERT"), "hi")
+    assert parse(b"* NO [X-ODD-1 data] hi\r\n") == StatusResponse(
+        "NO", ResponseCode("X-ODD-1", "data"), "hi"
+    )
+
+
+def test_yandex_empty_section_without_value() -> None:
+    assert parse(b"* 5 FETCH (UID 9 BODY[2] )\r\n") == FetchData(seq=5, uid=9, sections={"2": b""})
+    assert parse(b"* 5 FETCH (BODY[2])\r\n") == FetchData(seq=5, sections={"2": b""})
+
+
+def test_stray_response_code_lines_are_unknown_responses() -> None:
+    # Exchange, during MOVE: a bare response code line, with or without "* ".
+    assert parse(b"[COPYUID 1727 5:6 101:102]\r\n") == UnknownResponse(
+        "[COPYUID]", b"[COPYUID 1727 5:6 101:102]"
+    )
+    assert parse(b"* [COPYUID 1727 5 101] Moved\r\n") == UnknownResponse(
+        "[COPYUID]", b"* [COPYUID 1727 5 101] Moved"
+    )
+    for junk in (b"[\r\n", b"[COPYUID\r\n", b"* [=x]\r\n"):
+        with pytest.raises(RemoteProtocolError):
+            parse(junk)
+
+
+def test_list_name_starting_with_tilde_is_an_atom() -> None:
+    # RFC 3501 section 6.3.8's own example.
+    assert parse(b'* LIST (\\Noselect) "/" ~/Mail/foo\r\n') == ListData(
+        ("\\Noselect",), "/", b"~/Mail/foo"
+    )
+    # A real literal8 marker is still a literal.
+    assert parse(b'* LIST () "/" ~{3}\r\nabc\r\n') == ListData((), "/", b"abc")
+
+
+@pytest.mark.parametrize(
+    "answered",
+    [
+        b'HEADER.FIELDS ("Content-Type")',
+        b"HEADER.FIELDS (CONTENT-TYPE)",
+        b"header.fields (Content-Type)",
+        b'HEADER.FIELDS  ( "content-type" )',
+    ],
+)
+def test_header_fields_section_found_by_the_requested_spelling(answered: bytes) -> None:
+    event = parse(b"* 1 FETCH (BODY[" + answered + b"] {21}\r\nContent-Type: a/b\r\n\r\n)\r\n")
+    assert isinstance(event, FetchData)
+    assert event.sections == {"HEADER.FIELDS (CONTENT-TYPE)": b"Content-Type: a/b\r\n\r\n"}
+    for asked in ('HEADER.FIELDS ("Content-Type")', "HEADER.FIELDS (Content-Type)"):
+        assert event.section(asked) == b"Content-Type: a/b\r\n\r\n"
+    assert event.section("HEADER.FIELDS (To)") is None
+
+
+def test_section_lookup_keeps_the_other_keys() -> None:
+    event = parse(
+        b"* 1 FETCH (BODY[] {2}\r\nhi BODY[1.mime] {1}\r\nm BODY[2]<0> {1}\r\np "
+        b'BODY[HEADER.FIELDS.NOT ("X-A" X-B)] {1}\r\nn)\r\n'
+    )
+    assert isinstance(event, FetchData)
+    assert event.sections == {
+        "": b"hi",
+        "1.MIME": b"m",
+        "2<0>": b"p",
+        "HEADER.FIELDS.NOT (X-A X-B)": b"n",
+    }
+    assert event.section("") == event.body == b"hi"
+    assert event.section("1.MIME") == b"m"
+    assert event.section("2<0.4096>") == event.section("2<0>") == b"p"
+    assert event.section('header.fields.not (x-a "X-B")') == b"n"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prxmail.errors import LocalProtocolError, RemoteProtocolError
@@ -359,3 +359,152 @@ def test_events_identical_for_a_split_at_every_offset() -> None:
         proto = IMAPProtocol()
         got = events(proto, SESSION[:cut]) + events(proto, SESSION[cut:])
         assert got == reference, cut
+
+
+# -- the ERROR state (issue 11 item 23, issue 15) ----------------------------------------
+
+
+def broken(data: bytes) -> tuple[IMAPProtocol, RemoteProtocolError]:
+    """A selected session whose server then sends ``data`` (a protocol error)."""
+    proto = greeted()
+    proto.send_command("LOGIN", ["alice", "secret"])
+    proto.data_to_send()
+    events(proto, b"A0001 OK in\r\n")
+    proto.send_command("SELECT", ["INBOX"])
+    proto.data_to_send()
+    events(proto, b"* 3 EXISTS\r\nA0002 OK [READ-WRITE] ok\r\n")
+    proto.send_command("NOOP")
+    proto.data_to_send()
+    proto.receive_data(data)
+    with pytest.raises(RemoteProtocolError) as info:
+        events(proto)
+    return proto, info.value
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"* 1 FETCH (UID x)\r\n",  # grammar
+        b"Z9 OK stray\r\n",  # a tag we never sent
+        b"+ more?\r\n",  # a continuation NOOP cannot take
+        b"* 1 FETCH (BODY[] {99999999999}\r\n",  # over the literal limit
+        b"* " + b"9" * 5000 + b" EXISTS\r\n",  # over-long number
+    ],
+)
+def test_after_a_protocol_error_every_later_call_raises(data: bytes) -> None:
+    # The rest of the stream is a perfectly good answer: before, it was processed as
+    # if nothing had happened (the NOOP "completed", the state moved on).
+    proto, error = broken(data + b"* 4 EXISTS\r\nA0003 OK NOOP done\r\n")
+    assert proto.state is ConnectionState.ERROR
+    assert proto.error is error
+    calls = [
+        proto.next_event,
+        lambda: proto.receive_data(b"A0003 OK NOOP done\r\n"),
+        lambda: proto.receive_data(b""),
+        lambda: proto.send_command("NOOP"),
+        lambda: proto.send_command("LOGOUT"),
+        proto.send_done,
+        lambda: proto.send_continuation(b"x"),
+    ]
+    for call in calls:
+        with pytest.raises(LocalProtocolError, match="unusable since") as info:
+            call()
+        assert info.value.__cause__ is error
+        assert str(error) in str(info.value)
+    # Nothing more goes on the wire, and the state stays ERROR.
+    assert not proto.has_data_to_send
+    assert proto.data_to_send() == b""
+    assert proto.command_in_progress is None
+    assert proto.state is ConnectionState.ERROR
+
+
+def test_protocol_error_in_the_greeting_is_terminal_too() -> None:
+    proto = IMAPProtocol()
+    proto.receive_data(b"HTTP/1.1 400 Bad Request\r\n* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    with pytest.raises(RemoteProtocolError, match="greeting"):
+        proto.next_event()
+    assert proto.state is ConnectionState.ERROR
+    with pytest.raises(LocalProtocolError, match="unusable"):
+        proto.next_event()
+    assert proto.greeting is None
+
+
+def test_queued_bytes_are_dropped_on_a_protocol_error() -> None:
+    # A LOGIN whose password waits for the server's "+" as a synchronising literal:
+    # after the error it must never be released.
+    proto = greeted()
+    proto.send_command("LOGIN", ["alice", "pass\nword"])
+    assert proto.data_to_send() == b"A0001 LOGIN alice {9}\r\n"
+    proto.receive_data(b"* 1 FETCH (UID 0)\r\n+ go ahead\r\n")
+    with pytest.raises(RemoteProtocolError):
+        proto.next_event()
+    assert proto.data_to_send() == b""
+    with pytest.raises(LocalProtocolError):
+        proto.next_event()
+    assert proto.data_to_send() == b""
+
+
+def test_error_state_is_terminal_in_the_table() -> None:
+    from prxmail.imap._state import UNSOLICITED
+
+    error = ConnectionState.ERROR
+    assert ALLOWED[error] == frozenset()
+    for state in ConnectionState:
+        assert UNSOLICITED[(state, "PROTOCOL_ERROR")] is error
+    assert not [key for key, new in UNSOLICITED.items() if key[0] is error and new is not error]
+    assert not [key for key in TRANSITIONS if key[0] is error]
+
+
+def test_eof_and_bye_still_close_cleanly_without_an_error() -> None:
+    proto = greeted()
+    events(proto, b"* BYE going\r\n")
+    proto.receive_data(b"")
+    assert proto.next_event() == ConnectionClosed()
+    assert proto.next_event() == ConnectionClosed()  # every time, as documented
+    assert proto.state is ConnectionState.LOGOUT
+    assert proto.error is None
+
+
+# Real-server quirks inside a session: each response is accepted and the session goes on.
+QUIRKS = (
+    b"* OK [CAPABILITY IMAP4rev1 MOVE] hi\r\n"
+    b'* LIST (\\Noselect) "/" ~/Mail/foo\r\n'
+    b'* 2 FETCH (UID 9 BODYSTRUCTURE ("MIXED") BODY[2] )\r\n'
+    b'* 3 FETCH (UID 10 BODY[HEADER.FIELDS ("Content-Type")] {4}\r\nab\r\n)\r\n'
+    b"[COPYUID 17 9:10 101:102]\r\n"
+    b"* 2 EXPUNGE\r\n"
+    b'A0001 OK [Error="Microsoft.Exchange.X" Service=Imap4] done\r\n'
+)
+
+
+QUIRKS_GREETING, QUIRKS_REST = QUIRKS.split(b"\r\n", 1)
+
+
+def quirk_session(cuts: list[int]) -> list[Event]:
+    proto = IMAPProtocol()
+    got = events(proto, QUIRKS_GREETING + b"\r\n")
+    proto.send_command("NOOP")
+    points = sorted(set(cuts))
+    for a, b in zip([0, *points], [*points, len(QUIRKS_REST)], strict=False):
+        if QUIRKS_REST[a:b]:
+            got.extend(events(proto, QUIRKS_REST[a:b]))
+    assert proto.state is ConnectionState.NOT_AUTHENTICATED
+    assert proto.commands_in_flight == 0
+    return got
+
+
+def test_quirks_session_is_accepted_whole() -> None:
+    got = quirk_session([])
+    assert len(got) == 7
+    fetch = got[3]
+    assert isinstance(fetch, FetchData)
+    assert fetch.section('HEADER.FIELDS ("Content-Type")') == b"ab\r\n"
+    assert got[-1] == TaggedResponse(
+        "A0001", "OK", None, '[Error="Microsoft.Exchange.X" Service=Imap4] done'
+    )
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(min_value=1, max_value=len(QUIRKS_REST) - 1), max_size=12))
+def test_quirks_session_independent_of_how_input_is_split(cuts: list[int]) -> None:
+    assert quirk_session(cuts) == quirk_session([])

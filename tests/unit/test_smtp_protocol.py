@@ -631,3 +631,38 @@ def test_hostile_bytes_only_ever_raise_remote_protocol_error(chunks: list[bytes]
         assert len(error.excerpt) <= 80
         assert proto.state is State.CLOSED
     assert proto.pending <= 3
+
+
+# ----- numbers in replies are bounded (issue 11 item 1) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size_line", "size"),
+    [
+        ("SIZE 35882577", 35882577),
+        ("SIZE 99999999999999999999", 10**20 - 1),  # RFC 1870: up to 20 digits
+        # Too long for RFC 1870, or not ASCII digits: "announced, no fixed limit".
+        ("SIZE " + "9" * 100, 0),
+        ("SIZE \u00b2", 0),  # str.isdigit() is true for it; int() raised ValueError
+        ("SIZE \u0661\u0662", 0),  # Arabic-Indic digits
+    ],
+)
+def test_ehlo_size_value_is_bounded_ascii_digits(size_line: str, size: int) -> None:
+    proto = ready_protocol(b"250-mx.prxmail.test\r\n250 " + size_line.encode() + b"\r\n")
+    assert proto.extensions.size == size
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"2500 ok\r\n",
+        b"25 ok\r\n",
+        b"2" + b"5" * 5000 + b" ok\r\n",
+        b"\xd9\xa2\xd9\xa5\xd9\xa0 ok\r\n",
+    ],
+)
+def test_reply_codes_are_exactly_three_ascii_digits(line: bytes) -> None:
+    proto = SMTPProtocol()
+    with pytest.raises(RemoteProtocolError):
+        feed(proto, line)
+    assert proto.state is State.CLOSED
