@@ -11,6 +11,7 @@ from typing import TextIO
 import trio
 
 from prxmail._log import log_event, setup_logging
+from prxmail._redact import config_secrets
 from prxmail.channel import collapse_exception_group
 from prxmail.config import Config, load_config
 from prxmail.errors import ConfigError, PrxmailError
@@ -99,7 +100,7 @@ def run_serve(
         print(f"prxmail: handler program {argv[0]!r} not found or not executable", file=err)
         return EXIT_CONFIG
     chosen = log_format if log_format is not None else config.log_format.value
-    setup_logging(chosen, stream=err)
+    setup_logging(chosen, stream=err, secrets=config_secrets(config))
     for warning in config.warnings:
         log_event(logging.WARNING, f"configuration: {warning}")
     for line in config.describe():

@@ -27,7 +27,8 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
-from prxmail._log import log_event
+from prxmail._log import log_event, redacting
+from prxmail._redact import config_secrets
 from prxmail.channel import MailChannel, open_mail_channel
 from prxmail.config import Config
 from prxmail.errors import HandlerError, LocalProtocolError
@@ -181,13 +182,23 @@ async def serve_mail_channel(
         exec_command: The handler's argv (program first).
         task_status: For ``nursery.start``: started with the open channel.
 
+    While it runs, the configuration's passwords are cut out of every log record
+    (:func:`prxmail._log.redacting`): a server that echoes them in an error cannot put
+    them into the log through any call site.
+
     Raises:
         LocalProtocolError: ``exec_command`` is empty.
         StateError: the state directory cannot be used.
     """
     if not exec_command or not exec_command[0]:
         raise LocalProtocolError("the handler command is empty")
-    argv = list(exec_command)
+    with redacting(config_secrets(config)):
+        await _serve(config, list(exec_command), task_status)
+
+
+async def _serve(
+    config: Config, argv: list[str], task_status: trio.TaskStatus[MailChannel]
+) -> None:
     env = handler_environment(config)
     limiter = trio.CapacityLimiter(config.max_concurrent_handlers)
     async with open_mail_channel(config) as channel:
