@@ -38,16 +38,16 @@ everything it starts inherits, and when the run ends -- by itself, on timeout, o
 cancellation -- every process still carrying that run's mark is SIGKILLed, wherever it
 now sits (Linux: found through ``/proc/<pid>/environ``, signalled through a pidfd so a
 recycled pid can never be hit), and reaped if it became ours. ``prxmail serve`` also
-makes itself a child subreaper (:func:`become_subreaper`, ``PR_SET_CHILD_SUBREAPER``):
-orphans of its handlers are re-parented to prxmail rather than to init, so it can reap
-them (:func:`reap_adopted`) and stop whatever is left when it exits
-(:func:`stop_adopted`) -- even a process that also replaced its environment. Limits,
-stated: a descendant that both leaves the session *and* exec()s with a fresh
-environment is not tied to its run, only to prxmail (with the subreaper) and is then
-stopped at prxmail's exit; one that changes its uid (setuid binaries) cannot be read or
-signalled; and only containment by the OS (a cgroup, e.g. systemd's
-``KillMode=control-group``) is airtight against all of these. Off Linux, only the
-process group is stopped.
+runs inside :func:`contain_orphans`: it is a child subreaper (``PR_SET_CHILD_SUBREAPER``),
+so orphans of its handlers are re-parented to prxmail rather than to init, reaped after
+each run, and whatever is left is stopped when serve ends -- even a process that also
+replaced its environment. Limits, stated: a descendant that both leaves the session
+*and* exec()s with a fresh environment is not tied to its run, only to prxmail, and is
+stopped at serve's end, not at its run's; one that changes its uid (setuid binaries)
+cannot be read or signalled; a process that ignores nothing but runs in the kernel (D
+state) dies when it leaves it; and only containment by the OS (a cgroup, e.g.
+systemd's ``KillMode=control-group``) is airtight against all of these. Off Linux, only
+the process group is stopped.
 
 A handler that cannot be started at all (not found, not executable) raises
 :class:`~prxmail.errors.HandlerError`: that is not the message's fault. Everything the
@@ -70,7 +70,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -85,13 +85,11 @@ __all__ = [
     "RUN_MARK_ENV",
     "STDERR_TAIL_BYTES",
     "HandlerResult",
-    "become_subreaper",
+    "contain_orphans",
     "encode_payload",
     "inherit_environment",
     "parse_exec_command",
-    "reap_adopted",
     "run_exec_handler",
-    "stop_adopted",
 ]
 
 # A reply is a mail body written for a person: 1 MiB of text is hundreds of pages, far
@@ -266,40 +264,61 @@ class HandlerResult:
 
 @attrs.define
 class _Adoption:
-    """This process's handler children, for reaping what is not theirs.
+    """This process's handler children, for telling them from adopted orphans.
 
-    ``leaders``: handler leaders started and not yet reaped -- reap_adopted never
-    touches these (trio reaps them). ``starting``: starts in flight; reap_adopted does
-    not run then, because a new leader exists (and may already be a zombie) before its
-    pid is known to us. ``subreaper``: become_subreaper succeeded.
+    ``leaders``: handler leaders started and not yet reaped -- never touched here
+    (trio reaps them). ``starting``: starts in flight; zombies are not reaped then,
+    because a new leader exists (and may already be a zombie) before its pid is known
+    to us. ``active``: :func:`contain_orphans` is in force. ``preexisting``: the
+    (pid, start time) of children we had before it was -- not ours to touch.
     """
 
     leaders: set[int] = attrs.Factory(set)
     starting: int = 0
-    subreaper: bool = False
+    active: bool = False
+    preexisting: set[tuple[int, int]] = attrs.Factory(set)
 
 
 _ADOPTION: Final = _Adoption()
 
 
-def become_subreaper() -> bool:
-    """Make this process the reaper of orphaned descendants (Linux only).
-
-    After this, a process that a handler ``setsid()``s and abandons is re-parented to
-    us instead of to init, so :func:`reap_adopted` can reap it and :func:`stop_adopted`
-    can stop it. Only for a process that owns all its children (``prxmail serve``): it
-    makes :func:`reap_adopted` reap *every* exited child that is not a running handler.
-
-    Returns:
-        True when this process is now a child subreaper.
-    """
+def _set_subreaper(on: bool) -> bool:
     if sys.platform != "linux":  # pragma: no cover - Linux only
         return False
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        return False
-    _ADOPTION.subreaper = True
-    return True
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0)
+
+
+@contextlib.contextmanager
+def contain_orphans() -> Iterator[bool]:
+    """Make this process the reaper of what its handlers abandon, for the block.
+
+    Inside, this process is a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``): a
+    process a handler ``setsid()``s and abandons is re-parented to us instead of to
+    init. Such orphans are reaped after every handler run, and when the block ends
+    every child of ours that was not there before it began and is not a running
+    handler is SIGKILLed and reaped -- also one that dropped its run's mark. For
+    ``prxmail serve``, which owns its process: code in the same process that starts
+    children of its own while the block runs would see them stopped at its end.
+
+    Yields:
+        True when the subreaper could be set (Linux); False means only the run marks
+        and process groups contain handlers.
+    """
+    if _ADOPTION.active or not _set_subreaper(True):
+        yield False
+        return
+    _ADOPTION.preexisting = set(_child_stats())
+    _ADOPTION.active = True
+    try:
+        yield True
+    finally:
+        try:
+            _stop_adopted()
+        finally:
+            _ADOPTION.active = False
+            _ADOPTION.preexisting = set()
+            _set_subreaper(False)
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
@@ -422,18 +441,26 @@ def _sweep_run(mark: bytes) -> int:
     return len(fds)
 
 
-def reap_adopted() -> int:
-    """Reap exited orphans re-parented to us; a no-op unless :func:`become_subreaper` ran.
+def _child_stats() -> list[tuple[int, int]]:
+    """(pid, start time) of our children that are not handler leaders or zombies."""
+    found = []
+    for pid in _children():
+        stat = _stat(pid)
+        if pid not in _ADOPTION.leaders and stat is not None and stat[0] != "Z":
+            found.append((pid, stat[2]))
+    return found
 
-    Returns:
-        How many were reaped.
-    """
-    if not _ADOPTION.subreaper or _ADOPTION.starting:
+
+def _reap_adopted() -> int:
+    """Reap exited orphans re-parented to us (only inside contain_orphans)."""
+    if not _ADOPTION.active or _ADOPTION.starting:
         return 0
     reaped = 0
     for pid in _children():
         stat = _stat(pid)
         if pid in _ADOPTION.leaders or stat is None or stat[0] != "Z":
+            continue
+        if (pid, stat[2]) in _ADOPTION.preexisting:
             continue
         with contextlib.suppress(ChildProcessError):
             # WNOHANG on a zombie: returns at once.
@@ -442,40 +469,25 @@ def reap_adopted() -> int:
     return reaped
 
 
-def stop_adopted() -> int:
-    """Kill and reap every child of ours that is not a running handler.
-
-    For the end of ``prxmail serve``: with :func:`become_subreaper`, whatever its
-    handlers left behind -- even a process that escaped its run's mark -- is a child of
-    ours by now. A no-op unless :func:`become_subreaper` ran.
-
-    Returns:
-        How many processes were killed.
-    """
-    if not _ADOPTION.subreaper or sys.platform != "linux":
-        return 0
+def _stop_adopted() -> int:
+    """Kill and reap every adopted orphan; returns how many were killed."""
     fds: dict[tuple[int, int], int] = {}
     try:
         for _ in range(SWEEP_ROUNDS):
-            found = []
-            for pid in _children():
-                stat = _stat(pid)
-                if pid not in _ADOPTION.leaders and stat is not None and stat[0] != "Z":
-                    found.append((pid, stat[2]))
-            found = [t for t in found if t not in fds]
+            found = [t for t in _child_stats() if t not in fds and t not in _ADOPTION.preexisting]
             if not found:
                 break
             _kill(found, fds)
     finally:
         _wait_gone_and_reap(fds)
-    reap_adopted()
+    _reap_adopted()
     return len(fds)
 
 
 async def _sweep(mark: bytes) -> None:
     # Reading /proc is blocking file I/O over every process: off the event loop.
     await trio.to_thread.run_sync(_sweep_run, mark)
-    reap_adopted()
+    _reap_adopted()
 
 
 @attrs.define

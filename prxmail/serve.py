@@ -15,7 +15,7 @@ from prxmail._redact import config_secrets
 from prxmail.channel import collapse_exception_group
 from prxmail.config import Config, load_config
 from prxmail.errors import ConfigError, PrxmailError
-from prxmail.handler import become_subreaper, parse_exec_command, stop_adopted
+from prxmail.handler import contain_orphans, parse_exec_command
 from prxmail.service import serve_mail_channel
 
 __all__ = ["run_serve"]
@@ -105,13 +105,10 @@ def run_serve(
         log_event(logging.WARNING, f"configuration: {warning}")
     for line in config.describe():
         log_event(logging.INFO, line)
-    # Orphans of our handlers become ours, so nothing they started outlives us.
-    become_subreaper()
     try:
-        try:
+        # Orphans of our handlers become ours, so nothing they started outlives us.
+        with contain_orphans():
             _run(config, argv)
-        finally:
-            stop_adopted()
     except PrxmailError as exc:
         log_event(logging.ERROR, "prxmail stopped", error=f"{type(exc).__name__}: {exc}")
         return EXIT_FAILURE

@@ -548,33 +548,36 @@ async def test_a_setsid_escaper_is_killed_on_timeout(tmp_path: Path) -> None:
 
 
 _SUBREAPER_RUN = r"""
-import json, os, sys
+import json, os, subprocess, sys
 from pathlib import Path
 import trio
-from prxmail.handler import become_subreaper, run_exec_handler, stop_adopted
+from prxmail.handler import contain_orphans, run_exec_handler
 argv, cleared = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-assert become_subreaper()
-async def main():
-    await run_exec_handler(argv, {}, max_output_bytes=1024)
-    await run_exec_handler(cleared, {}, max_output_bytes=1024)
-trio.run(main)
 def state(pid):
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
-marked, unmarked = (int(Path(p).read_text()) for p in sys.argv[3:5])
-before = {"marked": state(marked), "unmarked": state(unmarked)}
-killed = stop_adopted()
-print(json.dumps({"before": before, "killed": killed,
-                  "after": {"marked": state(marked), "unmarked": state(unmarked)}}))
+older = subprocess.Popen(["sleep", "300"])  # a child of ours from before: not touched
+async def main():
+    await run_exec_handler(argv, {}, max_output_bytes=1024)
+    await run_exec_handler(cleared, {}, max_output_bytes=1024)
+with contain_orphans() as contained:
+    trio.run(main)
+    marked, unmarked = (int(Path(p).read_text()) for p in sys.argv[3:5])
+    before = {"marked": state(marked), "unmarked": state(unmarked)}
+after = {"marked": state(marked), "unmarked": state(unmarked), "older": state(older.pid)}
+older.kill()
+older.wait()
+print(json.dumps({"contained": contained, "before": before, "after": after}))
 """
 
 
 def test_subreaper_reaps_escapers_and_stops_what_escaped_the_mark(tmp_path: Path) -> None:
-    """With become_subreaper (what prxmail serve does) an escaper re-parents to us:
+    """Inside contain_orphans (what prxmail serve does) an escaper re-parents to us:
     the run's sweep kills *and reaps* it (no zombie left for anyone), and one that also
-    dropped its environment -- and so the run's mark -- is stopped by stop_adopted."""
+    dropped its environment -- and so the run's mark -- is stopped when the block ends,
+    while a child that was there before the block is left alone."""
     marked, unmarked = tmp_path / "marked", tmp_path / "unmarked"
     done = subprocess.run(
         [
@@ -593,7 +596,7 @@ def test_subreaper_reaps_escapers_and_stops_what_escaped_the_mark(tmp_path: Path
         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
     )
     report = json.loads(done.stdout)
+    assert report["contained"] is True
     assert report["before"]["marked"] == "gone"  # killed and reaped by the run itself
     assert report["before"]["unmarked"] == "S"  # the documented limit: still sleeping
-    assert report["killed"] == 1
-    assert report["after"] == {"marked": "gone", "unmarked": "gone"}
+    assert report["after"] == {"marked": "gone", "unmarked": "gone", "older": "S"}
