@@ -24,9 +24,9 @@ forget them:
   header text, which a crafted attachment name turns into a forged JSON line when it
   reaches Python's last-resort handler. :func:`setup_logging` therefore also owns the
   root logger: every other logger's records at :data:`THIRD_PARTY_LEVEL` and above go
-  through the same formatter (with a ``logger`` field), and mail-parser, which warns once
-  per attachment it does not render, is held at ERROR unless the application set its
-  level itself.
+  through the same formatter (with a ``logger`` field), Python warnings are captured
+  into logging, and mail-parser, which warns once per attachment it does not render, is
+  held at ERROR unless the application set its level itself.
 """
 
 from __future__ import annotations
@@ -306,6 +306,8 @@ def setup_logging(
     foreign.setLevel(THIRD_PARTY_LEVEL)
     setattr(foreign, _HANDLER_MARK, True)
     root.addHandler(foreign)
+    # Python's warnings would otherwise be printed raw (several lines each) on stderr.
+    logging.captureWarnings(True)
     mailparser = logging.getLogger(_MAILPARSER_LOGGER)
     if mailparser.level == logging.NOTSET:  # the application did not choose one
         mailparser.setLevel(_MAILPARSER_LEVEL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+import traceback
 from pathlib import Path
 from typing import TextIO
 
@@ -54,6 +55,16 @@ def _run(config: Config, argv: list[str]) -> None:
     else:
         return
     raise collapsed
+
+
+# Frames named in a crash line: the innermost few say where a bug struck; the whole
+# stack would not fit the field bound anyway.
+CRASH_FRAMES = 4
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-CRASH_FRAMES:]
+    return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
 
 
 def run_serve(
@@ -111,6 +122,16 @@ def run_serve(
             _run(config, argv)
     except PrxmailError as exc:
         log_event(logging.ERROR, "prxmail stopped", error=f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+    except Exception as exc:
+        # A bug: still one redacted log line (Python's traceback would print the error
+        # text raw, secrets and all), with where it happened for the bug report.
+        log_event(
+            logging.CRITICAL,
+            "prxmail crashed",
+            error=f"{type(exc).__name__}: {exc}",
+            where=_where(exc),
+        )
         return EXIT_FAILURE
     log_event(logging.INFO, "prxmail stopped")
     return EXIT_OK

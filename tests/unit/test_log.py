@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import prxmail.serve
 from prxmail._log import (
     MAX_FIELD_CHARS,
     get_logger,
@@ -325,3 +326,51 @@ def test_logging_setup_owns_third_party_levels() -> None:
         ("mailparser", "mailparser error"),
         ("other", "other warning"),
     ]
+
+
+def test_a_crash_in_serve_is_one_redacted_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception (a bug) is logged like every other event instead of a
+    raw traceback carrying the error text -- and the password -- to stderr."""
+    config = tmp_path / "prxmail.toml"
+    config.write_text(_config_text(1, tmp_path, "config", "json"))
+
+    def crash(config: object, argv: object) -> None:
+        raise RuntimeError(f"bug while talking: LOGIN bot {IMAP_PASSWORD}")
+
+    monkeypatch.setattr(prxmail.serve, "_run", crash)
+    err = io.StringIO()
+    code = prxmail.serve.run_serve(
+        config, exec_command=HANDLER, log_format="json", out=io.StringIO(), err=err
+    )
+    assert code == prxmail.serve.EXIT_FAILURE
+    events = _assert_one_event_per_line(err.getvalue(), "json")
+    crashed = events[-1]
+    assert crashed["event"] == "prxmail crashed"
+    assert crashed["error"] == "RuntimeError: bug while talking: LOGIN bot ***"
+    assert "test_log.py" in str(crashed["where"])
+    assert IMAP_PASSWORD not in err.getvalue()
+
+
+_WARNS = r"""
+import sys, warnings
+from prxmail._log import setup_logging
+setup_logging(sys.argv[1])
+warnings.warn("first line\n{\"level\":\"error\",\"event\":\"FORGED\"}", UserWarning)
+"""
+
+
+@pytest.mark.parametrize("log_format", ["human", "json"])
+def test_python_warnings_are_formatted_events(log_format: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", _WARNS, log_format],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=60,
+        check=True,
+    )
+    assert "first line" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    _assert_one_event_per_line(done.stderr, log_format)
