@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import trio
 
 from prxmail._log import log_event, redacting
-from prxmail._redact import config_secrets
+from prxmail._redact import SHORT_SECRET, Redactor, config_secrets
 from prxmail.channel import MailChannel, open_mail_channel
 from prxmail.config import Config
 from prxmail.errors import HandlerError, LocalProtocolError
@@ -79,16 +79,25 @@ def message_payload(message: Message) -> dict[str, object]:
 def handler_environment(config: Config, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The handler's environment: ours, minus every variable holding a mail password.
 
+    That covers the ``password_env`` / ``smtp_password_env`` variables (their value *is*
+    the password) and any other variable that holds it, alone or inside a longer value
+    (``MAIL_URL=imaps://bot:PASSWORD@host``), also in its base64 or SASL forms.
+
     Args:
         config: Supplies the passwords to look for.
         environ: The environment to filter; ``os.environ`` by default.
 
     Returns:
-        A new dict without variables whose value is the IMAP or SMTP password.
+        A new dict without those variables.
     """
     env = os.environ if environ is None else environ
     secrets = {config.password.reveal(), config.smtp_password.reveal()}
-    excluded = [name for name, value in env.items() if value in secrets]
+    # Forms too short to look for inside other values (they occur in ordinary text)
+    # only count when they are the whole value.
+    contained = Redactor(s for s in config_secrets(config) if len(s) >= SHORT_SECRET)
+    excluded = [
+        name for name, value in env.items() if value in secrets or contained(value) != value
+    ]
     if environ is None:
         return inherit_environment(exclude=excluded)
     return {k: v for k, v in env.items() if k not in excluded}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from prxmail.config import Config, parse_config
 from prxmail.errors import HandlerError, LocalProtocolError
 from prxmail.handler import (
     PIPE_DRAIN_GRACE_SECONDS,
@@ -25,6 +27,7 @@ from prxmail.handler import (
     parse_exec_command,
     run_exec_handler,
 )
+from prxmail.service import handler_environment
 
 LIMIT = 64 * 1024
 
@@ -600,3 +603,38 @@ def test_subreaper_reaps_escapers_and_stops_what_escaped_the_mark(tmp_path: Path
     assert report["before"]["marked"] == "gone"  # killed and reaped by the run itself
     assert report["before"]["unmarked"] == "S"  # the documented limit: still sleeping
     assert report["after"] == {"marked": "gone", "unmarked": "gone", "older": "S"}
+
+
+# -- the handler's environment -----------------------------------------------------------
+
+
+def _config(**lines: str) -> Config:
+    text = "\n".join(
+        [
+            "[channels_config.email]",
+            'imap_host = "127.0.0.1"',
+            'smtp_host = "127.0.0.1"',
+            'username = "bot@example.test"',
+            'from_address = "bot@example.test"',
+            'allowed_senders = ["alice@example.test"]',
+            *(f"{k} = {v}" for k, v in lines.items()),
+        ]
+    )
+    return parse_config(text + "\n", environ={"IMAP_PW": "imap-S3cret", "SMTP_PW": "pw"})
+
+
+def test_handler_environment_holds_no_password_in_any_variable() -> None:
+    config = _config(password_env='"IMAP_PW"', smtp_password_env='"SMTP_PW"')
+    b64 = base64.b64encode(b"\0bot@example.test\0imap-S3cret").decode()
+    env = {
+        "PATH": "/usr/local/sbin:/usr/bin",  # ordinary variables stay
+        "PWD": "/srv/pw/bot",  # contains the short SMTP password as text: stays
+        "IMAP_PW": "imap-S3cret",  # the password_env variable itself
+        "SMTP_PW": "pw",  # the smtp_password_env variable, however short
+        "MAIL_URL": "imaps://bot:imap-S3cret@mail.example.test/",
+        "AUTH_BLOB": b64,  # the SASL PLAIN payload as it went on the wire
+    }
+    assert handler_environment(config, env) == {
+        "PATH": "/usr/local/sbin:/usr/bin",
+        "PWD": "/srv/pw/bot",
+    }
