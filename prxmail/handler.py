@@ -44,10 +44,9 @@ each run, and whatever is left is stopped when serve ends -- even a process that
 replaced its environment. Limits, stated: a descendant that both leaves the session
 *and* exec()s with a fresh environment is not tied to its run, only to prxmail, and is
 stopped at serve's end, not at its run's; one that changes its uid (setuid binaries)
-cannot be read or signalled; a process that ignores nothing but runs in the kernel (D
-state) dies when it leaves it; and only containment by the OS (a cgroup, e.g.
-systemd's ``KillMode=control-group``) is airtight against all of these. Off Linux, only
-the process group is stopped.
+cannot be read or signalled; one stuck in the kernel (D state) dies only when it leaves
+it; and only containment by the OS (a cgroup, e.g. systemd's ``KillMode=control-group``)
+is airtight against all of these. Off Linux, only the process group is stopped.
 
 A handler that cannot be started at all (not found, not executable) raises
 :class:`~prxmail.errors.HandlerError`: that is not the message's fault. Everything the
