@@ -14,8 +14,20 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-__all__ = ["REDACTED", "SHORT_SECRET", "WITHHELD", "Redactor", "secret_forms"]
+if TYPE_CHECKING:  # only for the annotation: config must stay importable without us
+    from prxmail.config import Config
+
+__all__ = [
+    "REDACTED",
+    "SHORT_SECRET",
+    "WITHHELD",
+    "Redactor",
+    "config_secrets",
+    "credential_secrets",
+    "secret_forms",
+]
 
 REDACTED = "***"
 WITHHELD = "(server text withheld: it contains the credentials)"
@@ -42,6 +54,44 @@ def secret_forms(secret: str | bytes) -> set[str]:
     encoded = base64.b64encode(raw).decode("ascii")
     forms = {text, text.replace("\\", "\\\\").replace('"', '\\"'), encoded, encoded.rstrip("=")}
     return {form for form in forms if form}
+
+
+def credential_secrets(credentials: Iterable[tuple[str, str]]) -> list[str | bytes]:
+    """The secrets to redact for some logins: each password and its SASL PLAIN payloads.
+
+    Args:
+        credentials: ``(username, password)`` pairs; empty passwords are skipped.
+
+    Returns:
+        For each password: the password itself and the PLAIN payloads
+        ``\\0user\\0password`` and ``user\\0user\\0password`` (with and without an
+        authzid), so that their base64 is cut out of server echoes too.
+    """
+    secrets: list[str | bytes] = []
+    for user, password in credentials:
+        if not password:
+            continue
+        raw, user_b = password.encode("utf-8"), user.encode("utf-8")
+        secrets += [password, b"\0" + user_b + b"\0" + raw, user_b + b"\0" + user_b + b"\0" + raw]
+    return secrets
+
+
+def config_secrets(config: Config) -> list[str | bytes]:
+    """Every secret a configuration holds, in the forms :class:`Redactor` takes.
+
+    Args:
+        config: The validated configuration; its passwords came from the file, the
+            environment or a password file -- by now they are all the same ``Secret``.
+
+    Returns:
+        The IMAP and SMTP passwords and their SASL PLAIN payloads.
+    """
+    return credential_secrets(
+        {
+            (config.username, config.password.reveal()),
+            (config.smtp_username, config.smtp_password.reveal()),
+        }
+    )
 
 
 class Redactor:

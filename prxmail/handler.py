@@ -30,6 +30,24 @@ left running in its group (a backgrounded child still holding the pipes) gets
 group only while its leader is exited-but-not-yet-reaped or alive, so the group id can
 never have been reused by an unrelated process.
 
+Escapers: a process group only holds what stays in it. A handler may ``setsid()`` a
+child (a daemon, a double fork), which leaves the group and is re-parented away from the
+handler, so ``killpg`` misses it and it would outlive both the handler and prxmail. Every
+run therefore gets a mark in its environment (:data:`RUN_MARK_ENV` = a random token) that
+everything it starts inherits, and when the run ends -- by itself, on timeout, on
+cancellation -- every process still carrying that run's mark is SIGKILLed, wherever it
+now sits (Linux: found through ``/proc/<pid>/environ``, signalled through a pidfd so a
+recycled pid can never be hit), and reaped if it became ours. ``prxmail serve`` also
+runs inside :func:`contain_orphans`: it is a child subreaper (``PR_SET_CHILD_SUBREAPER``),
+so orphans of its handlers are re-parented to prxmail rather than to init, reaped after
+each run, and whatever is left is stopped when serve ends -- even a process that also
+replaced its environment. Limits, stated: a descendant that both leaves the session
+*and* exec()s with a fresh environment is not tied to its run, only to prxmail, and is
+stopped at serve's end, not at its run's; one that changes its uid (setuid binaries)
+cannot be read or signalled; one stuck in the kernel (D state) dies only when it leaves
+it; and only containment by the OS (a cgroup, e.g. systemd's ``KillMode=control-group``)
+is airtight against all of these. Off Linux, only the process group is stopped.
+
 A handler that cannot be started at all (not found, not executable) raises
 :class:`~prxmail.errors.HandlerError`: that is not the message's fault. Everything the
 handler does once running -- non-zero exit, death by signal, too much output -- is a
@@ -41,14 +59,17 @@ POSIX only (process groups, ``killpg``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import secrets
+import select
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -60,8 +81,10 @@ __all__ = [
     "DEFAULT_KILL_GRACE_SECONDS",
     "DEFAULT_MAX_OUTPUT_BYTES",
     "PIPE_DRAIN_GRACE_SECONDS",
+    "RUN_MARK_ENV",
     "STDERR_TAIL_BYTES",
     "HandlerResult",
+    "contain_orphans",
     "encode_payload",
     "inherit_environment",
     "parse_exec_command",
@@ -89,6 +112,26 @@ DEFAULT_KILL_GRACE_SECONDS: Final = 5.0
 # before it is killed: output still in flight arrives within milliseconds, a backgrounded
 # child holding the pipe would otherwise block us forever.
 PIPE_DRAIN_GRACE_SECONDS: Final = 1.0
+
+# The environment variable that ties every process a handler run starts to that run
+# (inherited across fork, setsid and exec): its value is a fresh random token per run.
+RUN_MARK_ENV: Final = "PRXMAIL_HANDLER_RUN"
+
+# Random bytes per run mark: 128 bits, so no other process carries one by chance.
+_RUN_MARK_BYTES: Final = 16
+
+# Leftovers are killed in rounds, because one may fork between our scan and our
+# SIGKILL. Each round kills everything it found, so a few rounds end any honest
+# process tree; the bound keeps a fork bomb from holding us forever.
+SWEEP_ROUNDS: Final = 20
+
+# How long to wait for SIGKILLed leftovers to be gone, for all of them together: a
+# SIGKILL takes effect in microseconds unless a process is stuck in the kernel (D state),
+# and that cannot be helped by waiting longer.
+SWEEP_WAIT_SECONDS: Final = 2.0
+
+# prctl(2) option number from <linux/prctl.h>.
+_PR_SET_CHILD_SUBREAPER: Final = 36
 
 
 def parse_exec_command(cmd: str) -> list[str]:
@@ -213,6 +256,237 @@ class HandlerResult:
         if self.exit_code > 0:
             return f"handler exited with status {self.exit_code}"
         return None
+
+
+# -- leftovers: what a run started and left behind (Linux /proc) ------------------------
+
+
+@attrs.define
+class _Adoption:
+    """This process's handler children, for telling them from adopted orphans.
+
+    ``leaders``: handler leaders started and not yet reaped -- never touched here
+    (trio reaps them). ``starting``: starts in flight; zombies are not reaped then,
+    because a new leader exists (and may already be a zombie) before its pid is known
+    to us. ``active``: :func:`contain_orphans` is in force. ``preexisting``: the
+    (pid, start time) of children we had before it was -- not ours to touch.
+    """
+
+    leaders: set[int] = attrs.Factory(set)
+    starting: int = 0
+    active: bool = False
+    preexisting: set[tuple[int, int]] = attrs.Factory(set)
+
+
+_ADOPTION: Final = _Adoption()
+
+
+def _set_subreaper(on: bool) -> bool:
+    if sys.platform != "linux":  # pragma: no cover - Linux only
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0)
+
+
+@contextlib.contextmanager
+def contain_orphans() -> Iterator[bool]:
+    """Make this process the reaper of what its handlers abandon, for the block.
+
+    Inside, this process is a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``): a
+    process a handler ``setsid()``s and abandons is re-parented to us instead of to
+    init. Such orphans are reaped after every handler run, and when the block ends
+    every child of ours that was not there before it began and is not a running
+    handler is SIGKILLed and reaped -- also one that dropped its run's mark. For
+    ``prxmail serve``, which owns its process: code in the same process that starts
+    children of its own while the block runs would see them stopped at its end.
+
+    Yields:
+        True when the subreaper could be set (Linux); False means only the run marks
+        and process groups contain handlers.
+    """
+    if _ADOPTION.active or not _set_subreaper(True):
+        yield False
+        return
+    _ADOPTION.preexisting = set(_child_stats())
+    _ADOPTION.active = True
+    try:
+        yield True
+    finally:
+        try:
+            _stop_adopted()
+        finally:
+            _ADOPTION.active = False
+            _ADOPTION.preexisting = set()
+            _set_subreaper(False)
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, start time) of a process from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after it.
+    rest = raw[raw.rindex(b")") + 2 :].split()
+    return rest[0].decode(), int(rest[1]), int(rest[19])
+
+
+def _pids() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:  # pragma: no cover - no /proc
+        return []
+
+
+def _marked(mark: bytes) -> list[tuple[int, int]]:
+    """(pid, start time) of every process whose environment holds ``mark``."""
+    found = []
+    me = os.getpid()
+    for pid in _pids():
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:  # gone, a zombie, or not ours to read
+            continue
+        if mark in environ.split(b"\0"):
+            stat = _stat(pid)
+            if stat is not None:
+                found.append((pid, stat[2]))
+    return found
+
+
+def _children() -> list[int]:
+    """Our own child processes (all threads' children)."""
+    pids: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:  # pragma: no cover - no /proc
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _open_same(pid: int, start: int) -> int | None:
+    """A pidfd for ``pid`` if it is still the process that started at ``start``.
+
+    The pidfd pins the process: once it is open and the start time still matches, a
+    signal sent through it can only reach that process, never a recycled pid.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    stat = _stat(pid)
+    if stat is None or stat[2] != start:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _kill(targets: list[tuple[int, int]], fds: dict[tuple[int, int], int]) -> None:
+    for target in targets:
+        if target in fds:
+            continue
+        fd = _open_same(*target)
+        if fd is None:
+            continue
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:  # exited meanwhile, or not ours to signal
+            os.close(fd)
+            continue
+        fds[target] = fd
+
+
+def _wait_gone_and_reap(fds: dict[tuple[int, int], int]) -> None:
+    poller = select.poll()
+    for fd in fds.values():
+        poller.register(fd, select.POLLIN)
+    pending = set(fds.values())
+    deadline = time.monotonic() + SWEEP_WAIT_SECONDS
+    while pending and (left := deadline - time.monotonic()) > 0:
+        for fd, _ in poller.poll(left * 1000):
+            pending.discard(fd)
+            poller.unregister(fd)
+    for fd in fds.values():
+        if fd not in pending:
+            # Ours only if it was re-parented to us (subreaper); init reaps the rest.
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+        os.close(fd)
+
+
+def _sweep_run(mark: bytes) -> int:
+    """SIGKILL and reap every process carrying ``mark``; returns how many were killed."""
+    if sys.platform != "linux":  # pragma: no cover - /proc and pidfds are Linux
+        return 0
+    fds: dict[tuple[int, int], int] = {}
+    try:
+        for _ in range(SWEEP_ROUNDS):
+            found = [t for t in _marked(mark) if t not in fds]
+            if not found:
+                break
+            _kill(found, fds)
+    finally:
+        _wait_gone_and_reap(fds)
+    return len(fds)
+
+
+def _child_stats() -> list[tuple[int, int]]:
+    """(pid, start time) of our children that are not handler leaders or zombies."""
+    found = []
+    for pid in _children():
+        stat = _stat(pid)
+        if pid not in _ADOPTION.leaders and stat is not None and stat[0] != "Z":
+            found.append((pid, stat[2]))
+    return found
+
+
+def _reap_adopted() -> int:
+    """Reap exited orphans re-parented to us (only inside contain_orphans)."""
+    if not _ADOPTION.active or _ADOPTION.starting:
+        return 0
+    reaped = 0
+    for pid in _children():
+        stat = _stat(pid)
+        if pid in _ADOPTION.leaders or stat is None or stat[0] != "Z":
+            continue
+        if (pid, stat[2]) in _ADOPTION.preexisting:
+            continue
+        with contextlib.suppress(ChildProcessError):
+            # WNOHANG on a zombie: returns at once.
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+            reaped += 1
+    return reaped
+
+
+def _stop_adopted() -> int:
+    """Kill and reap every adopted orphan; returns how many were killed."""
+    fds: dict[tuple[int, int], int] = {}
+    try:
+        for _ in range(SWEEP_ROUNDS):
+            found = [t for t in _child_stats() if t not in fds and t not in _ADOPTION.preexisting]
+            if not found:
+                break
+            _kill(found, fds)
+    finally:
+        _wait_gone_and_reap(fds)
+    _reap_adopted()
+    return len(fds)
+
+
+async def _sweep(mark: bytes) -> None:
+    # Reading /proc is blocking file I/O over every process: off the event loop.
+    await trio.to_thread.run_sync(_sweep_run, mark)
+    _reap_adopted()
 
 
 @attrs.define
@@ -380,8 +654,10 @@ async def run_exec_handler(
     The caller owns the timeout: wrap the call in ``trio.fail_after`` /
     ``trio.move_on_after``. On cancellation the handler's whole process group gets
     SIGTERM, then SIGKILL after ``kill_grace`` seconds, and is reaped before the
-    cancellation propagates. Limit concurrency by holding a ``trio.CapacityLimiter``
-    around the call.
+    cancellation propagates. However the run ends, every process it started that is
+    still running -- also one that left the process group -- is killed before this
+    returns (see the module docstring). Limit concurrency by holding a
+    ``trio.CapacityLimiter`` around the call.
 
     Args:
         argv: Program and arguments (see :func:`parse_exec_command`); no shell.
@@ -389,7 +665,8 @@ async def run_exec_handler(
         max_output_bytes: The most stdout bytes accepted as a reply; more makes the run
             fail (see the module docstring).
         env: The handler's complete environment; ``None`` inherits ours (consider
-            :func:`inherit_environment` to leave secrets out).
+            :func:`inherit_environment` to leave secrets out). :data:`RUN_MARK_ENV` is
+            added to it.
         kill_grace: Seconds between SIGTERM and SIGKILL when stopping the handler.
 
     Returns:
@@ -409,14 +686,19 @@ async def run_exec_handler(
     if kill_grace < 0:
         raise ValueError("kill_grace must not be negative")
     data = encode_payload(payload)
+    token = secrets.token_hex(_RUN_MARK_BYTES)
+    mark = f"{RUN_MARK_ENV}={token}".encode()
+    run_env = dict(os.environ if env is None else env)
+    run_env[RUN_MARK_ENV] = token
     started = time.perf_counter()
+    _ADOPTION.starting += 1
     try:
         proc = await trio.lowlevel.open_process(
             list(argv),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=None if env is None else dict(env),
+            env=run_env,
             start_new_session=True,
         )
     except OSError as exc:
@@ -424,6 +706,10 @@ async def run_exec_handler(
         raise HandlerError(
             f"cannot start handler {argv[0]!r}: {reason}", argv0=str(argv[0])
         ) from exc
+    else:
+        _ADOPTION.leaders.add(proc.pid)
+    finally:
+        _ADOPTION.starting -= 1
     assert proc.stdin is not None
     assert proc.stdout is not None
     assert proc.stderr is not None
@@ -449,6 +735,10 @@ async def run_exec_handler(
         raise
     finally:
         with trio.CancelScope(shield=True):
+            if child.reaped:
+                _ADOPTION.leaders.discard(proc.pid)
+            # Whatever left the group (setsid, double fork) still carries the mark.
+            await _sweep(mark)
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 await stream.aclose()
     duration = time.perf_counter() - started

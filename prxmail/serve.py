@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+import traceback
 from pathlib import Path
 from typing import TextIO
 
 import trio
 
 from prxmail._log import log_event, setup_logging
+from prxmail._redact import config_secrets
 from prxmail.channel import collapse_exception_group
 from prxmail.config import Config, load_config
 from prxmail.errors import ConfigError, PrxmailError
-from prxmail.handler import parse_exec_command
+from prxmail.handler import contain_orphans, parse_exec_command
 from prxmail.service import serve_mail_channel
 
 __all__ = ["run_serve"]
@@ -53,6 +55,16 @@ def _run(config: Config, argv: list[str]) -> None:
     else:
         return
     raise collapsed
+
+
+# Frames named in a crash line: the innermost few say where a bug struck; the whole
+# stack would not fit the field bound anyway.
+CRASH_FRAMES = 4
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-CRASH_FRAMES:]
+    return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
 
 
 def run_serve(
@@ -99,15 +111,27 @@ def run_serve(
         print(f"prxmail: handler program {argv[0]!r} not found or not executable", file=err)
         return EXIT_CONFIG
     chosen = log_format if log_format is not None else config.log_format.value
-    setup_logging(chosen, stream=err)
+    setup_logging(chosen, stream=err, secrets=config_secrets(config))
     for warning in config.warnings:
         log_event(logging.WARNING, f"configuration: {warning}")
     for line in config.describe():
         log_event(logging.INFO, line)
     try:
-        _run(config, argv)
+        # Orphans of our handlers become ours, so nothing they started outlives us.
+        with contain_orphans():
+            _run(config, argv)
     except PrxmailError as exc:
         log_event(logging.ERROR, "prxmail stopped", error=f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+    except Exception as exc:
+        # A bug: still one redacted log line (Python's traceback would print the error
+        # text raw, secrets and all), with where it happened for the bug report.
+        log_event(
+            logging.CRITICAL,
+            "prxmail crashed",
+            error=f"{type(exc).__name__}: {exc}",
+            where=_where(exc),
+        )
         return EXIT_FAILURE
     log_event(logging.INFO, "prxmail stopped")
     return EXIT_OK

@@ -27,7 +27,8 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
-from prxmail._log import log_event
+from prxmail._log import log_event, redacting
+from prxmail._redact import SHORT_SECRET, Redactor, config_secrets
 from prxmail.channel import MailChannel, open_mail_channel
 from prxmail.config import Config
 from prxmail.errors import HandlerError, LocalProtocolError
@@ -78,16 +79,25 @@ def message_payload(message: Message) -> dict[str, object]:
 def handler_environment(config: Config, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The handler's environment: ours, minus every variable holding a mail password.
 
+    That covers the ``password_env`` / ``smtp_password_env`` variables (their value *is*
+    the password) and any other variable that holds it, alone or inside a longer value
+    (``MAIL_URL=imaps://bot:PASSWORD@host``), also in its base64 or SASL forms.
+
     Args:
         config: Supplies the passwords to look for.
         environ: The environment to filter; ``os.environ`` by default.
 
     Returns:
-        A new dict without variables whose value is the IMAP or SMTP password.
+        A new dict without those variables.
     """
     env = os.environ if environ is None else environ
     secrets = {config.password.reveal(), config.smtp_password.reveal()}
-    excluded = [name for name, value in env.items() if value in secrets]
+    # Forms too short to look for inside other values (they occur in ordinary text)
+    # only count when they are the whole value.
+    contained = Redactor(s for s in config_secrets(config) if len(s) >= SHORT_SECRET)
+    excluded = [
+        name for name, value in env.items() if value in secrets or contained(value) != value
+    ]
     if environ is None:
         return inherit_environment(exclude=excluded)
     return {k: v for k, v in env.items() if k not in excluded}
@@ -181,13 +191,23 @@ async def serve_mail_channel(
         exec_command: The handler's argv (program first).
         task_status: For ``nursery.start``: started with the open channel.
 
+    While it runs, the configuration's passwords are cut out of every log record
+    (:func:`prxmail._log.redacting`): a server that echoes them in an error cannot put
+    them into the log through any call site.
+
     Raises:
         LocalProtocolError: ``exec_command`` is empty.
         StateError: the state directory cannot be used.
     """
     if not exec_command or not exec_command[0]:
         raise LocalProtocolError("the handler command is empty")
-    argv = list(exec_command)
+    with redacting(config_secrets(config)):
+        await _serve(config, list(exec_command), task_status)
+
+
+async def _serve(
+    config: Config, argv: list[str], task_status: trio.TaskStatus[MailChannel]
+) -> None:
     env = handler_environment(config)
     limiter = trio.CapacityLimiter(config.max_concurrent_handlers)
     async with open_mail_channel(config) as channel:

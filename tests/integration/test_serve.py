@@ -42,6 +42,22 @@ if "sleep-once" in subject and not os.path.exists(marker):
     time.sleep(120)
 if "slow" in subject:
     time.sleep(1.5)
+if "escape" in subject:  # leave a setsid()ed grandchild behind, out of our group
+    bare = "bare" in subject  # ...also without our environment (and its run mark)
+    pidfile = marker + (".bare" if bare else ".escaper")
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            open(pidfile + ".tmp", "w").write(str(os.getpid()))
+            os.rename(pidfile + ".tmp", pidfile)
+            os.execve("/bin/sleep", ["sleep", "300"], {} if bare else dict(os.environ))
+        os._exit(0)
+    os.wait()
+    while not os.path.exists(pidfile):
+        time.sleep(0.01)
 entry = {"subject": subject, "uid": m["uid"], "text_len": len(m["text"]),
          "text_head": m["text"][:200], "attachments": m["attachments"],
          "truncated": m["truncated"], "keys": sorted(m), "start": started,
@@ -323,3 +339,35 @@ def test_sigterm_during_handling_releases_the_message_for_the_next_start(
     finally:
         assert second.terminate() == 0
     assert len(replies(mail_servers, setup.pair.alice)) == 1
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_nothing_a_handler_setsids_outlives_its_run_or_serve(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    setup = Setup(mail_servers, tmp_path, "escape")
+    marked = Path(f"{setup.marker}.escaper")
+    bare = Path(f"{setup.marker}.bare")
+    proc = setup.serve()
+    try:
+        proc.wait_log("prxmail serving")
+        setup.send("escape with the run mark")
+        proc.wait_log("message replied")
+        # The run's sweep killed it before the run counted as done.
+        assert not _running(int(marked.read_text()))
+        setup.send("escape bare")
+        proc.wait_log("message replied", count=2)
+        # The documented limit: no environment, no mark -- it lives until serve stops.
+        assert _running(int(bare.read_text()))
+    finally:
+        status = proc.terminate()
+    assert status == 0
+    # serve is a subreaper: the orphan became its child and was stopped at exit.
+    assert not _running(int(bare.read_text()))

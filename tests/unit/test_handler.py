@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,9 +15,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from prxmail.config import Config, parse_config
 from prxmail.errors import HandlerError, LocalProtocolError
 from prxmail.handler import (
     PIPE_DRAIN_GRACE_SECONDS,
+    RUN_MARK_ENV,
     STDERR_TAIL_BYTES,
     HandlerResult,
     encode_payload,
@@ -22,6 +27,7 @@ from prxmail.handler import (
     parse_exec_command,
     run_exec_handler,
 )
+from prxmail.service import handler_environment
 
 LIMIT = 64 * 1024
 
@@ -336,6 +342,8 @@ async def test_env_is_passed_exactly() -> None:
     result = await run_exec_handler(py(code), PAYLOAD, max_output_bytes=LIMIT, env={"ONLY": "this"})
     env = json.loads(result.stdout)
     env.pop("LC_CTYPE", None)  # Python may coerce the C locale by itself
+    mark = env.pop(RUN_MARK_ENV)  # the run's mark, a fresh token each run
+    assert re.fullmatch("[0-9a-f]{32}", mark)
     assert env == {"ONLY": "this"}
 
 
@@ -488,3 +496,145 @@ async def test_concurrency_limit_is_respected(tmp_path: Path) -> None:
         running += 1 if kind == "start" else -1
         peak = max(peak, running)
     assert peak == 2
+
+
+# -- escapers: setsid() children outside the process group ------------------------------
+
+
+def escaper(pidfile: Path, *, then: str = "", clear_env: bool = False) -> list[str]:
+    """A handler that double-forks a setsid()ed ``sleep 300`` and records its pid.
+
+    The grandchild leaves the handler's session and process group and is re-parented
+    away from it: killpg cannot reach it. ``then`` runs in the handler afterwards.
+    """
+    env = "{}" if clear_env else "os.environ"
+    code = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        null = os.open(os.devnull, os.O_RDWR)\n"
+        "        for fd in (0, 1, 2):\n"
+        "            os.dup2(null, fd)\n"
+        f"        open({str(pidfile)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+        f"        os.rename({str(pidfile)!r} + '.tmp', {str(pidfile)!r})\n"
+        f"        os.execve('/bin/sleep', ['sleep', '300'], {env})\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+        f"while not os.path.exists({str(pidfile)!r}):\n"
+        "    time.sleep(0.01)\n"
+        f"{then}\n"
+        "print('answer')\n"
+    )
+    return py(code)
+
+
+async def test_a_setsid_escaper_is_killed_when_the_handler_exits(tmp_path: Path) -> None:
+    pidfile = tmp_path / "escaper"
+    with trio.fail_after(20):
+        result = await run_exec_handler(escaper(pidfile), PAYLOAD, max_output_bytes=LIMIT)
+    assert result.reply_body == "answer\n"
+    (pid,) = wait_pidfile(pidfile)
+    # Gone by the time the call returned: no polling, no grace.
+    assert not alive(pid)
+
+
+async def test_a_setsid_escaper_is_killed_on_timeout(tmp_path: Path) -> None:
+    pidfile = tmp_path / "escaper"
+    with trio.move_on_after(2) as cs:
+        await run_exec_handler(
+            escaper(pidfile, then="time.sleep(60)"), PAYLOAD, max_output_bytes=LIMIT
+        )
+    assert cs.cancelled_caught
+    (pid,) = wait_pidfile(pidfile)
+    assert not alive(pid)
+
+
+_SUBREAPER_RUN = r"""
+import json, os, subprocess, sys
+from pathlib import Path
+import trio
+from prxmail.handler import contain_orphans, run_exec_handler
+argv, cleared = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+def state(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+older = subprocess.Popen(["sleep", "300"])  # a child of ours from before: not touched
+async def main():
+    await run_exec_handler(argv, {}, max_output_bytes=1024)
+    await run_exec_handler(cleared, {}, max_output_bytes=1024)
+with contain_orphans() as contained:
+    trio.run(main)
+    marked, unmarked = (int(Path(p).read_text()) for p in sys.argv[3:5])
+    before = {"marked": state(marked), "unmarked": state(unmarked)}
+after = {"marked": state(marked), "unmarked": state(unmarked), "older": state(older.pid)}
+older.kill()
+older.wait()
+print(json.dumps({"contained": contained, "before": before, "after": after}))
+"""
+
+
+def test_subreaper_reaps_escapers_and_stops_what_escaped_the_mark(tmp_path: Path) -> None:
+    """Inside contain_orphans (what prxmail serve does) an escaper re-parents to us:
+    the run's sweep kills *and reaps* it (no zombie left for anyone), and one that also
+    dropped its environment -- and so the run's mark -- is stopped when the block ends,
+    while a child that was there before the block is left alone."""
+    marked, unmarked = tmp_path / "marked", tmp_path / "unmarked"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _SUBREAPER_RUN,
+            json.dumps(escaper(marked)),
+            json.dumps(escaper(unmarked, clear_env=True)),
+            str(marked),
+            str(unmarked),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+    )
+    report = json.loads(done.stdout)
+    assert report["contained"] is True
+    assert report["before"]["marked"] == "gone"  # killed and reaped by the run itself
+    assert report["before"]["unmarked"] == "S"  # the documented limit: still sleeping
+    assert report["after"] == {"marked": "gone", "unmarked": "gone", "older": "S"}
+
+
+# -- the handler's environment -----------------------------------------------------------
+
+
+def _config(**lines: str) -> Config:
+    text = "\n".join(
+        [
+            "[channels_config.email]",
+            'imap_host = "127.0.0.1"',
+            'smtp_host = "127.0.0.1"',
+            'username = "bot@example.test"',
+            'from_address = "bot@example.test"',
+            'allowed_senders = ["alice@example.test"]',
+            *(f"{k} = {v}" for k, v in lines.items()),
+        ]
+    )
+    return parse_config(text + "\n", environ={"IMAP_PW": "imap-S3cret", "SMTP_PW": "pw"})
+
+
+def test_handler_environment_holds_no_password_in_any_variable() -> None:
+    config = _config(password_env='"IMAP_PW"', smtp_password_env='"SMTP_PW"')
+    b64 = base64.b64encode(b"\0bot@example.test\0imap-S3cret").decode()
+    env = {
+        "PATH": "/usr/local/sbin:/usr/bin",  # ordinary variables stay
+        "PWD": "/srv/pw/bot",  # contains the short SMTP password as text: stays
+        "IMAP_PW": "imap-S3cret",  # the password_env variable itself
+        "SMTP_PW": "pw",  # the smtp_password_env variable, however short
+        "MAIL_URL": "imaps://bot:imap-S3cret@mail.example.test/",
+        "AUTH_BLOB": b64,  # the SASL PLAIN payload as it went on the wire
+    }
+    assert handler_environment(config, env) == {
+        "PATH": "/usr/local/sbin:/usr/bin",
+        "PWD": "/srv/pw/bot",
+    }

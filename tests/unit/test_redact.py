@@ -1,11 +1,20 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prxmail._redact import REDACTED, WITHHELD, Redactor, secret_forms
+from prxmail._redact import (
+    REDACTED,
+    WITHHELD,
+    Redactor,
+    config_secrets,
+    credential_secrets,
+    secret_forms,
+)
+from prxmail.config import parse_config
 
 
 def test_plain_quoted_and_base64_forms_removed() -> None:
@@ -48,3 +57,25 @@ def test_longest_form_first() -> None:
 def test_secret_never_survives(secret: str, before: str, after: str) -> None:
     cleaned = Redactor([secret])(before + secret + after)
     assert secret.lower() not in cleaned.lower() or cleaned == WITHHELD
+
+
+def test_config_secrets_cover_both_passwords_and_their_sasl_payloads(tmp_path: Path) -> None:
+    (tmp_path / "smtp.pw").write_text("smtp-S3cret\n")
+    config = parse_config(
+        "[channels_config.email]\n"
+        'imap_host = "127.0.0.1"\nsmtp_host = "127.0.0.1"\n'
+        'username = "bot@example.test"\nsmtp_username = "relay@example.test"\n'
+        'password_env = "IMAP_PW"\nsmtp_password_file = "smtp.pw"\n'
+        'from_address = "bot@example.test"\nallowed_senders = ["a@example.test"]\n',
+        environ={"IMAP_PW": "imap-S3cret"},
+        base_dir=tmp_path,
+    )
+    redact = Redactor(config_secrets(config))
+    plain = base64.b64encode(b"\0bot@example.test\0imap-S3cret").decode()
+    smtp_plain = base64.b64encode(b"relay@example.test\0relay@example.test\0smtp-S3cret")
+    text = f"echo imap-S3cret smtp-S3cret {plain} {smtp_plain.decode().rstrip('=')}"
+    assert redact(text) == f"echo {REDACTED} {REDACTED} {REDACTED} {REDACTED}"
+
+
+def test_credential_secrets_skip_empty_passwords() -> None:
+    assert credential_secrets([("bot", "")]) == []
