@@ -78,9 +78,15 @@ _CONTENT_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$
 # quote, backslash, "%" (RFC 2231 readers may take it for an escape) and never
 # shaped like an encoded word. Anything else is written RFC 2231-encoded.
 _PLAIN_FILENAME = re.compile(r"[A-Za-z0-9 !#$&'()+,\-.;=@\[\]^_`{}~]+\Z")
+# Longer plain names are written RFC 2231-encoded too, whose continuations fold:
+# 'filename="' + 60 characters + '"' keeps the line within _FOLD_AT octets.
+_MAX_PLAIN_FILENAME = 60
 # RFC 2231 continuation chunks: at most this many characters of percent-encoded
-# value per parameter line, so each folded line stays under _FOLD_AT octets.
-_RFC2231_CHUNK = 60
+# value per parameter line, so each folded line (" filename*0*=utf-8''" + chunk
+# + ";", 71 octets) stays under _FOLD_AT.
+_RFC2231_CHUNK = 50
+# UTF-8 bytes per encoded word of a Content-Type name (see _encoded_word_name).
+_NAME_WORD_BYTES = 42
 # Characters RFC 2231 attribute-char lets stand for themselves.
 _RFC2231_SAFE = "!#$&+-.^_`|~"
 
@@ -611,8 +617,9 @@ def _encoded_word_name(value: str) -> str:
     words: list[str] = []
     chunk = ""
     for ch in value:
-        # 45 bytes encode to 60 base64 characters: 72 with the "=?utf-8?b??=".
-        if len((chunk + ch).encode("utf-8")) > 45:
+        # 42 bytes encode to 56 base64 characters: 68 with the "=?utf-8?b??=",
+        # 76 with ' name="' and the closing quote, within _FOLD_AT.
+        if len((chunk + ch).encode("utf-8")) > _NAME_WORD_BYTES:
             words.append(chunk)
             chunk = ""
         chunk += ch
@@ -628,7 +635,11 @@ def _attachment_part(attachment: OutgoingAttachment, index: int) -> bytes:
     filename = sanitize_filename(
         attachment.filename, index=index, content_type=attachment.content_type
     )
-    if _PLAIN_FILENAME.match(filename) and "=?" not in filename:
+    if (
+        len(filename) <= _MAX_PLAIN_FILENAME
+        and _PLAIN_FILENAME.match(filename)
+        and "=?" not in filename
+    ):
         type_name = f'name="{filename}"'
         disposition = [f'filename="{filename}"']
     else:

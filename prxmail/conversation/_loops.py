@@ -314,6 +314,24 @@ class LoopGuard:
                 )
         return Proceed()
 
+    def check(self, activity: ThreadActivity) -> tuple[LoopDecision, ThreadActivity]:
+        """:meth:`note_incoming`, :meth:`decide` and, on a hold, :meth:`hold` in one.
+
+        The usual call for a message about to be handed on; safe to repeat for a
+        deferred message (its answer delay is only recorded once).
+
+        Args:
+            activity: The thread's record.
+
+        Returns:
+            The decision and the record to store.
+        """
+        activity = self.note_incoming(activity)
+        decision = self.decide(activity)
+        if isinstance(decision, Hold) and activity.held is None:
+            activity = self.hold(activity, decision.reason)
+        return decision, activity
+
     def hold(self, activity: ThreadActivity, reason: str) -> ThreadActivity:
         """Mark the thread held (after :meth:`decide` returned :class:`Hold`).
 

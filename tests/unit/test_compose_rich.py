@@ -230,3 +230,12 @@ def test_any_input_round_trips(body: str, html: str, content: bytes, name: str) 
     (attachment,) = back.attachments
     assert attachment.content == content
     assert attachment.content_type == "application/x-y"
+
+
+def test_part_header_lines_are_folded() -> None:
+    long_ascii = "quarterly-report-for-the-board-of-directors-" * 4 + ".pdf"
+    raw = fresh(html="<p>x</p>", attachments=[OutgoingAttachment(long_ascii, "text/plain", b"x")])
+    head_lines = [line for line in raw.split(b"\r\n") if b":" in line[:40] or line[:1] == b" "]
+    assert all(len(line) <= 78 for line in head_lines if not line.startswith(b"Message-ID"))
+    back = parse_message(raw, uid=1, uidvalidity=1, max_attachment_bytes=10)
+    assert back.attachments[0].filename == long_ascii

@@ -36,10 +36,7 @@ class Thread:
         self.replies = 0
 
     def incoming(self) -> LoopDecision:
-        self.activity = self.guard.note_incoming(self.activity)
-        decision = self.guard.decide(self.activity)
-        if isinstance(decision, Hold):
-            self.activity = self.guard.hold(self.activity, decision.reason)
+        decision, self.activity = self.guard.check(self.activity)
         return decision
 
     def reply(self) -> None:
@@ -152,6 +149,18 @@ def test_only_the_first_message_after_our_reply_is_an_answer() -> None:
     clock.now += 1
     again = guard.note_incoming(activity)  # a second message, or a deferred one re-checked
     assert again == activity
+
+
+def test_check_records_the_hold_once() -> None:
+    clock = FakeClock()
+    guard = LoopGuard(clock=clock)
+    thread = Thread(guard)
+    run_conversation(clock, thread, answer_delay=1.0, rounds=100)
+    reason = thread.activity.held
+    assert reason is not None
+    decision, again = guard.check(thread.activity)
+    assert decision == Hold(reason)
+    assert again == thread.activity
 
 
 def test_release_clears_the_hold_and_the_evidence() -> None:
