@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from prxmail.compose import OutgoingAttachment
+from prxmail.compose import OutgoingAttachment, compose_reply
 from prxmail.conversation import InvalidReplyError, ReplySpec, parse_json_reply
+from prxmail.message import Address, Message, parse_message
 
 LIMIT = 1000
 
@@ -215,3 +218,42 @@ def test_no_half_built_reply_when_a_later_attachment_fails(tmp_path: Path) -> No
     bad = {"path": str(tmp_path / "missing.txt")}
     with pytest.raises(InvalidReplyError):
         parse({"body": "x", "attachments": [good, bad]}, roots=(tmp_path,))
+
+
+def test_a_hostile_reply_cannot_add_headers_or_recipients() -> None:
+    spec = parse(
+        {
+            "body": "Bcc: victim@example.org\r\n\r\nhi",
+            "html": "</p>\r\n\r\nBcc: victim@example.org",
+            "subject": "New\r\nBcc: victim@example.org\ud800",
+            "attachments": [
+                {
+                    "filename": "\ud800../../x   y.txt",
+                    "content_type": "text/plain",
+                    "content_base64": b64(b"\r\n--boundary\r\nBcc: v@x\r\n"),
+                }
+            ],
+        },
+        subject="",
+    )
+    parent = Message(
+        uid=1, uidvalidity=1, message_id="<p@example.com>", from_=Address("alice@example.com")
+    )
+    out = compose_reply(
+        parent,
+        spec.body,
+        from_address="bot@ours.example",
+        to=Address("alice@example.com"),
+        default_subject="PRX Message",
+        html=spec.html,
+        attachments=spec.attachments,
+        subject=spec.subject,
+    )
+    assert out.envelope_recipients == ("alice@example.com",)
+    parsed = email.message_from_bytes(out.raw, policy=email.policy.default)
+    assert "bcc" not in {key.lower() for key in parsed}
+    assert parsed["Subject"] == "New Bcc: victim@example.org"
+    back = parse_message(out.raw, uid=2, uidvalidity=1, max_attachment_bytes=LIMIT)
+    assert back.to == (Address("alice@example.com"),)
+    assert back.attachments[0].content == b"\r\n--boundary\r\nBcc: v@x\r\n"
+    assert back.attachments[0].filename == "x y.txt"
