@@ -31,14 +31,17 @@ import email.utils
 import re
 import secrets
 import unicodedata
+import urllib.parse
 from collections.abc import Sequence
 
 import attrs
 
 from prxmail.errors import LocalProtocolError
-from prxmail.message import MAX_MESSAGE_ID_CHARS, Address, Message
+from prxmail.message import MAX_MESSAGE_ID_CHARS, Address, Message, sanitize_filename
 
 __all__ = [
+    "MAX_OUTGOING_ATTACHMENTS",
+    "OutgoingAttachment",
     "OutgoingMessage",
     "compose_message",
     "compose_reply",
@@ -60,6 +63,32 @@ MAX_SUBJECT_CHARS = 500
 
 # Display names longer than this are cut, for the same reason.
 MAX_DISPLAY_NAME_CHARS = 200
+
+# Attachments one message may carry. Mail with more parts than this is not
+# correspondence; the bound keeps a runaway handler from building a message that
+# every receiving server refuses anyway (many cap MIME parts in the low hundreds).
+MAX_OUTGOING_ATTACHMENTS = 100
+
+# A MIME type we write: type "/" subtype, RFC 2045 tokens limited to what real
+# registrations use (RFC 6838 4.2 restricted-name characters), lower-cased, and
+# at most this long (RFC 6838 caps each half at 127 characters).
+_MAX_CONTENT_TYPE_CHARS = 255
+_CONTENT_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}\Z")
+# A file name written as a plain quoted-string parameter: printable ASCII without
+# quote, backslash, "%" (RFC 2231 readers may take it for an escape) and never
+# shaped like an encoded word. Anything else is written RFC 2231-encoded.
+_PLAIN_FILENAME = re.compile(r"[A-Za-z0-9 !#$&'()+,\-.;=@\[\]^_`{}~]+\Z")
+# Longer plain names are written RFC 2231-encoded too, whose continuations fold:
+# 'filename="' + 60 characters + '"' keeps the line within _FOLD_AT octets.
+_MAX_PLAIN_FILENAME = 60
+# RFC 2231 continuation chunks: at most this many characters of percent-encoded
+# value per parameter line, so each folded line (" filename*0*=utf-8''" + chunk
+# + ";", 71 octets) stays under _FOLD_AT.
+_RFC2231_CHUNK = 50
+# UTF-8 bytes per encoded word of a Content-Type name (see _encoded_word_name).
+_NAME_WORD_BYTES = 42
+# Characters RFC 2231 attribute-char lets stand for themselves.
+_RFC2231_SAFE = "!#$&+-.^_`|~"
 
 # Lines of a 7bit body at most this long (RFC 5322 2.1.1 "SHOULD" limit); longer
 # lines make us choose quoted-printable, which wraps them.
@@ -110,6 +139,46 @@ _Q_TEXT = [
     chr(byte) if byte in _Q_SAFE else "_" if byte == 0x20 else f"={byte:02X}" for byte in range(256)
 ]
 _Q_COST = [len(text) for text in _Q_TEXT]
+
+
+def _check_content_type(instance: object, attribute: object, value: str) -> None:
+    if (
+        not isinstance(value, str)
+        or len(value) > _MAX_CONTENT_TYPE_CHARS
+        or not _CONTENT_TYPE.match(value)
+    ):
+        raise ValueError(f"content_type {value!r} is not a valid type/subtype MIME type")
+    if value.startswith(("multipart/", "message/")):
+        # Composite types would let attachment bytes be read as MIME structure
+        # (more parts, more headers) by the recipient's client.
+        raise ValueError(f"content_type {value!r}: composite types cannot be attached")
+
+
+def _lower(value: str) -> str:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+@attrs.frozen
+class OutgoingAttachment:
+    """A file to attach to an outgoing message.
+
+    Attributes:
+        filename: The name shown to the recipient. It is passed through
+            :func:`prxmail.message.sanitize_filename` when written (no directory
+            parts, no control characters), so it can never add a header or a
+            parameter.
+        content_type: ``type/subtype``, lower-cased on construction; composite
+            types (``multipart/*``, ``message/*``) are refused.
+        content: The bytes; always sent base64-encoded.
+
+    Raises:
+        ValueError: ``content_type`` is not a valid simple MIME type.
+        TypeError: ``content`` is not bytes.
+    """
+
+    filename: str
+    content_type: str = attrs.field(converter=_lower, validator=_check_content_type)
+    content: bytes = attrs.field(repr=False, validator=attrs.validators.instance_of(bytes))
 
 
 @attrs.frozen
@@ -497,6 +566,141 @@ class _HeaderWriter:
         return "".join(self._parts) + "\r\n\r\n"
 
 
+# -- MIME parts (html, attachments) -----------------------------------------------
+#
+# Only used when a message has an HTML alternative or attachments; a text-only
+# message is the single text/plain part it always was, byte for byte. Part headers
+# are written here from values made safe beforehand (a validated MIME type, a
+# sanitised file name, encodings we chose), so nothing from the caller reaches them
+# unchecked; each part's content is 7bit, quoted-printable or base64, so the
+# message stays 7-bit clean.
+
+
+def _text_part(text: str, subtype: str) -> bytes:
+    """A text/``subtype`` UTF-8 part: headers, blank line, encoded content."""
+    normalised = _normalise_body(text)
+    cte = _choose_cte(normalised)
+    head = (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
+    )
+    return head.encode("ascii") + _encode_body(normalised, cte)
+
+
+def _rfc2231_lines(name: str, value: str) -> list[str]:
+    """``name*0*=utf-8''...`` parameters (RFC 2231 sections 3 and 4), one per line."""
+    encoded = urllib.parse.quote(value.encode("utf-8"), safe=_RFC2231_SAFE)
+    chunks: list[str] = []
+    while encoded:
+        cut = min(_RFC2231_CHUNK, len(encoded))
+        # Never split a "%XX" escape between two continuations.
+        percent = encoded.rfind("%", max(cut - 2, 0), cut)
+        if percent != -1 and cut < len(encoded):
+            cut = percent
+        chunks.append(encoded[:cut])
+        encoded = encoded[cut:]
+    if len(chunks) == 1:
+        return [f"{name}*=utf-8''{chunks[0]}"]
+    charset = "utf-8''"
+    return [
+        f"{name}*{index}*={charset if index == 0 else ''}{chunk}"
+        for index, chunk in enumerate(chunks)
+    ]
+
+
+def _encoded_word_name(value: str) -> str:
+    """``value`` as RFC 2047 base64 encoded words inside one quoted string.
+
+    Not allowed by RFC 2047 (5) inside a parameter, but what Outlook, Gmail and
+    Thunderbird write and read in ``Content-Type; name=``; readers that know RFC
+    2231 use ``filename*`` from Content-Disposition instead.
+    """
+    words: list[str] = []
+    chunk = ""
+    for ch in value:
+        # 42 bytes encode to 56 base64 characters: 68 with the "=?utf-8?b??=",
+        # 76 with ' name="' and the closing quote, within _FOLD_AT.
+        if len((chunk + ch).encode("utf-8")) > _NAME_WORD_BYTES:
+            words.append(chunk)
+            chunk = ""
+        chunk += ch
+    words.append(chunk)
+    encoded = [
+        f"=?utf-8?b?{base64.b64encode(word.encode('utf-8')).decode('ascii')}?=" for word in words
+    ]
+    return '"' + "\r\n ".join(encoded) + '"'
+
+
+def _attachment_part(attachment: OutgoingAttachment, index: int) -> bytes:
+    """An attachment part: validated type, sanitised name, base64 content."""
+    filename = sanitize_filename(
+        attachment.filename, index=index, content_type=attachment.content_type
+    )
+    if (
+        len(filename) <= _MAX_PLAIN_FILENAME
+        and _PLAIN_FILENAME.match(filename)
+        and "=?" not in filename
+    ):
+        type_name = f'name="{filename}"'
+        disposition = [f'filename="{filename}"']
+    else:
+        type_name = f"name={_encoded_word_name(filename)}"
+        disposition = _rfc2231_lines("filename", filename)
+    head = (
+        f"Content-Type: {attachment.content_type};\r\n {type_name}\r\n"
+        "Content-Disposition: attachment;\r\n "
+        + ";\r\n ".join(disposition)
+        + "\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    )
+    content = base64.encodebytes(attachment.content).replace(b"\n", b"\r\n")
+    return head.encode("ascii") + content
+
+
+def _make_boundary(parts: Sequence[bytes]) -> str:
+    """A random boundary found in none of ``parts`` (RFC 2046 5.1.1).
+
+    128 random bits make a collision practically impossible; the check makes it
+    impossible, whatever a 7bit text part contains.
+    """
+    while True:
+        boundary = "=_prxmail_" + secrets.token_hex(16)
+        marker = b"--" + boundary.encode("ascii")
+        if not any(marker in part for part in parts):
+            return boundary
+
+
+def _multipart(subtype: str, parts: Sequence[bytes]) -> tuple[tuple[str, str], bytes]:
+    """(Content-Type words, body) of a multipart/``subtype`` holding ``parts``."""
+    boundary = _make_boundary(parts)
+    delimiter = f"--{boundary}\r\n".encode("ascii")
+    # The CRLF in front of a delimiter belongs to the delimiter (RFC 2046 5.1.1),
+    # so each part gets one more: its own last line end stays part of its content.
+    body = b"".join(delimiter + part + b"\r\n" for part in parts)
+    body += f"--{boundary}--\r\n".encode("ascii")
+    return (f"multipart/{subtype};", f'boundary="{boundary}"'), body
+
+
+def _multipart_body(
+    text: str, html: str | None, attachments: Sequence[OutgoingAttachment]
+) -> tuple[tuple[str, str], bytes]:
+    """(Content-Type words, body) for a message with an HTML part or attachments.
+
+    The text comes first in multipart/alternative (RFC 2046 5.1.4: the last part
+    is the preferred one, so clients that can show HTML show the HTML), and the
+    message part comes first in multipart/mixed, before the attachments.
+    """
+    main = _text_part(text, "plain")
+    if html is not None:
+        words, alternative = _multipart("alternative", [main, _text_part(html, "html")])
+        if not attachments:
+            return words, alternative
+        main = f"Content-Type: {words[0]}\r\n {words[1]}\r\n\r\n".encode("ascii") + alternative
+    parts = [main]
+    parts.extend(
+        _attachment_part(attachment, index) for index, attachment in enumerate(attachments, start=1)
+    )
+    return _multipart("mixed", parts)
+
+
 # -- composition ----------------------------------------------------------------------
 
 
@@ -514,8 +718,15 @@ def compose_message(
     auto_submitted: str | None = "auto-generated",
     envelope_sender: str | None = None,
     now: _dt.datetime | None = None,
+    html: str | None = None,
+    attachments: Sequence[OutgoingAttachment] = (),
 ) -> OutgoingMessage:
-    """Compose a text/plain UTF-8 message.
+    """Compose a message: text/plain UTF-8, with an HTML alternative and attachments.
+
+    Without ``html`` and ``attachments`` the message is a single text/plain part.
+    With ``html`` the text and the HTML form a multipart/alternative (text first);
+    with attachments the message is multipart/mixed, the text (or the alternative)
+    first and each attachment base64-encoded after it.
 
     Args:
         from_address: Our address, written as From.
@@ -535,6 +746,9 @@ def compose_message(
         envelope_sender: SMTP MAIL FROM; ``from_address`` when None, ``""`` for
             the null reverse-path.
         now: The Date, an aware datetime; the current time when None.
+        html: An HTML version of ``body``, or None. Sent as it is (only line
+            ends normalised); it is content, never headers.
+        attachments: Files to attach, at most :data:`MAX_OUTGOING_ATTACHMENTS`.
 
     Returns:
         The composed message.
@@ -542,9 +756,20 @@ def compose_message(
     Raises:
         LocalProtocolError: An address is not a plain ``user@domain`` (a
             dot-atom on each side, nothing shaped like an encoded word), the
-            message id is malformed, or the result would not be a clean message.
+            message id is malformed, there are too many attachments, or the
+            result would not be a clean message.
         ValueError: ``now`` is a naive datetime.
+        TypeError: An attachment is not an :class:`OutgoingAttachment`.
     """
+    attachments = tuple(attachments)
+    if len(attachments) > MAX_OUTGOING_ATTACHMENTS:
+        raise LocalProtocolError(
+            f"{len(attachments)} attachments; at most {MAX_OUTGOING_ATTACHMENTS} are sent"
+        )
+    if not all(isinstance(item, OutgoingAttachment) for item in attachments):
+        raise TypeError("attachments must be OutgoingAttachment instances")
+    if html is not None and not isinstance(html, str):
+        raise TypeError("html must be a string or None")
     recipients = (to,) if isinstance(to, Address) else tuple(to)
     if not recipients:
         raise LocalProtocolError("a message needs at least one recipient")
@@ -599,21 +824,31 @@ def compose_message(
         writer.field("Auto-Submitted")
         writer.text(_header_text(auto_submitted, 100))
         expected.add("auto-submitted")
-    text = _normalise_body(body)
-    cte = _choose_cte(text)
-    writer.field("Content-Type")
-    writer.words(("text/plain;", 'charset="utf-8"'))
-    writer.field("Content-Transfer-Encoding")
-    writer.word(cte)
+    if html is None and not attachments:
+        text = _normalise_body(body)
+        cte = _choose_cte(text)
+        writer.field("Content-Type")
+        writer.words(("text/plain;", 'charset="utf-8"'))
+        writer.field("Content-Transfer-Encoding")
+        writer.word(cte)
+        content = _encode_body(text, cte)
+        expected.update({"content-type", "content-transfer-encoding"})
+    else:
+        # A multipart needs no Content-Transfer-Encoding: its parts are all
+        # 7-bit clean, and the default (7bit) is then the truth (RFC 2045 6.4).
+        content_type, content = _multipart_body(body, html, attachments)
+        writer.field("Content-Type")
+        writer.words(content_type)
+        expected.add("content-type")
     writer.field("MIME-Version")
     writer.word("1.0")
-    expected.update({"content-type", "content-transfer-encoding", "mime-version"})
+    expected.add("mime-version")
 
     try:
         head = writer.header_section().encode("utf-8" if smtputf8 else "ascii")
     except UnicodeEncodeError as exc:  # a non-ASCII header without SMTPUTF8: a bug
         raise LocalProtocolError("composed header section is not ASCII") from exc
-    raw = head + _encode_body(text, cte)
+    raw = head + content
     _verify_header_section(raw, expected)
     return OutgoingMessage(
         message_id=message_id,
@@ -639,6 +874,9 @@ def compose_reply(
     message_id: str | None = None,
     envelope_sender: str | None = None,
     now: _dt.datetime | None = None,
+    html: str | None = None,
+    attachments: Sequence[OutgoingAttachment] = (),
+    subject: str | None = None,
 ) -> OutgoingMessage:
     """Compose the threaded reply to ``parent``.
 
@@ -659,6 +897,10 @@ def compose_reply(
         message_id: A pre-allocated Message-ID, or None for a fresh one.
         envelope_sender: SMTP MAIL FROM; ``from_address`` when None.
         now: The Date (aware); the current time when None.
+        html: An HTML version of ``body`` (see :func:`compose_message`).
+        attachments: Files to attach (see :func:`compose_message`).
+        subject: A subject for the reply, honoured only when the parent has none
+            (a thread keeps its subject); ``default_subject`` otherwise.
 
     Returns:
         The composed reply.
@@ -666,12 +908,16 @@ def compose_reply(
     Raises:
         LocalProtocolError: An address or the message id cannot be written safely.
         ValueError: ``now`` is naive.
+        TypeError: An attachment is not an :class:`OutgoingAttachment`.
     """
     in_reply_to = None if parent.message_id_missing else parent.message_id
+    fallback = default_subject
+    if subject is not None and not _header_text(parent.subject, MAX_SUBJECT_CHARS):
+        fallback = subject if _header_text(subject, MAX_SUBJECT_CHARS) else default_subject
     return compose_message(
         from_address=from_address,
         to=to,
-        subject=reply_subject(parent.subject, default_subject),
+        subject=reply_subject(parent.subject, fallback),
         body=body,
         default_subject=default_subject,
         from_name=from_name,
@@ -681,4 +927,6 @@ def compose_reply(
         auto_submitted="auto-replied",
         envelope_sender=envelope_sender,
         now=now,
+        html=html,
+        attachments=attachments,
     )

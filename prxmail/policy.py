@@ -3,15 +3,19 @@
 Everything here is pure: functions and small classes over :class:`~prxmail.message.
 Message`, no I/O, no trio. The service calls :func:`evaluate` once per message and
 acts on the :class:`Verdict`; a refused message is logged with ``verdict.reason`` and
-marked handled so it is not looked at again.
+marked handled so it is not looked at again. A *deferred* verdict
+(:attr:`Verdict.retry_at` set: the volume limit) is not a refusal: the message is
+kept and evaluated again at that time.
 
 The checks, in the order :func:`evaluate` applies them (the first that fails names
 the reason):
 
 1. ``own-address`` -- From is one of our own addresses (our replies coming back).
-2. ``loop`` -- the message's own Message-ID is one we sent, or its In-Reply-To/
-   References name too many of ours (two bots answering each other; see
-   :attr:`SenderPolicy.max_own_references`).
+2. ``loop`` -- the message's own Message-ID is one we sent (our own mail coming
+   back). How many of our ids a thread's References name is *not* a test: a
+   person's client keeps the whole chain, so that cut long conversations after
+   about ten rounds. Automatons that answer each other without RFC 3834 headers
+   are stopped per thread by :mod:`prxmail.conversation`'s loop guard instead.
 3. ``bounce`` -- null Return-Path ``<>``, ``MAILER-DAEMON``/``postmaster`` senders,
    or a ``multipart/report`` (delivery and disposition reports).
 4. ``auto-submitted`` -- ``Auto-Submitted`` other than ``no`` (RFC 3834).
@@ -21,7 +25,9 @@ the reason):
 8. ``sender-not-allowed`` -- From does not match ``allowed_senders``.
 9. ``auth-results-failed`` -- only when an authserv-id is configured: the receiving
    server's Authentication-Results do not show DMARC pass or an aligned DKIM/SPF pass.
-10. ``rate-limited`` -- the sender got too many replies recently.
+10. ``rate-limited`` -- the sender is over its volume limit (a token bucket,
+    :class:`ReplyRateLimiter`): a *deferral*, with :attr:`Verdict.retry_at`, never
+    a rejection.
 
 ``allowed_senders`` entries are normalised by :func:`validate_sender_entry`:
 ``"*"`` allows everybody, ``"@example.com"`` allows every address *exactly* at
@@ -34,13 +40,17 @@ allows nobody.
 
 from __future__ import annotations
 
-import collections
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
+from prxmail.conversation._limits import (
+    DEFAULT_MAX_TRACKED_SENDERS,
+    RateLimiterStatistics,
+    SenderRateLimiter,
+)
 from prxmail.message import Address, Message
 
 __all__ = [
@@ -62,20 +72,6 @@ __all__ = [
 ]
 
 ALLOW_ALL = "*"
-
-# How many of our own Message-IDs a message may reference before it counts as a
-# loop. A person replying to our reply references one (or a few, in a long
-# thread); two automatons answering each other pile ours up. Our replies keep at
-# most 20 References (prxmail.compose), so in a strict ping-pong about 10 of them
-# are ours: the guard fires at the latest after ten rounds, while the rate limiter
-# stops fast ping-pong much earlier.
-DEFAULT_MAX_OWN_REFERENCES = 10
-
-# The rate limiter forgets the least recently active sender beyond this many. Each
-# tracked sender costs a few hundred bytes; a flood from forged addresses must not
-# grow memory without bound. Forgetting a sender only ever lets it get a reply
-# sooner, it never blocks anybody.
-DEFAULT_MAX_TRACKED_SENDERS = 10_000
 
 # Authentication-Results values longer than this are not parsed: real ones are a
 # few hundred bytes, and the parser is character by character.
@@ -483,17 +479,17 @@ def loop_guard_reason(
     *,
     own_addresses: Sequence[str],
     is_our_message_id: Callable[[str], bool],
-    max_own_references: int = DEFAULT_MAX_OWN_REFERENCES,
 ) -> str | None:
     """The reason a message must never be answered, or None.
+
+    A reply to our mail is never refused for naming our Message-IDs in
+    In-Reply-To/References, however many: that is what a long conversation looks
+    like. Only a message whose *own* Message-ID is ours is a loop here.
 
     Args:
         message: The message.
         own_addresses: Our addresses (``from_address``, the login, aliases).
         is_our_message_id: Tells whether a Message-ID (``"<...>"``) is one we sent.
-        max_own_references: A message whose In-Reply-To and References name at
-            least this many of our Message-IDs is a loop. ``1`` refuses every
-            reply to our mail.
 
     Returns:
         ``"own-address"``, ``"loop"``, ``"bounce"``, ``"auto-submitted"``,
@@ -502,12 +498,6 @@ def loop_guard_reason(
     if any(_is_own(a.addr, own_addresses) for a in message.from_all):
         return "own-address"
     if is_our_message_id(message.message_id):
-        return "loop"
-    referenced = dict.fromkeys(
-        [*([message.in_reply_to] if message.in_reply_to else []), *message.references]
-    )
-    ours = sum(1 for ident in referenced if is_our_message_id(ident))
-    if ours >= max(max_own_references, 1):
         return "loop"
     if message.return_path == "" or message.content_type == "multipart/report":
         return "bounce"
@@ -526,30 +516,14 @@ def loop_guard_reason(
 # -- rate limit -----------------------------------------------------------------------
 
 
-@attrs.frozen
-class RateLimiterStatistics:
-    """A snapshot of a :class:`ReplyRateLimiter`.
+class ReplyRateLimiter(SenderRateLimiter):
+    """The per-sender volume limit under its configuration names: a token bucket.
 
-    Attributes:
-        tracked_senders: Senders currently remembered.
-        max_tracked_senders: The cap on that number.
-        evicted_senders: Senders forgotten early because the cap was reached.
-    """
-
-    tracked_senders: int
-    max_tracked_senders: int
-    evicted_senders: int
-
-
-class ReplyRateLimiter:
-    """At most ``max_replies`` per sender in any ``window_secs`` (a sliding window).
-
-    Memory is bounded: per sender at most ``max_replies`` timestamps, and at most
-    ``max_senders`` senders; beyond that the least recently active sender is
-    forgotten (which can only make the limiter more permissive for it). Senders
-    whose last reply is older than the window are dropped as they are met.
-
-    Not thread-safe; use it from one task (it never blocks).
+    :class:`prxmail.conversation.SenderRateLimiter` with ``max_replies`` as the
+    sustained rate per ``window_secs`` and, unless ``burst`` is given, a bucket of
+    ``max_replies`` (a whole window's allowance at once, as the sliding window it
+    replaces allowed). Over the limit :meth:`admit` returns when to try again: the
+    message is deferred, never rejected.
     """
 
     def __init__(
@@ -557,14 +531,16 @@ class ReplyRateLimiter:
         max_replies: int,
         window_secs: float,
         *,
+        burst: int | None = None,
         max_senders: int = DEFAULT_MAX_TRACKED_SENDERS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Create a limiter.
 
         Args:
-            max_replies: Replies allowed per sender within the window (>= 1).
+            max_replies: Messages per sender per window, sustained (>= 1).
             window_secs: The window length in seconds (> 0).
+            burst: Messages a sender may have at once; None means ``max_replies``.
             max_senders: How many senders are remembered at most (>= 1).
             clock: Monotonic seconds; inject ``trio.current_time`` or a fake in
                 tests.
@@ -572,89 +548,8 @@ class ReplyRateLimiter:
         Raises:
             ValueError: A bound is out of range.
         """
-        if isinstance(max_replies, bool) or not isinstance(max_replies, int) or max_replies < 1:
-            raise ValueError(f"max_replies must be an integer >= 1, got {max_replies!r}")
-        if not window_secs > 0:
-            raise ValueError(f"window_secs must be > 0, got {window_secs!r}")
-        if isinstance(max_senders, bool) or not isinstance(max_senders, int) or max_senders < 1:
-            raise ValueError(f"max_senders must be an integer >= 1, got {max_senders!r}")
-        self._max_replies = max_replies
-        self._window = float(window_secs)
-        self._max_senders = max_senders
-        self._clock = clock
-        # Ordered by last activity, least recent first: expired senders and
-        # eviction candidates are always at the front.
-        self._senders: collections.OrderedDict[str, collections.deque[float]] = (
-            collections.OrderedDict()
-        )
-        self._evicted = 0
-
-    @staticmethod
-    def _key(sender: str) -> str:
-        key = _address_key(sender)
-        return f"{key[0]}@{key[1]}" if key else sender.strip().lower()
-
-    def _expire(self, now: float) -> None:
-        horizon = now - self._window
-        while self._senders:
-            _, stamps = next(iter(self._senders.items()))
-            if stamps and stamps[-1] > horizon:
-                break
-            self._senders.popitem(last=False)
-
-    def _recent(self, key: str, now: float) -> collections.deque[float] | None:
-        stamps = self._senders.get(key)
-        if stamps is None:
-            return None
-        horizon = now - self._window
-        while stamps and stamps[0] <= horizon:
-            stamps.popleft()
-        return stamps
-
-    def would_allow(self, sender: str) -> bool:
-        """Whether :meth:`allow` would succeed now, without recording anything.
-
-        Args:
-            sender: The sender address (case-insensitive).
-
-        Returns:
-            True when the sender is under its limit.
-        """
-        stamps = self._recent(self._key(sender), self._clock())
-        return stamps is None or len(stamps) < self._max_replies
-
-    def allow(self, sender: str) -> bool:
-        """Record a reply to ``sender`` if it is under its limit.
-
-        Args:
-            sender: The sender address (case-insensitive).
-
-        Returns:
-            True (and the reply is counted) when under the limit, else False
-            (nothing recorded).
-        """
-        now = self._clock()
-        key = self._key(sender)
-        self._expire(now)
-        stamps = self._recent(key, now)
-        if stamps is not None and len(stamps) >= self._max_replies:
-            return False
-        if stamps is None:
-            while len(self._senders) >= self._max_senders:
-                self._senders.popitem(last=False)
-                self._evicted += 1
-            stamps = collections.deque(maxlen=self._max_replies)
-            self._senders[key] = stamps
-        stamps.append(now)
-        self._senders.move_to_end(key)
-        return True
-
-    def statistics(self) -> RateLimiterStatistics:
-        """A snapshot of the limiter's memory use."""
-        return RateLimiterStatistics(
-            tracked_senders=len(self._senders),
-            max_tracked_senders=self._max_senders,
-            evicted_senders=self._evicted,
+        super().__init__(
+            max_replies, window_secs, burst=burst, max_senders=max_senders, clock=clock
         )
 
 
@@ -680,15 +575,11 @@ class SenderPolicy:
         own_addresses: Our own addresses; mail from them is never answered.
         authserv_id: When set, require an authenticated From (see
             :func:`check_authentication_results`); off (None) by default.
-        max_own_references: See :func:`loop_guard_reason`.
     """
 
     allowed_senders: tuple[str, ...] = attrs.field(default=(), converter=_normalise_entries)
     own_addresses: tuple[str, ...] = attrs.field(default=(), converter=_normalise_own)
     authserv_id: str | None = None
-    max_own_references: int = attrs.field(
-        default=DEFAULT_MAX_OWN_REFERENCES, validator=attrs.validators.ge(1)
-    )
 
 
 @attrs.frozen
@@ -697,14 +588,23 @@ class Verdict:
 
     Attributes:
         accepted: True when the message is to be handed on (and may be answered).
-        reason: ``"accepted"`` or a short machine-friendly refusal reason (see the
-            module documentation for the list).
+        reason: ``"accepted"`` or a short machine-friendly reason (see the module
+            documentation for the list).
         detail: Human-readable context for the log (never secret); may be empty.
+        retry_at: Set (rate-limiter clock seconds) when the message is only
+            *deferred*: keep it, unseen, and evaluate it again then. None for an
+            acceptance or a refusal.
     """
 
     accepted: bool
     reason: str
     detail: str = ""
+    retry_at: float | None = None
+
+    @property
+    def deferred(self) -> bool:
+        """True when the message is to be kept and looked at again, not refused."""
+        return self.retry_at is not None
 
 
 def evaluate(
@@ -712,20 +612,21 @@ def evaluate(
     policy: SenderPolicy,
     *,
     is_our_message_id: Callable[[str], bool],
-    rate_limiter: ReplyRateLimiter | None = None,
+    rate_limiter: SenderRateLimiter | None = None,
 ) -> Verdict:
     """Decide whether a received message is handed on and answered.
 
     The checks run in the order listed in the module documentation; the first
-    failing one is the verdict. The rate limiter is consulted last and a reply
-    is counted against the sender only when everything else accepted.
+    failing one is the verdict. The rate limiter is consulted last and a message
+    is counted against the sender only when everything else accepted; over the
+    limit the verdict is a deferral (:attr:`Verdict.deferred`), not a refusal.
 
     Args:
         message: The parsed message.
         policy: The rules.
         is_our_message_id: Whether a Message-ID is one we sent (from the state
             store).
-        rate_limiter: Per-sender reply limit, or None for no limit.
+        rate_limiter: Per-sender volume limit, or None for no limit.
 
     Returns:
         The verdict.
@@ -734,7 +635,6 @@ def evaluate(
         message,
         own_addresses=policy.own_addresses,
         is_our_message_id=is_our_message_id,
-        max_own_references=policy.max_own_references,
     )
     if guard is not None:
         return Verdict(False, guard)
@@ -748,8 +648,15 @@ def evaluate(
         passed, detail = check_authentication_results(message, policy.authserv_id)
         if not passed:
             return Verdict(False, "auth-results-failed", detail)
-    if rate_limiter is not None and not rate_limiter.allow(message.from_.addr):
-        return Verdict(False, "rate-limited")
+    if rate_limiter is not None:
+        retry_at = rate_limiter.admit(message.from_.addr)
+        if retry_at is not None:
+            return Verdict(
+                False,
+                "rate-limited",
+                f"over {rate_limiter.burst} at once; deferred, not refused",
+                retry_at=retry_at,
+            )
     return Verdict(True, "accepted")
 
 

@@ -329,21 +329,22 @@ def test_a_person_replying_to_our_reply_is_not_a_loop() -> None:
     assert verdict(reply) == Verdict(True, "accepted")
 
 
-def test_a_thread_full_of_our_replies_is_a_loop() -> None:
-    ours = [f"<auto{i}@ours.example>" for i in range(12)]
+def test_a_long_thread_naming_many_of_our_ids_is_not_a_loop() -> None:
+    # 25 rounds as a person's client builds them: References = our reply's
+    # References + its id, so most of the ids named are ours.
+    ours = [f"<auto{i}@ours.example>" for i in range(25)]
+    theirs = [f"<theirs{i}@example.com>" for i in range(25)]
 
     def ours_check(message_id: str) -> bool:
         return message_id in ours
 
-    theirs = [f"<theirs{i}@bot.example>" for i in range(12)]
     chain = tuple(x for pair in zip(theirs, ours, strict=True) for x in pair)
-    few = msg(references=chain[:8], in_reply_to=chain[7])
-    many = msg(references=chain, in_reply_to=chain[-1])
-    assert verdict(few, is_our_message_id=ours_check).accepted
-    assert verdict(many, is_our_message_id=ours_check) == Verdict(False, "loop")
-    strict = SenderPolicy(allowed_senders=("*",), max_own_references=1)
-    one = msg(in_reply_to=ours[0])
-    assert verdict(one, strict, is_our_message_id=ours_check) == Verdict(False, "loop")
+    answer = msg(references=chain, in_reply_to=chain[-1], message_id="<theirs25@example.com>")
+    assert loop_guard_reason(answer, own_addresses=(OURS,), is_our_message_id=ours_check) is None
+    assert verdict(answer, is_our_message_id=ours_check) == Verdict(True, "accepted")
+    # Our own mail coming back (its own Message-ID is ours) still is a loop.
+    echo = msg(references=chain, message_id=ours[3])
+    assert verdict(echo, is_our_message_id=ours_check) == Verdict(False, "loop")
 
 
 def test_guards_from_a_parsed_bounce() -> None:
@@ -389,17 +390,29 @@ class FakeClock:
         return self.now
 
 
-def test_rate_limiter_sliding_window() -> None:
+def test_rate_limiter_is_a_token_bucket() -> None:
     clock = FakeClock()
-    limiter = ReplyRateLimiter(3, 60.0, clock=clock)
+    limiter = ReplyRateLimiter(3, 60.0, clock=clock)  # burst = max_replies = 3
     assert [limiter.allow("A@x.org") for _ in range(4)] == [True, True, True, False]
     assert limiter.allow("b@x.org")  # others are independent
     assert not limiter.would_allow("a@X.ORG")  # case-insensitive
-    clock.now += 59.9
+    # One token back every 20 s (3 per 60 s), not the whole window at once.
+    assert limiter.next_allowed("a@x.org") == pytest.approx(1020.0)
+    clock.now += 19.9
     assert not limiter.allow("a@x.org")
-    clock.now += 0.2  # the first three fall out of the window
-    assert limiter.would_allow("a@x.org")
+    clock.now += 0.2
     assert limiter.allow("a@x.org")
+    assert not limiter.allow("a@x.org")
+    clock.now += 60
+    assert [limiter.allow("a@x.org") for _ in range(4)] == [True, True, True, False]
+
+
+def test_rate_limiter_burst_is_separate_from_the_sustained_rate() -> None:
+    clock = FakeClock()
+    limiter = ReplyRateLimiter(60, 3600.0, burst=40, clock=clock)
+    assert all(limiter.allow("a@x.org") for _ in range(40))
+    retry = limiter.admit("a@x.org")
+    assert retry == pytest.approx(1060.0)  # one a minute after the burst
 
 
 def test_rate_limiter_refusal_is_not_counted() -> None:
@@ -421,7 +434,8 @@ def test_rate_limiter_memory_is_bounded() -> None:
     stats = limiter.statistics()
     assert stats.tracked_senders == 100
     assert stats.evicted_senders == 900
-    # Expired senders are dropped as time passes, without any eviction.
+    # Senders whose bucket is full again are dropped as time passes, without
+    # any eviction.
     clock.now += 61
     limiter.allow("fresh@x.org")
     assert limiter.statistics().tracked_senders == 1
@@ -443,7 +457,9 @@ def test_rate_limiter_keeps_the_most_recently_active() -> None:
     [
         {"max_replies": 0, "window_secs": 1.0},
         {"max_replies": 1, "window_secs": 0.0},
+        {"max_replies": 1, "window_secs": float("inf")},
         {"max_replies": 1, "window_secs": 1.0, "max_senders": 0},
+        {"max_replies": 1, "window_secs": 1.0, "burst": 0},
     ],
 )
 def test_rate_limiter_bounds_are_checked(kwargs: dict[str, float]) -> None:
@@ -459,7 +475,23 @@ def test_evaluate_counts_only_accepted_mail_against_the_limit() -> None:
         assert not verdict(refused, rate_limiter=limiter).accepted
     assert verdict(msg(), rate_limiter=limiter).accepted
     assert verdict(msg(), rate_limiter=limiter).accepted
-    assert verdict(msg(), rate_limiter=limiter) == Verdict(False, "rate-limited")
+    over = verdict(msg(), rate_limiter=limiter)
+    assert (over.accepted, over.reason) == (False, "rate-limited")
+
+
+def test_over_the_rate_limit_is_a_deferral_not_a_rejection() -> None:
+    clock = FakeClock()
+    limiter = ReplyRateLimiter(2, 3600.0, clock=clock)
+    assert verdict(msg(), rate_limiter=limiter) == Verdict(True, "accepted")
+    assert verdict(msg(), rate_limiter=limiter) == Verdict(True, "accepted")
+    over = verdict(msg(), rate_limiter=limiter)
+    assert over.deferred
+    assert over.retry_at == pytest.approx(1000.0 + 1800.0)
+    # Refusals are never deferrals: they carry no retry time.
+    assert not verdict(msg(precedence="bulk"), rate_limiter=limiter).deferred
+    assert not verdict(msg(from_=Address("mallory@evil.example"))).deferred
+    clock.now = over.retry_at
+    assert verdict(msg(), rate_limiter=limiter) == Verdict(True, "accepted")
 
 
 # -- reply recipient --------------------------------------------------------------
