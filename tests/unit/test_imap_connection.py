@@ -835,7 +835,9 @@ async def test_short_password_echoed_by_server_withholds_the_text() -> None:
 async def test_flood_of_untagged_responses_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     import prxmail.imap._connection as connection_module
 
-    monkeypatch.setattr(connection_module, "MAX_RESPONSES_PER_COMMAND", 3)
+    # Room for three "* 1 EXISTS" (12 bytes on the wire, charged with the overhead).
+    budget = 3 * (12 + connection_module.RESPONSE_OVERHEAD)
+    monkeypatch.setattr(connection_module, "MAX_UNTAGGED_BYTES_PER_COMMAND", budget)
 
     async def script(peer: Peer) -> None:
         await peer.send(GREETING)
@@ -845,7 +847,7 @@ async def test_flood_of_untagged_responses_is_bounded(monkeypatch: pytest.Monkey
             await peer.line()
 
     async def body(imap: IMAPConnection) -> None:
-        with pytest.raises(RemoteProtocolError, match="more than 3 responses"):
+        with pytest.raises(RemoteProtocolError, match=f"more than {budget} bytes of untagged"):
             await imap.noop()
         assert imap.broken
 
