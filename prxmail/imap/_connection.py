@@ -707,7 +707,8 @@ class IMAPConnection:
         try:
             tagged, _ = await self._command("LOGIN", [username, password], secrets=secrets)
         except IMAPCommandError as exc:
-            raise self._auth_error(exc, secrets) from None
+            # The cause is kept for the traceback; _command built its text redacted.
+            raise self._auth_error(exc, secrets) from exc
         await self._after_login(tagged)
 
     async def authenticate_plain(self, username: str, password: str, authzid: str = "") -> None:
@@ -758,7 +759,7 @@ class IMAPConnection:
                     on_continuation=[encoded, cancel],
                 )
         except IMAPCommandError as exc:
-            raise self._auth_error(exc, all_secrets) from None
+            raise self._auth_error(exc, all_secrets) from exc
         await self._after_login(tagged)
 
     async def id(self, fields: Mapping[str, str] | None = None) -> Mapping[str, str | None] | None:
