@@ -59,7 +59,7 @@ import attrs
 import trio
 
 from prxmail._redact import Redactor
-from prxmail._tls import Security, shared_ssl_context
+from prxmail._tls import Security, shared_ssl_context, transport_errors
 from prxmail.errors import (
     AuthenticationError,
     ConnectionBrokenError,
@@ -70,7 +70,6 @@ from prxmail.errors import (
     PrxmailError,
     RemoteProtocolError,
     TLSError,
-    map_exceptions,
 )
 from prxmail.imap._encoder import Arg, Raw, String, encode_mailbox
 from prxmail.imap._events import (
@@ -205,18 +204,6 @@ def _uid_set(uids: UidSet) -> SequenceSet:
         raise LocalProtocolError(str(exc)) from None
 
 
-def _describe(exc: BaseException) -> str:
-    """A readable reason for a transport failure (trio's own messages are often empty)."""
-    cause = exc.__cause__
-    if isinstance(cause, ssl.SSLEOFError):
-        return "the server closed the connection (without ending TLS cleanly)"
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    if isinstance(exc, trio.ClosedResourceError):
-        return "the connection was closed locally"
-    return str(exc) or type(exc).__name__
-
-
 class _Link(enum.Enum):
     """Where an :class:`IMAPConnection` is (trio ``_ssl.py``'s ``_State`` is the model).
 
@@ -239,14 +226,14 @@ _LINK_TRANSITIONS: Mapping[_Link, frozenset[_Link]] = {
     _Link.CLOSED: frozenset(),
 }
 
+# What a failing transport raises: trio's stream errors (TLS failures arrive as
+# BrokenResourceError with the ssl error as cause) and OSError from connecting.
 _TRANSPORT_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 def _transport_errors(what: str) -> contextlib.AbstractContextManager[None]:
     """The one place where transport failures become :class:`ConnectionBrokenError`."""
-    return map_exceptions(
-        {_TRANSPORT_FAILURES: lambda exc: ConnectionBrokenError(f"{what}: {_describe(exc)}")}
-    )
+    return transport_errors(what, _TRANSPORT_FAILURES)
 
 
 class _PushBuffer:
@@ -1488,10 +1475,8 @@ async def open_imap_connection(
         TLSError: TLS could not be established as required.
         RemoteProtocolError: the server does not speak IMAP.
     """
-    try:
+    with _transport_errors(f"cannot connect to {host}:{port}"):
         tcp = await trio.open_tcp_stream(host, port)
-    except OSError as exc:
-        raise ConnectionBrokenError(f"cannot connect to {host}:{port}: {exc}") from exc
     async with open_imap_stream(
         tcp,
         security=security,

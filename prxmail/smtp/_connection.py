@@ -41,7 +41,7 @@ import attrs
 import trio
 
 from prxmail._redact import Redactor
-from prxmail._tls import Security, shared_ssl_context
+from prxmail._tls import Security, shared_ssl_context, transport_errors
 from prxmail.errors import (
     AuthenticationError,
     ConnectionBrokenError,
@@ -52,7 +52,6 @@ from prxmail.errors import (
     SMTPReplyError,
     SMTPTransientError,
     TLSError,
-    map_exceptions,
 )
 from prxmail.smtp._protocol import (
     Extensions,
@@ -149,22 +148,14 @@ _LINK_TRANSITIONS: Mapping[_Link, frozenset[_Link]] = {
     _Link.CLOSED: frozenset(),
 }
 
+# What a failing transport raises: trio's stream errors (TLS failures arrive as
+# BrokenResourceError with the ssl error as cause) and OSError from connecting.
 _TRANSPORT_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 def _transport_errors(what: str) -> contextlib.AbstractContextManager[None]:
     """The one place where transport failures become :class:`ConnectionBrokenError`."""
-    return map_exceptions(
-        {_TRANSPORT_FAILURES: lambda exc: ConnectionBrokenError(f"{what}: {_describe(exc)}")}
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    """A readable reason for a transport failure (trio's own messages are often empty)."""
-    cause = exc.__cause__
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    return str(exc) or type(exc).__name__
+    return transport_errors(what, _TRANSPORT_FAILURES)
 
 
 @attrs.frozen
