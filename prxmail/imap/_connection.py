@@ -50,7 +50,7 @@ import contextlib
 import enum
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Literal
@@ -158,6 +158,11 @@ _BODY_ITEM = re.compile(r"BODY(?:\.PEEK)?\[([^\]]*)\](?:<([0-9]+)(?:\.([0-9]+))?
 _SMALL_FETCH_ITEMS = frozenset({"UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", "MODSEQ"})
 _FLAG_OK = re.compile(r"\\?[^\x00-\x20\x7f(){%*\"\\\]]+\Z")
 
+# The literal cap of a partial fetch is never below this: the small items fetched with
+# it (INTERNALDATE...) may legally come as literals of a few dozen bytes even when the
+# partial asks for fewer. The exact n is still checked on every section that arrives.
+PARTIAL_LITERAL_FLOOR = 1024
+
 # UID FETCH commands kept outstanding by a batched uid_fetch(). Two is enough for the
 # server never to wait for us between batches; more would only let unread responses
 # pile up in socket buffers.
@@ -247,20 +252,18 @@ class _PushBuffer:
     def __len__(self) -> int:
         return len(self._items)
 
-    def __iter__(self) -> Iterator[Event]:
-        return (event for event, _ in self._items)
-
     def append(self, event: Event, cost: int) -> None:
+        if len(self._items) >= MAX_PENDING_PUSHES:
+            _, dropped = self._items.popleft()
+            self.bytes -= dropped
         _check_push_bytes(self.bytes + cost)
         self._items.append((event, cost))
         self.bytes += cost
-        if len(self._items) > MAX_PENDING_PUSHES:
-            _, dropped = self._items.popleft()
-            self.bytes -= dropped
 
-    def move_to(self, other: _PushBuffer) -> None:
+    def move_to(self, other: _PushBuffer, *, pushes_only: bool = False) -> None:
         for event, cost in self._items:
-            other.append(event, cost)
+            if not pushes_only or _is_push(event):
+                other.append(event, cost)
         self.clear()
 
     def popleft(self) -> Event:
@@ -399,8 +402,8 @@ class IMAPConnection:
         old = self._link
         if old in (_Link.BROKEN, _Link.CLOSED) and new is not _Link.CLOSED:
             return  # sticky: the first cause stays
-        if new is _Link.READY and owner is not self._owner:
-            return  # a fetch finishing after another command already took over
+        if new is _Link.READY and (old is _Link.READY or owner is not self._owner):
+            return  # finished already, or a fetch finishing after another command began
         if new not in _LINK_TRANSITIONS[old]:
             raise AssertionError(f"IMAP connection cannot go from {old.value} to {new.value}")
         self._link = new
@@ -453,7 +456,7 @@ class IMAPConnection:
         self._pushes.move_to(into)
 
     def _return_pushes(self, pushes: _PushBuffer) -> None:
-        pushes.move_to(self._pushes)
+        pushes.move_to(self._pushes, pushes_only=True)
 
     def _bye_text(self) -> str | None:
         return self._bye.text if self._bye is not None else None
@@ -1129,8 +1132,8 @@ class FetchStream:
         try:
             await conn._send_pending()
         except BaseException as exc:
-            self._finish()
             conn._fail(exc)
+            self._finish()
             raise
 
     def _finish(self) -> None:
@@ -1176,8 +1179,8 @@ class FetchStream:
                 else:
                     conn._keep_push(event, cost)
         except BaseException as exc:
-            self._finish()
             conn._fail(exc)
+            self._finish()
             raise
         self._finish()
         if self._error is not None:
@@ -1330,7 +1333,7 @@ def _partial_limits(names: Sequence[str]) -> tuple[dict[str, int], int | None]:
                 partial[key] = max(partial.get(key, 0), int(match[3]))
     for key in whole:
         partial.pop(key, None)
-    cap = max(partial.values()) if capped and partial else None
+    cap = max(PARTIAL_LITERAL_FLOOR, *partial.values()) if capped and partial else None
     return partial, cap
 
 

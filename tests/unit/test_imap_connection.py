@@ -1368,3 +1368,61 @@ async def test_literal_limit_can_be_set_on_an_open_connection() -> None:
 
     with trio.fail_after(5):
         await run(script, body)
+
+
+async def test_server_ending_idle_by_itself_leaves_the_connection_usable() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 IDLE")
+        await peer.send(b"+ idling\r\n* 4 EXISTS\r\nA0003 OK IDLE terminated\r\n")
+        await peer.expect(b"A0004 NOOP")
+        await peer.send(b"A0004 OK done\r\n")
+        await peer.logout(b"A0005")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        async with imap.idle() as idle:
+            pushes = [push async for push in idle]
+        assert pushes == [Exists(4)]
+        assert not imap.broken
+        assert await imap.noop() == ()
+
+    with trio.fail_after(5):
+        await run(script, body)
+
+
+async def test_pushes_returned_by_idle_skip_keepalives_and_count_bound_drops_oldest() -> None:
+    import prxmail.imap._connection as connection_module
+
+    most = connection_module.MAX_PENDING_PUSHES
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID SEARCH RETURN (ALL) ALL")
+        # More pushes than are kept: the oldest are dropped (they are hints).
+        await peer.send(b"".join(b"* %d EXISTS\r\n" % n for n in range(1, most + 11)))
+        await peer.send(b"A0003 OK done\r\n")
+        await peer.expect(b"A0004 IDLE")
+        await peer.send(b"+ idling\r\n")
+        await peer.expect(b"DONE")
+        await peer.send(b"A0004 OK done\r\n")
+        await peer.logout(b"A0005")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        await imap.uid_search()
+        async with imap.idle() as idle:
+            async for push in idle:
+                assert push == Exists(11)  # the first ten were dropped
+                break
+
+    with trio.fail_after(5):
+        await run(script, body)
