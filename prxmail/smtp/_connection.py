@@ -404,6 +404,8 @@ class SMTPConnection:
         old = self._link
         if old in (_Link.BROKEN, _Link.CLOSED) and new is not _Link.CLOSED:
             return  # sticky: the first cause stays
+        if old is _Link.READY and new is _Link.READY:
+            return  # finishing twice changes nothing
         if new not in _LINK_TRANSITIONS[old]:
             raise AssertionError(f"SMTP connection cannot go from {old.value} to {new.value}")
         self._link = new
@@ -869,11 +871,10 @@ class SMTPConnection:
     async def _send_each(self, messages: Sequence[MailTransaction]) -> list[BatchOutcome]:
         outcomes: list[BatchOutcome] = []
         for msg in messages:
-            if self.is_broken:
-                try:
-                    self._check()
-                except ConnectionBrokenError as error:
-                    outcomes.append(BatchOutcome(error=error))
+            try:
+                self._check()
+            except ConnectionBrokenError as error:
+                outcomes.append(BatchOutcome(error=error))
                 continue
             try:
                 result = await self.send_message(

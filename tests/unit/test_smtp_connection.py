@@ -1136,3 +1136,27 @@ async def test_transport_failure_while_sending_is_connection_broken_with_its_cau
         assert conn.is_broken
         with pytest.raises(ConnectionBrokenError, match="broken"):
             await conn.noop()
+
+
+async def test_aclose_during_another_tasks_operation_closes_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    server = FakeServer(override=lambda line: "hang" if line == "NOOP" else None)
+    failures: list[BaseException] = []
+
+    async def noop(conn: SMTPConnection) -> None:
+        try:
+            await conn.noop()
+        except ConnectionBrokenError as exc:
+            failures.append(exc)
+
+    async with connected(server) as conn, trio.open_nursery() as nursery:
+        nursery.start_soon(noop, conn)
+        await trio.testing.wait_all_tasks_blocked()
+        await conn.aclose()  # no QUIT in the middle of the NOOP: just close
+        assert conn.is_broken
+        assert "closed" in repr(conn)
+    assert "QUIT" not in server.commands
+    assert len(failures) == 1
+    with pytest.raises(ConnectionBrokenError, match="closed"):
+        await conn.noop()
