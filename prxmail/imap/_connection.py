@@ -355,7 +355,12 @@ class IMAPConnection:
 
     @property
     def max_literal_size(self) -> int:
-        """The largest literal (in practice: message) accepted from the server."""
+        """The largest literal (in practice: message) accepted from the server.
+
+        A larger one is refused when announced, before anything is allocated, with
+        :class:`RemoteProtocolError` (the connection is then broken). Settable, e.g. to
+        a program's own message size bound; must be at least 1.
+        """
         return self._literal_limit
 
     @max_literal_size.setter
@@ -932,6 +937,9 @@ class IMAPConnection:
 
         Raises:
             LocalProtocolError: bad items or an empty UID set.
+            RemoteProtocolError: (while iterating) a partial fetch ``BODY[s]<o.n>``
+                was answered with more than ``n`` octets (RFC 3501 6.4.5), or a literal
+                over :attr:`max_literal_size` was announced; the connection is broken.
         """
         names = [items] if isinstance(items, str) else list(items)
         if not names or not all(_FETCH_ITEM_OK.match(item) for item in names):
@@ -1388,7 +1396,10 @@ async def open_imap_stream(
             (no encryption; only when explicitly chosen).
         ssl_context: Client TLS context; default: system trust store, verification on.
         server_hostname: Name the certificate must match.
-        max_line_length, max_literal_size, max_response_size: Framer limits.
+        max_line_length, max_literal_size, max_response_size: Framer limits. A
+            program with its own message size bound should pass it as
+            ``max_literal_size`` (it can also be changed later through
+            :attr:`IMAPConnection.max_literal_size`).
 
     Yields:
         A ready :class:`IMAPConnection` (capabilities known). On leaving the block it
@@ -1468,7 +1479,10 @@ async def open_imap_connection(
             opportunistic) or ``Security.PLAIN`` (no encryption, explicit opt-in).
         ssl_context: Client context; default verifies against the system trust store.
         server_hostname: Name to verify in the certificate; default ``host``.
-        max_line_length, max_literal_size, max_response_size: Framer limits.
+        max_line_length, max_literal_size, max_response_size: Framer limits. A
+            program with its own message size bound should pass it as
+            ``max_literal_size`` (it can also be changed later through
+            :attr:`IMAPConnection.max_literal_size`).
 
     Yields:
         An :class:`IMAPConnection`, logged out and closed when the block ends.
