@@ -1,14 +1,24 @@
-"""TLS settings shared by the IMAP and SMTP clients."""
+"""TLS settings and transport-error translation shared by the IMAP and SMTP clients."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import os
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["Security", "create_ssl_context", "shared_ssl_context"]
+from prxmail.errors import ConnectionBrokenError, map_exceptions
+
+__all__ = [
+    "Security",
+    "create_ssl_context",
+    "describe_transport_error",
+    "shared_ssl_context",
+    "transport_errors",
+]
 
 # How many distinct CA files keep a shared context. Each context holds the whole system
 # trust store (about 0.8 MB measured), so sharing one per CA file is what keeps memory
@@ -77,3 +87,49 @@ def shared_ssl_context(ca_file: Path | str | None = None) -> ssl.SSLContext:
         return _cached_context(None, 0, 0)
     stat = os.stat(ca_file)
     return _cached_context(str(ca_file), stat.st_mtime_ns, stat.st_size)
+
+
+def describe_transport_error(exc: BaseException) -> str:
+    """A readable reason for a transport failure (trio's own messages are often empty).
+
+    Args:
+        exc: What the transport raised.
+
+    Returns:
+        One line naming the underlying cause where there is one.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):  # trio.open_tcp_stream: one per address
+        cause = cause.exceptions[0]
+        while isinstance(cause, BaseExceptionGroup):
+            cause = cause.exceptions[0]
+    if isinstance(cause, ssl.SSLEOFError):
+        return "the server closed the connection (without ending TLS cleanly)"
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return str(exc) or type(exc).__name__
+
+
+def transport_errors(
+    what: str, failures: Sequence[type[BaseException]]
+) -> contextlib.AbstractContextManager[None]:
+    """The block in which a client talks to its transport: each of ``failures`` leaves
+    it as :class:`ConnectionBrokenError` (``what``: reason), the original as cause.
+
+    The clients pass trio's stream errors and ``OSError``; they are not named here so
+    that this module (which the configuration imports) does not load trio.
+
+    Args:
+        what: What was being done, e.g. ``"sending to the server failed"``.
+        failures: The exception types that mean the transport failed.
+
+    Returns:
+        A context manager (see :func:`prxmail.errors.map_exceptions`).
+    """
+    return map_exceptions(
+        {
+            tuple(failures): lambda exc: ConnectionBrokenError(
+                f"{what}: {describe_transport_error(exc)}"
+            )
+        }
+    )

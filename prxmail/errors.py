@@ -4,20 +4,29 @@ Every exception prxmail raises on purpose derives from :class:`PrxmailError`. Th
 tree separates *who* is at fault, following h11 and trio:
 
 * :class:`ConfigError` -- the configuration is wrong; carries every problem found.
-* :class:`LocalProtocolError` -- the caller misused the API (a command in the wrong
-  state, data that cannot be put on the wire safely). Retrying will not help.
-* :class:`RemoteProtocolError` -- the server broke the protocol; carries a short
-  excerpt of the offending bytes. The connection is unusable afterwards.
+* :class:`ProtocolError` -- the conversation itself went wrong; one of its two sides:
+
+  * :class:`LocalProtocolError` -- the caller misused the API (a command in the wrong
+    state, data that cannot be put on the wire safely). Retrying will not help.
+  * :class:`RemoteProtocolError` -- the server broke the protocol; carries a short
+    excerpt of the offending bytes. The connection is unusable afterwards.
 * :class:`ConnectionBrokenError` -- the connection can no longer be used: the
   transport failed, the server closed it, or an earlier command was cancelled or
   timed out half-way. Every later call raises it again.
 * :class:`TLSError` -- encryption could not be set up as required (STARTTLS not
   offered or failed, certificate not trusted). Never downgraded silently.
 * :class:`AuthenticationError` -- the server refused the credentials.
-* :class:`IMAPCommandError` (:class:`IMAPNoResponse`, :class:`IMAPBadResponse`) --
-  a tagged NO or BAD, with the server's text and response code.
-* :class:`SMTPReplyError` (:class:`SMTPTransientError` for 4xx,
-  :class:`SMTPPermanentError` for 5xx) -- an SMTP error reply.
+* :class:`CommandRefusedError` -- the server understood a command and refused it;
+  the protocol is still in step, so the connection stays usable (unless the refusal
+  itself closes it, as SMTP's 421 does). Its two protocol families:
+
+  * :class:`IMAPCommandError` (:class:`IMAPNoResponse`, :class:`IMAPBadResponse`) --
+    a tagged NO or BAD, with the server's text and response code.
+  * :class:`SMTPReplyError` (:class:`SMTPTransientError` for 4xx,
+    :class:`SMTPPermanentError` for 5xx) -- an SMTP error reply.
+
+  Whether a refusal may succeed later is told by the subclass alone (there is no
+  separate ``transient`` flag to disagree with it).
 * :class:`StateError` -- the durable state store cannot be used (in use by another
   process, written by a newer prxmail, corrupt). Never papered over: running on
   without durable state would break "nothing lost, nothing answered twice".
@@ -30,14 +39,20 @@ Timeouts belong to the caller (``trio.fail_after``): a timeout surfaces as
 ``trio.TooSlowError`` at the caller's scope, and the connection it interrupted then
 raises :class:`ConnectionBrokenError` on every later call.
 
-Trio's ``ClosedResourceError``/``BrokenResourceError`` and ``ssl.SSLError`` are
-translated into this tree only at the transport boundary, with ``raise ... from``.
+Trio's ``ClosedResourceError``/``BrokenResourceError``, ``OSError`` and
+``ssl.SSLError`` are translated into this tree only at the transport boundary, by one
+:func:`map_exceptions` block per client, with ``raise ... from`` (httpcore's
+``_exceptions.py`` is the model).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
 __all__ = [
     "AuthenticationError",
+    "CommandRefusedError",
     "ConfigError",
     "ConnectionBrokenError",
     "HandlerError",
@@ -45,6 +60,7 @@ __all__ = [
     "IMAPCommandError",
     "IMAPNoResponse",
     "LocalProtocolError",
+    "ProtocolError",
     "PrxmailError",
     "RemoteProtocolError",
     "SMTPPermanentError",
@@ -80,11 +96,15 @@ class ConfigError(PrxmailError):
         super().__init__(f"invalid configuration{where}:\n{lines}")
 
 
-class LocalProtocolError(PrxmailError):
+class ProtocolError(PrxmailError):
+    """The conversation broke its rules: see the two subclasses for whose fault."""
+
+
+class LocalProtocolError(ProtocolError):
     """The caller asked for something the protocol or the connection state forbids."""
 
 
-class RemoteProtocolError(PrxmailError):
+class RemoteProtocolError(ProtocolError):
     """The server sent something that breaks the protocol.
 
     Attributes:
@@ -124,7 +144,21 @@ class AuthenticationError(PrxmailError):
         super().__init__(message)
 
 
-class IMAPCommandError(PrxmailError):
+class CommandRefusedError(PrxmailError):
+    """The server answered a command with a refusal (IMAP NO/BAD, SMTP 4xx/5xx).
+
+    Attributes:
+        command: The command refused, e.g. ``"SELECT"`` or ``"RCPT"``.
+        text: The server's explanation.
+    """
+
+    def __init__(self, message: str, *, command: str, text: str) -> None:
+        self.command = command
+        self.text = text
+        super().__init__(message)
+
+
+class IMAPCommandError(CommandRefusedError):
     """An IMAP command completed with a tagged NO or BAD.
 
     Attributes:
@@ -135,12 +169,12 @@ class IMAPCommandError(PrxmailError):
     """
 
     def __init__(self, command: str, status: str, text: str, code: str | None = None):
-        self.command = command
         self.status = status
-        self.text = text
         self.code = code
         shown_code = f"[{code}] " if code else ""
-        super().__init__(f"{command} failed: {status} {shown_code}{text}")
+        super().__init__(
+            f"{command} failed: {status} {shown_code}{text}", command=command, text=text
+        )
 
 
 class IMAPNoResponse(IMAPCommandError):
@@ -151,7 +185,7 @@ class IMAPBadResponse(IMAPCommandError):
     """Tagged BAD: the server did not accept the command as valid."""
 
 
-class SMTPReplyError(PrxmailError):
+class SMTPReplyError(CommandRefusedError):
     """The SMTP server answered a command with an error reply.
 
     Attributes:
@@ -162,17 +196,10 @@ class SMTPReplyError(PrxmailError):
     """
 
     def __init__(self, command: str, code: int, text: str, enhanced: str | None = None):
-        self.command = command
         self.code = code
         self.enhanced = enhanced
-        self.text = text
         shown = f" {enhanced}" if enhanced else ""
-        super().__init__(f"{command} failed: {code}{shown} {text}")
-
-    @property
-    def transient(self) -> bool:
-        """True for 4xx replies: the same command may succeed later."""
-        return 400 <= self.code < 500
+        super().__init__(f"{command} failed: {code}{shown} {text}", command=command, text=text)
 
 
 class SMTPTransientError(SMTPReplyError):
@@ -202,3 +229,35 @@ class HandlerError(PrxmailError):
     def __init__(self, message: str, *, argv0: str):
         self.argv0 = argv0
         super().__init__(message)
+
+
+@contextlib.contextmanager
+def map_exceptions(
+    mapping: Mapping[
+        type[BaseException] | tuple[type[BaseException], ...],
+        Callable[[BaseException], PrxmailError],
+    ],
+) -> Iterator[None]:
+    """Translate foreign exceptions into this tree, keeping the original as cause.
+
+    Each client wraps its transport calls in one such block (httpcore's
+    ``map_exceptions``), so the translation lives in one place instead of an
+    ``except`` at every call site. Exceptions of this tree and cancellation pass
+    through untouched.
+
+    Args:
+        mapping: Exception types (checked in order) to a factory building the
+            replacement from the original.
+
+    Raises:
+        PrxmailError: what the factory built, ``from`` the original exception.
+    """
+    try:
+        yield
+    except PrxmailError:
+        raise
+    except Exception as exc:
+        for source, build in mapping.items():
+            if isinstance(exc, source):
+                raise build(exc) from exc
+        raise

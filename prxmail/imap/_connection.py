@@ -9,27 +9,45 @@
 # One command runs at a time. A second task calling in while a command runs gets
 # LocalProtocolError; there are no background tasks and no locks to wait on.
 #
-# Failure model (trio's SSLStream is the model): if a command is interrupted after its
-# first byte was written -- cancelled, timed out by the caller's fail_after, transport
-# error, protocol violation -- the connection is marked broken. Every later call raises
-# ConnectionBrokenError naming the first cause. aclose() is idempotent and always
-# closes the transport. The single exception: waiting for pushes inside IDLE is a safe
-# point, because a cancelled receive_some() loses no bytes (TLS 1.3 and trio
-# guarantee it) and nothing is half-sent; that is what makes
-# "with trio.move_on_after(renew): async for push in idle" work.
+# State (trio's _ssl.py is the model): one _Link value says where the connection is --
+# READY, BUSY (a command awaits its answer), BROKEN or CLOSED. It is read by one method,
+# _check(), and changed by one, _transition(), against the table _LINK_TRANSITIONS;
+# FetchStream and IdleSession drive a command through the small interface marked below
+# and never touch the connection's fields.
+#
+# Failure model: a command cancelled *before* its first byte is written leaves the
+# connection as it was (every command starts with checkpoint_if_cancelled, before
+# the core queues anything). If a command is interrupted after that -- cancelled, timed
+# out by the caller's fail_after, transport error, protocol violation -- the
+# connection is marked broken. Every later call raises ConnectionBrokenError naming
+# the first cause. aclose() is idempotent and always closes the transport. The single
+# exception: waiting for pushes inside IDLE is a safe point, because a cancelled
+# receive_some() loses no bytes (TLS 1.3 and trio guarantee it) and nothing is
+# half-sent (an interrupted write breaks the connection where it happens); that is
+# what makes "with trio.move_on_after(renew): async for push in idle" work.
+#
+# Transport errors (trio's Broken/ClosedResourceError, OSError) become
+# ConnectionBrokenError in one place, _transport_errors().
 #
 # Secrets: credentials go to the core as arguments and are never put into an error,
 # log line or repr; a server echoing the password back has it replaced by "***".
 #
 # Memory: responses are received in chunks of RECEIVE_SIZE; a large literal goes
 # straight into one preallocated buffer (see _framer.py), so fetching a 100 MB
-# message holds about 100 MB.
+# message holds about 100 MB. What a command keeps beyond that is bounded in bytes:
+# each response is charged its wire size plus RESPONSE_OVERHEAD, the untagged
+# responses one command collects may total MAX_UNTAGGED_BYTES_PER_COMMAND and the
+# pushes kept for IDLE MAX_PENDING_PUSH_BYTES. While such a budget applies, the
+# framer's literal limit is lowered to what is left of it, so an oversized literal
+# is refused when it is announced, before anything is allocated; partial fetches
+# (BODY[...]<o.n>) likewise cap literals at the n asked for.
 
 from __future__ import annotations
 
 import base64
 import collections
 import contextlib
+import enum
 import re
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -41,7 +59,7 @@ import attrs
 import trio
 
 from prxmail._redact import Redactor
-from prxmail._tls import Security, shared_ssl_context
+from prxmail._tls import Security, shared_ssl_context, transport_errors
 from prxmail.errors import (
     AuthenticationError,
     ConnectionBrokenError,
@@ -102,11 +120,29 @@ RECEIVE_SIZE = 256 * 1024
 # mail is lost.
 MAX_PENDING_PUSHES = 1000
 
-# Untagged responses one command may collect (SELECT, NOOP, STORE, SEARCH...). A real
-# answer carries at most about one response per message (EXPUNGEs after a NOOP, FETCHes
-# after a non-silent STORE); a million covers any real mailbox, and beyond it a server
-# is flooding us.
-MAX_RESPONSES_PER_COMMAND = 1_000_000
+# Bytes (charged as above) the kept pushes may hold, and the most one push may be.
+# Real pushes are short lines -- "* 7 EXISTS", a FETCH with FLAGS -- so even
+# MAX_PENDING_PUSHES of them with long keyword lists (8 KiB each) fit. A push larger
+# than this is not a hint but a server stuffing us (a FETCH with a 100 MB literal while
+# we idle): RemoteProtocolError. While idling, literals are capped at this size too.
+MAX_PENDING_PUSH_BYTES = 8 * 1024 * 1024
+
+# What keeping one parsed response costs beyond its bytes on the wire: the event
+# object, its strings and the list slot. A "* OK" keep-alive measured about 230 bytes
+# kept for 6 on the wire (1,000,000 of them held 229 MB), so every response is charged
+# at least this much; that way a flood of tiny responses meets the byte bounds below
+# as surely as a few huge ones do.
+RESPONSE_OVERHEAD = 256
+
+# Bytes (wire size plus RESPONSE_OVERHEAD each) of untagged responses one command may
+# collect before its tagged answer (SELECT, NOOP, STORE, SEARCH...). The largest real
+# answers are one SEARCH line (bounded by the framer's 16 MiB line limit), a LIST of
+# some 100,000 folders (about 35 MB charged) or the EXPUNGEs a NOOP reports after a big
+# clean-up (200,000 of them: 54 MB); 64 MiB covers those. Beyond it a server is
+# flooding us (untagged FETCH literals before the answer to SEARCH or STARTTLS, endless
+# "* OK" during SELECT), and the command fails with RemoteProtocolError instead of
+# holding gigabytes. It also implies a count bound: at most 262,144 responses.
+MAX_UNTAGGED_BYTES_PER_COMMAND = 64 * 1024 * 1024
 
 # Most UIDs uid_search() expands from one answer. A SEARCH line is already bounded by
 # the framer's line limit (16 MiB, about 2 million UIDs); ESEARCH ranges are compact,
@@ -115,7 +151,17 @@ MAX_SEARCH_RESULTS = 2_000_000
 
 # Fetch items are protocol text chosen by the programmer, never by mail data.
 _FETCH_ITEM_OK = re.compile(r"[A-Za-z0-9.\-\[\]<> ()]+\Z")
+# One fetch item (a bracketed section may hold spaces), a BODY section item, and the
+# items whose answer cannot be a large literal.
+_FETCH_ITEM_SPLIT = re.compile(r"[^\s\[]+(?:\[[^\]]*\](?:<[^>]*>)?)?")
+_BODY_ITEM = re.compile(r"BODY(?:\.PEEK)?\[([^\]]*)\](?:<([0-9]+)(?:\.([0-9]+))?>)?", re.I)
+_SMALL_FETCH_ITEMS = frozenset({"UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", "MODSEQ"})
 _FLAG_OK = re.compile(r"\\?[^\x00-\x20\x7f(){%*\"\\\]]+\Z")
+
+# The literal cap of a partial fetch is never below this: the small items fetched with
+# it (INTERNALDATE...) may legally come as literals of a few dozen bytes even when the
+# partial asks for fewer. The exact n is still checked on every section that arrives.
+PARTIAL_LITERAL_FLOOR = 1024
 
 # UID FETCH commands kept outstanding by a batched uid_fetch(). Two is enough for the
 # server never to wait for us between batches; more would only let unread responses
@@ -163,16 +209,71 @@ def _uid_set(uids: UidSet) -> SequenceSet:
         raise LocalProtocolError(str(exc)) from None
 
 
-def _describe(exc: BaseException) -> str:
-    """A readable reason for a transport failure (trio's own messages are often empty)."""
-    cause = exc.__cause__
-    if isinstance(cause, ssl.SSLEOFError):
-        return "the server closed the connection (without ending TLS cleanly)"
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    if isinstance(exc, trio.ClosedResourceError):
-        return "the connection was closed locally"
-    return str(exc) or type(exc).__name__
+class _Link(enum.Enum):
+    """Where an :class:`IMAPConnection` is (trio ``_ssl.py``'s ``_State`` is the model).
+
+    The protocol state (not authenticated, selected, idling...) is the core's; this is
+    the connection's own: whether a command may start.
+    """
+
+    READY = "ready"  # no command in progress
+    BUSY = "busy"  # a command awaits its tagged answer; interrupting it breaks the link
+    BROKEN = "broken"  # unusable; every call raises ConnectionBrokenError with the cause
+    CLOSED = "closed"  # the transport is closed
+
+
+# Every change of _Link, in one place. BROKEN and CLOSED are sticky: the first cause of
+# breaking is kept, and finishing a command on a broken connection changes nothing.
+_LINK_TRANSITIONS: Mapping[_Link, frozenset[_Link]] = {
+    _Link.READY: frozenset({_Link.BUSY, _Link.BROKEN, _Link.CLOSED}),
+    _Link.BUSY: frozenset({_Link.READY, _Link.BROKEN, _Link.CLOSED}),
+    _Link.BROKEN: frozenset({_Link.CLOSED}),
+    _Link.CLOSED: frozenset(),
+}
+
+# What a failing transport raises: trio's stream errors (TLS failures arrive as
+# BrokenResourceError with the ssl error as cause) and OSError from connecting.
+_TRANSPORT_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _transport_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    """The one place where transport failures become :class:`ConnectionBrokenError`."""
+    return transport_errors(what, _TRANSPORT_FAILURES)
+
+
+class _PushBuffer:
+    """Pushes kept for later, bounded by count (oldest dropped: they are hints) and by
+    bytes (:data:`MAX_PENDING_PUSH_BYTES`; over it the server is stuffing us)."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[Event, int]] = collections.deque()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def append(self, event: Event, cost: int) -> None:
+        if len(self._items) >= MAX_PENDING_PUSHES:
+            _, dropped = self._items.popleft()
+            self.bytes -= dropped
+        _check_push_bytes(self.bytes + cost)
+        self._items.append((event, cost))
+        self.bytes += cost
+
+    def move_to(self, other: _PushBuffer, *, pushes_only: bool = False) -> None:
+        for event, cost in self._items:
+            if not pushes_only or _is_push(event):
+                other.append(event, cost)
+        self.clear()
+
+    def popleft(self) -> Event:
+        event, cost = self._items.popleft()
+        self.bytes -= cost
+        return event
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
 
 
 class IMAPConnection:
@@ -201,14 +302,19 @@ class IMAPConnection:
         self._proto = protocol if protocol is not None else IMAPProtocol()
         self._encrypted = encrypted
         self._allow_plaintext_login = allow_plaintext_login
-        self._broken: str | None = None
-        self._busy: str | None = None
-        self._closed = False
-        self._sending = False
+        self._link = _Link.READY
+        self._command_name: str | None = None  # what BUSY is busy with
+        self._owner: FetchStream | None = None  # a fetch that holds BUSY between reads
+        self._broken_reason = ""
         self._bye: StatusResponse | None = None
         self._mailbox: MailboxState | None = None
-        self._active_fetch: FetchStream | None = None
-        self._pushes: collections.deque[Event] = collections.deque(maxlen=MAX_PENDING_PUSHES)
+        self._pushes = _PushBuffer()
+        # The framer's literal limit as configured; budgets lower it for a while.
+        self._literal_limit = self._proto.framer.max_literal_size
+        # Bytes fed to the core and bytes of it consumed by the events returned so far:
+        # the difference per event is what it cost on the wire.
+        self._received = 0
+        self._consumed = 0
 
     # -- public state -------------------------------------------------------------------
 
@@ -235,7 +341,7 @@ class IMAPConnection:
     @property
     def broken(self) -> bool:
         """True once the connection can no longer be used."""
-        return self._broken is not None or self._closed
+        return self._link in (_Link.BROKEN, _Link.CLOSED)
 
     @property
     def mailbox(self) -> MailboxState | None:
@@ -247,40 +353,134 @@ class IMAPConnection:
         """The transport stream (a TLS stream with an ``ssl_object`` once TLS is up)."""
         return self._stream
 
+    @property
+    def max_literal_size(self) -> int:
+        """The largest literal (in practice: message) accepted from the server.
+
+        A larger one is refused when announced, before anything is allocated, with
+        :class:`RemoteProtocolError` (the connection is then broken). Settable, e.g. to
+        a program's own message size bound; must be at least 1.
+        """
+        return self._literal_limit
+
+    @max_literal_size.setter
+    def max_literal_size(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("max_literal_size must be at least 1")
+        self._literal_limit = value
+        if self._link is _Link.READY:
+            self._proto.framer.max_literal_size = value
+
     def __repr__(self) -> str:
         status = "broken" if self.broken else self._proto.state.value
         return f"<IMAPConnection {status} encrypted={self._encrypted}>"
 
-    # -- plumbing ---------------------------------------------------------------------
+    # -- state: one check, one transition -----------------------------------------------
 
-    def _check_usable(self) -> None:
-        if self._closed:
+    def _check(self, starting: str | None = None) -> None:
+        """Raise unless the connection can be used (and, with ``starting``, unless
+        that command may start now: nothing but a fetch being read is in progress).
+
+        Raises:
+            ConnectionBrokenError: broken or closed.
+            LocalProtocolError: another command is running.
+        """
+        link = self._link
+        if link is _Link.CLOSED:
             raise ConnectionBrokenError("the IMAP connection is closed")
-        if self._broken is not None:
-            raise ConnectionBrokenError(f"the IMAP connection is broken: {self._broken}")
+        if link is _Link.BROKEN:
+            raise ConnectionBrokenError(f"the IMAP connection is broken: {self._broken_reason}")
+        if starting is not None and link is _Link.BUSY and self._owner is None:
+            raise LocalProtocolError(
+                f"cannot start {starting}: {self._command_name} is still running"
+            )
 
-    def _mark_broken(self, exc: BaseException) -> None:
-        if self._broken is None:
-            if isinstance(exc, trio.Cancelled):
-                reason = "a command was cancelled (or timed out) before it completed"
-            else:
-                reason = f"{type(exc).__name__}: {exc}"
-            self._broken = reason
+    def _transition(
+        self,
+        new: _Link,
+        *,
+        command: str | None = None,
+        owner: FetchStream | None = None,
+        reason: str = "",
+    ) -> None:
+        """Move to ``new`` (see :data:`_LINK_TRANSITIONS`); the only writer of the state."""
+        old = self._link
+        if old in (_Link.BROKEN, _Link.CLOSED) and new is not _Link.CLOSED:
+            return  # sticky: the first cause stays
+        if new is _Link.READY and (old is _Link.READY or owner is not self._owner):
+            return  # finished already, or a fetch finishing after another command began
+        if new not in _LINK_TRANSITIONS[old]:
+            raise AssertionError(f"IMAP connection cannot go from {old.value} to {new.value}")
+        self._link = new
+        if new is _Link.BUSY:
+            self._command_name = command
+            self._owner = owner
+        else:
+            self._command_name = None
+            self._owner = None
+            self._proto.framer.max_literal_size = self._literal_limit
+        if new is _Link.BROKEN:
+            self._broken_reason = reason
+
+    def _fail(self, exc: BaseException) -> None:
+        """Mark the connection broken because ``exc`` interrupted a command."""
+        if isinstance(exc, trio.Cancelled):
+            reason = "a command was cancelled (or timed out) before it completed"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        self._transition(_Link.BROKEN, reason=reason)
+
+    # -- the interface FetchStream and IdleSession drive a command through --------------
+
+    async def _prepare(self, name: str) -> None:
+        """Everything before a command's bytes are queued: honour a pending cancel
+        (so it leaves the connection usable), check the state, drain a fetch."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check(name)
+        owner = self._owner
+        if owner is not None:
+            await owner.aclose()
+            self._check(name)
+
+    def _queue(self, name: str, args: Sequence[Arg] = ()) -> None:
+        """Queue a command in the core (local errors surface here, nothing is sent)."""
+        self._proto.send_command(name, args)
+
+    def _queue_done(self) -> None:
+        self._proto.send_done()
+
+    def _cap_literals(self, limit: int) -> None:
+        """Refuse literals over ``limit`` (at most the configured limit) for now."""
+        self._proto.framer.max_literal_size = max(0, min(self._literal_limit, limit))
+
+    def _keep_push(self, event: Event, cost: int) -> None:
+        if isinstance(event, Exists | Expunge | Recent | FetchData):
+            self._pushes.append(event, cost)
+
+    def _take_pushes(self, into: _PushBuffer) -> None:
+        self._pushes.move_to(into)
+
+    def _return_pushes(self, pushes: _PushBuffer) -> None:
+        pushes.move_to(self._pushes, pushes_only=True)
+
+    def _bye_text(self) -> str | None:
+        return self._bye.text if self._bye is not None else None
 
     async def _send_pending(self) -> None:
         out = self._proto.data_to_send()
         if out:
-            self._sending = True
             try:
-                await self._stream.send_all(out)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionBrokenError(
-                    f"sending to the server failed: {_describe(exc)}"
-                ) from exc
-            self._sending = False
+                with _transport_errors("sending to the server failed"):
+                    await self._stream.send_all(out)
+            except BaseException as exc:
+                # Half a command may be on the wire: whatever the caller does next,
+                # the conversation is out of step (IDLE's safe point relies on this).
+                self._fail(exc)
+                raise
 
-    async def _next_event(self) -> Event:
-        """The next event; sends whatever the core released on the way."""
+    async def _next_sized(self) -> tuple[Event, int]:
+        """The next event and its cost (wire bytes plus :data:`RESPONSE_OVERHEAD`);
+        sends whatever the core released on the way."""
         proto = self._proto
         while True:
             try:
@@ -293,14 +493,14 @@ class IMAPConnection:
                 ) from exc
             if isinstance(event, NeedData):
                 await self._send_pending()  # e.g. a literal released by a "+"
-                try:
+                with _transport_errors("receiving from the server failed"):
                     data = await self._stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise ConnectionBrokenError(
-                        f"receiving from the server failed: {_describe(exc)}"
-                    ) from exc
+                self._received += len(data)
                 proto.receive_data(data)
                 continue
+            consumed = self._received - proto.framer.buffered
+            cost = consumed - self._consumed + RESPONSE_OVERHEAD
+            self._consumed = consumed
             if proto.has_data_to_send:
                 await self._send_pending()
             if isinstance(event, ConnectionClosed):
@@ -308,17 +508,13 @@ class IMAPConnection:
                 raise ConnectionBrokenError(f"the server closed the connection{why}")
             if isinstance(event, StatusResponse) and event.status == "BYE":
                 self._bye = event
-            return event
+            return event, cost
 
-    def _begin(self, name: str) -> None:
-        self._check_usable()
-        if self._busy is not None and self._active_fetch is None:
-            raise LocalProtocolError(f"cannot start {name}: {self._busy} is still running")
+    async def _next_event(self) -> Event:
+        event, _ = await self._next_sized()
+        return event
 
-    async def _drain_active_fetch(self) -> None:
-        stream = self._active_fetch
-        if stream is not None:
-            await stream.aclose()
+    # -- one command --------------------------------------------------------------------
 
     async def _command(
         self,
@@ -335,39 +531,43 @@ class IMAPConnection:
         ``keep_pushes=False`` for commands that hand their untagged data to the caller,
         so the next idle() does not report it a second time.
         """
-        self._begin(name)
-        await self._drain_active_fetch()
-        self._proto.send_command(name, args)  # local errors: nothing sent, not broken
-        self._busy = name
+        await self._prepare(name)
+        self._queue(name, args)  # local errors: nothing sent, not broken
+        self._transition(_Link.BUSY, command=name)
         responses: list[Event] = []
+        costs: list[int] = []
+        kept = 0
         answers = iter(on_continuation)
         try:
+            self._cap_literals(MAX_UNTAGGED_BYTES_PER_COMMAND)
             await self._send_pending()
             while True:
-                event = await self._next_event()
+                event, cost = await self._next_sized()
                 if isinstance(event, TaggedResponse):
                     break
                 if isinstance(event, ContinuationRequest):
                     self._proto.send_continuation(next(answers, b"*"))
                     await self._send_pending()
                     continue
+                kept += cost
+                _check_untagged_bytes(kept, name)
                 responses.append(event)
-                _check_response_count(len(responses), name)
+                costs.append(cost)
+                self._cap_literals(MAX_UNTAGGED_BYTES_PER_COMMAND - kept)
         except BaseException as exc:
-            self._mark_broken(exc)
+            self._fail(exc)
             raise
-        finally:
-            self._busy = None
+        self._transition(_Link.READY)
         if keep_pushes:
-            self._note_pushes(responses)
+            try:
+                for response, cost in zip(responses, costs, strict=True):
+                    self._keep_push(response, cost)
+            except RemoteProtocolError as exc:
+                self._fail(exc)
+                raise
         if event.status != "OK":
             raise _command_error(name, attrs.evolve(event, text=Redactor(secrets)(event.text)))
         return event, responses
-
-    def _note_pushes(self, responses: Iterable[Event]) -> None:
-        for event in responses:
-            if isinstance(event, Exists | Expunge | Recent | FetchData):
-                self._pushes.append(event)
 
     # -- connection setup ---------------------------------------------------------------
 
@@ -381,19 +581,19 @@ class IMAPConnection:
             ConnectionBrokenError: the server greeted with BYE or closed the connection.
             RemoteProtocolError: the greeting is garbage.
         """
-        self._begin("greeting")
-        self._busy = "greeting"
+        self._check("greeting")
+        self._transition(_Link.BUSY, command="greeting")
         try:
             event = await self._next_event()
         except BaseException as exc:
-            self._mark_broken(exc)
+            self._fail(exc)
             raise
-        finally:
-            self._busy = None
         assert isinstance(event, StatusResponse)
         if event.status == "BYE":
-            self._broken = f"the server refused the connection: {event.text}"
-            raise ConnectionBrokenError(f"the server refused the connection: {event.text}")
+            reason = f"the server refused the connection: {event.text}"
+            self._transition(_Link.BROKEN, reason=reason)
+            raise ConnectionBrokenError(reason)
+        self._transition(_Link.READY)
         return event
 
     async def capability(self) -> frozenset[str]:
@@ -430,12 +630,14 @@ class IMAPConnection:
             raise LocalProtocolError("the connection is already encrypted")
         capabilities = await self._ensure_capabilities()
         if "STARTTLS" not in capabilities:
-            self._broken = "STARTTLS is required but the server does not offer it"
+            self._transition(
+                _Link.BROKEN, reason="STARTTLS is required but the server does not offer it"
+            )
             raise TLSError("STARTTLS is required but the server does not offer it")
         try:
             await self._command("STARTTLS")
         except IMAPCommandError as exc:
-            self._broken = "STARTTLS was refused"
+            self._transition(_Link.BROKEN, reason="STARTTLS was refused")
             raise TLSError(f"the server refused STARTTLS: {exc.text}") from exc
         # trio.SSLStream here (not ClientTLSStream) because callers such as the doctor
         # inspect the upgraded stream as a trio.SSLStream (version(), getpeercert()).
@@ -443,11 +645,11 @@ class IMAPConnection:
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:
-            self._broken = "the TLS handshake after STARTTLS failed"
+            self._transition(_Link.BROKEN, reason="the TLS handshake after STARTTLS failed")
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             raise TLSError(f"TLS handshake after STARTTLS failed: {cause}") from exc
         except BaseException as exc:
-            self._mark_broken(exc)
+            self._fail(exc)
             raise
         self._stream = tls
         self._encrypted = True
@@ -500,7 +702,8 @@ class IMAPConnection:
         try:
             tagged, _ = await self._command("LOGIN", [username, password], secrets=secrets)
         except IMAPCommandError as exc:
-            raise self._auth_error(exc, secrets) from None
+            # The cause is kept for the traceback; _command built its text redacted.
+            raise self._auth_error(exc, secrets) from exc
         await self._after_login(tagged)
 
     async def authenticate_plain(self, username: str, password: str, authzid: str = "") -> None:
@@ -551,7 +754,7 @@ class IMAPConnection:
                     on_continuation=[encoded, cancel],
                 )
         except IMAPCommandError as exc:
-            raise self._auth_error(exc, all_secrets) from None
+            raise self._auth_error(exc, all_secrets) from exc
         await self._after_login(tagged)
 
     async def id(self, fields: Mapping[str, str] | None = None) -> Mapping[str, str | None] | None:
@@ -689,12 +892,13 @@ class IMAPConnection:
                 except ValueError:
                     raise RemoteProtocolError("ESEARCH returned '*' in a result") from None
                 if size + len(found) > MAX_SEARCH_RESULTS:
-                    self._broken = "search result too large"
+                    self._transition(_Link.BROKEN, reason="search result too large")
                     raise RemoteProtocolError(
                         f"search returned more than {MAX_SEARCH_RESULTS} UIDs"
                     )
                 found.extend(event.all)
             if len(found) > MAX_SEARCH_RESULTS:
+                self._transition(_Link.BROKEN, reason="search result too large")
                 raise RemoteProtocolError(f"search returned more than {MAX_SEARCH_RESULTS} UIDs")
         return tuple(sorted(set(found)))
 
@@ -733,6 +937,9 @@ class IMAPConnection:
 
         Raises:
             LocalProtocolError: bad items or an empty UID set.
+            RemoteProtocolError: (while iterating) a partial fetch ``BODY[s]<o.n>``
+                was answered with more than ``n`` octets (RFC 3501 6.4.5), or a literal
+                over :attr:`max_literal_size` was announced; the connection is broken.
         """
         names = [items] if isinstance(items, str) else list(items)
         if not names or not all(_FETCH_ITEM_OK.match(item) for item in names):
@@ -751,7 +958,14 @@ class IMAPConnection:
         if changedsince is not None:
             tail.append([Raw("CHANGEDSINCE"), changedsince])
         depth = FETCH_PIPELINE_DEPTH if pipeline else 1
-        return FetchStream(self, [[uid_set, *tail] for uid_set in sets], depth)
+        partials, cap = _partial_limits(names)
+        return FetchStream(
+            self,
+            [[uid_set, *tail] for uid_set in sets],
+            depth,
+            partials=partials,
+            literal_cap=cap,
+        )
 
     async def uid_store(
         self,
@@ -845,10 +1059,10 @@ class IMAPConnection:
     async def logout(self) -> None:
         """LOGOUT, then close the transport. Errors during LOGOUT are not raised if the
         server simply closes the connection first."""
-        if self._closed:
+        if self._link is _Link.CLOSED:
             return
         try:
-            if self._broken is None and self._busy is None:
+            if self._link is _Link.READY:
                 # The server may hang up right after its BYE: that is a logout too.
                 with contextlib.suppress(ConnectionBrokenError):
                     await self._command("LOGOUT")
@@ -857,9 +1071,9 @@ class IMAPConnection:
 
     async def aclose(self) -> None:
         """Close the transport at once (idempotent, never raises for a dead peer)."""
-        if self._closed:
+        if self._link is _Link.CLOSED:
             return
-        self._closed = True
+        self._transition(_Link.CLOSED)
         await trio.aclose_forcefully(self._stream)
 
 
@@ -869,9 +1083,22 @@ class FetchStream:
     With several batches and ``pipeline=True``, up to :data:`FETCH_PIPELINE_DEPTH` UID
     FETCH commands are outstanding at once, so the server works on the next batch
     while this one is read; otherwise one batch follows the other.
+
+    When every item that can carry a literal is a partial fetch (``BODY[...]<o.n>``),
+    literals larger than the largest ``n`` are refused as they are announced, and a
+    section longer than its ``n`` is a :class:`RemoteProtocolError` (RFC 3501 6.4.5:
+    the server returns at most ``n`` octets).
     """
 
-    def __init__(self, conn: IMAPConnection, batches: list[list[Arg]], depth: int = 1) -> None:
+    def __init__(
+        self,
+        conn: IMAPConnection,
+        batches: list[list[Arg]],
+        depth: int = 1,
+        *,
+        partials: Mapping[str, int] | None = None,
+        literal_cap: int | None = None,
+    ) -> None:
         self._conn = conn
         self._depth = depth
         self._batches = collections.deque(batches)
@@ -879,6 +1106,8 @@ class FetchStream:
         self._started = False
         self._finished = False
         self._error: IMAPCommandError | None = None
+        self._partials: Mapping[str, int] = partials or {}
+        self._literal_cap = literal_cap
 
     def __aiter__(self) -> FetchStream:
         return self
@@ -896,32 +1125,39 @@ class FetchStream:
             await self.aclose()
 
     def _queue_commands(self) -> None:
-        proto = self._conn._proto
         while self._batches and self._outstanding < self._depth and not self._error:
-            proto.send_command("UID FETCH", self._batches.popleft())
+            self._conn._queue("UID FETCH", self._batches.popleft())
             self._outstanding += 1
 
     async def _start(self) -> None:
         conn = self._conn
-        conn._begin("UID FETCH")
-        await conn._drain_active_fetch()
+        await conn._prepare("UID FETCH")
         self._queue_commands()  # local errors surface here, before anything is sent
-        conn._busy = "UID FETCH"
-        conn._active_fetch = self
+        conn._transition(_Link.BUSY, command="UID FETCH", owner=self)
         self._started = True
+        if self._literal_cap is not None:
+            conn._cap_literals(self._literal_cap)
         try:
             await conn._send_pending()
         except BaseException as exc:
+            conn._fail(exc)
             self._finish()
-            conn._mark_broken(exc)
             raise
 
     def _finish(self) -> None:
         self._finished = True
-        conn = self._conn
-        conn._busy = None
-        if conn._active_fetch is self:
-            conn._active_fetch = None
+        self._conn._transition(_Link.READY, owner=self)
+
+    def _check_partials(self, event: FetchData) -> None:
+        for key, value in event.sections.items():
+            section, _, origin = key.partition("<")
+            limit = self._partials.get(_section_key(section))
+            if limit is not None and value is not None and len(value) > limit:
+                raise RemoteProtocolError(
+                    f"the server answered a partial fetch of BODY[{section}]<{origin[:-1]}."
+                    f"{limit}> with {len(value)} bytes, more than the {limit} asked for",
+                    excerpt=key.encode(),
+                )
 
     async def __anext__(self) -> FetchData:
         if self._finished:
@@ -930,14 +1166,16 @@ class FetchStream:
         if not self._started:
             await self._start()
         else:
-            conn._check_usable()
+            conn._check()
         try:
             while True:
-                event = await conn._next_event()
+                event, cost = await conn._next_sized()
                 if type(event) is FetchData:
                     if event.uid is not None:
+                        if self._partials:
+                            self._check_partials(event)
                         return event
-                    conn._pushes.append(event)  # a flag change of another message
+                    conn._keep_push(event, cost)  # a flag change of another message
                 elif isinstance(event, TaggedResponse):
                     self._outstanding -= 1
                     if event.status != "OK" and self._error is None:
@@ -947,10 +1185,10 @@ class FetchStream:
                         break
                     await conn._send_pending()
                 else:
-                    conn._note_pushes((event,))
+                    conn._keep_push(event, cost)
         except BaseException as exc:
+            conn._fail(exc)
             self._finish()
-            conn._mark_broken(exc)
             raise
         self._finish()
         if self._error is not None:
@@ -977,32 +1215,31 @@ class IdleSession:
         self._conn = conn
         # Pushes that arrived before IDLE was accepted; bounded like the connection's
         # own push buffer, and for the same reason (they are hints).
-        self._backlog: collections.deque[Event] = collections.deque(maxlen=MAX_PENDING_PUSHES)
+        self._backlog = _PushBuffer()
         self._ended = False
 
     async def __aenter__(self) -> IdleSession:
         conn = self._conn
         if "IDLE" not in conn.capabilities:
             raise LocalProtocolError("the server does not support IDLE; poll with noop()")
-        conn._begin("IDLE")
-        await conn._drain_active_fetch()
-        self._backlog.extend(conn._pushes)
-        conn._pushes.clear()
-        conn._proto.send_command("IDLE")
-        conn._busy = "IDLE"
+        await conn._prepare("IDLE")
+        conn._queue("IDLE")
+        conn._transition(_Link.BUSY, command="IDLE")
         try:
+            conn._take_pushes(self._backlog)
+            # Pushes are small; a literal bigger than the whole push budget is not one.
+            conn._cap_literals(MAX_PENDING_PUSH_BYTES)
             await conn._send_pending()
             while True:
-                event = await conn._next_event()
+                event, cost = await conn._next_sized()
                 if isinstance(event, ContinuationRequest | TaggedResponse):
                     break
-                self._backlog.append(event)
+                self._backlog.append(event, cost)
         except BaseException as exc:
-            conn._busy = None
-            conn._mark_broken(exc)
+            conn._fail(exc)
             raise
         if isinstance(event, TaggedResponse):
-            conn._busy = None
+            conn._transition(_Link.READY)
             raise _command_error("IDLE", event)
         return self
 
@@ -1019,24 +1256,24 @@ class IdleSession:
         if self._ended:
             raise StopAsyncIteration
         conn = self._conn
-        conn._check_usable()
+        conn._check()
         while True:
             try:
-                event = await conn._next_event()
-            except trio.Cancelled as exc:
-                if conn._sending:  # cancelled half-way through a write: unknown state
-                    conn._mark_broken(exc)
+                event, cost = await conn._next_sized()
+                _check_push_bytes(cost)
+            except trio.Cancelled:
+                # Waiting for a push is the safe point: a cancelled read loses no bytes,
+                # and an interrupted write has already broken the connection.
                 raise
             except BaseException as exc:
-                conn._mark_broken(exc)
-                conn._busy = None
+                conn._fail(exc)
                 raise
             if isinstance(event, StatusResponse) and event.status == "BYE":
                 self._ended = True
                 return event
             if isinstance(event, TaggedResponse):  # the server ended IDLE by itself
                 self._ended = True
-                conn._busy = None
+                conn._transition(_Link.READY)
                 raise StopAsyncIteration
             if _is_push(event):
                 return event
@@ -1050,40 +1287,76 @@ class IdleSession:
         conn = self._conn
         if conn.broken:
             if exc is None:
-                conn._check_usable()
+                conn._check()
             return
         if self._ended:
-            conn._busy = None
-            if conn._bye is not None:
-                conn._broken = f"the server said BYE: {conn._bye.text}"
+            bye = conn._bye_text()
+            if bye is not None:
+                conn._transition(_Link.BROKEN, reason=f"the server said BYE: {bye}")
                 if exc is None:
-                    raise ConnectionBrokenError(
-                        f"the server ended the connection: {conn._bye.text}"
-                    )
+                    raise ConnectionBrokenError(f"the server ended the connection: {bye}")
+            conn._transition(_Link.READY)
             return
-        # Pushes the body did not read stay for the next idle(), oldest first.
-        conn._pushes.extend(event for event in self._backlog if _is_push(event))
-        self._backlog.clear()
         try:
-            conn._proto.send_done()
+            # Pushes the body did not read stay for the next idle(), oldest first.
+            conn._return_pushes(self._backlog)
+            conn._queue_done()
             await conn._send_pending()
             while True:
-                event = await conn._next_event()
+                event, cost = await conn._next_sized()
                 if isinstance(event, TaggedResponse):
                     break
-                conn._note_pushes((event,))
+                conn._keep_push(event, cost)
         except BaseException as exc2:
-            conn._mark_broken(exc2)
+            conn._fail(exc2)
             if exc is None:
                 raise
-        finally:
-            conn._busy = None
+        conn._transition(_Link.READY)
 
 
-def _check_response_count(count: int, command: str) -> None:
-    if count > MAX_RESPONSES_PER_COMMAND:
+def _section_key(section: str) -> str:
+    """A body section as both sides may spell it: upper case, single spaces."""
+    return " ".join(section.upper().split())
+
+
+def _partial_limits(names: Sequence[str]) -> tuple[dict[str, int], int | None]:
+    """What the fetch items bound: the ``n`` of each partial section (sections also
+    fetched whole are unbounded), and the literal cap when every item that can carry
+    a literal is partial (else ``None``)."""
+    partial: dict[str, int] = {}
+    whole: set[str] = set()
+    capped = True
+    for item in names:
+        for atom in _FETCH_ITEM_SPLIT.findall(item.strip("() ")):
+            match = _BODY_ITEM.fullmatch(atom)
+            if match is None:
+                if atom.upper() not in _SMALL_FETCH_ITEMS:
+                    capped = False
+                continue
+            key = _section_key(match[1])
+            if match[3] is None:
+                whole.add(key)
+                capped = False
+            else:
+                partial[key] = max(partial.get(key, 0), int(match[3]))
+    for key in whole:
+        partial.pop(key, None)
+    cap = max(PARTIAL_LITERAL_FLOOR, *partial.values()) if capped and partial else None
+    return partial, cap
+
+
+def _check_untagged_bytes(kept: int, command: str) -> None:
+    if kept > MAX_UNTAGGED_BYTES_PER_COMMAND:
         raise RemoteProtocolError(
-            f"more than {MAX_RESPONSES_PER_COMMAND} responses to one {command}"
+            f"more than {MAX_UNTAGGED_BYTES_PER_COMMAND} bytes of untagged responses "
+            f"to one {command}"
+        )
+
+
+def _check_push_bytes(cost: int) -> None:
+    if cost > MAX_PENDING_PUSH_BYTES:
+        raise RemoteProtocolError(
+            f"the server pushed more than {MAX_PENDING_PUSH_BYTES} bytes of unsolicited responses"
         )
 
 
@@ -1123,7 +1396,10 @@ async def open_imap_stream(
             (no encryption; only when explicitly chosen).
         ssl_context: Client TLS context; default: system trust store, verification on.
         server_hostname: Name the certificate must match.
-        max_line_length, max_literal_size, max_response_size: Framer limits.
+        max_line_length, max_literal_size, max_response_size: Framer limits. A
+            program with its own message size bound should pass it as
+            ``max_literal_size`` (it can also be changed later through
+            :attr:`IMAPConnection.max_literal_size`).
 
     Yields:
         A ready :class:`IMAPConnection` (capabilities known). On leaving the block it
@@ -1203,7 +1479,10 @@ async def open_imap_connection(
             opportunistic) or ``Security.PLAIN`` (no encryption, explicit opt-in).
         ssl_context: Client context; default verifies against the system trust store.
         server_hostname: Name to verify in the certificate; default ``host``.
-        max_line_length, max_literal_size, max_response_size: Framer limits.
+        max_line_length, max_literal_size, max_response_size: Framer limits. A
+            program with its own message size bound should pass it as
+            ``max_literal_size`` (it can also be changed later through
+            :attr:`IMAPConnection.max_literal_size`).
 
     Yields:
         An :class:`IMAPConnection`, logged out and closed when the block ends.
@@ -1213,10 +1492,8 @@ async def open_imap_connection(
         TLSError: TLS could not be established as required.
         RemoteProtocolError: the server does not speak IMAP.
     """
-    try:
+    with _transport_errors(f"cannot connect to {host}:{port}"):
         tcp = await trio.open_tcp_stream(host, port)
-    except OSError as exc:
-        raise ConnectionBrokenError(f"cannot connect to {host}:{port}: {exc}") from exc
     async with open_imap_stream(
         tcp,
         security=security,

@@ -12,8 +12,15 @@
 # error), or when the server closed it (EOF, 421).  From then on every call raises
 # ConnectionBrokenError: a half-read reply would otherwise be taken as the answer
 # to the next command.  An error reply (4xx/5xx) leaves the protocol in step, so
-# the connection stays usable.  No background tasks: each call does its I/O
-# inline, and only one task may use a connection at a time.
+# the connection stays usable.  An operation cancelled before its first byte is
+# written changes nothing (each starts with checkpoint_if_cancelled).  No background
+# tasks: each call does its I/O inline, and only one task may use a connection at a
+# time.
+#
+# That is one state value, _Link (READY, BUSY, BROKEN, CLOSED; trio's _ssl.py is the
+# model), read by _check() and changed by _transition() against _LINK_TRANSITIONS.
+# Transport errors (trio's Broken/ClosedResourceError, OSError such as a refused
+# connect) become ConnectionBrokenError in one place, _transport_errors().
 #
 # SMTPSender sits on top: it owns one connection at a time, reuses it for many
 # messages, and opens a new one when the old one is broken -- retrying a message
@@ -23,17 +30,18 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 
 import attrs
 import trio
 
 from prxmail._redact import Redactor
-from prxmail._tls import Security, shared_ssl_context
+from prxmail._tls import Security, shared_ssl_context, transport_errors
 from prxmail.errors import (
     AuthenticationError,
     ConnectionBrokenError,
@@ -119,6 +127,35 @@ _UNSETTLED = frozenset(
         State.BODY_SENT,
     }
 )
+
+
+class _Link(enum.Enum):
+    """Whether an :class:`SMTPConnection` can be used (the SMTP conversation's own
+    state -- greeting, ready, in a transaction -- is the protocol core's)."""
+
+    READY = "ready"  # no operation running
+    BUSY = "busy"  # an operation is running; only its task may use the connection
+    BROKEN = "broken"  # out of step or closed by the server; every call raises
+    CLOSED = "closed"  # aclose() ran; the transport is closed
+
+
+# Every change of _Link. BROKEN and CLOSED are sticky: the first cause is kept, and the
+# end of an operation that broke the connection changes nothing.
+_LINK_TRANSITIONS: Mapping[_Link, frozenset[_Link]] = {
+    _Link.READY: frozenset({_Link.BUSY, _Link.BROKEN, _Link.CLOSED}),
+    _Link.BUSY: frozenset({_Link.READY, _Link.BROKEN, _Link.CLOSED}),
+    _Link.BROKEN: frozenset({_Link.CLOSED}),
+    _Link.CLOSED: frozenset(),
+}
+
+# What a failing transport raises: trio's stream errors (TLS failures arrive as
+# BrokenResourceError with the ssl error as cause) and OSError from connecting.
+_TRANSPORT_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _transport_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    """The one place where transport failures become :class:`ConnectionBrokenError`."""
+    return transport_errors(what, _TRANSPORT_FAILURES)
 
 
 @attrs.frozen
@@ -261,9 +298,8 @@ class SMTPConnection:
         self._proto = SMTPProtocol()
         self._tls_active = isinstance(stream, trio.SSLStream)
         self._greeting: Reply | None = None
-        self._broken: str | None = None
-        self._busy = False
-        self._closed = False
+        self._link = _Link.READY
+        self._broken_reason = ""
         self._needs_rset = False
         # Set when message content began to go out in the current send_message; the
         # sender must not retry such a message elsewhere (it may have been accepted).
@@ -279,7 +315,11 @@ class SMTPConnection:
         self._last_activity = trio.current_time() if _in_trio() else 0.0
 
     def __repr__(self) -> str:
-        state = f"broken: {self._broken}" if self._broken else self._proto.state.value
+        state = (
+            f"{self._link.value}: {self._broken_reason}"
+            if self.is_broken
+            else self._proto.state.value
+        )
         return f"<SMTPConnection {self._server_hostname or '?'} {self._security.value} {state}>"
 
     # ----- properties ----------------------------------------------------------
@@ -307,7 +347,7 @@ class SMTPConnection:
     @property
     def is_broken(self) -> bool:
         """True once the connection cannot be used any more."""
-        return self._broken is not None
+        return self._link in (_Link.BROKEN, _Link.CLOSED)
 
     @property
     def use_chunking(self) -> bool:
@@ -344,55 +384,78 @@ class SMTPConnection:
 
     # ----- plumbing ------------------------------------------------------------
 
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise ConnectionBrokenError(f"the SMTP connection is broken ({self._broken})")
+    def _check(self, *, starting: bool = False) -> None:
+        """Raise unless the connection can be used (and, with ``starting``, unless a
+        new operation may start: no other is running).
+
+        Raises:
+            ConnectionBrokenError: broken or closed.
+            LocalProtocolError: another operation is running.
+        """
+        if self._link is _Link.BROKEN or self._link is _Link.CLOSED:
+            raise ConnectionBrokenError(
+                f"the SMTP connection is {self._link.value} ({self._broken_reason})"
+            )
+        if starting and self._link is _Link.BUSY:
+            raise LocalProtocolError("another task is already using this SMTP connection")
+
+    def _transition(self, new: _Link, reason: str = "") -> None:
+        """Move to ``new`` (see :data:`_LINK_TRANSITIONS`); the only writer of the state."""
+        old = self._link
+        if old in (_Link.BROKEN, _Link.CLOSED) and new is not _Link.CLOSED:
+            return  # sticky: the first cause stays
+        if old is _Link.READY and new is _Link.READY:
+            return  # finishing twice changes nothing
+        if new not in _LINK_TRANSITIONS[old]:
+            raise AssertionError(f"SMTP connection cannot go from {old.value} to {new.value}")
+        self._link = new
+        if new is _Link.BROKEN or (new is _Link.CLOSED and old is not _Link.BROKEN):
+            self._broken_reason = reason
 
     @contextlib.contextmanager
     def _operation(self) -> Iterator[None]:
-        self._check_usable()
-        if self._busy:
-            raise LocalProtocolError("another task is already using this SMTP connection")
-        self._busy = True
+        self._check(starting=True)
+        self._transition(_Link.BUSY)
         try:
             yield
         except BaseException as exc:
             state = self._proto.state
             if state is State.CLOSED:
-                self._broken = self._broken or "the server closed the connection"
+                self._transition(_Link.BROKEN, "the server closed the connection")
             elif self._proto.pending or state in _UNSETTLED:
                 reason = "cancelled" if isinstance(exc, trio.Cancelled) else type(exc).__name__
-                self._broken = self._broken or f"an operation was interrupted half-way ({reason})"
+                self._transition(_Link.BROKEN, f"an operation was interrupted half-way ({reason})")
             raise
         finally:
-            self._busy = False
             self._last_activity = trio.current_time()
-            if self._proto.state is State.CLOSED and self._broken is None:
-                self._broken = "the session was closed"
+            if self._proto.state is State.CLOSED:
+                self._transition(_Link.BROKEN, "the session was closed")
+            self._transition(_Link.READY)
 
     async def _write(self, data: bytes) -> None:
-        try:
+        # Not marked broken here: a batch may still read the replies that arrived
+        # before the failure (the _operation guard marks it after).
+        with _transport_errors("SMTP connection lost while sending"):
             await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            # Not marked broken here: a batch may still read the replies that
-            # arrived before the failure (the _operation guard marks it after).
-            raise ConnectionBrokenError(f"SMTP connection lost while sending: {exc}") from exc
 
     async def _read_reply(self) -> Reply:
-        self._check_usable()
+        self._check()
         while True:
             reply = self._proto.next_reply()
             if reply is not None:
                 if reply.code == 421:
-                    self._broken = f"the server closed the connection: 421 {reply.text}"
+                    self._transition(
+                        _Link.BROKEN, f"the server closed the connection: 421 {reply.text}"
+                    )
                 return reply
             try:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._broken = "receiving failed"
-                raise ConnectionBrokenError(f"SMTP connection lost while receiving: {exc}") from exc
+                with _transport_errors("SMTP connection lost while receiving"):
+                    data = await self._stream.receive_some(RECEIVE_SIZE)
+            except ConnectionBrokenError:
+                self._transition(_Link.BROKEN, "receiving failed")
+                raise
             if not data:
-                self._broken = "the server closed the connection"
+                self._transition(_Link.BROKEN, "the server closed the connection")
                 raise ConnectionBrokenError("the SMTP server closed the connection")
             self._proto.receive_data(data)
 
@@ -480,11 +543,11 @@ class SMTPConnection:
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:
-            self._broken = "TLS handshake failed"
+            self._transition(_Link.BROKEN, "TLS handshake failed")
             cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
             raise TLSError(f"TLS handshake with the SMTP server failed: {cause}") from exc
         except trio.ClosedResourceError as exc:  # pragma: no cover - caller closed it
-            self._broken = "TLS handshake failed"
+            self._transition(_Link.BROKEN, "TLS handshake failed")
             raise ConnectionBrokenError("the stream was closed during the TLS handshake") from exc
         self._tls_active = True
 
@@ -602,13 +665,15 @@ class SMTPConnection:
         text = Redactor(secrets)(reply.text)
         shown = f"{reply.code} {reply.enhanced + ' ' if reply.enhanced else ''}{text}"
         if reply.code < 500:
-            raise SMTPTransientError("AUTH", reply.code, text, reply.enhanced) from None
+            raise SMTPTransientError("AUTH", reply.code, text, reply.enhanced)
+        # The refusal itself stays reachable as the cause, with the same redacted text.
+        refusal = SMTPPermanentError("AUTH", reply.code, text, reply.enhanced)
         raise AuthenticationError(
             f"SMTP authentication ({mechanism}) failed: {shown}",
             protocol="smtp",
             server_text=text,
             code=str(reply.code),
-        ) from None
+        ) from refusal
 
     # ----- mail ----------------------------------------------------------------
 
@@ -806,8 +871,9 @@ class SMTPConnection:
     async def _send_each(self, messages: Sequence[MailTransaction]) -> list[BatchOutcome]:
         outcomes: list[BatchOutcome] = []
         for msg in messages:
-            if self._broken is not None:
-                error = ConnectionBrokenError(f"the SMTP connection is broken ({self._broken})")
+            try:
+                self._check()
+            except ConnectionBrokenError as error:
                 outcomes.append(BatchOutcome(error=error))
                 continue
             try:
@@ -886,7 +952,7 @@ class SMTPConnection:
             # A write failure is the root cause; otherwise the read that failed.
             failure = failure or exc
         if failure is not None:
-            self._broken = self._broken or f"the connection failed during a batch ({failure})"
+            self._transition(_Link.BROKEN, f"the connection failed during a batch ({failure})")
         return [
             outcome
             if outcome is not None
@@ -1042,20 +1108,20 @@ class SMTPConnection:
 
         A usable connection first says QUIT (waiting briefly for the 221).
         """
-        if self._closed:
+        if self._link is _Link.CLOSED:
             return
-        self._closed = True
         try:
             if (
-                self._broken is None
-                and not self._busy
+                self._link is _Link.READY
                 and not self._proto.pending
                 and self._proto.state in (State.CONNECTED, State.READY, State.MAIL, State.RCPT)
             ):
+                # BUSY while saying goodbye, so no other task starts an operation.
+                self._transition(_Link.BUSY)
                 with trio.move_on_after(QUIT_GRACE_SECONDS), contextlib.suppress(PrxmailError):
                     await self._command(self._proto.send_quit())
         finally:
-            self._broken = self._broken or "the connection was closed"
+            self._transition(_Link.CLOSED, "the connection was closed")
             await trio.aclose_forcefully(self._stream)
 
 
@@ -1113,7 +1179,8 @@ async def connect_smtp(
         A connection that has read the greeting and sent EHLO (after TLS).
 
     Raises:
-        OSError: the TCP connection failed.
+        ConnectionBrokenError: the TCP connection failed (the ``OSError`` is its
+            cause), or the server broke the session.
         TLSError: TLS could not be set up as required.
         SMTPReplyError, ConnectionBrokenError, RemoteProtocolError: the server
             refused or broke the session.
@@ -1121,7 +1188,8 @@ async def connect_smtp(
     context = ssl_context
     if context is None and security is not Security.PLAIN:
         context = shared_ssl_context()
-    tcp = await trio.open_tcp_stream(host, port)
+    with _transport_errors(f"cannot connect to {host}:{port}"):
+        tcp = await trio.open_tcp_stream(host, port)
     stream: trio.abc.Stream = tcp
     if security is Security.TLS:
         assert context is not None
@@ -1268,7 +1336,8 @@ class SMTPSender:
 
         Raises:
             LocalProtocolError: a message is invalid, or the sender is closed.
-            OSError, TLSError, SMTPReplyError, AuthenticationError: connecting failed.
+            ConnectionBrokenError, TLSError, SMTPReplyError, AuthenticationError:
+                connecting failed.
         """
         async with self._lock:
             if self._closed:

@@ -10,7 +10,12 @@ import uuid
 import pytest
 import trio
 
-from prxmail.errors import AuthenticationError, ConnectionBrokenError, IMAPNoResponse
+from prxmail.errors import (
+    AuthenticationError,
+    ConnectionBrokenError,
+    IMAPNoResponse,
+    RemoteProtocolError,
+)
 from prxmail.imap import (
     ConnectionState,
     Exists,
@@ -120,6 +125,11 @@ async def test_wrong_password(mail_servers: MailServers) -> None:
             await imap.login(user.address, "wrong-" + user.password)
         assert user.password not in str(info.value)
         assert info.value.code == "AUTHENTICATIONFAILED"
+        # Dovecot's NO is kept as the cause, without the password.
+        cause = info.value.__cause__
+        assert isinstance(cause, IMAPNoResponse)
+        assert cause.code == "AUTHENTICATIONFAILED"
+        assert user.password not in str(cause)
         # the connection stays usable: the right password still works
         await imap.authenticate_plain(user.address, user.password)
         assert imap.state is ConnectionState.AUTHENTICATED
@@ -189,6 +199,37 @@ async def test_fetch_large_message(mail_servers: MailServers) -> None:
             digests[msg.uid] = hashlib.sha256(msg.body).hexdigest()
         assert sizes[2] == (len(message), len(message))
         assert digests[2] == hashlib.sha256(message).hexdigest()
+
+
+async def test_partial_fetch_and_literal_limit_against_dovecot(mail_servers: MailServers) -> None:
+    user = fresh_user(mail_servers)
+    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\r\n"
+    message = make_message("sized", line * (3 * 1024 * 1024 // len(line)))
+    await deliver(mail_servers, user, message)
+    async with open_imap_connection(
+        mail_servers.host,
+        mail_servers.imap_tls_port,
+        ssl_context=mail_servers.ssl_context(),
+        server_hostname="localhost",
+    ) as imap:
+        await imap.login(user.address, user.password)
+        await imap.select()
+        # A real server keeps to the n asked for; the check lets its answer through.
+        got = [m async for m in imap.uid_fetch([1], ["RFC822.SIZE", "BODY.PEEK[]<0.1000>"])]
+        assert [(m.rfc822_size, m.sections["<0>"]) for m in got] == [(len(message), message[:1000])]
+        # A command cancelled before its first byte leaves the session as it was.
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await imap.noop()
+        assert scope.cancelled_caught
+        assert not imap.broken
+        # With a literal limit below the message (what the channel sets from
+        # max_message_bytes) the whole message is refused as it is announced.
+        imap.max_literal_size = 1024 * 1024
+        with pytest.raises(RemoteProtocolError, match="literal of"):
+            async for _ in imap.uid_fetch([1], ["BODY.PEEK[]"]):
+                pass
+        assert imap.broken
 
 
 async def idle_until_exists(imap: IMAPConnection) -> Exists:

@@ -152,6 +152,11 @@ async def test_wrong_password(mail_servers: MailServers, security: Security) -> 
         assert info.value.code == "535"
         assert wrong not in str(info.value)
         assert base64.b64encode(wrong.encode()).decode().rstrip("=") not in str(info.value)
+        # Postfix's 535 is kept as the cause, as redacted as the error itself.
+        cause = info.value.__cause__
+        assert isinstance(cause, SMTPPermanentError)
+        assert cause.code == 535
+        assert wrong not in str(cause)
         # The session goes on: the right password works on the same connection.
         await conn.login(user.address, user.password)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import trio
@@ -220,6 +220,13 @@ async def test_login_failure_never_shows_the_password() -> None:
         assert "***" in err.server_text
         assert imap.state is ConnectionState.NOT_AUTHENTICATED
         assert not imap.broken
+        # The server's refusal stays reachable as the cause, redacted like the error.
+        cause = err.__cause__
+        assert isinstance(cause, IMAPNoResponse)
+        assert cause.code == "AUTHENTICATIONFAILED"
+        assert "hunter 2" not in str(cause)
+        assert "hunter 2" not in cause.text
+        assert "hunter 2" not in repr(cause)
 
     await run(script, body)
 
@@ -835,7 +842,9 @@ async def test_short_password_echoed_by_server_withholds_the_text() -> None:
 async def test_flood_of_untagged_responses_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     import prxmail.imap._connection as connection_module
 
-    monkeypatch.setattr(connection_module, "MAX_RESPONSES_PER_COMMAND", 3)
+    # Room for three "* 1 EXISTS" (12 bytes on the wire, charged with the overhead).
+    budget = 3 * (12 + connection_module.RESPONSE_OVERHEAD)
+    monkeypatch.setattr(connection_module, "MAX_UNTAGGED_BYTES_PER_COMMAND", budget)
 
     async def script(peer: Peer) -> None:
         await peer.send(GREETING)
@@ -845,7 +854,7 @@ async def test_flood_of_untagged_responses_is_bounded(monkeypatch: pytest.Monkey
             await peer.line()
 
     async def body(imap: IMAPConnection) -> None:
-        with pytest.raises(RemoteProtocolError, match="more than 3 responses"):
+        with pytest.raises(RemoteProtocolError, match=f"more than {budget} bytes of untagged"):
             await imap.noop()
         assert imap.broken
 
@@ -898,6 +907,521 @@ async def test_pushes_seen_during_other_commands_reach_the_next_idle_once() -> N
         async with imap.idle() as idle:
             async for push in idle:
                 assert push == Exists(3)
+                break
+
+    with trio.fail_after(5):
+        await run(script, body)
+
+
+# -- error tree -----------------------------------------------------------------------------
+
+
+def test_error_tree_has_protocol_and_refusal_parents() -> None:
+    from prxmail import errors
+    from prxmail.errors import (
+        CommandRefusedError,
+        IMAPBadResponse,
+        IMAPCommandError,
+        ProtocolError,
+        SMTPPermanentError,
+        SMTPReplyError,
+        SMTPTransientError,
+    )
+
+    assert issubclass(LocalProtocolError, ProtocolError)
+    assert issubclass(RemoteProtocolError, ProtocolError)
+    for refused in (IMAPNoResponse, IMAPBadResponse, SMTPTransientError, SMTPPermanentError):
+        assert issubclass(refused, CommandRefusedError)
+    imap_no = IMAPNoResponse("SELECT", "NO", "no such mailbox", "NONEXISTENT")
+    smtp_4xx = SMTPTransientError("RCPT", 450, "mailbox busy", "4.2.1")
+    for err in (imap_no, smtp_4xx):
+        assert isinstance(err, CommandRefusedError)
+        assert not isinstance(err, ProtocolError)
+    assert (imap_no.command, imap_no.text) == ("SELECT", "no such mailbox")
+    assert (smtp_4xx.command, smtp_4xx.text, smtp_4xx.code) == ("RCPT", "mailbox busy", 450)
+    # One way to tell a retryable SMTP refusal: its class, not a second flag.
+    assert not hasattr(SMTPReplyError, "transient")
+    assert isinstance(imap_no, IMAPCommandError)
+    assert {"ProtocolError", "CommandRefusedError"} <= set(errors.__all__)
+
+
+async def test_connect_failure_is_connection_broken_with_the_os_error_as_cause() -> None:
+    from prxmail.imap import open_imap_connection
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()  # nothing listens there any more
+    with pytest.raises(ConnectionBrokenError, match="cannot connect") as info:
+        async with open_imap_connection("127.0.0.1", port, security=Security.PLAIN):
+            pass
+    assert isinstance(info.value.__cause__, OSError)
+
+
+# -- cancellation ---------------------------------------------------------------------------
+
+
+async def test_command_cancelled_before_its_first_byte_leaves_the_connection_usable() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        # Nothing of the cancelled NOOP, UID FETCH, SELECT or IDLE reached the server:
+        # the next command is the next tag.
+        await peer.expect(b"A0002 NOOP")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.logout(b"A0003")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await imap.noop()
+        assert scope.cancelled_caught
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            async for _ in imap.uid_fetch([1]):
+                pass
+        assert scope.cancelled_caught
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await imap.select("INBOX")
+        assert scope.cancelled_caught
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            async with imap.idle():
+                pass
+        assert scope.cancelled_caught
+        assert not imap.broken
+        assert await imap.noop() == ()
+
+    with trio.fail_after(5):
+        await run(script, body)
+
+
+async def test_command_cancelled_after_its_first_byte_breaks_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"* 3 EXISTS\r\n")  # ... and the tagged answer never comes
+        with pytest.raises((EOFError, trio.ClosedResourceError, trio.BrokenResourceError)):
+            await peer.line()
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        with trio.move_on_after(5) as scope:
+            await imap.select("INBOX")
+        assert scope.cancelled_caught
+        assert imap.broken
+        with pytest.raises(ConnectionBrokenError, match="cancelled"):
+            await imap.noop()
+
+    await run(script, body)
+
+
+# -- byte bounds on what a command keeps ------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+async def run_lockstep(
+    script: Script,
+    body: Callable[[IMAPConnection], Awaitable[None]],
+    *,
+    security: Security = Security.PLAIN,
+    ssl_context: ssl.SSLContext | None = None,
+    open_error: str | None = None,
+) -> int:
+    """Like run(), over a lockstep pair (a send returns only once the client read it, so
+    nothing piles up in the pair) and with tracemalloc: returns the peak bytes allocated
+    while the client ran. With ``open_error``, opening must fail with a
+    RemoteProtocolError matching it."""
+    import tracemalloc
+
+    client, server = trio.testing.lockstep_stream_pair()
+    peer = Peer(server)
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(script, peer)
+            opening = open_imap_stream(client, security=security, ssl_context=ssl_context)
+            if open_error is not None:
+                with pytest.raises(RemoteProtocolError, match=open_error):
+                    await opening.__aenter__()
+                await client.aclose()
+            else:
+                async with opening as imap:
+                    await body(imap)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+async def send_until_closed(peer: Peer, chunks: Iterator[bytes]) -> int:
+    """Send lazily generated chunks until the client hangs up; return bytes sent."""
+    sent = 0
+    try:
+        for chunk in chunks:
+            await peer.send(chunk)
+            sent += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    return sent
+
+
+def literal_fetches(count: int, size: int, *, first_seq: int = 1) -> Iterator[bytes]:
+    """Untagged FETCH responses with a ``size``-byte literal each, made as sent."""
+    chunk = b"x" * MiB
+    for seq in range(first_seq, first_seq + count):
+        yield b"* %d FETCH (UID %d BODY[] {%d}\r\n" % (seq, seq, size)
+        left = size
+        while left:
+            part = chunk[: min(left, MiB)]
+            left -= len(part)
+            yield part
+        yield b")\r\n"
+
+
+async def test_untagged_literals_before_a_search_answer_are_bounded_in_bytes() -> None:
+    import prxmail.imap._connection as connection_module
+
+    budget = connection_module.MAX_UNTAGGED_BYTES_PER_COMMAND
+    sent: list[int] = []
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID SEARCH RETURN (ALL) ALL")
+        # 150 MiB of 1 MiB literals before the answer (the tagged OK never comes).
+        sent.append(await send_until_closed(peer, literal_fetches(150, MiB)))
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        # Refused once the budget is spent: the literal that would overrun it is refused
+        # as it is announced, before it is allocated.
+        with pytest.raises(
+            RemoteProtocolError, match=r"literal of 1048576 bytes|bytes of untagged"
+        ):
+            await imap.uid_search()
+        assert imap.broken
+        with pytest.raises(ConnectionBrokenError):
+            await imap.noop()
+
+    with trio.fail_after(60):
+        peak = await run_lockstep(script, body)
+    assert budget - 2 * MiB < sent[0] < budget + 2 * MiB
+    assert peak < budget + 8 * MiB
+
+
+async def test_huge_literal_before_the_starttls_answer_is_refused_on_announcement() -> None:
+    sent: list[int] = []
+
+    async def script(peer: Peer) -> None:
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n")
+        await peer.expect(b"A0001 STARTTLS")
+        # What an on-path attacker can inject before the server's answer: 2 x 100 MiB.
+        sent.append(await send_until_closed(peer, literal_fetches(2, 100 * MiB)))
+
+    async def body(imap: IMAPConnection) -> None:
+        pytest.fail("the connection must not open")
+
+    with trio.fail_after(60):
+        peak = await run_lockstep(
+            script,
+            body,
+            security=Security.STARTTLS,
+            ssl_context=ssl.create_default_context(),
+            open_error="literal of 104857600 bytes",
+        )
+    assert sent[0] < 2 * MiB
+    assert peak < 4 * MiB
+
+
+async def test_endless_ok_during_select_is_bounded_in_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import prxmail.imap._connection as connection_module
+
+    # A smaller budget than the real 64 MiB keeps the test quick under tracemalloc; the
+    # charge per line is the real one, so this is the same bound scaled down.
+    budget = 8 * MiB
+    monkeypatch.setattr(connection_module, "MAX_UNTAGGED_BYTES_PER_COMMAND", budget)
+    line = b"* OK still here\r\n"
+    per_line = len(line) + connection_module.RESPONSE_OVERHEAD
+    most_lines = budget // per_line
+    sent: list[int] = []
+
+    def endless() -> Iterator[bytes]:
+        batch = line * 4096
+        for _ in range(1_200_000 // 4096):  # more than the old count bound of 1,000,000
+            yield batch
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        sent.append(await send_until_closed(peer, endless()))
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        with pytest.raises(RemoteProtocolError, match="bytes of untagged responses to one SELECT"):
+            await imap.select()
+        assert imap.broken
+
+    with trio.fail_after(120):
+        peak = await run_lockstep(script, body)
+    # Refused after the budget's worth of lines, long before a million of them.
+    assert sent[0] // len(line) < most_lines + 2 * 4096
+    # What the kept lines really take stays within the budget they were charged.
+    assert peak < budget + 4 * MiB
+
+
+async def test_huge_push_while_idling_is_refused_on_announcement() -> None:
+    sent: list[int] = []
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 IDLE")
+        await peer.send(b"+ idling\r\n* 1 EXISTS\r\n")
+        sent.append(await send_until_closed(peer, literal_fetches(3, 100 * MiB)))
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        pushes: list[object] = []
+
+        async def idle_on() -> None:
+            async with imap.idle() as idle:
+                async for push in idle:
+                    pushes.append(push)
+
+        with pytest.raises(RemoteProtocolError, match="literal of 104857600 bytes"):
+            await idle_on()
+        assert pushes == [Exists(1)]
+        assert imap.broken
+
+    with trio.fail_after(60):
+        peak = await run_lockstep(script, body)
+    assert sent[0] < 2 * MiB
+    assert peak < 8 * MiB
+
+
+async def test_pushes_piling_up_before_idle_starts_are_bounded_in_bytes() -> None:
+    import prxmail.imap._connection as connection_module
+
+    budget = connection_module.MAX_PENDING_PUSH_BYTES
+    sent: list[int] = []
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 IDLE")
+        # Before the "+": 1 MiB FETCH pushes, each below the push bound, 110 MiB in all.
+        sent.append(await send_until_closed(peer, literal_fetches(110, MiB)))
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        with pytest.raises(RemoteProtocolError, match="bytes of unsolicited responses"):
+            async with imap.idle():
+                pytest.fail("IDLE must not start")
+        assert imap.broken
+
+    with trio.fail_after(60):
+        peak = await run_lockstep(script, body)
+    assert sent[0] < budget + 2 * MiB
+    assert peak < budget + 8 * MiB
+
+
+# -- partial fetches --------------------------------------------------------------------------
+
+
+async def test_partial_fetch_answered_with_a_bigger_literal_is_refused_on_announcement() -> None:
+    sent: list[int] = []
+
+    def answer() -> Iterator[bytes]:
+        size = 120 * MiB
+        yield b"* 1 FETCH (UID 7 RFC822.SIZE %d BODY[]<0> {%d}\r\n" % (size, size)
+        for _ in range(size // MiB):
+            yield b"y" * MiB
+        yield b")\r\nA0003 OK done\r\n"
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID FETCH 7 (RFC822.SIZE BODY.PEEK[]<0.1048576>)")
+        sent.append(await send_until_closed(peer, answer()))
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        with pytest.raises(RemoteProtocolError, match="more than the limit of 1048576"):
+            async for _ in imap.uid_fetch([7], ["RFC822.SIZE", "BODY.PEEK[]<0.1048576>"]):
+                pass
+        assert imap.broken
+
+    with trio.fail_after(60):
+        peak = await run_lockstep(script, body)
+    assert sent[0] < 2 * MiB
+    assert peak < 4 * MiB
+
+
+@pytest.mark.parametrize(
+    ("items", "answer"),
+    [
+        # Literal caps cannot apply (the header is fetched whole): checked on arrival.
+        (
+            ["BODY.PEEK[HEADER]", "BODY.PEEK[1]<0.10>"],
+            b"* 1 FETCH (UID 7 BODY[HEADER] {4}\r\nh: v BODY[1]<0> {20}\r\n"
+            b"01234567890123456789)\r\n",
+        ),
+        # A quoted string is no literal: checked on arrival.
+        (["BODY.PEEK[]<0.10>"], b'* 1 FETCH (UID 7 BODY[]<0> "0123456789ABCDEF")\r\n'),
+        # The section spelled differently by the server is still the one asked for.
+        (
+            ["BODY.PEEK[header.fields (subject)]<0.5>"],
+            b'* 1 FETCH (UID 7 BODY[HEADER.FIELDS  (SUBJECT)]<0> "Subject: x")\r\n',
+        ),
+    ],
+)
+async def test_partial_fetch_section_longer_than_asked_is_refused(
+    items: list[str], answer: bytes
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID FETCH 7 (" + " ".join(items).encode() + b")")
+        await peer.send(answer + b"A0003 OK done\r\n")
+        with pytest.raises((EOFError, trio.BrokenResourceError, trio.ClosedResourceError)):
+            await peer.line()
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        with pytest.raises(RemoteProtocolError, match=r"more than the \d+ asked for"):
+            async for _ in imap.uid_fetch([7], items):
+                pass
+        assert imap.broken
+
+    with trio.fail_after(5):
+        await run(script, body)
+
+
+async def test_partial_fetch_within_its_bounds_and_whole_fetch_are_accepted() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID FETCH 7 (BODY.PEEK[]<0.10> BODY.PEEK[1])")
+        await peer.send(
+            b"* 1 FETCH (UID 7 BODY[]<0> {10}\r\n0123456789 BODY[1] {20}\r\n"
+            b"01234567890123456789)\r\nA0003 OK done\r\n"
+        )
+        await peer.logout(b"A0004")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        got = [m async for m in imap.uid_fetch([7], ["BODY.PEEK[]<0.10>", "BODY.PEEK[1]"])]
+        assert [dict(m.sections) for m in got] == [
+            {"<0>": b"0123456789", "1": b"01234567890123456789"}
+        ]
+        assert not imap.broken
+
+    with trio.fail_after(5):
+        await run(script, body)
+
+
+async def test_literal_limit_can_be_set_on_an_open_connection() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID FETCH 7 (BODY.PEEK[])")
+        await peer.send(b"* 1 FETCH (UID 7 BODY[] {2000}\r\n")
+        with pytest.raises((EOFError, trio.BrokenResourceError, trio.ClosedResourceError)):
+            await peer.line()
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        imap.max_literal_size = 1000
+        assert imap.max_literal_size == 1000
+        with pytest.raises(RemoteProtocolError, match="more than the limit of 1000"):
+            async for _ in imap.uid_fetch([7]):
+                pass
+
+    with trio.fail_after(5):
+        await run(script, body)
+
+
+async def test_server_ending_idle_by_itself_leaves_the_connection_usable() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 IDLE")
+        await peer.send(b"+ idling\r\n* 4 EXISTS\r\nA0003 OK IDLE terminated\r\n")
+        await peer.expect(b"A0004 NOOP")
+        await peer.send(b"A0004 OK done\r\n")
+        await peer.logout(b"A0005")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        async with imap.idle() as idle:
+            pushes = [push async for push in idle]
+        assert pushes == [Exists(4)]
+        assert not imap.broken
+        assert await imap.noop() == ()
+
+    with trio.fail_after(5):
+        await run(script, body)
+
+
+async def test_pushes_returned_by_idle_skip_keepalives_and_count_bound_drops_oldest() -> None:
+    import prxmail.imap._connection as connection_module
+
+    most = connection_module.MAX_PENDING_PUSHES
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 SELECT INBOX")
+        await peer.send(b"A0002 OK done\r\n")
+        await peer.expect(b"A0003 UID SEARCH RETURN (ALL) ALL")
+        # More pushes than are kept: the oldest are dropped (they are hints).
+        await peer.send(b"".join(b"* %d EXISTS\r\n" % n for n in range(1, most + 11)))
+        await peer.send(b"A0003 OK done\r\n")
+        await peer.expect(b"A0004 IDLE")
+        await peer.send(b"+ idling\r\n")
+        await peer.expect(b"DONE")
+        await peer.send(b"A0004 OK done\r\n")
+        await peer.logout(b"A0005")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        await imap.select()
+        await imap.uid_search()
+        async with imap.idle() as idle:
+            async for push in idle:
+                assert push == Exists(11)  # the first ten were dropped
                 break
 
     with trio.fail_after(5):

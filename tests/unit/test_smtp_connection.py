@@ -30,6 +30,7 @@ from prxmail.smtp import (
     SMTPConnection,
     SMTPSender,
     decode_data,
+    open_smtp_connection,
 )
 from prxmail.smtp._connection import MAX_PIPELINED_COMMANDS
 
@@ -465,11 +466,16 @@ async def test_wrong_password_never_shows_secret(auth: str) -> None:
             base64.b64encode(wrong.encode()).decode().rstrip("="),
             base64.b64encode(b"\x00user\x00" + wrong.encode()).decode().rstrip("="),
         ]
-        shown = " ".join([str(exc), exc.server_text, repr(exc), repr(conn)])
+        # The refusal is kept as the cause (for tracebacks), redacted the same way.
+        cause = exc.__cause__
+        assert isinstance(cause, SMTPPermanentError)
+        assert cause.code == 535
+        shown = " ".join(
+            [str(exc), exc.server_text, repr(exc), repr(conn), str(cause), repr(cause), cause.text]
+        )
         for form in secret_forms:
             assert form not in shown
         assert "bad" in exc.server_text  # the server's words are kept otherwise
-        assert exc.__cause__ is None
         # The connection stays usable: a correct login works next.
         await conn.login("user", PASSWORD)
 
@@ -1106,3 +1112,51 @@ async def test_sender_send_messages() -> None:
         await sender.aclose()
         nursery.cancel_scope.cancel()
     assert len(servers.servers[0].messages) == 5
+
+
+async def test_connect_failure_is_connection_broken_with_the_os_error_as_cause() -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()  # nothing listens there any more
+    with pytest.raises(ConnectionBrokenError, match=f"cannot connect to 127.0.0.1:{port}") as info:
+        async with open_smtp_connection("127.0.0.1", port, security=Security.PLAIN):
+            pass
+    assert isinstance(info.value.__cause__, OSError)
+    # The same error the IMAP client gives, so callers catch one type for both.
+    assert not isinstance(info.value, OSError)
+
+
+async def test_transport_failure_while_sending_is_connection_broken_with_its_cause() -> None:
+    server = FakeServer()
+    async with connected(server) as conn:
+        await conn.stream.aclose()  # the transport goes away under the connection
+        with pytest.raises(ConnectionBrokenError, match="lost while sending") as info:
+            await conn.noop()
+        assert isinstance(info.value.__cause__, trio.ClosedResourceError)
+        assert conn.is_broken
+        with pytest.raises(ConnectionBrokenError, match="broken"):
+            await conn.noop()
+
+
+async def test_aclose_during_another_tasks_operation_closes_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    server = FakeServer(override=lambda line: "hang" if line == "NOOP" else None)
+    failures: list[BaseException] = []
+
+    async def noop(conn: SMTPConnection) -> None:
+        try:
+            await conn.noop()
+        except ConnectionBrokenError as exc:
+            failures.append(exc)
+
+    async with connected(server) as conn, trio.open_nursery() as nursery:
+        nursery.start_soon(noop, conn)
+        await trio.testing.wait_all_tasks_blocked()
+        await conn.aclose()  # no QUIT in the middle of the NOOP: just close
+        assert conn.is_broken
+        assert "closed" in repr(conn)
+    assert "QUIT" not in server.commands
+    assert len(failures) == 1
+    with pytest.raises(ConnectionBrokenError, match="closed"):
+        await conn.noop()

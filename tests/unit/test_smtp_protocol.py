@@ -137,7 +137,6 @@ def test_enhanced_code_class_must_match() -> None:
 def test_transient_error_type() -> None:
     err = error_for_reply(Reply(451, ("4.3.0 try later",), Command.DATA, "4.3.0"), "DATA")
     assert isinstance(err, SMTPTransientError)
-    assert err.transient
     assert err.text == "try later"
 
 
