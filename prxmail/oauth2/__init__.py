@@ -12,6 +12,11 @@ from prxmail.oauth2._errors import TokenEndpointError as TokenEndpointError
 from prxmail.oauth2._files import SECRET_FILE_MODE as SECRET_FILE_MODE
 from prxmail.oauth2._files import read_secret_file as read_secret_file
 from prxmail.oauth2._files import write_secret_file as write_secret_file
+from prxmail.oauth2._flows import AUTHORIZATION_WAIT as AUTHORIZATION_WAIT
+from prxmail.oauth2._flows import Output as Output
+from prxmail.oauth2._flows import pkce_pair as pkce_pair
+from prxmail.oauth2._flows import run_device_flow as run_device_flow
+from prxmail.oauth2._flows import run_loopback_flow as run_loopback_flow
 from prxmail.oauth2._http import TokenResponse as TokenResponse
 from prxmail.oauth2._http import check_endpoint_url as check_endpoint_url
 from prxmail.oauth2._http import request_token as request_token
@@ -32,6 +37,7 @@ from prxmail.oauth2._token import authenticate_with as authenticate_with
 from prxmail.oauth2._token import safe_command_env as safe_command_env
 
 __all__ = [
+    "AUTHORIZATION_WAIT",
     "ERROR_ACKNOWLEDGEMENT",
     "SECRET_FILE_MODE",
     "AccessToken",
@@ -40,6 +46,7 @@ __all__ = [
     "ErrorChallenge",
     "Grant",
     "OAuth2Error",
+    "Output",
     "Revealable",
     "Secret",
     "TokenCommandError",
@@ -50,9 +57,12 @@ __all__ = [
     "check_endpoint_url",
     "decode_error_challenge",
     "oauthbearer_initial_response",
+    "pkce_pair",
     "preferred_mechanism",
     "read_secret_file",
     "request_token",
+    "run_device_flow",
+    "run_loopback_flow",
     "safe_command_env",
     "write_secret_file",
     "xoauth2_initial_response",

@@ -36,6 +36,7 @@ __all__ = [
     "TokenResponse",
     "check_endpoint_url",
     "endpoint_error",
+    "parse_token_answer",
     "post_form",
     "request_token",
 ]
@@ -285,7 +286,26 @@ async def request_token(
         ConfigError: the URL is not an allowed endpoint.
     """
     status, answer = await post_form(url, form, ssl_context=ssl_context, secrets=secrets)
-    redact = Redactor(secrets)
+    return parse_token_answer(url, status, answer, Redactor(secrets))
+
+
+def parse_token_answer(
+    url: str, status: int, answer: Mapping[str, object], redact: Redactor
+) -> TokenResponse:
+    """Check a token endpoint's JSON answer and take the tokens out of it.
+
+    Args:
+        url: The endpoint, for messages.
+        status: The HTTP status.
+        answer: The JSON object.
+        redact: Removes the request's secrets from the server's text.
+
+    Returns:
+        The tokens.
+
+    Raises:
+        TokenEndpointError: an error answer, or no usable Bearer ``access_token``.
+    """
     if status != 200 or "error" in answer:
         raise endpoint_error(url, status, answer, redact)
     token = answer.get("access_token")
