@@ -387,9 +387,7 @@ class AuthServer:
                 return 400, {"error": "access_denied"}
             # RFC 8628 §3.5: polling faster than the interval earns slow_down (with
             # 10% slack for timer jitter).
-            too_fast = (
-                self.enforce_interval and now - device.last_poll < device.interval * 0.9
-            )
+            too_fast = self.enforce_interval and now - device.last_poll < device.interval * 0.9
             device.last_poll = now
             if too_fast:
                 device.interval += 5

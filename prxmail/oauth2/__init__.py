@@ -20,6 +20,11 @@ from prxmail.oauth2._flows import run_loopback_flow as run_loopback_flow
 from prxmail.oauth2._http import TokenResponse as TokenResponse
 from prxmail.oauth2._http import check_endpoint_url as check_endpoint_url
 from prxmail.oauth2._http import request_token as request_token
+from prxmail.oauth2._presets import PRESETS as PRESETS
+from prxmail.oauth2._presets import OAuth2Preset as OAuth2Preset
+from prxmail.oauth2._presets import Preset as Preset
+from prxmail.oauth2._presets import get_preset as get_preset
+from prxmail.oauth2._presets import preset_defaults as preset_defaults
 from prxmail.oauth2._sasl import ERROR_ACKNOWLEDGEMENT as ERROR_ACKNOWLEDGEMENT
 from prxmail.oauth2._sasl import ErrorChallenge as ErrorChallenge
 from prxmail.oauth2._sasl import decode_error_challenge as decode_error_challenge
@@ -39,6 +44,7 @@ from prxmail.oauth2._token import safe_command_env as safe_command_env
 __all__ = [
     "AUTHORIZATION_WAIT",
     "ERROR_ACKNOWLEDGEMENT",
+    "PRESETS",
     "SECRET_FILE_MODE",
     "AccessToken",
     "CommandTokenSource",
@@ -46,7 +52,9 @@ __all__ = [
     "ErrorChallenge",
     "Grant",
     "OAuth2Error",
+    "OAuth2Preset",
     "Output",
+    "Preset",
     "Revealable",
     "Secret",
     "TokenCommandError",
@@ -56,9 +64,11 @@ __all__ = [
     "authenticate_with",
     "check_endpoint_url",
     "decode_error_challenge",
+    "get_preset",
     "oauthbearer_initial_response",
     "pkce_pair",
     "preferred_mechanism",
+    "preset_defaults",
     "read_secret_file",
     "request_token",
     "run_device_flow",
