@@ -380,7 +380,7 @@ class EndpointTokenSource(_CachingSource):
         token: str = state["refresh_token"]
         return token
 
-    def _save_rotated(self, old: Secret, new: Secret) -> None:
+    def _save_rotated(self, new: Secret) -> None:
         try:
             if self._refresh_file is not None:
                 write_secret_file(self._refresh_file, new.reveal())
@@ -434,7 +434,7 @@ class EndpointTokenSource(_CachingSource):
             and answer.refresh_token.reveal() != refresh.reveal()
         ):
             new = answer.refresh_token
-            await trio.to_thread.run_sync(self._save_rotated, refresh, new)
+            await trio.to_thread.run_sync(self._save_rotated, new)
         lifetime = answer.expires_in if answer.expires_in is not None else ASSUMED_LIFETIME
         return answer.access_token.reveal(), lifetime
 

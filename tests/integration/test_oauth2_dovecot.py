@@ -223,3 +223,45 @@ def test_password_users_unaffected(mail_servers: MailServers) -> None:
     finally:
         client.logout()
     assert isinstance(mail_servers.ssl_context(), ssl.SSLContext)
+
+
+async def test_loopback_flow_token_file_logs_in(mail_servers: MailServers, tmp_path: Path) -> None:
+    # `prxmail auth` (loopback + PKCE) writes the file; the token source reads it; Dovecot
+    # accepts the token. The test plays the browser.
+    import httpx
+
+    from prxmail.oauth2 import run_loopback_flow
+
+    user = fresh_user(mail_servers)
+    path = tmp_path / "refresh-token"
+    send, receive = trio.open_memory_channel[str](10)
+
+    async def browser() -> None:
+        async with httpx.AsyncClient(verify=mail_servers.ssl_context()) as client:
+            async for line in receive:
+                if line.startswith(mail_servers.oauth.authorize_url):
+                    redirect = await client.get(line)
+                    await client.get(redirect.headers["location"])
+                    return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(browser)
+        await run_loopback_flow(
+            authorize_url=mail_servers.oauth.authorize_url,
+            token_url=mail_servers.oauth.token_url,
+            client_id=OAUTH_CLIENT_ID,
+            client_secret=Secret(mail_servers.oauth_client_secret),
+            scope="mail",
+            extra_params={"login_hint": user.address},
+            ssl_context=mail_servers.ssl_context(),
+            refresh_token_file=path,
+            output=send.send_nowait,
+        )
+    source = EndpointTokenSource(
+        token_url=mail_servers.oauth.token_url,
+        client_id=OAUTH_CLIENT_ID,
+        client_secret=Secret(mail_servers.oauth_client_secret),
+        refresh_token_file=path,
+        ssl_context=mail_servers.ssl_context(),
+    )
+    await imap_login(mail_servers, user, await source.token())
