@@ -68,6 +68,8 @@ from typing import Any
 
 import attrs
 
+from tests.oauthserver import AuthServer, server_ssl_context
+
 __all__ = [
     "DOMAIN",
     "REJECTED_ADDRESS",
@@ -121,6 +123,9 @@ _MAILDIR_SUBDIRS = ("cur", "new", "tmp")
 POLICY_RC_D = pathlib.Path("/usr/sbin/policy-rc.d")
 # The unprivileged user the dovecot-core package creates; the private Dovecot runs as it.
 DOVECOT_USER = "dovecot"
+# The OAuth client registered on the test authorization server at start (a
+# confidential client; tests register others, public ones too, as they need).
+OAUTH_CLIENT_ID = "prxmail-tests"
 
 # Startup is normally well under a second per server; the bound is generous for a
 # loaded CI machine but still fails a broken setup quickly.
@@ -318,7 +323,9 @@ ssl_cert = <{cert_file}
 ssl_key = <{key_file}
 ssl_min_protocol = TLSv1.2
 disable_plaintext_auth = yes
-auth_mechanisms = plain login
+# XOAUTH2 and OAUTHBEARER beside the passwords: the oauth2 passdb below validates
+# bearer tokens against the test authorization server (tests/oauthserver.py).
+auth_mechanisms = plain login xoauth2 oauthbearer
 # Tests log in with wrong passwords on purpose, all from 127.0.0.1: no 2 s failure
 # delay and no per-IP penalty (which grows to 15 s), or the suite crawls. A failed
 # login still takes up to 0.5 s (Dovecot flushes failures on a 500 ms timer).
@@ -330,6 +337,15 @@ passdb {{
   # appended to a shared file could be "unknown" for up to a second; a new file is
   # read on first use. Login names cannot contain "/" (auth_username_chars).
   args = scheme=PLAIN username_format=%u {passwd_dir}/%u
+  # Passwords, and the lookups without a login (LMTP's user check, "none"): a bearer
+  # token is never compared with a password.
+  mechanisms = plain login none
+}}
+passdb {{
+  driver = oauth2
+  # Only for the token mechanisms: a password is never sent to the introspection URL.
+  mechanisms = xoauth2 oauthbearer
+  args = {oauth2_conf}
 }}
 userdb {{
   driver = static
@@ -384,6 +400,18 @@ service auth {{
     mode = 0666
   }}
 }}
+"""
+
+# Dovecot's oauth2 passdb settings (doc/example-config/dovecot-oauth2.conf.ext): every
+# token is POSTed as ``token=...`` to the RFC 7662 introspection endpoint of the test
+# authorization server, which answers {"active": true, "username": ...}.
+_DOVECOT_OAUTH2_CONF = """\
+introspection_mode = post
+introspection_url = {introspection_url}
+username_attribute = username
+active_attribute = active
+active_value = true
+tls_ca_cert_file = {ca_file}
 """
 
 _POSTFIX_MAIN_CF = """\
@@ -653,6 +681,10 @@ class MailServers:
         ca_file: PEM of the throwaway CA that signed the servers' certificate.
         log_dir: Directory holding ``dovecot.log`` and ``postfix.log``.
         users: The pre-created users by local part ("alice", "bob", "bot", ...).
+        oauth: The test OAuth 2 authorization server (tests/oauthserver.py) whose
+            introspection endpoint Dovecot's oauth2 passdb asks, so XOAUTH2 and
+            OAUTHBEARER work on IMAP and, through Dovecot SASL, on SMTP submission.
+        oauth_client_secret: Secret of the client :data:`OAUTH_CLIENT_ID` there.
         workdir: The directory holding everything (configs, mail, logs, TLS files).
         dovecot_log, postfix_log: The two server logs, inside ``log_dir``.
 
@@ -668,6 +700,7 @@ class MailServers:
     ca_file: pathlib.Path
     log_dir: pathlib.Path
     users: dict[str, User]
+    oauth: AuthServer
 
     def __init__(self, workdir: pathlib.Path, *, remove_workdir: bool) -> None:
         self.workdir = workdir
@@ -681,6 +714,8 @@ class MailServers:
         ) = _free_ports(4)
         (self._plain_backend_port,) = _free_ports(1, PLAIN_BACKEND_HOST)
         self._relay: _Relay | None = None
+        self._oauth: AuthServer | None = None
+        self.oauth_client_secret = secrets.token_urlsafe(16)
         self.users = {}
         self._lock = threading.Lock()
         self._dovecot: subprocess.Popen[bytes] | None = None
@@ -750,6 +785,17 @@ class MailServers:
             log.touch(mode=0o644)
         _chown(self.dovecot_log, uid, gid)
 
+        # The authorization server binds its (free) port now, before Dovecot's config
+        # names it; it runs in a thread of this process, signed by the same CA.
+        self._oauth = self.oauth = AuthServer(server_ssl_context(cert)).start()
+        self.oauth.register_client(OAUTH_CLIENT_ID, self.oauth_client_secret)
+        oauth2_conf = self._dovecot_dir / "dovecot-oauth2.conf.ext"
+        oauth2_conf.write_text(
+            _DOVECOT_OAUTH2_CONF.format(
+                introspection_url=self.oauth.introspection_url, ca_file=self.ca_file
+            )
+        )
+
         self._dovecot_conf.write_text(
             _DOVECOT_CONF.format(
                 run_user=DOVECOT_USER,
@@ -763,6 +809,7 @@ class MailServers:
                 cert_file=self._cert_file,
                 key_file=self._key_file,
                 passwd_dir=self._passwd_dir,
+                oauth2_conf=oauth2_conf,
                 mail_root=self._mail_root,
                 plain_backend_host=PLAIN_BACKEND_HOST,
                 plain_backend_port=self._plain_backend_port,
@@ -842,6 +889,10 @@ class MailServers:
             tmp.rename(final)
             self.users[localpart] = user
         return user
+
+    def refresh_token(self, user: User, client_id: str = OAUTH_CLIENT_ID) -> str:
+        """Issue a refresh token for ``user`` on :attr:`oauth`, as after consent."""
+        return self.oauth.issue_refresh_token(user.address, client_id)
 
     def maildir(self, user: User) -> pathlib.Path:
         """Return the root of ``user``'s Maildir (holding ``new``, ``cur``, ``tmp``).
@@ -1246,6 +1297,8 @@ class MailServers:
         finally:
             if self._relay is not None:
                 self._relay.close()
+            if self._oauth is not None:
+                self._oauth.stop()
             try:
                 self.stop_dovecot()
             finally:
@@ -1264,6 +1317,8 @@ class MailServers:
             "smtp_tls_port": self.smtp_tls_port,
             "smtp_starttls_port": self.smtp_starttls_port,
             "ca_file": str(self.ca_file),
+            "oauth2_token_url": self.oauth.token_url,
+            "oauth2_client_id": OAUTH_CLIENT_ID,
             "log_dir": str(self.log_dir),
             "workdir": str(self.workdir),
             "users": {
