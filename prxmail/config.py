@@ -27,9 +27,8 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from prxmail._tls import Security
+from prxmail._validate import parse_exec_command, validate_sender_entry
 from prxmail.errors import ConfigError
-from prxmail.handler import parse_exec_command
-from prxmail.policy import validate_sender_entry
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_SECS",

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import prxmail.config as prxmail_config
 from prxmail._tls import Security
 from prxmail.config import (
     DEFAULT_IDLE_TIMEOUT_SECS,
@@ -412,3 +415,32 @@ def test_authserv_id_only_used_when_required() -> None:
     assert on.authserv_id == "mx.example.com"
     (problem,) = problems_of(with_lines('authserv_id = "mx example"'))
     assert problem.endswith(f"@ {PATH}.authserv_id")
+
+
+# Imported in a fresh interpreter with the package's __init__ bypassed: that one
+# re-exports the channel (which needs trio) until it imports lazily; what is checked here
+# is config's own dependency graph.
+_IMPORT_PROBE = """
+import sys, types
+package = types.ModuleType("prxmail")
+package.__path__ = [sys.argv[1]]
+sys.modules["prxmail"] = package
+import prxmail.config
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_config_imports_no_runtime_modules() -> None:
+    package_dir = Path(prxmail_config.__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE, str(package_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    loaded = set(result.stdout.split())
+    assert "prxmail.config" in loaded
+    forbidden = {"prxmail.handler", "prxmail.policy", "prxmail.message", "trio", "mailparser"}
+    assert not loaded & forbidden
+    assert not any(name.startswith(("trio.", "mailparser.", "prxmail.message.")) for name in loaded)
