@@ -7,17 +7,27 @@ library user's own tooling, by ``prxmail serve`` before its event loop starts. T
 checks those modules need *and* config needs live here; the modules re-export them, so
 ``prxmail.handler.parse_exec_command`` and ``prxmail.policy.validate_sender_entry`` keep
 working. This module imports only the standard library.
+
+Files named by the configuration (the configuration itself, password files, the CA
+file) are read by :func:`read_regular_file`: opened without blocking, refused unless
+they are regular files, and read up to a stated size. A FIFO would otherwise block the
+``open`` forever, and ``/dev/zero`` would be read until memory runs out.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import stat
+from pathlib import Path
 from typing import Final
 
 __all__ = [
     "ALLOW_ALL",
+    "FileProblem",
     "parse_exec_command",
+    "read_regular_file",
     "validate_sender_entry",
 ]
 
@@ -26,6 +36,72 @@ ALLOW_ALL: Final = "*"
 _DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # Longest domain name DNS allows (RFC 1035 section 2.3.4, in text form).
 _MAX_DOMAIN_CHARS: Final = 253
+# Bytes asked for per read() of a configuration file: one page-cache-friendly chunk;
+# the loop stops at the caller's limit anyway.
+_READ_CHUNK_BYTES: Final = 64 * 1024
+
+_FILE_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class FileProblem(ValueError):
+    """A file named in the configuration cannot be used.
+
+    The message is the reason alone (``"No such file or directory"``, ``"a FIFO (named
+    pipe), not a regular file"``, ``"larger than 65536 bytes"``), for the caller to put
+    after the path and the key; never any of the file's content.
+    """
+
+
+def read_regular_file(path: Path, *, limit: int) -> bytes:
+    """Read a whole regular file of at most ``limit`` bytes without ever blocking.
+
+    The file is opened with ``O_NONBLOCK`` (so a FIFO without a writer does not block
+    the open), checked with ``fstat`` on the open descriptor (so the check and the read
+    see the same file), and read with a bound (so a file that grows while it is read,
+    or lies about its size, still cannot exhaust memory).
+
+    Args:
+        path: The file.
+        limit: The most bytes the file may hold.
+
+    Returns:
+        The file's content.
+
+    Raises:
+        FileProblem: the file cannot be opened, is not a regular file (directory, FIFO,
+            device, socket), or holds more than ``limit`` bytes.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise FileProblem(exc.strerror or str(exc)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a plain file")
+            raise FileProblem(f"{kind}, not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, min(_READ_CHUNK_BYTES, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise FileProblem(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise FileProblem(f"larger than {limit} bytes")
+    return b"".join(chunks)
 
 
 def parse_exec_command(cmd: str) -> list[str]:
