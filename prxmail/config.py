@@ -29,6 +29,7 @@ import os
 import re
 import ssl
 import tomllib
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, NewType, TypeVar
@@ -123,6 +124,13 @@ MAX_SECRET_FILE_BYTES: Final = 64 * 1024
 # A CA file may be a whole distribution bundle (Debian's ca-certificates.crt, about
 # 150 roots, is 220 KB); 4 MiB takes a bundle many times that size.
 MAX_CA_FILE_BYTES: Final = 4 * 1024 * 1024
+# Characters that can never be part of a password sent on an IMAP or SMTP command line
+# (RFC 3501 forbids CR and LF outside literals and NUL everywhere; SASL PLAIN uses NUL
+# as its separator): a password holding one would fail every login forever.
+_UNSENDABLE_CHARS: Final = frozenset("\0\r\n")
+_UNSENDABLE_PROBLEM: Final = (
+    "must not contain NUL, CR or LF characters (they cannot be sent in an IMAP or SMTP command)"
+)
 
 
 class FirstStart(enum.Enum):
@@ -387,6 +395,8 @@ def _secret(value: object, _: object = None) -> Secret:
         raise _Invalid(f"expected a string, got {_type_name(value)}")
     if not value:
         raise _Invalid("expected a non-empty string")
+    if not _UNSENDABLE_CHARS.isdisjoint(value):
+        raise _Invalid(_UNSENDABLE_PROBLEM)
     return Secret(value)
 
 
@@ -434,6 +444,27 @@ def _security(value: object, _: object = None) -> Security:
         raise _Invalid(f"expected one of {choices}, got {value!r}") from None
 
 
+def _list_of_strings(
+    default: Callable[[object, Any], object],
+) -> Callable[[object, Any], object]:
+    # cattrs structures a tuple from any iterable, so a string would become one entry
+    # (and one error) per character; a TOML array arrives as a list, and only a list is
+    # accepted. The entries still go through ``default``, keeping per-entry key paths.
+    def hook(value: object, type_: Any) -> object:
+        if not isinstance(value, list):
+            hint = f"; write [{value!r}]" if isinstance(value, str) else ""
+            raise _Invalid(f"expected a list of strings, {_got(value)}{hint}")
+        return default(value, type_)
+
+    return hook
+
+
+def _is_type(kind: object) -> Callable[[Any], bool]:
+    # Generic aliases such as tuple[str, ...] are not classes, so they are registered
+    # with a predicate instead of by type.
+    return lambda candidate: bool(candidate == kind)
+
+
 def _build_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     hooks: dict[Any, Callable[[object, object], object]] = {
@@ -459,6 +490,12 @@ def _build_converter() -> cattrs.Converter:
     }
     for kind, hook in hooks.items():
         conv.register_structure_hook(kind, hook)
+    # After the scalar hooks, so the default array hooks structure entries with them.
+    for field in attrs.fields(attrs.resolve_types(RawEmailTable)):
+        if typing.get_origin(field.type) is tuple:
+            kind = field.type
+            default = conv.get_structure_hook(kind)
+            conv.register_structure_hook_func(_is_type(kind), _list_of_strings(default))
     return conv
 
 
@@ -557,6 +594,9 @@ def _resolve_secret(
             problems.append(f"password file {path} is empty {where}")
             return None
     else:
+        return None
+    if not _UNSENDABLE_CHARS.isdisjoint(value):
+        problems.append(f"{_UNSENDABLE_PROBLEM} {where}")
         return None
     return Secret(value)
 

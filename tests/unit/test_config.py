@@ -508,6 +508,54 @@ def test_tls_ca_file_bundle_with_non_ascii_comments_loads(tmp_path: Path, ca_pem
     assert parse_config(with_lines(f'tls_ca_file = "{bundle}"')).tls_ca_file == bundle
 
 
+@pytest.mark.parametrize("value", ["alice@example.com", "42", "true"])
+def test_allowed_senders_not_a_list_is_one_problem(value: str) -> None:
+    shown = f'"{value}"' if "@" in value else value
+    text = with_lines(f"allowed_senders = {shown}", drop=("allowed_senders",))
+    (problem,) = problems_of(text)
+    assert problem.startswith("expected a list of strings, got ")
+    assert problem.endswith(f"@ {PATH}.allowed_senders")
+
+
+def test_allowed_senders_string_hint_shows_the_list_form() -> None:
+    text = with_lines('allowed_senders = "alice@example.com"', drop=("allowed_senders",))
+    (problem,) = problems_of(text)
+    assert "write ['alice@example.com']" in problem
+
+
+@pytest.mark.parametrize("bad", ["\\u0000", "\\r", "\\n"])
+@pytest.mark.parametrize("key", ["password", "smtp_password"])
+def test_password_with_nul_or_line_break_refused(key: str, bad: str) -> None:
+    drop = ("password",) if key == "password" else ()
+    value = f"app-{bad}-password"
+    (problem,) = problems_of(with_lines(f'{key} = "{value}"', drop=drop))
+    assert problem == (
+        "must not contain NUL, CR or LF characters (they cannot be sent in an IMAP or"
+        f" SMTP command) @ {PATH}.{key}"
+    )
+    assert "app-" not in problem
+
+
+@pytest.mark.parametrize("bad", ["\0", "\r", "\n"])
+def test_password_from_env_or_file_with_nul_or_line_break_refused(bad: str, tmp_path: Path) -> None:
+    text = with_lines('password_env = "BOT_PW"', drop=("password",))
+    (problem,) = problems_of(text, environ={"BOT_PW": f"app{bad}password"})
+    assert problem.startswith("must not contain NUL, CR or LF")
+    assert problem.endswith(f"@ {PATH}.password_env")
+    (tmp_path / "pw").write_bytes(f"app{bad}password\n".encode())
+    text = with_lines('smtp_password_file = "pw"')
+    (problem,) = problems_of(text, base_dir=tmp_path)
+    assert problem.startswith("must not contain NUL, CR or LF")
+    assert problem.endswith(f"@ {PATH}.smtp_password_file")
+    assert "password" not in problem.partition(" @ ")[0].removeprefix("must not contain")
+
+
+def test_password_file_with_crlf_line_end_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_bytes(b"from-file\r\n")
+    text = with_lines('password_file = "pw"', drop=("password",))
+    assert parse_config(text, base_dir=tmp_path).password.reveal() == "from-file"
+
+
 # Imported in a fresh interpreter with the package's __init__ bypassed: that one
 # re-exports the channel (which needs trio) until it imports lazily; what is checked here
 # is config's own dependency graph.
