@@ -295,6 +295,16 @@ class Config:
     warnings: tuple[str, ...] = ()
 
     @property
+    def idle_renewal_secs(self) -> int:
+        """How often the watcher really ends and re-issues IDLE, in seconds.
+
+        The channel waits at most ``min(idle_timeout_secs, keepalive_secs)`` per IDLE
+        (see :mod:`prxmail.channel`): ``keepalive_secs`` exists precisely to renew more
+        often than the 29-minute RFC 2177 limit, so the start-up line shows the smaller.
+        """
+        return min(self.idle_timeout_secs, self.keepalive_secs)
+
+    @property
     def smtp_tls(self) -> bool:
         """The PRX ``smtp_tls`` flag: whether SMTP is encrypted at all."""
         return self.smtp_security is not Security.PLAIN
@@ -309,7 +319,9 @@ class Config:
             f" ({self.smtp_security.value}) as {self.smtp_username},"
             f" From: {self.from_address}",
             f"answer mail from: {senders}",
-            f"re-issue IDLE every {self.idle_timeout_secs} s; keep state in {self.state_dir}",
+            f"re-issue IDLE every {self.idle_renewal_secs} s (poll every"
+            f" {self.poll_interval_secs} s if the server has no IDLE);"
+            f" keep state in {self.state_dir}",
         ]
 
 

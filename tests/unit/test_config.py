@@ -556,6 +556,20 @@ def test_password_file_with_crlf_line_end_is_accepted(tmp_path: Path) -> None:
     assert parse_config(text, base_dir=tmp_path).password.reveal() == "from-file"
 
 
+@pytest.mark.parametrize(
+    ("idle", "keepalive", "shown"), [(1740, 20, 20), (1740, 300, 300), (100, 300, 100)]
+)
+def test_start_up_line_shows_the_effective_idle_interval(
+    idle: int, keepalive: int, shown: int
+) -> None:
+    config = parse_config(
+        with_lines(f"idle_timeout_secs = {idle}", f"keepalive_secs = {keepalive}")
+    )
+    assert config.idle_renewal_secs == shown
+    (line,) = [line for line in config.describe() if "IDLE" in line]
+    assert f"re-issue IDLE every {shown} s" in line
+
+
 # Imported in a fresh interpreter with the package's __init__ bypassed: that one
 # re-exports the channel (which needs trio) until it imports lazily; what is checked here
 # is config's own dependency graph.
