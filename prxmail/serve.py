@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TextIO
 
@@ -62,6 +63,9 @@ def one_line(error: BaseException) -> str:
 async def _serve_until_signal(config: Config, argv: list[str]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            # Beside the start, not after it: a signal while the channel opens (a slow
+            # disk under the state store) must still stop it.
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
             try:
                 await nursery.start(_serve, config, argv, nursery.cancel_scope)
             except BaseExceptionGroup as group:
@@ -74,14 +78,13 @@ async def _serve_until_signal(config: Config, argv: list[str]) -> None:
                 # started) every failure is a start-up failure; connection problems come
                 # later and are retried by the watcher.
                 raise _StartFailed(exc) from None
-            async for signum in signals:
-                log_event(
-                    logging.INFO,
-                    "shutting down",
-                    signal=signal.Signals(signum).name,
-                )
-                nursery.cancel_scope.cancel()
-                break
+
+
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log_event(logging.INFO, "shutting down", signal=signal.Signals(signum).name)
+        scope.cancel()
+        return
 
 
 async def _serve(

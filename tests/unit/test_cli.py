@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from prxmail import __version__
 from prxmail.cli import main
 from prxmail.doctor import EXIT_BLOCKED as EXIT_FAILURE
-from prxmail.serve import EXIT_CONFIG
+from prxmail.serve import EXIT_CONFIG, EXIT_OK
 
 GOOD = """\
 [channels_config.email]
@@ -308,3 +309,32 @@ def test_serve_unusable_state_dir_is_one_line_exit_2(tmp_path: Path) -> None:
     assert "prxmail could not start" in line
     assert "plain-file" in line
     assert result.stderr.splitlines()[-1] == line
+
+
+@pytest.mark.timeout(2 * CLI_TIMEOUT_SECS)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_cleanly_on_signal(signum: signal.Signals, tmp_path: Path) -> None:
+    # Closed loopback ports: the watcher keeps retrying, the channel itself is open.
+    config = _with(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "prxmail", "serve", "-c", str(config)]
+    with subprocess.Popen(
+        [*argv, "--exec", f"{sys.executable} -c pass"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "prxmail serving" in line:
+                break
+        proc.send_signal(signum)
+        rest = proc.communicate(timeout=CLI_TIMEOUT_SECS)[1]
+    assert "prxmail serving" in seen[-1]
+    assert proc.returncode == EXIT_OK
+    assert f"shutting down signal={signum.name}" in rest
+    assert "Traceback" not in "".join(seen) + rest
