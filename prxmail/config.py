@@ -700,7 +700,12 @@ def parse_config(
         The validated :class:`Config`.
 
     Raises:
-        ConfigError: with every problem found, each naming its key path.
+        ConfigError: with every problem found, each naming its key path. The files
+            the table names are read here: ``password_file`` and
+            ``smtp_password_file`` (at most :data:`MAX_SECRET_FILE_BYTES`) and
+            ``tls_ca_file`` (at most :data:`MAX_CA_FILE_BYTES`, and it must load into
+            an SSL context) must be regular files; a FIFO, a device or a directory is
+            a problem, not something to wait on or read without end.
     """
     env = os.environ if environ is None else environ
     base = base_dir if base_dir is not None else Path.cwd()
