@@ -9,6 +9,16 @@ $.channels_config.email.imap_port``. Checks that involve several keys (where the
 password comes from, TLS mode versus port) run after structuring, so their problems join
 the same list. Secrets are wrapped in :class:`Secret`, whose ``repr`` and ``str`` never
 show the value, and no error message ever quotes a secret key's value.
+
+Files the configuration names are checked here, not when the channel first needs them:
+the configuration file, password files and the CA file are read as regular files only,
+each with a size bound (a FIFO would hang the start, ``/dev/zero`` exhaust memory), and
+the CA file must load into an SSL context. A problem found later would surface as an
+exception from deep inside the running channel instead of a line naming the key.
+
+This module imports no other part of prxmail at run time except the error tree, the TLS
+mode enum and :mod:`prxmail._validate`: checking a configuration must not load trio,
+mail-parser or the handler runner.
 """
 
 from __future__ import annotations
@@ -17,7 +27,9 @@ import difflib
 import enum
 import os
 import re
+import ssl
 import tomllib
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, NewType, TypeVar
@@ -27,14 +39,21 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from prxmail._tls import Security
+from prxmail._validate import (
+    FileProblem,
+    parse_exec_command,
+    read_regular_file,
+    validate_sender_entry,
+)
 from prxmail.errors import ConfigError
-from prxmail.handler import parse_exec_command
-from prxmail.policy import validate_sender_entry
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_SECS",
     "DEFAULT_MAX_ATTACHMENT_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_CA_FILE_BYTES",
+    "MAX_CONFIG_FILE_BYTES",
+    "MAX_SECRET_FILE_BYTES",
     "Config",
     "FirstStart",
     "LogFormat",
@@ -95,6 +114,23 @@ DEFAULT_SMTP_RETRY_MAX_SECS: Final = 3600
 # Upper bound for the size limits themselves: a limit above 1 GiB is a typo, and the
 # limits exist to keep memory bounded.
 MAX_SIZE_LIMIT: Final = 1024 * 1024 * 1024
+# The configuration file is read whole: a complete PRX configuration with every table
+# is a few KiB, so 1 MiB is far beyond any real file while keeping a mistaken -c (a
+# log file, a disk image) from being loaded into memory.
+MAX_CONFIG_FILE_BYTES: Final = 1024 * 1024
+# A password file holds one password or token: OAuth2 access tokens (JWTs) reach a few
+# KiB, so 64 KiB leaves ample room and still refuses a wrong file at once.
+MAX_SECRET_FILE_BYTES: Final = 64 * 1024
+# A CA file may be a whole distribution bundle (Debian's ca-certificates.crt, about
+# 150 roots, is 220 KB); 4 MiB takes a bundle many times that size.
+MAX_CA_FILE_BYTES: Final = 4 * 1024 * 1024
+# Characters that can never be part of a password sent on an IMAP or SMTP command line
+# (RFC 3501 forbids CR and LF outside literals and NUL everywhere; SASL PLAIN uses NUL
+# as its separator): a password holding one would fail every login forever.
+_UNSENDABLE_CHARS: Final = frozenset("\0\r\n")
+_UNSENDABLE_PROBLEM: Final = (
+    "must not contain NUL, CR or LF characters (they cannot be sent in an IMAP or SMTP command)"
+)
 
 
 class FirstStart(enum.Enum):
@@ -116,6 +152,9 @@ class LogFormat(enum.Enum):
     JSON = "json"
 
 
+# OpenSSL messages end in the C source line that raised them: noise for an operator.
+_SSL_SOURCE_LINE: Final = re.compile(r" \(_ssl\.c:\d+\)\Z")
+_NON_ASCII_TO_QUESTION_MARK: Final = bytes(b if b < 0x80 else ord("?") for b in range(256))
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
 
@@ -256,6 +295,16 @@ class Config:
     warnings: tuple[str, ...] = ()
 
     @property
+    def idle_renewal_secs(self) -> int:
+        """How often the watcher really ends and re-issues IDLE, in seconds.
+
+        The channel waits at most ``min(idle_timeout_secs, keepalive_secs)`` per IDLE
+        (see :mod:`prxmail.channel`): ``keepalive_secs`` exists precisely to renew more
+        often than the 29-minute RFC 2177 limit, so the start-up line shows the smaller.
+        """
+        return min(self.idle_timeout_secs, self.keepalive_secs)
+
+    @property
     def smtp_tls(self) -> bool:
         """The PRX ``smtp_tls`` flag: whether SMTP is encrypted at all."""
         return self.smtp_security is not Security.PLAIN
@@ -270,7 +319,9 @@ class Config:
             f" ({self.smtp_security.value}) as {self.smtp_username},"
             f" From: {self.from_address}",
             f"answer mail from: {senders}",
-            f"re-issue IDLE every {self.idle_timeout_secs} s; keep state in {self.state_dir}",
+            f"re-issue IDLE every {self.idle_renewal_secs} s (poll every"
+            f" {self.poll_interval_secs} s if the server has no IDLE);"
+            f" keep state in {self.state_dir}",
         ]
 
 
@@ -356,6 +407,8 @@ def _secret(value: object, _: object = None) -> Secret:
         raise _Invalid(f"expected a string, got {_type_name(value)}")
     if not value:
         raise _Invalid("expected a non-empty string")
+    if not _UNSENDABLE_CHARS.isdisjoint(value):
+        raise _Invalid(_UNSENDABLE_PROBLEM)
     return Secret(value)
 
 
@@ -403,6 +456,27 @@ def _security(value: object, _: object = None) -> Security:
         raise _Invalid(f"expected one of {choices}, got {value!r}") from None
 
 
+def _list_of_strings(
+    default: Callable[[object, Any], object],
+) -> Callable[[object, Any], object]:
+    # cattrs structures a tuple from any iterable, so a string would become one entry
+    # (and one error) per character; a TOML array arrives as a list, and only a list is
+    # accepted. The entries still go through ``default``, keeping per-entry key paths.
+    def hook(value: object, type_: Any) -> object:
+        if not isinstance(value, list):
+            hint = f"; write [{value!r}]" if isinstance(value, str) else ""
+            raise _Invalid(f"expected a list of strings, {_got(value)}{hint}")
+        return default(value, type_)
+
+    return hook
+
+
+def _is_type(kind: object) -> Callable[[Any], bool]:
+    # Generic aliases such as tuple[str, ...] are not classes, so they are registered
+    # with a predicate instead of by type.
+    return lambda candidate: bool(candidate == kind)
+
+
 def _build_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     hooks: dict[Any, Callable[[object, object], object]] = {
@@ -428,6 +502,12 @@ def _build_converter() -> cattrs.Converter:
     }
     for kind, hook in hooks.items():
         conv.register_structure_hook(kind, hook)
+    # After the scalar hooks, so the default array hooks structure entries with them.
+    for field in attrs.fields(attrs.resolve_types(RawEmailTable)):
+        if typing.get_origin(field.type) is tuple:
+            kind = field.type
+            default = conv.get_structure_hook(kind)
+            conv.register_structure_hook_func(_is_type(kind), _list_of_strings(default))
     return conv
 
 
@@ -504,31 +584,56 @@ def _resolve_secret(
     if inline is not None:
         return inline
     if env_name is not None:
+        where = f"@ {TABLE_PATH}.{prefix}password_env"
         value = environ.get(env_name)
         if not value:
-            problems.append(
-                f"environment variable {env_name} is not set or empty"
-                f" @ {TABLE_PATH}.{prefix}password_env"
-            )
+            problems.append(f"environment variable {env_name} is not set or empty {where}")
             return None
-        return Secret(value)
-    if file is not None:
+    elif file is not None:
+        where = f"@ {TABLE_PATH}.{prefix}password_file"
         path = file if file.is_absolute() else base_dir / file
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
-            problems.append(
-                f"cannot read password file {path}: {reason} @ {TABLE_PATH}.{prefix}password_file"
-            )
+            text = read_regular_file(path, limit=MAX_SECRET_FILE_BYTES).decode("utf-8")
+        except FileProblem as exc:
+            problems.append(f"cannot read password file {path}: {exc} {where}")
+            return None
+        except UnicodeDecodeError:
+            problems.append(f"cannot read password file {path}: not UTF-8 {where}")
             return None
         # One trailing newline is what editors and `echo` add; it is not the password.
         value = text.removesuffix("\n").removesuffix("\r")
         if not value:
-            problems.append(f"password file {path} is empty @ {TABLE_PATH}.{prefix}password_file")
+            problems.append(f"password file {path} is empty {where}")
             return None
-        return Secret(value)
-    return None
+    else:
+        return None
+    if not _UNSENDABLE_CHARS.isdisjoint(value):
+        problems.append(f"{_UNSENDABLE_PROBLEM} {where}")
+        return None
+    return Secret(value)
+
+
+def _check_ca_file(path: Path, problems: list[str]) -> None:
+    where = f"@ {TABLE_PATH}.tls_ca_file"
+    try:
+        data = read_regular_file(path, limit=MAX_CA_FILE_BYTES)
+    except FileProblem as exc:
+        problems.append(f"cannot use tls_ca_file {path}: {exc} {where}")
+        return
+    # OpenSSL ignores text outside the PEM blocks, but cadata must be ASCII: bundles
+    # carry UTF-8 comments (CA names), so any non-ASCII byte becomes '?' -- inside a
+    # block it was invalid anyway.
+    pem = data.translate(_NON_ASCII_TO_QUESTION_MARK).decode("ascii")
+    # A bare context: only the file's own certificates are checked, without the cost
+    # of loading the system trust store.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        problems.append(
+            f"cannot use tls_ca_file {path}: it holds no PEM certificate OpenSSL can load"
+            f" ({_SSL_SOURCE_LINE.sub('', str(exc))}) {where}"
+        )
 
 
 def _imap_security(raw: RawEmailTable) -> Security:
@@ -595,7 +700,12 @@ def parse_config(
         The validated :class:`Config`.
 
     Raises:
-        ConfigError: with every problem found, each naming its key path.
+        ConfigError: with every problem found, each naming its key path. The files
+            the table names are read here: ``password_file`` and
+            ``smtp_password_file`` (at most :data:`MAX_SECRET_FILE_BYTES`) and
+            ``tls_ca_file`` (at most :data:`MAX_CA_FILE_BYTES`, and it must load into
+            an SSL context) must be regular files; a FIFO, a device or a directory is
+            a problem, not something to wait on or read without end.
     """
     env = os.environ if environ is None else environ
     base = base_dir if base_dir is not None else Path.cwd()
@@ -603,6 +713,13 @@ def parse_config(
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"], source=source) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively; no configuration
+        # nests deeper than a few levels, so this is a broken or hostile file.
+        raise ConfigError(
+            ["not valid TOML: nested too deeply (arrays or inline tables inside each other)"],
+            source=source,
+        ) from None
 
     channels = document.get("channels_config")
     table = channels.get("email") if isinstance(channels, dict) else None
@@ -617,6 +734,9 @@ def parse_config(
     if raw is None:
         raise ConfigError(problems, source=source)
 
+    def resolve(path: Path) -> Path:
+        return path if path.is_absolute() else base / path
+
     password = _resolve_secret(raw, "", env, base, problems)
     if password is None and not problems:
         problems.append(
@@ -630,6 +750,8 @@ def parse_config(
             "require_authentication = true needs authserv_id (the receiving server's"
             f" name in its Authentication-Results headers) @ {TABLE_PATH}.authserv_id"
         )
+    if raw.tls_ca_file is not None:
+        _check_ca_file(resolve(raw.tls_ca_file), problems)
     if raw.smtp_retry_max_secs < raw.smtp_retry_initial_secs:
         problems.append(
             f"must be at least smtp_retry_initial_secs ({raw.smtp_retry_initial_secs})"
@@ -637,9 +759,6 @@ def parse_config(
         )
     if problems or password is None:
         raise ConfigError(problems, source=source)
-
-    def resolve(path: Path) -> Path:
-        return path if path.is_absolute() else base / path
 
     return Config(
         imap_host=raw.imap_host,
@@ -684,15 +803,25 @@ def parse_config(
 def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate the configuration file at ``path``.
 
-    Relative paths inside it are resolved against the file's directory.
+    Relative paths inside it are resolved against the file's directory. The file must
+    be a regular file of at most :data:`MAX_CONFIG_FILE_BYTES`; so must every file it
+    names (see :func:`parse_config`).
+
+    Args:
+        path: The configuration file.
+        environ: As for :func:`parse_config`.
+
+    Returns:
+        The validated :class:`Config`.
 
     Raises:
         ConfigError: the file cannot be read, or it has problems (all listed).
     """
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
-        raise ConfigError([f"cannot read {file}: {reason}"], source=str(file)) from None
+        text = read_regular_file(file, limit=MAX_CONFIG_FILE_BYTES).decode("utf-8")
+    except FileProblem as exc:
+        raise ConfigError([f"cannot read {file}: {exc}"], source=str(file)) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"cannot read {file}: not UTF-8"], source=str(file)) from None
     return parse_config(text, source=str(file), base_dir=file.parent.resolve(), environ=environ)

@@ -64,7 +64,6 @@ import json
 import os
 import secrets
 import select
-import shlex
 import signal
 import subprocess
 import sys
@@ -75,6 +74,7 @@ from typing import Final
 import attrs
 import trio
 
+from prxmail._validate import parse_exec_command
 from prxmail.errors import HandlerError, LocalProtocolError
 
 __all__ = [
@@ -132,38 +132,6 @@ SWEEP_WAIT_SECONDS: Final = 2.0
 
 # prctl(2) option number from <linux/prctl.h>.
 _PR_SET_CHILD_SUBREAPER: Final = 36
-
-
-def parse_exec_command(cmd: str) -> list[str]:
-    """Split a handler command line shell-like into argv; no shell will run it.
-
-    Quotes and backslashes work as in a POSIX shell; nothing else does (no ``$VAR``,
-    globs, pipes, ``;`` or redirections -- they arrive as literal arguments).
-
-    Args:
-        cmd: The command line, e.g. ``'python3 /opt/bot/answer.py --lang "de CH"'``.
-
-    Returns:
-        The argument vector; ``argv[0]`` is the program.
-
-    Raises:
-        ValueError: empty command, unbalanced quotes, a trailing backslash, a NUL
-            character, or an empty program name.
-    """
-    if "\x00" in cmd:
-        raise ValueError("the handler command contains a NUL character")
-    if not cmd.strip():
-        raise ValueError("the handler command is empty")
-    try:
-        argv = shlex.split(cmd, comments=False, posix=True)
-    except ValueError as exc:
-        raise ValueError(
-            f"cannot split the handler command {cmd!r}: {exc}"
-            " (check for an unbalanced quote or a trailing backslash)"
-        ) from None
-    if not argv or not argv[0]:
-        raise ValueError(f"the handler command {cmd!r} has an empty program name")
-    return argv
 
 
 def encode_payload(payload: Mapping[str, object]) -> bytes:

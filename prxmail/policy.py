@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
+from prxmail._validate import ALLOW_ALL, validate_sender_entry
 from prxmail.conversation._limits import (
     DEFAULT_MAX_TRACKED_SENDERS,
     RateLimiterStatistics,
@@ -71,7 +72,6 @@ __all__ = [
     "validate_sender_entry",
 ]
 
-ALLOW_ALL = "*"
 
 # Authentication-Results values longer than this are not parsed: real ones are a
 # few hundred bytes, and the parser is character by character.
@@ -79,7 +79,6 @@ MAX_AUTH_RESULTS_CHARS = 8192
 
 _BOUNCE_LOCAL_PARTS = frozenset({"mailer-daemon", "postmaster"})
 _BULK_PRECEDENCE = frozenset({"bulk", "list", "junk"})
-_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 # -- addresses and allowed_senders ----------------------------------------------------
@@ -105,74 +104,6 @@ def _address_key(addr: str) -> tuple[str, str] | None:
     if not at or not local or not domain:
         return None
     return local.lower(), _domain_key(domain)
-
-
-def _check_domain(domain: str, entry: str) -> None:
-    if domain.startswith(".") or domain.endswith("."):
-        raise ValueError(f"{entry!r}: the domain may not start or end with a dot")
-    if len(domain) > 253:
-        raise ValueError(f"{entry!r}: the domain is longer than 253 characters")
-    for label in domain.split("."):
-        if not label:
-            raise ValueError(f"{entry!r}: the domain has an empty label ('..')")
-        if label.isascii() and not _DOMAIN_LABEL.match(label):
-            raise ValueError(
-                f"{entry!r}: {label!r} is not a valid domain label "
-                "(letters, digits and inner hyphens, at most 63)"
-            )
-        if not label.isascii() and not all(ch.isalnum() or ch == "-" for ch in label):
-            raise ValueError(f"{entry!r}: {label!r} is not a valid domain label")
-
-
-def validate_sender_entry(entry: str) -> str:
-    """Check and normalise one ``allowed_senders`` entry.
-
-    Args:
-        entry: ``"*"``, ``"@example.com"`` or ``"user@example.com"`` (any case,
-            surrounding white space allowed).
-
-    Returns:
-        The entry trimmed and lower-cased.
-
-    Raises:
-        ValueError: The entry could never match a sender; the message says why and
-            what to write instead (``"*@company.com"`` -> use ``"@company.com"``,
-            ``"company.com"`` -> use ``"@company.com"``, a lone ``"@"``, white
-            space inside, two ``@``, display names or brackets, bad domains).
-        TypeError: The entry is not a string.
-    """
-    if not isinstance(entry, str):
-        raise TypeError(f"expected a string, got {type(entry).__name__}")
-    value = entry.strip().lower()
-    if not value:
-        raise ValueError("empty entry (to allow nobody, leave the list empty)")
-    if value == ALLOW_ALL:
-        return value
-    if any(ch.isspace() for ch in value):
-        raise ValueError(f"{entry!r} contains white space; give one bare address per entry")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise ValueError(f"{entry!r} contains control characters")
-    if "*" in value:
-        raise ValueError(
-            f"{entry!r}: wildcards are not supported; write '@company.com' to allow a "
-            "whole domain or '*' to allow everybody"
-        )
-    if any(ch in value for ch in '<>,;"()[]\\'):
-        raise ValueError(f"{entry!r}: give the bare address (user@example.com), nothing else")
-    if "@" not in value:
-        raise ValueError(
-            f"{entry!r} is neither an address nor a domain entry; "
-            f"write '@{value}' to allow everybody at that domain"
-        )
-    if value.count("@") > 1:
-        raise ValueError(f"{entry!r} contains more than one '@'")
-    local, _, domain = value.partition("@")
-    if not domain:
-        raise ValueError(f"{entry!r}: nothing after '@'; write '@example.com' or 'user@host'")
-    _check_domain(domain, entry)
-    if local and (local.startswith(".") or local.endswith(".") or ".." in local):
-        raise ValueError(f"{entry!r}: the part before '@' has misplaced dots")
-    return value
 
 
 def sender_allowed(addr: str, allowed_senders: Iterable[str]) -> bool:

@@ -1,4 +1,11 @@
-"""``prxmail serve``: run the channel from the command line until SIGINT/SIGTERM."""
+"""``prxmail serve``: run the channel from the command line until SIGINT/SIGTERM.
+
+Exit statuses: 0 after a signal; :data:`EXIT_CONFIG` (2) when the service cannot start
+-- a configuration problem, a missing handler, or an error while the channel opens (the
+state directory cannot be used, say); 1 when the service stopped on an error after it
+had started. A start-up failure is one line on stderr, never a traceback: whoever reads
+it (an operator, systemd's journal) must see what to fix at once.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import logging
 import shutil
 import signal
 import traceback
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TextIO
 
@@ -13,36 +21,84 @@ import trio
 
 from prxmail._log import log_event, setup_logging
 from prxmail._redact import config_secrets
-from prxmail.channel import collapse_exception_group
+from prxmail._validate import parse_exec_command
+from prxmail.channel import MailChannel, collapse_exception_group
 from prxmail.config import Config, load_config
 from prxmail.errors import ConfigError, PrxmailError
-from prxmail.handler import contain_orphans, parse_exec_command
+from prxmail.handler import contain_orphans
 from prxmail.service import serve_mail_channel
 
-__all__ = ["run_serve"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "one_line", "run_serve"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 
+class _StartFailed(Exception):
+    """The channel failed before it was serving; ``error`` is why."""
+
+    def __init__(self, error: PrxmailError | OSError) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+def one_line(error: BaseException) -> str:
+    """Describe an error in one line, for a start-up failure on stderr.
+
+    Args:
+        error: A :class:`~prxmail.errors.ConfigError` (all its problems, joined with
+            ``"; "``), an ``OSError`` (its reason and file name) or any other error.
+
+    Returns:
+        The text, without line breaks.
+    """
+    if isinstance(error, ConfigError):
+        where = f" in {error.source}" if error.source else ""
+        text = f"invalid configuration{where}: " + "; ".join(error.problems)
+    elif isinstance(error, OSError) and error.strerror:
+        text = error.strerror + (f": {error.filename}" if error.filename else "")
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
 async def _serve_until_signal(config: Config, argv: list[str]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_serve, config, argv, nursery.cancel_scope)
-            async for signum in signals:
-                log_event(
-                    logging.INFO,
-                    "shutting down",
-                    signal=signal.Signals(signum).name,
-                )
-                nursery.cancel_scope.cancel()
-                break
+            # Beside the start, not after it: a signal while the channel opens (a slow
+            # disk under the state store) must still stop it.
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            try:
+                await nursery.start(_serve, config, argv, nursery.cancel_scope)
+            except BaseExceptionGroup as group:
+                failure = collapse_exception_group(group)
+                if isinstance(failure, PrxmailError | OSError):
+                    raise _StartFailed(failure) from None
+                raise
+            except (PrxmailError, OSError) as exc:
+                # Until the channel is open (state store opened, sender and watcher
+                # started) every failure is a start-up failure; connection problems come
+                # later and are retried by the watcher.
+                raise _StartFailed(exc) from None
 
 
-async def _serve(config: Config, argv: list[str], scope: trio.CancelScope) -> None:
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log_event(logging.INFO, "shutting down", signal=signal.Signals(signum).name)
+        scope.cancel()
+        return
+
+
+async def _serve(
+    config: Config,
+    argv: list[str],
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[MailChannel] = trio.TASK_STATUS_IGNORED,
+) -> None:
     try:
-        await serve_mail_channel(config, exec_command=argv)
+        await serve_mail_channel(config, exec_command=argv, task_status=task_status)
     finally:
         scope.cancel()
 
@@ -85,13 +141,14 @@ def run_serve(
         out, err: Where to print; log lines go to ``err``.
 
     Returns:
-        The process exit status: 0 after a signal, 2 for configuration problems, 1 when
-        the service stopped on an error.
+        The process exit status: 0 after a signal, 2 when it could not start
+        (configuration problems, no handler, the channel failed while opening), 1 when
+        the service stopped on an error after it had started.
     """
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        print(f"prxmail: {exc}", file=err)
+        print(f"prxmail: {one_line(exc)}", file=err)
         return EXIT_CONFIG
     if exec_command is not None:
         try:
@@ -120,6 +177,14 @@ def run_serve(
         # Orphans of our handlers become ours, so nothing they started outlives us.
         with contain_orphans():
             _run(config, argv)
+    except _StartFailed as failed:
+        error = failed.error
+        log_event(
+            logging.ERROR,
+            "prxmail could not start",
+            error=f"{type(error).__name__}: {one_line(error)}",
+        )
+        return EXIT_CONFIG
     except PrxmailError as exc:
         log_event(logging.ERROR, "prxmail stopped", error=f"{type(exc).__name__}: {exc}")
         return EXIT_FAILURE

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import trustme
 
+import prxmail.config as prxmail_config
 from prxmail._tls import Security
 from prxmail.config import (
     DEFAULT_IDLE_TIMEOUT_SECS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_CONFIG_FILE_BYTES,
+    MAX_SECRET_FILE_BYTES,
     Secret,
     default_state_dir,
     load_config,
@@ -254,6 +261,7 @@ def test_separate_smtp_credentials() -> None:
 
 
 def test_paths_resolved_and_state_dir_default(tmp_path: Path) -> None:
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     text = with_lines('tls_ca_file = "ca.pem"', 'state_dir = "state"')
     config = parse_config(text, base_dir=tmp_path)
     assert config.tls_ca_file == tmp_path / "ca.pem"
@@ -412,3 +420,180 @@ def test_authserv_id_only_used_when_required() -> None:
     assert on.authserv_id == "mx.example.com"
     (problem,) = problems_of(with_lines('authserv_id = "mx example"'))
     assert problem.endswith(f"@ {PATH}.authserv_id")
+
+
+# -- files named by the configuration, hostile values -------------------------------
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.fixture
+def ca_pem(tmp_path: Path) -> Path:
+    path = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
+
+
+def test_deeply_nested_toml_is_one_problem() -> None:
+    text = PRX_TABLE + "deep = " + "[" * 5000 + "]" * 5000 + "\n"
+    (problem,) = problems_of(text)
+    assert problem.startswith("not valid TOML: nested too deeply")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("key", ["password_file", "smtp_password_file"])
+def test_secret_file_must_be_a_regular_file(key: str, fifo: Path) -> None:
+    drop = ("password",) if key == "password_file" else ()
+    for target, kind in ((fifo, "a FIFO (named pipe)"), (Path("/dev/zero"), "a character device")):
+        (problem,) = problems_of(with_lines(f'{key} = "{target}"', drop=drop))
+        assert (
+            problem
+            == f"cannot read password file {target}: {kind}, not a regular file @ {PATH}.{key}"
+        )
+
+
+def test_secret_file_size_is_bounded(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (MAX_SECRET_FILE_BYTES + 1))
+    (problem,) = problems_of(with_lines(f'password_file = "{big}"', drop=("password",)))
+    assert f"larger than {MAX_SECRET_FILE_BYTES} bytes" in problem
+    assert problem.endswith(f"@ {PATH}.password_file")
+
+
+@pytest.mark.timeout(10)
+def test_config_file_must_be_a_regular_file(tmp_path: Path, fifo: Path) -> None:
+    for target in (fifo, Path("/dev/zero"), tmp_path):
+        with pytest.raises(ConfigError, match="not a regular file"):
+            load_config(target)
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (MAX_CONFIG_FILE_BYTES + 1))
+    with pytest.raises(ConfigError, match=f"larger than {MAX_CONFIG_FILE_BYTES} bytes"):
+        load_config(big)
+
+
+def test_tls_ca_file_is_loaded_at_config_time(tmp_path: Path, ca_pem: Path) -> None:
+    config = parse_config(with_lines(f'tls_ca_file = "{ca_pem.name}"'), base_dir=tmp_path)
+    assert config.tls_ca_file == ca_pem
+    (problem,) = problems_of(with_lines('tls_ca_file = "missing.pem"'), base_dir=tmp_path)
+    assert problem.startswith(
+        f"cannot use tls_ca_file {tmp_path / 'missing.pem'}: No such file or directory"
+    )
+    assert problem.endswith(f"@ {PATH}.tls_ca_file")
+    (tmp_path / "junk.pem").write_text("this is not a certificate\n")
+    (problem,) = problems_of(with_lines('tls_ca_file = "junk.pem"'), base_dir=tmp_path)
+    assert "holds no PEM certificate" in problem
+    assert problem.endswith(f"@ {PATH}.tls_ca_file")
+    (tmp_path / "empty.pem").write_text("")
+    (problem,) = problems_of(with_lines('tls_ca_file = "empty.pem"'), base_dir=tmp_path)
+    assert problem.endswith(f"@ {PATH}.tls_ca_file")
+
+
+@pytest.mark.timeout(10)
+def test_tls_ca_file_fifo_or_device_refused(fifo: Path) -> None:
+    for target in (fifo, Path("/dev/zero")):
+        (problem,) = problems_of(with_lines(f'tls_ca_file = "{target}"'))
+        assert "not a regular file" in problem
+        assert problem.endswith(f"@ {PATH}.tls_ca_file")
+
+
+def test_tls_ca_file_bundle_with_non_ascii_comments_loads(tmp_path: Path, ca_pem: Path) -> None:
+    # Distribution bundles carry UTF-8 comments (CA names) between the PEM blocks.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("# Főtanúsítvány\n".encode() + ca_pem.read_bytes())
+    assert parse_config(with_lines(f'tls_ca_file = "{bundle}"')).tls_ca_file == bundle
+
+
+@pytest.mark.parametrize("value", ["alice@example.com", "42", "true"])
+def test_allowed_senders_not_a_list_is_one_problem(value: str) -> None:
+    shown = f'"{value}"' if "@" in value else value
+    text = with_lines(f"allowed_senders = {shown}", drop=("allowed_senders",))
+    (problem,) = problems_of(text)
+    assert problem.startswith("expected a list of strings, got ")
+    assert problem.endswith(f"@ {PATH}.allowed_senders")
+
+
+def test_allowed_senders_string_hint_shows_the_list_form() -> None:
+    text = with_lines('allowed_senders = "alice@example.com"', drop=("allowed_senders",))
+    (problem,) = problems_of(text)
+    assert "write ['alice@example.com']" in problem
+
+
+@pytest.mark.parametrize("bad", ["\\u0000", "\\r", "\\n"])
+@pytest.mark.parametrize("key", ["password", "smtp_password"])
+def test_password_with_nul_or_line_break_refused(key: str, bad: str) -> None:
+    drop = ("password",) if key == "password" else ()
+    value = f"app-{bad}-password"
+    (problem,) = problems_of(with_lines(f'{key} = "{value}"', drop=drop))
+    assert problem == (
+        "must not contain NUL, CR or LF characters (they cannot be sent in an IMAP or"
+        f" SMTP command) @ {PATH}.{key}"
+    )
+    assert "app-" not in problem
+
+
+@pytest.mark.parametrize("bad", ["\0", "\r", "\n"])
+def test_password_from_env_or_file_with_nul_or_line_break_refused(bad: str, tmp_path: Path) -> None:
+    text = with_lines('password_env = "BOT_PW"', drop=("password",))
+    (problem,) = problems_of(text, environ={"BOT_PW": f"app{bad}password"})
+    assert problem.startswith("must not contain NUL, CR or LF")
+    assert problem.endswith(f"@ {PATH}.password_env")
+    (tmp_path / "pw").write_bytes(f"app{bad}password\n".encode())
+    text = with_lines('smtp_password_file = "pw"')
+    (problem,) = problems_of(text, base_dir=tmp_path)
+    assert problem.startswith("must not contain NUL, CR or LF")
+    assert problem.endswith(f"@ {PATH}.smtp_password_file")
+    assert "password" not in problem.partition(" @ ")[0].removeprefix("must not contain")
+
+
+def test_password_file_with_crlf_line_end_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_bytes(b"from-file\r\n")
+    text = with_lines('password_file = "pw"', drop=("password",))
+    assert parse_config(text, base_dir=tmp_path).password.reveal() == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("idle", "keepalive", "shown"), [(1740, 20, 20), (1740, 300, 300), (100, 300, 100)]
+)
+def test_start_up_line_shows_the_effective_idle_interval(
+    idle: int, keepalive: int, shown: int
+) -> None:
+    config = parse_config(
+        with_lines(f"idle_timeout_secs = {idle}", f"keepalive_secs = {keepalive}")
+    )
+    assert config.idle_renewal_secs == shown
+    (line,) = [line for line in config.describe() if "IDLE" in line]
+    assert f"re-issue IDLE every {shown} s" in line
+
+
+# Imported in a fresh interpreter with the package's __init__ bypassed: that one
+# re-exports the channel (which needs trio) until it imports lazily; what is checked here
+# is config's own dependency graph.
+_IMPORT_PROBE = """
+import sys, types
+package = types.ModuleType("prxmail")
+package.__path__ = [sys.argv[1]]
+sys.modules["prxmail"] = package
+import prxmail.config
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_config_imports_no_runtime_modules() -> None:
+    package_dir = Path(prxmail_config.__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE, str(package_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    loaded = set(result.stdout.split())
+    assert "prxmail.config" in loaded
+    forbidden = {"prxmail.handler", "prxmail.policy", "prxmail.message", "trio", "mailparser"}
+    assert not loaded & forbidden
+    assert not any(name.startswith(("trio.", "mailparser.", "prxmail.message.")) for name in loaded)

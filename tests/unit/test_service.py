@@ -31,7 +31,7 @@ from prxmail.cli import main
 from prxmail.config import parse_config
 from prxmail.imap import BodyPart, MultipartBody
 from prxmail.message import parse_message
-from prxmail.serve import EXIT_FAILURE
+from prxmail.serve import EXIT_CONFIG
 from prxmail.service import handler_environment, message_payload
 from prxmail.state import StateStore
 
@@ -239,7 +239,7 @@ def test_serve_exits_with_failure_when_another_instance_holds_the_state(
     config.write_text(CONFIG + f'state_dir = "{state}"\n')
     with StateStore(state):
         code = main(["serve", "-c", str(config), "--exec", f"{sys.executable} -c pass"])
-    assert code == EXIT_FAILURE
+    assert code == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "StateError" in err
     assert "top-secret-pw" not in err
