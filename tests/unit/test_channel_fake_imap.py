@@ -320,7 +320,7 @@ async def test_rejected_mail_is_not_delivered_nor_flagged(tmp_path: Path) -> Non
 async def test_a_message_that_breaks_the_parser_is_failed_not_retried_forever(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prxmail import channel as channel_module
+    from prxmail.channel import _api as channel_module
 
     real = channel_module.parse_message
     calls: list[int] = []
@@ -416,7 +416,7 @@ async def test_mark_seen_false_never_changes_flags(tmp_path: Path) -> None:
 async def test_a_backlog_larger_than_the_seen_buffer_is_flagged_in_full(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prxmail import channel as channel_module
+    from prxmail.channel import _api as channel_module
 
     monkeypatch.setattr(channel_module, "SEEN_BUFFER", 8)
     count = 40
@@ -434,7 +434,7 @@ async def test_a_backlog_larger_than_the_seen_buffer_is_flagged_in_full(
 async def test_a_pushed_message_larger_than_the_first_fetch_comes_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prxmail import channel as channel_module
+    from prxmail.channel import _api as channel_module
 
     monkeypatch.setattr(channel_module, "FIRST_FETCH_BYTES", 200)
     small, large = raw_message(1), raw_message(2).replace(b"body 2", b"x" * 500)
@@ -473,7 +473,7 @@ async def test_a_pushed_message_larger_than_the_first_fetch_comes_whole(
 async def test_a_catch_up_parsed_in_threads_keeps_uid_order_and_fails_only_the_poison(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prxmail import channel as channel_module
+    from prxmail.channel import _api as channel_module
 
     # Every message its own group, every group parsed in a worker thread while the next
     # is fetched.

@@ -24,7 +24,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prxmail.message import (
+from prxmail.message._parse import (
     _LINE_BREAKING,
     _SPACE_OR_CONTROL,
     _SURROGATE,

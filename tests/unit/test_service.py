@@ -15,17 +15,17 @@ import pytest
 import trio
 
 from prxmail._log import MAX_FIELD_CHARS, log_event, setup_logging
-from prxmail._oversize import (
-    OVERSIZE_DEFECT,
-    build_substitute,
-    describe_attachments,
-    text_sections,
-)
-from prxmail.channel import (
+from prxmail.channel._api import (
     RECONNECT_INITIAL_SECONDS,
     RECONNECT_MAX_SECONDS,
     _Backoff,
     collapse_exception_group,
+)
+from prxmail.channel._oversize import (
+    OVERSIZE_DEFECT,
+    build_substitute,
+    describe_attachments,
+    text_sections,
 )
 from prxmail.cli import main
 from prxmail.config import parse_config

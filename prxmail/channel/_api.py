@@ -65,13 +65,13 @@ import trio
 import trio_util  # type: ignore[import-untyped]
 
 from prxmail._log import log_event
-from prxmail._oversize import (
+from prxmail._tls import shared_ssl_context
+from prxmail.channel._oversize import (
     OVERSIZE_DEFECT,
     build_substitute,
     describe_attachments,
     text_sections,
 )
-from prxmail._tls import shared_ssl_context
 from prxmail.compose import OutgoingMessage, compose_message, compose_reply
 from prxmail.config import Config, FirstStart
 from prxmail.errors import (
