@@ -35,8 +35,9 @@ from prxmail.doctor import (
     run_checks,
     run_doctor,
 )
-from prxmail.doctor import _imap as doctor_module
-from prxmail.doctor._imap import _connect_error, _redactor
+from prxmail.doctor import _network as doctor_module
+from prxmail.doctor._network import _connect_error
+from prxmail.doctor._report import _redactor
 from prxmail.state import OutboxDraft, StateStore, account_key
 
 HOST = "127.0.0.1"
