@@ -373,9 +373,9 @@ class _ParseJob:
 
     :meth:`_FetchPipeline._process_uids` starts one in its nursery and goes on
     fetching; :meth:`result` waits for it. A job whose pipeline gave up (cancelled,
-    or the connection broke) is waited for by that nursery -- the thread's work is
-    bounded by the group's size -- and its result is dropped: nothing was claimed,
-    so the messages are fetched again.
+    or the connection broke) is dropped at once: its thread is abandoned to finish
+    its bounded work (holding its parse-limiter token until then) and the result is
+    freed. Nothing was claimed, so the messages are fetched again.
     """
 
     def __init__(self, parsed: _Parsed | None = None) -> None:
@@ -392,7 +392,9 @@ class _ParseJob:
         return job
 
     async def _run(self, work: Callable[[], _Parsed]) -> None:
-        self._parsed = await trio.to_thread.run_sync(work, limiter=parse_limiter())
+        self._parsed = await trio.to_thread.run_sync(
+            work, limiter=parse_limiter(), abandon_on_cancel=True
+        )
         self._finished.set()
 
     async def result(self) -> _Parsed:
@@ -623,7 +625,7 @@ class _FetchPipeline(_ChannelCore):
         work = functools.partial(_parse_all, uidvalidity, raws, self.config.max_attachment_bytes)
         if parse_inline([raw for _, raw in raws]):
             return work()
-        return await trio.to_thread.run_sync(work, limiter=parse_limiter())
+        return await trio.to_thread.run_sync(work, limiter=parse_limiter(), abandon_on_cancel=True)
 
     async def _admit(
         self, uidvalidity: int, parsed: Sequence[tuple[int, Message | Exception]]
