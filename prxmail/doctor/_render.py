@@ -1,4 +1,9 @@
-"""The doctor's report as text: one line per step, details and hints indented."""
+"""The doctor's report as text: one line per step, details and hints indented.
+
+Theory of operation: rendering only formats what the steps recorded (already
+redacted and bounded by :data:`~._report.MAX_SERVER_TEXT`); the last line says
+whether anything blocks the channel, which is also what the exit status says.
+"""
 
 from __future__ import annotations
 
