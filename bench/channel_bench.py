@@ -573,13 +573,13 @@ def _instrument_prxmail() -> dict[str, list[float]]:
     time inside each ``parse_message`` call. Wrapping adds a frame per call; the
     breakdown run is separate from the timed run.
     """
-    import prxmail.channel
+    import prxmail.channel._fetch
 
     stats: Stats = {}
     # Left in place for the rest of the child process's life: it exits after the run.
     _INSTRUMENTS.enter_context(timed_state_store(stats))
 
-    original_parse = getattr(prxmail.channel, "parse_message")  # noqa: B009 - private name
+    original_parse = getattr(prxmail.channel._fetch, "parse_message")  # noqa: B009 - private name
 
     def timed_parse(*a: Any, **k: Any) -> Any:
         # In the worker thread (or inline for small groups), overlapping the fetch of
@@ -591,7 +591,7 @@ def _instrument_prxmail() -> dict[str, list[float]]:
             spent = time.perf_counter() - t
             add_sample(stats, "parse_message (per message)", spent, spent)
 
-    setattr(prxmail.channel, "parse_message", timed_parse)  # noqa: B010
+    setattr(prxmail.channel._fetch, "parse_message", timed_parse)  # noqa: B010
     return stats
 
 

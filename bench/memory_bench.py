@@ -296,7 +296,7 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _check_prxmail(res: dict[str, Any], big_size: int) -> list[str]:
     """What is wrong with prxmail's hand-over, if anything (empty when all is right)."""
-    from prxmail._oversize import OVERSIZE_DEFECT
+    from prxmail.channel._fetch import OVERSIZE_DEFECT
 
     problems = []
     msgs = res["messages"]

@@ -216,10 +216,10 @@ def _instrumented() -> Iterator[dict[str, list[float]]]:
     Yields:
         name -> [calls, wall seconds seen by the caller, seconds inside the call].
     """
-    import prxmail.channel
+    import prxmail.channel._api
 
     stats: Stats = {}
-    original_compose = getattr(prxmail.channel, "compose_reply")  # noqa: B009 - private name
+    original_compose = getattr(prxmail.channel._api, "compose_reply")  # noqa: B009 - private name
 
     def timed_compose(*a: Any, **k: Any) -> Any:
         t0 = time.perf_counter()
@@ -229,12 +229,12 @@ def _instrumented() -> Iterator[dict[str, list[float]]]:
             wall = time.perf_counter() - t0
             add_sample(stats, "compose_reply", wall, wall)
 
-    setattr(prxmail.channel, "compose_reply", timed_compose)  # noqa: B010
+    setattr(prxmail.channel._api, "compose_reply", timed_compose)  # noqa: B010
     try:
         with timed_state_store(stats):
             yield stats
     finally:
-        setattr(prxmail.channel, "compose_reply", original_compose)  # noqa: B010
+        setattr(prxmail.channel._api, "compose_reply", original_compose)  # noqa: B010
 
 
 def _breakdown(servers: MailServers, n: int, state_root: pathlib.Path) -> dict[str, Any]:

@@ -5,33 +5,39 @@ Most programs need :func:`open_mail_channel` with a :class:`Config` from
 :mod:`prxmail.smtp`.
 """
 
-from prxmail._tls import Security as Security
-from prxmail.channel import ChannelStatistics as ChannelStatistics
-from prxmail.channel import ChannelStatus as ChannelStatus
-from prxmail.channel import MailChannel as MailChannel
-from prxmail.channel import open_mail_channel as open_mail_channel
-from prxmail.config import Config as Config
-from prxmail.config import load_config as load_config
-from prxmail.config import parse_config as parse_config
-from prxmail.errors import AuthenticationError as AuthenticationError
-from prxmail.errors import ConfigError as ConfigError
-from prxmail.errors import ConnectionBrokenError as ConnectionBrokenError
-from prxmail.errors import HandlerError as HandlerError
-from prxmail.errors import IMAPBadResponse as IMAPBadResponse
-from prxmail.errors import IMAPCommandError as IMAPCommandError
-from prxmail.errors import IMAPNoResponse as IMAPNoResponse
-from prxmail.errors import LocalProtocolError as LocalProtocolError
-from prxmail.errors import PrxmailError as PrxmailError
-from prxmail.errors import RemoteProtocolError as RemoteProtocolError
-from prxmail.errors import SMTPPermanentError as SMTPPermanentError
-from prxmail.errors import SMTPReplyError as SMTPReplyError
-from prxmail.errors import SMTPTransientError as SMTPTransientError
-from prxmail.errors import StateError as StateError
-from prxmail.errors import TLSError as TLSError
-from prxmail.message import Address as Address
-from prxmail.message import Attachment as Attachment
-from prxmail.message import Message as Message
-from prxmail.service import serve_mail_channel as serve_mail_channel
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prxmail._tls import Security as Security
+    from prxmail.channel import ChannelStatistics as ChannelStatistics
+    from prxmail.channel import ChannelStatus as ChannelStatus
+    from prxmail.channel import MailChannel as MailChannel
+    from prxmail.channel import open_mail_channel as open_mail_channel
+    from prxmail.config import Config as Config
+    from prxmail.config import load_config as load_config
+    from prxmail.config import parse_config as parse_config
+    from prxmail.errors import AuthenticationError as AuthenticationError
+    from prxmail.errors import ConfigError as ConfigError
+    from prxmail.errors import ConnectionBrokenError as ConnectionBrokenError
+    from prxmail.errors import HandlerError as HandlerError
+    from prxmail.errors import IMAPBadResponse as IMAPBadResponse
+    from prxmail.errors import IMAPCommandError as IMAPCommandError
+    from prxmail.errors import IMAPNoResponse as IMAPNoResponse
+    from prxmail.errors import LocalProtocolError as LocalProtocolError
+    from prxmail.errors import PrxmailError as PrxmailError
+    from prxmail.errors import RemoteProtocolError as RemoteProtocolError
+    from prxmail.errors import SMTPPermanentError as SMTPPermanentError
+    from prxmail.errors import SMTPReplyError as SMTPReplyError
+    from prxmail.errors import SMTPTransientError as SMTPTransientError
+    from prxmail.errors import StateError as StateError
+    from prxmail.errors import TLSError as TLSError
+    from prxmail.message import Address as Address
+    from prxmail.message import Attachment as Attachment
+    from prxmail.message import Message as Message
+    from prxmail.service import serve_mail_channel as serve_mail_channel
 
 __version__ = "0.1.0.dev0"
 
@@ -65,3 +71,50 @@ __all__ = [
     "parse_config",
     "serve_mail_channel",
 ]
+
+# Where each public name lives. Importing the package loads none of them: a
+# program that needs only a sans-I/O core (or the CLI's --version) does not pay for
+# trio, mail-parser or the state store, and the core stays free of them.
+_LOCATIONS: dict[str, str] = {
+    "Security": "prxmail._tls",
+    "ChannelStatistics": "prxmail.channel",
+    "ChannelStatus": "prxmail.channel",
+    "MailChannel": "prxmail.channel",
+    "open_mail_channel": "prxmail.channel",
+    "Config": "prxmail.config",
+    "load_config": "prxmail.config",
+    "parse_config": "prxmail.config",
+    "AuthenticationError": "prxmail.errors",
+    "ConfigError": "prxmail.errors",
+    "ConnectionBrokenError": "prxmail.errors",
+    "HandlerError": "prxmail.errors",
+    "IMAPBadResponse": "prxmail.errors",
+    "IMAPCommandError": "prxmail.errors",
+    "IMAPNoResponse": "prxmail.errors",
+    "LocalProtocolError": "prxmail.errors",
+    "PrxmailError": "prxmail.errors",
+    "RemoteProtocolError": "prxmail.errors",
+    "SMTPPermanentError": "prxmail.errors",
+    "SMTPReplyError": "prxmail.errors",
+    "SMTPTransientError": "prxmail.errors",
+    "StateError": "prxmail.errors",
+    "TLSError": "prxmail.errors",
+    "Address": "prxmail.message",
+    "Attachment": "prxmail.message",
+    "Message": "prxmail.message",
+    "serve_mail_channel": "prxmail.service",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module when it is first used (PEP 562)."""
+    module = _LOCATIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

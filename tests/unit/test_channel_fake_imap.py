@@ -320,7 +320,7 @@ async def test_rejected_mail_is_not_delivered_nor_flagged(tmp_path: Path) -> Non
 async def test_a_message_that_breaks_the_parser_is_failed_not_retried_forever(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prxmail import channel as channel_module
+    from prxmail.channel import _fetch as channel_module
 
     real = channel_module.parse_message
     calls: list[int] = []
@@ -416,7 +416,7 @@ async def test_mark_seen_false_never_changes_flags(tmp_path: Path) -> None:
 async def test_a_backlog_larger_than_the_seen_buffer_is_flagged_in_full(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prxmail import channel as channel_module
+    from prxmail.channel import _core as channel_module
 
     monkeypatch.setattr(channel_module, "SEEN_BUFFER", 8)
     count = 40
@@ -434,7 +434,7 @@ async def test_a_backlog_larger_than_the_seen_buffer_is_flagged_in_full(
 async def test_a_pushed_message_larger_than_the_first_fetch_comes_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prxmail import channel as channel_module
+    from prxmail.channel import _fetch as channel_module
 
     monkeypatch.setattr(channel_module, "FIRST_FETCH_BYTES", 200)
     small, large = raw_message(1), raw_message(2).replace(b"body 2", b"x" * 500)
@@ -473,7 +473,7 @@ async def test_a_pushed_message_larger_than_the_first_fetch_comes_whole(
 async def test_a_catch_up_parsed_in_threads_keeps_uid_order_and_fails_only_the_poison(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prxmail import channel as channel_module
+    from prxmail.channel import _fetch as channel_module
 
     # Every message its own group, every group parsed in a worker thread while the next
     # is fetched.
@@ -508,3 +508,58 @@ async def test_a_catch_up_parsed_in_threads_keeps_uid_order_and_fails_only_the_p
     assert failed.reason == "cannot parse: RuntimeError: parser bug"
     assert mailbox is not None
     assert mailbox.last_uid == count
+
+
+def _nested_multipart(uid: int, levels: int) -> bytes:
+    """A small hostile message: a few KiB of nested multiparts, slow to parse."""
+    head = raw_message(uid).split(b"\r\n\r\n", 1)[0]
+    return (
+        head
+        + b"\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n"
+        + b"".join(
+            b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1)
+            for i in range(levels)
+        )
+    )
+
+
+async def test_small_hostile_mail_is_parsed_in_a_thread_under_the_parse_limiter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from prxmail.channel import PARSE_THREADS
+    from prxmail.channel import _fetch as channel_module
+
+    real = channel_module.parse_message
+    # uid -> (parsed on the event loop's thread, parse-limiter tokens then in use)
+    where: dict[int, tuple[bool, int]] = {}
+
+    def recording(raw: bytes, *, uid: int, **kwargs: int) -> object:
+        on_loop = threading.current_thread() is threading.main_thread()
+        borrowed = -1
+        if not on_loop:
+            borrowed = trio.from_thread.run_sync(
+                lambda: channel_module.parse_limiter().statistics().borrowed_tokens
+            )
+        where[uid] = (on_loop, borrowed)
+        return real(raw, uid=uid, **kwargs)
+
+    monkeypatch.setattr(channel_module, "parse_message", recording)
+    hostile = _nested_multipart(2, levels=60)  # about 3.5 KiB
+    assert len(hostile) < 4096
+    fake = FakeIMAP(messages={1: raw_message(1)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state")
+        async with open_mail_channel(config) as channel:
+            assert await receive(channel) == "fake 1"
+            with trio.fail_after(10):
+                await channel.status.wait_value(lambda s: s.imap == "idle")
+            fake.add(2, hostile)
+            assert await receive(channel) == "fake 2"
+        nursery.cancel_scope.cancel()
+    assert where[1] == (True, -1)  # plain and small: on the loop, no thread hop
+    on_loop, borrowed = where[2]
+    assert not on_loop
+    assert 1 <= borrowed <= PARSE_THREADS

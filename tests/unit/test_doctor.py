@@ -23,7 +23,6 @@ import pytest
 import trio
 import trustme
 
-from prxmail import doctor as doctor_module
 from prxmail.config import DEFAULT_POLL_INTERVAL_SECS, parse_config
 from prxmail.doctor import (
     EXIT_BLOCKED,
@@ -32,12 +31,13 @@ from prxmail.doctor import (
     Status,
     StepResult,
     Timeouts,
-    _connect_error,
-    _redactor,
     render_text,
     run_checks,
     run_doctor,
 )
+from prxmail.doctor import _network as doctor_module
+from prxmail.doctor._network import _connect_error
+from prxmail.doctor._report import _redactor
 from prxmail.state import OutboxDraft, StateStore, account_key
 
 HOST = "127.0.0.1"

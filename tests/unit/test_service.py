@@ -15,18 +15,20 @@ import pytest
 import trio
 
 from prxmail._log import MAX_FIELD_CHARS, log_event, setup_logging
-from prxmail._oversize import (
-    OVERSIZE_DEFECT,
-    build_substitute,
-    describe_attachments,
-    text_sections,
-)
 from prxmail.channel import (
     RECONNECT_INITIAL_SECONDS,
     RECONNECT_MAX_SECONDS,
-    _Backoff,
     collapse_exception_group,
 )
+from prxmail.channel._fetch import (
+    INLINE_PARSE_BYTES,
+    OVERSIZE_DEFECT,
+    build_substitute,
+    describe_attachments,
+    parse_inline,
+    text_sections,
+)
+from prxmail.channel._watcher import _Backoff
 from prxmail.cli import main
 from prxmail.config import parse_config
 from prxmail.imap import BodyPart, MultipartBody
@@ -81,6 +83,54 @@ STRUCTURE = MultipartBody(
     ),
     subtype="mixed",
 )
+
+
+_PLAIN_HEAD = b"From: a@example.com\r\nTo: b@example.com\r\nSubject: s\r\nMessage-ID: <m@x>\r\n"
+
+
+def _hostile_under_4k() -> dict[str, bytes]:
+    """Messages under 4 KiB whose parse takes milliseconds each (bench/hostile_parse.py)."""
+    mixed = _PLAIN_HEAD + b"Content-Type: multipart/mixed; boundary=p\r\n\r\n"
+    html = _PLAIN_HEAD + b"Content-Type: text/html\r\n\r\n"
+    return {
+        "nested multipart": mixed
+        + b"".join(b"--p\r\nContent-Type: multipart/mixed; boundary=p\r\n\r\n" for _ in range(50)),
+        "tiny parts": mixed + b"--p\r\n\r\nx\r\n" * 300,
+        "many recipients": _PLAIN_HEAD + b"Cc: " + b"a@b.c, " * 400 + b"\r\n\r\nx",
+        "many header lines": _PLAIN_HEAD + b"X: y\r\n" * 500 + b"\r\nx",
+        "encoded words": _PLAIN_HEAD + b"X: " + b"=?utf-8?q?a?= " * 200 + b"\r\n\r\nx",
+        "parameters": _PLAIN_HEAD + b"Content-Type: text/plain" + b"; a=b" * 300 + b"\r\n\r\nx",
+        "HTML tags": html + b"<div><b><i>x" * 250,
+        "quoted display name": b"From: " + b'"q" (c) ' * 300 + b"<a@b.c>\r\n\r\nx",
+        "over the size bound": _PLAIN_HEAD + b"\r\n" + b"plain words\r\n" * 1000,
+    }
+
+
+@pytest.mark.parametrize("shape", sorted(_hostile_under_4k()))
+def test_slow_shapes_are_not_parsed_on_the_event_loop(shape: str) -> None:
+    assert not parse_inline([_hostile_under_4k()[shape]])
+
+
+def test_small_plain_mail_is_parsed_on_the_event_loop() -> None:
+    plain = _PLAIN_HEAD + b"\r\n" + b"Hello, see you at 10.\r\n" * 100
+    assert len(plain) < INLINE_PARSE_BYTES
+    assert parse_inline([plain])
+    alternative = (
+        _PLAIN_HEAD
+        + b"Content-Type: multipart/alternative; boundary=b\r\n\r\n"
+        + b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+        + b"--b\r\nContent-Type: text/html\r\n\r\n<p>hi</p>\r\n--b--\r\n"
+    )
+    assert parse_inline([alternative])
+
+
+def test_the_inline_bounds_hold_for_a_whole_group() -> None:
+    # Each alone passes; together they hold more addresses than a loop parse may scan.
+    one = _PLAIN_HEAD + b"Cc: " + b"x@y.z, " * 10 + b"\r\n\r\nx"
+    assert parse_inline([one])
+    assert not parse_inline([one, one])
+    small = _PLAIN_HEAD + b"\r\n" + b"x" * (INLINE_PARSE_BYTES // 2)
+    assert not parse_inline([small, small])
 
 
 def test_text_sections_pick_readable_parts_with_their_numbers() -> None:

@@ -1,0 +1,308 @@
+"""The email channel for trio programs: accepted mail in, threaded replies out.
+
+::
+
+    async with open_mail_channel(config) as channel:
+        async for message in channel:
+            await channel.reply(message, f"Hello {message.from_.name or message.from_.addr}!")
+
+Theory of operation
+-------------------
+(The parts named here live in ``_watcher``, ``_fetch`` and ``_sender`` of this
+package; this module is the consumer's side.)
+
+:func:`open_mail_channel` opens the durable state store and starts two tasks in one
+nursery: the *watcher* (IMAP) and the *sender* (SMTP outbox). They share nothing but the
+state store and three bounded hand-offs:
+
+* watcher -> you: a trio memory channel of capacity :data:`MESSAGE_BUFFER` (0). A message
+  is only taken off the server when you are ready for it; until then it waits durably on
+  the server, not in our memory.
+* you -> sender: the outbox table. :meth:`MailChannel.reply` composes the reply once,
+  stores it and marks the parent ``replied`` in one transaction, then bumps an
+  ``AsyncValue`` the sender waits on.
+* you -> watcher: UIDs to flag ``\\Seen``, a memory channel of capacity
+  :data:`SEEN_BUFFER`. The flag is cosmetic (state decides what is new), so when the
+  buffer is full a flag is dropped rather than blocking you.
+
+The watcher's loop, per connection: LOGIN, SELECT, record UIDVALIDITY, re-fetch messages
+a previous run claimed but never finished, apply the first-start policy once per folder
+(and again after a UIDVALIDITY change), then repeat: ``UID SEARCH UID last+1:*``, fetch
+in bounded groups (sizes first, then bodies, at most ``max_message_bytes`` per command;
+a single new message comes with its size in one round trip; oversized messages are
+described from BODYSTRUCTURE with only their text parts fetched), parse each group (on
+the loop only when it is small and plain -- ``_fetch.parse_inline`` -- else in one
+worker-thread call under the parse limiter, running while the next group is fetched
+and the previous one handed on), *claim* the group in the state
+store in one transaction (which advances the high-water mark), run the sender policy,
+and hand accepted messages on one by one. A group costs two state-store round trips
+(claim; verdicts + the first hand-over), each further message of it one, and none of
+them an fsync (see :mod:`prxmail.state`, "Durability settings").
+Between searches it IDLEs: an EXISTS push ends the wait at once; IDLE is re-issued at
+least every ``min(idle_timeout_secs, keepalive_secs)`` and the whole cycle has a hard
+deadline, so a connection that died silently is detected and replaced. After a window
+in which nothing happened the folder is SELECTed again: that is how a UIDVALIDITY change
+under a live session is noticed (the watch then starts over with the new value).
+Servers without IDLE are polled every ``poll_interval_secs``. Every command runs under
+``command_timeout_secs``. Connection failures reconnect with exponential backoff and
+jitter (reset after a healthy session); refused credentials are logged as errors and
+retried only every :data:`AUTH_RETRY_SECONDS`.
+
+Guarantees (see :mod:`prxmail.state`): a message is handed to you at least once and
+answered at most once. If the process dies while you hold a message, the next start
+hands it to you again (up to ``handler_max_attempts`` times in total); when the channel
+closes normally, messages you did not finish are released the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+
+import attrs
+import trio
+
+from prxmail._log import log_event
+from prxmail.channel._core import collapse_exception_group
+from prxmail.channel._sender import _draft, _Sender
+from prxmail.channel._watcher import _Watcher
+from prxmail.compose import compose_message, compose_reply
+from prxmail.config import Config
+from prxmail.errors import LocalProtocolError
+from prxmail.message import Address, Message
+from prxmail.policy import choose_reply_recipient
+from prxmail.state import AsyncStateStore, MessageStatus, RetryPolicy, open_state_store
+
+
+@attrs.frozen
+class ChannelStatistics:
+    """Counters since the channel opened (see :meth:`MailChannel.statistics`).
+
+    Attributes:
+        delivered: Messages handed to you.
+        rejected: Messages the sender policy or loop guards refused.
+        duplicates: Messages skipped because their Message-ID was already processed.
+        replies_queued: Replies and messages put in the outbox.
+        replies_sent: Outbox items the SMTP server accepted.
+        in_flight: Messages handed to you and not finished yet.
+    """
+
+    delivered: int
+    rejected: int
+    duplicates: int
+    replies_queued: int
+    replies_sent: int
+    in_flight: int
+
+
+class MailChannel(_Watcher, _Sender):
+    """An open email channel; see :func:`open_mail_channel`.
+
+    Iterate it (``async for message in channel``) to receive accepted messages, each a
+    :class:`~prxmail.message.Message`. Finish every message with exactly one of
+    :meth:`reply`, :meth:`mark_handled`, :meth:`mark_failed` or :meth:`release`.
+    """
+
+    def __init__(self, config: Config, store: AsyncStateStore, *, rng: random.Random) -> None:
+        super().__init__(config, store, rng=rng)
+
+    def statistics(self) -> ChannelStatistics:
+        """Returns: counters of what the channel did since it opened."""
+        return ChannelStatistics(
+            delivered=self._counts["delivered"],
+            rejected=self._counts["rejected"],
+            duplicates=self._counts["duplicates"],
+            replies_queued=self._counts["replies_queued"],
+            replies_sent=self._counts["replies_sent"],
+            in_flight=len(self._in_flight),
+        )
+
+    def __repr__(self) -> str:
+        return f"<MailChannel {self.account} folder={self.folder!r}>"
+
+    # -- the consumer's side ------------------------------------------------------------
+
+    def __aiter__(self) -> MailChannel:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Message:
+        """Wait for the next accepted message.
+
+        Returns:
+            The message; it is now ``handling`` in the state store.
+
+        Raises:
+            trio.EndOfChannel: the channel is closing.
+        """
+        message = await self._message_receive.receive()
+        self._counts["delivered"] += 1
+        return message
+
+    async def reply(self, message: Message, body: str) -> str:
+        """Answer a message: compose the threaded reply once, store it, send it.
+
+        The reply is stored durably (and the message marked ``replied``) before this
+        returns; the sender task delivers it, retrying transient SMTP failures.
+
+        Args:
+            message: A message received from this channel and not finished yet.
+            body: The reply text; it can never add headers.
+
+        Returns:
+            The reply's Message-ID.
+
+        Raises:
+            LocalProtocolError: the message was already finished (a reply is never
+                composed twice) or an address cannot be written safely.
+        """
+        key = self._key(message)
+        to = choose_reply_recipient(message, self._policy)
+        outgoing = compose_reply(
+            message,
+            body,
+            from_address=self.config.from_address,
+            to=to,
+            default_subject=self.config.default_subject,
+        )
+        draft = _draft(outgoing)
+        await self._store.record_reply(key, draft)
+        self._finished(key, seen=True)
+        self._counts["replies_queued"] += 1
+        self._outbox_generation.value += 1
+        return outgoing.message_id
+
+    async def send(self, to: str, subject: str, body: str) -> str:
+        """Send a new message (not a reply) through the durable outbox.
+
+        Args:
+            to: The recipient address.
+            subject: The subject (``default_subject`` when empty).
+            body: The text.
+
+        Returns:
+            The message's Message-ID.
+
+        Raises:
+            LocalProtocolError: the address cannot be written safely.
+        """
+        outgoing = compose_message(
+            from_address=self.config.from_address,
+            to=Address(to),
+            subject=subject,
+            body=body,
+            default_subject=self.config.default_subject,
+        )
+        draft = _draft(outgoing)
+        await self._store.enqueue(self.account, draft)
+        self._counts["replies_queued"] += 1
+        self._outbox_generation.value += 1
+        return outgoing.message_id
+
+    async def mark_handled(self, message: Message) -> None:
+        """Finish a message without answering it.
+
+        Raises:
+            LocalProtocolError: the message was already finished.
+        """
+        key = self._key(message)
+        await self._store.mark_handled(key)
+        self._finished(key, seen=True)
+
+    async def mark_failed(self, message: Message, reason: str) -> None:
+        """Record that a message could not be handled; it is never retried.
+
+        Failed messages are left unseen on the server for a person to look at.
+
+        Raises:
+            LocalProtocolError: the message was already finished.
+        """
+        key = self._key(message)
+        await self._store.mark_failed(key, reason)
+        self._finished(key, seen=False)
+
+    async def release(self, message: Message, reason: str) -> bool:
+        """Give a message back to be handed on again later (after the next IDLE cycle or
+        restart), e.g. when the handler could not be started at all.
+
+        Returns:
+            True when it will be retried, False when it used up ``handler_max_attempts``
+            and is now failed.
+
+        Raises:
+            LocalProtocolError: the message was already finished.
+        """
+        key = self._key(message)
+        record = await self._store.release(
+            key, reason, max_attempts=self.config.handler_max_attempts
+        )
+        self._pending_dirty = True
+        self._finished(key, seen=False)
+        return record.status is MessageStatus.CLAIMED
+
+    async def _release_in_flight(self) -> None:
+        for key in list(self._in_flight):
+            with contextlib.suppress(LocalProtocolError):
+                record = await self._store.release(
+                    key, "shutdown", max_attempts=self.config.handler_max_attempts
+                )
+                log_event(
+                    logging.INFO,
+                    "message released at shutdown",
+                    uid=key.uid,
+                    status=record.status.value,
+                )
+        self._in_flight.clear()
+
+
+@contextlib.asynccontextmanager
+async def open_mail_channel(
+    config: Config, *, rng: random.Random | None = None
+) -> AsyncIterator[MailChannel]:
+    """Open the email channel: watch the mailbox, deliver accepted mail, send replies.
+
+    Args:
+        config: The validated configuration (see :func:`prxmail.config.load_config`).
+        rng: Random source for backoff jitter (tests pass a seeded one).
+
+    Yields:
+        The :class:`MailChannel`. Leaving the block stops both tasks; messages you
+        received but did not finish are released to be handed on again next time.
+
+    Raises:
+        StateError: the state directory is in use by another process or unusable.
+        Any exception from the block itself, unwrapped (never an ExceptionGroup).
+    """
+    source = rng or random.Random()  # noqa: S311 - jitter only
+    retry = RetryPolicy(
+        initial_delay=float(config.smtp_retry_initial_secs),
+        max_delay=float(config.smtp_retry_max_secs),
+    )
+    collapsed: BaseException
+    try:
+        async with open_state_store(config.state_dir, retry_policy=retry, rng=source) as store:
+            channel = MailChannel(config, store, rng=source)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(channel._run_sender)
+                    await nursery.start(channel._run_watcher)
+                    try:
+                        yield channel
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await channel._release_in_flight()
+    except BaseExceptionGroup as group:
+        collapsed = collapse_exception_group(group)
+    else:
+        return
+    # Raised outside the except block so the group does not become its __context__.
+    raise collapsed

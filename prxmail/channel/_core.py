@@ -1,0 +1,172 @@
+"""The state every part of a channel shares, and the hand-offs between the parts.
+
+Theory of operation: a :class:`~prxmail.channel.MailChannel` is built from three
+parts that run as tasks in one nursery -- the watcher (:mod:`._watcher`), which
+drives the fetch pipeline (:mod:`._fetch`), and the sender (:mod:`._sender`) -- plus
+the consumer API (:mod:`._api`). They share only what :class:`_ChannelCore` holds:
+the state store, the bounded hand-offs (accepted messages to you, finished UIDs back
+to be flagged ``\\Seen``, an outbox generation counter the sender waits on), the
+counters and the status. Each part is a mixin over this core, so every shared field
+is declared in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Final
+
+import attrs
+import trio
+import trio_util  # type: ignore[import-untyped]
+
+from prxmail._log import log_event
+from prxmail._tls import shared_ssl_context
+from prxmail.config import Config
+from prxmail.imap import IMAPConnection
+from prxmail.message import Message
+from prxmail.policy import ReplyRateLimiter, SenderPolicy
+from prxmail.state import AsyncStateStore, MessageKey, account_key
+
+# Accepted messages waiting between the watcher and you. Zero: the watcher hands a
+# message over only when you ask for the next one, so a slow consumer holds back the
+# IMAP side instead of piling parsed messages (up to max_message_bytes each) in memory.
+MESSAGE_BUFFER: Final = 0
+
+# UIDs waiting to be flagged \Seen. One entry is a few bytes; a thousand covers any
+# burst of finished messages between two IDLE cycles. Overflow drops the (cosmetic) flag.
+SEEN_BUFFER: Final = 1000
+
+_SEEN: Final = "\\Seen"
+
+
+@attrs.frozen
+class ChannelStatus:
+    """What the channel is doing, for health checks (``channel.status.value``).
+
+    Attributes:
+        imap: ``"connecting"``, ``"idle"``, ``"polling"``, ``"fetching"``,
+            ``"reconnecting"`` or ``"auth-failed"``.
+        imap_error: The last IMAP problem, or ``None`` while healthy.
+        smtp_error: The last SMTP problem, or ``None`` after a successful send.
+        reconnects: IMAP sessions that ended in a failure so far.
+    """
+
+    imap: str = "connecting"
+    imap_error: str | None = None
+    smtp_error: str | None = None
+    reconnects: int = 0
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _message_fields(message: Message) -> dict[str, object]:
+    return {
+        "uid": message.uid,
+        "message_id": message.message_id,
+        "from": message.from_.addr,
+        "subject": message.subject,
+    }
+
+
+def collapse_exception_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real exception inside a nursery's group (Cancelled aside), or the group."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    real = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
+    if len(real) == 1:
+        return real[0]
+    if not real and leaves:
+        return leaves[0]
+    return group
+
+
+class _ChannelCore:
+    """What the watcher, the fetch pipeline, the sender and the consumer API share."""
+
+    def __init__(self, config: Config, store: AsyncStateStore, *, rng: random.Random) -> None:
+        self.config = config
+        self.account = account_key(config.username, config.imap_host, config.imap_port)
+        self.folder = config.imap_folder
+        self._store = store
+        self._rng = rng
+        self._policy = SenderPolicy(
+            allowed_senders=config.allowed_senders,
+            own_addresses=(config.from_address, config.username),
+            authserv_id=config.authserv_id,
+        )
+        self._rate_limiter = ReplyRateLimiter(
+            config.reply_rate_limit, config.reply_rate_window_secs, clock=trio.current_time
+        )
+        self._message_send, self._message_receive = trio.open_memory_channel[Message](
+            MESSAGE_BUFFER
+        )
+        self._seen_send, self._seen_receive = trio.open_memory_channel[MessageKey](SEEN_BUFFER)
+        self._seen_retry: list[MessageKey] = []
+        self._in_flight: dict[MessageKey, Message] = {}
+        self._ssl_context = shared_ssl_context(config.tls_ca_file)
+        #: Health of the channel; ``await channel.status.wait_value(pred)`` to watch it.
+        self.status: trio_util.AsyncValue[ChannelStatus] = trio_util.AsyncValue(ChannelStatus())
+        self._outbox_generation = trio_util.AsyncValue(0)
+        self._counts = dict.fromkeys(
+            ("delivered", "rejected", "duplicates", "replies_queued", "replies_sent"), 0
+        )
+        # The watcher's current wait (IDLE or poll interval), cancelled to wake it early.
+        self._wake_scope: trio.CancelScope | None = None
+        # The folder's high-water mark as stored (the watcher is its only writer), so
+        # looking for new mail needs no state-store round trip.
+        self._high_water = 0
+        # Whether claimed-but-unfinished messages may exist that are not in flight: after
+        # a start, a release, or an interrupted hand-over. Saves reading pending() after
+        # every IDLE wake-up when nothing can be pending.
+        self._pending_dirty = True
+
+    def _set_status(self, **changes: object) -> None:
+        self.status.value = attrs.evolve(self.status.value, **changes)
+
+    def _key(self, message: Message) -> MessageKey:
+        return MessageKey(self.account, self.folder, message.uidvalidity, message.uid)
+
+    def _finished(self, key: MessageKey, *, seen: bool) -> None:
+        self._in_flight.pop(key, None)
+        if seen and self.config.mark_seen:
+            try:
+                self._seen_send.send_nowait(key)
+            except trio.WouldBlock:
+                log_event(logging.DEBUG, "seen flag dropped (buffer full)", uid=key.uid)
+            else:
+                if self._wake_scope is not None:
+                    self._wake_scope.cancel()
+
+    def _seen_pending(self) -> bool:
+        return bool(self._seen_retry) or self._seen_receive.statistics().current_buffer_used > 0
+
+    async def _flag_seen(self, conn: IMAPConnection, uidvalidity: int) -> None:
+        keys = self._seen_retry
+        self._seen_retry = []
+        while True:
+            try:
+                keys.append(self._seen_receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        uids = sorted(
+            {k.uid for k in keys if k.uidvalidity == uidvalidity and k.folder == self.folder}
+        )
+        if not uids:
+            return
+        try:
+            with trio.fail_after(self.config.command_timeout_secs):
+                await conn.uid_store(uids, "+FLAGS", [_SEEN])
+        except BaseException:
+            self._seen_retry = keys[:SEEN_BUFFER]
+            raise

@@ -1,0 +1,165 @@
+"""The sender: the durable outbox drained over one SMTP connection.
+
+Theory of operation: the sender task keeps an SMTP sender open, reads due outbox
+items in batches of :data:`OUTBOX_BATCH`, sends several at once pipelined in one
+exchange, and records every outcome durably (sent, transient failure with its retry
+time, permanent refusal). Between batches it sleeps until the next item is due, the
+outbox generation changes (a reply was queued), or :data:`OUTBOX_RECHECK_SECONDS`
+pass, so a lost wake-up costs at most that delay. Nothing it does blocks the watcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Final
+
+import trio
+
+from prxmail._log import log_event
+from prxmail.channel._core import _ChannelCore, _describe
+from prxmail.compose import OutgoingMessage
+from prxmail.errors import (
+    AuthenticationError,
+    ConnectionBrokenError,
+    LocalProtocolError,
+    PrxmailError,
+    SMTPPermanentError,
+)
+from prxmail.smtp import MailTransaction, SendResult, SMTPSender, open_smtp_sender
+from prxmail.state import OutboxDraft, OutboxItem
+
+# Outbox items sent per state-store query; each holds its raw message in memory.
+OUTBOX_BATCH: Final = 20
+
+# The sender re-reads the outbox at least this often even without a wake-up, so items
+# whose retry time arrives are picked up and a lost wake-up costs at most this delay.
+OUTBOX_RECHECK_SECONDS: Final = 60.0
+
+
+def _draft(outgoing: OutgoingMessage) -> OutboxDraft:
+    recipients: list[str] = list(outgoing.envelope_recipients)
+    return OutboxDraft(
+        message_id=outgoing.message_id,
+        envelope_from=outgoing.envelope_sender,
+        # The attrs plugin types a ``converter=tuple`` field as an unbound Iterable.
+        envelope_to=recipients,  # type: ignore[arg-type]
+        raw=outgoing.raw,
+    )
+
+
+def _outbox_fields(item: OutboxItem) -> dict[str, object]:
+    return {"outbox_id": item.id, "message_id": item.message_id, "to": ",".join(item.envelope_to)}
+
+
+class _Sender(_ChannelCore):
+    """The sender task of a channel (see the module comment)."""
+
+    async def _run_sender(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        config = self.config
+        async with open_smtp_sender(
+            config.smtp_host,
+            config.smtp_port,
+            username=config.smtp_username,
+            password=config.smtp_password.reveal(),
+            security=config.smtp_security,
+            ssl_context=self._ssl_context,
+        ) as smtp:
+            task_status.started()
+            while True:
+                generation = self._outbox_generation.value
+                items = await self._store.due_outbox(limit=OUTBOX_BATCH)
+                if len(items) == 1:
+                    await self._send_one(smtp, items[0])
+                elif items:
+                    await self._send_batch(smtp, items)
+                if len(items) == OUTBOX_BATCH:
+                    continue
+                next_at = await self._store.next_due_at()
+                delay = math.inf if next_at is None else max(0.0, next_at - time.time())
+                with trio.move_on_after(min(delay, OUTBOX_RECHECK_SECONDS)):
+                    await self._outbox_generation.wait_value(lambda v, g=generation: v != g)
+
+    async def _send_one(self, smtp: SMTPSender, item: OutboxItem) -> None:
+        try:
+            with trio.fail_after(self.config.command_timeout_secs):
+                result = await smtp.send_message(item.envelope_from, item.envelope_to, item.raw)
+        except (PrxmailError, OSError, trio.TooSlowError) as exc:
+            await self._record_send_failure(item, exc)
+            return
+        await self._record_sent(item, result)
+
+    async def _send_batch(self, smtp: SMTPSender, items: Sequence[OutboxItem]) -> None:
+        """Send several due replies pipelined in one exchange (the server's per-message
+        work overlaps with the transfer of the next), then record each outcome."""
+        messages = [
+            MailTransaction(item.envelope_from, item.envelope_to, item.raw) for item in items
+        ]
+        try:
+            # One command timeout per message: the batch is one long exchange.
+            with trio.fail_after(self.config.command_timeout_secs * len(items)):
+                outcomes = await smtp.send_messages(messages)
+        except LocalProtocolError:
+            # One of them cannot go on the wire: send them one by one so that only
+            # that one is refused.
+            for item in items:
+                await self._send_one(smtp, item)
+            return
+        except (PrxmailError, OSError, trio.TooSlowError) as exc:
+            for item in items:
+                await self._record_send_failure(item, exc)
+            return
+        sent = [
+            (item, reported.result)
+            for item, reported in zip(items, outcomes, strict=True)
+            if reported.result is not None
+        ]
+        # One durable commit for everything the server accepted in this exchange.
+        await self._store.mark_sent_many(item.id for item, _ in sent)
+        for item, result in sent:
+            self._log_sent(item, result)
+        for item, reported in zip(items, outcomes, strict=True):
+            if reported.result is None:
+                error = reported.error or ConnectionBrokenError("no outcome for this message")
+                await self._record_send_failure(item, error)
+
+    async def _record_sent(self, item: OutboxItem, result: SendResult) -> None:
+        await self._store.mark_sent(item.id)
+        self._log_sent(item, result)
+
+    def _log_sent(self, item: OutboxItem, result: SendResult) -> None:
+        self._counts["replies_sent"] += 1
+        self._set_status(smtp_error=None)
+        refused = ", ".join(f"{r.address} ({r.reply.code})" for r in result.refused) or None
+        log_event(logging.INFO, "reply sent", **_outbox_fields(item), refused=refused)
+
+    async def _record_send_failure(self, item: OutboxItem, exc: BaseException) -> None:
+        fields = _outbox_fields(item)
+        if isinstance(exc, SMTPPermanentError | LocalProtocolError):
+            await self._store.mark_permanent_failure(item.id, _describe(exc))
+            self._set_status(smtp_error=_describe(exc))
+            log_event(
+                logging.ERROR,
+                "reply refused permanently, kept in outbox",
+                **fields,
+                error=_describe(exc),
+            )
+            return
+        updated = await self._store.mark_transient_failure(item.id, _describe(exc))
+        self._set_status(smtp_error=_describe(exc))
+        level = logging.ERROR if isinstance(exc, AuthenticationError) else logging.WARNING
+        if updated.status is not updated.status.QUEUED:
+            log_event(logging.ERROR, "reply given up after retries", **fields, error=_describe(exc))
+        else:
+            log_event(
+                level,
+                "reply not sent yet, will retry",
+                **fields,
+                attempts=updated.attempts,
+                retry_in=round(max(0.0, updated.next_attempt_at - time.time()), 1),
+                error=_describe(exc),
+            )

@@ -1,0 +1,131 @@
+"""Running the doctor: both chains concurrently, the local checks, the output.
+
+Theory of operation: :func:`run_checks` loads the config, then runs the IMAP and SMTP
+chains in one nursery, each under :data:`~._report.CHAIN_TIMEOUT`; every check is
+guarded, so a bug in one becomes a FAIL result instead of a crash.
+:func:`run_doctor` prints the report (text or JSON) and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+from prxmail.config import Config, load_config
+from prxmail.doctor._imap import _imap_chain, _imap_names
+from prxmail.doctor._local import (
+    _check_from_address,
+    _check_policy,
+    _check_state_db,
+    _check_state_dir,
+    _config_step,
+)
+from prxmail.doctor._render import render_text
+from prxmail.doctor._report import (
+    DoctorReport,
+    Status,
+    StepResult,
+    Timeouts,
+    _Chain,
+    _redact_step,
+    _redactor,
+)
+from prxmail.doctor._smtp import _smtp_chain, _smtp_names
+from prxmail.errors import (
+    ConfigError,
+)
+
+
+async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> DoctorReport:
+    """Run every check and return the report (nothing is printed).
+
+    Args:
+        config_path: The configuration file.
+        timeouts: Per-step limits; the module defaults when ``None``.
+
+    Returns:
+        The report; no exception escapes for problems the checks find.
+    """
+    limits = timeouts if timeouts is not None else Timeouts()
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return DoctorReport(
+            str(config_path),
+            (
+                StepResult(
+                    "config",
+                    Status.FAIL,
+                    f"{config_path} cannot be used",
+                    exc.problems,
+                    hint="fix each key named above; nothing else was checked",
+                ),
+            ),
+        )
+    redact = _redactor(config)
+    imap = _Chain(_imap_names(config.imap_security))
+    smtp = _Chain(_smtp_names(config.smtp_security))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_guarded, _imap_chain, config, limits, imap)
+        nursery.start_soon(_guarded, _smtp_chain, config, limits, smtp)
+    steps = [
+        _config_step(config_path, config),
+        *imap.finish(),
+        *smtp.finish(),
+        _check_from_address(config),
+        _check_policy(config),
+        _check_state_dir(config.state_dir),
+        _check_state_db(config),
+    ]
+    return DoctorReport(str(config_path), tuple(_redact_step(redact, s) for s in steps))
+
+
+async def _guarded(
+    chain_fn: Callable[[Config, Timeouts, _Chain], Awaitable[None]],
+    config: Config,
+    timeouts: Timeouts,
+    chain: _Chain,
+) -> None:
+    """Run one chain within its time limit; a bug in a check or the limit becomes a FAIL
+    of the step that was running, not a crash."""
+
+    def fail_pending(summary: str, hint: str = "") -> None:
+        done = {r.name for r in chain.results}
+        pending = next((n for n in chain.names if n not in done), None)
+        if pending is not None:
+            chain.add(pending, Status.FAIL, summary, hint=hint)
+
+    try:
+        with trio.move_on_after(timeouts.chain) as scope:
+            await chain_fn(config, timeouts, chain)
+    except Exception as exc:  # a diagnostic tool must finish its report
+        fail_pending(f"unexpected error: {type(exc).__name__}: {exc}")
+        return
+    if scope.cancelled_caught:
+        fail_pending(
+            f"the checks did not finish within {timeouts.chain:g} s",
+            hint="the server answers very slowly; the service would time out as well",
+        )
+
+
+def run_doctor(config_path: Path, *, as_json: bool, out: TextIO) -> int:
+    """Run the checks and print one line per step.
+
+    Args:
+        config_path: The configuration file to check.
+        as_json: Print one JSON document (``ok``, ``config``, ``steps``) instead of lines.
+        out: Where to print.
+
+    Returns:
+        0 when nothing blocks the channel, 1 otherwise.
+    """
+    report = trio.run(run_checks, config_path)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2), file=out)
+    else:
+        out.write(render_text(report))
+    return report.exit_status

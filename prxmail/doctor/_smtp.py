@@ -1,0 +1,190 @@
+"""The SMTP chain: greeting, STARTTLS, EHLO, AUTH.
+
+Theory of operation: as the IMAP chain, over an :class:`~prxmail.smtp.SMTPConnection`
+on the stream :mod:`._network` connected; EHLO's extensions are summarised and AUTH
+is tried with the configured credentials (the message is never sent).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from prxmail._tls import Security
+from prxmail.config import Config
+from prxmail.doctor._network import (
+    _cert_summary,
+    _find_ssl_error,
+    _greeting_failure,
+    _open_transport,
+    _tls_failure,
+)
+from prxmail.doctor._report import _LOGIN_HINT, Status, Timeouts, _Chain, _server_text
+from prxmail.errors import (
+    AuthenticationError,
+    PrxmailError,
+    SMTPReplyError,
+    TLSError,
+)
+from prxmail.smtp import Extensions, SMTPConnection
+
+# -- SMTP -------------------------------------------------------------------------------
+
+
+def _smtp_names(security: Security) -> list[str]:
+    if security is Security.TLS:
+        head = ["smtp.dns", "smtp.tcp", "smtp.tls", "smtp.greeting"]
+    else:
+        head = ["smtp.dns", "smtp.tcp", "smtp.greeting", "smtp.tls"]
+    return [*head, "smtp.ehlo", "smtp.auth"]
+
+
+def _describe_extensions(ext: Extensions) -> str:
+    parts = []
+    if ext.size is not None:
+        parts.append(f"SIZE {ext.size // (1024 * 1024)} MiB" if ext.size else "SIZE (no limit)")
+    for flag, label in (
+        (ext.pipelining, "PIPELINING"),
+        (ext.eightbitmime, "8BITMIME"),
+        (ext.smtputf8, "SMTPUTF8"),
+        (ext.starttls, "STARTTLS"),
+    ):
+        if flag:
+            parts.append(label)
+    parts.append("AUTH " + " ".join(sorted(ext.auth)) if ext.auth else "no AUTH")
+    return ", ".join(parts)
+
+
+async def _smtp_chain(config: Config, timeouts: Timeouts, chain: _Chain) -> None:
+    host, port, security = config.smtp_host, config.smtp_port, config.smtp_security
+    opened = await _open_transport(
+        chain, "smtp", config, host=host, port=port, security=security, timeouts=timeouts
+    )
+    if opened is None:
+        return
+    raw, stream, context = opened
+    conn: SMTPConnection | None = None
+    try:
+        conn = SMTPConnection(stream, security=security, ssl_context=context, server_hostname=host)
+        try:
+            with trio.fail_after(timeouts.greeting):
+                greeting = await conn.read_greeting()
+        except (trio.TooSlowError, PrxmailError) as exc:
+            _greeting_failure(chain, "smtp", security, raw, exc, timeouts=timeouts)
+            return
+        chain.add("smtp.greeting", Status.PASS, f"{greeting.code} {_server_text(greeting.text)}")
+        if not await _smtp_ehlo(chain, conn, config, timeouts):
+            return
+        await _smtp_auth(chain, conn, config, timeouts)
+    finally:
+        if conn is not None:
+            with trio.move_on_after(timeouts.close):
+                await conn.aclose()
+        await trio.aclose_forcefully(stream)
+
+
+async def _smtp_ehlo(
+    chain: _Chain, conn: SMTPConnection, config: Config, timeouts: Timeouts
+) -> bool:
+    try:
+        with trio.fail_after(timeouts.command):
+            ext = await conn.ehlo()
+    except (trio.TooSlowError, PrxmailError) as exc:
+        return chain.add(
+            "smtp.ehlo",
+            Status.FAIL,
+            f"EHLO failed: {_server_text(str(exc)) or type(exc).__name__}",
+            hint="the server does not behave like an SMTP submission server",
+        )
+    if config.smtp_security is Security.STARTTLS:
+        try:
+            with trio.fail_after(timeouts.command + timeouts.tls):
+                await conn.starttls()
+        except trio.TooSlowError:
+            return chain.add(
+                "smtp.tls",
+                Status.FAIL,
+                "STARTTLS did not complete in time",
+                hint="check smtp_port and smtp_security",
+            )
+        except TLSError as exc:
+            if _find_ssl_error(exc) is not None or isinstance(
+                exc.__cause__, trio.BrokenResourceError
+            ):
+                _tls_failure(chain, "smtp", config, exc, b"")
+                return False
+            return chain.add(
+                "smtp.tls",
+                Status.FAIL,
+                _server_text(str(exc)),
+                hint="use implicit TLS: smtp_security = 'tls' (usually port 465)",
+            )
+        except PrxmailError as exc:
+            return chain.add("smtp.tls", Status.FAIL, f"STARTTLS failed: {_server_text(str(exc))}")
+        stream = conn.stream
+        assert isinstance(stream, trio.SSLStream)
+        status, summary = _cert_summary(stream, Security.STARTTLS)
+        hint = "the certificate expires soon: the server administrator must renew it"
+        chain.add("smtp.tls", status, summary, hint=hint if status is Status.WARN else "")
+        ext = conn.extensions
+    elif config.smtp_security is Security.PLAIN:
+        chain.add(
+            "smtp.tls",
+            Status.WARN,
+            "not encrypted: the SMTP password and every reply travel in clear text",
+            hint="use smtp_security = 'tls' (port 465) or 'starttls' (port 587)",
+        )
+    return chain.add("smtp.ehlo", Status.PASS, _describe_extensions(ext))
+
+
+async def _smtp_auth(
+    chain: _Chain, conn: SMTPConnection, config: Config, timeouts: Timeouts
+) -> bool:
+    offered = conn.extensions.auth
+    if not offered:
+        return chain.add(
+            "smtp.auth",
+            Status.FAIL,
+            "the server offers no AUTH here, so prxmail cannot log in",
+            hint="use the provider's submission port (465 with TLS or 587 with STARTTLS),"
+            " not port 25",
+        )
+    if not {"PLAIN", "LOGIN"} & offered:
+        return chain.add(
+            "smtp.auth",
+            Status.FAIL,
+            "the server offers no password mechanism prxmail supports (PLAIN or LOGIN);"
+            " offered: " + " ".join(sorted(offered)),
+            hint="the provider may require OAuth 2 for SMTP; prxmail needs password login",
+        )
+    try:
+        with trio.fail_after(timeouts.command):
+            await conn.login(config.smtp_username, config.smtp_password.reveal())
+    except trio.TooSlowError:
+        return chain.add(
+            "smtp.auth",
+            Status.FAIL,
+            f"the server did not answer AUTH within {timeouts.command:g} s",
+            hint="the server is overloaded or hangs; try again later",
+        )
+    except AuthenticationError as exc:
+        said = _server_text(exc.server_text)
+        code = f"{exc.code} " if exc.code else ""
+        return chain.add(
+            "smtp.auth",
+            Status.FAIL,
+            f"authentication failed for {config.smtp_username}: {code}{said}".rstrip(": "),
+            hint=_LOGIN_HINT
+            + "; if SMTP uses other credentials, set smtp_username and smtp_password",
+        )
+    except SMTPReplyError as exc:
+        return chain.add(
+            "smtp.auth",
+            Status.FAIL,
+            f"AUTH failed temporarily: {exc.code} {_server_text(exc.text)}",
+            hint="the server has a temporary problem; try again later",
+        )
+    except PrxmailError as exc:
+        return chain.add("smtp.auth", Status.FAIL, f"AUTH failed: {_server_text(str(exc))}")
+    return chain.add(
+        "smtp.auth", Status.PASS, f"authenticated as {config.smtp_username} (no mail sent)"
+    )
