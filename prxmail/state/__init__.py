@@ -63,17 +63,11 @@ a message's way to its handler used to cost three fsyncs, it now costs none.
 
 Threads: a :class:`StateStore` and its connection belong to the thread that created it
 (``check_same_thread=True`` by default, so misuse fails loudly instead of corrupting).
-:func:`open_state_store` gives trio code an :class:`AsyncStateStore` with *one dedicated
-worker thread* which opens and closes the connection and runs every call that may take
-long: each FULL commit (an fsync, 1-2 ms) and each read that can return much data. The
-short calls -- the NORMAL commits and small reads of one message, about 80 us each --
-run on the trio thread itself when the worker is idle: handing them to a thread and
-back cost twice as much as the call (two wake-ups, 100-180 us on the measured VM). A
-whole group's claim stays on the worker: it is longer, and while a parse runs in
-another thread each of its statements may wait for the GIL. The facade alone decides
-who touches the connection and never lets both do so at once (it is opened with
-``check_same_thread=False`` for that reason), and calls stay serialised in the order
-they were made.
+:func:`open_state_store` gives trio code an :class:`AsyncStateStore` whose every call
+runs in ``trio.to_thread.run_sync`` under the store's own ``CapacityLimiter(1)``: one
+call at a time, in the order they were made, and no SQLite statement -- no commit, no
+fsync, no checkpoint -- on the event loop (see ``prxmail.state._async``). WAL
+checkpoints are run deliberately between calls, not by SQLite inside a commit.
 
 Only one process may use a state directory at a time: the store takes an exclusive
 ``flock`` on ``state_dir/lock`` and raises :class:`~prxmail.errors.StateError` when

@@ -1,98 +1,111 @@
-"""ADOC"""
+"""The trio facade: every store call on a worker thread, one at a time, in call order.
+
+Theory of operation
+-------------------
+SQLite calls block: a NORMAL commit is a WAL append (tens of microseconds, but up to
+milliseconds when the disk is busy), a FULL commit an fsync (1-2 ms), a checkpoint
+copies megabytes. None of that may run on the event loop, where it delays every other
+task. So every call of :class:`AsyncStateStore` runs in ``trio.to_thread.run_sync``
+under the store's own ``trio.CapacityLimiter(1)``: one call at a time, which is what a
+single SQLite connection needs, and in the order the calls were made (the limiter wakes
+its waiters first in, first out). The connection is opened with
+``check_same_thread=False`` because trio's thread cache may run successive calls on
+different threads; the limiter, not the thread identity, is what keeps two threads off
+it at once.
+
+A call that has started is completed even if its caller is cancelled meanwhile (the
+cancellation arrives at the caller's next checkpoint): the caller never has to guess
+whether a write happened. A caller cancelled before its call started starts nothing.
+
+WAL checkpoints are ours, not SQLite's: the database layer turns the automatic
+checkpoint off (it would land inside whichever commit crossed 1000 pages) and counts
+committed writes; when enough have accumulated (``CHECKPOINT_EVERY_COMMITS``) the
+facade's checkpointer task queues one PASSIVE checkpoint behind the calls already
+waiting, so it runs on the worker between two calls and is never part of one.
+
+The methods are not written out: each is ``name = _offload(StateStore.name)``, a
+descriptor that gives the method of :class:`StateStore` with the same signature,
+returning an awaitable (checked by mypy through ``ParamSpec``), so the facade cannot
+drift from the store.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import queue
 import random
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import trio
 
-from prxmail.state._model import (
-    ClaimBatch,
-    ClaimResult,
-    MailboxState,
-    MessageKey,
-    MessageRecord,
-    MessageStatus,
-    OutboxDraft,
-    OutboxItem,
-    OutboxStatus,
-    PruneReport,
-    RecoveryReport,
-    RetryPolicy,
-    StateStatistics,
-)
+from prxmail.state._model import RetryPolicy
 from prxmail.state._store import StateStore
 
-T = TypeVar("T")
-# ---------------------------------------------------------------------------------
-# The trio facade.
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: The name store calls' threads carry while they run one (trio's cached threads take
+#: it for the job's duration), so a thread still busy with the store can be found.
+THREAD_NAME = "prxmail-state"
 
 
-class _DedicatedThread:
-    """One thread that runs submitted callables in order; the SQLite connection lives
-    and dies on it. Pending calls are bounded by the number of tasks awaiting them."""
+def _snapshot(value: object) -> object:
+    """An argument as it is *now*: iterables the caller passed (lists, generators) are
+    read on the trio thread, so another task changing them meanwhile, or a generator
+    over trio-side state, cannot race the worker."""
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Iterable):
+        return tuple(value)
+    return value
 
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
-        # Calls submitted and not yet seen finished by trio. Zero means the thread is
-        # waiting for work and touches nothing (its last job returned before the
-        # wake-up that let trio see it finished).
-        self.outstanding = 0
 
-    def _main(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
+class _offload(Generic[P, R]):
+    """``name = _offload(StateStore.name)``: the async twin of a store method.
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        # A cancelled caller starts no new work ...
-        await trio.lowlevel.checkpoint_if_cancelled()
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        results: list[T] = []
-        errors: list[BaseException] = []
+    On an :class:`AsyncStateStore` instance it is a coroutine function with the same
+    parameters as the store method, running it on the store's worker.
+    """
 
-        def job() -> None:
-            try:
-                results.append(fn())
-            except BaseException as exc:
-                errors.append(exc)
-            finally:
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(done.set)
+    def __init__(self, method: Callable[Concatenate[StateStore, P], R]) -> None:
+        self._method = method
+        self.__doc__ = f"See :meth:`StateStore.{method.__name__}`."
+        self.__name__ = method.__name__
 
-        self._jobs.put(job)
-        self.outstanding += 1
-        # ... but once submitted, a call is waited for: a cancelled write must not leave
-        # the caller guessing whether it committed. Calls are short (one transaction).
-        try:
-            with trio.CancelScope(shield=True):
-                await done.wait()
-        finally:
-            self.outstanding -= 1
-        if errors:
-            raise errors[0]
-        return results[0]
+    @overload
+    def __get__(self, instance: None, owner: type[Any]) -> _offload[P, R]: ...
 
-    async def stop(self) -> None:
-        # The last job tells us the queue is drained; after it the thread only returns,
-        # so the join below does not block the event loop for any real time.
-        await self.run(lambda: None)
-        self._jobs.put(None)
-        self._thread.join()
+    @overload
+    def __get__(self, instance: AsyncStateStore, owner: type[Any]) -> Callable[P, Awaitable[R]]: ...
+
+    def __get__(
+        self, instance: AsyncStateStore | None, owner: type[Any]
+    ) -> _offload[P, R] | Callable[P, Awaitable[R]]:
+        if instance is None:
+            return self
+        method, store = self._method, instance._store
+
+        @functools.wraps(method)
+        async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            # Any: a snapshot has the type the parameter accepts (an Iterable parameter
+            # gets a tuple), which mypy cannot follow through P.
+            frozen_args: Any = [_snapshot(a) for a in args]
+            frozen_kwargs: Any = {k: _snapshot(v) for k, v in kwargs.items()}
+            return await instance._run(
+                functools.partial(method, store, *frozen_args, **frozen_kwargs)
+            )
+
+        return call
 
 
 class AsyncStateStore:
-    """Trio access to the state store; every method runs on the store's own thread.
+    """Trio access to the state store; every call runs on a worker thread.
 
     Obtain one with :func:`open_state_store`. Methods have the same meaning,
     arguments and errors as those of :class:`StateStore`; see there. A call that has
@@ -101,198 +114,78 @@ class AsyncStateStore:
     whether a write happened.
     """
 
-    def __init__(self, worker: _DedicatedThread, store: StateStore) -> None:
-        self._worker = worker
+    def __init__(self, store: StateStore, limiter: trio.CapacityLimiter) -> None:
         self._store = store
+        self._limiter = limiter
+        self._checkpoint_due = trio.Event()
 
     @property
     def state_dir(self) -> Path:
         """The directory holding the database."""
         return self._store.state_dir
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await self._worker.run(lambda: fn(*args, **kwargs))
-
-    async def _call_quick(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """A short call (no fsync, little data): on the trio thread when the worker is
-        idle, else queued behind the worker's calls (order is kept either way)."""
-        if self._worker.outstanding:
-            return await self._call(fn, *args, **kwargs)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        result = fn(*args, **kwargs)
-        # Like a worker call, a call that ran is reported even if cancelled meanwhile;
-        # the cancellation arrives at the caller's next checkpoint.
-        await trio.lowlevel.cancel_shielded_checkpoint()
+    async def _run(self, fn: Callable[[], R]) -> R:
+        result = await _run_on_worker(self._limiter, fn)
+        if self._store.checkpoint_due:
+            self._checkpoint_due.set()
         return result
 
-    async def sync_mailbox(self, account: str, folder: str, uidvalidity: int) -> MailboxState:
-        """See :meth:`StateStore.sync_mailbox`."""
-        return await self._call(self._store.sync_mailbox, account, folder, uidvalidity)
+    async def _checkpointer(self) -> None:
+        # Queued behind the calls waiting at that moment (the limiter is FIFO), so the
+        # checkpoint runs between two calls, never inside one.
+        while True:
+            await self._checkpoint_due.wait()
+            await _run_on_worker(self._limiter, self._store.checkpoint)
+            # Only now: calls finishing while this one waited its turn set the same
+            # event again, and must not queue a second checkpoint.
+            self._checkpoint_due = trio.Event()
 
-    async def mailbox(self, account: str, folder: str) -> MailboxState | None:
-        """See :meth:`StateStore.mailbox`."""
-        return await self._call_quick(self._store.mailbox, account, folder)
+    sync_mailbox = _offload(StateStore.sync_mailbox)
+    mailbox = _offload(StateStore.mailbox)
+    mark_initialized = _offload(StateStore.mark_initialized)
+    advance_high_water_mark = _offload(StateStore.advance_high_water_mark)
+    get_message = _offload(StateStore.get_message)
+    find_by_message_id = _offload(StateStore.find_by_message_id)
+    claim = _offload(StateStore.claim)
+    claim_many = _offload(StateStore.claim_many)
+    begin_handling = _offload(StateStore.begin_handling)
+    mark_handled = _offload(StateStore.mark_handled)
+    mark_rejected = _offload(StateStore.mark_rejected)
+    claim_batch = _offload(StateStore.claim_batch)
+    record_verdicts = _offload(StateStore.record_verdicts)
+    mark_failed = _offload(StateStore.mark_failed)
+    release = _offload(StateStore.release)
+    recover_interrupted = _offload(StateStore.recover_interrupted)
+    pending = _offload(StateStore.pending)
+    messages_with_status = _offload(StateStore.messages_with_status)
+    record_reply = _offload(StateStore.record_reply)
+    enqueue = _offload(StateStore.enqueue)
+    due_outbox = _offload(StateStore.due_outbox)
+    next_due_at = _offload(StateStore.next_due_at)
+    get_outbox_item = _offload(StateStore.get_outbox_item)
+    outbox_items = _offload(StateStore.outbox_items)
+    mark_sent = _offload(StateStore.mark_sent)
+    mark_sent_many = _offload(StateStore.mark_sent_many)
+    mark_transient_failure = _offload(StateStore.mark_transient_failure)
+    mark_permanent_failure = _offload(StateStore.mark_permanent_failure)
+    requeue = _offload(StateStore.requeue)
+    is_our_message_id = _offload(StateStore.is_our_message_id)
+    our_message_ids_among = _offload(StateStore.our_message_ids_among)
+    remember_message_id = _offload(StateStore.remember_message_id)
+    prune = _offload(StateStore.prune)
+    statistics = _offload(StateStore.statistics)
 
-    async def mark_initialized(
-        self, account: str, folder: str, uidvalidity: int, last_uid: int
-    ) -> MailboxState:
-        """See :meth:`StateStore.mark_initialized`."""
-        return await self._call(
-            self._store.mark_initialized, account, folder, uidvalidity, last_uid
-        )
 
-    async def advance_high_water_mark(
-        self, account: str, folder: str, uidvalidity: int, uid: int
-    ) -> int:
-        """See :meth:`StateStore.advance_high_water_mark`."""
-        return await self._call_quick(
-            self._store.advance_high_water_mark, account, folder, uidvalidity, uid
-        )
-
-    async def get_message(self, key: MessageKey) -> MessageRecord | None:
-        """See :meth:`StateStore.get_message`."""
-        return await self._call_quick(self._store.get_message, key)
-
-    async def find_by_message_id(self, account: str, message_id: str) -> list[MessageRecord]:
-        """See :meth:`StateStore.find_by_message_id`."""
-        return await self._call_quick(self._store.find_by_message_id, account, message_id)
-
-    async def claim(self, key: MessageKey, message_id: str) -> ClaimResult:
-        """See :meth:`StateStore.claim`."""
-        return await self._call_quick(self._store.claim, key, message_id)
-
-    async def claim_many(
-        self,
-        items: Iterable[tuple[MessageKey, str]],
-        *,
-        failed: Mapping[MessageKey, str] | None = None,
-    ) -> list[ClaimResult]:
-        """See :meth:`StateStore.claim_many`."""
-        return await self._call(self._store.claim_many, list(items), failed=failed)
-
-    async def begin_handling(self, key: MessageKey) -> MessageRecord:
-        """See :meth:`StateStore.begin_handling`."""
-        return await self._call_quick(self._store.begin_handling, key)
-
-    async def mark_handled(self, key: MessageKey) -> MessageRecord:
-        """See :meth:`StateStore.mark_handled`."""
-        return await self._call_quick(self._store.mark_handled, key)
-
-    async def mark_rejected(self, key: MessageKey, reason: str) -> MessageRecord:
-        """See :meth:`StateStore.mark_rejected`."""
-        return await self._call_quick(self._store.mark_rejected, key, reason)
-
-    async def claim_batch(
-        self,
-        items: Iterable[tuple[MessageKey, str]],
-        *,
-        failed: Mapping[MessageKey, str] | None = None,
-        message_ids: Iterable[str] = (),
-    ) -> ClaimBatch:
-        """See :meth:`StateStore.claim_batch`."""
-        return await self._call(
-            self._store.claim_batch, list(items), failed=failed, message_ids=list(message_ids)
-        )
-
-    async def record_verdicts(
-        self,
-        rejected: Iterable[tuple[MessageKey, str]],
-        accepted: MessageKey | None = None,
-    ) -> MessageRecord | None:
-        """See :meth:`StateStore.record_verdicts`."""
-        return await self._call_quick(self._store.record_verdicts, list(rejected), accepted)
-
-    async def mark_failed(self, key: MessageKey, reason: str) -> MessageRecord:
-        """See :meth:`StateStore.mark_failed`."""
-        return await self._call_quick(self._store.mark_failed, key, reason)
-
-    async def release(self, key: MessageKey, reason: str, *, max_attempts: int) -> MessageRecord:
-        """See :meth:`StateStore.release`."""
-        return await self._call_quick(self._store.release, key, reason, max_attempts=max_attempts)
-
-    async def recover_interrupted(
-        self, *, max_attempts: int, account: str | None = None
-    ) -> RecoveryReport:
-        """See :meth:`StateStore.recover_interrupted`."""
-        return await self._call(
-            self._store.recover_interrupted, max_attempts=max_attempts, account=account
-        )
-
-    async def pending(self, account: str, folder: str | None = None) -> list[MessageRecord]:
-        """See :meth:`StateStore.pending`."""
-        return await self._call(self._store.pending, account, folder)
-
-    async def messages_with_status(
-        self, status: MessageStatus, *, account: str | None = None, limit: int = 100
-    ) -> list[MessageRecord]:
-        """See :meth:`StateStore.messages_with_status`."""
-        return await self._call(
-            self._store.messages_with_status, status, account=account, limit=limit
-        )
-
-    async def record_reply(self, key: MessageKey, draft: OutboxDraft) -> OutboxItem:
-        """See :meth:`StateStore.record_reply`."""
-        return await self._call(self._store.record_reply, key, draft)
-
-    async def enqueue(self, account: str, draft: OutboxDraft) -> OutboxItem:
-        """See :meth:`StateStore.enqueue`."""
-        return await self._call(self._store.enqueue, account, draft)
-
-    async def due_outbox(self, *, limit: int = 100, now: float | None = None) -> list[OutboxItem]:
-        """See :meth:`StateStore.due_outbox`."""
-        return await self._call(self._store.due_outbox, limit=limit, now=now)
-
-    async def next_due_at(self) -> float | None:
-        """See :meth:`StateStore.next_due_at`."""
-        return await self._call_quick(self._store.next_due_at)
-
-    async def get_outbox_item(self, item_id: int) -> OutboxItem | None:
-        """See :meth:`StateStore.get_outbox_item`."""
-        return await self._call(self._store.get_outbox_item, item_id)
-
-    async def outbox_items(self, status: OutboxStatus | None = None) -> list[OutboxItem]:
-        """See :meth:`StateStore.outbox_items`."""
-        return await self._call(self._store.outbox_items, status)
-
-    async def mark_sent(self, item_id: int) -> OutboxItem:
-        """See :meth:`StateStore.mark_sent`."""
-        return await self._call(self._store.mark_sent, item_id)
-
-    async def mark_sent_many(self, item_ids: Iterable[int]) -> None:
-        """See :meth:`StateStore.mark_sent_many`."""
-        await self._call(self._store.mark_sent_many, list(item_ids))
-
-    async def mark_transient_failure(self, item_id: int, error: str) -> OutboxItem:
-        """See :meth:`StateStore.mark_transient_failure`."""
-        return await self._call(self._store.mark_transient_failure, item_id, error)
-
-    async def mark_permanent_failure(self, item_id: int, error: str) -> OutboxItem:
-        """See :meth:`StateStore.mark_permanent_failure`."""
-        return await self._call(self._store.mark_permanent_failure, item_id, error)
-
-    async def requeue(self, item_id: int) -> OutboxItem:
-        """See :meth:`StateStore.requeue`."""
-        return await self._call(self._store.requeue, item_id)
-
-    async def is_our_message_id(self, message_id: str) -> bool:
-        """See :meth:`StateStore.is_our_message_id`."""
-        return await self._call_quick(self._store.is_our_message_id, message_id)
-
-    async def our_message_ids_among(self, message_ids: Iterable[str]) -> frozenset[str]:
-        """See :meth:`StateStore.our_message_ids_among`."""
-        return await self._call_quick(self._store.our_message_ids_among, list(message_ids))
-
-    async def remember_message_id(self, account: str, message_id: str) -> None:
-        """See :meth:`StateStore.remember_message_id`."""
-        await self._call(self._store.remember_message_id, account, message_id)
-
-    async def prune(self) -> PruneReport:
-        """See :meth:`StateStore.prune` (with the default limits)."""
-        return await self._call(self._store.prune)
-
-    async def statistics(self) -> StateStatistics:
-        """See :meth:`StateStore.statistics`."""
-        return await self._call(self._store.statistics)
+async def _run_on_worker(limiter: trio.CapacityLimiter, fn: Callable[[], R]) -> R:
+    # A cancelled caller starts no new work (the limiter would also refuse it, but only
+    # when it has to wait) ...
+    await trio.lowlevel.checkpoint_if_cancelled()
+    # ... but once started, a call is waited for (abandon_on_cancel=False): a cancelled
+    # write must not leave the caller guessing whether it committed. Calls are short
+    # (one transaction each).
+    return await trio.to_thread.run_sync(
+        fn, limiter=limiter, abandon_on_cancel=False, thread_name=THREAD_NAME
+    )
 
 
 @contextlib.asynccontextmanager
@@ -321,27 +214,48 @@ async def open_state_store(
         StateError: the directory is in use by another process, the database is from
             a newer prxmail, or it cannot be opened.
     """
-    worker = _DedicatedThread(name="prxmail-state")
+    limiter = trio.CapacityLimiter(1)
+    store = await _run_on_worker(
+        limiter,
+        functools.partial(
+            StateStore,
+            state_dir,
+            retry_policy=retry_policy,
+            rng=rng,
+            clock=clock,
+            read_only=read_only,
+            # trio's thread cache may run successive calls on different threads; the
+            # limiter keeps them from using the connection at the same time.
+            check_same_thread=False,
+        ),
+    )
+    facade = AsyncStateStore(store, limiter)
     try:
-        store = await worker.run(
-            lambda: StateStore(
-                state_dir,
-                retry_policy=retry_policy,
-                rng=rng,
-                clock=clock,
-                read_only=read_only,
-                # The facade's calls come from its worker or, for short ones when the
-                # worker is idle, from the trio thread; never from both at once.
-                check_same_thread=False,
-            )
-        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(facade._checkpointer)
+            try:
+                yield facade
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The checkpointer ends only by cancellation, which its nursery absorbs; what is
+        # left is the block's own exception, given back as it was raised (callers never
+        # see an ExceptionGroup from here).
+        exc = _sole_exception(group)
+        context, cause, suppress = exc.__context__, exc.__cause__, exc.__suppress_context__
         try:
-            yield AsyncStateStore(worker, store)
+            raise exc
         finally:
-            with trio.CancelScope(shield=True):
-                await worker.run(store.close)
+            exc.__context__, exc.__cause__ = context, cause
+            exc.__suppress_context__ = suppress
     finally:
-        # Even when the block was cancelled: an unstopped worker would be a thread left
-        # waiting for work forever.
+        # Even when the block was cancelled: the connection and the directory lock
+        # must not outlive it.
         with trio.CancelScope(shield=True):
-            await worker.stop()
+            await _run_on_worker(limiter, store.close)
+
+
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    while len(group.exceptions) == 1 and isinstance(group.exceptions[0], BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group.exceptions[0] if len(group.exceptions) == 1 else group

@@ -37,6 +37,13 @@ LOCK_FILENAME: Final = "lock"
 # sqlite3 shell reading the file; a few seconds is plenty and still fails visibly.
 BUSY_TIMEOUT_SECONDS: Final = 5.0
 
+# Committed writes between two explicit WAL checkpoints (SQLite's own automatic one is
+# off: it would run inside whichever commit crossed its threshold). A message's way
+# through the store is about three commits of a few pages each, so 200 commits keep
+# the WAL near SQLite's default of 1000 pages (4 MB): each checkpoint copies a few
+# megabytes at most, and readers never scan a long WAL.
+CHECKPOINT_EVERY_COMMITS: Final = 200
+
 
 def _create_private_dir(path: Path) -> None:
     if not path.exists():
@@ -80,6 +87,8 @@ class Database:
         # switching it costs a statement only when it changes.
         self._synchronous = "FULL"
         self._in_transaction = False
+        # Committed write transactions since the last checkpoint (see checkpoint()).
+        self._commits_since_checkpoint = 0
         db_path = self.state_dir / DB_FILENAME
         if read_only:
             self._open_read_only(db_path)
@@ -100,6 +109,8 @@ class Database:
                 if str(mode).lower() != "wal":
                     raise StateError(f"cannot switch {db_path} to WAL mode (got {mode!r})")
                 self._conn.execute("PRAGMA synchronous=FULL")
+                # Checkpoints are run deliberately by checkpoint(), not inside a commit.
+                self._conn.execute("PRAGMA wal_autocheckpoint=0")
             except sqlite3.Error as exc:
                 raise StateError(f"cannot open state database {db_path}: {exc}") from exc
             self._migrate()
@@ -199,6 +210,7 @@ class Database:
         except sqlite3.Error as exc:
             raise StateError(f"cannot start a state transaction: {exc}") from exc
         self._in_transaction = True
+        changes_before = conn.total_changes
         try:
             yield conn
         except BaseException as exc:
@@ -215,6 +227,32 @@ class Database:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise StateError(f"cannot commit state change: {exc}") from exc
+        if conn.total_changes != changes_before:
+            self._commits_since_checkpoint += 1
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """True when enough writes were committed that :meth:`checkpoint` should run."""
+        return self._commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS
+
+    def checkpoint(self) -> None:
+        """Copy the WAL back into the database file (a PASSIVE checkpoint).
+
+        PASSIVE waits for nobody: pages a reader (``prxmail doctor``) still needs stay
+        in the WAL for the next checkpoint. The connection would also checkpoint when
+        it closes.
+
+        Raises:
+            StateError: SQLite failed.
+        """
+        conn = self._conn
+        if conn is None or self.read_only:
+            return
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot checkpoint the state database: {exc}") from exc
+        self._commits_since_checkpoint = 0
 
     def _migrate(self) -> None:
         with self._transaction() as conn:

@@ -40,6 +40,7 @@ from prxmail.state import (
     open_state_store,
     own_id_predicate,
 )
+from prxmail.state._db import CHECKPOINT_EVERY_COMMITS
 
 ACCOUNT = account_key("bot@example.com", "imap.example.com", 993)
 FOLDER = "INBOX"
@@ -864,16 +865,39 @@ def test_statistics(synced: StateStore) -> None:
 # -- the trio facade -------------------------------------------------------------------
 
 
-async def test_async_store_runs_on_one_dedicated_thread(tmp_path: Path) -> None:
-    before = {t.ident for t in threading.enumerate()}
+class RecordingConnection(sqlite3.Connection):
+    """Notes the thread and text of every statement the store runs."""
+
+    log: list[tuple[int, str, object]]
+
+    def execute(self, sql: str, parameters: object = (), /) -> sqlite3.Cursor:
+        self.log.append((threading.get_ident(), sql, parameters))
+        return super().execute(sql, parameters)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str, object]]:
+    """Every statement any store opened during the test runs, with its thread."""
+    log: list[tuple[int, str, object]] = []
+    real_connect = sqlite3.connect
+
+    def connect(*args: object, **kwargs: object) -> sqlite3.Connection:
+        conn = real_connect(*args, factory=RecordingConnection, **kwargs)  # type: ignore[call-overload]
+        conn.log = log
+        return conn  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return log
+
+
+async def test_async_store_serialises_the_calls_of_many_tasks(tmp_path: Path) -> None:
     async with open_state_store(tmp_path) as store:
         assert store.state_dir == tmp_path
         await store.sync_mailbox(ACCOUNT, FOLDER, 1)
-        workers = [t for t in threading.enumerate() if t.name == "prxmail-state"]
-        assert len(workers) == 1
 
-        # Many tasks at once: all calls are serialised on that thread (the connection
-        # was opened with check_same_thread=True, so any other thread would fail).
+        # Many tasks at once: the calls never overlap on the one connection (each is
+        # a transaction; an overlap would fail with "cannot start a transaction
+        # within a transaction").
         async def work(uid: int) -> None:
             k = key(uid)
             assert (await store.claim(k, f"{uid}@x")).outcome is ClaimOutcome.CLAIMED
@@ -892,10 +916,101 @@ async def test_async_store_runs_on_one_dedicated_thread(tmp_path: Path) -> None:
         assert stats.outbox_queued == 20
         assert len(await store.due_outbox(limit=100)) == 20
         assert await store.is_our_message_id("reply1@bot.example.com")
-    # The thread is gone and the directory lock released.
-    assert {t.ident for t in threading.enumerate()} <= before
+    # No thread is busy with the store any more and the directory lock is released.
+    assert not [t for t in threading.enumerate() if t.name == "prxmail-state"]
     with StateStore(tmp_path) as s:
         assert s.mailbox(ACCOUNT, FOLDER).last_uid == 40  # type: ignore[union-attr]
+
+
+async def test_no_store_call_runs_sqlite_on_the_trio_thread(
+    tmp_path: Path, statements: list[tuple[int, str, object]]
+) -> None:
+    trio_thread = threading.get_ident()
+    async with open_state_store(tmp_path) as store:
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        # The short calls the channel makes for every message included.
+        batch = await store.claim_batch([(key(1), "a@x"), (key(2), "b@x")], message_ids=["a@x"])
+        assert len(batch.results) == 2
+        await store.record_verdicts([(key(2), "list-mail")], key(1))
+        await store.mark_handled(key(1))
+        await store.claim(key(3), "c@x")
+        await store.begin_handling(key(3))
+        await store.mark_failed(key(3), "boom")
+        await store.advance_high_water_mark(ACCOUNT, FOLDER, 1, 9)
+        assert await store.mailbox(ACCOUNT, FOLDER) is not None
+        assert await store.get_message(key(1)) is not None
+        assert not await store.is_our_message_id("a@x")
+        assert await store.our_message_ids_among(["a@x"]) == frozenset()
+        assert await store.next_due_at() is None
+    assert len(statements) > 20
+    assert not [sql for thread, sql, _ in statements if thread == trio_thread]
+
+
+async def test_async_store_keeps_the_order_the_calls_were_made_in(
+    tmp_path: Path, statements: list[tuple[int, str, object]]
+) -> None:
+    made: list[str] = []
+    async with open_state_store(tmp_path) as store:
+
+        async def remember(n: int) -> None:
+            made.append(f"<{n}@x>")  # in the same step that queues the call
+            await store.remember_message_id(ACCOUNT, f"{n}@x")
+
+        async with trio.open_nursery() as nursery:
+            for n in range(60):
+                nursery.start_soon(remember, n)
+    inserted = [
+        params[0]  # type: ignore[index]
+        for _, sql, params in statements
+        if sql.startswith("INSERT OR IGNORE INTO own_message_id")
+    ]
+    assert len(made) == 60
+    assert inserted == made
+
+
+def test_wal_checkpoints_are_explicit_and_counted_by_writes(
+    tmp_path: Path, statements: list[tuple[int, str, object]]
+) -> None:
+    with StateStore(tmp_path) as s:
+        assert s._conn is not None
+        # SQLite's automatic checkpoint (inside a COMMIT) is off.
+        assert s._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        s.sync_mailbox(ACCOUNT, FOLDER, 1)
+        s.checkpoint()  # start counting from here
+        for n in range(1, CHECKPOINT_EVERY_COMMITS):
+            s.remember_message_id(ACCOUNT, f"{n}@x")
+        assert not s.checkpoint_due
+        s.remember_message_id(ACCOUNT, "one-more@x")
+        for _ in range(50):
+            s.statistics()  # reads do not count
+        assert s.checkpoint_due
+        s.checkpoint()
+        assert not s.checkpoint_due
+        # Nothing but checkpoint() checkpointed.
+        runs = [sql for _, sql, _ in statements if "wal_checkpoint" in sql]
+        assert runs == ["PRAGMA wal_checkpoint(PASSIVE)"] * 2
+
+
+async def test_async_store_checkpoints_between_calls_on_the_worker(
+    tmp_path: Path, statements: list[tuple[int, str, object]]
+) -> None:
+    trio_thread = threading.get_ident()
+    async with open_state_store(tmp_path) as store:
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        for n in range(CHECKPOINT_EVERY_COMMITS + 10):
+            await store.remember_message_id(ACCOUNT, f"{n}@x")
+        await trio.sleep(0.05)  # the checkpointer's turn comes between calls
+        await store.remember_message_id(ACCOUNT, "last@x")
+    runs = [
+        (thread, index)
+        for index, (thread, sql, _) in enumerate(statements)
+        if "wal_checkpoint" in sql
+    ]
+    assert len(runs) == 1
+    thread, index = runs[0]
+    assert thread != trio_thread
+    # Not inside a transaction: the statement before it ended one.
+    assert statements[index - 1][1] == "COMMIT"
 
 
 async def test_async_read_only_store(tmp_path: Path) -> None:
@@ -1292,7 +1407,7 @@ test_store_state_machine.settings = hypothesis.settings(
 )
 
 
-async def test_async_store_thread_ends_when_the_block_is_cancelled(tmp_path: Path) -> None:
+async def test_async_store_closes_when_the_block_is_cancelled(tmp_path: Path) -> None:
     with trio.CancelScope() as scope:
         async with open_state_store(tmp_path) as store:
             await store.sync_mailbox(ACCOUNT, FOLDER, 1)
@@ -1300,3 +1415,14 @@ async def test_async_store_thread_ends_when_the_block_is_cancelled(tmp_path: Pat
             await trio.sleep(1)
     assert scope.cancelled_caught
     assert not [t for t in threading.enumerate() if t.name == "prxmail-state"]
+    # Closed, not leaked: the directory lock is free again.
+    with StateStore(tmp_path) as s:
+        assert s.mailbox(ACCOUNT, FOLDER) is not None
+
+
+async def test_async_store_gives_the_blocks_exception_back_unwrapped(tmp_path: Path) -> None:
+    with pytest.raises(KeyError) as info:
+        async with open_state_store(tmp_path):
+            raise KeyError("mine")
+    assert info.value.args == ("mine",)
+    assert info.value.__context__ is None
