@@ -99,6 +99,7 @@ from prxmail.state._async import AsyncStateStore as AsyncStateStore
 from prxmail.state._async import open_state_store as open_state_store
 from prxmail.state._db import DB_FILENAME as DB_FILENAME
 from prxmail.state._model import MAX_REASON_CHARS as MAX_REASON_CHARS
+from prxmail.state._model import OUTBOX_TRANSITIONS as OUTBOX_TRANSITIONS
 from prxmail.state._model import TRANSITIONS as TRANSITIONS
 from prxmail.state._model import ClaimBatch as ClaimBatch
 from prxmail.state._model import ClaimOutcome as ClaimOutcome
@@ -122,6 +123,7 @@ from prxmail.state._store import StateStore as StateStore
 
 __all__ = [
     "DB_FILENAME",
+    "OUTBOX_TRANSITIONS",
     "SCHEMA_VERSION",
     "TRANSITIONS",
     "AsyncStateStore",

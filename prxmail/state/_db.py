@@ -105,6 +105,8 @@ class Database:
                     isolation_level=None,
                     check_same_thread=check_same_thread,
                 )
+                # Rows are read by column name (see _schema).
+                self._conn.row_factory = sqlite3.Row
                 mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise StateError(f"cannot switch {db_path} to WAL mode (got {mode!r})")
@@ -129,6 +131,7 @@ class Database:
                 isolation_level=None,
                 check_same_thread=self._check_same_thread,
             )
+            self._conn.row_factory = sqlite3.Row
             row = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
         except sqlite3.Error as exc:
             self.close()

@@ -23,6 +23,7 @@ from prxmail.state._model import (
     OWN_ID_MAX_COUNT,
     SENT_RETENTION_SECONDS,
     MessageStatus,
+    OutboxStatus,
     PruneReport,
     StateStatistics,
     normalize_message_id,
@@ -130,29 +131,32 @@ class HousekeepingMixin(Database):
             How many rows of each kind were removed.
         """
         now = self._clock()
-        keep_queued = "message_id NOT IN (SELECT message_id FROM outbox WHERE status = 'queued')"
+        finished = [status.value for status in MessageStatus if status.terminal]
+        finished_marks = ", ".join("?" * len(finished))
+        queued, sent_status = OutboxStatus.QUEUED.value, OutboxStatus.SENT.value
+        keep_queued = "message_id NOT IN (SELECT message_id FROM outbox WHERE status = ?)"
         with self._transaction() as conn:
             own = conn.execute(
                 f"DELETE FROM own_message_id WHERE created_at < ? AND {keep_queued}",
-                (now - own_id_max_age,),
+                (now - own_id_max_age, queued),
             ).rowcount
             own += conn.execute(
                 "DELETE FROM own_message_id WHERE message_id IN ("
                 " SELECT message_id FROM own_message_id ORDER BY created_at DESC"
                 f" LIMIT -1 OFFSET ?) AND {keep_queued}",
-                (own_id_max_count,),
+                (own_id_max_count, queued),
             ).rowcount
             sent = conn.execute(
-                "DELETE FROM outbox WHERE status = 'sent' AND sent_at < ?",
-                (now - sent_retention,),
+                "DELETE FROM outbox WHERE status = ? AND sent_at < ?",
+                (sent_status, now - sent_retention),
             ).rowcount
             messages = conn.execute(
-                "DELETE FROM message WHERE status IN ('handled', 'replied', 'rejected',"
-                " 'failed') AND updated_at < ? AND NOT EXISTS (SELECT 1 FROM outbox o"
+                f"DELETE FROM message WHERE status IN ({finished_marks})"
+                " AND updated_at < ? AND NOT EXISTS (SELECT 1 FROM outbox o"
                 " WHERE o.account = message.account AND o.parent_folder = message.folder"
                 " AND o.parent_uidvalidity = message.uidvalidity"
-                " AND o.parent_uid = message.uid AND o.status != 'sent')",
-                (now - message_retention,),
+                " AND o.parent_uid = message.uid AND o.status != ?)",
+                (*finished, now - message_retention, sent_status),
             ).rowcount
         return PruneReport(own_message_ids=own, sent_outbox=sent, messages=messages)
 
@@ -168,7 +172,8 @@ class HousekeepingMixin(Database):
                 conn.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall()
             )
             next_at = conn.execute(
-                "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'queued'"
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE status = ?",
+                (OutboxStatus.QUEUED.value,),
             ).fetchone()[0]
             by_status = {
                 MessageStatus(status): n
@@ -181,8 +186,8 @@ class HousekeepingMixin(Database):
             ).fetchall()
         return StateStatistics(
             schema_version=int(version),
-            outbox_queued=int(counts.get("queued", 0)),
-            outbox_failed=int(counts.get("failed_permanent", 0)),
+            outbox_queued=int(counts.get(OutboxStatus.QUEUED.value, 0)),
+            outbox_failed=int(counts.get(OutboxStatus.FAILED_PERMANENT.value, 0)),
             outbox_next_attempt_at=None if next_at is None else float(next_at),
             messages_by_status={s: by_status.get(s, 0) for s in MessageStatus},
             mailboxes=tuple(_mailbox_from_row(r) for r in mailboxes),

@@ -15,8 +15,6 @@ the wrong generation of UIDs.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from typing import Any
 
 from prxmail.errors import LocalProtocolError
 from prxmail.state._db import Database
@@ -62,7 +60,7 @@ class MailboxMixin(Database):
                     (account, folder, uidvalidity, now, now),
                 )
                 return MailboxState(account, folder, uidvalidity, 0, False, now, now)
-            if row[2] == uidvalidity:
+            if row["uidvalidity"] == uidvalidity:
                 return _mailbox_from_row(row)
             conn.execute(
                 "UPDATE mailbox SET uidvalidity = ?, last_uid = 0, initialized = 0,"
@@ -70,7 +68,14 @@ class MailboxMixin(Database):
                 (uidvalidity, now, account, folder),
             )
             return MailboxState(
-                account, folder, uidvalidity, 0, False, row[5], now, previous_uidvalidity=row[2]
+                account,
+                folder,
+                uidvalidity,
+                0,
+                False,
+                row["first_seen_at"],
+                now,
+                previous_uidvalidity=row["uidvalidity"],
             )
 
     def mailbox(self, account: str, folder: str) -> MailboxState | None:
@@ -84,16 +89,16 @@ class MailboxMixin(Database):
 
     def _require_mailbox(
         self, conn: sqlite3.Connection, account: str, folder: str, uidvalidity: int
-    ) -> Sequence[Any]:
+    ) -> sqlite3.Row:
         row = conn.execute(
             f"SELECT {_MAILBOX_COLUMNS} FROM mailbox WHERE account = ? AND folder = ?",
             (account, folder),
         ).fetchone()
         if row is None:
             raise LocalProtocolError(f"folder {folder!r} of {account!r} was never synced")
-        if row[2] != uidvalidity:
+        if row["uidvalidity"] != uidvalidity:
             raise LocalProtocolError(
-                f"stale UIDVALIDITY {uidvalidity} for {folder!r} (stored: {row[2]})"
+                f"stale UIDVALIDITY {uidvalidity} for {folder!r} (stored: {row['uidvalidity']})"
             )
         return row  # type: ignore[no-any-return]
 
@@ -121,13 +126,15 @@ class MailboxMixin(Database):
         now = self._clock()
         with self._transaction() as conn:
             row = self._require_mailbox(conn, account, folder, uidvalidity)
-            new_last = max(row[3], last_uid)
+            new_last = max(row["last_uid"], last_uid)
             conn.execute(
                 "UPDATE mailbox SET last_uid = ?, initialized = 1, updated_at = ?"
                 " WHERE account = ? AND folder = ?",
                 (new_last, now, account, folder),
             )
-            return MailboxState(account, folder, uidvalidity, new_last, True, row[5], now)
+            return MailboxState(
+                account, folder, uidvalidity, new_last, True, row["first_seen_at"], now
+            )
 
     def advance_high_water_mark(self, account: str, folder: str, uidvalidity: int, uid: int) -> int:
         """Move the high-water mark forward (never back) without claiming a message.
@@ -148,8 +155,8 @@ class MailboxMixin(Database):
         """
         with self._transaction(durable=False) as conn:
             row = self._require_mailbox(conn, account, folder, uidvalidity)
-            new_last = max(row[3], uid)
-            if new_last != row[3]:
+            new_last = max(row["last_uid"], uid)
+            if new_last != row["last_uid"]:
                 conn.execute(
                     "UPDATE mailbox SET last_uid = ?, updated_at = ?"
                     " WHERE account = ? AND folder = ?",

@@ -130,7 +130,7 @@ class MessageMixin(OwnIdMixin, MailboxMixin):
                 mailbox = (key.account, key.folder)
                 # Validated per key: a batch may not mix UIDVALIDITYs of one folder.
                 row = self._require_mailbox(conn, key.account, key.folder, key.uidvalidity)
-                marks[mailbox] = max(marks.get(mailbox, row[3]), key.uid)
+                marks[mailbox] = max(marks.get(mailbox, row["last_uid"]), key.uid)
                 existing = self._get_message(conn, key)
                 if existing is not None:
                     results.append(ClaimResult(ClaimOutcome.ALREADY_KNOWN, existing))
@@ -360,11 +360,11 @@ class MessageMixin(OwnIdMixin, MailboxMixin):
         retried: list[MessageKey] = []
         failed: list[MessageKey] = []
         with self._transaction(durable=False) as conn:
-            sql = f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE status = 'handling'"
-            params: tuple[str, ...] = ()
+            sql = f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE status = ?"
+            params: tuple[str, ...] = (MessageStatus.HANDLING.value,)
             if account is not None:
                 sql += " AND account = ?"
-                params = (account,)
+                params = (MessageStatus.HANDLING.value, account)
             for row in conn.execute(sql + " ORDER BY uid", params).fetchall():
                 record = _message_from_row(row)
                 if record.attempts >= max_attempts:
@@ -387,11 +387,11 @@ class MessageMixin(OwnIdMixin, MailboxMixin):
         Returns:
             The ``claimed`` records.
         """
-        sql = f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE status = 'claimed' AND account = ?"
-        params: tuple[str, ...] = (account,)
+        sql = f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE status = ? AND account = ?"
+        params: tuple[str, ...] = (MessageStatus.CLAIMED.value, account)
         if folder is not None:
             sql += " AND folder = ?"
-            params = (account, folder)
+            params = (MessageStatus.CLAIMED.value, account, folder)
         with self._transaction() as conn:
             rows = conn.execute(sql + " ORDER BY folder, uidvalidity, uid", params).fetchall()
         return [_message_from_row(r) for r in rows]

@@ -140,11 +140,29 @@ TRANSITIONS: Final[Mapping[MessageStatus, frozenset[MessageStatus]]] = {
 
 
 class OutboxStatus(enum.Enum):
-    """Where a queued outgoing message is."""
+    """Where a queued outgoing message is (see :data:`OUTBOX_TRANSITIONS`)."""
 
     QUEUED = "queued"
     SENT = "sent"
     FAILED_PERMANENT = "failed_permanent"
+
+
+#: The outbox state table: every allowed move of an outbox row, in one place. Anything
+#: else is a :class:`~prxmail.errors.LocalProtocolError` (a bug in the caller).
+OUTBOX_TRANSITIONS: Final[Mapping[OutboxStatus, frozenset[OutboxStatus]]] = {
+    OutboxStatus.QUEUED: frozenset(
+        {
+            OutboxStatus.SENT,
+            # A transient failure: stays queued, due later, one attempt more.
+            OutboxStatus.QUEUED,
+            OutboxStatus.FAILED_PERMANENT,
+        }
+    ),
+    # Sent is final: its bytes are gone, only the row is kept for a while.
+    OutboxStatus.SENT: frozenset(),
+    # Back to the queue only by an operator's requeue.
+    OutboxStatus.FAILED_PERMANENT: frozenset({OutboxStatus.QUEUED}),
+}
 
 
 class ClaimOutcome(enum.Enum):

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable
+from typing import Any, Final
 
 import attrs
 
 from prxmail.errors import LocalProtocolError
 from prxmail.state._messages import MessageMixin
 from prxmail.state._model import (
+    OUTBOX_TRANSITIONS,
     MessageKey,
     MessageRecord,
     MessageStatus,
@@ -32,6 +34,12 @@ from prxmail.state._model import (
 from prxmail.state._schema import (
     _OUTBOX_COLUMNS,
     _outbox_from_row,
+)
+
+# The outbox columns a status change may write besides the status (OutboxItem field
+# names); _outbox_transition splices them into its UPDATE, so they are fixed here.
+_OUTBOX_MUTABLE: Final = frozenset(
+    {"raw", "attempts", "next_attempt_at", "last_error", "updated_at", "sent_at"}
 )
 
 
@@ -56,7 +64,7 @@ class OutboxMixin(MessageMixin):
             "INSERT INTO outbox (message_id, account, parent_folder, parent_uidvalidity,"
             " parent_uid, parent_message_id, envelope_from, envelope_to, raw, raw_size,"
             " status, attempts, next_attempt_at, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
             (
                 draft.message_id,
                 account,
@@ -68,6 +76,7 @@ class OutboxMixin(MessageMixin):
                 json.dumps(list(draft.envelope_to)),
                 draft.raw,
                 len(draft.raw),
+                OutboxStatus.QUEUED.value,
                 now,
                 now,
                 now,
@@ -149,9 +158,9 @@ class OutboxMixin(MessageMixin):
         when = self._clock() if now is None else now
         with self._transaction() as conn:
             rows = conn.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE status = 'queued'"
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE status = ?"
                 " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-                (when, limit),
+                (OutboxStatus.QUEUED.value, when, limit),
             ).fetchall()
         return [_outbox_from_row(r) for r in rows]
 
@@ -159,7 +168,8 @@ class OutboxMixin(MessageMixin):
         """Returns: when the earliest queued item is due (wall clock), or ``None``."""
         with self._transaction() as conn:
             row = conn.execute(
-                "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'queued'"
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE status = ?",
+                (OutboxStatus.QUEUED.value,),
             ).fetchone()
         return None if row[0] is None else float(row[0])
 
@@ -189,16 +199,42 @@ class OutboxMixin(MessageMixin):
             rows = conn.execute(sql + " ORDER BY id", params).fetchall()
         return [_outbox_from_row(r) for r in rows]
 
-    def _queued_item(self, conn: sqlite3.Connection, item_id: int) -> OutboxItem:
+    def _outbox_row(self, conn: sqlite3.Connection, item_id: int) -> OutboxItem:
         row = conn.execute(
             f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?", (item_id,)
         ).fetchone()
         if row is None:
             raise LocalProtocolError(f"no outbox item {item_id}")
-        item = _outbox_from_row(row)
-        if item.status is not OutboxStatus.QUEUED:
-            raise LocalProtocolError(f"outbox item {item_id} is {item.status.value}, not queued")
-        return item
+        return _outbox_from_row(row)
+
+    def _outbox_transition(
+        self,
+        conn: sqlite3.Connection,
+        item: OutboxItem,
+        to: OutboxStatus,
+        *,
+        expected: OutboxStatus,
+        **changes: Any,
+    ) -> OutboxItem:
+        """Move ``item`` (as read in this transaction) to ``to``, writing ``changes``
+        (OutboxItem field = column name) with it; the one place an outbox status is
+        written. ``expected`` is the status the operation starts from: one of the
+        table's sources of ``to`` (a requeue and a retry both end ``queued`` but start
+        from different statuses)."""
+        if item.status is not expected or to not in OUTBOX_TRANSITIONS[item.status]:
+            raise LocalProtocolError(
+                f"outbox item {item.id} is {item.status.value}, not {expected.value};"
+                f" it cannot become {to.value}"
+            )
+        unknown = set(changes) - _OUTBOX_MUTABLE
+        if unknown:  # a bug here, never data: column names are spliced into the SQL
+            raise LocalProtocolError(f"not an outbox column to change: {sorted(unknown)}")
+        columns = {"status": to.value, **changes}
+        conn.execute(
+            f"UPDATE outbox SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?",
+            (*columns.values(), item.id),
+        )
+        return attrs.evolve(item, status=to, **changes)
 
     def mark_sent(self, item_id: int) -> OutboxItem:
         """The server accepted the item: mark it sent and drop its bytes.
@@ -215,17 +251,15 @@ class OutboxMixin(MessageMixin):
         Raises:
             LocalProtocolError: no such item, or it is not queued.
         """
-        now = self._clock()
         with self._transaction() as conn:
-            item = self._queued_item(conn, item_id)
-            conn.execute(
-                "UPDATE outbox SET status = 'sent', raw = X'', attempts = attempts + 1,"
-                " sent_at = ?, updated_at = ?, last_error = NULL WHERE id = ?",
-                (now, now, item_id),
-            )
-        return attrs.evolve(
+            return self._mark_sent(conn, self._outbox_row(conn, item_id), self._clock())
+
+    def _mark_sent(self, conn: sqlite3.Connection, item: OutboxItem, now: float) -> OutboxItem:
+        return self._outbox_transition(
+            conn,
             item,
-            status=OutboxStatus.SENT,
+            OutboxStatus.SENT,
+            expected=OutboxStatus.QUEUED,
             raw=b"",
             attempts=item.attempts + 1,
             sent_at=now,
@@ -250,16 +284,7 @@ class OutboxMixin(MessageMixin):
         now = self._clock()
         with self._transaction() as conn:
             for item_id in ids:
-                row = conn.execute("SELECT status FROM outbox WHERE id = ?", (item_id,)).fetchone()
-                if row is None:
-                    raise LocalProtocolError(f"no outbox item {item_id}")
-                if row[0] != OutboxStatus.QUEUED.value:
-                    raise LocalProtocolError(f"outbox item {item_id} is {row[0]}, not queued")
-                conn.execute(
-                    "UPDATE outbox SET status = 'sent', raw = X'', attempts = attempts + 1,"
-                    " sent_at = ?, updated_at = ?, last_error = NULL WHERE id = ?",
-                    (now, now, item_id),
-                )
+                self._mark_sent(conn, self._outbox_row(conn, item_id), now)
 
     def mark_transient_failure(self, item_id: int, error: str) -> OutboxItem:
         """A sending attempt failed in a way that may pass: schedule the next one.
@@ -279,7 +304,7 @@ class OutboxMixin(MessageMixin):
         """
         now = self._clock()
         with self._transaction() as conn:
-            item = self._queued_item(conn, item_id)
+            item = self._outbox_row(conn, item_id)
             attempts = item.attempts + 1
             if attempts >= self.retry_policy.max_attempts:
                 status = OutboxStatus.FAILED_PERMANENT
@@ -289,19 +314,16 @@ class OutboxMixin(MessageMixin):
                 status = OutboxStatus.QUEUED
                 last_error = _clip(error)
                 next_at = now + self.retry_policy.delay(attempts, self._rng)
-            conn.execute(
-                "UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?,"
-                " last_error = ?, updated_at = ? WHERE id = ?",
-                (status.value, attempts, next_at, last_error, now, item_id),
+            return self._outbox_transition(
+                conn,
+                item,
+                status,
+                expected=OutboxStatus.QUEUED,
+                attempts=attempts,
+                next_attempt_at=next_at,
+                last_error=last_error,
+                updated_at=now,
             )
-        return attrs.evolve(
-            item,
-            status=status,
-            attempts=attempts,
-            next_attempt_at=next_at,
-            last_error=last_error,
-            updated_at=now,
-        )
 
     def mark_permanent_failure(self, item_id: int, error: str) -> OutboxItem:
         """The item can never be sent as it is: keep it, marked, for inspection.
@@ -319,19 +341,16 @@ class OutboxMixin(MessageMixin):
         now = self._clock()
         last_error = _clip(error)
         with self._transaction() as conn:
-            item = self._queued_item(conn, item_id)
-            conn.execute(
-                "UPDATE outbox SET status = 'failed_permanent', attempts = attempts + 1,"
-                " last_error = ?, updated_at = ? WHERE id = ?",
-                (last_error, now, item_id),
+            item = self._outbox_row(conn, item_id)
+            return self._outbox_transition(
+                conn,
+                item,
+                OutboxStatus.FAILED_PERMANENT,
+                expected=OutboxStatus.QUEUED,
+                attempts=item.attempts + 1,
+                last_error=last_error,
+                updated_at=now,
             )
-        return attrs.evolve(
-            item,
-            status=OutboxStatus.FAILED_PERMANENT,
-            attempts=item.attempts + 1,
-            last_error=last_error,
-            updated_at=now,
-        )
 
     def requeue(self, item_id: int) -> OutboxItem:
         """Put a ``failed_permanent`` item back in the queue, due now (operator action).
@@ -347,20 +366,12 @@ class OutboxMixin(MessageMixin):
         """
         now = self._clock()
         with self._transaction() as conn:
-            row = conn.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?", (item_id,)
-            ).fetchone()
-            if row is None or row[10] != OutboxStatus.FAILED_PERMANENT.value:
-                raise LocalProtocolError(f"outbox item {item_id} is not failed_permanent")
-            conn.execute(
-                "UPDATE outbox SET status = 'queued', attempts = 0, next_attempt_at = ?,"
-                " updated_at = ? WHERE id = ?",
-                (now, now, item_id),
+            return self._outbox_transition(
+                conn,
+                self._outbox_row(conn, item_id),
+                OutboxStatus.QUEUED,
+                expected=OutboxStatus.FAILED_PERMANENT,
+                attempts=0,
+                next_attempt_at=now,
+                updated_at=now,
             )
-        return attrs.evolve(
-            _outbox_from_row(row),
-            status=OutboxStatus.QUEUED,
-            attempts=0,
-            next_attempt_at=now,
-            updated_at=now,
-        )

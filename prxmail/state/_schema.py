@@ -10,8 +10,9 @@ shift what another column means.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
 from prxmail.state._model import (
     MailboxState,
@@ -112,47 +113,53 @@ _MAILBOX_COLUMNS: Final = (
 )
 
 
-def _message_from_row(row: Sequence[Any]) -> MessageRecord:
+def _message_from_row(row: sqlite3.Row) -> MessageRecord:
     return MessageRecord(
-        key=MessageKey(row[0], row[1], row[2], row[3]),
-        message_id=row[4],
-        status=MessageStatus(row[5]),
-        reason=row[6],
-        attempts=row[7],
-        claimed_at=row[8],
-        updated_at=row[9],
+        key=MessageKey(row["account"], row["folder"], row["uidvalidity"], row["uid"]),
+        message_id=row["message_id"],
+        status=MessageStatus(row["status"]),
+        reason=row["reason"],
+        attempts=row["attempts"],
+        claimed_at=row["claimed_at"],
+        updated_at=row["updated_at"],
     )
 
 
-def _outbox_from_row(row: Sequence[Any]) -> OutboxItem:
-    parent = None if row[5] is None else MessageKey(row[2], row[3], row[4], row[5])
+def _outbox_from_row(row: sqlite3.Row) -> OutboxItem:
+    parent = (
+        None
+        if row["parent_uid"] is None
+        else MessageKey(
+            row["account"], row["parent_folder"], row["parent_uidvalidity"], row["parent_uid"]
+        )
+    )
     return OutboxItem(
-        id=row[0],
-        message_id=row[1],
-        account=row[2],
+        id=row["id"],
+        message_id=row["message_id"],
+        account=row["account"],
         parent=parent,
-        parent_message_id=row[6],
-        envelope_from=row[7],
-        envelope_to=tuple(json.loads(row[8])),
-        raw=bytes(row[9]),
-        status=OutboxStatus(row[10]),
-        attempts=row[11],
-        next_attempt_at=row[12],
-        last_error=row[13],
-        created_at=row[14],
-        updated_at=row[15],
-        sent_at=row[16],
+        parent_message_id=row["parent_message_id"],
+        envelope_from=row["envelope_from"],
+        envelope_to=tuple(json.loads(row["envelope_to"])),
+        raw=bytes(row["raw"]),
+        status=OutboxStatus(row["status"]),
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        sent_at=row["sent_at"],
     )
 
 
-def _mailbox_from_row(row: Sequence[Any], previous: int | None = None) -> MailboxState:
+def _mailbox_from_row(row: sqlite3.Row, previous: int | None = None) -> MailboxState:
     return MailboxState(
-        account=row[0],
-        folder=row[1],
-        uidvalidity=row[2],
-        last_uid=row[3],
-        initialized=bool(row[4]),
-        first_seen_at=row[5],
-        updated_at=row[6],
+        account=row["account"],
+        folder=row["folder"],
+        uidvalidity=row["uidvalidity"],
+        last_uid=row["last_uid"],
+        initialized=bool(row["initialized"]),
+        first_seen_at=row["first_seen_at"],
+        updated_at=row["updated_at"],
         previous_uidvalidity=previous,
     )

@@ -26,6 +26,7 @@ from prxmail.errors import LocalProtocolError, StateError
 from prxmail.state import (
     DB_FILENAME,
     MAX_REASON_CHARS,
+    OUTBOX_TRANSITIONS,
     SCHEMA_VERSION,
     TRANSITIONS,
     ClaimOutcome,
@@ -741,6 +742,59 @@ def test_permanent_failure_kept_and_requeue(synced: StateStore) -> None:
     assert synced.due_outbox() == [back]
     with pytest.raises(LocalProtocolError):
         synced.requeue(item.id)
+
+
+def _outbox_item_in(s: StateStore, status: OutboxStatus, n: int) -> int:
+    item = s.enqueue(ACCOUNT, draft(f"{status.value}-{n}"))
+    if status is OutboxStatus.SENT:
+        s.mark_sent(item.id)
+    elif status is OutboxStatus.FAILED_PERMANENT:
+        s.mark_permanent_failure(item.id, "550")
+    return item.id
+
+
+# Each outbox operation: the status it starts from and the status it ends in.
+OUTBOX_OPERATIONS: dict[str, tuple[OutboxStatus, OutboxStatus]] = {
+    "mark_sent": (OutboxStatus.QUEUED, OutboxStatus.SENT),
+    "mark_sent_many": (OutboxStatus.QUEUED, OutboxStatus.SENT),
+    "mark_transient_failure": (OutboxStatus.QUEUED, OutboxStatus.QUEUED),
+    "mark_permanent_failure": (OutboxStatus.QUEUED, OutboxStatus.FAILED_PERMANENT),
+    "requeue": (OutboxStatus.FAILED_PERMANENT, OutboxStatus.QUEUED),
+}
+
+
+def test_outbox_table_covers_every_status_and_sent_is_final() -> None:
+    assert set(OUTBOX_TRANSITIONS) == set(OutboxStatus)
+    assert OUTBOX_TRANSITIONS[OutboxStatus.SENT] == frozenset()
+    # Every operation is a move of the table, and every move has an operation.
+    moves = {(a, b) for a, tos in OUTBOX_TRANSITIONS.items() for b in tos}
+    assert set(OUTBOX_OPERATIONS.values()) == moves
+
+
+def test_every_outbox_transition_not_in_the_table_is_refused(synced: StateStore) -> None:
+    n = 0
+    for status in OutboxStatus:
+        for name, (source, target) in OUTBOX_OPERATIONS.items():
+            n += 1
+            item_id = _outbox_item_in(synced, status, n)
+            before = synced.get_outbox_item(item_id)
+            call = {
+                "mark_sent": synced.mark_sent,
+                "mark_sent_many": lambda i: synced.mark_sent_many([i]),
+                "mark_transient_failure": lambda i: synced.mark_transient_failure(i, "421"),
+                "mark_permanent_failure": lambda i: synced.mark_permanent_failure(i, "550"),
+                "requeue": synced.requeue,
+            }[name]
+            if status is source and target in OUTBOX_TRANSITIONS[status]:
+                call(item_id)
+                after = synced.get_outbox_item(item_id)
+                assert after is not None
+                assert after.status is target, (status, name)
+            else:
+                with pytest.raises(LocalProtocolError, match=f"is {status.value}, not"):
+                    call(item_id)
+                # Refused means nothing changed.
+                assert synced.get_outbox_item(item_id) == before, (status, name)
 
 
 @hypothesis.given(
