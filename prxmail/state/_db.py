@@ -61,6 +61,52 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
+def _not_writable(state_dir: Path, exc: OSError) -> StateError:
+    return StateError(
+        f"state_dir {str(state_dir)!r} is not writable ({exc.strerror or exc}): prxmail"
+        " keeps its durable state there; make the directory writable for the user"
+        " running prxmail, or point state_dir at a writable directory"
+    )
+
+
+def _empty_database(db_path: Path) -> StateError:
+    return StateError(
+        f"the state database {str(db_path)!r} is empty (0 bytes): it was truncated or"
+        " damaged. prxmail will not start it over, because that would apply the"
+        " first-start policy again and answer old mail a second time. Restore the file"
+        " from a backup; or, to start afresh deliberately, delete it together with its"
+        " -wal and -shm files"
+    )
+
+
+def _create_database(db_path: Path) -> None:
+    """Create a new, empty WAL database at ``db_path`` without a 0-byte moment.
+
+    The file is built under a temporary name and renamed when SQLite has written its
+    header, so a file of 0 bytes under the real name is always damage (see
+    ``_empty_database``), never a first start that crashed half-way.
+    """
+    building = db_path.with_name(db_path.name + ".new")
+    for leftover in (building, Path(f"{building}-wal"), Path(f"{building}-shm")):
+        leftover.unlink(missing_ok=True)
+    _create_private_file(building)
+    conn = sqlite3.connect(building, isolation_level=None)
+    try:
+        # Persistent in the header, which this writes: the file is no longer empty.
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    finally:
+        conn.close()
+    if str(mode).lower() != "wal":
+        raise StateError(f"cannot switch {db_path} to WAL mode (got {mode!r})")
+    os.replace(building, db_path)
+    # The rename is durable before any commit can depend on it.
+    dir_fd = os.open(db_path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class Database:
     """The connection and its transactions; the base of every store mixin."""
 
@@ -93,10 +139,21 @@ class Database:
         if read_only:
             self._open_read_only(db_path)
             return
-        _create_private_dir(self.state_dir)
-        self._acquire_dir_lock()
         try:
-            _create_private_file(db_path)
+            _create_private_dir(self.state_dir)
+            self._acquire_dir_lock()
+        except OSError as exc:
+            raise _not_writable(self.state_dir, exc) from exc
+        try:
+            try:
+                if not db_path.exists():
+                    _create_database(db_path)
+                elif db_path.is_file() and db_path.stat().st_size == 0:
+                    raise _empty_database(db_path)
+            except OSError as exc:
+                raise _not_writable(self.state_dir, exc) from exc
+            except sqlite3.Error as exc:
+                raise StateError(f"cannot create state database {db_path}: {exc}") from exc
             try:
                 self._conn = sqlite3.connect(
                     db_path,
@@ -123,6 +180,8 @@ class Database:
     def _open_read_only(self, db_path: Path) -> None:
         if not db_path.is_file():
             raise StateError(f"no state database at {db_path} (prxmail has not run there yet)")
+        if db_path.stat().st_size == 0:
+            raise _empty_database(db_path)
         try:
             self._conn = sqlite3.connect(
                 f"{db_path.resolve().as_uri()}?mode=ro",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hypothesis
@@ -238,6 +239,66 @@ def test_garbage_database_file_is_a_state_error(tmp_path: Path) -> None:
     (tmp_path / DB_FILENAME).write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StateError):
         StateStore(tmp_path)
+
+
+def test_empty_database_file_is_refused_as_damage_not_started_over(tmp_path: Path) -> None:
+    with StateStore(tmp_path) as s:
+        s.sync_mailbox(ACCOUNT, FOLDER, 1)
+        s.mark_initialized(ACCOUNT, FOLDER, 1, 10)
+    for leftover in tmp_path.glob(DB_FILENAME + "-*"):
+        leftover.unlink()
+    (tmp_path / DB_FILENAME).write_bytes(b"")  # truncated by a disk or a careless hand
+    for read_only in (False, True):
+        with pytest.raises(StateError) as info:
+            StateStore(tmp_path, read_only=read_only)
+        message = str(info.value)
+        assert "empty (0 bytes)" in message
+        assert str(tmp_path / DB_FILENAME) in message
+        assert "first-start policy" in message
+        assert "Restore the file" in message
+    # Refused, not repaired: still empty, so the next start refuses again.
+    assert (tmp_path / DB_FILENAME).stat().st_size == 0
+
+
+def test_first_start_builds_the_database_under_another_name(tmp_path: Path) -> None:
+    # What a first start that crashed before SQLite wrote anything leaves behind.
+    (tmp_path / (DB_FILENAME + ".new")).write_bytes(b"")
+    with StateStore(tmp_path) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+    assert (tmp_path / DB_FILENAME).stat().st_size > 0
+    assert not (tmp_path / (DB_FILENAME + ".new")).exists()
+
+
+@contextlib.contextmanager
+def unwritable(directory: Path) -> Iterator[None]:
+    """Make ``directory`` unwritable even for root (the immutable attribute), or by
+    its mode when not root."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(0o700)
+        return
+    if subprocess.run(["chattr", "+i", str(directory)], check=False).returncode != 0:
+        pytest.skip("running as root without chattr: cannot make a directory unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+@pytest.mark.parametrize("missing", [False, True], ids=["existing-dir", "dir-to-create"])
+def test_unwritable_state_dir_is_a_state_error_naming_it(tmp_path: Path, missing: bool) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    state_dir = parent / "state" if missing else parent
+    with unwritable(parent), pytest.raises(StateError) as info:
+        StateStore(state_dir)
+    message = str(info.value)
+    assert message.startswith(f"state_dir {str(state_dir)!r} is not writable (")
+    assert "point state_dir at a writable directory" in message
+    assert isinstance(info.value.__cause__, OSError)
 
 
 # -- mailboxes -------------------------------------------------------------------------
