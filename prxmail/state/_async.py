@@ -7,15 +7,21 @@ milliseconds when the disk is busy), a FULL commit an fsync (1-2 ms), a checkpoi
 copies megabytes. None of that may run on the event loop, where it delays every other
 task. So every call of :class:`AsyncStateStore` runs in ``trio.to_thread.run_sync``
 under the store's own ``trio.CapacityLimiter(1)``: one call at a time, which is what a
-single SQLite connection needs, and in the order the calls were made (the limiter wakes
-its waiters first in, first out). The connection is opened with
-``check_same_thread=False`` because trio's thread cache may run successive calls on
-different threads; the limiter, not the thread identity, is what keeps two threads off
-it at once.
+single SQLite connection needs, and in the order the calls were made (they queue first
+in, first out in ``_Worker``, and only the caller whose turn it is enters
+``run_sync``). The connection is opened with ``check_same_thread=False`` because trio's
+thread cache may run successive calls on different threads; the queue and the limiter,
+not the thread identity, keep two threads off it at once.
+
+A hop to a thread and back costs about as much as a short call, and far more while
+another thread (a parse) holds the GIL; so calls that queue up while one hop runs are
+taken together into the next (``_Worker``): each still its own transaction, in order,
+with its own result. A catch-up's watcher and consumer thereby share hops.
 
 A call that has started is completed even if its caller is cancelled meanwhile (the
 cancellation arrives at the caller's next checkpoint): the caller never has to guess
-whether a write happened. A caller cancelled before its call started starts nothing.
+whether a write happened. A caller cancelled before its call started (also while it
+waits in the queue) starts nothing.
 
 WAL checkpoints are ours, not SQLite's: the database layer turns the automatic
 checkpoint off (it would land inside whichever commit crossed 1000 pages) and counts
@@ -40,6 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from pathlib import Path
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
+import attrs
 import trio
 
 from prxmail.state._model import RetryPolicy
@@ -114,9 +121,9 @@ class AsyncStateStore:
     whether a write happened.
     """
 
-    def __init__(self, store: StateStore, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, store: StateStore, worker: _Worker) -> None:
         self._store = store
-        self._limiter = limiter
+        self._worker = worker
         self._checkpoint_due = trio.Event()
 
     @property
@@ -125,17 +132,17 @@ class AsyncStateStore:
         return self._store.state_dir
 
     async def _run(self, fn: Callable[[], R]) -> R:
-        result = await _run_on_worker(self._limiter, fn)
+        result = await self._worker.run(fn)
         if self._store.checkpoint_due:
             self._checkpoint_due.set()
         return result
 
     async def _checkpointer(self) -> None:
-        # Queued behind the calls waiting at that moment (the limiter is FIFO), so the
+        # Queued behind the calls waiting at that moment (the queue is FIFO), so the
         # checkpoint runs between two calls, never inside one.
         while True:
             await self._checkpoint_due.wait()
-            await _run_on_worker(self._limiter, self._store.checkpoint)
+            await self._worker.run(self._store.checkpoint)
             # Only now: calls finishing while this one waited its turn set the same
             # event again, and must not queue a second checkpoint.
             self._checkpoint_due = trio.Event()
@@ -176,16 +183,98 @@ class AsyncStateStore:
     statistics = _offload(StateStore.statistics)
 
 
-async def _run_on_worker(limiter: trio.CapacityLimiter, fn: Callable[[], R]) -> R:
-    # A cancelled caller starts no new work (the limiter would also refuse it, but only
-    # when it has to wait) ...
-    await trio.lowlevel.checkpoint_if_cancelled()
-    # ... but once started, a call is waited for (abandon_on_cancel=False): a cancelled
-    # write must not leave the caller guessing whether it committed. Calls are short
-    # (one transaction each).
-    return await trio.to_thread.run_sync(
-        fn, limiter=limiter, abandon_on_cancel=False, thread_name=THREAD_NAME
-    )
+def _run_batch(batch: list[_Job]) -> None:
+    for job in batch:
+        try:
+            job.result = job.fn()
+        except BaseException as exc:
+            job.error = exc
+        job.done = True
+
+
+@attrs.define(eq=False)
+class _Job:
+    fn: Callable[[], Any]
+    # Set on the worker; read by the caller after the hop that ran the job returned.
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+    #: Taken into a batch: it will run (or ran) and must be waited for.
+    taken: bool = False
+    #: Set when the job is done, or when its caller is to lead the next batch.
+    wake: trio.Event = attrs.field(factory=trio.Event)
+
+
+class _Worker:
+    """Runs store calls in ``trio.to_thread.run_sync`` under the store's limiter, in
+    call order; calls that queue up while a hop runs share the next hop.
+
+    One hop (two thread wake-ups) costs about as much as a short call itself, and
+    while another thread holds the GIL -- the parse thread during a catch-up -- far
+    more. So the caller whose turn it is (the *leader*) takes every call queued at that
+    moment into one ``run_sync``; each still runs as its own transaction, in order, and
+    gets its own result or exception. The leader then wakes the next queued caller to
+    lead the next batch. The batch is bounded by the number of tasks awaiting a call.
+    """
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self._limiter = limiter
+        self._queued: list[_Job] = []
+        self._busy = False
+
+    async def run(self, fn: Callable[[], R]) -> R:
+        # A cancelled caller starts no new work ...
+        await trio.lowlevel.checkpoint_if_cancelled()
+        job = _Job(fn)
+        self._queued.append(job)
+        if self._busy:
+            try:
+                await job.wake.wait()
+            except trio.Cancelled:
+                if not job.taken:
+                    # Still queued: nothing was done, so the cancellation may win.
+                    self._queued.remove(job)
+                    if job.wake.is_set():  # it had just been handed the lead
+                        self._hand_on()
+                    raise
+                # ... but a call that has started is waited for: a cancelled write
+                # must not leave the caller guessing whether it committed. The
+                # cancellation arrives at the caller's next checkpoint.
+                with trio.CancelScope(shield=True):
+                    await job.wake.wait()
+        else:
+            self._busy = True
+        if not job.done:
+            # Our turn: run everything queued so far. Shielded, because the callers in
+            # the batch wait for it.
+            with trio.CancelScope(shield=True):
+                batch, self._queued = self._queued, []
+                for queued in batch:
+                    queued.taken = True
+                try:
+                    await trio.to_thread.run_sync(
+                        _run_batch,
+                        batch,
+                        limiter=self._limiter,
+                        abandon_on_cancel=False,
+                        thread_name=THREAD_NAME,
+                    )
+                finally:
+                    for queued in batch:
+                        if queued is not job:
+                            queued.wake.set()
+                    self._hand_on()
+        if job.error is not None:
+            error, job.error = job.error, None  # no reference cycle through the frame
+            raise error
+        result: R = job.result
+        return result
+
+    def _hand_on(self) -> None:
+        if self._queued:
+            self._queued[0].wake.set()
+        else:
+            self._busy = False
 
 
 @contextlib.asynccontextmanager
@@ -214,9 +303,8 @@ async def open_state_store(
         StateError: the directory is in use by another process, the database is from
             a newer prxmail, or it cannot be opened.
     """
-    limiter = trio.CapacityLimiter(1)
-    store = await _run_on_worker(
-        limiter,
+    worker = _Worker(trio.CapacityLimiter(1))
+    store = await worker.run(
         functools.partial(
             StateStore,
             state_dir,
@@ -229,7 +317,7 @@ async def open_state_store(
             check_same_thread=False,
         ),
     )
-    facade = AsyncStateStore(store, limiter)
+    facade = AsyncStateStore(store, worker)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(facade._checkpointer)
@@ -252,7 +340,7 @@ async def open_state_store(
         # Even when the block was cancelled: the connection and the directory lock
         # must not outlive it.
         with trio.CancelScope(shield=True):
-            await _run_on_worker(limiter, store.close)
+            await worker.run(store.close)
 
 
 def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:

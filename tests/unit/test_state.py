@@ -22,6 +22,7 @@ import hypothesis.stateful
 import hypothesis.strategies as st
 import pytest
 import trio
+import trio.testing
 
 from prxmail.errors import LocalProtocolError, StateError
 from prxmail.state import (
@@ -1081,6 +1082,64 @@ async def test_async_store_keeps_the_order_the_calls_were_made_in(
     ]
     assert len(made) == 60
     assert inserted == made
+
+
+async def test_queued_calls_share_a_hop_each_in_its_own_transaction(
+    tmp_path: Path,
+    statements: list[tuple[int, str, object]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hops: list[int] = []
+    real_run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(
+        fn: Callable[..., object], *args: object, **kwargs: object
+    ) -> object:
+        hops.append(len(args[0]) if args else 1)  # type: ignore[arg-type]
+        return await real_run_sync(fn, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    async with open_state_store(tmp_path) as store:
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        hops.clear()
+        del statements[:]
+
+        async def remember(n: int) -> None:
+            await store.remember_message_id(ACCOUNT, f"{n}@x")
+
+        async with trio.open_nursery() as nursery:
+            for n in range(30):
+                nursery.start_soon(remember, n)
+        # One hop ran the first call; the 29 that queued meanwhile shared the next.
+        assert sum(hops) == 30
+        assert len(hops) < 30
+        assert all([await store.is_our_message_id(f"{n}@x") for n in range(30)])
+    begins = [sql for _, sql, _ in statements if sql.startswith("BEGIN")]
+    assert len(begins) >= 30  # one transaction per call, batched or not
+
+
+async def test_cancelled_while_queued_starts_no_work_and_the_queue_moves_on(
+    tmp_path: Path,
+) -> None:
+    async with open_state_store(tmp_path) as store:
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        items = [(key(uid), f"{uid}@x") for uid in range(1, 3001)]
+        cancelled = trio.CancelScope()
+
+        async def queued_behind() -> None:
+            with cancelled:
+                await store.remember_message_id(ACCOUNT, "never@x")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.claim_many, items)  # leads, runs a while
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(queued_behind)
+            await trio.testing.wait_all_tasks_blocked()
+            cancelled.cancel()
+        assert cancelled.cancelled_caught
+        assert not await store.is_our_message_id("never@x")
+        await store.remember_message_id(ACCOUNT, "later@x")  # not stuck behind it
+        assert await store.is_our_message_id("later@x")
 
 
 def test_wal_checkpoints_are_explicit_and_counted_by_writes(
