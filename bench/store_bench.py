@@ -7,12 +7,14 @@ API only (so the same bench runs against any version of the store): groups of
 ``record_verdicts`` / ``begin_handling`` and ``mark_handled`` -- or ``record_reply``
 for every ``--reply-every``-th one, while a sender task marks the queued replies sent in
 batches as the real sender does (FULL commits that grow the WAL, so checkpoints happen).
+``--pipeline`` splits the work as the channel does: a watcher task begins handling and
+hands each message over an unbuffered channel to a consumer task that finishes it.
 ``--cpu-thread`` runs a pure-Python busy loop in another thread meanwhile, standing in
 for the parse thread: it competes for the GIL as a real catch-up does.
 
 Per call name it reports the *event-loop time*: the time the trio thread spent running
 the calling task's steps between the call's start and its return (a
-``trio.abc.Instrument`` adds up ``before_task_step``/``after_task_step`` of that task),
+``trio.abc.Instrument`` adds up ``before_task_step``/``after_task_step`` per task),
 which is what every other task on the loop waits through; and the *wall time* the caller
 waited. Figures are p50, p99.9 and max in microseconds, and messages per second overall.
 """
@@ -38,20 +40,20 @@ FOLDER = "INBOX"
 
 
 class _StepClock(trio.abc.Instrument):
-    """Adds up how long the trio thread runs steps of one task."""
+    """Adds up, per task, how long the trio thread runs that task's steps."""
 
     def __init__(self) -> None:
-        self.task: trio.lowlevel.Task | None = None
-        self.total = 0.0
+        self.totals: dict[trio.lowlevel.Task, float] = {}
         self._started = 0.0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is self.task:
-            self._started = time.perf_counter()
+        self._started = time.perf_counter()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is self.task:
-            self.total += time.perf_counter() - self._started
+        self.totals[task] = self.totals.get(task, 0.0) + time.perf_counter() - self._started
+
+    def total(self) -> float:
+        return self.totals.get(trio.lowlevel.current_task(), 0.0)
 
 
 def _draft(uid: int) -> OutboxDraft:
@@ -87,17 +89,14 @@ def _spin(stop: threading.Event) -> None:
 async def _run(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, Any]:
     clock = _StepClock()
     trio.lowlevel.add_instrument(clock)
-    clock.task = trio.lowlevel.current_task()
     loop_time: dict[str, list[float]] = {}
     wall_time: dict[str, list[float]] = {}
-    sender_clock = _StepClock()
-    trio.lowlevel.add_instrument(sender_clock)
 
     async def timed(name: str, call: Any) -> Any:
-        before, t0 = clock.total, time.perf_counter()
+        before, t0 = clock.total(), time.perf_counter()
         result = await call
         wall_time.setdefault(name, []).append(time.perf_counter() - t0)
-        loop_time.setdefault(name, []).append(clock.total - before)
+        loop_time.setdefault(name, []).append(clock.total() - before)
         return result
 
     stop_cpu = threading.Event()
@@ -111,7 +110,6 @@ async def _run(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, A
             done = trio.Event()
 
             async def sender() -> None:
-                sender_clock.task = trio.lowlevel.current_task()
                 while not (done.is_set() and not queued):
                     if queued:
                         batch, queued[:] = list(queued), []
@@ -119,8 +117,22 @@ async def _run(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, A
                     await trio.sleep(0.005)
 
             started = time.perf_counter()
+            # The channel's shape: the watcher begins handling a message and hands it
+            # over an unbuffered channel; the consumer marks it handled (or replies).
+            hand_send, hand_receive = trio.open_memory_channel[MessageKey](0)
+
+            async def consumer() -> None:
+                async for key in hand_receive:
+                    if key.uid % args.reply_every == 0:
+                        item = await timed("record_reply", store.record_reply(key, _draft(key.uid)))
+                        queued.append(item.id)
+                    else:
+                        await timed("mark_handled", store.mark_handled(key))
+
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sender)
+                if args.pipeline:
+                    nursery.start_soon(consumer)
                 uid = 0
                 while uid < args.messages:
                     group = range(uid + 1, min(uid + args.group, args.messages) + 1)
@@ -139,7 +151,9 @@ async def _run(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, A
                             first = False
                         else:
                             await timed("begin_handling", store.begin_handling(key))
-                        if key.uid % args.reply_every == 0:
+                        if args.pipeline:
+                            await hand_send.send(key)
+                        elif key.uid % args.reply_every == 0:
                             item = await timed(
                                 "record_reply", store.record_reply(key, _draft(key.uid))
                             )
@@ -148,6 +162,7 @@ async def _run(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, A
                             await timed("mark_handled", store.mark_handled(key))
                         # The handler hand-off and the channel's other work.
                         await trio.lowlevel.checkpoint()
+                await hand_send.aclose()
                 done.set()
             elapsed = time.perf_counter() - started
     finally:
@@ -178,6 +193,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--group", type=int, default=50)
     parser.add_argument("--reply-every", type=int, default=4)
     parser.add_argument("--cpu-thread", action="store_true")
+    parser.add_argument(
+        "--pipeline", action="store_true", help="a watcher and a consumer task, as the channel"
+    )
     parser.add_argument("--state-root", type=pathlib.Path, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -244,6 +244,10 @@ class _Worker:
                     await job.wake.wait()
         else:
             self._busy = True
+            # Let the tasks that are ready to run make their calls first, so they share
+            # this hop: in a catch-up the watcher's begin_handling and the consumer's
+            # mark_handled become ready in the same scheduler pass.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         if not job.done:
             # Our turn: run everything queued so far. Shielded, because the callers in
             # the batch wait for it.
@@ -286,7 +290,7 @@ async def open_state_store(
     clock: Callable[[], float] = time.time,
     read_only: bool = False,
 ) -> AsyncIterator[AsyncStateStore]:
-    """Open the state store for trio code; closed (and its thread ended) on exit.
+    """Open the state store for trio code; closed on exit, also when cancelled.
 
     Args:
         state_dir: Directory holding the database; created with mode 0700 if missing.

@@ -246,7 +246,7 @@ class Database:
 
     @contextlib.contextmanager
     def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction; ``durable=False`` commits without an fsync (see the module
+        """One transaction; ``durable=False`` commits without an fsync (see the package
         docstring, "Durability settings": only for changes whose loss on power failure
         hands a message out again and can never answer twice)."""
         conn = self._conn

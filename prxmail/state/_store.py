@@ -24,7 +24,7 @@ class StateStore(OutboxMixin, HousekeepingMixin):
     """Synchronous access to the state database (one thread at a time; see :mod:`prxmail.state`).
 
     Use :func:`open_state_store` from trio code. This class is for tests, tools and
-    the worker thread behind :class:`AsyncStateStore`.
+    the worker threads behind :class:`AsyncStateStore`.
 
     Args:
         state_dir: Directory holding the database; created with mode 0700 if missing.
