@@ -49,6 +49,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 import attrs
 import trio
 
+from prxmail.errors import StateError
 from prxmail.state._model import RetryPolicy
 from prxmail.state._store import StateStore
 
@@ -108,6 +109,9 @@ class _offload(Generic[P, R]):
                 functools.partial(method, store, *frozen_args, **frozen_kwargs)
             )
 
+        # Built once per store: the instance attribute now hides this (non-data)
+        # descriptor, so later calls skip building the wrapper.
+        instance.__dict__[self.__name__] = call
         return call
 
 
@@ -265,6 +269,9 @@ class _Worker:
                     )
                 finally:
                     for queued in batch:
+                        if not queued.done:  # the hop itself failed (trio shutting down)
+                            queued.error = StateError("the state store's worker did not run")
+                            queued.done = True
                         if queued is not job:
                             queued.wake.set()
                     self._hand_on()
