@@ -17,6 +17,7 @@ SUITES = {
     "outbox": "bench.outbox_bench",
     "parse": "bench.parse_bench",
     "compose": "bench.compose_bench",
+    "store": "bench.store_bench",
 }
 TOOLS = {"plot": "bench.plot"}
 

@@ -63,48 +63,36 @@ def add_sample(stats: Stats, name: str, wall: float, inside: float) -> None:
 def timed_state_store(stats: Stats) -> Iterator[Stats]:
     """Time every ``AsyncStateStore`` call while the block runs, into ``stats``.
 
-    Calls on the store's worker go through ``_call``: wall time as the trio task waits
-    (the hop to the thread and back included) and time inside. Short calls that run on
-    the trio thread (``_call_quick`` with the worker idle) are timed the same way; one
-    that finds the worker busy goes through ``_call`` and is counted there only. This
-    wraps private names: it is for ``--breakdown`` runs, never the timed ones.
+    Every call goes through ``AsyncStateStore._run`` with a ``functools.partial`` of the
+    store method: wall time as the trio task waits (the hop to the worker thread and
+    back included) and time inside the method. This wraps a private name: it is for
+    ``--breakdown`` runs, never the timed ones.
     """
     import prxmail.state
 
     store_class = prxmail.state.AsyncStateStore
-    original_call, original_quick = store_class._call, store_class._call_quick
+    original_run = store_class._run
 
-    def timed_facade(original: Callable[..., Any]) -> Callable[..., Any]:
-        async def timed_call(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            inside = [0.0]
+    async def timed_run(self: Any, fn: Callable[[], Any]) -> Any:
+        inside = [0.0]
 
-            def timed(*a: Any, **k: Any) -> Any:
-                t = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    inside[0] = time.perf_counter() - t
-
-            t0 = time.perf_counter()
+        def timed() -> Any:
+            t = time.perf_counter()
             try:
-                return await original(self, timed, *args, **kwargs)
+                return fn()
             finally:
-                name = "store." + getattr(fn, "__name__", "?")
-                add_sample(stats, name, time.perf_counter() - t0, inside[0])
+                inside[0] = time.perf_counter() - t
 
-        return timed_call
+        t0 = time.perf_counter()
+        try:
+            return await original_run(self, timed)
+        finally:
+            method = getattr(fn, "func", fn)
+            name = "store." + getattr(method, "__name__", "?")
+            add_sample(stats, name, time.perf_counter() - t0, inside[0])
 
-    timed_worker, timed_inline = timed_facade(original_call), timed_facade(original_quick)
-
-    async def timed_quick(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self._worker.outstanding:
-            return await self._call(fn, *args, **kwargs)
-        return await timed_inline(self, fn, *args, **kwargs)
-
-    store_class._call = timed_worker  # type: ignore[method-assign]
-    store_class._call_quick = timed_quick  # type: ignore[method-assign]
+    store_class._run = timed_run  # type: ignore[method-assign]
     try:
         yield stats
     finally:
-        store_class._call = original_call  # type: ignore[method-assign]
-        store_class._call_quick = original_quick  # type: ignore[method-assign]
+        store_class._run = original_run  # type: ignore[method-assign]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hypothesis
@@ -21,11 +22,13 @@ import hypothesis.stateful
 import hypothesis.strategies as st
 import pytest
 import trio
+import trio.testing
 
 from prxmail.errors import LocalProtocolError, StateError
 from prxmail.state import (
     DB_FILENAME,
     MAX_REASON_CHARS,
+    OUTBOX_TRANSITIONS,
     SCHEMA_VERSION,
     TRANSITIONS,
     ClaimOutcome,
@@ -40,6 +43,7 @@ from prxmail.state import (
     open_state_store,
     own_id_predicate,
 )
+from prxmail.state._db import CHECKPOINT_EVERY_COMMITS
 
 ACCOUNT = account_key("bot@example.com", "imap.example.com", 993)
 FOLDER = "INBOX"
@@ -236,6 +240,66 @@ def test_garbage_database_file_is_a_state_error(tmp_path: Path) -> None:
     (tmp_path / DB_FILENAME).write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StateError):
         StateStore(tmp_path)
+
+
+def test_empty_database_file_is_refused_as_damage_not_started_over(tmp_path: Path) -> None:
+    with StateStore(tmp_path) as s:
+        s.sync_mailbox(ACCOUNT, FOLDER, 1)
+        s.mark_initialized(ACCOUNT, FOLDER, 1, 10)
+    for leftover in tmp_path.glob(DB_FILENAME + "-*"):
+        leftover.unlink()
+    (tmp_path / DB_FILENAME).write_bytes(b"")  # truncated by a disk or a careless hand
+    for read_only in (False, True):
+        with pytest.raises(StateError) as info:
+            StateStore(tmp_path, read_only=read_only)
+        message = str(info.value)
+        assert "empty (0 bytes)" in message
+        assert str(tmp_path / DB_FILENAME) in message
+        assert "first-start policy" in message
+        assert "Restore the file" in message
+    # Refused, not repaired: still empty, so the next start refuses again.
+    assert (tmp_path / DB_FILENAME).stat().st_size == 0
+
+
+def test_first_start_builds_the_database_under_another_name(tmp_path: Path) -> None:
+    # What a first start that crashed before SQLite wrote anything leaves behind.
+    (tmp_path / (DB_FILENAME + ".new")).write_bytes(b"")
+    with StateStore(tmp_path) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+    assert (tmp_path / DB_FILENAME).stat().st_size > 0
+    assert not (tmp_path / (DB_FILENAME + ".new")).exists()
+
+
+@contextlib.contextmanager
+def unwritable(directory: Path) -> Iterator[None]:
+    """Make ``directory`` unwritable even for root (the immutable attribute), or by
+    its mode when not root."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(0o700)
+        return
+    if subprocess.run(["chattr", "+i", str(directory)], check=False).returncode != 0:
+        pytest.skip("running as root without chattr: cannot make a directory unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+@pytest.mark.parametrize("missing", [False, True], ids=["existing-dir", "dir-to-create"])
+def test_unwritable_state_dir_is_a_state_error_naming_it(tmp_path: Path, missing: bool) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    state_dir = parent / "state" if missing else parent
+    with unwritable(parent), pytest.raises(StateError) as info:
+        StateStore(state_dir)
+    message = str(info.value)
+    assert message.startswith(f"state_dir {str(state_dir)!r} is not writable (")
+    assert "point state_dir at a writable directory" in message
+    assert isinstance(info.value.__cause__, OSError)
 
 
 # -- mailboxes -------------------------------------------------------------------------
@@ -742,6 +806,59 @@ def test_permanent_failure_kept_and_requeue(synced: StateStore) -> None:
         synced.requeue(item.id)
 
 
+def _outbox_item_in(s: StateStore, status: OutboxStatus, n: int) -> int:
+    item = s.enqueue(ACCOUNT, draft(f"{status.value}-{n}"))
+    if status is OutboxStatus.SENT:
+        s.mark_sent(item.id)
+    elif status is OutboxStatus.FAILED_PERMANENT:
+        s.mark_permanent_failure(item.id, "550")
+    return item.id
+
+
+# Each outbox operation: the status it starts from and the status it ends in.
+OUTBOX_OPERATIONS: dict[str, tuple[OutboxStatus, OutboxStatus]] = {
+    "mark_sent": (OutboxStatus.QUEUED, OutboxStatus.SENT),
+    "mark_sent_many": (OutboxStatus.QUEUED, OutboxStatus.SENT),
+    "mark_transient_failure": (OutboxStatus.QUEUED, OutboxStatus.QUEUED),
+    "mark_permanent_failure": (OutboxStatus.QUEUED, OutboxStatus.FAILED_PERMANENT),
+    "requeue": (OutboxStatus.FAILED_PERMANENT, OutboxStatus.QUEUED),
+}
+
+
+def test_outbox_table_covers_every_status_and_sent_is_final() -> None:
+    assert set(OUTBOX_TRANSITIONS) == set(OutboxStatus)
+    assert OUTBOX_TRANSITIONS[OutboxStatus.SENT] == frozenset()
+    # Every operation is a move of the table, and every move has an operation.
+    moves = {(a, b) for a, tos in OUTBOX_TRANSITIONS.items() for b in tos}
+    assert set(OUTBOX_OPERATIONS.values()) == moves
+
+
+def test_every_outbox_transition_not_in_the_table_is_refused(synced: StateStore) -> None:
+    n = 0
+    for status in OutboxStatus:
+        for name, (source, target) in OUTBOX_OPERATIONS.items():
+            n += 1
+            item_id = _outbox_item_in(synced, status, n)
+            before = synced.get_outbox_item(item_id)
+            call = {
+                "mark_sent": synced.mark_sent,
+                "mark_sent_many": lambda i: synced.mark_sent_many([i]),
+                "mark_transient_failure": lambda i: synced.mark_transient_failure(i, "421"),
+                "mark_permanent_failure": lambda i: synced.mark_permanent_failure(i, "550"),
+                "requeue": synced.requeue,
+            }[name]
+            if status is source and target in OUTBOX_TRANSITIONS[status]:
+                call(item_id)
+                after = synced.get_outbox_item(item_id)
+                assert after is not None
+                assert after.status is target, (status, name)
+            else:
+                with pytest.raises(LocalProtocolError, match=f"is {status.value}, not"):
+                    call(item_id)
+                # Refused means nothing changed.
+                assert synced.get_outbox_item(item_id) == before, (status, name)
+
+
 @hypothesis.given(
     failures=st.integers(min_value=1, max_value=10_000),
     initial=st.floats(min_value=0.0, max_value=1e4),
@@ -864,16 +981,39 @@ def test_statistics(synced: StateStore) -> None:
 # -- the trio facade -------------------------------------------------------------------
 
 
-async def test_async_store_runs_on_one_dedicated_thread(tmp_path: Path) -> None:
-    before = {t.ident for t in threading.enumerate()}
+class RecordingConnection(sqlite3.Connection):
+    """Notes the thread and text of every statement the store runs."""
+
+    log: list[tuple[int, str, object]]
+
+    def execute(self, sql: str, parameters: object = (), /) -> sqlite3.Cursor:
+        self.log.append((threading.get_ident(), sql, parameters))
+        return super().execute(sql, parameters)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str, object]]:
+    """Every statement any store opened during the test runs, with its thread."""
+    log: list[tuple[int, str, object]] = []
+    real_connect = sqlite3.connect
+
+    def connect(*args: object, **kwargs: object) -> sqlite3.Connection:
+        conn = real_connect(*args, factory=RecordingConnection, **kwargs)  # type: ignore[call-overload]
+        conn.log = log
+        return conn  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return log
+
+
+async def test_async_store_serialises_the_calls_of_many_tasks(tmp_path: Path) -> None:
     async with open_state_store(tmp_path) as store:
         assert store.state_dir == tmp_path
         await store.sync_mailbox(ACCOUNT, FOLDER, 1)
-        workers = [t for t in threading.enumerate() if t.name == "prxmail-state"]
-        assert len(workers) == 1
 
-        # Many tasks at once: all calls are serialised on that thread (the connection
-        # was opened with check_same_thread=True, so any other thread would fail).
+        # Many tasks at once: the calls never overlap on the one connection (each is
+        # a transaction; an overlap would fail with "cannot start a transaction
+        # within a transaction").
         async def work(uid: int) -> None:
             k = key(uid)
             assert (await store.claim(k, f"{uid}@x")).outcome is ClaimOutcome.CLAIMED
@@ -892,10 +1032,159 @@ async def test_async_store_runs_on_one_dedicated_thread(tmp_path: Path) -> None:
         assert stats.outbox_queued == 20
         assert len(await store.due_outbox(limit=100)) == 20
         assert await store.is_our_message_id("reply1@bot.example.com")
-    # The thread is gone and the directory lock released.
-    assert {t.ident for t in threading.enumerate()} <= before
+    # No thread is busy with the store any more and the directory lock is released.
+    assert not [t for t in threading.enumerate() if t.name == "prxmail-state"]
     with StateStore(tmp_path) as s:
         assert s.mailbox(ACCOUNT, FOLDER).last_uid == 40  # type: ignore[union-attr]
+
+
+async def test_no_store_call_runs_sqlite_on_the_trio_thread(
+    tmp_path: Path, statements: list[tuple[int, str, object]]
+) -> None:
+    trio_thread = threading.get_ident()
+    async with open_state_store(tmp_path) as store:
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        # The short calls the channel makes for every message included.
+        batch = await store.claim_batch([(key(1), "a@x"), (key(2), "b@x")], message_ids=["a@x"])
+        assert len(batch.results) == 2
+        await store.record_verdicts([(key(2), "list-mail")], key(1))
+        await store.mark_handled(key(1))
+        await store.claim(key(3), "c@x")
+        await store.begin_handling(key(3))
+        await store.mark_failed(key(3), "boom")
+        await store.advance_high_water_mark(ACCOUNT, FOLDER, 1, 9)
+        assert await store.mailbox(ACCOUNT, FOLDER) is not None
+        assert await store.get_message(key(1)) is not None
+        assert not await store.is_our_message_id("a@x")
+        assert await store.our_message_ids_among(["a@x"]) == frozenset()
+        assert await store.next_due_at() is None
+    assert len(statements) > 20
+    assert not [sql for thread, sql, _ in statements if thread == trio_thread]
+
+
+async def test_async_store_keeps_the_order_the_calls_were_made_in(
+    tmp_path: Path, statements: list[tuple[int, str, object]]
+) -> None:
+    made: list[str] = []
+    async with open_state_store(tmp_path) as store:
+
+        async def remember(n: int) -> None:
+            made.append(f"<{n}@x>")  # in the same step that queues the call
+            await store.remember_message_id(ACCOUNT, f"{n}@x")
+
+        async with trio.open_nursery() as nursery:
+            for n in range(60):
+                nursery.start_soon(remember, n)
+    inserted = [
+        params[0]  # type: ignore[index]
+        for _, sql, params in statements
+        if sql.startswith("INSERT OR IGNORE INTO own_message_id")
+    ]
+    assert len(made) == 60
+    assert inserted == made
+
+
+async def test_queued_calls_share_a_hop_each_in_its_own_transaction(
+    tmp_path: Path,
+    statements: list[tuple[int, str, object]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hops: list[int] = []
+    real_run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(
+        fn: Callable[..., object], *args: object, **kwargs: object
+    ) -> object:
+        hops.append(len(args[0]) if args else 1)  # type: ignore[arg-type]
+        return await real_run_sync(fn, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    async with open_state_store(tmp_path) as store:
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        hops.clear()
+        del statements[:]
+
+        async def remember(n: int) -> None:
+            await store.remember_message_id(ACCOUNT, f"{n}@x")
+
+        async with trio.open_nursery() as nursery:
+            for n in range(30):
+                nursery.start_soon(remember, n)
+        # One hop ran the first call; the 29 that queued meanwhile shared the next.
+        assert sum(hops) == 30
+        assert len(hops) < 30
+        assert all([await store.is_our_message_id(f"{n}@x") for n in range(30)])
+    begins = [sql for _, sql, _ in statements if sql.startswith("BEGIN")]
+    assert len(begins) >= 30  # one transaction per call, batched or not
+
+
+async def test_cancelled_while_queued_starts_no_work_and_the_queue_moves_on(
+    tmp_path: Path,
+) -> None:
+    async with open_state_store(tmp_path) as store:
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        items = [(key(uid), f"{uid}@x") for uid in range(1, 3001)]
+        cancelled = trio.CancelScope()
+
+        async def queued_behind() -> None:
+            with cancelled:
+                await store.remember_message_id(ACCOUNT, "never@x")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.claim_many, items)  # leads, runs a while
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(queued_behind)
+            await trio.testing.wait_all_tasks_blocked()
+            cancelled.cancel()
+        assert cancelled.cancelled_caught
+        assert not await store.is_our_message_id("never@x")
+        await store.remember_message_id(ACCOUNT, "later@x")  # not stuck behind it
+        assert await store.is_our_message_id("later@x")
+
+
+def test_wal_checkpoints_are_explicit_and_counted_by_writes(
+    tmp_path: Path, statements: list[tuple[int, str, object]]
+) -> None:
+    with StateStore(tmp_path) as s:
+        assert s._conn is not None
+        # SQLite's automatic checkpoint (inside a COMMIT) is off.
+        assert s._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        s.sync_mailbox(ACCOUNT, FOLDER, 1)
+        s.checkpoint()  # start counting from here
+        for n in range(1, CHECKPOINT_EVERY_COMMITS):
+            s.remember_message_id(ACCOUNT, f"{n}@x")
+        assert not s.checkpoint_due
+        s.remember_message_id(ACCOUNT, "one-more@x")
+        for _ in range(50):
+            s.statistics()  # reads do not count
+        assert s.checkpoint_due
+        s.checkpoint()
+        assert not s.checkpoint_due
+        # Nothing but checkpoint() checkpointed.
+        runs = [sql for _, sql, _ in statements if "wal_checkpoint" in sql]
+        assert runs == ["PRAGMA wal_checkpoint(PASSIVE)"] * 2
+
+
+async def test_async_store_checkpoints_between_calls_on_the_worker(
+    tmp_path: Path, statements: list[tuple[int, str, object]]
+) -> None:
+    trio_thread = threading.get_ident()
+    async with open_state_store(tmp_path) as store:
+        await store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        for n in range(CHECKPOINT_EVERY_COMMITS + 10):
+            await store.remember_message_id(ACCOUNT, f"{n}@x")
+        await trio.sleep(0.05)  # the checkpointer's turn comes between calls
+        await store.remember_message_id(ACCOUNT, "last@x")
+    runs = [
+        (thread, index)
+        for index, (thread, sql, _) in enumerate(statements)
+        if "wal_checkpoint" in sql
+    ]
+    assert len(runs) == 1
+    thread, index = runs[0]
+    assert thread != trio_thread
+    # Not inside a transaction: the statement before it ended one.
+    assert statements[index - 1][1] == "COMMIT"
 
 
 async def test_async_read_only_store(tmp_path: Path) -> None:
@@ -1292,7 +1581,7 @@ test_store_state_machine.settings = hypothesis.settings(
 )
 
 
-async def test_async_store_thread_ends_when_the_block_is_cancelled(tmp_path: Path) -> None:
+async def test_async_store_closes_when_the_block_is_cancelled(tmp_path: Path) -> None:
     with trio.CancelScope() as scope:
         async with open_state_store(tmp_path) as store:
             await store.sync_mailbox(ACCOUNT, FOLDER, 1)
@@ -1300,3 +1589,14 @@ async def test_async_store_thread_ends_when_the_block_is_cancelled(tmp_path: Pat
             await trio.sleep(1)
     assert scope.cancelled_caught
     assert not [t for t in threading.enumerate() if t.name == "prxmail-state"]
+    # Closed, not leaked: the directory lock is free again.
+    with StateStore(tmp_path) as s:
+        assert s.mailbox(ACCOUNT, FOLDER) is not None
+
+
+async def test_async_store_gives_the_blocks_exception_back_unwrapped(tmp_path: Path) -> None:
+    with pytest.raises(KeyError) as info:
+        async with open_state_store(tmp_path):
+            raise KeyError("mine")
+    assert info.value.args == ("mine",)
+    assert info.value.__context__ is None
