@@ -64,11 +64,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from tests.oauthserver import AuthServer, server_ssl_context
+if TYPE_CHECKING:
+    # Imported where the servers start: the watchdog runs this file as a script, where
+    # the tests package is not importable (and needs no authorization server).
+    from tests.oauthserver import AuthServer
+
 
 __all__ = [
     "DOMAIN",
@@ -787,6 +791,8 @@ class MailServers:
 
         # The authorization server binds its (free) port now, before Dovecot's config
         # names it; it runs in a thread of this process, signed by the same CA.
+        from tests.oauthserver import AuthServer, server_ssl_context
+
         self._oauth = self.oauth = AuthServer(server_ssl_context(cert)).start()
         self.oauth.register_client(OAUTH_CLIENT_ID, self.oauth_client_secret)
         oauth2_conf = self._dovecot_dir / "dovecot-oauth2.conf.ext"
