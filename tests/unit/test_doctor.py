@@ -168,6 +168,10 @@ def fake_imap(
             if command == "UID":
                 command, _, args = args.partition(" ")
                 command = "UID " + command.upper()
+            if command == "AUTHENTICATE":  # SASL PLAIN: one continuation, then as LOGIN
+                await stream.send_all(b"+ \r\n")
+                await reader.line()
+                command = "LOGIN"
             out = ""
             if command == "CAPABILITY":
                 out = f"* CAPABILITY {caps}\r\n{tag} OK done\r\n"
