@@ -167,7 +167,6 @@ def run_auth(
         trio.run(run)
     except (OAuth2Error, ConfigError, OSError) as exc:
         return _fail(err, one_line(exc))
-    show(f"refresh token written to {settings.refresh_token_file} (mode 0600)")
     return EXIT_OK
 
 
