@@ -192,3 +192,19 @@ def test_oauth2_secrets_are_redacted_and_kept_from_the_handler() -> None:
     assert redact(f"echo {REFRESH} and {CLIENT_SECRET}") == "echo *** and ***"
     env = handler_environment(config, environ={**ENV, "OTHER": "fine"})  # type: ignore[arg-type]
     assert env == {"HOME": "/home/u", "OTHER": "fine"}
+
+
+def test_loading_the_config_loads_neither_trio_nor_httpx() -> None:
+    import json
+    import subprocess
+    import sys
+
+    code = "import json, sys, prxmail.config; print(json.dumps(sorted(sys.modules)))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, check=True, env=env, text=True
+    ).stdout
+    loaded = set(json.loads(out))
+    for heavy in ("trio", "httpx", "prxmail.oauth2._token", "prxmail.oauth2._http"):
+        assert heavy not in loaded
+    assert "prxmail.oauth2._presets" in loaded
