@@ -384,6 +384,22 @@ class Config:
     def describe(self) -> list[str]:
         """What the channel does with this configuration, one line each, no secrets."""
         senders = ", ".join(self.allowed_senders) or "nobody (allowed_senders is empty)"
+        lines = self._describe_lines(senders)
+        if self.oauth2 is not None:
+            source = (
+                "oauth2_token_command"
+                if self.oauth2.token_command is not None
+                else f"{self.oauth2.token_url} ({self.oauth2.grant.value} grant)"
+            )
+            users = [
+                name
+                for name, auth in (("IMAP", self.auth), ("SMTP", self.smtp_auth))
+                if auth is AuthMethod.OAUTH2
+            ]
+            lines.append(f"log in to {' and '.join(users)} with OAuth 2 tokens from {source}")
+        return lines
+
+    def _describe_lines(self, senders: str) -> list[str]:
         return [
             f"watch folder {self.imap_folder!r} on {self.imap_host}:{self.imap_port}"
             f" ({self.imap_security.value}) as {self.username}",

@@ -208,3 +208,14 @@ def test_loading_the_config_loads_neither_trio_nor_httpx() -> None:
     for heavy in ("trio", "httpx", "prxmail.oauth2._token", "prxmail.oauth2._http"):
         assert heavy not in loaded
     assert "prxmail.oauth2._presets" in loaded
+
+
+def test_describe_says_where_the_tokens_come_from() -> None:
+    config = parse_config(
+        BASE + OAUTH + 'smtp_auth = "password"\nsmtp_password = "p-123"\n', environ=ENV
+    )
+    assert config.describe()[-1] == (
+        "log in to IMAP with OAuth 2 tokens from https://login.example.com/token"
+        " (refresh_token grant)"
+    )
+    assert REFRESH not in "\n".join(config.describe())
