@@ -298,7 +298,7 @@ async def _imap_login(
         return chain.add(
             "imap.login",
             Status.WARN,
-            f"logged in as {config.username}, but the credentials went unencrypted",
+            f"logged in as {config.username}, but the password went unencrypted",
             hint="use imap_security = 'tls' or 'starttls'",
         )
     return chain.add("imap.login", Status.PASS, f"logged in as {config.username}")
