@@ -803,6 +803,13 @@ def _with_preset(table: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(name, str) or name.strip().lower() not in PRESETS:
         return table
     merged = preset_defaults(name.strip().lower())
+    # App-only access asks for the resource's ".default" scope, not the delegated ones.
+    preset = PRESETS[name.strip().lower()].oauth2
+    if table.get("oauth2_grant") == OAuth2Grant.CLIENT_CREDENTIALS.value and preset is not None:
+        if preset.client_credentials_scope is None:
+            merged.pop("oauth2_scope", None)
+        else:
+            merged["oauth2_scope"] = preset.client_credentials_scope
     # The preset's endpoint keys describe the provider's own token endpoint; a token
     # command replaces the endpoint entirely, so they must not then count as set.
     if "oauth2_token_command" in table:

@@ -219,3 +219,18 @@ def test_describe_says_where_the_tokens_come_from() -> None:
         " (refresh_token grant)"
     )
     assert REFRESH not in "\n".join(config.describe())
+
+
+def test_client_credentials_with_a_preset_asks_for_the_app_scope() -> None:
+    table = """\
+[channels_config.email]
+provider = "office365"
+username = "bot@contoso.com"
+from_address = "bot@contoso.com"
+oauth2_client_id = "app-id"
+oauth2_grant = "client_credentials"
+oauth2_client_secret_env = "BOT_SECRET"
+"""
+    config = parse_config(table, environ=ENV)
+    assert config.oauth2 is not None
+    assert config.oauth2.scope == "https://outlook.office365.com/.default"
