@@ -29,7 +29,8 @@ from prxmail.channel import open_mail_channel
 from prxmail.config import Config, load_config, parse_config
 from prxmail.doctor import run_checks
 from prxmail.message import Message
-from prxmail.smtp import open_smtp_sender
+from prxmail.imap import ConnectionState, open_imap_connection
+from prxmail.smtp import open_smtp_connection, open_smtp_sender
 from tests.integration.servicekit import (
     Pair,
     config_text,
@@ -323,3 +324,28 @@ def test_prxmail_auth_refuses_a_config_it_cannot_write_to(
     assert proc.returncode == 2
     assert "set oauth2_refresh_token_file" in err
     assert "rt-inline" not in out + err
+
+
+async def test_a_token_the_servers_refuse_is_refreshed_once_on_both_protocols(
+    mail_servers: MailServers, tmp_path: Path
+) -> None:
+    pair = fresh_pair(mail_servers, "oauthrej")
+    config = parse_config(oauth_text(mail_servers, pair, tmp_path))
+    login = AccountLogin(config, mail_servers.ssl_context())
+    assert login.token_source is not None
+    cached = await login.token_source.token()
+    # The provider revoked the access token; the source still thinks it is good.
+    mail_servers.oauth.revoke(cached.reveal())
+    async with open_imap_connection(
+        config.imap_host, config.imap_port, ssl_context=mail_servers.ssl_context()
+    ) as imap:
+        await login.imap(imap)  # refused once, refreshed, logged in: ends with a success
+        assert imap.state is ConnectionState.AUTHENTICATED
+    fresh = await login.token_source.token()
+    assert fresh.reveal() != cached.reveal()
+    mail_servers.oauth.revoke(fresh.reveal())
+    async with open_smtp_connection(
+        config.smtp_host, config.smtp_port, ssl_context=mail_servers.ssl_context()
+    ) as smtp:
+        await login.smtp(smtp)
+        assert smtp.authenticated
