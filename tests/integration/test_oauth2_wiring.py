@@ -28,8 +28,8 @@ from prxmail._login import AccountLogin
 from prxmail.channel import open_mail_channel
 from prxmail.config import Config, load_config, parse_config
 from prxmail.doctor import run_checks
-from prxmail.message import Message
 from prxmail.imap import ConnectionState, open_imap_connection
+from prxmail.message import Message
 from prxmail.smtp import open_smtp_connection, open_smtp_sender
 from tests.integration.servicekit import (
     Pair,
