@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import attrs
+
 if TYPE_CHECKING:  # only for the annotation: config must stay importable without us
     from prxmail.config import Config
 
@@ -24,6 +26,7 @@ __all__ = [
     "SHORT_SECRET",
     "WITHHELD",
     "Redactor",
+    "Secret",
     "config_secrets",
     "credential_secrets",
     "secret_forms",
@@ -35,6 +38,28 @@ WITHHELD = "(server text withheld: it contains the credentials)"
 # A secret shorter than this cannot be cut out of a text without also cutting ordinary
 # words (a two-letter password occurs everywhere); a text containing one is withheld whole.
 SHORT_SECRET = 4
+
+
+@attrs.frozen(repr=False)
+class Secret:
+    """A secret string that never shows itself in ``repr``, ``str`` or f-strings.
+
+    The one secret type of prxmail: passwords from the configuration, OAuth 2 client
+    secrets, refresh and access tokens. It lives here, beside the redaction it serves,
+    because this module imports nothing of prxmail: the configuration and the OAuth 2
+    package both use it without importing each other.
+    """
+
+    _value: str
+
+    def reveal(self) -> str:
+        """Return the secret value. Call it only where the value goes on the wire."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
 
 
 def secret_forms(secret: str | bytes) -> set[str]:
@@ -84,14 +109,23 @@ def config_secrets(config: Config) -> list[str | bytes]:
             environment or a password file -- by now they are all the same ``Secret``.
 
     Returns:
-        The IMAP and SMTP passwords and their SASL PLAIN payloads.
+        The IMAP and SMTP passwords and their SASL PLAIN payloads, the OAuth 2 client
+        secret and the configured refresh token. (Access tokens and rotated refresh
+        tokens exist only at run time; the connections and the token source redact
+        them where they are used.)
     """
-    return credential_secrets(
-        {
-            (config.username, config.password.reveal()),
-            (config.smtp_username, config.smtp_password.reveal()),
-        }
-    )
+    pairs = set()
+    if config.password is not None:
+        pairs.add((config.username, config.password.reveal()))
+    if config.smtp_password is not None:
+        pairs.add((config.smtp_username, config.smtp_password.reveal()))
+    secrets = credential_secrets(pairs)
+    oauth2 = config.oauth2
+    if oauth2 is not None:
+        for secret in (oauth2.client_secret, oauth2.refresh_token):
+            if secret is not None:
+                secrets.append(secret.reveal())
+    return secrets
 
 
 class Redactor:

@@ -1,4 +1,4 @@
-"""The ``prxmail`` command line: ``serve`` and ``doctor``."""
+"""The ``prxmail`` command line: ``serve``, ``doctor`` and ``auth``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from prxmail import __version__
+from prxmail._auth_cli import add_auth_parser, run_auth
 from prxmail.doctor import run_doctor
 from prxmail.serve import run_serve
 
@@ -65,6 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("-c", "--config", metavar="FILE", help=config_help)
     doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_auth_parser(sub, config_help)
     return parser
 
 
@@ -84,6 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             path,
             exec_command=args.exec_command,
             log_format=args.log_format,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+    if args.command == "auth":
+        return run_auth(
+            path,
+            flow=args.flow,
+            device_url=args.device_url,
+            authorize_url=args.authorize_url,
             out=sys.stdout,
             err=sys.stderr,
         )

@@ -17,8 +17,17 @@ the CA file must load into an SSL context. A problem found later would surface a
 exception from deep inside the running channel instead of a line naming the key.
 
 This module imports no other part of prxmail at run time except the error tree, the TLS
-mode enum and :mod:`prxmail._validate`: checking a configuration must not load trio,
-mail-parser or the handler runner.
+mode enum, :mod:`prxmail._validate`, the secret type and the OAuth 2 preset table and
+URL rule: checking a configuration must not load trio, httpx, mail-parser or the
+handler runner.
+
+Authentication: ``auth = "password"`` (the default) or ``"oauth2"`` for IMAP, and
+``smtp_auth`` for SMTP (default: the same as ``auth``). Both use the one set of
+``oauth2_*`` keys -- one token per account, for IMAP and SMTP alike -- and SMTP falls
+back to the IMAP password as before; ``smtp_auth = "password"`` beside ``auth =
+"oauth2"`` needs its own ``smtp_password``. ``provider = "..."`` merges a preset's
+values *under* the table before anything is structured, so explicit keys win and
+every check below sees one table.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from prxmail._redact import Secret
 from prxmail._tls import Security
 from prxmail._validate import (
     FileProblem,
@@ -46,6 +56,8 @@ from prxmail._validate import (
     validate_sender_entry,
 )
 from prxmail.errors import ConfigError
+from prxmail.oauth2._presets import PRESETS, preset_defaults
+from prxmail.oauth2._url import check_endpoint_url
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_SECS",
@@ -54,9 +66,12 @@ __all__ = [
     "MAX_CA_FILE_BYTES",
     "MAX_CONFIG_FILE_BYTES",
     "MAX_SECRET_FILE_BYTES",
+    "AuthMethod",
     "Config",
     "FirstStart",
     "LogFormat",
+    "OAuth2Grant",
+    "OAuth2Settings",
     "Secret",
     "default_state_dir",
     "load_config",
@@ -145,6 +160,21 @@ class FirstStart(enum.Enum):
     NEW = "new"
 
 
+class AuthMethod(enum.Enum):
+    """How a protocol logs in: ``PASSWORD`` (LOGIN / AUTH PLAIN) or ``OAUTH2`` (a token)."""
+
+    PASSWORD = "password"  # noqa: S105 - a method name, not a password
+    OAUTH2 = "oauth2"
+
+
+class OAuth2Grant(enum.Enum):
+    """Where access tokens come from (RFC 6749): a user's refresh token (§6), or the
+    app's own client credentials (§4.4, Microsoft 365 app-only access for daemons)."""
+
+    REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a grant name, not a token
+    CLIENT_CREDENTIALS = "client_credentials"
+
+
 class LogFormat(enum.Enum):
     """Log line format: ``HUMAN`` (one readable line) or ``JSON`` (one object per line)."""
 
@@ -157,22 +187,6 @@ _SSL_SOURCE_LINE: Final = re.compile(r" \(_ssl\.c:\d+\)\Z")
 _NON_ASCII_TO_QUESTION_MARK: Final = bytes(b if b < 0x80 else ord("?") for b in range(256))
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
-
-
-@attrs.frozen(repr=False)
-class Secret:
-    """A secret string that never shows itself in ``repr``, ``str`` or f-strings."""
-
-    _value: str
-
-    def reveal(self) -> str:
-        """Return the secret value. Call it only where the value goes on the wire."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
 
 
 # Constrained scalar types: each has one strict structure hook below.
@@ -188,6 +202,8 @@ BatchSize = NewType("BatchSize", int)
 AuthservId = NewType("AuthservId", str)
 Address = NewType("Address", str)
 SenderEntry = NewType("SenderEntry", str)
+Provider = NewType("Provider", str)
+TokenUrl = NewType("TokenUrl", str)
 
 
 @attrs.frozen
@@ -211,6 +227,21 @@ class RawEmailTable:
     smtp_password: Secret | None = None
     smtp_password_env: EnvName | None = None
     smtp_password_file: Path | None = None
+    provider: Provider | None = None
+    auth: AuthMethod | None = None
+    smtp_auth: AuthMethod | None = None
+    oauth2_token_url: TokenUrl | None = None
+    oauth2_client_id: NonEmptyStr | None = None
+    oauth2_client_secret: Secret | None = None
+    oauth2_client_secret_env: EnvName | None = None
+    oauth2_client_secret_file: Path | None = None
+    oauth2_refresh_token: Secret | None = None
+    oauth2_refresh_token_env: EnvName | None = None
+    oauth2_refresh_token_file: Path | None = None
+    oauth2_scope: NonEmptyStr | None = None
+    oauth2_grant: OAuth2Grant = OAuth2Grant.REFRESH_TOKEN
+    oauth2_token_command: ExecCommand | None = None
+    imap_id: bool = True
     idle_timeout_secs: PositiveInt = PositiveInt(DEFAULT_IDLE_TIMEOUT_SECS)
     allowed_senders: tuple[SenderEntry, ...] = ()
     default_subject: str = "PRX Message"
@@ -238,6 +269,37 @@ class RawEmailTable:
 
 
 @attrs.frozen
+class OAuth2Settings:
+    """Where the account's OAuth 2 access tokens come from (the ``oauth2_*`` keys).
+
+    Exactly one of two shapes: ``token_command`` (a program printing a token; every
+    other field ``None``), or a token endpoint (``token_url`` and ``client_id``, with
+    ``refresh_token`` or ``refresh_token_file`` for the refresh-token grant, and
+    ``client_secret`` for the client-credentials grant).
+
+    Attributes:
+        token_url: The token endpoint (https; http only to loopback hosts).
+        client_id: The OAuth client (application) id.
+        client_secret: The client secret, for confidential clients.
+        refresh_token: A refresh token from the file or the environment.
+        refresh_token_file: A file holding the refresh token (``prxmail auth``
+            writes it; it may not exist yet). Re-read before each refresh.
+        scope: Space-separated scopes to ask for, when set.
+        grant: The grant used to get access tokens.
+        token_command: The argv of ``oauth2_token_command``.
+    """
+
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    refresh_token: Secret | None = None
+    refresh_token_file: Path | None = None
+    scope: str | None = None
+    grant: OAuth2Grant = OAuth2Grant.REFRESH_TOKEN
+    token_command: tuple[str, ...] | None = None
+
+
+@attrs.frozen
 class Config:
     """A complete, validated configuration with secrets resolved.
 
@@ -246,7 +308,12 @@ class Config:
             derived from the port: IMAP 993 -> TLS, 143 -> STARTTLS; SMTP 465 -> TLS,
             587 and 25 -> STARTTLS; any other port -> TLS; ``smtp_tls = false`` ->
             PLAIN).
-        password / smtp_password: :class:`Secret` values (SMTP falls back to IMAP's).
+        password / smtp_password: :class:`Secret` values (SMTP falls back to IMAP's);
+            ``None`` for a protocol that logs in with OAuth 2.
+        auth / smtp_auth: how IMAP and SMTP log in.
+        oauth2: the token settings when either protocol uses OAuth 2, else ``None``.
+        provider: the ``provider`` preset the values were filled from, if any.
+        imap_id: send IMAP ID (RFC 2971) after login when the server offers it.
         allowed_senders: normalised entries (lowercase, trimmed).
         exec_command: the handler's argv (``exec``, split shell-like), or ``None``.
         authserv_id: the receiving server's authserv-id whose Authentication-Results
@@ -265,9 +332,9 @@ class Config:
     smtp_port: int
     smtp_security: Security
     username: str
-    password: Secret
+    password: Secret | None
     smtp_username: str
-    smtp_password: Secret
+    smtp_password: Secret | None
     from_address: str
     idle_timeout_secs: int
     allowed_senders: tuple[str, ...]
@@ -292,6 +359,11 @@ class Config:
     smtp_retry_initial_secs: int = DEFAULT_SMTP_RETRY_INITIAL_SECS
     smtp_retry_max_secs: int = DEFAULT_SMTP_RETRY_MAX_SECS
     log_format: LogFormat = LogFormat.HUMAN
+    auth: AuthMethod = AuthMethod.PASSWORD
+    smtp_auth: AuthMethod = AuthMethod.PASSWORD
+    oauth2: OAuth2Settings | None = None
+    provider: str | None = None
+    imap_id: bool = True
     warnings: tuple[str, ...] = ()
 
     @property
@@ -312,6 +384,22 @@ class Config:
     def describe(self) -> list[str]:
         """What the channel does with this configuration, one line each, no secrets."""
         senders = ", ".join(self.allowed_senders) or "nobody (allowed_senders is empty)"
+        lines = self._describe_lines(senders)
+        if self.oauth2 is not None:
+            source = (
+                "oauth2_token_command"
+                if self.oauth2.token_command is not None
+                else f"{self.oauth2.token_url} ({self.oauth2.grant.value} grant)"
+            )
+            users = [
+                name
+                for name, auth in (("IMAP", self.auth), ("SMTP", self.smtp_auth))
+                if auth is AuthMethod.OAUTH2
+            ]
+            lines.append(f"log in to {' and '.join(users)} with OAuth 2 tokens from {source}")
+        return lines
+
+    def _describe_lines(self, senders: str) -> list[str]:
         return [
             f"watch folder {self.imap_folder!r} on {self.imap_host}:{self.imap_port}"
             f" ({self.imap_security.value}) as {self.username}",
@@ -446,6 +534,25 @@ def _choice(kind: type[enum.Enum]) -> Callable[[object, object], enum.Enum]:
     return hook
 
 
+def _provider(value: object, _: object = None) -> str:
+    choices = ", ".join(repr(name) for name in PRESETS)
+    if not isinstance(value, str) or value.strip().lower() not in PRESETS:
+        raise _Invalid(f"expected one of {choices}, {_got(value)}")
+    return value.strip().lower()
+
+
+def _token_url(value: object, _: object = None) -> str:
+    text = _non_empty(value)
+    try:
+        check_endpoint_url(text)
+    except ConfigError:
+        raise _Invalid(
+            f"expected an https:// URL (plain http only for 127.0.0.1, localhost or ::1),"
+            f" got {text!r}"
+        ) from None
+    return text
+
+
 def _security(value: object, _: object = None) -> Security:
     choices = ", ".join(repr(s.value) for s in Security)
     if not isinstance(value, str):
@@ -499,6 +606,10 @@ def _build_converter() -> cattrs.Converter:
         BatchSize: _int_in(1, 1000),
         FirstStart: _choice(FirstStart),
         LogFormat: _choice(LogFormat),
+        AuthMethod: _choice(AuthMethod),
+        OAuth2Grant: _choice(OAuth2Grant),
+        Provider: _provider,
+        TokenUrl: _token_url,
     }
     for kind, hook in hooks.items():
         conv.register_structure_hook(kind, hook)
@@ -567,43 +678,48 @@ def _resolve_secret(
     environ: Mapping[str, str],
     base_dir: Path,
     problems: list[str],
+    *,
+    name: str = "password",
 ) -> Secret | None:
-    inline: Secret | None = getattr(raw, f"{prefix}password")
-    env_name: str | None = getattr(raw, f"{prefix}password_env")
-    file: Path | None = getattr(raw, f"{prefix}password_file")
+    """Resolve the ``<prefix><name>`` / ``_env`` / ``_file`` triple into one secret."""
+    key = f"{prefix}{name}"
+    noun = name.replace("oauth2_", "OAuth 2 ").replace("_", " ")
+    inline: Secret | None = getattr(raw, key)
+    env_name: str | None = getattr(raw, f"{key}_env")
+    file: Path | None = getattr(raw, f"{key}_file")
     keys = [
-        f"{prefix}password{suffix}"
+        f"{key}{suffix}"
         for suffix, value in (("", inline), ("_env", env_name), ("_file", file))
         if value is not None
     ]
     if len(keys) > 1:
         problems.append(
-            f"set only one of {', '.join(keys)} (they all give the password) @ {TABLE_PATH}"
+            f"set only one of {', '.join(keys)} (they all give the {noun}) @ {TABLE_PATH}"
         )
         return None
     if inline is not None:
         return inline
     if env_name is not None:
-        where = f"@ {TABLE_PATH}.{prefix}password_env"
+        where = f"@ {TABLE_PATH}.{key}_env"
         value = environ.get(env_name)
         if not value:
             problems.append(f"environment variable {env_name} is not set or empty {where}")
             return None
     elif file is not None:
-        where = f"@ {TABLE_PATH}.{prefix}password_file"
+        where = f"@ {TABLE_PATH}.{key}_file"
         path = file if file.is_absolute() else base_dir / file
         try:
             text = read_regular_file(path, limit=MAX_SECRET_FILE_BYTES).decode("utf-8")
         except FileProblem as exc:
-            problems.append(f"cannot read password file {path}: {exc} {where}")
+            problems.append(f"cannot read {noun} file {path}: {exc} {where}")
             return None
         except UnicodeDecodeError:
-            problems.append(f"cannot read password file {path}: not UTF-8 {where}")
+            problems.append(f"cannot read {noun} file {path}: not UTF-8 {where}")
             return None
         # One trailing newline is what editors and `echo` add; it is not the password.
         value = text.removesuffix("\n").removesuffix("\r")
         if not value:
-            problems.append(f"password file {path} is empty {where}")
+            problems.append(f"{noun} file {path} is empty {where}")
             return None
     else:
         return None
@@ -678,6 +794,152 @@ def _port_warnings(raw: RawEmailTable, imap: Security, smtp: Security) -> list[s
     return warnings
 
 
+def _with_preset(table: dict[str, Any]) -> dict[str, Any]:
+    """The table with a valid ``provider``'s preset values merged under the explicit ones.
+
+    An invalid ``provider`` value is left to its structure hook to report.
+    """
+    name = table.get("provider")
+    if not isinstance(name, str) or name.strip().lower() not in PRESETS:
+        return table
+    merged = preset_defaults(name.strip().lower())
+    # App-only access asks for the resource's ".default" scope, not the delegated ones.
+    preset = PRESETS[name.strip().lower()].oauth2
+    if table.get("oauth2_grant") == OAuth2Grant.CLIENT_CREDENTIALS.value and preset is not None:
+        if preset.client_credentials_scope is None:
+            merged.pop("oauth2_scope", None)
+        else:
+            merged["oauth2_scope"] = preset.client_credentials_scope
+    # The preset's endpoint keys describe the provider's own token endpoint; a token
+    # command replaces the endpoint entirely, so they must not then count as set.
+    if "oauth2_token_command" in table:
+        for key in _ENDPOINT_KEYS:
+            merged.pop(key, None)
+    return {**merged, **table}
+
+
+# The keys that describe a token endpoint: oauth2_token_command excludes all of them.
+_ENDPOINT_KEYS: Final = (
+    "oauth2_token_url",
+    "oauth2_client_id",
+    "oauth2_client_secret",
+    "oauth2_client_secret_env",
+    "oauth2_client_secret_file",
+    "oauth2_refresh_token",
+    "oauth2_refresh_token_env",
+    "oauth2_refresh_token_file",
+    "oauth2_scope",
+    "oauth2_grant",
+)
+
+
+def _forbid_passwords(raw: RawEmailTable, prefix: str, auth_key: str, problems: list[str]) -> None:
+    for suffix in ("", "_env", "_file"):
+        key = f"{prefix}password{suffix}"
+        if getattr(raw, key) is not None:
+            problems.append(
+                f"{auth_key} = 'oauth2' takes no password: remove {key}, or set"
+                f" {auth_key} = 'password' @ {TABLE_PATH}.{key}"
+            )
+
+
+def _oauth2_settings(
+    raw: RawEmailTable,
+    explicit: frozenset[str],
+    environ: Mapping[str, str],
+    base_dir: Path,
+    problems: list[str],
+) -> OAuth2Settings | None:
+    """The ``oauth2_*`` keys checked against each other (see :class:`OAuth2Settings`)."""
+    if raw.oauth2_token_command is not None:
+        clashing = [k for k in _ENDPOINT_KEYS if k in explicit]
+        if clashing:
+            problems.append(
+                f"oauth2_token_command replaces the token endpoint: remove {', '.join(clashing)}"
+                f" @ {TABLE_PATH}.{clashing[0]}"
+            )
+            return None
+        return OAuth2Settings(token_command=tuple(parse_exec_command(raw.oauth2_token_command)))
+    before = len(problems)
+    if raw.oauth2_token_url is None:
+        problems.append(
+            "required key missing: auth = 'oauth2' needs oauth2_token_url (or a provider"
+            f" preset, or oauth2_token_command) @ {TABLE_PATH}.oauth2_token_url"
+        )
+    if raw.oauth2_client_id is None:
+        problems.append(
+            "required key missing: the OAuth 2 client (application) id"
+            f" @ {TABLE_PATH}.oauth2_client_id"
+        )
+    client_secret = _resolve_secret(
+        raw, "", environ, base_dir, problems, name="oauth2_client_secret"
+    )
+    refresh_keys = [
+        k
+        for k in ("oauth2_refresh_token", "oauth2_refresh_token_env", "oauth2_refresh_token_file")
+        if getattr(raw, k) is not None
+    ]
+    refresh_token: Secret | None = None
+    refresh_file: Path | None = None
+    if raw.oauth2_grant is OAuth2Grant.CLIENT_CREDENTIALS:
+        if client_secret is None and len(problems) == before:
+            problems.append(
+                "oauth2_grant = 'client_credentials' needs the client secret: set"
+                " oauth2_client_secret, oauth2_client_secret_env or oauth2_client_secret_file"
+                f" @ {TABLE_PATH}.oauth2_client_secret"
+            )
+        for key in refresh_keys:
+            problems.append(
+                f"oauth2_grant = 'client_credentials' takes no refresh token: remove {key}"
+                f" @ {TABLE_PATH}.{key}"
+            )
+    elif len(refresh_keys) > 1:
+        problems.append(
+            f"set only one of {', '.join(refresh_keys)} (they all give the refresh token)"
+            f" @ {TABLE_PATH}"
+        )
+    elif raw.oauth2_refresh_token_file is not None:
+        refresh_file = raw.oauth2_refresh_token_file
+        if not refresh_file.is_absolute():
+            refresh_file = base_dir / refresh_file
+        _check_refresh_token_file(refresh_file, problems)
+    elif refresh_keys:
+        refresh_token = _resolve_secret(
+            raw, "", environ, base_dir, problems, name="oauth2_refresh_token"
+        )
+    else:
+        problems.append(
+            "required key missing: the refresh_token grant needs oauth2_refresh_token_file"
+            " (`prxmail auth -c FILE` fills it), oauth2_refresh_token or"
+            f" oauth2_refresh_token_env @ {TABLE_PATH}.oauth2_refresh_token_file"
+        )
+    if len(problems) > before:
+        return None
+    return OAuth2Settings(
+        token_url=raw.oauth2_token_url,
+        client_id=raw.oauth2_client_id,
+        client_secret=client_secret,
+        refresh_token=refresh_token,
+        refresh_token_file=refresh_file,
+        scope=raw.oauth2_scope,
+        grant=raw.oauth2_grant,
+    )
+
+
+def _check_refresh_token_file(path: Path, problems: list[str]) -> None:
+    # The file may not exist yet: `prxmail auth` creates it, and the token source
+    # re-reads it before every refresh. If it exists it must be a readable regular file.
+    if not os.path.lexists(path):
+        return
+    try:
+        read_regular_file(path, limit=MAX_SECRET_FILE_BYTES)
+    except FileProblem as exc:
+        problems.append(
+            f"cannot read OAuth 2 refresh token file {path}: {exc}"
+            f" @ {TABLE_PATH}.oauth2_refresh_token_file"
+        )
+
+
 def parse_config(
     text: str,
     *,
@@ -730,6 +992,8 @@ def parse_config(
             [f"expected a table, got {_type_name(table)} @ {TABLE_PATH}"], source=source
         )
 
+    explicit = frozenset(table)
+    table = _with_preset(table)
     raw, problems = _structure(table, RawEmailTable, TABLE_PATH)
     if raw is None:
         raise ConfigError(problems, source=source)
@@ -737,12 +1001,36 @@ def parse_config(
     def resolve(path: Path) -> Path:
         return path if path.is_absolute() else base / path
 
-    password = _resolve_secret(raw, "", env, base, problems)
-    if password is None and not problems:
-        problems.append(
-            f"required key missing: set password, password_env or password_file @ {TABLE_PATH}"
-        )
-    smtp_password = _resolve_secret(raw, "smtp_", env, base, problems)
+    auth = raw.auth or AuthMethod.PASSWORD
+    smtp_auth = raw.smtp_auth or auth
+    password = smtp_password = None
+    if auth is AuthMethod.PASSWORD:
+        password = _resolve_secret(raw, "", env, base, problems)
+        if password is None and not problems:
+            problems.append(
+                f"required key missing: set password, password_env or password_file @ {TABLE_PATH}"
+            )
+    else:
+        _forbid_passwords(raw, "", "auth", problems)
+    if smtp_auth is AuthMethod.PASSWORD:
+        smtp_password = _resolve_secret(raw, "smtp_", env, base, problems)
+        if password is None and smtp_password is None and not problems:
+            problems.append(
+                "smtp_auth = 'password' beside auth = 'oauth2' needs SMTP's own password:"
+                f" set smtp_password, smtp_password_env or smtp_password_file @ {TABLE_PATH}"
+            )
+    else:
+        _forbid_passwords(raw, "smtp_", "smtp_auth", problems)
+    oauth2: OAuth2Settings | None = None
+    if AuthMethod.OAUTH2 in (auth, smtp_auth):
+        oauth2 = _oauth2_settings(raw, explicit, env, base, problems)
+    else:
+        stray = sorted(k for k in explicit if k.startswith("oauth2_"))
+        if stray:
+            problems.append(
+                f"{', '.join(stray)} only apply with auth = 'oauth2' or smtp_auth = 'oauth2'"
+                f" @ {TABLE_PATH}.{stray[0]}"
+            )
     imap_security = _imap_security(raw)
     smtp_security = _smtp_security(raw, problems)
     if raw.require_authentication and raw.authserv_id is None:
@@ -757,7 +1045,7 @@ def parse_config(
             f"must be at least smtp_retry_initial_secs ({raw.smtp_retry_initial_secs})"
             f" @ {TABLE_PATH}.smtp_retry_max_secs"
         )
-    if problems or password is None:
+    if problems:
         raise ConfigError(problems, source=source)
 
     return Config(
@@ -771,7 +1059,7 @@ def parse_config(
         username=raw.username,
         password=password,
         smtp_username=raw.smtp_username or raw.username,
-        smtp_password=smtp_password or password,
+        smtp_password=(smtp_password or password) if smtp_auth is AuthMethod.PASSWORD else None,
         from_address=raw.from_address,
         idle_timeout_secs=raw.idle_timeout_secs,
         allowed_senders=tuple(dict.fromkeys(raw.allowed_senders)),
@@ -796,6 +1084,11 @@ def parse_config(
         smtp_retry_initial_secs=raw.smtp_retry_initial_secs,
         smtp_retry_max_secs=raw.smtp_retry_max_secs,
         log_format=raw.log_format,
+        auth=auth,
+        smtp_auth=smtp_auth,
+        oauth2=oauth2,
+        provider=raw.provider,
+        imap_id=raw.imap_id,
         warnings=tuple(_port_warnings(raw, imap_security, smtp_security)),
     )
 

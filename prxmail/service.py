@@ -91,7 +91,7 @@ def handler_environment(config: Config, environ: Mapping[str, str] | None = None
         A new dict without those variables.
     """
     env = os.environ if environ is None else environ
-    secrets = {config.password.reveal(), config.smtp_password.reveal()}
+    secrets = {s for s in config_secrets(config) if isinstance(s, str)}
     # Forms too short to look for inside other values (they occur in ordinary text)
     # only count when they are the whole value.
     contained = Redactor(s for s in config_secrets(config) if len(s) >= SHORT_SECRET)

@@ -21,6 +21,7 @@ import trio
 import trio_util  # type: ignore[import-untyped]
 
 from prxmail._log import log_event
+from prxmail._login import AccountLogin
 from prxmail._tls import shared_ssl_context
 from prxmail.config import Config
 from prxmail.imap import IMAPConnection
@@ -115,6 +116,9 @@ class _ChannelCore:
         self._seen_retry: list[MessageKey] = []
         self._in_flight: dict[MessageKey, Message] = {}
         self._ssl_context = shared_ssl_context(config.tls_ca_file)
+        # The account's one login (and, with OAuth 2, its one token source), shared by
+        # the watcher and the sender.
+        self._login = AccountLogin(config, self._ssl_context)
         #: Health of the channel; ``await channel.status.wait_value(pred)`` to watch it.
         self.status: trio_util.AsyncValue[ChannelStatus] = trio_util.AsyncValue(ChannelStatus())
         self._outbox_generation = trio_util.AsyncValue(0)

@@ -64,8 +64,7 @@ class _Sender(_ChannelCore):
         async with open_smtp_sender(
             config.smtp_host,
             config.smtp_port,
-            username=config.smtp_username,
-            password=config.smtp_password.reveal(),
+            authenticate=self._login.smtp,
             security=config.smtp_security,
             ssl_context=self._ssl_context,
         ) as smtp:

@@ -149,7 +149,7 @@ class _Watcher(_FetchPipeline):
                 scope.deadline = math.inf
                 try:
                     with trio.fail_after(timeout):
-                        await conn.login(config.username, config.password.reveal())
+                        await self._login.imap(conn)
                         box = await conn.select(self.folder)
                     while True:  # again after each UIDVALIDITY change seen in session
                         box = await self._watch(conn, box)

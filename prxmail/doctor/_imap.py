@@ -14,8 +14,9 @@ from typing import Final
 
 import trio
 
+from prxmail._login import AccountLogin
 from prxmail._tls import Security
-from prxmail.config import Config
+from prxmail.config import AuthMethod, Config
 from prxmail.doctor._network import (
     _cert_summary,
     _find_ssl_error,
@@ -24,6 +25,7 @@ from prxmail.doctor._network import (
     _RecordingStream,
     _tls_failure,
 )
+from prxmail.doctor._oauth2 import _OAUTH2_LOGIN_HINT, _preset_hints
 from prxmail.doctor._report import (
     _LOGIN_HINT,
     MAX_FOLDERS_SHOWN,
@@ -40,6 +42,7 @@ from prxmail.errors import (
 )
 from prxmail.imap import ConnectionState as IMAPState
 from prxmail.imap import IMAPConnection, Raw, decode_mailbox
+from prxmail.oauth2 import OAuth2Error
 
 # -- IMAP -------------------------------------------------------------------------------
 
@@ -88,7 +91,9 @@ async def _list_folders(conn: IMAPConnection, timeouts: Timeouts) -> list[str] |
     return [decode_mailbox(box.raw_name) for box in boxes if box.selectable]
 
 
-async def _imap_chain(config: Config, timeouts: Timeouts, chain: _Chain) -> None:
+async def _imap_chain(
+    config: Config, timeouts: Timeouts, chain: _Chain, *, login: AccountLogin
+) -> None:
     host, port, security = config.imap_host, config.imap_port, config.imap_security
     opened = await _open_transport(
         chain, "imap", config, host=host, port=port, security=security, timeouts=timeouts
@@ -118,7 +123,7 @@ async def _imap_chain(config: Config, timeouts: Timeouts, chain: _Chain) -> None
             )
         if not await _imap_capabilities_step(chain, conn, timeouts):
             return
-        if not await _imap_login(chain, conn, config, timeouts):
+        if not await _imap_login(chain, conn, config, timeouts, login):
             return
         if not await _imap_folder(chain, conn, config, timeouts):
             return
@@ -232,13 +237,21 @@ async def _imap_capabilities_step(chain: _Chain, conn: IMAPConnection, timeouts:
 
 
 async def _imap_login(
-    chain: _Chain, conn: IMAPConnection, config: Config, timeouts: Timeouts
+    chain: _Chain, conn: IMAPConnection, config: Config, timeouts: Timeouts, login: AccountLogin
 ) -> bool:
     if conn.state is not IMAPState.NOT_AUTHENTICATED:
         return chain.add("imap.login", Status.PASS, "already authenticated (PREAUTH)")
     try:
         with trio.fail_after(timeouts.command):
-            await conn.login(config.username, config.password.reveal())
+            await login.imap(conn)
+    except OAuth2Error as exc:
+        return chain.add(
+            "imap.login",
+            Status.FAIL,
+            f"no access token for the IMAP login: {_server_text(str(exc))}",
+            detail=_preset_hints(config),
+            hint=exc.hint or "see the oauth2.token step",
+        )
     except trio.TooSlowError:
         return chain.add(
             "imap.login",
@@ -247,6 +260,15 @@ async def _imap_login(
             hint="the server is overloaded or hangs; try again later",
         )
     except AuthenticationError as exc:
+        if config.auth is AuthMethod.OAUTH2:
+            return chain.add(
+                "imap.login",
+                Status.FAIL,
+                f"the IMAP server refused the OAuth 2 token for {config.username}:"
+                f" {_server_text(str(exc))}",
+                detail=_preset_hints(config),
+                hint=_OAUTH2_LOGIN_HINT,
+            )
         if exc.code == "LOGINDISABLED":
             return chain.add(
                 "imap.login",
@@ -260,6 +282,7 @@ async def _imap_login(
             "imap.login",
             Status.FAIL,
             f"authentication failed for {config.username}: {code}{said}".rstrip(": "),
+            detail=_preset_hints(config),
             hint=_LOGIN_HINT,
         )
     except TLSError as exc:

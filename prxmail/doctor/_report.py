@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import attrs
 
-from prxmail._redact import Redactor
+from prxmail._redact import Redactor, config_secrets
 from prxmail.config import Config
 
 EXIT_OK: Final = 0
@@ -166,16 +166,10 @@ class Timeouts:
 
 
 def _redactor(config: Config) -> Redactor:
-    """Removes every form in which the passwords go on the wire: as typed, IMAP-quoted,
-    base64, and inside the SASL PLAIN payloads (with and without an authzid)."""
-    secrets: list[str | bytes] = []
-    for user, password in {
-        (config.username, config.password.reveal()),
-        (config.smtp_username, config.smtp_password.reveal()),
-    }:
-        raw, user_b = password.encode(), user.encode()
-        secrets += [password, b"\0" + user_b + b"\0" + raw, user_b + b"\0" + user_b + b"\0" + raw]
-    return Redactor(secrets)
+    """Removes every secret of the configuration in every form it goes on the wire
+    (:func:`prxmail._redact.config_secrets`: passwords with their SASL PLAIN payloads,
+    OAuth 2 client secret and refresh token)."""
+    return Redactor(config_secrets(config))
 
 
 def _redact_step(redact: Redactor, step: StepResult) -> StepResult:

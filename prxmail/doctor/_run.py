@@ -8,6 +8,7 @@ guarded, so a bug in one becomes a FAIL result instead of a crash.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import TextIO
 
 import trio
 
+from prxmail._login import AccountLogin
+from prxmail._tls import shared_ssl_context
 from prxmail.config import Config, load_config
 from prxmail.doctor._imap import _imap_chain, _imap_names
 from prxmail.doctor._local import (
@@ -24,6 +27,7 @@ from prxmail.doctor._local import (
     _check_state_dir,
     _config_step,
 )
+from prxmail.doctor._oauth2 import _oauth2_chain, _oauth2_names
 from prxmail.doctor._render import render_text
 from prxmail.doctor._report import (
     DoctorReport,
@@ -67,13 +71,25 @@ async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> 
             ),
         )
     redact = _redactor(config)
+    # One login (and one token source) for every check, as in the service: the token
+    # the OAuth 2 chain gets is the one the IMAP and SMTP logins use.
+    login = AccountLogin(config, shared_ssl_context(config.tls_ca_file))
+    oauth2 = _Chain(_oauth2_names(config))
+    if oauth2.names:
+        oauth2_chain = functools.partial(_oauth2_chain, source=login.token_source)
+        await _guarded(oauth2_chain, config, limits, oauth2)
     imap = _Chain(_imap_names(config.imap_security))
     smtp = _Chain(_smtp_names(config.smtp_security))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_guarded, _imap_chain, config, limits, imap)
-        nursery.start_soon(_guarded, _smtp_chain, config, limits, smtp)
+        nursery.start_soon(
+            _guarded, functools.partial(_imap_chain, login=login), config, limits, imap
+        )
+        nursery.start_soon(
+            _guarded, functools.partial(_smtp_chain, login=login), config, limits, smtp
+        )
     steps = [
         _config_step(config_path, config),
+        *oauth2.finish(),
         *imap.finish(),
         *smtp.finish(),
         _check_from_address(config),

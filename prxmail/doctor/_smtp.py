@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import trio
 
+from prxmail._login import AccountLogin
 from prxmail._tls import Security
-from prxmail.config import Config
+from prxmail.config import AuthMethod, Config
 from prxmail.doctor._network import (
     _cert_summary,
     _find_ssl_error,
@@ -18,6 +19,7 @@ from prxmail.doctor._network import (
     _open_transport,
     _tls_failure,
 )
+from prxmail.doctor._oauth2 import _OAUTH2_LOGIN_HINT, _preset_hints
 from prxmail.doctor._report import _LOGIN_HINT, Status, Timeouts, _Chain, _server_text
 from prxmail.errors import (
     AuthenticationError,
@@ -25,6 +27,7 @@ from prxmail.errors import (
     SMTPReplyError,
     TLSError,
 )
+from prxmail.oauth2 import OAuth2Error
 from prxmail.smtp import Extensions, SMTPConnection
 
 # -- SMTP -------------------------------------------------------------------------------
@@ -54,7 +57,9 @@ def _describe_extensions(ext: Extensions) -> str:
     return ", ".join(parts)
 
 
-async def _smtp_chain(config: Config, timeouts: Timeouts, chain: _Chain) -> None:
+async def _smtp_chain(
+    config: Config, timeouts: Timeouts, chain: _Chain, *, login: AccountLogin
+) -> None:
     host, port, security = config.smtp_host, config.smtp_port, config.smtp_security
     opened = await _open_transport(
         chain, "smtp", config, host=host, port=port, security=security, timeouts=timeouts
@@ -74,7 +79,7 @@ async def _smtp_chain(config: Config, timeouts: Timeouts, chain: _Chain) -> None
         chain.add("smtp.greeting", Status.PASS, f"{greeting.code} {_server_text(greeting.text)}")
         if not await _smtp_ehlo(chain, conn, config, timeouts):
             return
-        await _smtp_auth(chain, conn, config, timeouts)
+        await _smtp_auth(chain, conn, config, timeouts, login)
     finally:
         if conn is not None:
             with trio.move_on_after(timeouts.close):
@@ -137,7 +142,7 @@ async def _smtp_ehlo(
 
 
 async def _smtp_auth(
-    chain: _Chain, conn: SMTPConnection, config: Config, timeouts: Timeouts
+    chain: _Chain, conn: SMTPConnection, config: Config, timeouts: Timeouts, login: AccountLogin
 ) -> bool:
     offered = conn.extensions.auth
     if not offered:
@@ -148,7 +153,18 @@ async def _smtp_auth(
             hint="use the provider's submission port (465 with TLS or 587 with STARTTLS),"
             " not port 25",
         )
-    if not {"PLAIN", "LOGIN"} & offered:
+    oauth2 = config.smtp_auth is AuthMethod.OAUTH2
+    if oauth2 and not {"OAUTHBEARER", "XOAUTH2"} & offered:
+        return chain.add(
+            "smtp.auth",
+            Status.FAIL,
+            "the server offers no OAuth 2 mechanism (OAUTHBEARER or XOAUTH2); offered: "
+            + " ".join(sorted(offered)),
+            detail=_preset_hints(config),
+            hint="SMTP AUTH with OAuth 2 may be switched off for this mailbox or server;"
+            " or set smtp_auth = 'password' with smtp_password",
+        )
+    if not oauth2 and not {"PLAIN", "LOGIN"} & offered:
         return chain.add(
             "smtp.auth",
             Status.FAIL,
@@ -158,7 +174,15 @@ async def _smtp_auth(
         )
     try:
         with trio.fail_after(timeouts.command):
-            await conn.login(config.smtp_username, config.smtp_password.reveal())
+            await login.smtp(conn)
+    except OAuth2Error as exc:
+        return chain.add(
+            "smtp.auth",
+            Status.FAIL,
+            f"no access token for the SMTP login: {_server_text(str(exc))}",
+            detail=_preset_hints(config),
+            hint=exc.hint or "see the oauth2.token step",
+        )
     except trio.TooSlowError:
         return chain.add(
             "smtp.auth",
@@ -167,12 +191,22 @@ async def _smtp_auth(
             hint="the server is overloaded or hangs; try again later",
         )
     except AuthenticationError as exc:
+        if oauth2:
+            return chain.add(
+                "smtp.auth",
+                Status.FAIL,
+                f"the SMTP server refused the OAuth 2 token for {config.smtp_username}:"
+                f" {_server_text(str(exc))}",
+                detail=_preset_hints(config),
+                hint=_OAUTH2_LOGIN_HINT,
+            )
         said = _server_text(exc.server_text)
         code = f"{exc.code} " if exc.code else ""
         return chain.add(
             "smtp.auth",
             Status.FAIL,
             f"authentication failed for {config.smtp_username}: {code}{said}".rstrip(": "),
+            detail=_preset_hints(config),
             hint=_LOGIN_HINT
             + "; if SMTP uses other credentials, set smtp_username and smtp_password",
         )

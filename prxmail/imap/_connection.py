@@ -58,6 +58,7 @@ from typing import Literal
 import attrs
 import trio
 
+from prxmail import __version__
 from prxmail._redact import Redactor
 from prxmail._tls import Security, shared_ssl_context, transport_errors
 from prxmail.errors import (
@@ -99,6 +100,13 @@ from prxmail.imap._framer import (
 from prxmail.imap._protocol import IMAPProtocol, NeedData
 from prxmail.imap._state import ConnectionState
 from prxmail.imap._tls import ClientTLSStream
+from prxmail.oauth2._sasl import (
+    ERROR_ACKNOWLEDGEMENT,
+    decode_error_challenge,
+    oauthbearer_initial_response,
+    preferred_mechanism,
+    xoauth2_initial_response,
+)
 
 __all__ = [
     "FetchStream",
@@ -524,10 +532,13 @@ class IMAPConnection:
         secrets: Sequence[str] = (),
         on_continuation: Iterable[bytes] = (),
         keep_pushes: bool = True,
+        challenges: list[str] | None = None,
     ) -> tuple[TaggedResponse, list[Event]]:
         """Run one command to completion; return its tagged response and untagged data.
 
-        ``on_continuation`` supplies the lines sent for each "+" (AUTHENTICATE).
+        ``on_continuation`` supplies the lines sent for each "+" (AUTHENTICATE); the
+        text of each "+" is appended to ``challenges`` when given (an OAuth 2 error
+        challenge carries the server's reason).
         ``keep_pushes=False`` for commands that hand their untagged data to the caller,
         so the next idle() does not report it a second time.
         """
@@ -546,6 +557,8 @@ class IMAPConnection:
                 if isinstance(event, TaggedResponse):
                     break
                 if isinstance(event, ContinuationRequest):
+                    if challenges is not None:
+                        challenges.append(event.text)
                     self._proto.send_continuation(next(answers, b"*"))
                     await self._send_pending()
                     continue
@@ -724,7 +737,93 @@ class IMAPConnection:
         payload = f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
         await self._authenticate("XOAUTH2", payload, (token,))
 
-    async def _authenticate(self, mechanism: str, payload: bytes, secrets: Sequence[str]) -> None:
+    async def authenticate_password(self, username: str, password: str) -> None:
+        """Log in with a password the way the server wants it.
+
+        AUTHENTICATE PLAIN when the server advertises ``LOGINDISABLED`` or offers
+        ``AUTH=PLAIN`` without ``AUTH=LOGIN`` (servers that list only SASL PLAIN may
+        have LOGIN switched off without saying so); LOGIN otherwise, as before.
+
+        Args:
+            username: Login name.
+            password: Password (never logged).
+
+        Raises:
+            TLSError, AuthenticationError, LocalProtocolError: as for :meth:`login`.
+        """
+        capabilities = await self._ensure_capabilities()
+        plain = "AUTH=PLAIN" in capabilities
+        if plain and ("LOGINDISABLED" in capabilities or "AUTH=LOGIN" not in capabilities):
+            await self.authenticate_plain(username, password)
+        else:
+            await self.login(username, password)
+
+    async def authenticate_oauth2(
+        self, username: str, token: str, *, host: str | None = None, port: int | None = None
+    ) -> None:
+        """Log in with an OAuth 2 access token: OAUTHBEARER if offered, else XOAUTH2.
+
+        A refusal's JSON error challenge (RFC 7628 §3.2.2) is decoded into the
+        :class:`AuthenticationError` message (status, needed scope); the token never is.
+
+        Args:
+            username: The mailbox address.
+            token: The access token.
+            host: The server's host name, sent in OAUTHBEARER's ``host=``.
+            port: The server's port, sent in OAUTHBEARER's ``port=``.
+
+        Raises:
+            TLSError, LocalProtocolError: as for :meth:`login`.
+            AuthenticationError: the server offers neither mechanism, or refused the
+                token (the message says why, from the challenge).
+        """
+        capabilities = await self._ensure_capabilities()
+        offered = [c[5:] for c in capabilities if c.startswith("AUTH=")]
+        mechanism = preferred_mechanism(offered)
+        if mechanism is None:
+            raise AuthenticationError(
+                "the IMAP server offers neither AUTHENTICATE OAUTHBEARER nor XOAUTH2",
+                protocol="imap",
+            )
+        if mechanism == "OAUTHBEARER":
+            payload = oauthbearer_initial_response(username, token, host=host, port=port)
+        else:
+            payload = xoauth2_initial_response(username, token)
+        challenges: list[str] = []
+        ack = base64.b64encode(ERROR_ACKNOWLEDGEMENT[mechanism])
+        try:
+            await self._authenticate(mechanism, payload, (token,), ack=ack, challenges=challenges)
+        except AuthenticationError as exc:
+            errors = [c for c in challenges if c.strip()]
+            if not errors:
+                raise
+            why = decode_error_challenge(errors[-1], (token,)).message
+            raise AuthenticationError(
+                f"{exc}; {why}", protocol="imap", server_text=exc.server_text, code=exc.code
+            ) from exc.__cause__
+
+    async def send_client_id(self) -> Mapping[str, str | None] | None:
+        """Send prxmail's name and version with ID (RFC 2971), if the server offers ID.
+
+        Some servers (NetEase 163/126) refuse SELECT until a client identifies
+        itself; elsewhere it is harmless.
+
+        Returns:
+            The server's identification; ``None`` if it sent NIL or has no ID.
+        """
+        if "ID" not in await self._ensure_capabilities():
+            return None
+        return await self.id({"name": "prxmail", "version": __version__})
+
+    async def _authenticate(
+        self,
+        mechanism: str,
+        payload: bytes,
+        secrets: Sequence[str],
+        *,
+        ack: bytes | None = None,
+        challenges: list[str] | None = None,
+    ) -> None:
         self._check_credentials_allowed()
         capabilities = await self._ensure_capabilities()
         if f"AUTH={mechanism}" not in capabilities:
@@ -737,7 +836,7 @@ class IMAPConnection:
         all_secrets = (*secrets, encoded.decode())
         # After the credentials, any further "+" is an error challenge (XOAUTH2 sends
         # one with JSON details); an empty line / "*" makes the server finish with NO.
-        cancel = b"" if mechanism == "XOAUTH2" else b"*"
+        cancel = ack if ack is not None else b"" if mechanism == "XOAUTH2" else b"*"
         try:
             if "SASL-IR" in capabilities:
                 tagged, _ = await self._command(
@@ -745,6 +844,7 @@ class IMAPConnection:
                     [Raw(mechanism), Raw(encoded.decode())],
                     secrets=all_secrets,
                     on_continuation=[cancel],
+                    challenges=challenges,
                 )
             else:
                 tagged, _ = await self._command(
@@ -752,6 +852,7 @@ class IMAPConnection:
                     [Raw(mechanism)],
                     secrets=all_secrets,
                     on_continuation=[encoded, cancel],
+                    challenges=challenges,
                 )
         except IMAPCommandError as exc:
             raise self._auth_error(exc, all_secrets) from exc

@@ -27,9 +27,9 @@ import attrs
 import httpx
 
 from prxmail._redact import Redactor
-from prxmail.errors import ConfigError
 from prxmail.oauth2._errors import TokenEndpointError
 from prxmail.oauth2._secret import Secret
+from prxmail.oauth2._url import check_endpoint_url
 
 __all__ = [
     "MAX_RESPONSE_BYTES",
@@ -47,7 +47,6 @@ MAX_RESPONSE_BYTES = 256 * 1024
 # How much of a non-JSON body an error quotes: enough to recognise an HTML error page
 # or a proxy's message, short enough for a log line.
 BODY_EXCERPT_CHARS = 120
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 # What each RFC 6749 §5.2 error code means for the user, and whether waiting helps.
 _ERROR_HINTS: Mapping[str, tuple[str, bool]] = {
@@ -100,30 +99,6 @@ class TokenResponse:
     expires_in: float | None
     refresh_token: Secret | None = None
     scope: str | None = None
-
-
-def check_endpoint_url(url: str, *, key: str = "oauth2_token_url") -> None:
-    """Check that ``url`` is an https URL, or http to a loopback host.
-
-    Args:
-        url: The endpoint.
-        key: The configuration key named in the error.
-
-    Raises:
-        ConfigError: any other scheme, no host, or plain http to a non-loopback host.
-    """
-    parts = urllib.parse.urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if parts.scheme == "https" and host:
-        return
-    if parts.scheme == "http" and host in _LOOPBACK_HOSTS:
-        return
-    raise ConfigError(
-        [
-            f"expected an https:// URL (plain http only for 127.0.0.1, localhost or ::1), "
-            f"got {url!r} @ {key}"
-        ]
-    )
 
 
 def _root_causes(exc: BaseException) -> list[BaseException]:

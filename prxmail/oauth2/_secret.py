@@ -1,16 +1,15 @@
 """Secrets of the OAuth 2 pieces: tokens and client secrets that never show themselves.
 
-:class:`Secret` behaves like :class:`prxmail.config.Secret` (``reveal()``; ``repr`` and
-``str`` show stars) and lives here, below the config, so that the config can import the
-provider presets from this package without an import cycle. Every function here takes
-any :class:`Revealable`, so the config's secrets can be passed as they are.
+:class:`Secret` is prxmail's one secret type (:class:`prxmail._redact.Secret`, which
+the configuration uses too), re-exported here. Every function of this package takes
+any :class:`Revealable`.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-import attrs
+from prxmail._redact import Secret
 
 __all__ = ["Revealable", "Secret"]
 
@@ -21,19 +20,3 @@ class Revealable(Protocol):
     def reveal(self) -> str:
         """Return the secret value."""
         ...
-
-
-@attrs.frozen(repr=False)
-class Secret:
-    """A secret string that never shows itself in ``repr``, ``str`` or f-strings."""
-
-    _value: str
-
-    def reveal(self) -> str:
-        """Return the secret value. Call it only where the value goes on the wire."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__

@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import enum
 import functools
@@ -52,6 +53,13 @@ from prxmail.errors import (
     SMTPReplyError,
     SMTPTransientError,
     TLSError,
+)
+from prxmail.oauth2._sasl import (
+    ERROR_ACKNOWLEDGEMENT,
+    decode_error_challenge,
+    oauthbearer_initial_response,
+    preferred_mechanism,
+    xoauth2_initial_response,
 )
 from prxmail.smtp._protocol import (
     Extensions,
@@ -639,18 +647,69 @@ class SMTPConnection:
             # answers with an empty line and gets the final 5xx (RFC 7628 3.2.3).
             await self._authenticate("XOAUTH2", blob, [b""], secrets)
 
+    async def authenticate_oauth2(
+        self, username: str, token: str, *, host: str | None = None, port: int | None = None
+    ) -> None:
+        """Authenticate with an OAuth 2 access token: OAUTHBEARER if offered, else XOAUTH2.
+
+        A refusal's JSON error challenge (RFC 7628 §3.2.2) is decoded into the
+        :class:`AuthenticationError` message (status, needed scope); the token never is.
+
+        Args:
+            username: The account's address.
+            token: The access token; it is never shown in errors.
+            host: The server's host name, sent in OAUTHBEARER's ``host=``.
+            port: The server's port, sent in OAUTHBEARER's ``port=``.
+
+        Raises:
+            TLSError, AuthenticationError, SMTPTransientError: as for :meth:`login`.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._operation():
+            self._check_auth_allowed()
+            mechanism = preferred_mechanism(self._proto.extensions.auth)
+            if mechanism is None:
+                shown = ", ".join(sorted(self._proto.extensions.auth)) or "none"
+                raise AuthenticationError(
+                    "the SMTP server offers neither AUTH OAUTHBEARER nor XOAUTH2;"
+                    f" offered: {shown}",
+                    protocol="smtp",
+                )
+            if mechanism == "OAUTHBEARER":
+                blob = oauthbearer_initial_response(username, token, host=host, port=port)
+            else:
+                blob = xoauth2_initial_response(username, token)
+            secrets: list[bytes | str] = [token, blob]
+            challenges: list[bytes] = []
+            try:
+                await self._authenticate(
+                    mechanism, blob, [ERROR_ACKNOWLEDGEMENT[mechanism]], secrets, challenges
+                )
+            except AuthenticationError as exc:
+                errors = [c for c in challenges if c.strip()]
+                if not errors:
+                    raise
+                why = decode_error_challenge(base64.b64encode(errors[-1]), (token,)).message
+                raise AuthenticationError(
+                    f"{exc}; {why}", protocol="smtp", server_text=exc.server_text, code=exc.code
+                ) from exc.__cause__
+
     async def _authenticate(
         self,
         mechanism: str,
         initial: bytes | None,
         responses: list[bytes],
         secrets: Sequence[bytes | str],
+        challenges: list[bytes] | None = None,
     ) -> None:
         try:
             reply = await self._command(self._proto.send_auth(mechanism, initial))
             queue = list(responses)
             while reply.is_intermediate:
-                decode_challenge(reply)  # a non-base64 challenge breaks the protocol
+                # A non-base64 challenge breaks the protocol.
+                challenge = decode_challenge(reply)
+                if challenges is not None:
+                    challenges.append(challenge)
                 if queue:
                     reply = await self._command(self._proto.send_auth_response(queue.pop(0)))
                 else:
@@ -1382,6 +1441,7 @@ async def open_smtp_sender(
     security: Security = Security.TLS,
     ssl_context: ssl.SSLContext | None = None,
     local_hostname: str | None = None,
+    authenticate: Callable[[SMTPConnection], Awaitable[None]] | None = None,
 ) -> AsyncIterator[SMTPSender]:
     """An :class:`SMTPSender` that connects (and logs in) on demand.
 
@@ -1389,19 +1449,26 @@ async def open_smtp_sender(
         host, port, security, ssl_context, local_hostname: see :func:`connect_smtp`.
         username: Login name; no AUTH when ``None``.
         password: The password for ``username``.
+        authenticate: Logs a fresh connection in instead of ``username`` and
+            ``password`` (OAuth 2: it fetches a current token for every new
+            connection, so a send after the token expired re-authenticates).
 
     Yields:
         The sender; its connection is closed on exit.
     """
     if (username is None) != (password is None):
         raise LocalProtocolError("username and password go together")
+    if authenticate is not None and username is not None:
+        raise LocalProtocolError("pass either authenticate or username and password")
 
     async def connect() -> SMTPConnection:
         conn = await connect_smtp(
             host, port, security=security, ssl_context=ssl_context, local_hostname=local_hostname
         )
         try:
-            if username is not None and password is not None:
+            if authenticate is not None:
+                await authenticate(conn)
+            elif username is not None and password is not None:
                 await conn.login(username, password)
         except BaseException:
             await conn.aclose()

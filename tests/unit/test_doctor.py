@@ -168,6 +168,10 @@ def fake_imap(
             if command == "UID":
                 command, _, args = args.partition(" ")
                 command = "UID " + command.upper()
+            if command == "AUTHENTICATE":  # SASL PLAIN: one continuation, then as LOGIN
+                await stream.send_all(b"+ \r\n")
+                await reader.line()
+                command = "LOGIN"
             out = ""
             if command == "CAPABILITY":
                 out = f"* CAPABILITY {caps}\r\n{tag} OK done\r\n"
@@ -880,3 +884,57 @@ def test_run_doctor_json_document(tmp_path: Path) -> None:
     assert steps["imap.tcp"]["hint"]
     assert steps["imap.login"]["status"] == "skip"
     assert set(steps["policy"]) == {"name", "status", "summary", "detail", "hint"}
+
+
+# -- OAuth 2 and provider presets (issue 13) ----------------------------------------------
+
+
+async def test_a_presets_hints_appear_with_a_login_failure(
+    tmp_path: Path, nursery: trio.Nursery, ca: trustme.CA, ca_file: Path
+) -> None:
+    context = server_context(ca.issue_cert(HOST))
+    imap_port = await serve(nursery, fake_imap(context=context, login_ok=False))
+    smtp_port = await serve(nursery, fake_smtp(context=context, auth_ok=False))
+    path = write_config(
+        tmp_path,
+        provider="gmail",
+        imap_host=HOST,
+        smtp_host=HOST,
+        imap_port=imap_port,
+        smtp_port=smtp_port,
+        tls_ca_file=str(ca_file),
+    )
+    report = await run_checks(path, timeouts=FAST)
+    for name in ("imap.login", "smtp.auth"):
+        step = report.step(name)
+        assert step.status is Status.FAIL
+        assert any(line.startswith("gmail: Gmail: a password login needs") for line in step.detail)
+    # Passing steps carry no hints.
+    assert report.step("imap.capabilities").detail == ()
+
+
+async def test_oauth2_token_refusal_is_decoded_and_ends_in_the_logins(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from tests.oauthserver import auth_server
+
+    secret = "rt-doctor-refresh-token-0001"
+    with auth_server() as oauth:
+        oauth.register_client("doctor-client")
+        path = write_config(
+            tmp_path,
+            password=None,
+            auth="oauth2",
+            oauth2_token_url=oauth.token_url,
+            oauth2_client_id="doctor-client",
+            oauth2_refresh_token=secret,
+        )
+        report = await run_checks(path, timeouts=FAST)
+    token = report.step("oauth2.token")
+    assert token.status is Status.FAIL
+    assert "invalid_grant" in token.summary
+    assert "prxmail auth" in token.summary + token.hint
+    assert report.step("oauth2.dns").status is Status.PASS
+    assert secret not in all_text(report)
+    # The mail servers are not reachable here; their steps still ran and failed on TCP.
+    assert report.step("imap.tcp").status is Status.FAIL

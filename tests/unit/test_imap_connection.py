@@ -1426,3 +1426,116 @@ async def test_pushes_returned_by_idle_skip_keepalives_and_count_bound_drops_old
 
     with trio.fail_after(5):
         await run(script, body)
+
+
+# -- OAuth 2 and the password choice (issue 13) -------------------------------------------
+
+_CHALLENGE = base64.b64encode(b'{"status":"invalid_token","scope":"mail.imap"}')
+
+
+async def test_authenticate_oauth2_prefers_oauthbearer_and_decodes_the_challenge() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2 AUTH=OAUTHBEARER] hi\r\n")
+        line = await peer.line()
+        assert line.startswith(b"A0001 AUTHENTICATE OAUTHBEARER ")
+        sent = base64.b64decode(line.rsplit(b" ", 1)[1])
+        assert sent == b"n,a=bob,\x01host=imap.test\x01port=993\x01auth=Bearer ya29.tok3n\x01\x01"
+        await peer.send(b"+ " + _CHALLENGE + b"\r\n")
+        # RFC 7628 §3.2.3: the client acknowledges the error with a single %x01.
+        await peer.expect(base64.b64encode(b"\x01"))
+        await peer.send(b"A0001 NO [AUTHENTICATIONFAILED] bad token ya29.tok3n\r\n")
+        await peer.logout(b"A0002")
+
+    async def body(imap: IMAPConnection) -> None:
+        with pytest.raises(AuthenticationError) as info:
+            await imap.authenticate_oauth2("bob", "ya29.tok3n", host="imap.test", port=993)
+        text = str(info.value)
+        assert "status invalid_token" in text
+        assert "needs scope mail.imap" in text
+        assert "tok3n" not in text
+        assert info.value.code == "AUTHENTICATIONFAILED"
+
+    await run(script, body)
+
+
+async def test_authenticate_oauth2_falls_back_to_xoauth2() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2] hi\r\n")
+        await peer.expect(b"A0001 AUTHENTICATE XOAUTH2")
+        await peer.send(b"+ \r\n")
+        assert base64.b64decode(await peer.line()) == b"user=bob\x01auth=Bearer tok\x01\x01"
+        await peer.send(b"A0001 OK [CAPABILITY IMAP4rev1 IDLE] ok\r\n")
+        await peer.logout(b"A0002")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.authenticate_oauth2("bob", "tok")
+        assert imap.state is ConnectionState.AUTHENTICATED
+
+    await run(script, body)
+
+
+async def test_authenticate_oauth2_without_a_mechanism_sends_nothing() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n")
+        await peer.logout(b"A0001")
+
+    async def body(imap: IMAPConnection) -> None:
+        with pytest.raises(AuthenticationError, match="neither AUTHENTICATE OAUTHBEARER nor"):
+            await imap.authenticate_oauth2("bob", "tok")
+
+    await run(script, body)
+
+
+@pytest.mark.parametrize(
+    ("caps", "expected"),
+    [
+        (b"IMAP4rev1 AUTH=PLAIN", b"A0001 AUTHENTICATE PLAIN"),
+        (b"IMAP4rev1 LOGINDISABLED AUTH=PLAIN AUTH=LOGIN", b"A0001 AUTHENTICATE PLAIN"),
+        (b"IMAP4rev1 AUTH=PLAIN AUTH=LOGIN", b"A0001 LOGIN alice secret"),
+        (b"IMAP4rev1", b"A0001 LOGIN alice secret"),
+    ],
+)
+async def test_authenticate_password_chooses_login_or_authenticate_plain(
+    caps: bytes, expected: bytes
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(b"* OK [CAPABILITY " + caps + b"] hi\r\n")
+        await peer.expect(expected)
+        if b"AUTHENTICATE" in expected:
+            await peer.send(b"+ \r\n")
+            assert base64.b64decode(await peer.line()) == b"\0alice\0secret"
+        await peer.send(b"A0001 OK [CAPABILITY IMAP4rev1] ok\r\n")
+        await peer.logout(b"A0002")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.authenticate_password("alice", "secret")
+        assert imap.state is ConnectionState.AUTHENTICATED
+
+    await run(script, body)
+
+
+async def test_send_client_id_names_prxmail_only_when_the_server_has_id() -> None:
+    from prxmail import __version__
+
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await peer.expect(b"A0001 LOGIN alice secret")
+        await peer.send(b"A0001 OK [CAPABILITY IMAP4rev1 ID] Logged in\r\n")
+        await peer.expect(f'A0002 ID ("name" "prxmail" "version" "{__version__}")'.encode())
+        await peer.send(b'* ID ("name" "Coremail")\r\nA0002 OK ID completed\r\n')
+        await peer.logout(b"A0003")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        assert await imap.send_client_id() == {"name": "Coremail"}
+
+    await run(script, body)
+
+    async def script_no_id(peer: Peer) -> None:
+        await peer.send(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+        await peer.logout(b"A0001")
+
+    async def body_no_id(imap: IMAPConnection) -> None:
+        assert await imap.send_client_id() is None
+
+    await run(script_no_id, body_no_id)

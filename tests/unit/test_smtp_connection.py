@@ -1160,3 +1160,24 @@ async def test_aclose_during_another_tasks_operation_closes_at_once(
     assert len(failures) == 1
     with pytest.raises(ConnectionBrokenError, match="closed"):
         await conn.noop()
+
+
+async def test_authenticate_oauth2_uses_xoauth2_and_decodes_the_error_challenge() -> None:
+    server = FakeServer(auth="XOAUTH2 PLAIN")
+    async with connected(server) as conn:
+        with pytest.raises(AuthenticationError) as info:
+            await conn.authenticate_oauth2("user", "bad-token")
+        assert "status 401" in str(info.value)
+        assert "the token is invalid, expired or revoked" in str(info.value)
+        assert "bad-token" not in str(info.value)
+        assert info.value.code == "535"
+        await conn.authenticate_oauth2("user", "good-token")
+        assert conn.authenticated
+
+
+async def test_authenticate_oauth2_without_a_mechanism_sends_no_auth() -> None:
+    server = FakeServer(auth="PLAIN LOGIN")
+    async with connected(server) as conn:
+        with pytest.raises(AuthenticationError, match="neither AUTH OAUTHBEARER nor XOAUTH2"):
+            await conn.authenticate_oauth2("user", "tok")
+    assert not any(c.startswith("AUTH") for c in server.commands)
