@@ -725,3 +725,12 @@ async def test_a_session_that_made_progress_resets_the_backoff(
     assert len(delays) >= 5
     # Every session logged in and selected: healthy, so no delay grows past the first.
     assert max(delays) <= RECONNECT_INITIAL_SECONDS, delays
+
+
+def test_status_texts_and_stored_reasons_are_redacted() -> None:
+    from prxmail._log import redacting
+    from prxmail.channel._core import _describe
+
+    with redacting(["S3cr3tPassw0rd"]):
+        text = _describe(RuntimeError("server said: you sent bot S3cr3tPassw0rd"))
+    assert text == "RuntimeError: server said: you sent bot ***"
