@@ -443,7 +443,10 @@ class IMAPConnection:
         self._transition(_Link.BROKEN, reason=reason)
 
     def _remember_secrets(self, secrets: Sequence[str]) -> None:
-        fresh = [s for s in secrets if s and s not in self._secrets]
+        # LOGIN also passes "user password" (for the NO text); the password alone
+        # covers it, and an error that keeps the user name readable is more useful.
+        combined = {s for s in secrets if any(s.endswith(" " + t) for t in secrets if t)}
+        fresh = [s for s in secrets if s and s not in combined and s not in self._secrets]
         if fresh:
             self._secrets += fresh
             self._redactor = Redactor(self._secrets)

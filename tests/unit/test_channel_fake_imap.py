@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import resource
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from prxmail.state import MessageKey, MessageStatus, StateStore, account_key
 pytestmark = pytest.mark.timeout(60)
 
 UIDVALIDITY = 77
+# A hostile answer to a partial fetch of at most 1 MiB (issue 11 item 2: 250 MB).
+HUGE_LITERAL = 250 * 1000 * 1000
 
 
 def raw_message(uid: int, sender: str = "alice@example.com") -> bytes:
@@ -59,6 +62,8 @@ class FakeIMAP:
     vanish: set[int] = attrs.field(factory=set)
     # UIDs every UID SEARCH lists as well (old mail reported as new).
     extra_search: list[int] = attrs.field(factory=list)
+    # UIDs whose body comes as a 250 MB literal (only its first MiB is sent).
+    huge_literal_for: set[int] = attrs.field(factory=set)
     # Drop the connection as soon as IDLE starts (a flaky link).
     drop_in_idle: bool = False
     commands: list[str] = attrs.field(factory=list)
@@ -154,6 +159,13 @@ class FakeIMAP:
                     items = [f"UID {uid}"]
                     if "RFC822.SIZE" in command:
                         items.append(f"RFC822.SIZE {self.size_lie.get(uid, len(raw))}")
+                    if "BODY.PEEK[]" in command and uid in self.huge_literal_for:
+                        head = f"* {seq} FETCH ({' '.join(items)} BODY[]<0> {{{HUGE_LITERAL}}}"
+                        await send(head.encode())
+                        await stream.send_all(b"x" * (1024 * 1024))
+                        while await read_line() is not None:
+                            pass  # the client refuses it and hangs up
+                        return
                     if "BODY.PEEK[]" in command and uid in self.garbage_for:
                         await send(f"* {seq} FETCH ({' '.join(items)} BODY[] ((( garbage")
                         continue
@@ -734,3 +746,23 @@ def test_status_texts_and_stored_reasons_are_redacted() -> None:
     with redacting(["S3cr3tPassw0rd"]):
         text = _describe(RuntimeError("server said: you sent bot S3cr3tPassw0rd"))
     assert text == "RuntimeError: server said: you sent bot ***"
+
+
+async def test_a_250_mb_answer_to_a_1_mib_partial_fetch_is_refused_and_failed(
+    tmp_path: Path,
+) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)}, huge_literal_for={1})
+    state = tmp_path / "state"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, state)
+        async with open_mail_channel(config) as channel:
+            assert await receive(channel) == "fake 2"
+        nursery.cancel_scope.cancel()
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 * 1024  # refused when announced: nothing near 250 MB held
+    with StateStore(state) as store:
+        [failed] = store.messages_with_status(MessageStatus.FAILED)
+    assert failed.key.uid == 1
+    assert "literal" in str(failed.reason)
