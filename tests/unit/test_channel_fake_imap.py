@@ -761,6 +761,7 @@ async def test_a_250_mb_answer_to_a_1_mib_partial_fetch_is_refused_and_failed(
             assert await receive(channel) == "fake 2"
         nursery.cancel_scope.cancel()
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print(f"channel: 250 MB partial-fetch answer, peak RSS grew {grown_kib / 1024:.1f} MiB")
     assert grown_kib < 64 * 1024  # refused when announced: nothing near 250 MB held
     with StateStore(state) as store:
         [failed] = store.messages_with_status(MessageStatus.FAILED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -1054,7 +1055,11 @@ async def run_lockstep(
             else:
                 async with opening as imap:
                     await body(imap)
-        return tracemalloc.get_traced_memory()[1]
+        peak = tracemalloc.get_traced_memory()[1]
+        # Shown with -s: the figures docs/reliability.md records.
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        print(f"connection peak {test}: {peak / 2**20:.1f} MiB traced")
+        return peak
     finally:
         tracemalloc.stop()
 
