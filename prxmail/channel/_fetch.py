@@ -19,6 +19,15 @@ their IMAP section numbers; :func:`build_substitute` glues header and parts into
 small, well-formed ``multipart/mixed`` message that the ordinary parser reads;
 :func:`describe_attachments` lists every other part by name, type and estimated
 size from the BODYSTRUCTURE alone.
+
+Poison mail: whatever a fetch command is fetching is noted (``_fetching``), so a
+session that ends in a failure caused by what the server sent for those messages
+(a refused response, a NO/BAD, a timeout -- not a dropped link) can be pinned on
+them: a failed group is then fetched one message at a time, and a single message
+that fails :data:`POISON_ATTEMPTS` times in a row the same way is recorded failed
+with the reason, so the folder moves on. The connection's literal limit is
+``max_message_bytes`` and a body longer than its RFC822.SIZE is cut to it and
+marked truncated, so no server can hand the consumer more than it was asked for.
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@
 # ConnectionBrokenError in one place, _transport_errors().
 #
 # Secrets: credentials go to the core as arguments and are never put into an error,
-# log line or repr; a server echoing the password back has it replaced by "***".
+# log line or repr; a server echoing the password back has it replaced by "***" --
+# in the NO to the login, and (the credentials are kept in a Redactor for the
+# connection's life) in every later BYE text, protocol-error excerpt and broken reason.
 #
 # Memory: responses are received in chunks of RECEIVE_SIZE; a large literal goes
 # straight into one preallocated buffer (see _framer.py), so fetching a 100 MB

@@ -227,7 +227,11 @@ def _is_header_block(block: bytes) -> bool:
 
 
 def new_elision_token() -> str:
-    """A fresh token for one parse's elision markers (see :data:`_ELIDED`)."""
+    """A fresh token for one parse's elision markers (see :data:`_ELIDED`).
+
+    Returns:
+        :data:`ELISION_TOKEN_BYTES` random bytes as lower-case hex.
+    """
     return secrets.token_hex(ELISION_TOKEN_BYTES)
 
 
