@@ -12,15 +12,17 @@ is declared in one place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+from collections.abc import Iterator
 from typing import Final
 
 import attrs
 import trio
 import trio_util  # type: ignore[import-untyped]
 
-from prxmail._log import log_event
+from prxmail._log import log_event, redact
 from prxmail._login import AccountLogin
 from prxmail._tls import shared_ssl_context
 from prxmail.config import Config
@@ -60,7 +62,23 @@ class ChannelStatus:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    # Status texts and stored failure reasons outlive the log line: a server echoing
+    # the password into an error must not put it there either.
+    return redact(f"{type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, what: str, setting: str) -> Iterator[None]:
+    """``trio.fail_after`` whose TooSlowError says what timed out and which limit.
+
+    A bare ``TooSlowError`` has no text, so the log said only "TooSlowError: ". Only
+    this scope's own deadline is reworded; a nested limit's error passes unchanged.
+    """
+    scope = trio.CancelScope(deadline=trio.current_time() + seconds)
+    with scope:
+        yield
+    if scope.cancelled_caught:
+        raise trio.TooSlowError(f"{what} timed out after {seconds:g} s ({setting})")
 
 
 def _message_fields(message: Message) -> dict[str, object]:
@@ -134,6 +152,23 @@ class _ChannelCore:
         # a start, a release, or an interrupted hand-over. Saves reading pending() after
         # every IDLE wake-up when nothing can be pending.
         self._pending_dirty = True
+        # Whether the current IMAP session made progress (selected the folder, handed a
+        # message on, finished an IDLE cycle): a healthy session resets the backoff.
+        self._progressed = False
+        # What the fetch command running now asks for, so a failure it ends in can be
+        # pinned on its messages (see _FetchPipeline._fetch_failed).
+        self._fetching: tuple[MessageKey, ...] = ()
+        # Per message: the last failure its fetch ended in and how often in a row.
+        self._strikes: dict[MessageKey, tuple[str, int]] = {}
+        # Messages of a group whose fetch failed: fetched one by one until the culprit
+        # is known, so one message's strikes never count against its neighbours.
+        self._isolate: set[MessageKey] = set()
+        # Messages recorded failed because their fetch kept failing: never fetched again
+        # in this run.
+        self._given_up: set[MessageKey] = set()
+        # Messages whose body the server sent longer than their RFC822.SIZE: cut to that
+        # size, and marked truncated when they are admitted.
+        self._cut: set[MessageKey] = set()
 
     def _set_status(self, **changes: object) -> None:
         self.status.value = attrs.evolve(self.status.value, **changes)
@@ -169,7 +204,9 @@ class _ChannelCore:
         if not uids:
             return
         try:
-            with trio.fail_after(self.config.command_timeout_secs):
+            with _time_limit(
+                self.config.command_timeout_secs, "IMAP UID STORE", "command_timeout_secs"
+            ):
                 await conn.uid_store(uids, "+FLAGS", [_SEEN])
         except BaseException:
             self._seen_retry = keys[:SEEN_BUFFER]

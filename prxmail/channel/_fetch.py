@@ -19,6 +19,15 @@ their IMAP section numbers; :func:`build_substitute` glues header and parts into
 small, well-formed ``multipart/mixed`` message that the ordinary parser reads;
 :func:`describe_attachments` lists every other part by name, type and estimated
 size from the BODYSTRUCTURE alone.
+
+Poison mail: whatever a fetch command is fetching is noted (``_fetching``), so a
+session that ends in a failure caused by what the server sent for those messages
+(a refused response, a NO/BAD, a timeout -- not a dropped link) can be pinned on
+them: a failed group is then fetched one message at a time, and a single message
+that fails :data:`POISON_ATTEMPTS` times in a row the same way is recorded failed
+with the reason, so the folder moves on. The connection's literal limit is
+``max_message_bytes`` and a body longer than its RFC822.SIZE is cut to it and
+marked truncated, so no server can hand the consumer more than it was asked for.
 """
 
 from __future__ import annotations
@@ -38,9 +47,10 @@ from prxmail.channel._core import (
     _ChannelCore,
     _describe,
     _message_fields,
+    _time_limit,
     collapse_exception_group,
 )
-from prxmail.errors import RemoteProtocolError
+from prxmail.errors import ConnectionBrokenError, IMAPCommandError, RemoteProtocolError
 from prxmail.imap import BodyPart, BodyStructure, IMAPConnection, MultipartBody
 from prxmail.message import (
     MAX_MIME_PARTS,
@@ -65,6 +75,15 @@ GROUP_BYTES: Final = 2 * 1024 * 1024
 # or of its text parts when over max_message_bytes); the bound keeps what a guess can
 # waste on an oversized message small.
 FIRST_FETCH_BYTES: Final = 1024 * 1024
+
+# A message whose fetch fails the same way this many times in a row (each time on a
+# fresh connection) is recorded as failed and the folder moves on. One failure can be
+# a glitch and two a coincidence (a server restart hitting the same message); a third
+# identical one is the message itself, and every retry costs a reconnect, so waiting
+# longer only delays the mail behind it.
+POISON_ATTEMPTS: Final = 3
+
+_COMMAND_TIMEOUT: Final = "command_timeout_secs"
 
 
 # -- where a parse runs -----------------------------------------------------------------
@@ -435,8 +454,16 @@ class _FetchPipeline(_ChannelCore):
         self, conn: IMAPConnection, uidvalidity: int, uids: Sequence[int]
     ) -> None:
         ordered = sorted(set(uids))
-        if len(ordered) == 1:
-            await self._process_one(conn, uidvalidity, ordered[0])
+        if self._given_up:
+            ordered = [u for u in ordered if self._keys(uidvalidity, [u])[0] not in self._given_up]
+            if not ordered:
+                return
+        if len(ordered) == 1 or not self._isolate.isdisjoint(self._keys(uidvalidity, ordered)):
+            # One by one, in UID order: a claim raises the high-water mark, so a message
+            # is only ever failed after everything below it was claimed.
+            for uid in ordered:
+                await self._process_one(conn, uidvalidity, uid)
+                self._isolate.discard(MessageKey(self.account, self.folder, uidvalidity, uid))
             return
         # The group fetched last is parsed in a worker thread while the next one is
         # fetched and the one before is handed on: at most three groups are in memory
@@ -472,17 +499,20 @@ class _FetchPipeline(_ChannelCore):
             nonlocal parsing
             if not uids:
                 return
-            job = self._start_parse(uidvalidity, await self._fetch_bodies(conn, uids), nursery)
+            raws = await self._fetch_bodies(conn, uidvalidity, uids, sizes)
+            job = self._start_parse(uidvalidity, raws, nursery)
             await admit_parsed()
             parsing = job
 
         for start in range(0, len(ordered), config.fetch_batch_size):
             batch = ordered[start : start + config.fetch_batch_size]
             sizes: dict[int, int] = {}
-            with trio.fail_after(timeout):
+            self._fetching = self._keys(uidvalidity, batch)
+            with _time_limit(timeout, "IMAP UID FETCH (sizes)", _COMMAND_TIMEOUT):
                 async for data in conn.uid_fetch(batch, ["RFC822.SIZE"]):
                     if data.uid is not None:
                         sizes[data.uid] = data.rfc822_size or 0
+            self._fetching = ()
             group: list[int] = []
             group_bytes = 0
             for uid in batch:
@@ -503,6 +533,13 @@ class _FetchPipeline(_ChannelCore):
             await fetch_group(group)
             missing = [uid for uid in batch if uid not in sizes]
             if missing:
+                log_event(
+                    logging.INFO,
+                    "messages listed by SEARCH but not returned by FETCH: treated as"
+                    " expunged, skipped",
+                    uids=",".join(map(str, missing[:20])),
+                    count=len(missing),
+                )
                 await admit_parsed()  # the mark must not pass an unclaimed message
                 await self._advance_past(uidvalidity, max(missing))
             # A long catch-up finishes messages faster than the end of the catch-up
@@ -524,17 +561,25 @@ class _FetchPipeline(_ChannelCore):
         first = min(limit, FIRST_FETCH_BYTES)
         size: int | None = None
         body: bytes | None = None
-        with trio.fail_after(self.config.command_timeout_secs):
+        self._fetching = self._keys(uidvalidity, [uid])
+        with _time_limit(self.config.command_timeout_secs, "IMAP UID FETCH", _COMMAND_TIMEOUT):
             async for data in conn.uid_fetch([uid], ["RFC822.SIZE", f"BODY.PEEK[]<0.{first}>"]):
                 if data.uid == uid:
                     size = data.rfc822_size
                     value = data.sections.get("<0>")
                     body = None if value is None else bytes(value)
         if size is None:
+            log_event(
+                logging.INFO,
+                "message listed by SEARCH but not returned by FETCH: treated as expunged, skipped",
+                uid=uid,
+            )
+            self._fetching = ()
             await self._advance_past(uidvalidity, uid)  # expunged meanwhile
             return
         if body is None:
             raise RemoteProtocolError(f"the server did not return message UID {uid}")
+        self._fetching = ()
         # A server whose RFC822.SIZE is off could make a cut-off message look whole: a
         # body that fills the partial fetch completely is only trusted with a matching size.
         if size > first or (len(body) >= first and len(body) != size):
@@ -542,16 +587,30 @@ class _FetchPipeline(_ChannelCore):
             if size > limit:
                 await self._process_oversized(conn, uidvalidity, uid, size)
             else:
-                await self._parse_and_admit(uidvalidity, await self._fetch_bodies(conn, [uid]))
+                raws = await self._fetch_bodies(conn, uidvalidity, [uid], {uid: size})
+                await self._parse_and_admit(uidvalidity, raws)
             return
-        await self._parse_and_admit(uidvalidity, [(uid, body)])
+        await self._parse_and_admit(
+            uidvalidity, [(uid, self._within_size(uidvalidity, uid, body, size))]
+        )
 
     async def _parse_and_admit(self, uidvalidity: int, raws: list[tuple[int, bytes]]) -> None:
         await self._admit(uidvalidity, await self._parse(uidvalidity, raws))
 
-    async def _fetch_bodies(self, conn: IMAPConnection, uids: list[int]) -> list[tuple[int, bytes]]:
+    async def _fetch_bodies(
+        self, conn: IMAPConnection, uidvalidity: int, uids: list[int], sizes: dict[int, int]
+    ) -> list[tuple[int, bytes]]:
+        """Fetch whole messages whose RFC822.SIZE (``sizes``) is within max_message_bytes.
+
+        A body longer than its RFC822.SIZE is cut to that size and the message marked
+        truncated (:data:`OVERSIZE_DEFECT`): the size decided that it fits in memory
+        and in the handler's input, so the server may not change it afterwards. (The
+        connection's literal limit is max_message_bytes, so nothing larger than that
+        is ever received.)
+        """
         bodies: dict[int, bytes] = {}
-        with trio.fail_after(self.config.command_timeout_secs):
+        self._fetching = self._keys(uidvalidity, uids)
+        with _time_limit(self.config.command_timeout_secs, "IMAP UID FETCH", _COMMAND_TIMEOUT):
             async for data in conn.uid_fetch(uids, ["BODY.PEEK[]"]):
                 if data.uid is not None and data.body is not None:
                     bodies[data.uid] = bytes(data.body)
@@ -563,8 +622,78 @@ class _FetchPipeline(_ChannelCore):
                 # a higher UID and move the high-water mark past this one, losing it:
                 # reconnect instead (a vanished message is not listed next time).
                 raise RemoteProtocolError(f"the server did not return message UID {uid}")
-            raws.append((uid, raw))
+            raws.append((uid, self._within_size(uidvalidity, uid, raw, sizes.get(uid))))
+        self._fetching = ()
         return raws
+
+    def _within_size(self, uidvalidity: int, uid: int, raw: bytes, size: int | None) -> bytes:
+        """``raw`` cut to the RFC822.SIZE the server reported, marked when it was cut."""
+        if size is None or len(raw) <= size:
+            return raw
+        log_event(
+            logging.WARNING,
+            "server sent a message longer than its RFC822.SIZE: cut to that size,"
+            " delivered as truncated",
+            uid=uid,
+            size=size,
+            received=len(raw),
+        )
+        self._cut.add(MessageKey(self.account, self.folder, uidvalidity, uid))
+        return raw[:size]
+
+    def _keys(self, uidvalidity: int, uids: Sequence[int]) -> tuple[MessageKey, ...]:
+        return tuple(MessageKey(self.account, self.folder, uidvalidity, uid) for uid in uids)
+
+    async def _fetch_failed(self, exc: BaseException) -> None:
+        """Pin the failure that ended a session on the message being fetched, if any.
+
+        Only failures that come from what the server sent for those messages count: a
+        response the parser refused, a NO/BAD to the FETCH, a fetch that timed out. A
+        dropped connection is the link's fault, not the message's. A failed group is
+        fetched one message at a time from then on, so the culprit shows; a single
+        message that fails :data:`POISON_ATTEMPTS` times in a row the same way is
+        recorded failed with the reason, and the folder moves on.
+        """
+        keys, self._fetching = self._fetching, ()
+        if not keys or isinstance(exc, ConnectionBrokenError):
+            return
+        if not isinstance(exc, RemoteProtocolError | IMAPCommandError | trio.TooSlowError):
+            return
+        if len(keys) > 1:
+            self._isolate.update(keys)
+            return
+        [key] = keys
+        reason = _describe(exc)
+        previous, count = self._strikes.get(key, ("", 0))
+        count = count + 1 if previous == reason else 1
+        if count < POISON_ATTEMPTS:
+            self._strikes[key] = (reason, count)
+            return
+        self._strikes.pop(key, None)
+        self._isolate.discard(key)
+        # Not fetched again in this run even where a search lists it once more (the
+        # first start's UNSEEN search does until the folder is initialised).
+        self._given_up.add(key)
+        stored = f"fetch failed {count} times: {reason}"
+        record = await self._store.get_message(key)
+        if record is None:
+            await self._store.claim_batch(
+                [(key, missing_message_id(key.uid, key.uidvalidity))],
+                failed={key: stored},
+                message_ids=(),
+            )
+            self._high_water = max(self._high_water, key.uid)
+        elif not record.status.terminal:
+            await self._store.mark_failed(key, stored)
+        # else finished before (a restart searched it again): nothing to record.
+        log_event(
+            logging.WARNING,
+            "message failed: its fetch failed the same way every time; recorded as"
+            " failed, the folder moves on",
+            uid=key.uid,
+            attempts=count,
+            error=reason,
+        )
 
     async def _process_oversized(
         self, conn: IMAPConnection, uidvalidity: int, uid: int, size: int
@@ -572,7 +701,8 @@ class _FetchPipeline(_ChannelCore):
         limit = self.config.max_message_bytes
         timeout = self.config.command_timeout_secs
         structure: BodyStructure | None = None
-        with trio.fail_after(timeout):
+        self._fetching = self._keys(uidvalidity, [uid])
+        with _time_limit(timeout, "IMAP UID FETCH (BODYSTRUCTURE)", _COMMAND_TIMEOUT):
             async for data in conn.uid_fetch([uid], ["BODYSTRUCTURE"]):
                 if data.uid == uid:
                     structure = data.bodystructure
@@ -580,7 +710,7 @@ class _FetchPipeline(_ChannelCore):
         items = ["BODY.PEEK[HEADER]"] + [f"BODY.PEEK[{s.section}]<0.{limit}>" for s in sections]
         header = b""
         found: dict[str, bytes] = {}
-        with trio.fail_after(timeout):
+        with _time_limit(timeout, "IMAP UID FETCH (text parts)", _COMMAND_TIMEOUT):
             async for data in conn.uid_fetch([uid], items):
                 for name, value in data.sections.items():
                     if value is None:
@@ -591,6 +721,7 @@ class _FetchPipeline(_ChannelCore):
                         found[name.split("<", 1)[0]] = bytes(value)
         if not header:
             raise RemoteProtocolError(f"the server did not return the header of UID {uid}")
+        self._fetching = ()
         parts = [(s, found.get(s.section, b"")) for s in sections]
         raw = build_substitute(header, parts)
         [(_, parsed)] = await self._parse(uidvalidity, [(uid, raw)])
@@ -609,6 +740,13 @@ class _FetchPipeline(_ChannelCore):
                 limit=limit,
             )
         await self._admit(uidvalidity, [(uid, parsed)])
+
+    def _mark_cut(self, uidvalidity: int, uid: int, message: Message) -> Message:
+        key = MessageKey(self.account, self.folder, uidvalidity, uid)
+        if key not in self._cut:
+            return message
+        self._cut.discard(key)
+        return attrs.evolve(message, defects=tuple(sorted({*message.defects, OVERSIZE_DEFECT})))
 
     def _start_parse(
         self, uidvalidity: int, raws: list[tuple[int, bytes]], nursery: trio.Nursery
@@ -636,8 +774,14 @@ class _FetchPipeline(_ChannelCore):
             return
         pairs: list[tuple[MessageKey, str]] = []
         failed: dict[MessageKey, str] = {}
+        if self._cut:
+            parsed = [
+                (uid, self._mark_cut(uidvalidity, uid, item) if isinstance(item, Message) else item)
+                for uid, item in parsed
+            ]
         for uid, item in parsed:
             key = MessageKey(self.account, self.folder, uidvalidity, uid)
+            self._strikes.pop(key, None)
             if isinstance(item, Message):
                 pairs.append((key, item.message_id))
             else:
@@ -703,6 +847,7 @@ class _FetchPipeline(_ChannelCore):
                 if index:
                     await self._store.begin_handling(key)
                 await self._message_send.send(message)
+                self._progressed = True
         except BaseException:
             # Interrupted half-way: the rest of the group stays claimed, for the next
             # round's pending() to find.

@@ -5,12 +5,16 @@ UIDVALIDITY, re-fetches messages a previous run claimed but never finished, appl
 the first-start policy once per folder (and again after a UIDVALIDITY change), then
 repeats: flag finished messages ``\\Seen``, catch up with ``UID SEARCH UID last+1:*``
 through the fetch pipeline (:mod:`._fetch`), IDLE (or poll) until a push, a wake-up
-or the end of the window. IDLE is re-issued at least every ``min(idle_timeout_secs,
-keepalive_secs)`` and the whole cycle has a hard deadline, so a connection that died
+or the end of the window. IDLE is re-issued every ``config.idle_renewal_secs`` (the
+smaller of ``idle_timeout_secs`` and ``keepalive_secs``) and the whole cycle has a hard
+deadline, so a connection that died
 silently is detected and replaced; after a quiet window the folder is SELECTed again
 to notice a UIDVALIDITY change. Failures reconnect with exponential backoff and
-jitter (:class:`_Backoff`); refused credentials are retried only every
-:data:`AUTH_RETRY_SECONDS`.
+jitter (:class:`_Backoff`); a session that made progress (selected the folder,
+handed a message on, finished an IDLE cycle) was healthy, so the next retry starts
+from :data:`RECONNECT_INITIAL_SECONDS` again -- a flaky link that drops every few
+seconds must not push the delay to minutes. Connect failures back off fully, and
+refused credentials are retried only every :data:`AUTH_RETRY_SECONDS`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Final
 import trio
 
 from prxmail._log import log_event
-from prxmail.channel._core import _describe
+from prxmail.channel._core import _describe, _time_limit
 from prxmail.channel._fetch import _FetchPipeline
 from prxmail.config import FirstStart
 from prxmail.errors import (
@@ -46,8 +50,8 @@ from prxmail.imap import (
 
 # Reconnect backoff: the first retry after a failure comes after about this long, each
 # further failure doubles it up to the maximum; jitter takes up to half off so many
-# instances do not reconnect in lock-step. A session that stayed up this long is
-# "healthy" and resets the backoff.
+# instances do not reconnect in lock-step. A session that stayed up this long, or that
+# made progress, is "healthy" and resets the backoff.
 RECONNECT_INITIAL_SECONDS: Final = 1.0
 RECONNECT_MAX_SECONDS: Final = 300.0
 HEALTHY_SESSION_SECONDS: Final = 60.0
@@ -55,6 +59,8 @@ HEALTHY_SESSION_SECONDS: Final = 60.0
 # Refused credentials do not fix themselves: retry rarely (the operator may be rotating
 # a password) instead of hammering the server, which may lock the account.
 AUTH_RETRY_SECONDS: Final = 600.0
+
+_COMMAND_TIMEOUT: Final = "command_timeout_secs"
 
 
 class _Backoff:
@@ -95,6 +101,8 @@ class _Watcher(_FetchPipeline):
         try:
             while True:
                 started = trio.current_time()
+                self._progressed = False
+                self._fetching = ()
                 delay: float
                 try:
                     await self._session()
@@ -114,7 +122,9 @@ class _Watcher(_FetchPipeline):
                         error=str(exc),
                     )
                 except (PrxmailError, OSError, trio.TooSlowError) as exc:
-                    if trio.current_time() - started >= HEALTHY_SESSION_SECONDS:
+                    await self._fetch_failed(exc)
+                    healthy = trio.current_time() - started >= HEALTHY_SESSION_SECONDS
+                    if healthy or self._progressed:
                         backoff.reset()
                     delay = backoff.next_delay()
                     self._set_status(
@@ -145,18 +155,25 @@ class _Watcher(_FetchPipeline):
                 config.imap_port,
                 security=config.imap_security,
                 ssl_context=self._ssl_context,
+                # Nothing the channel fetches whole may exceed max_message_bytes (larger
+                # messages come as text parts cut at that size), so a literal over it is
+                # refused when announced instead of the framer's 256 MiB default.
+                max_literal_size=config.max_message_bytes,
             ) as conn:
                 scope.deadline = math.inf
                 try:
-                    with trio.fail_after(timeout):
+                    with _time_limit(timeout, "IMAP LOGIN and SELECT", _COMMAND_TIMEOUT):
                         await self._login.imap(conn)
                         box = await conn.select(self.folder)
+                    self._progressed = True
                     while True:  # again after each UIDVALIDITY change seen in session
                         box = await self._watch(conn, box)
                 finally:
                     scope.deadline = trio.current_time() + timeout
         if scope.cancelled_caught:
-            raise trio.TooSlowError("IMAP connect or logout timed out")
+            raise trio.TooSlowError(
+                f"IMAP connect or logout timed out after {timeout} s ({_COMMAND_TIMEOUT})"
+            )
 
     async def _watch(self, conn: IMAPConnection, box: MailboxState) -> MailboxState:
         """Watch the selected folder; return the new state when its UIDVALIDITY changed."""
@@ -182,13 +199,13 @@ class _Watcher(_FetchPipeline):
         if not mailbox.initialized:
             unseen = config.first_start is FirstStart.UNSEEN or changed
             if unseen:
-                with trio.fail_after(timeout):
+                with _time_limit(timeout, "IMAP UID SEARCH UNSEEN", _COMMAND_TIMEOUT):
                     uids = await conn.uid_search(Raw("UNSEEN"))
                 await self._process_uids(conn, uidvalidity, uids)
             if uidnext is not None:
                 mark = uidnext - 1
             else:
-                with trio.fail_after(timeout):
+                with _time_limit(timeout, "IMAP UID SEARCH ALL", _COMMAND_TIMEOUT):
                     everything = await conn.uid_search()
                 mark = max(everything, default=0)
             initialized = await self._store.mark_initialized(
@@ -218,7 +235,7 @@ class _Watcher(_FetchPipeline):
                 # Nothing happened for a whole window: SELECT again. Servers do not all
                 # tell a selected session that its folder was re-created (Dovecot keeps
                 # serving the old view), and a new UIDVALIDITY must not go unnoticed.
-                with trio.fail_after(timeout):
+                with _time_limit(timeout, "IMAP SELECT", _COMMAND_TIMEOUT):
                     fresh = await conn.select(self.folder)
                 if fresh.uidvalidity != uidvalidity:
                     return fresh
@@ -227,10 +244,21 @@ class _Watcher(_FetchPipeline):
     async def _catch_up(self, conn: IMAPConnection, uidvalidity: int) -> None:
         while True:
             last = self._high_water
-            with trio.fail_after(self.config.command_timeout_secs):
+            with _time_limit(self.config.command_timeout_secs, "IMAP UID SEARCH", _COMMAND_TIMEOUT):
                 found = await conn.uid_search("UID", SequenceSet(((last + 1, None),)))
-            # "UID n:*" always matches the highest UID, even when it is below n.
+            # "UID n:*" always matches the highest UID, even when it is below n: one
+            # such UID alone is the normal answer when nothing is new. Anything else at
+            # or below the mark is the server listing old mail as new; it is ignored
+            # (the mark says it was claimed already), but not silently.
             new = [uid for uid in found if uid > last]
+            old = [uid for uid in found if uid <= last]
+            if len(old) > 1 or (old and new):
+                log_event(
+                    logging.INFO,
+                    "server listed UIDs at or below the high-water mark; ignored",
+                    uids=",".join(map(str, old[:20])),
+                    high_water=last,
+                )
             if not new:
                 return
             await self._process_uids(conn, uidvalidity, new)
@@ -245,7 +273,7 @@ class _Watcher(_FetchPipeline):
                 return
 
     def _wait_window(self) -> float:
-        return float(min(self.config.idle_timeout_secs, self.config.keepalive_secs))
+        return float(self.config.idle_renewal_secs)
 
     async def _idle_once(self, conn: IMAPConnection) -> bool:
         """IDLE until a push, a wake-up or the end of the window.
@@ -257,7 +285,11 @@ class _Watcher(_FetchPipeline):
         window = self._wait_window()
         # The whole cycle has a hard deadline: if DONE is not answered in time the
         # connection is dead (a NAT box forgot it) and the TooSlowError reconnects.
-        with trio.fail_after(window + 2 * timeout):
+        with _time_limit(
+            window + 2 * timeout,
+            "IMAP IDLE cycle",
+            "idle renewal + 2 x command_timeout_secs",
+        ):
             async with conn.idle() as session:
                 with trio.move_on_after(window) as wait:
                     # Finished messages cancel this scope so their \Seen flags go out.
@@ -272,6 +304,7 @@ class _Watcher(_FetchPipeline):
                                 raise ConnectionBrokenError(f"server said BYE: {push.text}")
                     finally:
                         self._wake_scope = None
+        self._progressed = True
         return wait.cancelled_caught and trio.current_time() >= wait.deadline
 
     async def _poll_once(self, conn: IMAPConnection) -> bool:

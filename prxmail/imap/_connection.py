@@ -30,7 +30,9 @@
 # ConnectionBrokenError in one place, _transport_errors().
 #
 # Secrets: credentials go to the core as arguments and are never put into an error,
-# log line or repr; a server echoing the password back has it replaced by "***".
+# log line or repr; a server echoing the password back has it replaced by "***" --
+# in the NO to the login, and (the credentials are kept in a Redactor for the
+# connection's life) in every later BYE text, protocol-error excerpt and broken reason.
 #
 # Memory: responses are received in chunks of RECEIVE_SIZE; a large literal goes
 # straight into one preallocated buffer (see _framer.py), so fetching a 100 MB
@@ -48,6 +50,7 @@ import base64
 import collections
 import contextlib
 import enum
+import logging
 import re
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -59,6 +62,7 @@ import attrs
 import trio
 
 from prxmail import __version__
+from prxmail._log import log_event
 from prxmail._redact import Redactor
 from prxmail._tls import Security, shared_ssl_context, transport_errors
 from prxmail.errors import (
@@ -91,6 +95,7 @@ from prxmail.imap._events import (
     SequenceSet,
     StatusResponse,
     TaggedResponse,
+    UnknownResponse,
 )
 from prxmail.imap._framer import (
     DEFAULT_MAX_LINE_LENGTH,
@@ -323,6 +328,11 @@ class IMAPConnection:
         # the difference per event is what it cost on the wire.
         self._received = 0
         self._consumed = 0
+        # The credentials sent so far: a server may echo them back in a BYE or a
+        # malformed line, so every text this connection puts into an error goes
+        # through this redactor (_scrub), not only the NO to the login itself.
+        self._secrets: list[str] = []
+        self._redactor: Redactor | None = None
 
     # -- public state -------------------------------------------------------------------
 
@@ -393,6 +403,10 @@ class IMAPConnection:
             ConnectionBrokenError: broken or closed.
             LocalProtocolError: another command is running.
         """
+        error = self._proto.error
+        if error is not None and self._link not in (_Link.BROKEN, _Link.CLOSED):
+            # The core refuses everything after a protocol error; say so as broken.
+            self._transition(_Link.BROKEN, reason=self._scrub(f"RemoteProtocolError: {error}"))
         link = self._link
         if link is _Link.CLOSED:
             raise ConnectionBrokenError("the IMAP connection is closed")
@@ -435,8 +449,21 @@ class IMAPConnection:
         if isinstance(exc, trio.Cancelled):
             reason = "a command was cancelled (or timed out) before it completed"
         else:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = self._scrub(f"{type(exc).__name__}: {exc}")
         self._transition(_Link.BROKEN, reason=reason)
+
+    def _remember_secrets(self, secrets: Sequence[str]) -> None:
+        # LOGIN also passes "user password" (for the NO text); the password alone
+        # covers it, and an error that keeps the user name readable is more useful.
+        combined = {s for s in secrets if any(s.endswith(" " + t) for t in secrets if t)}
+        fresh = [s for s in secrets if s and s not in combined and s not in self._secrets]
+        if fresh:
+            self._secrets += fresh
+            self._redactor = Redactor(self._secrets)
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the credentials this connection sent."""
+        return text if self._redactor is None else self._redactor(text)
 
     # -- the interface FetchStream and IdleSession drive a command through --------------
 
@@ -491,14 +518,27 @@ class IMAPConnection:
         sends whatever the core released on the way."""
         proto = self._proto
         while True:
+            echoed: RemoteProtocolError | ConnectionBrokenError | None = None
             try:
                 event = proto.next_event()
             except RemoteProtocolError as exc:
+                text = str(exc)
+                clean = self._scrub(text)
                 if not proto.framer.eof:
-                    raise
-                raise ConnectionBrokenError(
-                    f"the server closed the connection in the middle of a response: {exc}"
-                ) from exc
+                    if clean == text:
+                        raise
+                    # The excerpt echoes a credential: only the redacted text leaves,
+                    # raised below so the original is not even its __context__.
+                    echoed = RemoteProtocolError(clean)
+                else:
+                    closed = ConnectionBrokenError(
+                        f"the server closed the connection in the middle of a response: {clean}"
+                    )
+                    if clean == text:
+                        raise closed from exc
+                    echoed = closed
+            if echoed is not None:
+                raise echoed
             if isinstance(event, NeedData):
                 await self._send_pending()  # e.g. a literal released by a "+"
                 with _transport_errors("receiving from the server failed"):
@@ -515,6 +555,8 @@ class IMAPConnection:
                 why = f" ({self._bye.text})" if self._bye is not None else ""
                 raise ConnectionBrokenError(f"the server closed the connection{why}")
             if isinstance(event, StatusResponse) and event.status == "BYE":
+                # Stored and returned redacted: its text ends up in errors and logs.
+                event = attrs.evolve(event, text=self._scrub(event.text))
                 self._bye = event
             return event, cost
 
@@ -544,6 +586,7 @@ class IMAPConnection:
         """
         await self._prepare(name)
         self._queue(name, args)  # local errors: nothing sent, not broken
+        self._remember_secrets(secrets)
         self._transition(_Link.BUSY, command=name)
         responses: list[Event] = []
         costs: list[int] = []
@@ -564,6 +607,8 @@ class IMAPConnection:
                     continue
                 kept += cost
                 _check_untagged_bytes(kept, name)
+                if _stray_code(event):
+                    continue  # charged to the budget above, but not kept
                 responses.append(event)
                 costs.append(cost)
                 self._cap_literals(MAX_UNTAGGED_BYTES_PER_COMMAND - kept)
@@ -1376,7 +1421,7 @@ class IdleSession:
                 self._ended = True
                 conn._transition(_Link.READY)
                 raise StopAsyncIteration
-            if _is_push(event):
+            if _is_push(event) and not _stray_code(event):
                 return event
 
     async def __aexit__(
@@ -1466,6 +1511,15 @@ def _command_error(command: str, event: TaggedResponse) -> IMAPCommandError:
     if event.status == "NO":
         return IMAPNoResponse(command, "NO", event.text, code)
     return IMAPBadResponse(command, "BAD", event.text, code)
+
+
+def _stray_code(event: Event) -> bool:
+    """Whether ``event`` is a stray response code on a line of its own (Exchange's
+    ``[COPYUID ...]`` during MOVE): logged at DEBUG and otherwise ignored."""
+    if isinstance(event, UnknownResponse) and event.name.startswith("["):
+        log_event(logging.DEBUG, "stray IMAP response code ignored", line=event.line[:200])
+        return True
+    return False
 
 
 def _is_push(event: Event) -> bool:

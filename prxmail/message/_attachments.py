@@ -15,7 +15,7 @@ import email.message
 import email.policy
 import re
 
-from prxmail.message._bounds import _ELIDED, MAX_MIME_DEPTH, MAX_MIME_PARTS
+from prxmail.message._bounds import MAX_MIME_DEPTH, MAX_MIME_PARTS, elided_size
 from prxmail.message._filenames import _part_filename, sanitize_filename
 from prxmail.message._mailparser import decoded_payload
 from prxmail.message._model import Attachment
@@ -31,14 +31,17 @@ def _base64_size(payload: str) -> int:
     return max(significant * 3 // 4 - min(padding, 2), 0)
 
 
-def _leaf_content(part: email.message.Message, max_bytes: int) -> tuple[int, bytes | None]:
-    """(size, content) of a non-multipart part, decoding only when within the limit."""
+def _leaf_content(
+    part: email.message.Message, max_bytes: int, token: str
+) -> tuple[int, bytes | None]:
+    """(size, content) of a non-multipart part, decoding only when within the limit;
+    ``token`` is this parse's elision-marker token."""
     payload = part.get_payload()
     if isinstance(payload, str):
         encoding = str(part.get("content-transfer-encoding", "")).strip().lower()
-        elided = _ELIDED.match(payload) if encoding == "base64" else None
-        if elided:
-            return int(elided.group(1)), None
+        elided = elided_size(payload, token) if encoding == "base64" else None
+        if elided is not None:
+            return elided, None
         if encoding == "base64" and len(payload) * 3 // 4 > max_bytes:
             # (len * 3 // 4 bounds the decoded size: counting is for larger ones.)
             estimate = _base64_size(payload)
@@ -56,7 +59,9 @@ def _leaf_content(part: email.message.Message, max_bytes: int) -> tuple[int, byt
     return len(data), (data if len(data) <= max_bytes else None)
 
 
-def _serialised_message(part: email.message.Message, max_bytes: int) -> tuple[int, bytes | None]:
+def _serialised_message(
+    part: email.message.Message, max_bytes: int, token: str
+) -> tuple[int, bytes | None]:
     """(size, content) of an attached message/*, as its serialised bytes."""
     payload = part.get_payload()
     try:
@@ -67,7 +72,7 @@ def _serialised_message(part: email.message.Message, max_bytes: int) -> tuple[in
                 if isinstance(sub, email.message.Message)
             )
         else:
-            return _leaf_content(part, max_bytes)
+            return _leaf_content(part, max_bytes, token)
     except Exception:
         return 0, None
     return len(data), (data if len(data) <= max_bytes else None)
@@ -82,7 +87,7 @@ def _content_type(part: email.message.Message) -> str:
 
 
 def _list_attachments(
-    root: email.message.Message, max_bytes: int, defects: set[str]
+    root: email.message.Message, max_bytes: int, defects: set[str], token: str
 ) -> tuple[Attachment, ...]:
     found: list[Attachment] = []
     stack: list[tuple[email.message.Message, int]] = [(root, 0)]
@@ -120,14 +125,14 @@ def _list_attachments(
                 continue
             if depth == 0:
                 continue
-            size, content = _serialised_message(part, max_bytes)
+            size, content = _serialised_message(part, max_bytes, token)
         else:
             is_body = content_type in ("text/plain", "text/html") and not named_or_attached
             if is_body or content_type.startswith("multipart/"):
                 # A multipart whose boundary was never found is one unparsed blob;
                 # its text is shown as the body, it is not an attachment.
                 continue
-            size, content = _leaf_content(part, max_bytes)
+            size, content = _leaf_content(part, max_bytes, token)
         found.append(
             Attachment(
                 filename=sanitize_filename(

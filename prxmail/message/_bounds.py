@@ -12,6 +12,7 @@ described exactly without being parsed. Nothing here imports a parser.
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Iterator
 
 # A MIME tree deeper than this is hostile ("multipart bomb"): real mail nests a few
@@ -169,7 +170,12 @@ ELIDE_FLOOR_BYTES = 64 * 1024
 _TEXT_BODY_TYPE = re.compile(rb"(?im)^content-type:[ \t]*text/(?:plain|html)\b")
 _BASE64_CTE = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*base64[ \t]*\r?$")
 _BASE64_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n \t"
-_ELIDED = re.compile(r"^\s*PRXMAILELIDED(\d{1,15})Z\s*$")
+# The marker carries a random token made for each parse (ELISION_TOKEN_BYTES), and is
+# honoured only with that token: a sender who writes "PRXMAILELIDED999999999Z" as a
+# base64 body must not make it report a 999,999,999-byte attachment.
+_ELIDED = re.compile(r"^\s*PRXMAILELIDED([0-9a-f]{32})(\d{1,15})Z\s*$")
+# 16 random bytes (32 hex digits): unguessable, and short next to any body it replaces.
+ELISION_TOKEN_BYTES = 16
 # The region is checked in slices so the check never copies more than this.
 _ELIDE_CHECK_CHUNK = 1024 * 1024
 
@@ -220,8 +226,35 @@ def _is_header_block(block: bytes) -> bool:
     return all(_HEADER_LINE.match(line) for line in lines)
 
 
-def _elide_large_base64(data: bytes, max_bytes: int) -> bytes:
-    """Replace large base64 (non-text) bodies by a size marker, without copying them."""
+def new_elision_token() -> str:
+    """A fresh token for one parse's elision markers (see :data:`_ELIDED`).
+
+    Returns:
+        :data:`ELISION_TOKEN_BYTES` random bytes as lower-case hex.
+    """
+    return secrets.token_hex(ELISION_TOKEN_BYTES)
+
+
+def elided_size(payload: str, token: str) -> int | None:
+    """The size recorded by this parse's marker, when ``payload`` is one.
+
+    Args:
+        payload: A base64 part's payload as the MIME parser saw it.
+        token: The token :func:`_elide_large_base64` wrote in this parse.
+
+    Returns:
+        The decoded size the marker stands for, or ``None`` when the payload is not
+        a marker of this parse (a forged one is an ordinary, tiny payload).
+    """
+    match = _ELIDED.match(payload)
+    if match is None or not secrets.compare_digest(match.group(1), token):
+        return None
+    return int(match.group(2))
+
+
+def _elide_large_base64(data: bytes, max_bytes: int, token: str) -> bytes:
+    """Replace large base64 (non-text) bodies by a size marker carrying ``token``,
+    without copying them."""
     floor = max(max_bytes, ELIDE_FLOOR_BYTES)
     if len(data) <= floor:
         return data
@@ -247,7 +280,7 @@ def _elide_large_base64(data: bytes, max_bytes: int) -> bytes:
         size = (end - start - spaces) * 3 // 4 - padding
         if size <= max_bytes:
             continue
-        pieces += [data[last:start], b"PRXMAILELIDED%dZ\r\n" % size]
+        pieces += [data[last:start], b"PRXMAILELIDED%s%dZ\r\n" % (token.encode(), size)]
         last = end
     if not pieces:
         return data

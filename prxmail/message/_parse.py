@@ -55,6 +55,7 @@ from prxmail.message._bounds import (
     _bound_header_section,
     _bound_part_count,
     _elide_large_base64,
+    new_elision_token,
 )
 from prxmail.message._headers import (
     _bounded_references,
@@ -151,7 +152,9 @@ def parse_message(raw: bytes, *, uid: int, uidvalidity: int, max_attachment_byte
     size = len(raw)
     data, trimmed = _bound_header_section(bytes(raw))
     data, cut = _bound_part_count(data)
-    data = _elide_large_base64(data, max_attachment_bytes)
+    # Per parse: only markers this parse wrote are read back as sizes.
+    token = new_elision_token()
+    data = _elide_large_base64(data, max_attachment_bytes, token)
     defects: set[str] = set()
     if trimmed:
         defects.add("header-section-trimmed")
@@ -223,7 +226,7 @@ def parse_message(raw: bytes, *, uid: int, uidvalidity: int, max_attachment_byte
         attachments: tuple[Attachment, ...] = ()
     else:
         try:
-            attachments = _list_attachments(root, max_attachment_bytes, defects)
+            attachments = _list_attachments(root, max_attachment_bytes, defects, token)
         except RecursionError:
             attachments = ()
             defects.add("mime-too-deep")

@@ -20,6 +20,14 @@ is what lets the client recover):
 * :meth:`stall` (now) and :meth:`stall_after` (after N bytes) stop forwarding
   silently: no bytes either way, no FIN, no RST; the sockets stay open until
   :meth:`close`. It is what a NAT box that forgot the mapping looks like to both ends.
+* :meth:`rewrite` (plain-text protocols) replaces a byte pattern in every chunk that
+  passes in one direction, on every connection from then on, until
+  :meth:`clear_rewrites`: a server that answers one message wrongly *every* time.
+  A pattern split across two reads is not matched: keep patterns short and unique.
+
+``source_host`` makes the upstream connections come from that loopback address (the
+test Dovecot lets LOGIN through in plain text only on a connection whose local and
+remote addresses are equal).
 
 Counters (:meth:`statistics`) say how many connections were accepted, cut and stalled.
 """
@@ -61,6 +69,7 @@ class ProxyStatistics:
     cuts: int
     stalls: int
     open: int
+    rewrites: int = 0
 
 
 @attrs.define
@@ -105,6 +114,7 @@ class _Conn:
                 if not data:
                     self.shut(rst=False)
                     return
+                data = self.proxy._rewrite(direction, data)
                 data, fire = self._apply_triggers(direction, data)
                 if data:
                     try:
@@ -191,10 +201,16 @@ class FaultProxy:
     Args:
         upstream_host: Where to connect for each accepted connection.
         upstream_port: Its port.
+        source_host: The local address upstream connections come from (default: any).
     """
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(
+        self, upstream_host: str, upstream_port: int, *, source_host: str | None = None
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self._source = (source_host, 0) if source_host is not None else None
+        self._rewrites: list[tuple[bytes, bytes, Direction]] = []
+        self._rewritten = 0
         self._lock = threading.Lock()
         self._conns: list[_Conn] = []
         self._closing = threading.Event()
@@ -229,7 +245,9 @@ class FaultProxy:
                 client.close()
                 continue
             try:
-                server = socket.create_connection(self.upstream, timeout=10)
+                server = socket.create_connection(
+                    self.upstream, timeout=10, source_address=self._source
+                )
                 server.settimeout(None)
             except OSError:
                 # Upstream down: the client sees its connection refused-like close.
@@ -256,6 +274,33 @@ class FaultProxy:
             # armed fault is not silently lost when the client closes on its own.
             if not self._closing.is_set():
                 self._pending.extend(leftover)
+
+    def _rewrite(self, direction: str, data: bytes) -> bytes:
+        with self._lock:
+            rules = list(self._rewrites)
+        for pattern, replacement, where in rules:
+            if where in (direction, "any") and pattern in data:
+                data = data.replace(pattern, replacement)
+                with self._lock:
+                    self._rewritten += 1
+        return data
+
+    def rewrite(self, pattern: bytes, replacement: bytes, direction: Direction = "down") -> None:
+        """Replace ``pattern`` by ``replacement`` in every chunk passing ``direction``,
+        on every connection, until :meth:`clear_rewrites`.
+
+        Raises:
+            ValueError: the pattern is empty or longer than :data:`CHUNK`.
+        """
+        if not 0 < len(pattern) <= CHUNK:
+            raise ValueError(f"pattern must be 1..{CHUNK} bytes")
+        with self._lock:
+            self._rewrites.append((pattern, replacement, direction))
+
+    def clear_rewrites(self) -> None:
+        """Stop rewriting."""
+        with self._lock:
+            self._rewrites.clear()
 
     def _count_stall(self) -> None:
         with self._lock:
@@ -369,6 +414,7 @@ class FaultProxy:
                 cuts=self._cuts,
                 stalls=self._stalls,
                 open=sum(1 for c in self._conns if not c.closed),
+                rewrites=self._rewritten,
             )
 
     def close(self) -> None:

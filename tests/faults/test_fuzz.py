@@ -24,6 +24,7 @@ runs them.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import tracemalloc
 from collections.abc import Iterable, Iterator
@@ -394,6 +395,9 @@ def peak_of(run: object, *args: object) -> tuple[int, BaseException | None]:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    # Shown with -s: the figures docs/reliability.md records.
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    print(f"fuzz peak {test}: {peak / 2**20:.1f} MiB traced")
     return peak, error
 
 

@@ -112,3 +112,40 @@ def test_stall_is_silent_and_new_connections_work() -> None:
         assert not ended.is_set()
         assert proxy.statistics().stalls == 1
         client.close()
+
+
+def test_rewrite_replaces_a_pattern_on_every_connection_until_cleared() -> None:
+    with sink_server() as (port, received, ended), FaultProxy("127.0.0.1", port) as proxy:
+        proxy.rewrite(b"secret", b"XXXXXXXXXX", "up")
+        client = connect(proxy)
+        client.sendall(b"a secret here")
+        assert client.recv(10) == b"ok"
+        proxy.clear_rewrites()
+        client.sendall(b" secret")
+        assert client.recv(10) == b"ok"
+        client.close()
+        assert ended.wait(5)
+        assert b"".join(received) == b"a XXXXXXXXXX here secret"
+        assert proxy.statistics().rewrites == 1
+
+
+def test_upstream_connections_come_from_the_source_host() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    peers: list[str] = []
+
+    def accept() -> None:
+        conn, peer = listener.accept()
+        peers.append(peer[0])
+        conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        with FaultProxy("127.0.0.1", port, source_host="127.0.0.3") as proxy:
+            client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            thread.join(timeout=5)
+            client.close()
+    finally:
+        listener.close()
+    assert peers == ["127.0.0.3"]

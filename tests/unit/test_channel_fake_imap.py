@@ -8,21 +8,34 @@ goes silent in the middle of IDLE (a NAT box that forgot it), a server without I
 from __future__ import annotations
 
 import functools
+import logging
 import re
-from collections.abc import Callable
+import resource
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 import trio
 
-from prxmail.channel import ChannelStatus, MailChannel, open_mail_channel
+from prxmail._log import get_logger
+from prxmail.channel import (
+    RECONNECT_INITIAL_SECONDS,
+    ChannelStatus,
+    MailChannel,
+    open_mail_channel,
+)
+from prxmail.channel import _watcher as channel_watcher
+from prxmail.channel._fetch import OVERSIZE_DEFECT, POISON_ATTEMPTS
 from prxmail.config import Config, parse_config
 from prxmail.state import MessageKey, MessageStatus, StateStore, account_key
 
 pytestmark = pytest.mark.timeout(60)
 
 UIDVALIDITY = 77
+# A hostile answer to a partial fetch of at most 1 MiB (issue 11 item 2: 250 MB).
+HUGE_LITERAL = 250 * 1000 * 1000
 
 
 def raw_message(uid: int, sender: str = "alice@example.com") -> bytes:
@@ -41,6 +54,18 @@ class FakeIMAP:
     seen: set[int] = attrs.field(factory=set)
     go_silent_in_idle: bool = False
     no_body: set[int] = attrs.field(factory=set)
+    # UIDs whose body FETCH response is malformed (a parser-refused response).
+    garbage_for: set[int] = attrs.field(factory=set)
+    # UIDs whose RFC822.SIZE is reported as this many bytes (a lying server).
+    size_lie: dict[int, int] = attrs.field(factory=dict)
+    # UIDs SEARCH lists but FETCH returns nothing for.
+    vanish: set[int] = attrs.field(factory=set)
+    # UIDs every UID SEARCH lists as well (old mail reported as new).
+    extra_search: list[int] = attrs.field(factory=list)
+    # UIDs whose body comes as a 250 MB literal (only its first MiB is sent).
+    huge_literal_for: set[int] = attrs.field(factory=set)
+    # Drop the connection as soon as IDLE starts (a flaky link).
+    drop_in_idle: bool = False
     commands: list[str] = attrs.field(factory=list)
     connections: int = 0
     reported: int = 0
@@ -121,16 +146,29 @@ class FakeIMAP:
                     match = re.search(r"UID ([0-9:*,]+)\s*$", command)
                     assert match is not None, line
                     found = self.uids_in(match.group(1))
+                    found = sorted({*found, *self.extra_search, *self.vanish})
                 await send("* SEARCH" + "".join(f" {u}" for u in found))
                 await send(f"{tag} OK searched")
             elif command.startswith("UID FETCH"):
                 spec = command.split()[2]
                 partial = re.search(r"BODY\.PEEK\[\]<0\.(\d+)>", command)
                 for seq, uid in enumerate(self.uids_in(spec), start=1):
+                    if uid in self.vanish:
+                        continue
                     raw = self.messages[uid]
                     items = [f"UID {uid}"]
                     if "RFC822.SIZE" in command:
-                        items.append(f"RFC822.SIZE {len(raw)}")
+                        items.append(f"RFC822.SIZE {self.size_lie.get(uid, len(raw))}")
+                    if "BODY.PEEK[]" in command and uid in self.huge_literal_for:
+                        head = f"* {seq} FETCH ({' '.join(items)} BODY[]<0> {{{HUGE_LITERAL}}}"
+                        await send(head.encode())
+                        await stream.send_all(b"x" * (1024 * 1024))
+                        while await read_line() is not None:
+                            pass  # the client refuses it and hangs up
+                        return
+                    if "BODY.PEEK[]" in command and uid in self.garbage_for:
+                        await send(f"* {seq} FETCH ({' '.join(items)} BODY[] ((( garbage")
+                        continue
                     if "BODYSTRUCTURE" in command:
                         items.append(
                             "BODYSTRUCTURE"
@@ -156,6 +194,9 @@ class FakeIMAP:
             elif command.startswith("IDLE"):
                 self.idle_starts.append(trio.current_time())
                 await send("+ idling")
+                if self.drop_in_idle:
+                    await stream.aclose()
+                    return
                 if self.go_silent_in_idle:
                     # Swallow everything from now on: the connection "died".
                     while await read_line() is not None:
@@ -268,7 +309,7 @@ async def test_silent_connection_is_detected_and_replaced(tmp_path: Path) -> Non
             with trio.fail_after(15):
                 await channel.status.wait_value(lambda s: s.reconnects >= 1)
             status: ChannelStatus = channel.status.value
-            assert "TooSlowError" in str(status.imap_error)
+            assert "TooSlowError: IMAP IDLE cycle timed out after 3 s" in str(status.imap_error)
             fake.go_silent_in_idle = False
             fake.add(1, raw_message(1))
             assert await receive(channel) == "fake 1"
@@ -563,3 +604,166 @@ async def test_small_hostile_mail_is_parsed_in_a_thread_under_the_parse_limiter(
     on_loop, borrowed = where[2]
     assert not on_loop
     assert 1 <= borrowed <= PARSE_THREADS
+
+
+class _Records(logging.Handler):
+    """Every record the prxmail logger emits, with its structured fields."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def fields(self, text: str) -> list[dict[str, object]]:
+        return [dict(getattr(r, "fields", {})) for r in self.records if text in r.getMessage()]
+
+
+@pytest.fixture
+def records() -> Iterator[_Records]:
+    handler = _Records()
+    logger = get_logger()
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+async def test_a_message_whose_fetch_always_breaks_is_failed_and_the_folder_moves_on(
+    tmp_path: Path, records: _Records
+) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)}, garbage_for={1})
+    state = tmp_path / "state"
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, state)
+        async with open_mail_channel(config) as channel:
+            with trio.fail_after(20):
+                message = await channel.receive()
+            assert message.subject == "fake 2"
+            await channel.mark_handled(message)
+        nursery.cancel_scope.cancel()
+    # One failure of the pair (then fetched one by one), POISON_ATTEMPTS of UID 1 alone,
+    # then the session that moves on.
+    assert fake.connections == 1 + POISON_ATTEMPTS + 1
+    with StateStore(state) as store:
+        key = MessageKey(account_key("bot@example.com", "127.0.0.1", port), "INBOX", UIDVALIDITY, 1)
+        failed = store.get_message(key)
+    assert failed is not None
+    assert failed.status is MessageStatus.FAILED
+    assert f"fetch failed {POISON_ATTEMPTS} times: RemoteProtocolError" in str(failed.reason)
+    [warning] = records.fields("its fetch failed the same way every time")
+    assert warning["uid"] == 1
+    assert warning["attempts"] == POISON_ATTEMPTS
+
+
+async def test_a_body_longer_than_its_rfc822_size_is_cut_and_marked_truncated(
+    tmp_path: Path, records: _Records
+) -> None:
+    raw = raw_message(1) + b"x" * 500 + b"\r\n"
+    fake = FakeIMAP(messages={1: raw}, size_lie={1: 120})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state")
+        async with open_mail_channel(config) as channel:
+            with trio.fail_after(10):
+                message = await channel.receive()
+        nursery.cancel_scope.cancel()
+    assert OVERSIZE_DEFECT in message.defects  # the handler's "truncated": true
+    assert "x" * 100 not in message.text
+    [warning] = records.fields("longer than its RFC822.SIZE")
+    assert warning == {"uid": 1, "size": 120, "received": len(raw)}
+
+
+async def test_the_channel_caps_literals_at_max_message_bytes(tmp_path: Path) -> None:
+    seen: list[int] = []
+    real = channel_watcher.open_imap_connection
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("max_literal_size", -1))
+        return real(*args, **kwargs)
+
+    fake = FakeIMAP(messages={1: raw_message(1)})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(channel_watcher, "open_imap_connection", spy)
+        async with trio.open_nursery() as nursery:
+            port = await start_fake(nursery, fake)
+            config = fake_config(port, tmp_path / "state", max_message_bytes=200_000)
+            async with open_mail_channel(config) as channel:
+                assert await receive(channel) == "fake 1"
+            nursery.cancel_scope.cancel()
+    assert seen
+    assert set(seen) == {200_000}
+
+
+async def test_skipped_uids_are_logged(tmp_path: Path, records: _Records) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2), 3: raw_message(3)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state")
+        async with open_mail_channel(config) as channel:
+            for _ in range(3):
+                await receive(channel)
+            fake.extra_search = [1, 2]  # old mail listed again
+            fake.vanish = {9}  # listed, never returned
+            fake.add(4, raw_message(4))
+            assert await receive(channel) == "fake 4"
+            await wait_until(lambda: bool(records.fields("treated as expunged")))
+        nursery.cancel_scope.cancel()
+    below = records.fields("at or below the high-water mark")
+    assert below
+    assert below[0]["uids"] == "1,2"
+    expunged = records.fields("treated as expunged")
+    assert expunged[0]["uids"] == "9"
+
+
+async def test_a_session_that_made_progress_resets_the_backoff(
+    tmp_path: Path, records: _Records
+) -> None:
+    fake = FakeIMAP(drop_in_idle=True)
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state")
+        async with open_mail_channel(config) as channel:
+            with trio.fail_after(15):
+                await channel.status.wait_value(lambda s: s.reconnects >= 5)
+        nursery.cancel_scope.cancel()
+    delays = [float(str(f["retry_in"])) for f in records.fields("reconnecting")]
+    assert len(delays) >= 5
+    # Every session logged in and selected: healthy, so no delay grows past the first.
+    assert max(delays) <= RECONNECT_INITIAL_SECONDS, delays
+
+
+def test_status_texts_and_stored_reasons_are_redacted() -> None:
+    from prxmail._log import redacting
+    from prxmail.channel._core import _describe
+
+    with redacting(["S3cr3tPassw0rd"]):
+        text = _describe(RuntimeError("server said: you sent bot S3cr3tPassw0rd"))
+    assert text == "RuntimeError: server said: you sent bot ***"
+
+
+async def test_a_250_mb_answer_to_a_1_mib_partial_fetch_is_refused_and_failed(
+    tmp_path: Path,
+) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)}, huge_literal_for={1})
+    state = tmp_path / "state"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, state)
+        async with open_mail_channel(config) as channel:
+            assert await receive(channel) == "fake 2"
+        nursery.cancel_scope.cancel()
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print(f"channel: 250 MB partial-fetch answer, peak RSS grew {grown_kib / 1024:.1f} MiB")
+    assert grown_kib < 64 * 1024  # refused when announced: nothing near 250 MB held
+    with StateStore(state) as store:
+        [failed] = store.messages_with_status(MessageStatus.FAILED)
+    assert failed.key.uid == 1
+    assert "literal" in str(failed.reason)

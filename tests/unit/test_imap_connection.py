@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -26,6 +27,7 @@ from prxmail.imap import (
     FetchData,
     FetchStream,
     IMAPConnection,
+    IMAPProtocol,
     MailboxState,
     Raw,
     Security,
@@ -1053,7 +1055,11 @@ async def run_lockstep(
             else:
                 async with opening as imap:
                     await body(imap)
-        return tracemalloc.get_traced_memory()[1]
+        peak = tracemalloc.get_traced_memory()[1]
+        # Shown with -s: the figures docs/reliability.md records.
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        print(f"connection peak {test}: {peak / 2**20:.1f} MiB traced")
+        return peak
     finally:
         tracemalloc.stop()
 
@@ -1539,3 +1545,102 @@ async def test_send_client_id_names_prxmail_only_when_the_server_has_id() -> Non
         assert await imap.send_client_id() is None
 
     await run(script_no_id, body_no_id)
+
+
+LONG_SECRET = "S3cr3tPassw0rd"
+
+
+async def login_long(peer: Peer) -> None:
+    await peer.expect(b"A0001 LOGIN alice " + LONG_SECRET.encode())
+    await peer.send(b"A0001 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+
+
+async def test_a_bye_echoing_the_password_is_redacted_in_every_error() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login_long(peer)
+        await peer.expect(b"A0002 NOOP")
+        await peer.send(f"* BYE you sent: alice {LONG_SECRET}\r\n".encode())
+        await peer.stream.aclose()
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", LONG_SECRET)
+        with pytest.raises(ConnectionBrokenError) as info:
+            await imap.noop()
+        assert "you sent" in str(info.value)
+        assert LONG_SECRET not in str(info.value)
+        with pytest.raises(ConnectionBrokenError) as later:
+            await imap.noop()
+        assert LONG_SECRET not in str(later.value)
+
+    await run(script, body)
+
+
+async def test_a_malformed_line_echoing_the_password_is_redacted() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login_long(peer)
+        await peer.expect(b"A0002 NOOP")
+        await peer.send(f"* 1 FETCH ({LONG_SECRET} (((\r\n".encode())
+        with pytest.raises((EOFError, trio.ClosedResourceError, trio.BrokenResourceError)):
+            await peer.line()
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", LONG_SECRET)
+        with pytest.raises(RemoteProtocolError) as info:
+            await imap.noop()
+        assert LONG_SECRET not in str(info.value)
+        assert LONG_SECRET not in repr(info.value)
+        assert info.value.__cause__ is None
+        assert info.value.__context__ is None or LONG_SECRET not in str(info.value.__context__)
+        with pytest.raises(ConnectionBrokenError) as later:
+            await imap.noop()
+        assert LONG_SECRET not in str(later.value)
+        await imap.aclose()
+
+    await run(script, body)
+
+
+async def test_stray_response_codes_are_ignored_in_commands_and_idle() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(GREETING)
+        await login(peer)
+        await peer.expect(b"A0002 NOOP")
+        await peer.send(b"* [COPYUID 1 2:3 4:5]\r\nA0002 OK done\r\n")
+        await peer.expect(b"A0003 SELECT INBOX")
+        await peer.send(b"A0003 OK done\r\n")
+        await peer.expect(b"A0004 IDLE")
+        await peer.send(b"+ idling\r\n* [COPYUID 1 2 3]\r\n* 4 EXISTS\r\n")
+        await peer.expect(b"DONE")
+        await peer.send(b"A0004 OK idle done\r\n")
+        await peer.logout(b"A0005")
+
+    async def body(imap: IMAPConnection) -> None:
+        await imap.login("alice", "secret")
+        assert await imap.noop() == ()
+        await imap.select()
+        async with imap.idle() as idle:
+            async for push in idle:
+                assert push == Exists(4)
+                break
+
+    await run(script, body)
+
+
+async def test_a_core_in_its_error_state_makes_the_connection_broken() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    proto = IMAPProtocol()
+    proto.receive_data(b"* OK ready\r\n")
+    proto.next_event()  # the greeting
+    proto.receive_data(b"* 1 FETCH (((\r\n")
+    with pytest.raises(RemoteProtocolError):
+        proto.next_event()
+    assert proto.error is not None
+    imap = IMAPConnection(client, encrypted=False, allow_plaintext_login=True, protocol=proto)
+    with pytest.raises(ConnectionBrokenError, match="RemoteProtocolError"):
+        await imap.noop()
+    assert imap.broken
+    with pytest.raises(ConnectionBrokenError):
+        await imap.capability()
+    await imap.aclose()
+    await server.aclose()

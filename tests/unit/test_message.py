@@ -36,7 +36,7 @@ from prxmail.message import (
     parse_message_ids,
     sanitize_filename,
 )
-from prxmail.message._bounds import _elide_large_base64
+from prxmail.message._bounds import _elide_large_base64, new_elision_token
 from prxmail.message._headers import _LINE_BREAKING, _SPACE_OR_CONTROL, _SURROGATE
 from prxmail.message._mailparser import (
     _fast_address_pairs,
@@ -748,10 +748,50 @@ def big_attachment_mail(payload: bytes, *, text_type: str = "application/octet-s
     )
 
 
+TOKEN = new_elision_token()
+
+
+def forged_marker_mail(marker: bytes) -> bytes:
+    return (
+        b"From: a@x.org\r\nContent-Type: multipart/mixed; boundary=BND\r\n\r\n"
+        b"--BND\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+        b"--BND\r\nContent-Type: application/octet-stream\r\n"
+        b'Content-Disposition: attachment; filename="f.bin"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + marker + b"\r\n--BND--\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        b"PRXMAILELIDED999999999Z",  # the marker as it was before it had a token
+        b"PRXMAILELIDED" + b"0" * 32 + b"999999999Z",  # a guessed token
+        b"PRXMAILELIDED" + TOKEN.encode() + b"999999999Z",  # another parse's token
+    ],
+)
+def test_a_forged_elision_marker_does_not_forge_an_attachment_size(marker: bytes) -> None:
+    [attachment] = parse(forged_marker_mail(marker), limit=1000).attachments
+    assert attachment.size < 100  # the marker text, decoded as base64, not 999,999,999
+    assert attachment.content is not None
+
+
+def test_a_forged_run_marker_is_delivered_verbatim() -> None:
+    # The fast path marks long base64-like runs with PRXMAILRUN<n>Z; text that holds
+    # that spelling itself must come out as written, not be swapped for another run.
+    run = (b"QUJD" * 19 + b"\r\n") * 60
+    raw = (
+        b"From: a@x.org\r\nContent-Type: text/plain\r\n\r\n"
+        b"PRXMAILRUN0Z PRXMAILRUN1Z\r\n" + run + b"end\r\n"
+    )
+    msg = parse(raw, limit=1000)
+    assert msg.text.startswith("PRXMAILRUN0Z PRXMAILRUN1Z\n")
+    assert msg.text.replace("\n", "").count("QUJD") == 19 * 60
+
+
 @pytest.mark.parametrize("length", [ELIDE_FLOOR_BYTES + 1, 3 * ELIDE_FLOOR_BYTES + 2])
 def test_large_attachment_is_described_exactly_without_content(length: int) -> None:
     raw = big_attachment_mail(bytes(range(256)) * (length // 256) + b"x" * (length % 256))
-    assert _elide_large_base64(raw, 1000) != raw  # cut before the MIME parser runs
+    assert _elide_large_base64(raw, 1000, TOKEN) != raw  # cut before the MIME parser runs
     msg = parse(raw, limit=1000)
     assert msg.text == "see attached"
     assert msg.size == len(raw)
@@ -761,7 +801,7 @@ def test_large_attachment_is_described_exactly_without_content(length: int) -> N
 def test_large_attachment_within_the_limit_keeps_its_content() -> None:
     payload = bytes(range(256)) * 1024
     raw = big_attachment_mail(payload)
-    assert _elide_large_base64(raw, len(payload)) == raw
+    assert _elide_large_base64(raw, len(payload), TOKEN) == raw
     assert parse(raw, limit=len(payload)).attachments[0].content == payload
 
 
@@ -771,7 +811,7 @@ def test_large_base64_text_body_is_always_delivered() -> None:
         b"From: a@x.org\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(text)
     )
-    assert _elide_large_base64(raw, 10) == raw
+    assert _elide_large_base64(raw, 10, TOKEN) == raw
     assert parse(raw, limit=10).text == text.decode()
 
 
@@ -792,7 +832,7 @@ def test_large_body_with_junk_in_its_base64_is_not_elided_but_still_bounded() ->
     raw = raw.replace(
         b"\r\n\r\n--BND--", b"\r\n\r\n" + encoded[:1000] + b"!junk!\n" + encoded[1000:] + b"--BND--"
     )
-    assert _elide_large_base64(raw, 10) == raw
+    assert _elide_large_base64(raw, 10, TOKEN) == raw
     [attachment] = parse(raw, limit=10).attachments
     assert attachment.content is None
     assert abs(attachment.size - len(payload)) < 16
