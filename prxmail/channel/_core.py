@@ -67,6 +67,10 @@ def _describe(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {exc}")
 
 
+# The setting a command timeout comes from, named in timeout errors.
+_COMMAND_TIMEOUT: Final = "command_timeout_secs"
+
+
 @contextlib.contextmanager
 def _time_limit(seconds: float, what: str, setting: str) -> Iterator[None]:
     """``trio.fail_after`` whose TooSlowError says what timed out and which limit.

@@ -44,6 +44,7 @@ import trio
 
 from prxmail._log import log_event
 from prxmail.channel._core import (
+    _COMMAND_TIMEOUT,
     _ChannelCore,
     _describe,
     _message_fields,
@@ -82,8 +83,6 @@ FIRST_FETCH_BYTES: Final = 1024 * 1024
 # identical one is the message itself, and every retry costs a reconnect, so waiting
 # longer only delays the mail behind it.
 POISON_ATTEMPTS: Final = 3
-
-_COMMAND_TIMEOUT: Final = "command_timeout_secs"
 
 
 # -- where a parse runs -----------------------------------------------------------------

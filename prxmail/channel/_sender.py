@@ -19,7 +19,7 @@ from typing import Final
 import trio
 
 from prxmail._log import log_event
-from prxmail.channel._core import _ChannelCore, _describe
+from prxmail.channel._core import _COMMAND_TIMEOUT, _ChannelCore, _describe, _time_limit
 from prxmail.compose import OutgoingMessage
 from prxmail.errors import (
     AuthenticationError,
@@ -85,7 +85,7 @@ class _Sender(_ChannelCore):
 
     async def _send_one(self, smtp: SMTPSender, item: OutboxItem) -> None:
         try:
-            with trio.fail_after(self.config.command_timeout_secs):
+            with _time_limit(self.config.command_timeout_secs, "SMTP send", _COMMAND_TIMEOUT):
                 result = await smtp.send_message(item.envelope_from, item.envelope_to, item.raw)
         except (PrxmailError, OSError, trio.TooSlowError) as exc:
             await self._record_send_failure(item, exc)
@@ -100,7 +100,11 @@ class _Sender(_ChannelCore):
         ]
         try:
             # One command timeout per message: the batch is one long exchange.
-            with trio.fail_after(self.config.command_timeout_secs * len(items)):
+            with _time_limit(
+                self.config.command_timeout_secs * len(items),
+                f"SMTP send of {len(items)} pipelined messages",
+                f"{len(items)} x {_COMMAND_TIMEOUT}",
+            ):
                 outcomes = await smtp.send_messages(messages)
         except LocalProtocolError:
             # One of them cannot go on the wire: send them one by one so that only

@@ -27,7 +27,7 @@ from typing import Final
 import trio
 
 from prxmail._log import log_event
-from prxmail.channel._core import _describe, _time_limit
+from prxmail.channel._core import _COMMAND_TIMEOUT, _describe, _time_limit
 from prxmail.channel._fetch import _FetchPipeline
 from prxmail.config import FirstStart
 from prxmail.errors import (
@@ -59,8 +59,6 @@ HEALTHY_SESSION_SECONDS: Final = 60.0
 # Refused credentials do not fix themselves: retry rarely (the operator may be rotating
 # a password) instead of hammering the server, which may lock the account.
 AUTH_RETRY_SECONDS: Final = 600.0
-
-_COMMAND_TIMEOUT: Final = "command_timeout_secs"
 
 
 class _Backoff:
