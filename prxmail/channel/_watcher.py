@@ -29,7 +29,7 @@ import trio
 from prxmail._log import log_event
 from prxmail.channel._core import _COMMAND_TIMEOUT, _describe, _time_limit
 from prxmail.channel._fetch import _FetchPipeline
-from prxmail.config import FirstStart
+from prxmail.config import AuthMethod, FirstStart
 from prxmail.errors import (
     AuthenticationError,
     ConnectionBrokenError,
@@ -115,7 +115,9 @@ class _Watcher(_FetchPipeline):
                     )
                     log_event(
                         logging.ERROR,
-                        "IMAP login refused: check username and password",
+                        "IMAP login refused: check username and password"
+                        if self.config.auth is AuthMethod.PASSWORD
+                        else "IMAP login refused: check the OAuth 2 settings (see error)",
                         retry_in=delay,
                         error=str(exc),
                     )

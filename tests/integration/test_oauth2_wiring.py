@@ -209,7 +209,10 @@ def test_serve_logs_a_revoked_refresh_token_clearly(
     path.write_text(oauth_text(mail_servers, pair, tmp_path))
     mail_servers.oauth.revoke((tmp_path / "refresh-token").read_text().strip())
     for proc in running_serve(path, "cat"):
-        proc.wait_log(r"IMAP login refused.*invalid_grant.*prxmail auth", timeout=30)
+        proc.wait_log(
+            r"IMAP login refused: check the OAuth 2 settings.*invalid_grant.*prxmail auth",
+            timeout=30,
+        )
         proc.terminate()
         assert_no_secret(mail_servers, proc.log())
 
