@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from prxmail import __version__
-from prxmail.cli import main
+from prxmail.cli import COMMANDS, main
+from prxmail.cli._serve import EXIT_CONFIG, EXIT_OK
 from prxmail.doctor import EXIT_BLOCKED as EXIT_FAILURE
-from prxmail.serve import EXIT_CONFIG, EXIT_OK
 
 GOOD = """\
 [channels_config.email]
@@ -338,3 +338,17 @@ def test_serve_stops_cleanly_on_signal(signum: signal.Signals, tmp_path: Path) -
     assert proc.returncode == EXIT_OK
     assert f"shutting down signal={signum.name}" in rest
     assert "Traceback" not in "".join(seen) + rest
+
+
+def test_every_command_in_the_table_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert COMMANDS, "the table is the only place subcommands come from"
+    for command in COMMANDS:
+        assert command.name in listed
+        assert command.help in listed
+        with pytest.raises(SystemExit) as info:
+            main([command.name, "--help"])
+        assert info.value.code == 0
+        assert command.description.split()[0] in capsys.readouterr().out
