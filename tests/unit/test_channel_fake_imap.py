@@ -10,14 +10,19 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
+from prxmail._tls import Security
 from prxmail.channel import ChannelStatus, MailChannel, open_mail_channel
+from prxmail.channel._watcher import IMAPConnector
 from prxmail.config import Config, parse_config
+from prxmail.imap import IMAPConnection, open_imap_stream
 from prxmail.state import MessageKey, MessageStatus, StateStore, account_key
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,6 +51,29 @@ class FakeIMAP:
     reported: int = 0
     idle_starts: list[float] = attrs.field(factory=list)
     new_mail: trio.Event = attrs.field(factory=trio.Event)
+    # Set (and replaced) whenever the fake's record changes, so a test can wait for a
+    # state without polling on a clock (the memory-stream tests freeze the clock).
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def _record_changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate`` holds for what the fake recorded; no clock involved."""
+        while not predicate():
+            await self.changed.wait()
+
+    def connector(self, nursery: trio.Nursery) -> IMAPConnector:
+        """A ``connect_imap`` for open_mail_channel: each session is a fresh memory
+        stream pair with this fake on the far end, so no socket and no real time."""
+
+        def connect() -> AbstractAsyncContextManager[IMAPConnection]:
+            client, server = trio.testing.memory_stream_pair()
+            nursery.start_soon(self.handle, server)
+            return open_imap_stream(client, security=Security.PLAIN)
+
+        return connect
 
     def caps(self) -> str:
         return "IMAP4rev1 LITERAL+" + (" IDLE" if self.idle else "")
@@ -68,7 +96,7 @@ class FakeIMAP:
             found.update(u for u in present if min(start, end) <= u <= max(start, end))
         return sorted(found)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
         # The client may drop the connection at any moment (that is what it does on
         # shutdown and after a timeout): that ends this session, not the server.
@@ -77,7 +105,7 @@ class FakeIMAP:
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # also from inside the IDLE nursery, wrapped in an ExceptionGroup
 
-    async def _session(self, stream: trio.SocketStream) -> None:
+    async def _session(self, stream: trio.abc.Stream) -> None:
         buf = b""
 
         async def send(line: str | bytes) -> None:
@@ -100,6 +128,7 @@ class FakeIMAP:
             if line is None:
                 return
             self.commands.append(line)
+            self._record_changed()
             tag, _, rest = line.partition(" ")
             command = rest.upper()
             if command.startswith("CAPABILITY"):
@@ -150,11 +179,13 @@ class FakeIMAP:
                 await send(f"{tag} OK fetched")
             elif command.startswith("UID STORE"):
                 self.seen.update(self.uids_in(command.split()[2]))
+                self._record_changed()
                 await send(f"{tag} OK stored")
             elif command.startswith("NOOP"):
                 await send(f"{tag} OK noop")
             elif command.startswith("IDLE"):
                 self.idle_starts.append(trio.current_time())
+                self._record_changed()
                 await send("+ idling")
                 if self.go_silent_in_idle:
                     # Swallow everything from now on: the connection "died".
@@ -219,6 +250,14 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
             await trio.sleep(0.05)
 
 
+async def channel_receive(channel: MailChannel) -> str:
+    """The next message's subject (marked handled), with no clock-based bound: the
+    frozen-clock tests rely on the module's pytest timeout for a hang instead."""
+    message = await channel.receive()
+    await channel.mark_handled(message)
+    return message.subject
+
+
 async def receive(channel: MailChannel) -> str:
     with trio.fail_after(10):
         message = await channel.receive()
@@ -226,36 +265,55 @@ async def receive(channel: MailChannel) -> str:
     return message.subject
 
 
-async def test_new_mail_during_idle_is_fetched_at_once_and_flagged_seen(tmp_path: Path) -> None:
+@pytest.fixture
+def frozen_clock() -> trio.testing.MockClock:
+    """Virtual time that moves only when a test jumps it: a timer that fires proves a
+    schedule, one that does not cannot be a slow machine. (Not the autojump clock:
+    the state store works in a thread, and autojump would leap over its calls.)"""
+    return trio.testing.MockClock()
+
+
+async def test_new_mail_during_idle_is_fetched_at_once_and_flagged_seen(
+    tmp_path: Path, frozen_clock: trio.testing.MockClock
+) -> None:
     fake = FakeIMAP(messages={1: raw_message(1)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
-            assert await receive(channel) == "fake 1"  # unseen on first start
-            with trio.fail_after(10):
-                await channel.status.wait_value(lambda s: s.imap == "idle")
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
+            assert await channel_receive(channel) == "fake 1"  # unseen on first start
+            await channel.status.wait_value(lambda s: s.imap == "idle")
             started = trio.current_time()
             fake.add(2, raw_message(2))
-            assert await receive(channel) == "fake 2"
-            # EXISTS -> search -> fetch -> you; without the push it would take the
-            # 300 s keepalive. (Usually ~20 ms; the bound leaves room for a loaded CI.)
-            assert trio.current_time() - started < 1.0
-            await wait_until(lambda: fake.seen == {1, 2})
+            assert await channel_receive(channel) == "fake 2"
+            # EXISTS -> search -> fetch -> you with the clock standing still: no timer
+            # (the 300 s keepalive, a poll) had to fire for it.
+            assert trio.current_time() == started
+            await fake.until(lambda: fake.seen == {1, 2})
         nursery.cancel_scope.cancel()
     assert not any("BODY[]" in c.upper() and "PEEK" not in c.upper() for c in fake.commands)
 
 
-async def test_idle_is_renewed_before_the_keepalive(tmp_path: Path) -> None:
+async def test_idle_is_renewed_before_the_keepalive(
+    tmp_path: Path, frozen_clock: trio.testing.MockClock
+) -> None:
     fake = FakeIMAP()
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", keepalive_secs=1)
-        async with open_mail_channel(config):
-            await wait_until(lambda: len(fake.idle_starts) >= 3)
+        config = fake_config(9, tmp_path / "state", keepalive_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)):
+            await fake.until(lambda: len(fake.idle_starts) == 1)
+            for renewals in range(1, 4):
+                # Until the channel has the server's "+" and waits in IDLE, its window
+                # has not started.
+                await trio.testing.wait_all_tasks_blocked()
+                # Binary fractions, so the two jumps add up to the window exactly.
+                frozen_clock.jump(0.75)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(fake.idle_starts) == renewals  # not before the window ends
+                frozen_clock.jump(0.25)
+                await fake.until(lambda n=renewals: len(fake.idle_starts) == n + 1)
         nursery.cancel_scope.cancel()
     gaps = [b - a for a, b in zip(fake.idle_starts, fake.idle_starts[1:], strict=False)]
-    assert all(0.9 < gap < 4.0 for gap in gaps), gaps  # window 1 s + one round trip
+    assert gaps == pytest.approx([1.0, 1.0, 1.0])  # exactly the window, in virtual time
     assert fake.connections == 1  # renewal, not reconnection
 
 
