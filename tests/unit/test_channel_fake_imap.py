@@ -1,4 +1,8 @@
-"""The channel's watcher against a scripted IMAP server on loopback.
+"""The channel's watcher against a scripted IMAP server, over memory streams.
+
+open_mail_channel's connect_imap= hands the watcher a fresh
+trio.testing.memory_stream_pair per session with the fake on the far end: no socket,
+and the tests that are about timing run on a frozen MockClock they jump by hand.
 
 Faults a real server will not produce on demand are injected here: a connection that
 goes silent in the middle of IDLE (a NAT box that forgot it), a server without IDLE
@@ -7,7 +11,6 @@ goes silent in the middle of IDLE (a NAT box that forgot it), a server without I
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -236,11 +239,10 @@ def fake_config(port: int, state_dir: Path, **extra: object) -> Config:
     return parse_config("\n".join(lines) + "\n")
 
 
-async def start_fake(nursery: trio.Nursery, fake: FakeIMAP) -> int:
-    listeners = await nursery.start(
-        functools.partial(trio.serve_tcp, fake.handle, 0, host="127.0.0.1")
-    )
-    return int(listeners[0].socket.getsockname()[1])
+async def fake_until(fake: FakeIMAP, predicate: Callable[[], bool]) -> None:
+    """Wait for a state of the fake, woken by its changes (no polling), bounded."""
+    with trio.fail_after(10):
+        await fake.until(predicate)
 
 
 async def wait_until(predicate: Callable[[], bool]) -> None:
@@ -320,9 +322,8 @@ async def test_idle_is_renewed_before_the_keepalive(
 async def test_silent_connection_is_detected_and_replaced(tmp_path: Path) -> None:
     fake = FakeIMAP(go_silent_in_idle=True)
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", keepalive_secs=1, command_timeout_secs=1)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", keepalive_secs=1, command_timeout_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             with trio.fail_after(15):
                 await channel.status.wait_value(lambda s: s.reconnects >= 1)
             status: ChannelStatus = channel.status.value
@@ -337,9 +338,8 @@ async def test_silent_connection_is_detected_and_replaced(tmp_path: Path) -> Non
 async def test_server_without_idle_is_polled(tmp_path: Path) -> None:
     fake = FakeIMAP(idle=False)
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", poll_interval_secs=1)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", poll_interval_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             with trio.fail_after(10):
                 await channel.status.wait_value(lambda s: s.imap == "polling")
             fake.add(5, raw_message(5))
@@ -353,9 +353,8 @@ async def test_server_without_idle_is_polled(tmp_path: Path) -> None:
 async def test_first_start_new_skips_existing_mail(tmp_path: Path) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", first_start='"new"')
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", first_start='"new"')
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             with trio.fail_after(10):
                 await channel.status.wait_value(lambda s: s.imap == "idle")
             fake.add(3, raw_message(3))
@@ -366,11 +365,10 @@ async def test_first_start_new_skips_existing_mail(tmp_path: Path) -> None:
 async def test_rejected_mail_is_not_delivered_nor_flagged(tmp_path: Path) -> None:
     fake = FakeIMAP(messages={1: raw_message(1, "mallory@example.com"), 2: raw_message(2)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 2"
-            await wait_until(lambda: 2 in fake.seen)
+            await fake_until(fake, lambda: 2 in fake.seen)
         nursery.cancel_scope.cancel()
     assert 1 not in fake.seen  # left unseen for a person to look at
 
@@ -392,11 +390,10 @@ async def test_a_message_that_breaks_the_parser_is_failed_not_retried_forever(
     monkeypatch.setattr(channel_module, "parse_message", flaky)
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", keepalive_secs=1)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", keepalive_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 2"
-            await wait_until(lambda: len(fake.idle_starts) >= 2)
+            await fake_until(fake, lambda: len(fake.idle_starts) >= 2)
             assert channel.status.value.reconnects == 0
         nursery.cancel_scope.cancel()
     assert calls.count(1) == 1
@@ -407,9 +404,8 @@ async def test_a_message_the_server_lists_but_does_not_return_is_not_skipped(
 ) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)}, no_body={1})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             # UID 2 must not be claimed past UID 1: the watcher reconnects (backing off).
             with trio.fail_after(10):
                 await channel.status.wait_value(lambda s: s.reconnects >= 2)
@@ -424,9 +420,8 @@ async def test_a_message_the_server_lists_but_does_not_return_is_not_skipped(
 async def test_reply_rate_limit_refuses_the_sender_beyond_the_limit(tmp_path: Path) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2), 3: raw_message(3)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", reply_rate_limit=2)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", reply_rate_limit=2)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 1"
             assert await receive(channel) == "fake 2"
             await wait_until(lambda: channel.statistics().rejected == 1)
@@ -445,14 +440,13 @@ async def test_required_authentication_results(tmp_path: Path) -> None:
     )
     fake = FakeIMAP(messages={1: forged, 2: verified})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
         config = fake_config(
-            port,
+            9,
             tmp_path / "state",
             require_authentication="true",
             authserv_id='"mx.example.com"',
         )
-        async with open_mail_channel(config) as channel:
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 2"
             assert channel.statistics().rejected == 1
         nursery.cancel_scope.cancel()
@@ -461,11 +455,10 @@ async def test_required_authentication_results(tmp_path: Path) -> None:
 async def test_mark_seen_false_never_changes_flags(tmp_path: Path) -> None:
     fake = FakeIMAP(messages={1: raw_message(1)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", mark_seen="false", keepalive_secs=1)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", mark_seen="false", keepalive_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 1"
-            await wait_until(lambda: len(fake.idle_starts) >= 2)
+            await fake_until(fake, lambda: len(fake.idle_starts) >= 2)
         nursery.cancel_scope.cancel()
     assert not any("STORE" in c.upper() for c in fake.commands)
     assert fake.seen == set()
@@ -480,12 +473,11 @@ async def test_a_backlog_larger_than_the_seen_buffer_is_flagged_in_full(
     count = 40
     fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", fetch_batch_size=5, reply_rate_limit=1000)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", fetch_batch_size=5, reply_rate_limit=1000)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             for uid in range(1, count + 1):
                 assert await receive(channel) == f"fake {uid}"
-            await wait_until(lambda: len(fake.seen) == count)
+            await fake_until(fake, lambda: len(fake.seen) == count)
         nursery.cancel_scope.cancel()
 
 
@@ -499,9 +491,8 @@ async def test_a_pushed_message_larger_than_the_first_fetch_comes_whole(
     assert len(small) < 200 < len(large)
     fake = FakeIMAP()
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             for uid, raw in ((1, small), (2, large)):
                 with trio.fail_after(10):
                     await channel.status.wait_value(lambda s: s.imap == "idle")
@@ -548,12 +539,11 @@ async def test_a_catch_up_parsed_in_threads_keeps_uid_order_and_fails_only_the_p
     count = 15
     fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
         state = tmp_path / "state"
-        config = fake_config(port, state, fetch_batch_size=4, reply_rate_limit=1000)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, state, fetch_batch_size=4, reply_rate_limit=1000)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             got = [await receive(channel) for _ in range(count - 1)]
-            await wait_until(lambda: len(fake.seen) == count - 1)
+            await fake_until(fake, lambda: len(fake.seen) == count - 1)
         nursery.cancel_scope.cancel()
     assert got == [f"fake {uid}" for uid in range(1, count + 1) if uid != 7]
     assert 7 not in fake.seen
@@ -608,9 +598,8 @@ async def test_small_hostile_mail_is_parsed_in_a_thread_under_the_parse_limiter(
     assert len(hostile) < 4096
     fake = FakeIMAP(messages={1: raw_message(1)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 1"
             with trio.fail_after(10):
                 await channel.status.wait_value(lambda s: s.imap == "idle")
