@@ -339,7 +339,10 @@ async def open_mail_channel(
 
     Raises:
         StateError: the state directory is in use by another process or unusable.
-        Any exception from the block itself, unwrapped (never an ExceptionGroup).
+        Any exception from the block itself, unwrapped. Never an ExceptionGroup:
+        when several things fail at once (the block and a task, or both tasks), the
+        block's own exception is raised, else the first task's; the others are
+        logged and named in a note on it.
     """
     source = rng or random.Random()  # noqa: S311 - jitter only
     retry = RetryPolicy(
