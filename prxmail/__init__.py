@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from prxmail.config import load_config as load_config
     from prxmail.config import parse_config as parse_config
     from prxmail.errors import AuthenticationError as AuthenticationError
+    from prxmail.errors import CommandRefusedError as CommandRefusedError
     from prxmail.errors import ConfigError as ConfigError
     from prxmail.errors import ConnectionBrokenError as ConnectionBrokenError
     from prxmail.errors import HandlerError as HandlerError
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from prxmail.errors import IMAPCommandError as IMAPCommandError
     from prxmail.errors import IMAPNoResponse as IMAPNoResponse
     from prxmail.errors import LocalProtocolError as LocalProtocolError
+    from prxmail.errors import ProtocolError as ProtocolError
     from prxmail.errors import PrxmailError as PrxmailError
     from prxmail.errors import RemoteProtocolError as RemoteProtocolError
     from prxmail.errors import SMTPPermanentError as SMTPPermanentError
@@ -47,6 +49,7 @@ __all__ = [
     "AuthenticationError",
     "ChannelStatistics",
     "ChannelStatus",
+    "CommandRefusedError",
     "Config",
     "ConfigError",
     "ConnectionBrokenError",
@@ -57,6 +60,7 @@ __all__ = [
     "LocalProtocolError",
     "MailChannel",
     "Message",
+    "ProtocolError",
     "PrxmailError",
     "RemoteProtocolError",
     "SMTPPermanentError",
@@ -85,6 +89,7 @@ _LOCATIONS: dict[str, str] = {
     "load_config": "prxmail.config",
     "parse_config": "prxmail.config",
     "AuthenticationError": "prxmail.errors",
+    "CommandRefusedError": "prxmail.errors",
     "ConfigError": "prxmail.errors",
     "ConnectionBrokenError": "prxmail.errors",
     "HandlerError": "prxmail.errors",
@@ -92,6 +97,7 @@ _LOCATIONS: dict[str, str] = {
     "IMAPCommandError": "prxmail.errors",
     "IMAPNoResponse": "prxmail.errors",
     "LocalProtocolError": "prxmail.errors",
+    "ProtocolError": "prxmail.errors",
     "PrxmailError": "prxmail.errors",
     "RemoteProtocolError": "prxmail.errors",
     "SMTPPermanentError": "prxmail.errors",

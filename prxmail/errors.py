@@ -28,8 +28,9 @@ tree separates *who* is at fault, following h11 and trio:
   Whether a refusal may succeed later is told by the subclass alone (there is no
   separate ``transient`` flag to disagree with it).
 * :class:`StateError` -- the durable state store cannot be used (in use by another
-  process, written by a newer prxmail, corrupt). Never papered over: running on
-  without durable state would break "nothing lost, nothing answered twice".
+  process, written by another prxmail version -- :class:`StateSchemaError` --,
+  corrupt). Never papered over: running on without durable state would break
+  "nothing lost, nothing answered twice".
 * :class:`HandlerError` -- an external handler command could not be run at all (not
   found, not executable, out of resources). A handler that runs and fails is not an
   error but a failed result; this one is not the message's fault, so the caller should
@@ -67,6 +68,7 @@ __all__ = [
     "SMTPReplyError",
     "SMTPTransientError",
     "StateError",
+    "StateSchemaError",
     "TLSError",
 ]
 
@@ -217,6 +219,24 @@ class StateError(PrxmailError):
     database was written by a newer prxmail (unknown schema version), or when SQLite
     reports the file as unusable.
     """
+
+
+class StateSchemaError(StateError):
+    """The state database has a schema version this prxmail does not read as it is.
+
+    An older database is migrated by the next start of the service (it opens the store
+    for writing); a newer one needs a newer prxmail. Read-only users (``prxmail
+    doctor``) tell the two apart by the attributes, not by the message.
+
+    Attributes:
+        found: The database's schema version.
+        supported: The version this prxmail reads and writes.
+    """
+
+    def __init__(self, message: str, *, found: int, supported: int) -> None:
+        self.found = found
+        self.supported = supported
+        super().__init__(message)
 
 
 class HandlerError(PrxmailError):

@@ -1,4 +1,7 @@
-"""The ``prxmail serve`` service: the mail channel plus an external handler command.
+"""The library runner: the mail channel plus an external handler command.
+
+Programs embed it with :func:`serve_mail_channel`; ``prxmail serve`` is its
+command-line runner (:mod:`prxmail.cli._serve`: configuration, signals, exit statuses).
 
 Theory of operation: :func:`serve_mail_channel` opens the channel
 (:func:`prxmail.channel.open_mail_channel`) and, for every accepted message, runs the

@@ -38,15 +38,26 @@ def _unavailable_reason() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def mail_servers(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[MailServers]:
-    """Running private Dovecot and Postfix on loopback, shared by the whole session."""
+def mail_server_machine() -> None:
+    """This machine can run the private Dovecot and Postfix (else skip, or fail in CI).
+
+    For the few tests that start an instance of their own (the harness's CLI, its
+    clean-up); every other integration test uses :func:`mail_servers`, which needs this.
+    """
     reason = _unavailable_reason()
     if reason is not None:
         if _in_ci():
             pytest.fail(f"mail servers unavailable in CI: {reason}", pytrace=False)
         pytest.skip(f"mail servers unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def mail_servers(
+    mail_server_machine: None,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[MailServers]:
+    """Running private Dovecot and Postfix on loopback, shared by the whole session."""
     failure: str | None = None
     try:
         servers = start_mail_servers()
@@ -84,3 +95,35 @@ def pytest_runtest_makereport(
         item.config.stash[_FAILED] = True
         report.sections.append(("mail server logs", servers.log_tails()))
     return report
+
+
+def mark_drift(items: list[pytest.Item]) -> list[str]:
+    """Tests whose ``integration`` mark disagrees with their use of the real servers.
+
+    The mark means "talks to the real servers", and ``-m "not integration"`` relies on
+    it: a server-free test carrying it is silently dropped from such runs (the core
+    fuzzing was, once), and a server test without it slows down and breaks them. Using
+    the servers means requesting ``mail_servers`` (or, for a test that starts its own
+    instance, ``mail_server_machine``, which ``mail_servers`` requests too).
+    """
+    drifted = []
+    for item in items:
+        marked = item.get_closest_marker("integration") is not None
+        uses = "mail_server_machine" in getattr(item, "fixturenames", ())
+        if marked and not uses:
+            drifted.append(f"{item.nodeid}: marked integration but uses no mail servers")
+        elif uses and not marked:
+            drifted.append(f"{item.nodeid}: uses the mail servers but is not marked integration")
+    return drifted
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse the run when the ``integration`` mark has drifted (before ``-m`` selects,
+    so the check holds whichever tests are selected)."""
+    drifted = mark_drift(items)
+    if drifted:
+        raise pytest.UsageError(
+            "the integration mark must match the use of the mail_servers fixture:\n  "
+            + "\n  ".join(drifted)
+        )

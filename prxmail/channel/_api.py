@@ -65,9 +65,9 @@ import attrs
 import trio
 
 from prxmail._log import log_event
-from prxmail.channel._core import collapse_exception_group
-from prxmail.channel._sender import _draft, _Sender
-from prxmail.channel._watcher import _Watcher
+from prxmail.channel._core import _describe, collapse_exception_group
+from prxmail.channel._sender import SMTPConnector, _draft, _Sender
+from prxmail.channel._watcher import IMAPConnector, _Watcher
 from prxmail.compose import compose_message, compose_reply
 from prxmail.config import Config
 from prxmail.errors import LocalProtocolError
@@ -105,8 +105,18 @@ class MailChannel(_Watcher, _Sender):
     :meth:`reply`, :meth:`mark_handled`, :meth:`mark_failed` or :meth:`release`.
     """
 
-    def __init__(self, config: Config, store: AsyncStateStore, *, rng: random.Random) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: AsyncStateStore,
+        *,
+        rng: random.Random,
+        connect_imap: IMAPConnector | None = None,
+        connect_smtp: SMTPConnector | None = None,
+    ) -> None:
         super().__init__(config, store, rng=rng)
+        self._connect_imap = connect_imap
+        self._connect_smtp = connect_smtp
 
     def statistics(self) -> ChannelStatistics:
         """Returns: counters of what the channel did since it opened."""
@@ -262,15 +272,66 @@ class MailChannel(_Watcher, _Sender):
         self._in_flight.clear()
 
 
+def _one_error(
+    group: BaseExceptionGroup[BaseException], prefer: BaseException | None
+) -> BaseException:
+    """Collapse a nursery's group to one exception, whatever it holds.
+
+    Cancellations aside, the group usually holds one error. When several tasks failed
+    at once (the watcher and the sender, or a task and the caller's block), the
+    caller's own exception wins, else the first; each other one is logged (through the
+    redacting log) and named in a note on the one raised, so none disappears.
+    """
+    collapsed = collapse_exception_group(group)
+    if not isinstance(collapsed, BaseExceptionGroup):
+        return collapsed
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending[:0] = exc.exceptions
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+    primary = next((exc for exc in leaves if exc is prefer), leaves[0])
+    for other in leaves:
+        if other is primary:
+            continue
+        log_event(
+            logging.ERROR,
+            "mail channel: another error at the same time",
+            error=_describe(other),
+            raised=type(primary).__name__,
+        )
+        # The type only: an error's text may hold what a server echoed.
+        primary.add_note(f"{type(other).__name__} was raised at the same time (logged)")
+    return primary
+
+
 @contextlib.asynccontextmanager
 async def open_mail_channel(
-    config: Config, *, rng: random.Random | None = None
+    config: Config,
+    *,
+    rng: random.Random | None = None,
+    connect_imap: IMAPConnector | None = None,
+    connect_smtp: SMTPConnector | None = None,
 ) -> AsyncIterator[MailChannel]:
     """Open the email channel: watch the mailbox, deliver accepted mail, send replies.
 
     Args:
         config: The validated configuration (see :func:`prxmail.config.load_config`).
         rng: Random source for backoff jitter (tests pass a seeded one).
+        connect_imap: Opens one IMAP session: a zero-argument callable returning an
+            async context manager that yields a greeted
+            :class:`~prxmail.imap.IMAPConnection` with TLS set up, not logged in
+            (the channel logs in and selects), and closes it on exit -- e.g.
+            ``lambda: open_imap_stream(stream, security=...)`` over a stream of your
+            own. Default: :func:`~prxmail.imap.open_imap_connection` to
+            ``imap_host``/``imap_port`` as configured.
+        connect_smtp: Opens one SMTP connection: a zero-argument async callable
+            returning an :class:`~prxmail.smtp.SMTPConnection` ready to send
+            (handshake done, logged in); the channel closes it. Called again for each
+            reconnect. Default: ``smtp_host``/``smtp_port`` with the configured login.
 
     Yields:
         The :class:`MailChannel`. Leaving the block stops both tasks; messages you
@@ -278,7 +339,10 @@ async def open_mail_channel(
 
     Raises:
         StateError: the state directory is in use by another process or unusable.
-        Any exception from the block itself, unwrapped (never an ExceptionGroup).
+        Any exception from the block itself, unwrapped. Never an ExceptionGroup:
+        when several things fail at once (the block and a task, or both tasks), the
+        block's own exception is raised, else the first task's; the others are
+        logged and named in a note on it.
     """
     source = rng or random.Random()  # noqa: S311 - jitter only
     retry = RetryPolicy(
@@ -286,22 +350,28 @@ async def open_mail_channel(
         max_delay=float(config.smtp_retry_max_secs),
     )
     collapsed: BaseException
+    body_error: BaseException | None = None
     try:
         async with open_state_store(config.state_dir, retry_policy=retry, rng=source) as store:
-            channel = MailChannel(config, store, rng=source)
+            channel = MailChannel(
+                config, store, rng=source, connect_imap=connect_imap, connect_smtp=connect_smtp
+            )
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(channel._run_sender)
                     await nursery.start(channel._run_watcher)
                     try:
                         yield channel
+                    except BaseException as exc:
+                        body_error = exc
+                        raise
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
                     await channel._release_in_flight()
     except BaseExceptionGroup as group:
-        collapsed = collapse_exception_group(group)
+        collapsed = _one_error(group, body_error)
     else:
         return
     # Raised outside the except block so the group does not become its __context__.

@@ -10,10 +10,12 @@ pass, so a lost wake-up costs at most that delay. Nothing it does blocks the wat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Final
 
 import trio
@@ -28,7 +30,13 @@ from prxmail.errors import (
     PrxmailError,
     SMTPPermanentError,
 )
-from prxmail.smtp import MailTransaction, SendResult, SMTPSender, open_smtp_sender
+from prxmail.smtp import (
+    MailTransaction,
+    SendResult,
+    SMTPConnection,
+    SMTPSender,
+    open_smtp_sender,
+)
 from prxmail.state import OutboxDraft, OutboxItem
 
 # Outbox items sent per state-store query; each holds its raw message in memory.
@@ -54,20 +62,33 @@ def _outbox_fields(item: OutboxItem) -> dict[str, object]:
     return {"outbox_id": item.id, "message_id": item.message_id, "to": ",".join(item.envelope_to)}
 
 
+# Opens a new SMTP connection ready to send (handshake done, logged in); the sender
+# closes it. open_mail_channel's connect_smtp= replaces the real one, e.g. with a
+# scripted peer over a memory stream in tests.
+SMTPConnector = Callable[[], Awaitable[SMTPConnection]]
+
+
 class _Sender(_ChannelCore):
     """The sender task of a channel (see the module comment)."""
+
+    _connect_smtp: SMTPConnector | None = None
 
     async def _run_sender(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self.config
-        async with open_smtp_sender(
-            config.smtp_host,
-            config.smtp_port,
-            authenticate=self._login.smtp,
-            security=config.smtp_security,
-            ssl_context=self._ssl_context,
-        ) as smtp:
+        opened: AbstractAsyncContextManager[SMTPSender]
+        if self._connect_smtp is not None:
+            opened = contextlib.aclosing(SMTPSender(self._connect_smtp))
+        else:
+            opened = open_smtp_sender(
+                config.smtp_host,
+                config.smtp_port,
+                authenticate=self._login.smtp,
+                security=config.smtp_security,
+                ssl_context=self._ssl_context,
+            )
+        async with opened as smtp:
             task_status.started()
             while True:
                 generation = self._outbox_generation.value

@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Final
 
 import trio
@@ -77,8 +79,31 @@ class _Backoff:
         self.failures = 0
 
 
+# Opens one IMAP session: a greeted connection, TLS set up, not logged in yet; closed
+# (logged out) when the block ends. open_mail_channel's connect_imap= replaces the
+# real opener, e.g. with open_imap_stream over a scripted peer in tests.
+IMAPConnector = Callable[[], AbstractAsyncContextManager[IMAPConnection]]
+
+
 class _Watcher(_FetchPipeline):
     """The watcher task of a channel (see the module comment)."""
+
+    _connect_imap: IMAPConnector | None = None
+
+    def _open_imap(self) -> AbstractAsyncContextManager[IMAPConnection]:
+        if self._connect_imap is not None:
+            return self._connect_imap()
+        config = self.config
+        return open_imap_connection(
+            config.imap_host,
+            config.imap_port,
+            security=config.imap_security,
+            ssl_context=self._ssl_context,
+            # Nothing the channel fetches whole may exceed max_message_bytes (larger
+            # messages come as text parts cut at that size), so a literal over it is
+            # refused when announced instead of the framer's 256 MiB default.
+            max_literal_size=config.max_message_bytes,
+        )
 
     async def _run_watcher(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -150,16 +175,7 @@ class _Watcher(_FetchPipeline):
         # the session runs the deadline is lifted (each command has its own).
         scope = trio.CancelScope(deadline=trio.current_time() + timeout)
         with scope:
-            async with open_imap_connection(
-                config.imap_host,
-                config.imap_port,
-                security=config.imap_security,
-                ssl_context=self._ssl_context,
-                # Nothing the channel fetches whole may exceed max_message_bytes (larger
-                # messages come as text parts cut at that size), so a literal over it is
-                # refused when announced instead of the framer's 256 MiB default.
-                max_literal_size=config.max_message_bytes,
-            ) as conn:
+            async with self._open_imap() as conn:
                 scope.deadline = math.inf
                 try:
                     with _time_limit(timeout, "IMAP LOGIN and SELECT", _COMMAND_TIMEOUT):

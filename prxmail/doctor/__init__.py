@@ -6,7 +6,8 @@ The doctor walks the path the service takes and stops each protocol at the first
 that fails, because every later step depends on it. The steps are:
 
 * ``config`` -- the file loads (every problem with its key path, from
-  :func:`~prxmail.config.load_config`).
+  :func:`~prxmail.config.load_config`, which reads the file and the files it names,
+  such as ``tls_ca_file``; it runs in a worker thread, off the event loop).
 * ``imap.*`` -- ``dns``, ``tcp``, ``tls``, ``greeting``, ``capabilities``, ``login``,
   ``folder``, ``idle``. With implicit TLS the ``tls`` step runs before the greeting;
   with STARTTLS it runs after it (the upgrade); in plain mode it only warns.
@@ -20,8 +21,17 @@ The IMAP and SMTP chains run concurrently in one nursery. Every network step run
 under its own short timeout (the caller owns timeouts, so the doctor is the caller
 here), so a run against hosts that never answer still ends in seconds. No step lets an
 exception escape: each failure becomes a FAIL result with the cause and the fix in
-plain words, and later steps of the same chain become SKIP. The password never
-appears in the output: every text of every result passes through a redactor.
+plain words, and later steps of the same chain become SKIP. Severity and advice are
+decided from the error's type and attributes (the refusal behind an
+:class:`~prxmail.errors.AuthenticationError`, IMAP response codes, SMTP reply codes),
+never by matching its text. The password never appears in the output: every text of
+every result passes through the one :class:`~prxmail._redact.Redactor` built from
+:func:`~prxmail._redact.config_secrets`, as the service's log does.
+
+Exit statuses (:attr:`DoctorReport.exit_status`): 0 when nothing blocks the channel
+(warnings allowed), 1 when a step after ``config`` failed, 2 when the ``config`` step
+failed (nothing else could be checked) -- the same 2 that ``prxmail serve`` uses for
+a configuration it cannot start with.
 
 The package, by module: ``_report`` (the result model, limits, the chain of steps),
 ``_network`` (DNS, TCP, TLS diagnosis), ``_imap`` and ``_smtp`` (the protocol
@@ -31,6 +41,7 @@ and ``_render`` (the text output).
 
 from prxmail.doctor._render import render_text as render_text
 from prxmail.doctor._report import EXIT_BLOCKED as EXIT_BLOCKED
+from prxmail.doctor._report import EXIT_CONFIG as EXIT_CONFIG
 from prxmail.doctor._report import EXIT_OK as EXIT_OK
 from prxmail.doctor._report import DoctorReport as DoctorReport
 from prxmail.doctor._report import Status as Status
@@ -41,6 +52,7 @@ from prxmail.doctor._run import run_doctor as run_doctor
 
 __all__ = [
     "EXIT_BLOCKED",
+    "EXIT_CONFIG",
     "EXIT_OK",
     "DoctorReport",
     "Status",

@@ -36,6 +36,7 @@ from prxmail.doctor._report import (
 )
 from prxmail.errors import (
     AuthenticationError,
+    IMAPBadResponse,
     IMAPCommandError,
     PrxmailError,
     TLSError,
@@ -236,6 +237,39 @@ async def _imap_capabilities_step(chain: _Chain, conn: IMAPConnection, timeouts:
     return chain.add("imap.capabilities", Status.PASS, _imap_capabilities(caps))
 
 
+# RFC 5530 response codes on a refused login that mean something other than "wrong
+# username or password", with the advice each one needs.
+_IMAP_REFUSAL_HINTS: Final = {
+    "UNAVAILABLE": "the server's login service is down for now (not a password problem);"
+    " try again later",
+    "EXPIRED": "the password (or the account) has expired: set a new one with the"
+    " provider, then update the configuration",
+    "PRIVACYREQUIRED": "the server wants an encrypted connection for logins: use"
+    " imap_security = 'tls' (port 993) or 'starttls' (port 143)",
+    "CONTACTADMIN": "the server says the account needs its administrator's attention",
+}
+
+
+def _imap_refusal(exc: AuthenticationError, username: str) -> tuple[str, str]:
+    """Summary and hint for a refused IMAP login, from the error's code and cause."""
+    if exc.code == "LOGINDISABLED":
+        return (
+            "the server refuses LOGIN on an unencrypted connection (LOGINDISABLED)",
+            "use imap_security = 'starttls' (port 143) or 'tls' (port 993)",
+        )
+    said = _server_text(exc.server_text)
+    code = f"[{exc.code}] " if exc.code else ""
+    if isinstance(exc.__cause__, IMAPBadResponse):
+        # BAD: the command itself was not accepted, so the password was never judged.
+        return (
+            f"the server did not accept the LOGIN command: {code}{said}".rstrip(": "),
+            "the server does not take LOGIN in this form; check imap_host and imap_port"
+            " (is this the provider's IMAP server?)",
+        )
+    summary = f"authentication failed for {username}: {code}{said}".rstrip(": ")
+    return summary, _IMAP_REFUSAL_HINTS.get(exc.code or "", _LOGIN_HINT)
+
+
 async def _imap_login(
     chain: _Chain, conn: IMAPConnection, config: Config, timeouts: Timeouts, login: AccountLogin
 ) -> bool:
@@ -269,21 +303,9 @@ async def _imap_login(
                 detail=_preset_hints(config),
                 hint=_OAUTH2_LOGIN_HINT,
             )
-        if exc.code == "LOGINDISABLED":
-            return chain.add(
-                "imap.login",
-                Status.FAIL,
-                "the server refuses LOGIN on an unencrypted connection (LOGINDISABLED)",
-                hint="use imap_security = 'starttls' (port 143) or 'tls' (port 993)",
-            )
-        said = _server_text(exc.server_text)
-        code = f"[{exc.code}] " if exc.code else ""
+        summary, hint = _imap_refusal(exc, config.username)
         return chain.add(
-            "imap.login",
-            Status.FAIL,
-            f"authentication failed for {config.username}: {code}{said}".rstrip(": "),
-            detail=_preset_hints(config),
-            hint=_LOGIN_HINT,
+            "imap.login", Status.FAIL, summary, detail=_preset_hints(config), hint=hint
         )
     except TLSError as exc:
         return chain.add(

@@ -12,9 +12,7 @@ from pathlib import Path
 
 from prxmail.config import Config
 from prxmail.doctor._report import Status, StepResult
-from prxmail.errors import (
-    StateError,
-)
+from prxmail.errors import StateError, StateSchemaError
 from prxmail.state import DB_FILENAME, StateStore, account_key
 
 
@@ -109,14 +107,27 @@ def _check_state_db(config: Config) -> StepResult:
     try:
         with StateStore(config.state_dir, read_only=True) as store:
             stats = store.statistics()
-    except StateError as exc:
-        text = str(exc)
-        status = Status.WARN if "run prxmail serve once" in text else Status.FAIL
+    except StateSchemaError as exc:
+        if exc.found < exc.supported:
+            # Not damage: the service migrates an older database when it next starts.
+            return StepResult(
+                name,
+                Status.WARN,
+                f"the state database cannot be read yet: {exc}",
+                hint="prxmail serve upgrades it when it next starts; nothing is lost",
+            )
         return StepResult(
             name,
-            status,
-            f"the state database cannot be read: {text}",
-            hint="" if status is Status.WARN else "restore it from a backup or move it aside",
+            Status.FAIL,
+            f"the state database cannot be read: {exc}",
+            hint="it was written by a newer prxmail: upgrade prxmail on this machine",
+        )
+    except StateError as exc:
+        return StepResult(
+            name,
+            Status.FAIL,
+            f"the state database cannot be read: {exc}",
+            hint="restore it from a backup or move it aside",
         )
     account = account_key(config.username, config.imap_host, config.imap_port)
     mine = [m for m in stats.mailboxes if m.account == account]

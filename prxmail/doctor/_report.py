@@ -16,11 +16,13 @@ from typing import Any, Final
 
 import attrs
 
-from prxmail._redact import Redactor, config_secrets
-from prxmail.config import Config
+from prxmail._redact import Redactor
 
+# Exit statuses, as ``prxmail serve`` uses them: 2 means "fix the configuration file
+# first" (nothing else could be checked), 1 means something else blocks the channel.
 EXIT_OK: Final = 0
 EXIT_BLOCKED: Final = 1
+EXIT_CONFIG: Final = 2
 
 # Step timeouts. Each bounds one step, so a run against hosts that never answer ends
 # in well under a minute, and normally in about a second. Resolvers retry for 5 s
@@ -126,7 +128,15 @@ class DoctorReport:
 
     @property
     def exit_status(self) -> int:
-        """:data:`EXIT_OK` or :data:`EXIT_BLOCKED`."""
+        """The process exit status of ``prxmail doctor`` for this report.
+
+        Returns:
+            :data:`EXIT_CONFIG` (2) when the ``config`` step failed (the file is
+            missing, unreadable or invalid), :data:`EXIT_BLOCKED` (1) when another step
+            failed, :data:`EXIT_OK` (0) otherwise (warnings do not block).
+        """
+        if any(s.name == "config" and s.status is Status.FAIL for s in self.steps):
+            return EXIT_CONFIG
         return EXIT_OK if self.ok else EXIT_BLOCKED
 
     def step(self, name: str) -> StepResult:
@@ -163,13 +173,6 @@ class Timeouts:
 
 
 # -- secrets ----------------------------------------------------------------------------
-
-
-def _redactor(config: Config) -> Redactor:
-    """Removes every secret of the configuration in every form it goes on the wire
-    (:func:`prxmail._redact.config_secrets`: passwords with their SASL PLAIN payloads,
-    OAuth 2 client secret and refresh token)."""
-    return Redactor(config_secrets(config))
 
 
 def _redact_step(redact: Redactor, step: StepResult) -> StepResult:

@@ -1,9 +1,10 @@
 """Running the doctor: both chains concurrently, the local checks, the output.
 
-Theory of operation: :func:`run_checks` loads the config, then runs the IMAP and SMTP
-chains in one nursery, each under :data:`~._report.CHAIN_TIMEOUT`; every check is
-guarded, so a bug in one becomes a FAIL result instead of a crash.
-:func:`run_doctor` prints the report (text or JSON) and returns the exit status.
+Theory of operation: :func:`run_checks` loads the config in a worker thread, then
+runs the IMAP and SMTP chains in one nursery, each under
+:data:`~._report.CHAIN_TIMEOUT`; every check is guarded, so a bug in one becomes a
+FAIL result instead of a crash. :func:`run_doctor` prints the report (text or JSON)
+and returns the exit status.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TextIO
 import trio
 
 from prxmail._login import AccountLogin
+from prxmail._redact import Redactor, config_secrets
 from prxmail._tls import shared_ssl_context
 from prxmail.config import Config, load_config
 from prxmail.doctor._imap import _imap_chain, _imap_names
@@ -36,7 +38,6 @@ from prxmail.doctor._report import (
     Timeouts,
     _Chain,
     _redact_step,
-    _redactor,
 )
 from prxmail.doctor._smtp import _smtp_chain, _smtp_names
 from prxmail.errors import (
@@ -56,7 +57,9 @@ async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> 
     """
     limits = timeouts if timeouts is not None else Timeouts()
     try:
-        config = load_config(config_path)
+        # Loading reads the file and the files it names (password_file, tls_ca_file)
+        # and parses certificates: slow disk work that must not block the event loop.
+        config = await trio.to_thread.run_sync(load_config, config_path)
     except ConfigError as exc:
         return DoctorReport(
             str(config_path),
@@ -70,7 +73,7 @@ async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> 
                 ),
             ),
         )
-    redact = _redactor(config)
+    redact = Redactor(config_secrets(config))
     # One login (and one token source) for every check, as in the service: the token
     # the OAuth 2 chain gets is the one the IMAP and SMTP logins use.
     login = AccountLogin(config, shared_ssl_context(config.tls_ca_file))
@@ -87,6 +90,8 @@ async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> 
         nursery.start_soon(
             _guarded, functools.partial(_smtp_chain, login=login), config, limits, smtp
         )
+    # SQLite reads (and a busy database's wait) stay off the event loop too.
+    state_db = await trio.to_thread.run_sync(_check_state_db, config)
     steps = [
         _config_step(config_path, config),
         *oauth2.finish(),
@@ -95,7 +100,7 @@ async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> 
         _check_from_address(config),
         _check_policy(config),
         _check_state_dir(config.state_dir),
-        _check_state_db(config),
+        state_db,
     ]
     return DoctorReport(str(config_path), tuple(_redact_step(redact, s) for s in steps))
 
@@ -137,7 +142,9 @@ def run_doctor(config_path: Path, *, as_json: bool, out: TextIO) -> int:
         out: Where to print.
 
     Returns:
-        0 when nothing blocks the channel, 1 otherwise.
+        The exit status: 0 when nothing blocks the channel (warnings allowed), 1 when
+        a step after ``config`` failed, 2 when the ``config`` step failed (the file is
+        missing, unreadable or invalid, so nothing else was checked).
     """
     report = trio.run(run_checks, config_path)
     if as_json:

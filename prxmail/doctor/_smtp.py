@@ -7,6 +7,8 @@ is tried with the configured credentials (the message is never sent).
 
 from __future__ import annotations
 
+from typing import Final
+
 import trio
 
 from prxmail._login import AccountLogin
@@ -24,7 +26,8 @@ from prxmail.doctor._report import _LOGIN_HINT, Status, Timeouts, _Chain, _serve
 from prxmail.errors import (
     AuthenticationError,
     PrxmailError,
-    SMTPReplyError,
+    SMTPPermanentError,
+    SMTPTransientError,
     TLSError,
 )
 from prxmail.oauth2 import OAuth2Error
@@ -141,6 +144,32 @@ async def _smtp_ehlo(
     return chain.add("smtp.ehlo", Status.PASS, _describe_extensions(ext))
 
 
+# Refusals of AUTH (the SMTPPermanentError behind the AuthenticationError) that are
+# not "wrong credentials": RFC 4954 section 6 reply codes and RFC 3463 enhanced codes.
+_SMTP_REFUSAL_HINTS: Final = {
+    534: "the server wants a stronger mechanism or an app password for this account"
+    " (RFC 4954 534); with 2-step verification create an app password",
+    538: "the server wants an encrypted connection for AUTH: use smtp_security = 'tls'"
+    " (port 465) or 'starttls' (port 587)",
+}
+_SMTP_ENHANCED_HINTS: Final = {
+    "5.7.9": _SMTP_REFUSAL_HINTS[534],
+    "5.7.11": _SMTP_REFUSAL_HINTS[538],
+}
+
+
+def _smtp_refusal_hint(exc: AuthenticationError) -> str:
+    """The advice for a refused SMTP login, from the refusal's reply codes."""
+    refusal = exc.__cause__
+    if isinstance(refusal, SMTPPermanentError):
+        hint = _SMTP_ENHANCED_HINTS.get(refusal.enhanced or "") or _SMTP_REFUSAL_HINTS.get(
+            refusal.code
+        )
+        if hint is not None:
+            return hint
+    return _LOGIN_HINT + "; if SMTP uses other credentials, set smtp_username and smtp_password"
+
+
 async def _smtp_auth(
     chain: _Chain, conn: SMTPConnection, config: Config, timeouts: Timeouts, login: AccountLogin
 ) -> bool:
@@ -207,10 +236,9 @@ async def _smtp_auth(
             Status.FAIL,
             f"authentication failed for {config.smtp_username}: {code}{said}".rstrip(": "),
             detail=_preset_hints(config),
-            hint=_LOGIN_HINT
-            + "; if SMTP uses other credentials, set smtp_username and smtp_password",
+            hint=_smtp_refusal_hint(exc),
         )
-    except SMTPReplyError as exc:
+    except SMTPTransientError as exc:
         return chain.add(
             "smtp.auth",
             Status.FAIL,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final, Self
 
-from prxmail.errors import LocalProtocolError, StateError
+from prxmail.errors import LocalProtocolError, StateError, StateSchemaError
 from prxmail.state._model import RetryPolicy
 from prxmail.state._schema import _MIGRATIONS, SCHEMA_VERSION
 
@@ -198,10 +198,12 @@ class Database:
         version = row[0] or 0
         if version != SCHEMA_VERSION:
             self.close()
-            raise StateError(
+            raise StateSchemaError(
                 f"the state database has schema version {version}, this prxmail reads"
                 f" {SCHEMA_VERSION}; "
-                + ("upgrade prxmail" if version > SCHEMA_VERSION else "run prxmail serve once")
+                + ("upgrade prxmail" if version > SCHEMA_VERSION else "run prxmail serve once"),
+                found=version,
+                supported=SCHEMA_VERSION,
             )
 
     # -- lifecycle -----------------------------------------------------------------

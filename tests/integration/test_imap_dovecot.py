@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
@@ -20,6 +23,7 @@ from prxmail.imap import (
     ConnectionState,
     Exists,
     IMAPConnection,
+    MailboxState,
     Security,
     SequenceSet,
     StatusResponse,
@@ -48,7 +52,10 @@ def fresh_user(servers: MailServers) -> User:
     return servers.add_user("imap" + uuid.uuid4().hex[:10])
 
 
-def connect(servers: MailServers, security: Security = Security.TLS) -> object:
+def connect(
+    servers: MailServers, security: Security = Security.TLS
+) -> AbstractAsyncContextManager[IMAPConnection]:
+    """A connection to the private Dovecot (implicit TLS by default), not logged in."""
     port = servers.imap_plain_port if security is not Security.TLS else servers.imap_tls_port
     return open_imap_connection(
         servers.host,
@@ -57,6 +64,18 @@ def connect(servers: MailServers, security: Security = Security.TLS) -> object:
         ssl_context=servers.ssl_context(),
         server_hostname="localhost",
     )
+
+
+@contextlib.asynccontextmanager
+async def open_inbox(
+    servers: MailServers, user: User
+) -> AsyncIterator[tuple[IMAPConnection, MailboxState]]:
+    """The set-up most tests share: implicit TLS, logged in as ``user``, INBOX
+    selected. (A context manager, not a fixture: most tests deliver mail first.)"""
+    async with connect(servers) as imap:
+        await imap.login(user.address, user.password)
+        box = await imap.select()
+        yield imap, box
 
 
 async def deliver(servers: MailServers, user: User, *messages: bytes) -> None:
@@ -182,14 +201,7 @@ async def test_fetch_large_message(mail_servers: MailServers) -> None:
     body = line * (30 * 1024 * 1024 // len(line))
     message = make_message("big", body)
     await deliver(mail_servers, user, make_message("small"), message)
-    async with open_imap_connection(
-        mail_servers.host,
-        mail_servers.imap_tls_port,
-        ssl_context=mail_servers.ssl_context(),
-        server_hostname="localhost",
-    ) as imap:
-        await imap.login(user.address, user.password)
-        await imap.select()
+    async with open_inbox(mail_servers, user) as (imap, _):
         sizes = {}
         digests = {}
         async for msg in imap.uid_fetch([1, 2], ["RFC822.SIZE", "BODY.PEEK[]"]):
@@ -206,14 +218,7 @@ async def test_partial_fetch_and_literal_limit_against_dovecot(mail_servers: Mai
     line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\r\n"
     message = make_message("sized", line * (3 * 1024 * 1024 // len(line)))
     await deliver(mail_servers, user, message)
-    async with open_imap_connection(
-        mail_servers.host,
-        mail_servers.imap_tls_port,
-        ssl_context=mail_servers.ssl_context(),
-        server_hostname="localhost",
-    ) as imap:
-        await imap.login(user.address, user.password)
-        await imap.select()
+    async with open_inbox(mail_servers, user) as (imap, _):
         # A real server keeps to the n asked for; the check lets its answer through.
         got = [m async for m in imap.uid_fetch([1], ["RFC822.SIZE", "BODY.PEEK[]<0.1000>"])]
         assert [(m.rfc822_size, m.sections["<0>"]) for m in got] == [(len(message), message[:1000])]
@@ -242,14 +247,7 @@ async def idle_until_exists(imap: IMAPConnection) -> Exists:
 
 async def test_idle_wakes_up_within_a_second_of_a_delivery(mail_servers: MailServers) -> None:
     user = fresh_user(mail_servers)
-    async with open_imap_connection(
-        mail_servers.host,
-        mail_servers.imap_tls_port,
-        ssl_context=mail_servers.ssl_context(),
-        server_hostname="localhost",
-    ) as imap:
-        await imap.login(user.address, user.password)
-        await imap.select()
+    async with open_inbox(mail_servers, user) as (imap, _):
         delivered_at: list[float] = []
         woke: list[tuple[float, Exists]] = []
 
@@ -271,14 +269,7 @@ async def test_idle_wakes_up_within_a_second_of_a_delivery(mail_servers: MailSer
 
 async def test_idle_renewed(mail_servers: MailServers) -> None:
     user = fresh_user(mail_servers)
-    async with open_imap_connection(
-        mail_servers.host,
-        mail_servers.imap_tls_port,
-        ssl_context=mail_servers.ssl_context(),
-        server_hostname="localhost",
-    ) as imap:
-        await imap.login(user.address, user.password)
-        await imap.select()
+    async with open_inbox(mail_servers, user) as (imap, _):
         renewals = 0
         seen = None
         with trio.fail_after(15):
@@ -311,14 +302,7 @@ async def idle_until_closed(imap: IMAPConnection, pushes: list[object]) -> None:
 
 async def test_server_restart_surfaces_as_connection_broken(mail_servers: MailServers) -> None:
     user = fresh_user(mail_servers)
-    async with open_imap_connection(
-        mail_servers.host,
-        mail_servers.imap_tls_port,
-        ssl_context=mail_servers.ssl_context(),
-        server_hostname="localhost",
-    ) as imap:
-        await imap.login(user.address, user.password)
-        await imap.select()
+    async with open_inbox(mail_servers, user) as (imap, _):
         pushes: list[object] = []
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
@@ -331,12 +315,7 @@ async def test_server_restart_surfaces_as_connection_broken(mail_servers: MailSe
         with pytest.raises(ConnectionBrokenError):
             await imap.noop()
     # and a new connection works once the server is back
-    async with open_imap_connection(
-        mail_servers.host,
-        mail_servers.imap_tls_port,
-        ssl_context=mail_servers.ssl_context(),
-        server_hostname="localhost",
-    ) as imap:
+    async with connect(mail_servers) as imap:
         await imap.login(user.address, user.password)
         assert (await imap.select()).exists == 0
 
@@ -346,14 +325,7 @@ async def test_many_messages_in_batches(mail_servers: MailServers) -> None:
     user = fresh_user(mail_servers)
     messages = [make_message(f"m{i}", b"x" * 4000 + b"\r\n") for i in range(300)]
     await deliver(mail_servers, user, *messages)
-    async with open_imap_connection(
-        mail_servers.host,
-        mail_servers.imap_tls_port,
-        ssl_context=mail_servers.ssl_context(),
-        server_hostname="localhost",
-    ) as imap:
-        await imap.login(user.address, user.password)
-        box = await imap.select()
+    async with open_inbox(mail_servers, user) as (imap, box):
         assert box.exists == 300
         uids = await imap.uid_search()
         fetched = []
@@ -376,7 +348,7 @@ async def test_many_messages_in_batches(mail_servers: MailServers) -> None:
 
 async def test_list_mailboxes(mail_servers: MailServers) -> None:
     user = fresh_user(mail_servers)
-    async with connect(mail_servers) as imap:  # type: ignore[attr-defined]
+    async with connect(mail_servers) as imap:
         await imap.login(user.address, user.password)
         await imap._command("CREATE", [String(encode_mailbox("Entwürfe"))])
         boxes = await imap.list_mailboxes()

@@ -1,4 +1,8 @@
-"""The channel's watcher against a scripted IMAP server on loopback.
+"""The channel's watcher against a scripted IMAP server, over memory streams.
+
+open_mail_channel's connect_imap= hands the watcher a fresh
+trio.testing.memory_stream_pair per session with the fake on the far end: no socket,
+and the tests that are about timing run on a frozen MockClock they jump by hand.
 
 Faults a real server will not produce on demand are injected here: a connection that
 goes silent in the middle of IDLE (a NAT box that forgot it), a server without IDLE
@@ -12,14 +16,17 @@ import logging
 import re
 import resource
 from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from prxmail._log import get_logger
+from prxmail._tls import Security
 from prxmail.channel import (
     RECONNECT_INITIAL_SECONDS,
     ChannelStatus,
@@ -28,7 +35,9 @@ from prxmail.channel import (
 )
 from prxmail.channel import _watcher as channel_watcher
 from prxmail.channel._fetch import OVERSIZE_DEFECT, POISON_ATTEMPTS
+from prxmail.channel._watcher import IMAPConnector
 from prxmail.config import Config, parse_config
+from prxmail.imap import IMAPConnection, open_imap_stream
 from prxmail.state import MessageKey, MessageStatus, StateStore, account_key
 
 pytestmark = pytest.mark.timeout(60)
@@ -71,6 +80,29 @@ class FakeIMAP:
     reported: int = 0
     idle_starts: list[float] = attrs.field(factory=list)
     new_mail: trio.Event = attrs.field(factory=trio.Event)
+    # Set (and replaced) whenever the fake's record changes, so a test can wait for a
+    # state without polling on a clock (the memory-stream tests freeze the clock).
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def _record_changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate`` holds for what the fake recorded; no clock involved."""
+        while not predicate():
+            await self.changed.wait()
+
+    def connector(self, nursery: trio.Nursery) -> IMAPConnector:
+        """A ``connect_imap`` for open_mail_channel: each session is a fresh memory
+        stream pair with this fake on the far end, so no socket and no real time."""
+
+        def connect() -> AbstractAsyncContextManager[IMAPConnection]:
+            client, server = trio.testing.memory_stream_pair()
+            nursery.start_soon(self.handle, server)
+            return open_imap_stream(client, security=Security.PLAIN)
+
+        return connect
 
     def caps(self) -> str:
         return "IMAP4rev1 LITERAL+" + (" IDLE" if self.idle else "")
@@ -93,7 +125,7 @@ class FakeIMAP:
             found.update(u for u in present if min(start, end) <= u <= max(start, end))
         return sorted(found)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
         # The client may drop the connection at any moment (that is what it does on
         # shutdown and after a timeout): that ends this session, not the server.
@@ -102,7 +134,7 @@ class FakeIMAP:
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # also from inside the IDLE nursery, wrapped in an ExceptionGroup
 
-    async def _session(self, stream: trio.SocketStream) -> None:
+    async def _session(self, stream: trio.abc.Stream) -> None:
         buf = b""
 
         async def send(line: str | bytes) -> None:
@@ -125,6 +157,7 @@ class FakeIMAP:
             if line is None:
                 return
             self.commands.append(line)
+            self._record_changed()
             tag, _, rest = line.partition(" ")
             command = rest.upper()
             if command.startswith("CAPABILITY"):
@@ -188,11 +221,13 @@ class FakeIMAP:
                 await send(f"{tag} OK fetched")
             elif command.startswith("UID STORE"):
                 self.seen.update(self.uids_in(command.split()[2]))
+                self._record_changed()
                 await send(f"{tag} OK stored")
             elif command.startswith("NOOP"):
                 await send(f"{tag} OK noop")
             elif command.startswith("IDLE"):
                 self.idle_starts.append(trio.current_time())
+                self._record_changed()
                 await send("+ idling")
                 if self.drop_in_idle:
                     await stream.aclose()
@@ -246,11 +281,10 @@ def fake_config(port: int, state_dir: Path, **extra: object) -> Config:
     return parse_config("\n".join(lines) + "\n")
 
 
-async def start_fake(nursery: trio.Nursery, fake: FakeIMAP) -> int:
-    listeners = await nursery.start(
-        functools.partial(trio.serve_tcp, fake.handle, 0, host="127.0.0.1")
-    )
-    return int(listeners[0].socket.getsockname()[1])
+async def fake_until(fake: FakeIMAP, predicate: Callable[[], bool]) -> None:
+    """Wait for a state of the fake, woken by its changes (no polling), bounded."""
+    with trio.fail_after(10):
+        await fake.until(predicate)
 
 
 async def wait_until(predicate: Callable[[], bool]) -> None:
@@ -260,6 +294,14 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
             await trio.sleep(0.05)
 
 
+async def channel_receive(channel: MailChannel) -> str:
+    """The next message's subject (marked handled), with no clock-based bound: the
+    frozen-clock tests rely on the module's pytest timeout for a hang instead."""
+    message = await channel.receive()
+    await channel.mark_handled(message)
+    return message.subject
+
+
 async def receive(channel: MailChannel) -> str:
     with trio.fail_after(10):
         message = await channel.receive()
@@ -267,45 +309,63 @@ async def receive(channel: MailChannel) -> str:
     return message.subject
 
 
-async def test_new_mail_during_idle_is_fetched_at_once_and_flagged_seen(tmp_path: Path) -> None:
+@pytest.fixture
+def frozen_clock() -> trio.testing.MockClock:
+    """Virtual time that moves only when a test jumps it: a timer that fires proves a
+    schedule, one that does not cannot be a slow machine. (Not the autojump clock:
+    the state store works in a thread, and autojump would leap over its calls.)"""
+    return trio.testing.MockClock()
+
+
+async def test_new_mail_during_idle_is_fetched_at_once_and_flagged_seen(
+    tmp_path: Path, frozen_clock: trio.testing.MockClock
+) -> None:
     fake = FakeIMAP(messages={1: raw_message(1)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
-            assert await receive(channel) == "fake 1"  # unseen on first start
-            with trio.fail_after(10):
-                await channel.status.wait_value(lambda s: s.imap == "idle")
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
+            assert await channel_receive(channel) == "fake 1"  # unseen on first start
+            await channel.status.wait_value(lambda s: s.imap == "idle")
             started = trio.current_time()
             fake.add(2, raw_message(2))
-            assert await receive(channel) == "fake 2"
-            # EXISTS -> search -> fetch -> you; without the push it would take the
-            # 300 s keepalive. (Usually ~20 ms; the bound leaves room for a loaded CI.)
-            assert trio.current_time() - started < 1.0
-            await wait_until(lambda: fake.seen == {1, 2})
+            assert await channel_receive(channel) == "fake 2"
+            # EXISTS -> search -> fetch -> you with the clock standing still: no timer
+            # (the 300 s keepalive, a poll) had to fire for it.
+            assert trio.current_time() == started
+            await fake.until(lambda: fake.seen == {1, 2})
         nursery.cancel_scope.cancel()
     assert not any("BODY[]" in c.upper() and "PEEK" not in c.upper() for c in fake.commands)
 
 
-async def test_idle_is_renewed_before_the_keepalive(tmp_path: Path) -> None:
+async def test_idle_is_renewed_before_the_keepalive(
+    tmp_path: Path, frozen_clock: trio.testing.MockClock
+) -> None:
     fake = FakeIMAP()
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", keepalive_secs=1)
-        async with open_mail_channel(config):
-            await wait_until(lambda: len(fake.idle_starts) >= 3)
+        config = fake_config(9, tmp_path / "state", keepalive_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)):
+            await fake.until(lambda: len(fake.idle_starts) == 1)
+            for renewals in range(1, 4):
+                # Until the channel has the server's "+" and waits in IDLE, its window
+                # has not started.
+                await trio.testing.wait_all_tasks_blocked()
+                # Binary fractions, so the two jumps add up to the window exactly.
+                frozen_clock.jump(0.75)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(fake.idle_starts) == renewals  # not before the window ends
+                frozen_clock.jump(0.25)
+                await fake.until(lambda n=renewals: len(fake.idle_starts) == n + 1)
         nursery.cancel_scope.cancel()
     gaps = [b - a for a, b in zip(fake.idle_starts, fake.idle_starts[1:], strict=False)]
-    assert all(0.9 < gap < 4.0 for gap in gaps), gaps  # window 1 s + one round trip
+    assert gaps == pytest.approx([1.0, 1.0, 1.0])  # exactly the window, in virtual time
     assert fake.connections == 1  # renewal, not reconnection
 
 
 async def test_silent_connection_is_detected_and_replaced(tmp_path: Path) -> None:
     fake = FakeIMAP(go_silent_in_idle=True)
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", keepalive_secs=1, command_timeout_secs=1)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", keepalive_secs=1, command_timeout_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             with trio.fail_after(15):
                 await channel.status.wait_value(lambda s: s.reconnects >= 1)
             status: ChannelStatus = channel.status.value
@@ -320,9 +380,8 @@ async def test_silent_connection_is_detected_and_replaced(tmp_path: Path) -> Non
 async def test_server_without_idle_is_polled(tmp_path: Path) -> None:
     fake = FakeIMAP(idle=False)
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", poll_interval_secs=1)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", poll_interval_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             with trio.fail_after(10):
                 await channel.status.wait_value(lambda s: s.imap == "polling")
             fake.add(5, raw_message(5))
@@ -336,9 +395,8 @@ async def test_server_without_idle_is_polled(tmp_path: Path) -> None:
 async def test_first_start_new_skips_existing_mail(tmp_path: Path) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", first_start='"new"')
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", first_start='"new"')
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             with trio.fail_after(10):
                 await channel.status.wait_value(lambda s: s.imap == "idle")
             fake.add(3, raw_message(3))
@@ -349,11 +407,10 @@ async def test_first_start_new_skips_existing_mail(tmp_path: Path) -> None:
 async def test_rejected_mail_is_not_delivered_nor_flagged(tmp_path: Path) -> None:
     fake = FakeIMAP(messages={1: raw_message(1, "mallory@example.com"), 2: raw_message(2)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 2"
-            await wait_until(lambda: 2 in fake.seen)
+            await fake_until(fake, lambda: 2 in fake.seen)
         nursery.cancel_scope.cancel()
     assert 1 not in fake.seen  # left unseen for a person to look at
 
@@ -375,11 +432,10 @@ async def test_a_message_that_breaks_the_parser_is_failed_not_retried_forever(
     monkeypatch.setattr(channel_module, "parse_message", flaky)
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", keepalive_secs=1)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", keepalive_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 2"
-            await wait_until(lambda: len(fake.idle_starts) >= 2)
+            await fake_until(fake, lambda: len(fake.idle_starts) >= 2)
             assert channel.status.value.reconnects == 0
         nursery.cancel_scope.cancel()
     assert calls.count(1) == 1
@@ -390,9 +446,8 @@ async def test_a_message_the_server_lists_but_does_not_return_is_not_skipped(
 ) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)}, no_body={1})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             # UID 2 must not be claimed past UID 1: the watcher reconnects (backing off).
             with trio.fail_after(10):
                 await channel.status.wait_value(lambda s: s.reconnects >= 2)
@@ -407,9 +462,8 @@ async def test_a_message_the_server_lists_but_does_not_return_is_not_skipped(
 async def test_reply_rate_limit_refuses_the_sender_beyond_the_limit(tmp_path: Path) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2), 3: raw_message(3)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", reply_rate_limit=2)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", reply_rate_limit=2)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 1"
             assert await receive(channel) == "fake 2"
             await wait_until(lambda: channel.statistics().rejected == 1)
@@ -428,14 +482,13 @@ async def test_required_authentication_results(tmp_path: Path) -> None:
     )
     fake = FakeIMAP(messages={1: forged, 2: verified})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
         config = fake_config(
-            port,
+            9,
             tmp_path / "state",
             require_authentication="true",
             authserv_id='"mx.example.com"',
         )
-        async with open_mail_channel(config) as channel:
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 2"
             assert channel.statistics().rejected == 1
         nursery.cancel_scope.cancel()
@@ -444,11 +497,10 @@ async def test_required_authentication_results(tmp_path: Path) -> None:
 async def test_mark_seen_false_never_changes_flags(tmp_path: Path) -> None:
     fake = FakeIMAP(messages={1: raw_message(1)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", mark_seen="false", keepalive_secs=1)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", mark_seen="false", keepalive_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 1"
-            await wait_until(lambda: len(fake.idle_starts) >= 2)
+            await fake_until(fake, lambda: len(fake.idle_starts) >= 2)
         nursery.cancel_scope.cancel()
     assert not any("STORE" in c.upper() for c in fake.commands)
     assert fake.seen == set()
@@ -463,12 +515,11 @@ async def test_a_backlog_larger_than_the_seen_buffer_is_flagged_in_full(
     count = 40
     fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", fetch_batch_size=5, reply_rate_limit=1000)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state", fetch_batch_size=5, reply_rate_limit=1000)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             for uid in range(1, count + 1):
                 assert await receive(channel) == f"fake {uid}"
-            await wait_until(lambda: len(fake.seen) == count)
+            await fake_until(fake, lambda: len(fake.seen) == count)
         nursery.cancel_scope.cancel()
 
 
@@ -482,9 +533,8 @@ async def test_a_pushed_message_larger_than_the_first_fetch_comes_whole(
     assert len(small) < 200 < len(large)
     fake = FakeIMAP()
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             for uid, raw in ((1, small), (2, large)):
                 with trio.fail_after(10):
                     await channel.status.wait_value(lambda s: s.imap == "idle")
@@ -531,12 +581,11 @@ async def test_a_catch_up_parsed_in_threads_keeps_uid_order_and_fails_only_the_p
     count = 15
     fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
         state = tmp_path / "state"
-        config = fake_config(port, state, fetch_batch_size=4, reply_rate_limit=1000)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, state, fetch_batch_size=4, reply_rate_limit=1000)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             got = [await receive(channel) for _ in range(count - 1)]
-            await wait_until(lambda: len(fake.seen) == count - 1)
+            await fake_until(fake, lambda: len(fake.seen) == count - 1)
         nursery.cancel_scope.cancel()
     assert got == [f"fake {uid}" for uid in range(1, count + 1) if uid != 7]
     assert 7 not in fake.seen
@@ -591,9 +640,8 @@ async def test_small_hostile_mail_is_parsed_in_a_thread_under_the_parse_limiter(
     assert len(hostile) < 4096
     fake = FakeIMAP(messages={1: raw_message(1)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 1"
             with trio.fail_after(10):
                 await channel.status.wait_value(lambda s: s.imap == "idle")
@@ -640,9 +688,8 @@ async def test_a_message_whose_fetch_always_breaks_is_failed_and_the_folder_move
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)}, garbage_for={1})
     state = tmp_path / "state"
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, state)
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, state)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             with trio.fail_after(20):
                 message = await channel.receive()
             assert message.subject == "fake 2"
@@ -652,7 +699,7 @@ async def test_a_message_whose_fetch_always_breaks_is_failed_and_the_folder_move
     # then the session that moves on.
     assert fake.connections == 1 + POISON_ATTEMPTS + 1
     with StateStore(state) as store:
-        key = MessageKey(account_key("bot@example.com", "127.0.0.1", port), "INBOX", UIDVALIDITY, 1)
+        key = MessageKey(account_key("bot@example.com", "127.0.0.1", 9), "INBOX", UIDVALIDITY, 1)
         failed = store.get_message(key)
     assert failed is not None
     assert failed.status is MessageStatus.FAILED
@@ -668,9 +715,8 @@ async def test_a_body_longer_than_its_rfc822_size_is_cut_and_marked_truncated(
     raw = raw_message(1) + b"x" * 500 + b"\r\n"
     fake = FakeIMAP(messages={1: raw}, size_lie={1: 120})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             with trio.fail_after(10):
                 message = await channel.receive()
         nursery.cancel_scope.cancel()
@@ -682,18 +728,19 @@ async def test_a_body_longer_than_its_rfc822_size_is_cut_and_marked_truncated(
 
 async def test_the_channel_caps_literals_at_max_message_bytes(tmp_path: Path) -> None:
     seen: list[int] = []
-    real = channel_watcher.open_imap_connection
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs.get("max_literal_size", -1))
-        return real(*args, **kwargs)
 
     fake = FakeIMAP(messages={1: raw_message(1)})
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(channel_watcher, "open_imap_connection", spy)
         async with trio.open_nursery() as nursery:
-            port = await start_fake(nursery, fake)
-            config = fake_config(port, tmp_path / "state", max_message_bytes=200_000)
+            connect = fake.connector(nursery)
+
+            def spy(*args: Any, **kwargs: Any) -> Any:
+                # The channel's own opener (no connect_imap= given), answered by the fake.
+                seen.append(kwargs.get("max_literal_size", -1))
+                return connect()
+
+            patch.setattr(channel_watcher, "open_imap_connection", spy)
+            config = fake_config(9, tmp_path / "state", max_message_bytes=200_000)
             async with open_mail_channel(config) as channel:
                 assert await receive(channel) == "fake 1"
             nursery.cancel_scope.cancel()
@@ -704,9 +751,8 @@ async def test_the_channel_caps_literals_at_max_message_bytes(tmp_path: Path) ->
 async def test_skipped_uids_are_logged(tmp_path: Path, records: _Records) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2), 3: raw_message(3)})
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             for _ in range(3):
                 await receive(channel)
             fake.extra_search = [1, 2]  # old mail listed again
@@ -727,9 +773,8 @@ async def test_a_session_that_made_progress_resets_the_backoff(
 ) -> None:
     fake = FakeIMAP(drop_in_idle=True)
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state")
-        async with open_mail_channel(config) as channel:
+        config = fake_config(9, tmp_path / "state")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             with trio.fail_after(15):
                 await channel.status.wait_value(lambda s: s.reconnects >= 5)
         nursery.cancel_scope.cancel()
@@ -755,8 +800,12 @@ async def test_a_250_mb_answer_to_a_1_mib_partial_fetch_is_refused_and_failed(
     state = tmp_path / "state"
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     async with trio.open_nursery() as nursery:
-        port = await start_fake(nursery, fake)
-        config = fake_config(port, state)
+        # Over loopback TCP, not a memory stream: the point is what a real socket
+        # delivers while the client refuses the announced literal.
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, fake.handle, 0, host="127.0.0.1")
+        )
+        config = fake_config(listeners[0].socket.getsockname()[1], state)
         async with open_mail_channel(config) as channel:
             assert await receive(channel) == "fake 2"
         nursery.cancel_scope.cancel()

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from prxmail import __version__
-from prxmail.cli import main
+from prxmail.cli import COMMANDS, main
+from prxmail.cli._serve import EXIT_CONFIG, EXIT_OK
 from prxmail.doctor import EXIT_BLOCKED as EXIT_FAILURE
-from prxmail.serve import EXIT_CONFIG, EXIT_OK
+from prxmail.doctor import EXIT_CONFIG as DOCTOR_EXIT_CONFIG
 
 GOOD = """\
 [channels_config.email]
@@ -66,7 +67,9 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
 def test_doctor_reports_config_problems_with_paths(
     bad_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["doctor", "-c", str(bad_config)]) == EXIT_FAILURE
+    # 2, as serve uses for a configuration it cannot start with: nothing else was checked.
+    assert DOCTOR_EXIT_CONFIG == EXIT_CONFIG
+    assert main(["doctor", "-c", str(bad_config)]) == DOCTOR_EXIT_CONFIG
     out = capsys.readouterr().out
     assert out.startswith("FAIL config")
     assert "unknown key 'imap_prot'" in out
@@ -94,7 +97,7 @@ def loopback_config(tmp_path: Path) -> Path:
 def test_doctor_json(
     bad_config: Path, loopback_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["doctor", "--json", "-c", str(bad_config)]) == EXIT_FAILURE
+    assert main(["doctor", "--json", "-c", str(bad_config)]) == DOCTOR_EXIT_CONFIG
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] is False
     assert result["steps"][0]["status"] == "fail"
@@ -154,6 +157,7 @@ def test_config_path_from_environment(
     loopback_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PRXMAIL_CONFIG", str(loopback_config))
+    # 1, not 2: the configuration is fine, the (closed) servers are what blocks.
     assert main(["doctor"]) == EXIT_FAILURE
     assert f"{loopback_config} loaded" in capsys.readouterr().out
 
@@ -289,7 +293,7 @@ def test_serve_bad_file_is_one_line_exit_2(case: str, tmp_path: Path) -> None:
 def test_doctor_bad_file_fails_the_config_step_without_hanging(case: str, tmp_path: Path) -> None:
     config, says = BAD_FILES[case](tmp_path)
     result = run_cli("doctor", "-c", str(config))
-    assert result.returncode == EXIT_FAILURE
+    assert result.returncode == DOCTOR_EXIT_CONFIG
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stdout.startswith("FAIL config")
     assert says in result.stdout
@@ -338,3 +342,17 @@ def test_serve_stops_cleanly_on_signal(signum: signal.Signals, tmp_path: Path) -
     assert proc.returncode == EXIT_OK
     assert f"shutting down signal={signum.name}" in rest
     assert "Traceback" not in "".join(seen) + rest
+
+
+def test_every_command_in_the_table_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert COMMANDS, "the table is the only place subcommands come from"
+    for command in COMMANDS:
+        assert command.name in listed
+        assert command.help in listed
+        with pytest.raises(SystemExit) as info:
+            main([command.name, "--help"])
+        assert info.value.code == 0
+        assert command.description.split()[0] in capsys.readouterr().out

@@ -13,7 +13,9 @@ import errno
 import io
 import json
 import socket
+import sqlite3
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,9 +25,11 @@ import pytest
 import trio
 import trustme
 
-from prxmail.config import DEFAULT_POLL_INTERVAL_SECS, parse_config
+from prxmail._redact import Redactor, config_secrets
+from prxmail.config import DEFAULT_POLL_INTERVAL_SECS, Config, parse_config
 from prxmail.doctor import (
     EXIT_BLOCKED,
+    EXIT_CONFIG,
     EXIT_OK,
     DoctorReport,
     Status,
@@ -36,9 +40,10 @@ from prxmail.doctor import (
     run_doctor,
 )
 from prxmail.doctor import _network as doctor_module
+from prxmail.doctor import _run as doctor_run
 from prxmail.doctor._network import _connect_error
-from prxmail.doctor._report import _redactor
 from prxmail.state import OutboxDraft, StateStore, account_key
+from prxmail.state._schema import SCHEMA_VERSION
 
 HOST = "127.0.0.1"
 USER = "bot@example.com"
@@ -150,6 +155,7 @@ def fake_imap(
     capabilities: str = "IMAP4rev1 IDLE AUTH=PLAIN",
     login_ok: bool = True,
     login_failure: str = "Authentication failed.",
+    login_refusal: str = "NO [AUTHENTICATIONFAILED]",
     folders: tuple[str, ...] = ("INBOX", "Archive", "Sent Items"),
     starttls: ssl.SSLContext | None = None,
     uidvalidity: bool = True,
@@ -184,7 +190,7 @@ def fake_imap(
                 if login_ok:
                     out = f"{tag} OK [CAPABILITY {capabilities}] logged in\r\n"
                 else:
-                    out = f"{tag} NO [AUTHENTICATIONFAILED] {login_failure}\r\n"
+                    out = f"{tag} {login_refusal} {login_failure}\r\n"
             elif command == "EXAMINE":
                 name = args.strip('"')
                 if name in folders:
@@ -215,6 +221,7 @@ def fake_smtp(
     context: ssl.SSLContext | None = None,
     auth_ok: bool = True,
     auth_failure: str = "5.7.8 authentication failed",
+    auth_code: int = 535,
     extensions: tuple[str, ...] = ("PIPELINING", "SIZE 10485760", "8BITMIME", "AUTH PLAIN LOGIN"),
 ) -> Handler:
     async def handler(raw: trio.SocketStream) -> None:
@@ -228,7 +235,7 @@ def fake_smtp(
                 text = "".join(f"250-{item}\r\n" for item in lines[:-1]) + f"250 {lines[-1]}\r\n"
                 await stream.send_all(text.encode())
             elif verb == b"AUTH":
-                reply = "235 2.7.0 ok" if auth_ok else f"535 {auth_failure}"
+                reply = "235 2.7.0 ok" if auth_ok else f"{auth_code} {auth_failure}"
                 await stream.send_all(reply.encode() + b"\r\n")
             elif verb == b"QUIT":
                 await stream.send_all(b"221 bye\r\n")
@@ -257,6 +264,32 @@ async def test_config_errors_are_reported_with_key_paths_and_nothing_else_runs(
     assert "unknown key 'imap_prot'" in problems
     assert "@ $.channels_config.email.smtp_port" in problems
     assert PASSWORD not in all_text(report)
+    assert report.exit_status == EXIT_CONFIG
+
+
+async def test_an_unreadable_config_file_exits_2(tmp_path: Path) -> None:
+    report = await run_checks(tmp_path / "no-such.toml")
+    assert [(s.name, s.status) for s in report.steps] == [("config", Status.FAIL)]
+    assert report.exit_status == EXIT_CONFIG
+
+
+async def test_the_config_is_loaded_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Loading reads files and parses certificates: a slow disk must not stall the loop.
+    loop_thread = threading.get_ident()
+    loaded_in: list[int] = []
+    real_load = doctor_run.load_config
+
+    def recording_load(path: Path) -> Config:
+        loaded_in.append(threading.get_ident())
+        return real_load(path)
+
+    monkeypatch.setattr(doctor_run, "load_config", recording_load)
+    report = await run_checks(write_config(tmp_path), timeouts=FAST)
+    assert report.step("config").status is Status.PASS
+    assert loaded_in
+    assert loop_thread not in loaded_in
 
 
 async def test_port_mode_mismatch_in_config_is_a_warning(tmp_path: Path) -> None:
@@ -684,6 +717,63 @@ async def test_echoed_password_never_appears(
     assert b64_password not in out.getvalue()
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("NO [UNAVAILABLE]", "authentication failed", "try again later"),
+        ("NO [EXPIRED]", "authentication failed", "has expired"),
+        ("NO [PRIVACYREQUIRED]", "authentication failed", "imap_security = 'tls'"),
+        ("BAD", "did not accept the LOGIN command", "check imap_host and imap_port"),
+    ],
+)
+async def test_imap_login_refusals_are_told_apart_by_their_code(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    ca: trustme.CA,
+    ca_file: Path,
+    case: tuple[str, str, str],
+) -> None:
+    refusal, summary, advice = case
+    context = server_context(ca.issue_cert(HOST))
+    port = await serve(
+        nursery,
+        fake_imap(context=context, login_ok=False, login_refusal=refusal, login_failure="no"),
+    )
+    path = write_config(tmp_path, imap_port=port, tls_ca_file=str(ca_file))
+    login = (await run_checks(path, timeouts=FAST)).step("imap.login")
+    assert login.status is Status.FAIL
+    assert summary in login.summary
+    assert advice in login.hint
+    assert "app password" not in login.hint  # not a wrong-password case
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (538, "5.7.11 Encryption required", "smtp_security = 'tls'"),
+        (534, "5.7.9 Application-specific password required", "stronger mechanism"),
+        (535, "5.7.8 bad credentials", "smtp_username and smtp_password"),
+    ],
+)
+async def test_smtp_auth_refusals_are_told_apart_by_their_codes(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    ca: trustme.CA,
+    ca_file: Path,
+    case: tuple[int, str, str],
+) -> None:
+    code, text, advice = case
+    context = server_context(ca.issue_cert(HOST))
+    port = await serve(
+        nursery, fake_smtp(context=context, auth_ok=False, auth_code=code, auth_failure=text)
+    )
+    path = write_config(tmp_path, smtp_port=port, tls_ca_file=str(ca_file))
+    auth = (await run_checks(path, timeouts=FAST)).step("smtp.auth")
+    assert auth.status is Status.FAIL
+    assert f"authentication failed for {USER}: {code}" in auth.summary
+    assert advice in auth.hint
+
+
 async def test_missing_folder_lists_existing_ones(
     tmp_path: Path, nursery: trio.Nursery, ca: trustme.CA, ca_file: Path
 ) -> None:
@@ -824,6 +914,35 @@ async def test_unreadable_state_database_fails(tmp_path: Path) -> None:
     assert db.hint
 
 
+def _set_schema_version(state: Path, version: int) -> None:
+    with StateStore(state):
+        pass
+    conn = sqlite3.connect(state / "state.sqlite3")
+    with conn:
+        conn.execute("DELETE FROM schema_version")
+        if version:
+            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("offset", "status", "advice"),
+    [(-1, Status.WARN, "upgrades it when it next starts"), (1, Status.FAIL, "upgrade prxmail")],
+)
+async def test_state_schema_version_is_judged_by_the_versions(
+    tmp_path: Path, offset: int, status: Status, advice: str
+) -> None:
+    # Older: serve migrates it, so a warning. Newer: this prxmail is too old -- the
+    # fix is an upgrade, not a restore from backup.
+    state = tmp_path / "state"
+    _set_schema_version(state, SCHEMA_VERSION + offset)
+    report = await run_checks(write_config(tmp_path, state_dir=str(state)), timeouts=FAST)
+    db = report.step("state.db")
+    assert db.status is status
+    assert advice in db.hint
+    assert "backup" not in db.hint
+
+
 # -- output -----------------------------------------------------------------------------
 
 
@@ -835,7 +954,7 @@ def test_redactor_covers_wire_forms() -> None:
         'smtp_username = "s@x.org"\nsmtp_password = "other-secret"\n',
         environ={},
     )
-    redact = _redactor(config)
+    redact = Redactor(config_secrets(config))
     forms = [
         'pa"ss',
         'pa\\"ss',

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import prxmail
+import prxmail.errors
 import prxmail.imap
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +34,13 @@ def test_importing_the_imap_core_loads_no_io_parser_or_store(statement: str) -> 
         assert heavy not in loaded, f"{statement!r} loaded {heavy}"
 
 
+def test_the_command_line_loads_its_runners_only_when_one_runs() -> None:
+    # ``prxmail --version`` / ``--help`` must not pay for trio, the doctor or the store.
+    loaded = _modules_after("import prxmail.cli")
+    for heavy in ("trio", "prxmail.doctor", "prxmail.cli._serve", "prxmail.state"):
+        assert heavy not in loaded, f"importing prxmail.cli loaded {heavy}"
+
+
 def test_public_names_still_import_from_the_package() -> None:
     loaded = _modules_after("from prxmail import Message, open_mail_channel")
     assert {"prxmail.channel", "prxmail.message"} <= loaded
@@ -40,5 +48,10 @@ def test_public_names_still_import_from_the_package() -> None:
         assert getattr(prxmail, name) is not None
     for name in prxmail.imap.__all__:
         assert getattr(prxmail.imap, name) is not None
+    # The error tree's two parents are public too: callers catch "any refusal" or "any
+    # protocol breach" without naming each subclass.
+    assert prxmail.ProtocolError is prxmail.errors.ProtocolError
+    assert prxmail.CommandRefusedError is prxmail.errors.CommandRefusedError
+    assert {"ProtocolError", "CommandRefusedError"} <= set(prxmail.__all__)
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = prxmail.no_such_name  # type: ignore[attr-defined]

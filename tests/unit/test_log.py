@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 
-import prxmail.serve
+import prxmail.cli._serve
 from prxmail._log import (
     MAX_FIELD_CHARS,
     get_logger,
@@ -339,12 +339,12 @@ def test_a_crash_in_serve_is_one_redacted_line(
     def crash(config: object, argv: object) -> None:
         raise RuntimeError(f"bug while talking: LOGIN bot {IMAP_PASSWORD}")
 
-    monkeypatch.setattr(prxmail.serve, "_run", crash)
+    monkeypatch.setattr(prxmail.cli._serve, "_run", crash)
     err = io.StringIO()
-    code = prxmail.serve.run_serve(
+    code = prxmail.cli._serve.run_serve(
         config, exec_command=HANDLER, log_format="json", out=io.StringIO(), err=err
     )
-    assert code == prxmail.serve.EXIT_FAILURE
+    assert code == prxmail.cli._serve.EXIT_FAILURE
     events = _assert_one_event_per_line(err.getvalue(), "json")
     crashed = events[-1]
     assert crashed["event"] == "prxmail crashed"

@@ -30,10 +30,10 @@ from prxmail.channel._fetch import (
 )
 from prxmail.channel._watcher import _Backoff
 from prxmail.cli import main
+from prxmail.cli._serve import EXIT_CONFIG
 from prxmail.config import parse_config
 from prxmail.imap import BodyPart, MultipartBody
 from prxmail.message import parse_message
-from prxmail.serve import EXIT_CONFIG
 from prxmail.service import handler_environment, message_payload
 from prxmail.state import StateStore
 

@@ -11,13 +11,12 @@ else the loopback flow. Either way the refresh token is written to
 ``oauth2_refresh_token_file`` atomically with mode 0600, and a running ``prxmail
 serve`` picks it up at its next refresh. No token is ever printed.
 
-The parser hook (:func:`add_auth_parser`) and the runner (:func:`run_auth`) live
-here so that the command line module needs only two lines for this command.
+The command's arguments are declared in :mod:`prxmail.cli` (so ``--help`` loads no
+trio); the runner :func:`run_auth` lives here.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Coroutine
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, TextIO
 import trio
 
 from prxmail._tls import shared_ssl_context
+from prxmail.cli._serve import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, one_line
 from prxmail.config import Config, OAuth2Grant, load_config
 from prxmail.errors import ConfigError
 from prxmail.oauth2 import (
@@ -35,46 +35,8 @@ from prxmail.oauth2 import (
     run_device_flow,
     run_loopback_flow,
 )
-from prxmail.serve import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, one_line
 
-__all__ = ["add_auth_parser", "run_auth"]
-
-FLOWS = ("device", "loopback")
-
-
-def add_auth_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], config_help: str
-) -> None:
-    """Add the ``auth`` command to the command line's sub-parsers.
-
-    Args:
-        sub: The ``add_subparsers()`` result of the main parser.
-        config_help: The shared help text of ``-c``.
-    """
-    auth = sub.add_parser(
-        "auth",
-        help="get the first OAuth 2 refresh token (device or browser flow)",
-        description="Run the provider's OAuth 2 flow for the configured account and write"
-        " the refresh token to oauth2_refresh_token_file (mode 0600).",
-    )
-    auth.add_argument("-c", "--config", metavar="FILE", help=config_help)
-    auth.add_argument(
-        "--flow",
-        choices=FLOWS,
-        default=None,
-        help="device: print a URL and a code to enter on any device; loopback: open a URL"
-        " in a browser on this machine (default: device where the provider allows it)",
-    )
-    auth.add_argument(
-        "--device-url",
-        metavar="URL",
-        help="the device authorization endpoint (default: the provider preset's)",
-    )
-    auth.add_argument(
-        "--authorize-url",
-        metavar="URL",
-        help="the authorization endpoint for the loopback flow (default: the preset's)",
-    )
+__all__ = ["run_auth"]
 
 
 def _fail(err: TextIO, text: str, status: int = EXIT_FAILURE) -> int:
