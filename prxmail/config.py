@@ -57,6 +57,7 @@ __all__ = [
     "Config",
     "FirstStart",
     "LogFormat",
+    "ReplyFormat",
     "Secret",
     "default_state_dir",
     "load_config",
@@ -87,11 +88,16 @@ DEFAULT_MAX_CONCURRENT_HANDLERS: Final = 4
 # handler could not be started) before it is recorded as failed. A message that crashes
 # the service every time must not do so forever; three absorbs an unlucky restart.
 DEFAULT_HANDLER_MAX_ATTEMPTS: Final = 3
-# Replies one sender may receive per window. Ten an hour is more than a person writes to
-# a bot, yet it stops a ping-pong with another automaton that slipped past the loop
-# guards within minutes.
-DEFAULT_REPLY_RATE_LIMIT: Final = 10
+# The per-sender volume limit, a token bucket that defers (never rejects): a sustained
+# 60 messages per hour (one a minute, faster than any person's back-and-forth: a
+# 25-round thread in an hour fits) with bursts of up to DEFAULT_REPLY_RATE_BURST.
+# Loops inside one thread are the per-thread loop guard's job, which stops them much
+# sooner (prxmail.conversation); this limit is for volume from one address.
+DEFAULT_REPLY_RATE_LIMIT: Final = 60
 DEFAULT_REPLY_RATE_WINDOW_SECS: Final = 3600
+# Messages one sender may have handed on at once: issue 12's burst of 30 questions in
+# a minute is answered at once, with 10 to spare for that person's other mail.
+DEFAULT_REPLY_RATE_BURST: Final = 40
 # Servers without IDLE are polled this often: a minute is the usual mail-client cadence
 # and far from any provider's rate limits.
 DEFAULT_POLL_INTERVAL_SECS: Final = 60
@@ -143,6 +149,14 @@ class FirstStart(enum.Enum):
 
     UNSEEN = "unseen"
     NEW = "new"
+
+
+class ReplyFormat(enum.Enum):
+    """What a handler's output is: ``TEXT`` (the reply body, as is) or ``JSON`` (one
+    object with ``body``, optional ``html``, ``attachments`` and ``subject``)."""
+
+    TEXT = "text"
+    JSON = "json"
 
 
 class LogFormat(enum.Enum):
@@ -235,6 +249,10 @@ class RawEmailTable:
     smtp_retry_initial_secs: PositiveInt = PositiveInt(DEFAULT_SMTP_RETRY_INITIAL_SECS)
     smtp_retry_max_secs: PositiveInt = PositiveInt(DEFAULT_SMTP_RETRY_MAX_SECS)
     log_format: LogFormat = LogFormat.HUMAN
+    # -- conversations (issue 12) --
+    reply_rate_burst: HandlerCount = HandlerCount(DEFAULT_REPLY_RATE_BURST)
+    reply_format: ReplyFormat = ReplyFormat.TEXT
+    thread_keep_incoming_text: bool = False
 
 
 @attrs.frozen
@@ -292,6 +310,10 @@ class Config:
     smtp_retry_initial_secs: int = DEFAULT_SMTP_RETRY_INITIAL_SECS
     smtp_retry_max_secs: int = DEFAULT_SMTP_RETRY_MAX_SECS
     log_format: LogFormat = LogFormat.HUMAN
+    # -- conversations (issue 12) --
+    reply_rate_burst: int = DEFAULT_REPLY_RATE_BURST
+    reply_format: ReplyFormat = ReplyFormat.TEXT
+    thread_keep_incoming_text: bool = False
     warnings: tuple[str, ...] = ()
 
     @property
@@ -499,6 +521,7 @@ def _build_converter() -> cattrs.Converter:
         BatchSize: _int_in(1, 1000),
         FirstStart: _choice(FirstStart),
         LogFormat: _choice(LogFormat),
+        ReplyFormat: _choice(ReplyFormat),
     }
     for kind, hook in hooks.items():
         conv.register_structure_hook(kind, hook)
@@ -796,6 +819,9 @@ def parse_config(
         smtp_retry_initial_secs=raw.smtp_retry_initial_secs,
         smtp_retry_max_secs=raw.smtp_retry_max_secs,
         log_format=raw.log_format,
+        reply_rate_burst=raw.reply_rate_burst,
+        reply_format=raw.reply_format,
+        thread_keep_incoming_text=raw.thread_keep_incoming_text,
         warnings=tuple(_port_warnings(raw, imap_security, smtp_security)),
     )
 

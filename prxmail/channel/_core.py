@@ -25,7 +25,7 @@ from prxmail._tls import shared_ssl_context
 from prxmail.config import Config
 from prxmail.imap import IMAPConnection
 from prxmail.message import Message
-from prxmail.policy import ReplyRateLimiter, SenderPolicy
+from prxmail.policy import SenderPolicy
 from prxmail.state import AsyncStateStore, MessageKey, account_key
 
 # Accepted messages waiting between the watcher and you. Zero: the watcher hands a
@@ -104,9 +104,6 @@ class _ChannelCore:
             allowed_senders=config.allowed_senders,
             own_addresses=(config.from_address, config.username),
             authserv_id=config.authserv_id,
-        )
-        self._rate_limiter = ReplyRateLimiter(
-            config.reply_rate_limit, config.reply_rate_window_secs, clock=trio.current_time
         )
         self._message_send, self._message_receive = trio.open_memory_channel[Message](
             MESSAGE_BUFFER

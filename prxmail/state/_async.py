@@ -188,6 +188,7 @@ class AsyncStateStore:
     thread_ids_among = _offload(StateStore.thread_ids_among)
     thread_history = _offload(StateStore.thread_history)
     thread_activity = _offload(StateStore.thread_activity)
+    thread_activities = _offload(StateStore.thread_activities)
     thread_of = _offload(StateStore.thread_of)
     rate_limiter_state = _offload(StateStore.rate_limiter_state)
     record_admission = _offload(StateStore.record_admission)

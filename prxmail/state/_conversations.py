@@ -177,12 +177,34 @@ class ConversationMixin(OutboxMixin):
 
     def thread_activity(self, account: str, thread_id: str) -> dict[str, Any] | None:
         """The loop guard's stored state of a thread (JSON plain data), or None."""
+        return self.thread_activities(account, [thread_id]).get(thread_id)
+
+    def thread_activities(
+        self, account: str, thread_ids: Iterable[str]
+    ) -> dict[str, dict[str, Any]]:
+        """The loop guard's stored states of several threads, in one query per chunk.
+
+        Args:
+            account: From :func:`account_key`.
+            thread_ids: The threads.
+
+        Returns:
+            ``thread_id`` -> state (JSON plain data), only for threads that have one.
+        """
+        unique = list(dict.fromkeys(thread_ids))
+        found: dict[str, dict[str, Any]] = {}
         with self._transaction() as conn:
-            row = conn.execute(
-                "SELECT state FROM thread_activity WHERE account = ? AND thread_id = ?",
-                (account, thread_id),
-            ).fetchone()
-        return None if row is None else dict(json.loads(row["state"]))
+            for start in range(0, len(unique), _LOOKUP_CHUNK):
+                chunk = unique[start : start + _LOOKUP_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                rows = conn.execute(
+                    "SELECT thread_id, state FROM thread_activity WHERE account = ?"
+                    f" AND thread_id IN ({marks})",
+                    (account, *chunk),
+                ).fetchall()
+                for row in rows:
+                    found[row["thread_id"]] = dict(json.loads(row["state"]))
+        return found
 
     def rate_limiter_state(self, account: str) -> dict[str, Any] | None:
         """The rate limiter's stored buckets (JSON plain data), or None."""

@@ -363,16 +363,33 @@ async def test_a_message_the_server_lists_but_does_not_return_is_not_skipped(
     assert fake.connections < 8  # backed off, did not hammer
 
 
-async def test_reply_rate_limit_refuses_the_sender_beyond_the_limit(tmp_path: Path) -> None:
+async def test_reply_rate_limit_defers_beyond_the_limit_and_hands_on_when_a_token_is_back(
+    tmp_path: Path,
+) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2), 3: raw_message(3)})
     async with trio.open_nursery() as nursery:
         port = await start_fake(nursery, fake)
-        config = fake_config(port, tmp_path / "state", reply_rate_limit=2)
+        # A bucket of 2, refilled at one token per 2 s.
+        config = fake_config(
+            port,
+            tmp_path / "state",
+            reply_rate_limit=1,
+            reply_rate_window_secs=2,
+            reply_rate_burst=2,
+        )
         async with open_mail_channel(config) as channel:
             assert await receive(channel) == "fake 1"
             assert await receive(channel) == "fake 2"
-            await wait_until(lambda: channel.statistics().rejected == 1)
-            assert channel.statistics().delivered == 2
+            started = trio.current_time()
+            with trio.fail_after(10):
+                third = await channel.receive()
+            # Not refused: deferred, then handed on by the watcher's own wake-up.
+            assert third.subject == "fake 3"
+            assert trio.current_time() - started >= 0.5
+            assert channel.statistics().rejected == 0
+            assert 3 not in fake.seen
+            await channel.mark_handled(third)
+            await wait_until(lambda: 3 in fake.seen)
         nursery.cancel_scope.cancel()
 
 

@@ -324,7 +324,10 @@ def test_service_keys_have_documented_defaults() -> None:
     assert config.mark_seen is True
     assert config.first_start is FirstStart.UNSEEN
     assert config.authserv_id is None
-    assert (config.reply_rate_limit, config.reply_rate_window_secs) == (10, 3600)
+    assert (config.reply_rate_limit, config.reply_rate_window_secs) == (60, 3600)
+    assert config.reply_rate_burst == 40
+    assert config.reply_format.value == "text"
+    assert config.thread_keep_incoming_text is False
     assert config.poll_interval_secs == 60
     assert config.keepalive_secs == DEFAULT_KEEPALIVE_SECS == 300
     assert config.command_timeout_secs == DEFAULT_COMMAND_TIMEOUT_SECS == 60
@@ -353,6 +356,9 @@ def test_exec_problems_name_the_key(value: str) -> None:
         ("handler_max_attempts", "0"),
         ("reply_rate_limit", "0"),
         ("reply_rate_window_secs", "-1"),
+        ("reply_rate_burst", "0"),
+        ("reply_format", '"html"'),
+        ("thread_keep_incoming_text", '"yes"'),
         ("poll_interval_secs", "0"),
         ("keepalive_secs", '"300"'),
         ("command_timeout_secs", "1.5"),
