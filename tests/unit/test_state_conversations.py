@@ -118,7 +118,8 @@ def test_thread_lookup_and_history_oldest_first_without_the_current_message(
             ("<m1@example.org>", Direction.IN),
             ("<r1@bot>", Direction.OUT),
         ]
-        assert history[1].text is not None and len(history[1].text) == MAX_THREAD_TEXT_CHARS
+        assert history[1].text is not None
+        assert len(history[1].text) == MAX_THREAD_TEXT_CHARS
         # The history of an earlier message leaves out what came after it.
         assert store.thread_history(ACCOUNT, "t", exclude="<m1@example.org>") == []
         assert [h.message_id for h in store.thread_history(ACCOUNT, "t", limit=1)] == [
