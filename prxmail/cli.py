@@ -51,6 +51,13 @@ def _build_parser() -> argparse.ArgumentParser:
         " as JSON on stdin and its stdout becomes the reply",
     )
     serve.add_argument(
+        "--reply-format",
+        choices=("text", "json"),
+        default=None,
+        help="what the handler prints: the reply text, or one JSON object with body, html,"
+        " attachments, subject (default: reply_format from the configuration, else text)",
+    )
+    serve.add_argument(
         "--log-format",
         choices=("human", "json"),
         default=None,
@@ -84,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path,
             exec_command=args.exec_command,
             log_format=args.log_format,
+            reply_format=args.reply_format,
             out=sys.stdout,
             err=sys.stderr,
         )

@@ -603,3 +603,15 @@ def test_config_imports_no_runtime_modules() -> None:
     forbidden = {"prxmail.handler", "prxmail.policy", "prxmail.message", "trio", "mailparser"}
     assert not loaded & forbidden
     assert not any(name.startswith(("trio.", "mailparser.", "prxmail.message.")) for name in loaded)
+
+
+def test_conversation_keys_are_read() -> None:
+    from prxmail.config import ReplyFormat
+
+    config = parse_config(
+        PRX_TABLE
+        + 'reply_format = "json"\nthread_keep_incoming_text = true\nreply_rate_burst = 5\n'
+    )
+    assert config.reply_format is ReplyFormat.JSON
+    assert config.thread_keep_incoming_text is True
+    assert config.reply_rate_burst == 5
