@@ -98,6 +98,12 @@ DEFAULT_REPLY_RATE_WINDOW_SECS: Final = 3600
 # Messages one sender may have handed on at once: issue 12's burst of 30 questions in
 # a minute is answered at once, with 10 to spare for that person's other mail.
 DEFAULT_REPLY_RATE_BURST: Final = 40
+# The per-thread loop guard (prxmail.conversation._loops has the rule): an answer to
+# our reply within this many seconds is machine-fast (a person needs to notice, read
+# and type), and a thread with a streak of such answers gets one reply per
+# loop_slow_down_secs until the evidence holds it. The same numbers as there.
+DEFAULT_LOOP_FAST_ANSWER_SECS: Final = 15
+DEFAULT_LOOP_SLOW_DOWN_SECS: Final = 30
 # Servers without IDLE are polled this often: a minute is the usual mail-client cadence
 # and far from any provider's rate limits.
 DEFAULT_POLL_INTERVAL_SECS: Final = 60
@@ -253,6 +259,8 @@ class RawEmailTable:
     reply_rate_burst: HandlerCount = HandlerCount(DEFAULT_REPLY_RATE_BURST)
     reply_format: ReplyFormat = ReplyFormat.TEXT
     thread_keep_incoming_text: bool = False
+    loop_fast_answer_secs: PositiveInt = PositiveInt(DEFAULT_LOOP_FAST_ANSWER_SECS)
+    loop_slow_down_secs: PositiveInt = PositiveInt(DEFAULT_LOOP_SLOW_DOWN_SECS)
 
 
 @attrs.frozen
@@ -314,6 +322,8 @@ class Config:
     reply_rate_burst: int = DEFAULT_REPLY_RATE_BURST
     reply_format: ReplyFormat = ReplyFormat.TEXT
     thread_keep_incoming_text: bool = False
+    loop_fast_answer_secs: int = DEFAULT_LOOP_FAST_ANSWER_SECS
+    loop_slow_down_secs: int = DEFAULT_LOOP_SLOW_DOWN_SECS
     warnings: tuple[str, ...] = ()
 
     @property
@@ -822,6 +832,8 @@ def parse_config(
         reply_rate_burst=raw.reply_rate_burst,
         reply_format=raw.reply_format,
         thread_keep_incoming_text=raw.thread_keep_incoming_text,
+        loop_fast_answer_secs=raw.loop_fast_answer_secs,
+        loop_slow_down_secs=raw.loop_slow_down_secs,
         warnings=tuple(_port_warnings(raw, imap_security, smtp_security)),
     )
 

@@ -111,7 +111,11 @@ class _Conversations(_ChannelCore):
         super().__init__(config, store, rng=rng)
         # Wall clock: due times and the evidence are persisted (the store's clock too).
         self._clock = clock
-        self._loop_guard = LoopGuard(clock=clock)
+        self._loop_guard = LoopGuard(
+            clock=clock,
+            fast_answer_secs=config.loop_fast_answer_secs,
+            slow_down_secs=config.loop_slow_down_secs,
+        )
         self._limiter = SenderRateLimiter(
             config.reply_rate_limit,
             float(config.reply_rate_window_secs),

@@ -615,3 +615,12 @@ def test_conversation_keys_are_read() -> None:
     assert config.reply_format is ReplyFormat.JSON
     assert config.thread_keep_incoming_text is True
     assert config.reply_rate_burst == 5
+
+
+def test_loop_guard_defaults_are_the_loop_rule_numbers() -> None:
+    from prxmail.config import DEFAULT_LOOP_FAST_ANSWER_SECS, DEFAULT_LOOP_SLOW_DOWN_SECS
+    from prxmail.conversation import FAST_ANSWER_SECS, SLOW_DOWN_SECS
+
+    config = parse_config(PRX_TABLE)
+    assert config.loop_fast_answer_secs == DEFAULT_LOOP_FAST_ANSWER_SECS == FAST_ANSWER_SECS
+    assert config.loop_slow_down_secs == DEFAULT_LOOP_SLOW_DOWN_SECS == SLOW_DOWN_SECS
