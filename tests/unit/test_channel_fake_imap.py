@@ -580,3 +580,62 @@ async def test_small_hostile_mail_is_parsed_in_a_thread_under_the_parse_limiter(
     on_loop, borrowed = where[2]
     assert not on_loop
     assert 1 <= borrowed <= PARSE_THREADS
+
+
+def answer_to(uid: int, parent_id: str, references: list[str]) -> bytes:
+    return (
+        f"From: alice@example.com\r\nTo: bot@example.com\r\nSubject: Re: fake 1\r\n"
+        f"Message-ID: <fake-{uid}@example.com>\r\nIn-Reply-To: {parent_id}\r\n"
+        f"References: {' '.join(references)}\r\n\r\nanswer {uid}\r\n"
+    ).encode()
+
+
+async def test_an_instant_answerer_is_held_per_thread_and_released_by_the_operator(
+    tmp_path: Path,
+) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1)})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state", loop_slow_down_secs=1)
+        async with open_mail_channel(config) as channel:
+            with trio.fail_after(10):
+                message = await channel.receive()
+            thread_id = message.thread_id
+            assert len(thread_id) == 16
+            refs = [message.message_id]
+            uid = 1
+            replies = 0
+            while True:
+                reply_id = await channel.reply(message, f"answer {replies}")
+                replies += 1
+                refs.append(reply_id)
+                uid += 1
+                fake.add(uid, answer_to(uid, reply_id, refs))
+                with trio.move_on_after(5):
+                    message = await channel.receive()
+                    assert message.thread_id == thread_id
+                    refs.append(message.message_id)
+                    history = await channel.thread(message)
+                    assert [h["direction"] for h in history][-2:] == ["in", "out"]
+                    assert history[-1]["text"] == f"answer {replies - 1}"
+                    continue
+                break
+            # Held after 8 instant answers (FAST_STREAK_TO_HOLD), far below 50.
+            assert replies == 8
+            parked = await channel._store.parked_messages(channel.account)
+            assert [(p.status.value, p.thread_id) for p in parked] == [("held", thread_id)]
+            assert "loop suspected" in (parked[0].reason or "")
+            assert uid not in fake.seen
+            # Another thread of the same sender is not affected.
+            fake.add(uid + 1, raw_message(uid + 1))
+            with trio.fail_after(10):
+                other = await channel.receive()
+            assert other.thread_id != thread_id
+            await channel.mark_handled(other)
+            # The operator releases the thread: the held message is handed on.
+            assert await channel.release_thread(thread_id) == 1
+            with trio.fail_after(10):
+                released = await channel.receive()
+            assert released.uid == uid
+            assert released.thread_id == thread_id
+        nursery.cancel_scope.cancel()
