@@ -88,6 +88,9 @@ class ChannelStatistics:
         replies_queued: Replies and messages put in the outbox.
         replies_sent: Outbox items the SMTP server accepted.
         in_flight: Messages handed to you and not finished yet.
+        deferred: Times a message was deferred by the loop guard or the rate limit
+            (kept, handed on later; a message deferred twice counts twice).
+        held: Times a message was held because its thread looks like a mail loop.
     """
 
     delivered: int
@@ -96,6 +99,8 @@ class ChannelStatistics:
     replies_queued: int
     replies_sent: int
     in_flight: int
+    deferred: int = 0
+    held: int = 0
 
 
 class MailChannel(_Watcher, _Sender):
@@ -118,6 +123,8 @@ class MailChannel(_Watcher, _Sender):
             replies_queued=self._counts["replies_queued"],
             replies_sent=self._counts["replies_sent"],
             in_flight=len(self._in_flight),
+            deferred=self._counts["deferred"],
+            held=self._counts["held"],
         )
 
     def __repr__(self) -> str:

@@ -273,6 +273,8 @@ class _Conversations(_ChannelCore):
             self._pending_dirty = True
             raise
         self._counts["rejected"] += len(rejected)
+        self._counts["deferred"] += len(deferred)
+        self._counts["held"] += len(held)
         return accepted
 
     async def _sync_deferred(self) -> None:

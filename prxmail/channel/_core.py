@@ -116,7 +116,16 @@ class _ChannelCore:
         self.status: trio_util.AsyncValue[ChannelStatus] = trio_util.AsyncValue(ChannelStatus())
         self._outbox_generation = trio_util.AsyncValue(0)
         self._counts = dict.fromkeys(
-            ("delivered", "rejected", "duplicates", "replies_queued", "replies_sent"), 0
+            (
+                "delivered",
+                "rejected",
+                "duplicates",
+                "replies_queued",
+                "replies_sent",
+                "deferred",
+                "held",
+            ),
+            0,
         )
         # The watcher's current wait (IDLE or poll interval), cancelled to wake it early.
         self._wake_scope: trio.CancelScope | None = None

@@ -22,6 +22,12 @@ twice*, across a SIGKILL at any instant. Three mechanisms give it:
                                                               --> claimed, or failed
                                                                   after max_attempts
 
+   Two more statuses park a claimed message without finishing it (issue 12: volume
+   and loop limits never drop mail): ``deferred`` (with a ``due_at``; back to
+   ``claimed`` by :meth:`StateStore.wake_deferred` when due) and ``held`` (back to
+   ``claimed`` only by an operator's :meth:`StateStore.release_thread`). Both
+   survive restarts; see ``_conversations``.
+
    A message is *claimed* (recorded, with its Message-ID) before anything is done with
    it, and claiming also advances the folder's high-water mark (the last UID that will
    never be fetched again) in the same transaction: a message is either above the mark
@@ -91,8 +97,9 @@ Package layout
 ``_model`` values and the state tables; ``_schema`` tables, migrations and rows as
 values; ``_db`` opening, the directory lock and transactions; ``_mailboxes`` the
 high-water mark; ``_messages`` a message's life; ``_outbox`` the outbox;
-``_housekeeping`` our Message-IDs, pruning, statistics; ``_store`` the class made of
-those; ``_async`` the trio facade.
+``_housekeeping`` our Message-IDs, pruning, statistics; ``_conversations`` parked
+messages, thread history and the limits' state; ``_store`` the class made of those;
+``_async`` the trio facade.
 """
 
 from prxmail.state._async import AsyncStateStore as AsyncStateStore

@@ -387,6 +387,7 @@ async def test_reply_rate_limit_defers_beyond_the_limit_and_hands_on_when_a_toke
             assert third.subject == "fake 3"
             assert trio.current_time() - started >= 0.5
             assert channel.statistics().rejected == 0
+            assert channel.statistics().deferred >= 1
             assert 3 not in fake.seen
             await channel.mark_handled(third)
             await wait_until(lambda: 3 in fake.seen)
@@ -625,6 +626,7 @@ async def test_an_instant_answerer_is_held_per_thread_and_released_by_the_operat
             parked = await channel._store.parked_messages(channel.account)
             assert [(p.status.value, p.thread_id) for p in parked] == [("held", thread_id)]
             assert "loop suspected" in (parked[0].reason or "")
+            assert channel.statistics().held == 1
             assert uid not in fake.seen
             # Another thread of the same sender is not affected.
             fake.add(uid + 1, raw_message(uid + 1))
