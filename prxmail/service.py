@@ -90,7 +90,8 @@ def message_payload(
         ``content_type``, ``size``), ``in_reply_to`` (or null), ``references``,
         ``authentication_results``, ``truncated`` (true when the message was over
         ``max_message_bytes`` and only its text parts were loaded), ``defects``,
-        ``thread_id``, ``thread`` (oldest first: ``message_id``, ``direction``
+        ``thread_id``, ``thread`` (at most :data:`~prxmail.state.MAX_THREAD_HISTORY`
+        (50) earlier messages, oldest first: ``message_id``, ``direction``
         ``"in"``/``"out"``, ``date``, ``from``, ``subject``, ``text``) and ``run_dir``
         (the run's private directory, or null). Each attachment also has ``path``:
         the file holding its content, or null when it was over

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from prxmail.channel import ChannelStatus, MailChannel, open_mail_channel
+from prxmail.compose import OutgoingAttachment
 from prxmail.config import Config, parse_config
 from prxmail.state import MessageKey, MessageStatus, StateStore, account_key
 
@@ -640,4 +641,44 @@ async def test_an_instant_answerer_is_held_per_thread_and_released_by_the_operat
                 released = await channel.receive()
             assert released.uid == uid
             assert released.thread_id == thread_id
+        nursery.cancel_scope.cancel()
+
+
+async def test_incoming_text_is_kept_in_the_thread_only_when_opted_in_and_rich_mail_is_queued(
+    tmp_path: Path,
+) -> None:
+    first = raw_message(1)
+    fake = FakeIMAP(messages={1: first})
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        config = fake_config(port, tmp_path / "state", thread_keep_incoming_text="true")
+        async with open_mail_channel(config) as channel:
+            with trio.fail_after(10):
+                message = await channel.receive()
+            png = OutgoingAttachment("c.png", "image/png", b"\x89PNG\r\n\x00")
+            reply_id = await channel.reply(
+                message, "plain answer", html="<p>answer</p>", attachments=[png]
+            )
+            fake.add(2, answer_to(2, reply_id, [message.message_id, reply_id]))
+            with trio.fail_after(10):
+                second = await channel.receive()
+            history = await channel.thread(second)
+            assert [(h["direction"], h["text"]) for h in history] == [
+                ("in", "body 1"),
+                ("out", "plain answer"),
+            ]
+            assert history[0]["message_id"] == message.message_id
+            assert history[1]["message_id"] == reply_id
+            await channel.mark_handled(second)
+            sent_id = await channel.send(
+                "alice@example.com", "news", "text", html="<p>news</p>", attachments=[png]
+            )
+            items = {i.message_id: i for i in await channel._store.outbox_items()}
+            for mid in (reply_id, sent_id):
+                raw = items[mid].raw
+                assert b"multipart/mixed" in raw
+                assert b"multipart/alternative" in raw
+                assert b'filename="c.png"' in raw or b"filename=c.png" in raw
+            # What we send starts a thread of its own, known to the store.
+            assert await channel._store.thread_of(channel.account, sent_id)
         nursery.cancel_scope.cancel()

@@ -338,3 +338,23 @@ def test_serve_stops_cleanly_on_signal(signum: signal.Signals, tmp_path: Path) -
     assert proc.returncode == EXIT_OK
     assert f"shutting down signal={signum.name}" in rest
     assert "Traceback" not in "".join(seen) + rest
+
+
+def test_serve_reply_format_flag_reaches_the_service(
+    good_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prxmail.serve
+
+    seen: list[object] = []
+
+    def fake_run(config: object, argv: list[str]) -> None:
+        seen.append(config)
+
+    monkeypatch.setattr(prxmail.serve, "_run", fake_run)
+    path = good_config
+    assert main(["serve", "-c", str(path), "--exec", "true", "--reply-format", "json"]) == EXIT_OK
+    assert main(["serve", "-c", str(path), "--exec", "true"]) == EXIT_OK
+    formats = [c.reply_format.value for c in seen]  # type: ignore[attr-defined]
+    assert formats == ["json", "text"]
+    with pytest.raises(SystemExit):
+        main(["serve", "-c", str(path), "--exec", "true", "--reply-format", "xml"])
