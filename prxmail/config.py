@@ -72,6 +72,7 @@ __all__ = [
     "LogFormat",
     "OAuth2Grant",
     "OAuth2Settings",
+    "ReplyFormat",
     "Secret",
     "default_state_dir",
     "load_config",
@@ -102,11 +103,22 @@ DEFAULT_MAX_CONCURRENT_HANDLERS: Final = 4
 # handler could not be started) before it is recorded as failed. A message that crashes
 # the service every time must not do so forever; three absorbs an unlucky restart.
 DEFAULT_HANDLER_MAX_ATTEMPTS: Final = 3
-# Replies one sender may receive per window. Ten an hour is more than a person writes to
-# a bot, yet it stops a ping-pong with another automaton that slipped past the loop
-# guards within minutes.
-DEFAULT_REPLY_RATE_LIMIT: Final = 10
+# The per-sender volume limit, a token bucket that defers (never rejects): a sustained
+# 60 messages per hour (one a minute, faster than any person's back-and-forth: a
+# 25-round thread in an hour fits) with bursts of up to DEFAULT_REPLY_RATE_BURST.
+# Loops inside one thread are the per-thread loop guard's job, which stops them much
+# sooner (prxmail.conversation); this limit is for volume from one address.
+DEFAULT_REPLY_RATE_LIMIT: Final = 60
 DEFAULT_REPLY_RATE_WINDOW_SECS: Final = 3600
+# Messages one sender may have handed on at once: issue 12's burst of 30 questions in
+# a minute is answered at once, with 10 to spare for that person's other mail.
+DEFAULT_REPLY_RATE_BURST: Final = 40
+# The per-thread loop guard (prxmail.conversation._loops has the rule): an answer to
+# our reply within this many seconds is machine-fast (a person needs to notice, read
+# and type), and a thread with a streak of such answers gets one reply per
+# loop_slow_down_secs until the evidence holds it. The same numbers as there.
+DEFAULT_LOOP_FAST_ANSWER_SECS: Final = 15
+DEFAULT_LOOP_SLOW_DOWN_SECS: Final = 30
 # Servers without IDLE are polled this often: a minute is the usual mail-client cadence
 # and far from any provider's rate limits.
 DEFAULT_POLL_INTERVAL_SECS: Final = 60
@@ -173,6 +185,14 @@ class OAuth2Grant(enum.Enum):
 
     REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a grant name, not a token
     CLIENT_CREDENTIALS = "client_credentials"
+
+
+class ReplyFormat(enum.Enum):
+    """What a handler's output is: ``TEXT`` (the reply body, as is) or ``JSON`` (one
+    object with ``body``, optional ``html``, ``attachments`` and ``subject``)."""
+
+    TEXT = "text"
+    JSON = "json"
 
 
 class LogFormat(enum.Enum):
@@ -266,6 +286,12 @@ class RawEmailTable:
     smtp_retry_initial_secs: PositiveInt = PositiveInt(DEFAULT_SMTP_RETRY_INITIAL_SECS)
     smtp_retry_max_secs: PositiveInt = PositiveInt(DEFAULT_SMTP_RETRY_MAX_SECS)
     log_format: LogFormat = LogFormat.HUMAN
+    # -- conversations (issue 12) --
+    reply_rate_burst: HandlerCount = HandlerCount(DEFAULT_REPLY_RATE_BURST)
+    reply_format: ReplyFormat = ReplyFormat.TEXT
+    thread_keep_incoming_text: bool = False
+    loop_fast_answer_secs: PositiveInt = PositiveInt(DEFAULT_LOOP_FAST_ANSWER_SECS)
+    loop_slow_down_secs: PositiveInt = PositiveInt(DEFAULT_LOOP_SLOW_DOWN_SECS)
 
 
 @attrs.frozen
@@ -364,6 +390,12 @@ class Config:
     oauth2: OAuth2Settings | None = None
     provider: str | None = None
     imap_id: bool = True
+    # -- conversations (issue 12) --
+    reply_rate_burst: int = DEFAULT_REPLY_RATE_BURST
+    reply_format: ReplyFormat = ReplyFormat.TEXT
+    thread_keep_incoming_text: bool = False
+    loop_fast_answer_secs: int = DEFAULT_LOOP_FAST_ANSWER_SECS
+    loop_slow_down_secs: int = DEFAULT_LOOP_SLOW_DOWN_SECS
     warnings: tuple[str, ...] = ()
 
     @property
@@ -610,6 +642,7 @@ def _build_converter() -> cattrs.Converter:
         OAuth2Grant: _choice(OAuth2Grant),
         Provider: _provider,
         TokenUrl: _token_url,
+        ReplyFormat: _choice(ReplyFormat),
     }
     for kind, hook in hooks.items():
         conv.register_structure_hook(kind, hook)
@@ -1089,6 +1122,11 @@ def parse_config(
         oauth2=oauth2,
         provider=raw.provider,
         imap_id=raw.imap_id,
+        reply_rate_burst=raw.reply_rate_burst,
+        reply_format=raw.reply_format,
+        thread_keep_incoming_text=raw.thread_keep_incoming_text,
+        loop_fast_answer_secs=raw.loop_fast_answer_secs,
+        loop_slow_down_secs=raw.loop_slow_down_secs,
         warnings=tuple(_port_warnings(raw, imap_security, smtp_security)),
     )
 

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 The command is given as argv (:func:`parse_exec_command` splits a config string the way
 a shell would, but no shell ever runs). The handler gets one JSON object on stdin
-(:func:`encode_payload`), its stdout is the reply body, its stderr is kept for the log,
+(:func:`encode_payload`), its stdout is the reply (the body, or with ``reply_format =
+"json"`` one JSON object that :mod:`prxmail.service` parses), its stderr is kept for the log,
 and its exit status says whether it succeeded. Three tasks move the bytes at the same
 time -- feeding stdin, reading stdout, reading stderr -- so a handler that writes before
 it has read all its input cannot deadlock against us.

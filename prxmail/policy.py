@@ -1,9 +1,12 @@
 """Sender policy and loop guards: which received mail is handed on and answered.
 
 Everything here is pure: functions and small classes over :class:`~prxmail.message.
-Message`, no I/O, no trio. The service calls :func:`evaluate` once per message and
-acts on the :class:`Verdict`; a refused message is logged with ``verdict.reason`` and
-marked handled so it is not looked at again. A *deferred* verdict
+Message`, no I/O, no trio. The channel calls :func:`evaluate` once per message
+(without a rate limiter: it applies its own per-thread loop guard and per-sender
+token bucket afterwards, which defer or hold but never refuse -- see
+``prxmail.channel._conversations``) and acts on the :class:`Verdict`; a refused
+message is logged with ``verdict.reason`` and marked rejected so it is not looked at
+again. A *deferred* verdict
 (:attr:`Verdict.retry_at` set: the volume limit) is not a refusal: the message is
 kept and evaluated again at that time.
 

@@ -11,12 +11,26 @@ handler command with the message as one JSON object on stdin
 when all slots are busy the channel is not asked for more mail. Each run is bounded by
 ``handler_timeout_secs``. Outcomes:
 
-* exit 0 with output -> the output is the reply body (``channel.reply``);
+* exit 0 with output -> the output is the reply (``channel.reply``): the body as is
+  with ``reply_format = "text"``; with ``"json"`` one object (``body``, ``html``,
+  ``attachments``, ``subject``) parsed by :func:`prxmail.conversation.parse_json_reply`
+  in a worker thread (it reads files) -- anything wrong with it fails the message with
+  the parser's reason, never a half-built reply;
 * exit 0 without output -> handled, no reply;
 * non-zero exit, death by signal, too much output, timeout -> recorded as failed with
   the reason (never retried; the stderr tail goes to the log);
 * the command cannot be started at all -> the message is released and handed on again
   later, up to ``handler_max_attempts`` times (not the message's fault).
+
+Each run gets a private directory (mode 0700, :func:`prxmail.conversation.
+write_attachments`) when the message has attachment content or replies are JSON: the
+incoming attachments are files in it (each payload entry gets their ``path``), its path
+is the payload's ``run_dir`` and the handler's ``PRXMAIL_RUN_DIR``, and files a JSON
+reply attaches by ``path`` must lie in it. It is removed after the run, whatever the
+outcome.
+
+The payload also carries the conversation: ``thread_id`` and ``thread``, the earlier
+messages of the thread prxmail saw or sent (see :meth:`MailChannel.thread`).
 
 One log line per message says what happened to it.
 """
@@ -27,25 +41,50 @@ import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
 
 import trio
 
 from prxmail._log import log_event, redacting
 from prxmail._redact import SHORT_SECRET, Redactor, config_secrets
 from prxmail.channel import MailChannel, open_mail_channel
-from prxmail.config import Config
+from prxmail.config import Config, ReplyFormat
+from prxmail.conversation import (
+    AttachmentFiles,
+    InvalidReplyError,
+    ReplySpec,
+    parse_json_reply,
+    remove_attachment_dir,
+    write_attachments,
+)
 from prxmail.errors import HandlerError, LocalProtocolError
-from prxmail.handler import DEFAULT_MAX_OUTPUT_BYTES, inherit_environment, run_exec_handler
+from prxmail.handler import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    HandlerResult,
+    inherit_environment,
+    run_exec_handler,
+)
 from prxmail.message import Message
 
-__all__ = ["handler_environment", "message_payload", "serve_mail_channel"]
+__all__ = ["RUN_DIR_ENV", "handler_environment", "message_payload", "serve_mail_channel"]
+
+#: The environment variable holding the run's private directory (see the module comment).
+RUN_DIR_ENV: Final = "PRXMAIL_RUN_DIR"
 
 
-def message_payload(message: Message) -> dict[str, object]:
+def message_payload(
+    message: Message,
+    *,
+    thread: Sequence[Mapping[str, object]] = (),
+    files: AttachmentFiles | None = None,
+) -> dict[str, object]:
     """The JSON object a handler gets on stdin for one message.
 
     Args:
         message: The accepted message.
+        thread: The earlier messages of its thread (:meth:`MailChannel.thread`).
+        files: The run's directory with the attachments' content, if one was made.
 
     Returns:
         A JSON-serialisable dict: ``uid``, ``message_id``, ``from``, ``from_name``,
@@ -53,8 +92,15 @@ def message_payload(message: Message) -> dict[str, object]:
         UTC or null), ``text``, ``html`` (or null), ``attachments`` (``name``,
         ``content_type``, ``size``), ``in_reply_to`` (or null), ``references``,
         ``authentication_results``, ``truncated`` (true when the message was over
-        ``max_message_bytes`` and only its text parts were loaded) and ``defects``.
+        ``max_message_bytes`` and only its text parts were loaded), ``defects``,
+        ``thread_id``, ``thread`` (at most :data:`~prxmail.state.MAX_THREAD_HISTORY`
+        (50) earlier messages, oldest first: ``message_id``, ``direction``
+        ``"in"``/``"out"``, ``date``, ``from``, ``subject``, ``text``) and ``run_dir``
+        (the run's private directory, or null). Each attachment also has ``path``:
+        the file holding its content, or null when it was over
+        ``max_attachment_bytes`` (or no directory was made).
     """
+    paths: Sequence[Path | None] = files.paths if files is not None else ()
     return {
         "uid": message.uid,
         "message_id": message.message_id,
@@ -68,14 +114,22 @@ def message_payload(message: Message) -> dict[str, object]:
         "text": message.text,
         "html": message.html,
         "attachments": [
-            {"name": a.filename, "content_type": a.content_type, "size": a.size}
-            for a in message.attachments
+            {
+                "name": a.filename,
+                "content_type": a.content_type,
+                "size": a.size,
+                "path": str(paths[i]) if i < len(paths) and paths[i] is not None else None,
+            }
+            for i, a in enumerate(message.attachments)
         ],
         "in_reply_to": message.in_reply_to,
         "references": list(message.references),
         "authentication_results": list(message.authentication_results),
         "truncated": "too-large" in message.defects,
         "defects": list(message.defects),
+        "thread_id": message.thread_id,
+        "thread": [dict(entry) for entry in thread],
+        "run_dir": str(files.directory) if files is not None else None,
     }
 
 
@@ -106,6 +160,26 @@ def handler_environment(config: Config, environ: Mapping[str, str] | None = None
     return {k: v for k, v in env.items() if k not in excluded}
 
 
+def _needs_run_dir(config: Config, message: Message) -> bool:
+    return config.reply_format is ReplyFormat.JSON or any(
+        a.content is not None for a in message.attachments
+    )
+
+
+async def _remove_run_dir(files: AttachmentFiles, fields: Mapping[str, object]) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await trio.to_thread.run_sync(remove_attachment_dir, files.directory)
+        except OSError as exc:
+            log_event(
+                logging.ERROR,
+                "handler run directory could not be removed",
+                **fields,
+                path=str(files.directory),
+                error=str(exc),
+            )
+
+
 async def _handle(
     channel: MailChannel,
     message: Message,
@@ -115,70 +189,134 @@ async def _handle(
     limiter: trio.CapacityLimiter,
     token: object,
 ) -> None:
-    config = channel.config
     fields = {
         "uid": message.uid,
         "message_id": message.message_id,
         "from": message.from_.addr,
         "subject": message.subject,
+        "thread_id": message.thread_id,
     }
     try:
-        try:
-            with trio.move_on_after(config.handler_timeout_secs) as scope:
-                result = await run_exec_handler(
-                    argv,
-                    message_payload(message),
-                    max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES,
-                    env=env,
+        files: AttachmentFiles | None = None
+        if _needs_run_dir(channel.config, message):
+            try:
+                files = await trio.to_thread.run_sync(write_attachments, message.attachments)
+            except OSError as exc:
+                # Not the message's fault (a full or unwritable temporary directory).
+                retried = await channel.release(message, f"cannot write attachments: {exc}")
+                log_event(
+                    logging.ERROR,
+                    "handler run directory could not be made"
+                    + (", will retry" if retried else ", giving up"),
+                    **fields,
+                    error=str(exc),
                 )
-        except HandlerError as exc:
-            retried = await channel.release(message, str(exc))
-            log_event(
-                logging.ERROR,
-                "handler could not be started" + (", will retry" if retried else ", giving up"),
-                **fields,
-                error=str(exc),
-            )
-            return
-        if scope.cancelled_caught:
-            reason = f"handler timed out after {config.handler_timeout_secs} s"
-            await channel.mark_failed(message, reason)
-            log_event(logging.WARNING, "message failed", **fields, reason=reason)
-            return
-        duration = round(result.duration, 3)
-        if not result.ok:
-            reason = result.failure_reason or "handler failed"
-            await channel.mark_failed(message, f"{reason}: {result.stderr_tail[-500:]}")
-            log_event(
-                logging.WARNING,
-                "message failed",
-                **fields,
-                reason=reason,
-                stderr=result.stderr_tail[-500:] or None,
-                duration=duration,
-            )
-            return
-        body = result.reply_body
-        if body is None:
-            await channel.mark_handled(message)
-            log_event(logging.INFO, "message handled, no reply", **fields, duration=duration)
-            return
+                return
         try:
-            reply_id = await channel.reply(message, body)
-        except LocalProtocolError as exc:
-            await channel.mark_failed(message, f"reply cannot be composed: {exc}")
-            log_event(logging.WARNING, "message failed", **fields, reason=str(exc))
-            return
-        log_event(
-            logging.WARNING if result.stdout_invalid_utf8 else logging.INFO,
-            "message replied",
-            **fields,
-            reply_id=reply_id,
-            duration=duration,
-            note="handler output was not valid UTF-8" if result.stdout_invalid_utf8 else None,
-        )
+            await _run_handler(channel, message, argv=argv, env=env, files=files, fields=fields)
+        finally:
+            if files is not None:
+                await _remove_run_dir(files, fields)
     finally:
         limiter.release_on_behalf_of(token)
+
+
+async def _json_reply(
+    channel: MailChannel, message: Message, result: HandlerResult, files: AttachmentFiles | None
+) -> ReplySpec:
+    if result.stdout_invalid_utf8:
+        # Decoded with replacement characters: the JSON is not what the handler wrote.
+        raise InvalidReplyError("invalid JSON reply: output is not UTF-8")
+    parse = functools.partial(
+        parse_json_reply,
+        result.stdout.encode("utf-8"),
+        original_subject=message.subject,
+        max_attachment_bytes=channel.config.max_attachment_bytes,
+        allowed_roots=[files.directory] if files is not None else (),
+    )
+    # It reads the files the reply names: off the event loop.
+    return await trio.to_thread.run_sync(parse)
+
+
+async def _run_handler(
+    channel: MailChannel,
+    message: Message,
+    *,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    files: AttachmentFiles | None,
+    fields: Mapping[str, object],
+) -> None:
+    config = channel.config
+    run_env = dict(env)
+    if files is not None:
+        run_env[RUN_DIR_ENV] = str(files.directory)
+    payload = message_payload(message, thread=await channel.thread(message), files=files)
+    try:
+        with trio.move_on_after(config.handler_timeout_secs) as scope:
+            result = await run_exec_handler(
+                argv, payload, max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES, env=run_env
+            )
+    except HandlerError as exc:
+        retried = await channel.release(message, str(exc))
+        log_event(
+            logging.ERROR,
+            "handler could not be started" + (", will retry" if retried else ", giving up"),
+            **fields,
+            error=str(exc),
+        )
+        return
+    if scope.cancelled_caught:
+        reason = f"handler timed out after {config.handler_timeout_secs} s"
+        await channel.mark_failed(message, reason)
+        log_event(logging.WARNING, "message failed", **fields, reason=reason)
+        return
+    duration = round(result.duration, 3)
+    if not result.ok:
+        reason = result.failure_reason or "handler failed"
+        await channel.mark_failed(message, f"{reason}: {result.stderr_tail[-500:]}")
+        log_event(
+            logging.WARNING,
+            "message failed",
+            **fields,
+            reason=reason,
+            stderr=result.stderr_tail[-500:] or None,
+            duration=duration,
+        )
+        return
+    body = result.reply_body
+    if body is None:
+        await channel.mark_handled(message)
+        log_event(logging.INFO, "message handled, no reply", **fields, duration=duration)
+        return
+    spec = ReplySpec(body=body)
+    if config.reply_format is ReplyFormat.JSON:
+        try:
+            spec = await _json_reply(channel, message, result, files)
+        except InvalidReplyError as exc:
+            await channel.mark_failed(message, exc.reason)
+            log_event(logging.WARNING, "message failed", **fields, reason=exc.reason)
+            return
+    try:
+        reply_id = await channel.reply(
+            message,
+            spec.body,
+            html=spec.html,
+            attachments=spec.attachments,
+            subject=spec.subject,
+        )
+    except (LocalProtocolError, ValueError) as exc:
+        await channel.mark_failed(message, f"reply cannot be composed: {exc}")
+        log_event(logging.WARNING, "message failed", **fields, reason=str(exc))
+        return
+    log_event(
+        logging.WARNING if result.stdout_invalid_utf8 else logging.INFO,
+        "message replied",
+        **fields,
+        reply_id=reply_id,
+        duration=duration,
+        note="handler output was not valid UTF-8" if result.stdout_invalid_utf8 else None,
+    )
 
 
 async def serve_mail_channel(

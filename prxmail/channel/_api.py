@@ -59,7 +59,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import attrs
 import trio
@@ -68,8 +68,9 @@ from prxmail._log import log_event
 from prxmail.channel._core import _describe, collapse_exception_group
 from prxmail.channel._sender import SMTPConnector, _draft, _Sender
 from prxmail.channel._watcher import IMAPConnector, _Watcher
-from prxmail.compose import compose_message, compose_reply
+from prxmail.compose import OutgoingAttachment, compose_message, compose_reply
 from prxmail.config import Config
+from prxmail.conversation import message_thread_id
 from prxmail.errors import LocalProtocolError
 from prxmail.message import Address, Message
 from prxmail.policy import choose_reply_recipient
@@ -87,6 +88,9 @@ class ChannelStatistics:
         replies_queued: Replies and messages put in the outbox.
         replies_sent: Outbox items the SMTP server accepted.
         in_flight: Messages handed to you and not finished yet.
+        deferred: Times a message was deferred by the loop guard or the rate limit
+            (kept, handed on later; a message deferred twice counts twice).
+        held: Times a message was held because its thread looks like a mail loop.
     """
 
     delivered: int
@@ -95,6 +99,8 @@ class ChannelStatistics:
     replies_queued: int
     replies_sent: int
     in_flight: int
+    deferred: int = 0
+    held: int = 0
 
 
 class MailChannel(_Watcher, _Sender):
@@ -127,6 +133,8 @@ class MailChannel(_Watcher, _Sender):
             replies_queued=self._counts["replies_queued"],
             replies_sent=self._counts["replies_sent"],
             in_flight=len(self._in_flight),
+            deferred=self._counts["deferred"],
+            held=self._counts["held"],
         )
 
     def __repr__(self) -> str:
@@ -156,15 +164,28 @@ class MailChannel(_Watcher, _Sender):
         self._counts["delivered"] += 1
         return message
 
-    async def reply(self, message: Message, body: str) -> str:
+    async def reply(
+        self,
+        message: Message,
+        body: str,
+        *,
+        html: str | None = None,
+        attachments: Sequence[OutgoingAttachment] = (),
+        subject: str | None = None,
+    ) -> str:
         """Answer a message: compose the threaded reply once, store it, send it.
 
         The reply is stored durably (and the message marked ``replied``) before this
-        returns; the sender task delivers it, retrying transient SMTP failures.
+        returns, together with its place in the thread (its text is part of the
+        thread's history, and the loop guard counts it); the sender task delivers
+        it, retrying transient SMTP failures.
 
         Args:
             message: A message received from this channel and not finished yet.
             body: The reply text; it can never add headers.
+            html: An HTML alternative to ``body`` (multipart/alternative).
+            attachments: Files to attach (multipart/mixed).
+            subject: The subject, used only when ``message`` had none.
 
         Returns:
             The reply's Message-ID.
@@ -172,6 +193,7 @@ class MailChannel(_Watcher, _Sender):
         Raises:
             LocalProtocolError: the message was already finished (a reply is never
                 composed twice) or an address cannot be written safely.
+            ValueError: an attachment or the HTML cannot be composed.
         """
         key = self._key(message)
         to = choose_reply_recipient(message, self._policy)
@@ -181,27 +203,49 @@ class MailChannel(_Watcher, _Sender):
             from_address=self.config.from_address,
             to=to,
             default_subject=self.config.default_subject,
+            html=html,
+            attachments=attachments,
+            subject=subject,
         )
         draft = _draft(outgoing)
-        await self._store.record_reply(key, draft)
+        thread_id = message.thread_id or message_thread_id(message)
+        await self._store.record_reply_in_thread(
+            key,
+            draft,
+            entry=self._outgoing_entry(outgoing.message_id, thread_id, outgoing.subject, body),
+            activity=self._noted_reply(thread_id),
+        )
         self._finished(key, seen=True)
         self._counts["replies_queued"] += 1
         self._outbox_generation.value += 1
         return outgoing.message_id
 
-    async def send(self, to: str, subject: str, body: str) -> str:
+    async def send(
+        self,
+        to: str,
+        subject: str,
+        body: str,
+        *,
+        html: str | None = None,
+        attachments: Sequence[OutgoingAttachment] = (),
+    ) -> str:
         """Send a new message (not a reply) through the durable outbox.
+
+        The message starts a thread: answers to it are in that thread.
 
         Args:
             to: The recipient address.
             subject: The subject (``default_subject`` when empty).
             body: The text.
+            html: An HTML alternative to ``body`` (multipart/alternative).
+            attachments: Files to attach (multipart/mixed).
 
         Returns:
             The message's Message-ID.
 
         Raises:
             LocalProtocolError: the address cannot be written safely.
+            ValueError: an attachment or the HTML cannot be composed.
         """
         outgoing = compose_message(
             from_address=self.config.from_address,
@@ -209,9 +253,16 @@ class MailChannel(_Watcher, _Sender):
             subject=subject,
             body=body,
             default_subject=self.config.default_subject,
+            html=html,
+            attachments=attachments,
         )
         draft = _draft(outgoing)
-        await self._store.enqueue(self.account, draft)
+        thread_id = self._new_thread(outgoing.message_id)
+        await self._store.enqueue_in_thread(
+            self.account,
+            draft,
+            entry=self._outgoing_entry(outgoing.message_id, thread_id, outgoing.subject, body),
+        )
         self._counts["replies_queued"] += 1
         self._outbox_generation.value += 1
         return outgoing.message_id

@@ -28,7 +28,7 @@ from prxmail._tls import shared_ssl_context
 from prxmail.config import Config
 from prxmail.imap import IMAPConnection
 from prxmail.message import Message
-from prxmail.policy import ReplyRateLimiter, SenderPolicy
+from prxmail.policy import SenderPolicy
 from prxmail.state import AsyncStateStore, MessageKey, account_key
 
 # Accepted messages waiting between the watcher and you. Zero: the watcher hands a
@@ -128,9 +128,6 @@ class _ChannelCore:
             own_addresses=(config.from_address, config.username),
             authserv_id=config.authserv_id,
         )
-        self._rate_limiter = ReplyRateLimiter(
-            config.reply_rate_limit, config.reply_rate_window_secs, clock=trio.current_time
-        )
         self._message_send, self._message_receive = trio.open_memory_channel[Message](
             MESSAGE_BUFFER
         )
@@ -145,7 +142,16 @@ class _ChannelCore:
         self.status: trio_util.AsyncValue[ChannelStatus] = trio_util.AsyncValue(ChannelStatus())
         self._outbox_generation = trio_util.AsyncValue(0)
         self._counts = dict.fromkeys(
-            ("delivered", "rejected", "duplicates", "replies_queued", "replies_sent"), 0
+            (
+                "delivered",
+                "rejected",
+                "duplicates",
+                "replies_queued",
+                "replies_sent",
+                "deferred",
+                "held",
+            ),
+            0,
         )
         # The watcher's current wait (IDLE or poll interval), cancelled to wake it early.
         self._wake_scope: trio.CancelScope | None = None

@@ -43,9 +43,9 @@ import attrs
 import trio
 
 from prxmail._log import log_event
+from prxmail.channel._conversations import _Conversations
 from prxmail.channel._core import (
     _COMMAND_TIMEOUT,
-    _ChannelCore,
     _describe,
     _message_fields,
     _time_limit,
@@ -61,7 +61,6 @@ from prxmail.message import (
     parse_message,
     sanitize_filename,
 )
-from prxmail.policy import evaluate
 from prxmail.state import ClaimOutcome, MessageKey, MessageStatus, own_id_predicate
 
 # A catch-up fetches messages in groups of at most this many bytes (a larger message is a
@@ -421,7 +420,7 @@ class _ParseJob:
         return self._parsed
 
 
-class _FetchPipeline(_ChannelCore):
+class _FetchPipeline(_Conversations):
     """The fetch pipeline of a channel's watcher (see the module comment)."""
 
     async def _process_pending(self, conn: IMAPConnection, uidvalidity: int) -> None:
@@ -820,27 +819,8 @@ class _FetchPipeline(_ChannelCore):
                 candidates.append((key, item))
         if not candidates:
             return
-        is_ours = own_id_predicate(batch.ours)
-        accepted: list[tuple[MessageKey, Message]] = []
-        rejected: list[tuple[MessageKey, str]] = []
-        for key, message in candidates:
-            verdict = evaluate(
-                message, self._policy, is_our_message_id=is_ours, rate_limiter=self._rate_limiter
-            )
-            if verdict.accepted:
-                accepted.append((key, message))
-                continue
-            rejected.append((key, verdict.reason))
-            log_event(
-                logging.INFO,
-                "message rejected",
-                **_message_fields(message),
-                reason=verdict.reason,
-                detail=verdict.detail or None,
-            )
+        accepted = await self._admit_candidates(candidates, own_id_predicate(batch.ours))
         try:
-            await self._store.record_verdicts(rejected, accepted[0][0] if accepted else None)
-            self._counts["rejected"] += len(rejected)
             for index, (key, message) in enumerate(accepted):
                 self._in_flight[key] = message
                 if index:

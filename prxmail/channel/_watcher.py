@@ -119,6 +119,7 @@ class _Watcher(_FetchPipeline):
                 "messages interrupted by a crash will be handled again",
                 count=len(recovered.retried),
             )
+        await self._load_conversation_state()
         task_status.started()
         backoff = _Backoff(self._rng)
         try:
@@ -211,6 +212,7 @@ class _Watcher(_FetchPipeline):
                 old=mailbox.previous_uidvalidity,
                 new=uidvalidity,
             )
+        await self._sync_deferred()
         await self._process_pending(conn, uidvalidity)
         if not mailbox.initialized:
             unseen = config.first_start is FirstStart.UNSEEN or changed
@@ -255,6 +257,7 @@ class _Watcher(_FetchPipeline):
                     fresh = await conn.select(self.folder)
                 if fresh.uidvalidity != uidvalidity:
                     return fresh
+            await self._wake_due()
             await self._process_pending(conn, uidvalidity)
 
     async def _catch_up(self, conn: IMAPConnection, uidvalidity: int) -> None:
@@ -289,7 +292,8 @@ class _Watcher(_FetchPipeline):
                 return
 
     def _wait_window(self) -> float:
-        return float(self.config.idle_renewal_secs)
+        # Back in time for the next deferred message (see _conversations).
+        return self._deferred_wait(float(self.config.idle_renewal_secs))
 
     async def _idle_once(self, conn: IMAPConnection) -> bool:
         """IDLE until a push, a wake-up or the end of the window.
@@ -325,7 +329,7 @@ class _Watcher(_FetchPipeline):
 
     async def _poll_once(self, conn: IMAPConnection) -> bool:
         """Wait one poll interval (or until woken); returns True when not woken."""
-        with trio.move_on_after(self.config.poll_interval_secs) as wait:
+        with trio.move_on_after(self._deferred_wait(self.config.poll_interval_secs)) as wait:
             self._wake_scope = wait
             if self._seen_pending():
                 wait.cancel()

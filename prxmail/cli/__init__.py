@@ -78,6 +78,13 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         " as JSON on stdin and its stdout becomes the reply",
     )
     parser.add_argument(
+        "--reply-format",
+        choices=("text", "json"),
+        default=None,
+        help="what the handler prints: the reply text, or one JSON object with body, html,"
+        " attachments, subject (default: reply_format from the configuration, else text)",
+    )
+    parser.add_argument(
         "--log-format",
         choices=("human", "json"),
         default=None,
@@ -93,6 +100,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         args.config_path,
         exec_command=args.exec_command,
         log_format=args.log_format,
+        reply_format=args.reply_format,
         out=sys.stdout,
         err=sys.stderr,
     )

@@ -17,13 +17,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TextIO
 
+import attrs
 import trio
 
 from prxmail._log import log_event, setup_logging
 from prxmail._redact import config_secrets
 from prxmail._validate import parse_exec_command
 from prxmail.channel import MailChannel, collapse_exception_group
-from prxmail.config import Config, load_config
+from prxmail.config import Config, ReplyFormat, load_config
 from prxmail.errors import ConfigError, PrxmailError
 from prxmail.handler import contain_orphans
 from prxmail.service import serve_mail_channel
@@ -130,6 +131,7 @@ def run_serve(
     log_format: str | None,
     out: TextIO,
     err: TextIO,
+    reply_format: str | None = None,
 ) -> int:
     """Load the configuration and run the channel until SIGINT/SIGTERM.
 
@@ -139,6 +141,8 @@ def run_serve(
         log_format: ``"human"`` or ``"json"``; ``None`` uses the configuration's
             ``log_format``.
         out, err: Where to print; log lines go to ``err``.
+        reply_format: ``"text"`` or ``"json"`` (``--reply-format``); ``None`` uses the
+            configuration's ``reply_format``.
 
     Returns:
         The process exit status: 0 after a signal, 2 when it could not start
@@ -150,6 +154,8 @@ def run_serve(
     except ConfigError as exc:
         print(f"prxmail: {one_line(exc)}", file=err)
         return EXIT_CONFIG
+    if reply_format is not None:
+        config = attrs.evolve(config, reply_format=ReplyFormat(reply_format))
     if exec_command is not None:
         try:
             argv = parse_exec_command(exec_command)

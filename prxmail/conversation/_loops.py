@@ -232,14 +232,25 @@ class LoopGuard:
     the decision or the updated record, which the caller stores per thread.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        fast_answer_secs: float = FAST_ANSWER_SECS,
+        slow_down_secs: float = SLOW_DOWN_SECS,
+    ) -> None:
         """Create the guard.
 
         Args:
             clock: Wall-clock seconds (the records are persisted); inject a fake
                 in tests.
+            fast_answer_secs: Replaces :data:`FAST_ANSWER_SECS` (configuration,
+                tests with a fast "person").
+            slow_down_secs: Replaces :data:`SLOW_DOWN_SECS`.
         """
         self._clock = clock
+        self._fast_answer_secs = float(fast_answer_secs)
+        self._slow_down_secs = float(slow_down_secs)
 
     def note_incoming(self, activity: ThreadActivity) -> ThreadActivity:
         """Record an incoming message of the thread (call once per message, on arrival).
@@ -254,7 +265,7 @@ class LoopGuard:
         if not activity.awaiting_answer or not activity.reply_times:
             return activity
         delay = max(self._clock() - activity.reply_times[-1], 0.0)
-        fast = delay <= FAST_ANSWER_SECS
+        fast = delay <= self._fast_answer_secs
         return attrs.evolve(
             activity,
             awaiting_answer=False,
@@ -294,7 +305,7 @@ class LoopGuard:
         if activity.fast_streak >= FAST_STREAK_TO_HOLD:
             return Hold(
                 f"loop suspected: {activity.fast_streak} answers in a row each within "
-                f"{FAST_ANSWER_SECS:g}s of our reply (last: {delays}); "
+                f"{self._fast_answer_secs:g}s of our reply (last: {delays}); "
                 f"{activity.replies} replies sent in this thread"
             )
         now = self._clock()
@@ -305,12 +316,12 @@ class LoopGuard:
                 f"{REPLY_WINDOW_SECS / 3600:g}h (at most {MAX_REPLIES_PER_WINDOW})"
             )
         if activity.fast_streak >= FAST_STREAK_TO_SLOW and activity.reply_times:
-            until = activity.reply_times[-1] + SLOW_DOWN_SECS
+            until = activity.reply_times[-1] + self._slow_down_secs
             if until > now:
                 return Defer(
                     until,
                     f"{activity.fast_streak} fast answers in a row (last: {delays}); "
-                    f"one reply per {SLOW_DOWN_SECS:g}s in this thread",
+                    f"one reply per {self._slow_down_secs:g}s in this thread",
                 )
         return Proceed()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from prxmail.config import Config
 from prxmail.doctor._report import Status, StepResult
 from prxmail.errors import StateError, StateSchemaError
-from prxmail.state import DB_FILENAME, StateStore, account_key
+from prxmail.state import DB_FILENAME, MessageStatus, StateStore, account_key
 
 
 def _check_from_address(config: Config) -> StepResult:
@@ -144,6 +144,15 @@ def _check_state_db(config: Config) -> StepResult:
         summary += f", {stats.outbox_failed} failed permanently"
         status = Status.WARN
         hint = "some replies could not be sent; the log of prxmail serve says why"
+    deferred = stats.messages_by_status.get(MessageStatus.DEFERRED, 0)
+    held = stats.messages_by_status.get(MessageStatus.HELD, 0)
+    summary += f"; {deferred} messages deferred, {held} held"
+    if held:
+        status = Status.WARN
+        hint = hint or (
+            "held threads look like a mail loop and wait for an operator: the WARNING"
+            " 'thread held' in the log of prxmail serve names the thread and why"
+        )
     folder_state = next((m for m in mine if m.folder == config.imap_folder), None)
     if folder_state is not None:
         summary += f"; last processed UID {folder_state.last_uid} in {config.imap_folder!r}"

@@ -106,6 +106,9 @@ class Message:
         content_type: The lower-cased top-level MIME type.
         size: The size of the raw message in bytes.
         defects: Short names of what was wrong with the input, for logging.
+        thread_id: The conversation the message belongs to
+            (:func:`prxmail.conversation.message_thread_id`), set by the channel
+            when it admits the message; ``""`` on a message not admitted yet.
     """
 
     uid: int = attrs.field(validator=_non_negative)
@@ -134,6 +137,7 @@ class Message:
     content_type: str = "text/plain"
     size: int = 0
     defects: tuple[str, ...] = ()
+    thread_id: str = ""
 
 
 def missing_message_id(uid: int, uidvalidity: int) -> str:

@@ -22,6 +22,12 @@ twice*, across a SIGKILL at any instant. Three mechanisms give it:
                                                               --> claimed, or failed
                                                                   after max_attempts
 
+   Two more statuses park a claimed message without finishing it (issue 12: volume
+   and loop limits never drop mail): ``deferred`` (with a ``due_at``; back to
+   ``claimed`` by :meth:`StateStore.wake_deferred` when due) and ``held`` (back to
+   ``claimed`` only by an operator's :meth:`StateStore.release_thread`). Both
+   survive restarts; see ``_conversations``.
+
    A message is *claimed* (recorded, with its Message-ID) before anything is done with
    it, and claiming also advances the folder's high-water mark (the last UID that will
    never be fetched again) in the same transaction: a message is either above the mark
@@ -91,19 +97,23 @@ Package layout
 ``_model`` values and the state tables; ``_schema`` tables, migrations and rows as
 values; ``_db`` opening, the directory lock and transactions; ``_mailboxes`` the
 high-water mark; ``_messages`` a message's life; ``_outbox`` the outbox;
-``_housekeeping`` our Message-IDs, pruning, statistics; ``_store`` the class made of
-those; ``_async`` the trio facade.
+``_housekeeping`` our Message-IDs, pruning, statistics; ``_conversations`` parked
+messages, thread history and the limits' state; ``_store`` the class made of those;
+``_async`` the trio facade.
 """
 
 from prxmail.state._async import AsyncStateStore as AsyncStateStore
 from prxmail.state._async import open_state_store as open_state_store
 from prxmail.state._db import DB_FILENAME as DB_FILENAME
 from prxmail.state._model import MAX_REASON_CHARS as MAX_REASON_CHARS
+from prxmail.state._model import MAX_THREAD_HISTORY as MAX_THREAD_HISTORY
+from prxmail.state._model import MAX_THREAD_TEXT_CHARS as MAX_THREAD_TEXT_CHARS
 from prxmail.state._model import OUTBOX_TRANSITIONS as OUTBOX_TRANSITIONS
 from prxmail.state._model import TRANSITIONS as TRANSITIONS
 from prxmail.state._model import ClaimBatch as ClaimBatch
 from prxmail.state._model import ClaimOutcome as ClaimOutcome
 from prxmail.state._model import ClaimResult as ClaimResult
+from prxmail.state._model import Direction as Direction
 from prxmail.state._model import MailboxState as MailboxState
 from prxmail.state._model import MessageKey as MessageKey
 from prxmail.state._model import MessageRecord as MessageRecord
@@ -111,10 +121,12 @@ from prxmail.state._model import MessageStatus as MessageStatus
 from prxmail.state._model import OutboxDraft as OutboxDraft
 from prxmail.state._model import OutboxItem as OutboxItem
 from prxmail.state._model import OutboxStatus as OutboxStatus
+from prxmail.state._model import ParkedMessage as ParkedMessage
 from prxmail.state._model import PruneReport as PruneReport
 from prxmail.state._model import RecoveryReport as RecoveryReport
 from prxmail.state._model import RetryPolicy as RetryPolicy
 from prxmail.state._model import StateStatistics as StateStatistics
+from prxmail.state._model import ThreadEntry as ThreadEntry
 from prxmail.state._model import account_key as account_key
 from prxmail.state._model import normalize_message_id as normalize_message_id
 from prxmail.state._model import own_id_predicate as own_id_predicate
@@ -123,6 +135,8 @@ from prxmail.state._store import StateStore as StateStore
 
 __all__ = [
     "DB_FILENAME",
+    "MAX_THREAD_HISTORY",
+    "MAX_THREAD_TEXT_CHARS",
     "OUTBOX_TRANSITIONS",
     "SCHEMA_VERSION",
     "TRANSITIONS",
@@ -130,6 +144,7 @@ __all__ = [
     "ClaimBatch",
     "ClaimOutcome",
     "ClaimResult",
+    "Direction",
     "MailboxState",
     "MessageKey",
     "MessageRecord",
@@ -137,11 +152,13 @@ __all__ = [
     "OutboxDraft",
     "OutboxItem",
     "OutboxStatus",
+    "ParkedMessage",
     "PruneReport",
     "RecoveryReport",
     "RetryPolicy",
     "StateStatistics",
     "StateStore",
+    "ThreadEntry",
     "account_key",
     "normalize_message_id",
     "open_state_store",

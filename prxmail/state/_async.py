@@ -185,6 +185,20 @@ class AsyncStateStore:
     remember_message_id = _offload(StateStore.remember_message_id)
     prune = _offload(StateStore.prune)
     statistics = _offload(StateStore.statistics)
+    thread_ids_among = _offload(StateStore.thread_ids_among)
+    thread_history = _offload(StateStore.thread_history)
+    thread_activity = _offload(StateStore.thread_activity)
+    thread_activities = _offload(StateStore.thread_activities)
+    thread_of = _offload(StateStore.thread_of)
+    rate_limiter_state = _offload(StateStore.rate_limiter_state)
+    record_admission = _offload(StateStore.record_admission)
+    wake_deferred = _offload(StateStore.wake_deferred)
+    next_deferred_at = _offload(StateStore.next_deferred_at)
+    parked_messages = _offload(StateStore.parked_messages)
+    release_thread = _offload(StateStore.release_thread)
+    record_reply_in_thread = _offload(StateStore.record_reply_in_thread)
+    enqueue_in_thread = _offload(StateStore.enqueue_in_thread)
+    prune_conversations = _offload(StateStore.prune_conversations)
 
 
 def _run_batch(batch: list[_Job]) -> None:

@@ -37,6 +37,16 @@ MESSAGE_RETENTION_SECONDS: Final = 365 * 86400.0
 # the database through an error message.
 MAX_REASON_CHARS: Final = 2000
 
+# Text of one thread entry kept in the database (our reply, or received mail when
+# thread_keep_incoming_text is on): 16k characters is several pages, more than any
+# agent needs as context for one earlier message, and bounds the table per row.
+MAX_THREAD_TEXT_CHARS: Final = 16_000
+
+# Earlier messages of a thread given to a handler (the newest ones, oldest first):
+# 50 covers issue 12's 25-round conversation in full (two entries a round) and keeps
+# the handler's JSON input bounded (at most 50 x MAX_THREAD_TEXT_CHARS of text).
+MAX_THREAD_HISTORY: Final = 50
+
 
 def account_key(username: str, host: str, port: int) -> str:
     """Build the key that separates the state of different accounts.
@@ -109,6 +119,10 @@ class MessageStatus(enum.Enum):
     REPLIED = "replied"
     REJECTED = "rejected"
     FAILED = "failed"
+    #: Kept (unseen) until ``due_at``: a volume or loop limit said "not yet".
+    DEFERRED = "deferred"
+    #: Kept (unseen) until an operator releases its thread: a loop is suspected.
+    HELD = "held"
 
     @property
     def terminal(self) -> bool:
@@ -120,7 +134,14 @@ class MessageStatus(enum.Enum):
 #: :class:`~prxmail.errors.LocalProtocolError` (a bug in the caller).
 TRANSITIONS: Final[Mapping[MessageStatus, frozenset[MessageStatus]]] = {
     MessageStatus.CLAIMED: frozenset(
-        {MessageStatus.HANDLING, MessageStatus.REJECTED, MessageStatus.FAILED}
+        {
+            MessageStatus.HANDLING,
+            MessageStatus.REJECTED,
+            MessageStatus.FAILED,
+            # Volume and loop limits never finish a message: they park it.
+            MessageStatus.DEFERRED,
+            MessageStatus.HELD,
+        }
     ),
     MessageStatus.HANDLING: frozenset(
         {
@@ -132,6 +153,11 @@ TRANSITIONS: Final[Mapping[MessageStatus, frozenset[MessageStatus]]] = {
             MessageStatus.CLAIMED,
         }
     ),
+    # Back to claimed when due (wake_deferred), then admitted afresh; failed only
+    # when its UID is lost (UIDVALIDITY change).
+    MessageStatus.DEFERRED: frozenset({MessageStatus.CLAIMED, MessageStatus.FAILED}),
+    # Back to claimed only by an operator's release of the thread (release_thread).
+    MessageStatus.HELD: frozenset({MessageStatus.CLAIMED, MessageStatus.FAILED}),
     MessageStatus.HANDLED: frozenset(),
     MessageStatus.REPLIED: frozenset(),
     MessageStatus.REJECTED: frozenset(),
@@ -221,6 +247,56 @@ class ClaimBatch:
     results: tuple[ClaimResult, ...]
     #: Which of the Message-IDs asked about are ours (normalised, ``"<...>"``).
     ours: frozenset[str]
+
+
+class Direction(enum.Enum):
+    """Whether a thread entry was received (``"in"``) or sent by us (``"out"``)."""
+
+    IN = "in"
+    OUT = "out"
+
+
+@attrs.frozen
+class ThreadEntry:
+    """One message of a conversation as the state store remembers it.
+
+    Attributes:
+        message_id: Its normalised Message-ID.
+        thread_id: The conversation it belongs to.
+        direction: Received or sent.
+        date: Its Date (ISO 8601, UTC) or None.
+        sender: The From address.
+        subject: The subject.
+        text: The text: always for our replies, for received mail only when
+            ``thread_keep_incoming_text`` is on; cut to :data:`MAX_THREAD_TEXT_CHARS`.
+        created_at: When it was recorded (store clock).
+    """
+
+    message_id: str = attrs.field(converter=normalize_message_id)
+    thread_id: str
+    direction: Direction
+    date: str | None
+    sender: str
+    subject: str
+    text: str | None = None
+    created_at: float = 0.0
+
+
+@attrs.frozen
+class ParkedMessage:
+    """A ``deferred`` or ``held`` message (see :meth:`StateStore.parked_messages`).
+
+    Attributes:
+        due_at: For a deferred one, when it is handed on again (store clock).
+        thread_id: Its conversation, when known.
+    """
+
+    key: MessageKey
+    message_id: str
+    status: MessageStatus
+    reason: str | None
+    due_at: float | None
+    thread_id: str | None
 
 
 @attrs.frozen

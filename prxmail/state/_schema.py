@@ -94,6 +94,72 @@ _MIGRATIONS: Final[Sequence[Sequence[str]]] = (
         """,
         "CREATE INDEX own_message_id_age ON own_message_id (created_at)",
     ),
+    # version 2: conversations (issue 12). The message table is rebuilt because its
+    # status CHECK gains 'deferred' and 'held' (SQLite cannot alter a CHECK); due_at
+    # is when a deferred message is handed on again.
+    (
+        """
+        CREATE TABLE message_v2 (
+            account TEXT NOT NULL,
+            folder TEXT NOT NULL,
+            uidvalidity INTEGER NOT NULL,
+            uid INTEGER NOT NULL CHECK (uid > 0),
+            message_id TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN
+                ('claimed', 'handling', 'handled', 'replied', 'rejected', 'failed',
+                 'deferred', 'held')),
+            reason TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            claimed_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            due_at REAL,
+            PRIMARY KEY (account, folder, uidvalidity, uid)
+        )
+        """,
+        "INSERT INTO message_v2 (account, folder, uidvalidity, uid, message_id, status,"
+        " reason, attempts, claimed_at, updated_at) SELECT account, folder, uidvalidity,"
+        " uid, message_id, status, reason, attempts, claimed_at, updated_at FROM message",
+        "DROP TABLE message",
+        "ALTER TABLE message_v2 RENAME TO message",
+        "CREATE INDEX message_by_message_id ON message (account, message_id)",
+        "CREATE INDEX message_by_status ON message (status, account, folder)",
+        # Every message of a conversation seen or sent, for thread_id lookups and the
+        # handler's history.
+        """
+        CREATE TABLE thread_message (
+            account TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            thread_id TEXT NOT NULL,
+            direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+            date TEXT,
+            sender TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            text TEXT,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (account, message_id)
+        )
+        """,
+        "CREATE INDEX thread_message_by_thread ON thread_message (account, thread_id, created_at)",
+        "CREATE INDEX thread_message_age ON thread_message (created_at)",
+        # The loop guard's evidence per thread (ThreadActivity.to_state as JSON).
+        """
+        CREATE TABLE thread_activity (
+            account TEXT NOT NULL,
+            thread_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (account, thread_id)
+        )
+        """,
+        # The per-sender rate limiter's buckets (SenderRateLimiter.to_state as JSON).
+        """
+        CREATE TABLE rate_limiter (
+            account TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+    ),
 )
 
 #: The schema version this code writes.

@@ -4,7 +4,8 @@ Theory of operation: :class:`StateStore` is :class:`~prxmail.state._db.Database`
 (opening, the directory lock, transactions, migrations, checkpoints) plus a mixin per
 concern, each in its own module: folders and the high-water mark (``_mailboxes``), a
 message's life (``_messages``), the outbox (``_outbox``), our own Message-IDs, pruning
-and statistics (``_housekeeping``). Every public method is one transaction; a method
+and statistics (``_housekeeping``), parked messages, threads and the limits' state
+(``_conversations``). Every public method is one transaction; a method
 composed of others runs inside the outer one (see ``Database._transaction``).
 """
 
@@ -15,12 +16,12 @@ import random
 import time
 from collections.abc import Callable
 
+from prxmail.state._conversations import ConversationMixin
 from prxmail.state._housekeeping import HousekeepingMixin
 from prxmail.state._model import RetryPolicy
-from prxmail.state._outbox import OutboxMixin
 
 
-class StateStore(OutboxMixin, HousekeepingMixin):
+class StateStore(ConversationMixin, HousekeepingMixin):
     """Synchronous access to the state database (one thread at a time; see :mod:`prxmail.state`).
 
     Use :func:`open_state_store` from trio code. This class is for tests, tools and
@@ -69,6 +70,7 @@ class StateStore(OutboxMixin, HousekeepingMixin):
         if prune_on_open and not read_only:
             try:
                 self.prune()
+                self.prune_conversations()
             except BaseException:
                 self.close()
                 raise

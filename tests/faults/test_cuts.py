@@ -63,6 +63,7 @@ async def test_random_cuts_while_mail_arrives(mail_servers: MailServers, tmp_pat
                 command_timeout_secs=5,
                 keepalive_secs=5,
                 reply_rate_limit=1000,
+                reply_rate_burst=1000,
             )
         )
         sent: list[str] = []

@@ -61,6 +61,7 @@ def test_restarts_and_crashes_lose_nothing_and_answer_once(
             keepalive_secs=5,
             command_timeout_secs=5,
             reply_rate_limit=1000,
+            reply_rate_burst=1000,
         )
     )
     journal = tmp_path / "journal.jsonl"

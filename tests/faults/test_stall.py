@@ -58,6 +58,7 @@ async def test_silent_stalls_are_detected_and_recovered(
                 smtp_retry_initial_secs=RETRY,
                 smtp_retry_max_secs=RETRY,
                 reply_rate_limit=1000,
+                reply_rate_burst=1000,
             )
         )
         async with open_mail_channel(config, rng=rng) as channel:

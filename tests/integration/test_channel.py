@@ -377,7 +377,12 @@ async def test_catch_up_of_a_full_mailbox_in_batches(
     pair = fresh_pair(mail_servers, "catchup")
     count = 200
     config = make_config(
-        mail_servers, pair, tmp_path / "state", fetch_batch_size=25, reply_rate_limit=1000
+        mail_servers,
+        pair,
+        tmp_path / "state",
+        fetch_batch_size=25,
+        reply_rate_limit=1000,
+        reply_rate_burst=1000,
     )
 
     def fill() -> None:

@@ -36,6 +36,7 @@ from prxmail.channel import (
 from prxmail.channel import _watcher as channel_watcher
 from prxmail.channel._fetch import OVERSIZE_DEFECT, POISON_ATTEMPTS
 from prxmail.channel._watcher import IMAPConnector
+from prxmail.compose import OutgoingAttachment
 from prxmail.config import Config, parse_config
 from prxmail.imap import IMAPConnection, open_imap_stream
 from prxmail.state import MessageKey, MessageStatus, StateStore, account_key
@@ -459,15 +460,33 @@ async def test_a_message_the_server_lists_but_does_not_return_is_not_skipped(
     assert fake.connections < 8  # backed off, did not hammer
 
 
-async def test_reply_rate_limit_refuses_the_sender_beyond_the_limit(tmp_path: Path) -> None:
+async def test_reply_rate_limit_defers_beyond_the_limit_and_hands_on_when_a_token_is_back(
+    tmp_path: Path,
+) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2), 3: raw_message(3)})
     async with trio.open_nursery() as nursery:
-        config = fake_config(9, tmp_path / "state", reply_rate_limit=2)
+        # A bucket of 2, refilled at one token per 2 s.
+        config = fake_config(
+            9,
+            tmp_path / "state",
+            reply_rate_limit=1,
+            reply_rate_window_secs=2,
+            reply_rate_burst=2,
+        )
         async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             assert await receive(channel) == "fake 1"
             assert await receive(channel) == "fake 2"
-            await wait_until(lambda: channel.statistics().rejected == 1)
-            assert channel.statistics().delivered == 2
+            started = trio.current_time()
+            with trio.fail_after(10):
+                third = await channel.receive()
+            # Not refused: deferred, then handed on by the watcher's own wake-up.
+            assert third.subject == "fake 3"
+            assert trio.current_time() - started >= 0.5
+            assert channel.statistics().rejected == 0
+            assert channel.statistics().deferred >= 1
+            assert 3 not in fake.seen
+            await channel.mark_handled(third)
+            await wait_until(lambda: 3 in fake.seen)
         nursery.cancel_scope.cancel()
 
 
@@ -816,3 +835,101 @@ async def test_a_250_mb_answer_to_a_1_mib_partial_fetch_is_refused_and_failed(
         [failed] = store.messages_with_status(MessageStatus.FAILED)
     assert failed.key.uid == 1
     assert "literal" in str(failed.reason)
+
+
+def answer_to(uid: int, parent_id: str, references: list[str]) -> bytes:
+    return (
+        f"From: alice@example.com\r\nTo: bot@example.com\r\nSubject: Re: fake 1\r\n"
+        f"Message-ID: <fake-{uid}@example.com>\r\nIn-Reply-To: {parent_id}\r\n"
+        f"References: {' '.join(references)}\r\n\r\nanswer {uid}\r\n"
+    ).encode()
+
+
+async def test_an_instant_answerer_is_held_per_thread_and_released_by_the_operator(
+    tmp_path: Path,
+) -> None:
+    fake = FakeIMAP(messages={1: raw_message(1)})
+    async with trio.open_nursery() as nursery:
+        config = fake_config(9, tmp_path / "state", loop_slow_down_secs=1)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
+            with trio.fail_after(10):
+                message = await channel.receive()
+            thread_id = message.thread_id
+            assert len(thread_id) == 16
+            refs = [message.message_id]
+            uid = 1
+            replies = 0
+            while True:
+                reply_id = await channel.reply(message, f"answer {replies}")
+                replies += 1
+                refs.append(reply_id)
+                uid += 1
+                fake.add(uid, answer_to(uid, reply_id, refs))
+                with trio.move_on_after(5):
+                    message = await channel.receive()
+                    assert message.thread_id == thread_id
+                    refs.append(message.message_id)
+                    history = await channel.thread(message)
+                    assert [h["direction"] for h in history][-2:] == ["in", "out"]
+                    assert history[-1]["text"] == f"answer {replies - 1}"
+                    continue
+                break
+            # Held after 8 instant answers (FAST_STREAK_TO_HOLD), far below 50.
+            assert replies == 8
+            parked = await channel._store.parked_messages(channel.account)
+            assert [(p.status.value, p.thread_id) for p in parked] == [("held", thread_id)]
+            assert "loop suspected" in (parked[0].reason or "")
+            assert channel.statistics().held == 1
+            assert uid not in fake.seen
+            # Another thread of the same sender is not affected.
+            fake.add(uid + 1, raw_message(uid + 1))
+            with trio.fail_after(10):
+                other = await channel.receive()
+            assert other.thread_id != thread_id
+            await channel.mark_handled(other)
+            # The operator releases the thread: the held message is handed on.
+            assert await channel.release_thread(thread_id) == 1
+            with trio.fail_after(10):
+                released = await channel.receive()
+            assert released.uid == uid
+            assert released.thread_id == thread_id
+        nursery.cancel_scope.cancel()
+
+
+async def test_incoming_text_is_kept_in_the_thread_only_when_opted_in_and_rich_mail_is_queued(
+    tmp_path: Path,
+) -> None:
+    first = raw_message(1)
+    fake = FakeIMAP(messages={1: first})
+    async with trio.open_nursery() as nursery:
+        config = fake_config(9, tmp_path / "state", thread_keep_incoming_text="true")
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
+            with trio.fail_after(10):
+                message = await channel.receive()
+            png = OutgoingAttachment("c.png", "image/png", b"\x89PNG\r\n\x00")
+            reply_id = await channel.reply(
+                message, "plain answer", html="<p>answer</p>", attachments=[png]
+            )
+            fake.add(2, answer_to(2, reply_id, [message.message_id, reply_id]))
+            with trio.fail_after(10):
+                second = await channel.receive()
+            history = await channel.thread(second)
+            assert [(h["direction"], h["text"]) for h in history] == [
+                ("in", "body 1"),
+                ("out", "plain answer"),
+            ]
+            assert history[0]["message_id"] == message.message_id
+            assert history[1]["message_id"] == reply_id
+            await channel.mark_handled(second)
+            sent_id = await channel.send(
+                "alice@example.com", "news", "text", html="<p>news</p>", attachments=[png]
+            )
+            items = {i.message_id: i for i in await channel._store.outbox_items()}
+            for mid in (reply_id, sent_id):
+                raw = items[mid].raw
+                assert b"multipart/mixed" in raw
+                assert b"multipart/alternative" in raw
+                assert b'filename="c.png"' in raw or b"filename=c.png" in raw
+            # What we send starts a thread of its own, known to the store.
+            assert await channel._store.thread_of(channel.account, sent_id)
+        nursery.cancel_scope.cancel()

@@ -356,3 +356,23 @@ def test_every_command_in_the_table_is_a_subcommand(capsys: pytest.CaptureFixtur
             main([command.name, "--help"])
         assert info.value.code == 0
         assert command.description.split()[0] in capsys.readouterr().out
+
+
+def test_serve_reply_format_flag_reaches_the_service(
+    good_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prxmail.cli._serve
+
+    seen: list[object] = []
+
+    def fake_run(config: object, argv: list[str]) -> None:
+        seen.append(config)
+
+    monkeypatch.setattr(prxmail.cli._serve, "_run", fake_run)
+    path = good_config
+    assert main(["serve", "-c", str(path), "--exec", "true", "--reply-format", "json"]) == EXIT_OK
+    assert main(["serve", "-c", str(path), "--exec", "true"]) == EXIT_OK
+    formats = [c.reply_format.value for c in seen]  # type: ignore[attr-defined]
+    assert formats == ["json", "text"]
+    with pytest.raises(SystemExit):
+        main(["serve", "-c", str(path), "--exec", "true", "--reply-format", "xml"])

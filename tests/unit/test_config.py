@@ -324,7 +324,10 @@ def test_service_keys_have_documented_defaults() -> None:
     assert config.mark_seen is True
     assert config.first_start is FirstStart.UNSEEN
     assert config.authserv_id is None
-    assert (config.reply_rate_limit, config.reply_rate_window_secs) == (10, 3600)
+    assert (config.reply_rate_limit, config.reply_rate_window_secs) == (60, 3600)
+    assert config.reply_rate_burst == 40
+    assert config.reply_format.value == "text"
+    assert config.thread_keep_incoming_text is False
     assert config.poll_interval_secs == 60
     assert config.keepalive_secs == DEFAULT_KEEPALIVE_SECS == 300
     assert config.command_timeout_secs == DEFAULT_COMMAND_TIMEOUT_SECS == 60
@@ -353,6 +356,9 @@ def test_exec_problems_name_the_key(value: str) -> None:
         ("handler_max_attempts", "0"),
         ("reply_rate_limit", "0"),
         ("reply_rate_window_secs", "-1"),
+        ("reply_rate_burst", "0"),
+        ("reply_format", '"html"'),
+        ("thread_keep_incoming_text", '"yes"'),
         ("poll_interval_secs", "0"),
         ("keepalive_secs", '"300"'),
         ("command_timeout_secs", "1.5"),
@@ -597,3 +603,24 @@ def test_config_imports_no_runtime_modules() -> None:
     forbidden = {"prxmail.handler", "prxmail.policy", "prxmail.message", "trio", "mailparser"}
     assert not loaded & forbidden
     assert not any(name.startswith(("trio.", "mailparser.", "prxmail.message.")) for name in loaded)
+
+
+def test_conversation_keys_are_read() -> None:
+    from prxmail.config import ReplyFormat
+
+    config = parse_config(
+        PRX_TABLE
+        + 'reply_format = "json"\nthread_keep_incoming_text = true\nreply_rate_burst = 5\n'
+    )
+    assert config.reply_format is ReplyFormat.JSON
+    assert config.thread_keep_incoming_text is True
+    assert config.reply_rate_burst == 5
+
+
+def test_loop_guard_defaults_are_the_loop_rule_numbers() -> None:
+    from prxmail.config import DEFAULT_LOOP_FAST_ANSWER_SECS, DEFAULT_LOOP_SLOW_DOWN_SECS
+    from prxmail.conversation import FAST_ANSWER_SECS, SLOW_DOWN_SECS
+
+    config = parse_config(PRX_TABLE)
+    assert config.loop_fast_answer_secs == DEFAULT_LOOP_FAST_ANSWER_SECS == FAST_ANSWER_SECS
+    assert config.loop_slow_down_secs == DEFAULT_LOOP_SLOW_DOWN_SECS == SLOW_DOWN_SECS

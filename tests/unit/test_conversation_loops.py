@@ -208,3 +208,21 @@ def test_state_lists_are_cut_to_their_bounds() -> None:
     activity = ThreadActivity.from_state(state)
     assert len(activity.reply_times) == MAX_REPLIES_PER_WINDOW
     assert activity.reply_times[-1] == 9_999.0
+
+
+def test_configured_thresholds_replace_the_defaults() -> None:
+    now = [1000.0]
+    guard = LoopGuard(clock=lambda: now[0], fast_answer_secs=1, slow_down_secs=2)
+    activity = ThreadActivity()
+    for _ in range(3):
+        activity = guard.note_reply(activity)
+        now[0] += 1.5  # slower than the configured 1 s: a person
+        decision, activity = guard.check(activity)
+        assert isinstance(decision, Proceed)
+    assert activity.fast_streak == 0
+    for _ in range(3):
+        activity = guard.note_reply(activity)
+        now[0] += 0.5
+        decision, activity = guard.check(activity)
+    assert isinstance(decision, Defer)
+    assert decision.until == activity.reply_times[-1] + 2

@@ -42,7 +42,7 @@ from prxmail.doctor import (
 from prxmail.doctor import _network as doctor_module
 from prxmail.doctor import _run as doctor_run
 from prxmail.doctor._network import _connect_error
-from prxmail.state import OutboxDraft, StateStore, account_key
+from prxmail.state import MessageKey, OutboxDraft, StateStore, account_key
 from prxmail.state._schema import SCHEMA_VERSION
 
 HOST = "127.0.0.1"
@@ -901,6 +901,27 @@ async def test_existing_state_shows_outbox_and_last_uid(tmp_path: Path) -> None:
     assert "1 replies waiting" in db.summary
     assert "last processed UID 41 in 'INBOX'" in db.summary
     assert "UIDVALIDITY 777" in db.detail[0]
+
+
+async def test_state_step_counts_deferred_and_held_messages(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    path = write_config(tmp_path, imap_port=993, state_dir=str(state))
+    account = account_key(USER, HOST, 993)
+    with StateStore(state) as store:
+        store.sync_mailbox(account, "INBOX", 1)
+        keys = [MessageKey(account, "INBOX", 1, uid) for uid in (1, 2, 3)]
+        for key in keys:
+            store.claim(key, f"<m{key.uid}@example.com>")
+        store.record_admission(
+            account,
+            deferred=[(keys[0], 1e12, "rate-limited"), (keys[1], 1e12, "rate-limited")],
+            held=[(keys[2], "loop suspected")],
+        )
+        report = await run_checks(path, timeouts=FAST)
+    db = report.step("state.db")
+    assert "2 messages deferred, 1 held" in db.summary
+    assert db.status is Status.WARN
+    assert "thread held" in db.hint
 
 
 async def test_unreadable_state_database_fails(tmp_path: Path) -> None:

@@ -524,6 +524,12 @@ def test_every_transition_not_in_the_table_is_refused(tmp_path: Path) -> None:
         if status is MessageStatus.REJECTED:
             s.mark_rejected(k, "r")
             return k
+        if status is MessageStatus.DEFERRED:
+            s.record_admission(ACCOUNT, deferred=[(k, 1e12, "rate-limited")])
+            return k
+        if status is MessageStatus.HELD:
+            s.record_admission(ACCOUNT, held=[(k, "loop suspected")])
+            return k
         s.begin_handling(k)
         if status is MessageStatus.HANDLED:
             s.mark_handled(k)
