@@ -73,7 +73,13 @@ from prxmail.config import Config
 from prxmail.errors import LocalProtocolError
 from prxmail.message import Address, Message
 from prxmail.policy import choose_reply_recipient
-from prxmail.state import AsyncStateStore, MessageStatus, RetryPolicy, open_state_store
+from prxmail.state import (
+    AsyncStateStore,
+    MessageKey,
+    MessageStatus,
+    RetryPolicy,
+    open_state_store,
+)
 
 
 @attrs.frozen
@@ -142,9 +148,77 @@ class MailChannel(_Watcher, _Sender):
         Raises:
             trio.EndOfChannel: the channel is closing.
         """
-        message = await self._message_receive.receive()
+        while True:
+            message = self._ahead
+            self._ahead = None
+            if message is None:
+                message = await self._message_receive.receive()
+            key = self._key(message)
+            if key not in self._unbegun:
+                break
+            try:
+                await self._store.begin_handling(key)
+            except LocalProtocolError:
+                self._drop_unbegun(key)  # not claimed any more: not ours to hand out
+                continue
+            except BaseException:
+                # Not begun (a call cancelled before it started does nothing): the next
+                # receive() hands this one out.
+                self._ahead = message
+                raise
+            self._unbegun.discard(key)
+            break
         self._counts["delivered"] += 1
         return message
+
+    # -- the hand-over ------------------------------------------------------------------
+    #
+    # In a catch-up the watcher holds message k+1 (claimed, parsed) while you handle k.
+    # Beginning k+1 and finishing k are two store calls, each a hop to the store's thread
+    # and a commit; a hop costs most while a parse holds the GIL. So messages after the
+    # first of a group reach the channel un-begun (``_unbegun``), and finishing k takes
+    # k+1 off the channel and commits both in one transaction
+    # (StateStore.finish_and_begin). The durability is that of the two calls in a row:
+    # k's outcome is committed no later than k+1 is handed out, and k+1 is 'handling',
+    # its attempt counted, before receive() returns it. A message that could not be
+    # begun with its predecessor's outcome is begun on its own by receive().
+
+    def _take_unbegun(self) -> Message | None:
+        """The next message, taken off the channel early, if it still needs beginning."""
+        if self._ahead is None:
+            try:
+                self._ahead = self._message_receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return None
+        if self._key(self._ahead) in self._unbegun:
+            return self._ahead
+        return None
+
+    def _drop_unbegun(self, key: MessageKey) -> None:
+        self._unbegun.discard(key)
+        self._in_flight.pop(key, None)
+        self._pending_dirty = True
+        log_event(logging.WARNING, "message not handed out: no longer claimed", uid=key.uid)
+
+    async def _finish(
+        self, key: MessageKey, outcome: MessageStatus, reason: str | None = None
+    ) -> None:
+        following = self._take_unbegun()
+        if following is None:
+            if outcome is MessageStatus.HANDLED:
+                await self._store.mark_handled(key)
+            else:
+                await self._store.mark_failed(key, reason or "")
+            return
+        next_key = self._key(following)
+        # Raises (changing nothing) when key cannot be finished; the next message then
+        # stays in _ahead un-begun for receive().
+        _, begun = await self._store.finish_and_begin(key, outcome, next_key, reason=reason)
+        if begun is None:
+            self._ahead = None
+            self._drop_unbegun(next_key)
+        else:
+            self._unbegun.discard(next_key)
 
     async def reply(self, message: Message, body: str) -> str:
         """Answer a message: compose the threaded reply once, store it, send it.
@@ -213,7 +287,7 @@ class MailChannel(_Watcher, _Sender):
             LocalProtocolError: the message was already finished.
         """
         key = self._key(message)
-        await self._store.mark_handled(key)
+        await self._finish(key, MessageStatus.HANDLED)
         self._finished(key, seen=True)
 
     async def mark_failed(self, message: Message, reason: str) -> None:
@@ -225,7 +299,7 @@ class MailChannel(_Watcher, _Sender):
             LocalProtocolError: the message was already finished.
         """
         key = self._key(message)
-        await self._store.mark_failed(key, reason)
+        await self._finish(key, MessageStatus.FAILED, reason)
         self._finished(key, seen=False)
 
     async def release(self, message: Message, reason: str) -> bool:

@@ -114,6 +114,12 @@ class _ChannelCore:
         self._seen_send, self._seen_receive = trio.open_memory_channel[MessageKey](SEEN_BUFFER)
         self._seen_retry: list[MessageKey] = []
         self._in_flight: dict[MessageKey, Message] = {}
+        # The hand-over (see _api): messages given to the channel whose begin_handling
+        # the consumer's side commits -- together with the previous message's outcome
+        # when it can (StateStore.finish_and_begin), else on receiving it. At most one
+        # message taken early from the channel waits in _ahead for the next receive().
+        self._unbegun: set[MessageKey] = set()
+        self._ahead: Message | None = None
         self._ssl_context = shared_ssl_context(config.tls_ca_file)
         #: Health of the channel; ``await channel.status.wait_value(pred)`` to watch it.
         self.status: trio_util.AsyncValue[ChannelStatus] = trio_util.AsyncValue(ChannelStatus())
