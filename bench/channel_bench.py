@@ -670,11 +670,6 @@ def _backlog_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one contender; the parent reads the JSON line this prints."""
     run = BACKLOG[spec["contender"]]
     breakdown = _instrument_prxmail() if spec.get("breakdown") else None
-    if spec.get("no_pool"):
-        from prxmail.channel import _fetch
-
-        # --no-pool: the catch-up parses in threads only (a comparison run).
-        setattr(_fetch, "POOL_MIN_BACKLOG", 1 << 62)  # noqa: B010
     # Import what the contender needs before the baseline, so it is not counted as work.
     if spec["contender"] == "prxmail":
         import prxmail.channel  # noqa: F401
@@ -748,7 +743,6 @@ def bench_backlog(
     *,
     breakdown: bool = False,
     pyspy: bool = False,
-    no_pool: bool = False,
 ) -> dict[str, Any]:
     n = len(messages)
     expected = sum(len(m) for m in messages)
@@ -767,7 +761,6 @@ def bench_backlog(
             "password": user.password,
             "n": n,
             "toml": _channel_toml(servers, user, state),
-            "no_pool": no_pool,
         }
         prof = None
         if profile_dir is not None and name == "prxmail":
@@ -799,7 +792,7 @@ def bench_backlog(
         servers.deliver_to_maildir(user, messages)
         _warm(servers, user)
         state = servers.workdir / f"state-{user.localpart}"
-        spec = {"contender": "prxmail", "n": n, "breakdown": True, "no_pool": no_pool}
+        spec = {"contender": "prxmail", "n": n, "breakdown": True}
         spec["toml"] = _channel_toml(servers, user, state)
         res = _run_child(spec)
         total_s = res["elapsed"]
@@ -978,11 +971,6 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="one more instrumented prxmail backlog run: where its time goes",
     )
-    parser.add_argument(
-        "--no-pool",
-        action="store_true",
-        help="prxmail parses a catch-up in threads only (to compare with the process pool)",
-    )
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
     args = parser.parse_args(argv)
     samples = min(200, args.samples or (8 if args.quick else 20))
@@ -1011,7 +999,6 @@ def main(argv: list[str]) -> int:
                 args.profile,
                 breakdown=args.breakdown,
                 pyspy=args.py_spy,
-                no_pool=args.no_pool,
             )
             del small_msgs
             large_msgs = [_attachment_message(i, 200_000, "l", rng) for i in range(large)]
@@ -1022,7 +1009,6 @@ def main(argv: list[str]) -> int:
                 args.profile,
                 breakdown=args.breakdown,
                 pyspy=args.py_spy,
-                no_pool=args.no_pool,
             )
             del large_msgs
         if not args.skip_accounts:

@@ -23,15 +23,11 @@ size from the BODYSTRUCTURE alone.
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import functools
 import logging
-import multiprocessing
-import os
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 import attrs
@@ -132,103 +128,6 @@ def parse_limiter() -> trio.CapacityLimiter:
         limiter = trio.CapacityLimiter(PARSE_THREADS)
         _PARSE_LIMITER.set(limiter)
         return limiter
-
-
-# -- parsing in worker processes during a large catch-up --------------------------------
-#
-# A parse thread shares the GIL with the event loop, so a catch-up runs on one core: the
-# loop's work (TLS, the IMAP parser, the store hand-over) waits while a group is parsed.
-# A catch-up of at least POOL_MIN_BACKLOG messages therefore parses its groups in a
-# small process pool instead, which runs on the other core. The pool is started by the
-# first such catch-up in the trio run and shut down when the last one ends (a channel
-# that is idle holds no worker processes). Workers come from a forkserver that has
-# imported this module once, never by forking the service itself (its threads could
-# hold locks at the moment of the fork). A group whose pool round trip fails (a worker
-# died, a result that does not pickle) is parsed again in a thread: the pool only ever
-# changes where a parse runs, never its result.
-
-# Messages a catch-up must have before it starts worker processes. Starting the pool
-# costs about 0.3 s of CPU (forkserver, imports) and each message about 30 us to pickle
-# there and back; a 4 KiB message's parse costs about 200 us on the loop's core. Below
-# a few hundred messages the start does not pay for itself.
-POOL_MIN_BACKLOG: Final = 500
-
-# Worker processes of the pool: one per core beyond the event loop's, at most two. A
-# worker holds one group (up to GROUP_BYTES raw) and its parsed copy at a time, so the
-# pool adds at most a few tens of MiB while it runs.
-PARSE_PROCESSES: Final = max(1, min(2, (os.cpu_count() or 1) - 1))
-
-
-@attrs.define
-class _PoolState:
-    executor: concurrent.futures.ProcessPoolExecutor | None = None
-    users: int = 0
-
-
-_PARSE_POOL: trio.lowlevel.RunVar[_PoolState] = trio.lowlevel.RunVar("prxmail_parse_pool")
-
-
-@contextlib.contextmanager
-def parse_pool() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
-    """The run's parse process pool for the duration of a large catch-up.
-
-    Started on first use, shut down (without waiting for its workers) when the last
-    user leaves, so a service between catch-ups has no worker processes.
-
-    Yields:
-        The pool (shared by every catch-up of the run that is running now).
-    """
-    try:
-        state = _PARSE_POOL.get()
-    except LookupError:
-        state = _PoolState()
-        _PARSE_POOL.set(state)
-    if state.executor is None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        state.executor = concurrent.futures.ProcessPoolExecutor(
-            max_workers=PARSE_PROCESSES, mp_context=context
-        )
-    state.users += 1
-    try:
-        yield state.executor
-    finally:
-        state.users -= 1
-        if state.users == 0:
-            executor, state.executor = state.executor, None
-            executor.shutdown(wait=False, cancel_futures=True)
-
-
-async def _in_process(
-    pool: concurrent.futures.ProcessPoolExecutor, work: functools.partial[_Parsed]
-) -> _Parsed:
-    """Run a group's parse in the pool; wait without a thread (the future's callback
-    wakes this task through the run's token)."""
-    token = trio.lowlevel.current_trio_token()
-    done = trio.Event()
-
-    def wake(_: object) -> None:
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(done.set)
-
-    try:
-        future = pool.submit(work)
-    except RuntimeError:  # the pool was shut down or broke meanwhile
-        return await _in_thread(work)
-    future.add_done_callback(wake)
-    try:
-        await done.wait()
-    except BaseException:
-        future.cancel()
-        raise
-    try:
-        return future.result()
-    except Exception:  # any failure of the round trip: parse here instead
-        return await _in_thread(work)
-
-
-async def _in_thread(work: Callable[[], _Parsed]) -> _Parsed:
-    return await trio.to_thread.run_sync(work, limiter=parse_limiter(), abandon_on_cancel=True)
 
 
 def _header_lines(raw: bytes) -> int:
@@ -489,22 +388,13 @@ class _ParseJob:
     @classmethod
     def in_thread(cls, nursery: trio.Nursery, work: Callable[[], _Parsed]) -> _ParseJob:
         job = cls()
-        nursery.start_soon(job._run, _in_thread(work), name="prxmail-parse")
+        nursery.start_soon(job._run, work, name="prxmail-parse")
         return job
 
-    @classmethod
-    def in_process(
-        cls,
-        nursery: trio.Nursery,
-        pool: concurrent.futures.ProcessPoolExecutor,
-        work: functools.partial[_Parsed],
-    ) -> _ParseJob:
-        job = cls()
-        nursery.start_soon(job._run, _in_process(pool, work), name="prxmail-parse")
-        return job
-
-    async def _run(self, parse: Awaitable[_Parsed]) -> None:
-        self._parsed = await parse
+    async def _run(self, work: Callable[[], _Parsed]) -> None:
+        self._parsed = await trio.to_thread.run_sync(
+            work, limiter=parse_limiter(), abandon_on_cancel=True
+        )
         self._finished.set()
 
     async def result(self) -> _Parsed:
@@ -555,12 +445,8 @@ class _FetchPipeline(_ChannelCore):
         # catch-up; what the body raises leaves it unwrapped (as the watcher expects).
         collapsed: BaseException
         try:
-            with contextlib.ExitStack() as stack:
-                pool = None
-                if len(ordered) >= POOL_MIN_BACKLOG:
-                    pool = stack.enter_context(parse_pool())
-                async with trio.open_nursery() as nursery:
-                    await self._pipeline(conn, uidvalidity, ordered, nursery, pool)
+            async with trio.open_nursery() as nursery:
+                await self._pipeline(conn, uidvalidity, ordered, nursery)
         except BaseExceptionGroup as group:
             collapsed = collapse_exception_group(group)
         else:
@@ -569,12 +455,7 @@ class _FetchPipeline(_ChannelCore):
         raise collapsed
 
     async def _pipeline(
-        self,
-        conn: IMAPConnection,
-        uidvalidity: int,
-        ordered: list[int],
-        nursery: trio.Nursery,
-        pool: concurrent.futures.ProcessPoolExecutor | None = None,
+        self, conn: IMAPConnection, uidvalidity: int, ordered: list[int], nursery: trio.Nursery
     ) -> None:
         config = self.config
         timeout = config.command_timeout_secs
@@ -591,8 +472,7 @@ class _FetchPipeline(_ChannelCore):
             nonlocal parsing
             if not uids:
                 return
-            raws = await self._fetch_bodies(conn, uids)
-            job = self._start_parse(uidvalidity, raws, nursery, pool)
+            job = self._start_parse(uidvalidity, await self._fetch_bodies(conn, uids), nursery)
             await admit_parsed()
             parsing = job
 
@@ -731,20 +611,13 @@ class _FetchPipeline(_ChannelCore):
         await self._admit(uidvalidity, [(uid, parsed)])
 
     def _start_parse(
-        self,
-        uidvalidity: int,
-        raws: list[tuple[int, bytes]],
-        nursery: trio.Nursery,
-        pool: concurrent.futures.ProcessPoolExecutor | None = None,
+        self, uidvalidity: int, raws: list[tuple[int, bytes]], nursery: trio.Nursery
     ) -> _ParseJob:
         """Start parsing a fetched group: on the loop when :func:`parse_inline` says it
-        is cheap, else in one call (one hop, not one per message) to the catch-up's
-        process pool when it has one, or to a worker thread."""
+        is cheap, else in one worker-thread call (one hop, not one per message)."""
         work = functools.partial(_parse_all, uidvalidity, raws, self.config.max_attachment_bytes)
         if parse_inline([raw for _, raw in raws]):
             return _ParseJob(work())
-        if pool is not None:
-            return _ParseJob.in_process(nursery, pool, work)
         return _ParseJob.in_thread(nursery, work)
 
     async def _parse(self, uidvalidity: int, raws: list[tuple[int, bytes]]) -> _Parsed:
