@@ -149,13 +149,20 @@ class MailChannel(_Watcher, _Sender):
             trio.EndOfChannel: the channel is closing.
         """
         while True:
-            message = self._ahead
-            self._ahead = None
-            if message is None:
+            await self._handover_idle()
+            if self._ahead:
+                message = self._ahead.popleft()
+            else:
                 message = await self._message_receive.receive()
             key = self._key(message)
             if key not in self._unbegun:
                 break
+            try:
+                await self._handover_idle()
+            except BaseException:
+                self._ahead.appendleft(message)
+                raise
+            self._handover_busy = True
             try:
                 await self._store.begin_handling(key)
             except LocalProtocolError:
@@ -164,9 +171,12 @@ class MailChannel(_Watcher, _Sender):
             except BaseException:
                 # Not begun (a call cancelled before it started does nothing): the next
                 # receive() hands this one out.
-                self._ahead = message
+                self._ahead.appendleft(message)
                 raise
-            self._unbegun.discard(key)
+            else:
+                self._unbegun.discard(key)
+            finally:
+                self._handover_done()
             break
         self._counts["delivered"] += 1
         return message
@@ -177,21 +187,36 @@ class MailChannel(_Watcher, _Sender):
     # Beginning k+1 and finishing k are two store calls, each a hop to the store's thread
     # and a commit; a hop costs most while a parse holds the GIL. So messages after the
     # first of a group reach the channel un-begun (``_unbegun``), and finishing k takes
-    # k+1 off the channel and commits both in one transaction
+    # k+1 off the channel (into ``_ahead``) and commits both in one transaction
     # (StateStore.finish_and_begin). The durability is that of the two calls in a row:
     # k's outcome is committed no later than k+1 is handed out, and k+1 is 'handling',
     # its attempt counted, before receive() returns it. A message that could not be
     # begun with its predecessor's outcome is begun on its own by receive().
+    #
+    # Consumers may be several tasks. One begin of a message taken off the channel runs
+    # at a time (``_handover_busy``): while it runs, receive() waits for it instead of
+    # taking a message that is still being begun, and other finishes do not take one.
+
+    async def _handover_idle(self) -> None:
+        while self._handover_busy:
+            await self._handover_changed.wait()
+
+    def _handover_done(self) -> None:
+        self._handover_busy = False
+        self._handover_changed.set()
+        self._handover_changed = trio.Event()
 
     def _take_unbegun(self) -> Message | None:
         """The next message, taken off the channel early, if it still needs beginning."""
-        if self._ahead is None:
+        if self._handover_busy:
+            return None
+        if not self._ahead:
             try:
-                self._ahead = self._message_receive.receive_nowait()
+                self._ahead.append(self._message_receive.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return None
-        if self._key(self._ahead) in self._unbegun:
-            return self._ahead
+        if self._key(self._ahead[0]) in self._unbegun:
+            return self._ahead[0]
         return None
 
     def _drop_unbegun(self, key: MessageKey) -> None:
@@ -211,14 +236,18 @@ class MailChannel(_Watcher, _Sender):
                 await self._store.mark_failed(key, reason or "")
             return
         next_key = self._key(following)
-        # Raises (changing nothing) when key cannot be finished; the next message then
-        # stays in _ahead un-begun for receive().
-        _, begun = await self._store.finish_and_begin(key, outcome, next_key, reason=reason)
-        if begun is None:
-            self._ahead = None
-            self._drop_unbegun(next_key)
-        else:
-            self._unbegun.discard(next_key)
+        self._handover_busy = True  # no checkpoint since _take_unbegun saw it idle
+        try:
+            # Raises (changing nothing) when key cannot be finished; the next message
+            # then stays in _ahead un-begun for receive().
+            _, begun = await self._store.finish_and_begin(key, outcome, next_key, reason=reason)
+            if begun is None:
+                self._ahead.remove(following)
+                self._drop_unbegun(next_key)
+            else:
+                self._unbegun.discard(next_key)
+        finally:
+            self._handover_done()
 
     async def reply(self, message: Message, body: str) -> str:
         """Answer a message: compose the threaded reply once, store it, send it.

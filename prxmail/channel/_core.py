@@ -12,6 +12,7 @@ is declared in one place.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 from typing import Final
@@ -116,10 +117,13 @@ class _ChannelCore:
         self._in_flight: dict[MessageKey, Message] = {}
         # The hand-over (see _api): messages given to the channel whose begin_handling
         # the consumer's side commits -- together with the previous message's outcome
-        # when it can (StateStore.finish_and_begin), else on receiving it. At most one
-        # message taken early from the channel waits in _ahead for the next receive().
+        # when it can (StateStore.finish_and_begin), else on receiving it. Messages taken
+        # early from the channel wait in _ahead for receive() (one, or one more given
+        # back by a receive() cancelled while it began one).
         self._unbegun: set[MessageKey] = set()
-        self._ahead: Message | None = None
+        self._ahead: collections.deque[Message] = collections.deque()
+        self._handover_busy = False
+        self._handover_changed = trio.Event()
         self._ssl_context = shared_ssl_context(config.tls_ca_file)
         #: Health of the channel; ``await channel.status.wait_value(pred)`` to watch it.
         self.status: trio_util.AsyncValue[ChannelStatus] = trio_util.AsyncValue(ChannelStatus())

@@ -655,3 +655,38 @@ async def test_a_receive_cancelled_while_beginning_hands_the_message_out_next_ti
             assert await receive(channel) == "fake 2"
             assert await receive(channel) == "fake 3"
         nursery.cancel_scope.cancel()
+
+
+async def test_several_consumer_tasks_get_every_message_of_a_catch_up_once(
+    tmp_path: Path,
+) -> None:
+    count = 40
+    fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        port = await start_fake(nursery, fake)
+        state = tmp_path / "state"
+        config = fake_config(port, state, fetch_batch_size=10, reply_rate_limit=1000)
+        async with open_mail_channel(config) as channel:
+
+            async def consume(pause: float) -> None:
+                while len(got) < count:
+                    with trio.move_on_after(2):
+                        message = await channel.receive()
+                        got.append(message.subject)
+                        await trio.sleep(pause)  # the tasks finish in varying order
+                        await channel.mark_handled(message)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as consumers:
+                    for n in range(3):
+                        consumers.start_soon(consume, n * 0.001)
+        nursery.cancel_scope.cancel()
+    assert sorted(got) == sorted(f"fake {uid}" for uid in range(1, count + 1))
+    with StateStore(state) as store:
+        account = account_key(config.username, config.imap_host, config.imap_port)
+        keys = [MessageKey(account, "INBOX", UIDVALIDITY, uid) for uid in range(1, count + 1)]
+        records = [store.get_message(k) for k in keys]
+    assert [(r.status, r.attempts) for r in records if r is not None] == [
+        (MessageStatus.HANDLED, 1)
+    ] * count
