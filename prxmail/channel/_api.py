@@ -352,6 +352,10 @@ class MailChannel(_Watcher, _Sender):
 
     async def _release_in_flight(self) -> None:
         for key in list(self._in_flight):
+            if key in self._unbegun:
+                # Never handed out (still claimed, no attempt counted): pending() finds
+                # it next time, and a release must not count it against its attempts.
+                continue
             with contextlib.suppress(LocalProtocolError):
                 record = await self._store.release(
                     key, "shutdown", max_attempts=self.config.handler_max_attempts
