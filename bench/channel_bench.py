@@ -19,7 +19,8 @@ What is measured (issue 7, benchmarks 1, 2 and 5)
 2. **Backlog catch-up.** The same messages (default 5,000 x 4 KB, then 200 x 200 KB with
    an attachment) are put into a fresh user's Maildir per contender, Dovecot indexes
    them once (a FLAGS fetch, the same for all), then each contender runs in its own
-   subprocess: connect, log in, hand every message to a no-op consumer, stop at the last.
+   subprocess: connect, log in, hand every message to a consumer that reads its text
+   (``message.text``; the peers mail-parser's ``body``), stop at the last.
    prxmail: ``open_mail_channel`` + ``mark_handled`` for each (durable state, \\Seen
    flags, policy: all defaults except ``reply_rate_limit``, raised so that the ten
    rotating senders are not rate-limited). Peers (imaplib, imapclient, aioimaplib): UID
@@ -443,6 +444,13 @@ def bench_latency(servers: MailServers, samples: int) -> dict[str, Any]:
 # -- 2. backlog catch-up (each contender in its own subprocess) ------------------------------
 
 
+def _touch(text: str) -> None:
+    """The consumer reads the parsed body (issue 16): no contender can win by not
+    decoding it. Every backlog message has a text body; an empty one fails the run."""
+    if not text.strip():
+        raise SystemExit("a backlog message came without its text")
+
+
 def _backlog_prxmail(spec: dict[str, Any]) -> tuple[int, int]:
     from prxmail.channel import open_mail_channel
     from prxmail.config import parse_config
@@ -455,6 +463,7 @@ def _backlog_prxmail(spec: dict[str, Any]) -> tuple[int, int]:
         async with open_mail_channel(config) as channel:
             with trio.fail_after(BACKLOG_TIMEOUT):
                 async for message in channel:
+                    _touch(message.text)
                     await channel.mark_handled(message)
                     count += 1
                     total += message.size
@@ -486,7 +495,7 @@ def _backlog_imaplib(spec: dict[str, Any]) -> tuple[int, int]:
             assert typ == "OK"
             for item in items:
                 if isinstance(item, tuple):
-                    mailparser.parse_from_bytes(item[1])
+                    _touch(mailparser.parse_from_bytes(item[1]).body)
                     count += 1
                     total += len(item[1])
     finally:
@@ -509,7 +518,7 @@ def _backlog_imapclient(spec: dict[str, Any]) -> tuple[int, int]:
         for batch in _ranges(sorted(uids)):
             for data in client.fetch(batch, ["BODY.PEEK[]"]).values():
                 raw = data[b"BODY[]"]
-                mailparser.parse_from_bytes(raw)
+                _touch(mailparser.parse_from_bytes(raw).body)
                 count += 1
                 total += len(raw)
     finally:
@@ -537,7 +546,7 @@ def _backlog_aioimaplib(spec: dict[str, Any]) -> tuple[int, int]:
                 for line in fetched.lines:
                     if isinstance(line, bytearray):
                         raw = bytes(line)
-                        mailparser.parse_from_bytes(raw)
+                        _touch(mailparser.parse_from_bytes(raw).body)
                         count += 1
                         total += len(raw)
         finally:
@@ -595,6 +604,68 @@ def _instrument_prxmail() -> dict[str, list[float]]:
     return stats
 
 
+def _descendant_stats() -> list[list[str]]:
+    """``/proc/PID/stat`` fields (after the name) of this process's descendants."""
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        stats[int(entry.name)] = fields
+    found = []
+    for pid, fields in stats.items():
+        ancestor = parents.get(pid)
+        while ancestor is not None and ancestor not in (me, 0, 1):
+            ancestor = parents.get(ancestor)
+        if ancestor == me:
+            found.append(fields)
+    return found
+
+
+def _descendants_cpu() -> float:
+    """CPU seconds of this process's descendants, living or reaped by a living one
+    (prxmail's parse workers are children of its forkserver, which reaps them: their
+    time is in the forkserver's cutime/cstime, never in our RUSAGE_CHILDREN)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    # utime, stime, cutime, cstime: fields 14-17 of stat, 11-14 after the name.
+    return sum(sum(int(x) for x in fields[11:15]) for fields in _descendant_stats()) / tick
+
+
+# How often the child samples the RSS of its process tree (main process plus workers).
+TREE_SAMPLE_SECONDS = 0.05
+
+
+class _TreeRss:
+    """The largest RSS sum of this process and its descendants seen while it runs: a
+    worker pool's memory is part of the footprint (VmHWM covers one process only)."""
+
+    def __init__(self) -> None:
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _TreeRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+        while not self._stop.wait(TREE_SAMPLE_SECONDS):
+            # rss: field 24 of stat, 21 after the name, in pages.
+            workers = sum(int(fields[21]) for fields in _descendant_stats()) * page_kib
+            self.peak_kib = max(self.peak_kib, _vm_kib("VmRSS") + workers)
+
+
 def _backlog_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one contender; the parent reads the JSON line this prints."""
     run = BACKLOG[spec["contender"]]
@@ -606,21 +677,27 @@ def _backlog_child(spec: dict[str, Any]) -> dict[str, Any]:
         import mailparser  # noqa: F401
     base = _vm_kib("VmRSS")
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    workers0 = _descendants_cpu()
     start = time.perf_counter()
-    count, total = run(spec)
+    with _TreeRss() as tree:
+        count, total = run(spec)
     elapsed = time.perf_counter() - start
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     user = cpu1.ru_utime - cpu0.ru_utime
     system = cpu1.ru_stime - cpu0.ru_stime
+    # Worker processes (prxmail's parse pool) count: their CPU is part of the run's.
+    workers = _descendants_cpu() - workers0
     return {
         "count": count,
         "bytes": total,
         "elapsed": elapsed,
-        "cpu": user + system,
+        "cpu": user + system + workers,
+        "cpu_workers": workers,
         "cpu_user": user,
         "cpu_sys": system,
         "base_kib": base,
         "hwm_kib": _vm_kib("VmHWM"),
+        "tree_peak_kib": max(tree.peak_kib, _vm_kib("VmHWM")),
         "breakdown": breakdown,
     }
 
@@ -696,18 +773,19 @@ def bench_backlog(
             raise SystemExit(f"{name} got {res['bytes']} bytes, expected {expected}")
         results[name] = res
     mb = expected / 1e6
-    print(f"\n2. backlog catch-up: {label} ({n} messages, {mb:.1f} MB) -> no-op consumer")
+    print(f"\n2. backlog catch-up: {label} ({n} messages, {mb:.1f} MB) -> consumer reads the text")
     print(
-        f"  {'':<11} {'msg/s':>8} {'MB/s':>7} {'CPU s':>7} {'(sys)':>7}"
-        f" {'peak RSS':>9} {'baseline':>9}"
+        f"  {'':<11} {'msg/s':>8} {'MB/s':>7} {'CPU s':>7} {'(sys)':>7} {'(wrk)':>7}"
+        f" {'peak RSS':>9} {'+workers':>9} {'baseline':>9}"
     )
     for name, res in results.items():
         res["msg_s"] = n / res["elapsed"]
         res["mb_s"] = mb / res["elapsed"]
         print(
             f"  {name:<11} {res['msg_s']:8,.0f} {res['mb_s']:7.1f} {res['cpu']:7.1f}"
-            f" {res['cpu_sys']:7.1f}"
-            f" {res['hwm_kib'] / 1024:7.1f}MB {res['base_kib'] / 1024:7.1f}MB"
+            f" {res['cpu_sys']:7.1f} {res.get('cpu_workers', 0.0):7.1f}"
+            f" {res['hwm_kib'] / 1024:7.1f}MB {res.get('tree_peak_kib', 0) / 1024:7.1f}MB"
+            f" {res['base_kib'] / 1024:7.1f}MB"
         )
     if breakdown:
         user = servers.add_user(f"bd-{label.lower()}-{os.getpid()}")

@@ -1,5 +1,6 @@
 """``python -m bench store [--messages 3000] [--group 50] [--reply-every 4] [--cpu-thread]
-[--state-root DIR] [--json]``: how long the store's calls block the event loop.
+[--pipeline] [--combined] [--state-root DIR] [--json]``: how long the store's calls block
+the event loop.
 
 A catch-up-like load on one :class:`~prxmail.state.AsyncStateStore`, through its public
 API only (so the same bench runs against any version of the store): groups of
@@ -9,6 +10,8 @@ for every ``--reply-every``-th one, while a sender task marks the queued replies
 batches as the real sender does (FULL commits that grow the WAL, so checkpoints happen).
 ``--pipeline`` splits the work as the channel does: a watcher task begins handling and
 hands each message over an unbuffered channel to a consumer task that finishes it.
+``--combined`` finishes each handled message together with the next one's begin
+(``finish_and_begin``, one transaction: the channel's hand-over in a catch-up).
 ``--cpu-thread`` runs a pure-Python busy loop in another thread meanwhile, standing in
 for the parse thread: it competes for the GIL as a real catch-up does.
 
@@ -33,7 +36,7 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from prxmail.state import MessageKey, OutboxDraft, account_key, open_state_store
+from prxmail.state import MessageKey, MessageStatus, OutboxDraft, account_key, open_state_store
 
 ACCOUNT = account_key("bench@example.test", "imap.example.test", 993)
 FOLDER = "INBOX"
@@ -145,10 +148,18 @@ async def _run(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, A
                         store.claim_batch(items, message_ids=[mid for _, mid in items]),
                     )
                     first = True
-                    for key, _mid in items:
+                    # --combined: a handled message's outcome waits for the next begin.
+                    unfinished: MessageKey | None = None
+                    for index, (key, _mid) in enumerate(items):
                         if first:
                             await timed("record_verdicts", store.record_verdicts((), key))
                             first = False
+                        elif unfinished is not None:
+                            await timed(
+                                "finish_and_begin",
+                                store.finish_and_begin(unfinished, MessageStatus.HANDLED, key),
+                            )
+                            unfinished = None
                         else:
                             await timed("begin_handling", store.begin_handling(key))
                         if args.pipeline:
@@ -158,6 +169,8 @@ async def _run(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, A
                                 "record_reply", store.record_reply(key, _draft(key.uid))
                             )
                             queued.append(item.id)
+                        elif args.combined and index < len(items) - 1:
+                            unfinished = key
                         else:
                             await timed("mark_handled", store.mark_handled(key))
                         # The handler hand-off and the channel's other work.
@@ -198,6 +211,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cpu-thread", action="store_true")
     parser.add_argument(
         "--pipeline", action="store_true", help="a watcher and a consumer task, as the channel"
+    )
+    parser.add_argument(
+        "--combined",
+        action="store_true",
+        help="finish a handled message with the next one's begin (finish_and_begin)",
     )
     parser.add_argument("--state-root", type=pathlib.Path, default=None)
     parser.add_argument("--json", action="store_true")

@@ -74,7 +74,13 @@ from prxmail.conversation import message_thread_id
 from prxmail.errors import LocalProtocolError
 from prxmail.message import Address, Message
 from prxmail.policy import choose_reply_recipient
-from prxmail.state import AsyncStateStore, MessageStatus, RetryPolicy, open_state_store
+from prxmail.state import (
+    AsyncStateStore,
+    MessageKey,
+    MessageStatus,
+    RetryPolicy,
+    open_state_store,
+)
 
 
 @attrs.frozen
@@ -160,9 +166,106 @@ class MailChannel(_Watcher, _Sender):
         Raises:
             trio.EndOfChannel: the channel is closing.
         """
-        message = await self._message_receive.receive()
+        while True:
+            await self._handover_idle()
+            if self._ahead:
+                message = self._ahead.popleft()
+            else:
+                message = await self._message_receive.receive()
+            key = self._key(message)
+            if key not in self._unbegun:
+                break
+            try:
+                await self._handover_idle()
+            except BaseException:
+                self._ahead.appendleft(message)
+                raise
+            self._handover_busy = True
+            try:
+                await self._store.begin_handling(key)
+            except LocalProtocolError:
+                self._drop_unbegun(key)  # not claimed any more: not ours to hand out
+                continue
+            except BaseException:
+                # Not begun (a call cancelled before it started does nothing): the next
+                # receive() hands this one out.
+                self._ahead.appendleft(message)
+                raise
+            else:
+                self._unbegun.discard(key)
+            finally:
+                self._handover_done()
+            break
         self._counts["delivered"] += 1
         return message
+
+    # -- the hand-over ------------------------------------------------------------------
+    #
+    # In a catch-up the watcher holds message k+1 (claimed, parsed) while you handle k.
+    # Beginning k+1 and finishing k are two store calls, each a hop to the store's thread
+    # and a commit; a hop costs most while a parse holds the GIL. So messages after the
+    # first of a group reach the channel un-begun (``_unbegun``), and finishing k takes
+    # k+1 off the channel (into ``_ahead``) and commits both in one transaction
+    # (StateStore.finish_and_begin). The durability is that of the two calls in a row:
+    # k's outcome is committed no later than k+1 is handed out, and k+1 is 'handling',
+    # its attempt counted, before receive() returns it. A message that could not be
+    # begun with its predecessor's outcome is begun on its own by receive().
+    #
+    # Consumers may be several tasks. One begin of a message taken off the channel runs
+    # at a time (``_handover_busy``): while it runs, receive() waits for it instead of
+    # taking a message that is still being begun, and other finishes do not take one.
+
+    async def _handover_idle(self) -> None:
+        while self._handover_busy:
+            await self._handover_changed.wait()
+
+    def _handover_done(self) -> None:
+        self._handover_busy = False
+        self._handover_changed.set()
+        self._handover_changed = trio.Event()
+
+    def _take_unbegun(self) -> Message | None:
+        """The next message, taken off the channel early, if it still needs beginning."""
+        if self._handover_busy:
+            return None
+        if not self._ahead:
+            try:
+                self._ahead.append(self._message_receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return None
+        if self._key(self._ahead[0]) in self._unbegun:
+            return self._ahead[0]
+        return None
+
+    def _drop_unbegun(self, key: MessageKey) -> None:
+        self._unbegun.discard(key)
+        self._in_flight.pop(key, None)
+        self._pending_dirty = True
+        log_event(logging.WARNING, "message not handed out: no longer claimed", uid=key.uid)
+
+    async def _finish(
+        self, key: MessageKey, outcome: MessageStatus, reason: str | None = None
+    ) -> None:
+        following = self._take_unbegun()
+        if following is None:
+            if outcome is MessageStatus.HANDLED:
+                await self._store.mark_handled(key)
+            else:
+                await self._store.mark_failed(key, reason or "")
+            return
+        next_key = self._key(following)
+        self._handover_busy = True  # no checkpoint since _take_unbegun saw it idle
+        try:
+            # Raises (changing nothing) when key cannot be finished; the next message
+            # then stays in _ahead un-begun for receive().
+            _, begun = await self._store.finish_and_begin(key, outcome, next_key, reason=reason)
+            if begun is None:
+                self._ahead.remove(following)
+                self._drop_unbegun(next_key)
+            else:
+                self._unbegun.discard(next_key)
+        finally:
+            self._handover_done()
 
     async def reply(
         self,
@@ -274,7 +377,7 @@ class MailChannel(_Watcher, _Sender):
             LocalProtocolError: the message was already finished.
         """
         key = self._key(message)
-        await self._store.mark_handled(key)
+        await self._finish(key, MessageStatus.HANDLED)
         self._finished(key, seen=True)
 
     async def mark_failed(self, message: Message, reason: str) -> None:
@@ -286,7 +389,7 @@ class MailChannel(_Watcher, _Sender):
             LocalProtocolError: the message was already finished.
         """
         key = self._key(message)
-        await self._store.mark_failed(key, reason)
+        await self._finish(key, MessageStatus.FAILED, reason)
         self._finished(key, seen=False)
 
     async def release(self, message: Message, reason: str) -> bool:
@@ -310,6 +413,10 @@ class MailChannel(_Watcher, _Sender):
 
     async def _release_in_flight(self) -> None:
         for key in list(self._in_flight):
+            if key in self._unbegun:
+                # Never handed out (still claimed, no attempt counted): pending() finds
+                # it next time, and a release must not count it against its attempts.
+                continue
             with contextlib.suppress(LocalProtocolError):
                 record = await self._store.release(
                     key, "shutdown", max_attempts=self.config.handler_max_attempts

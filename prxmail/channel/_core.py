@@ -12,6 +12,7 @@ is declared in one place.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import random
@@ -134,6 +135,15 @@ class _ChannelCore:
         self._seen_send, self._seen_receive = trio.open_memory_channel[MessageKey](SEEN_BUFFER)
         self._seen_retry: list[MessageKey] = []
         self._in_flight: dict[MessageKey, Message] = {}
+        # The hand-over (see _api): messages given to the channel whose begin_handling
+        # the consumer's side commits -- together with the previous message's outcome
+        # when it can (StateStore.finish_and_begin), else on receiving it. Messages taken
+        # early from the channel wait in _ahead for receive() (one, or one more given
+        # back by a receive() cancelled while it began one).
+        self._unbegun: set[MessageKey] = set()
+        self._ahead: collections.deque[Message] = collections.deque()
+        self._handover_busy = False
+        self._handover_changed = trio.Event()
         self._ssl_context = shared_ssl_context(config.tls_ca_file)
         # The account's one login (and, with OAuth 2, its one token source), shared by
         # the watcher and the sender.

@@ -824,8 +824,15 @@ class _FetchPipeline(_Conversations):
             for index, (key, message) in enumerate(accepted):
                 self._in_flight[key] = message
                 if index:
-                    await self._store.begin_handling(key)
-                await self._message_send.send(message)
+                    # Begun on the consumer's side, with the previous outcome (_api).
+                    self._unbegun.add(key)
+                try:
+                    await self._message_send.send(message)
+                except BaseException:
+                    if key in self._unbegun:  # not handed over: still claimed, pending
+                        self._unbegun.discard(key)
+                        self._in_flight.pop(key, None)
+                    raise
                 self._progressed = True
         except BaseException:
             # Interrupted half-way: the rest of the group stays claimed, for the next

@@ -161,6 +161,7 @@ class AsyncStateStore:
     claim_many = _offload(StateStore.claim_many)
     begin_handling = _offload(StateStore.begin_handling)
     mark_handled = _offload(StateStore.mark_handled)
+    finish_and_begin = _offload(StateStore.finish_and_begin)
     mark_rejected = _offload(StateStore.mark_rejected)
     claim_batch = _offload(StateStore.claim_batch)
     record_verdicts = _offload(StateStore.record_verdicts)

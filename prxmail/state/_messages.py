@@ -295,6 +295,56 @@ class MessageMixin(OwnIdMixin, MailboxMixin):
         with self._transaction(durable=False) as conn:
             return self._transition(conn, key, MessageStatus.HANDLED)
 
+    def finish_and_begin(
+        self,
+        key: MessageKey,
+        outcome: MessageStatus,
+        next_key: MessageKey,
+        *,
+        reason: str | None = None,
+    ) -> tuple[MessageRecord, MessageRecord | None]:
+        """Finish one message and begin handling the next, in one transaction.
+
+        The channel's hand-over in a catch-up: the consumer finishes message *k* while
+        the watcher already holds *k+1*. Both changes commit together, so the outcome
+        of *k* is committed no later than *k+1* is handed out (as with
+        :meth:`mark_handled` followed by :meth:`begin_handling`), at the cost of one
+        commit instead of two. A crash before the commit leaves *k* ``handling``
+        (recovered and handed out again) and *k+1* ``claimed`` (pending, with no
+        attempt counted); after it, *k* is finished and *k+1* is ``handling`` with
+        its attempt counted, as if the two calls had run.
+
+        Args:
+            key: A ``handling`` message.
+            outcome: ``HANDLED`` or ``FAILED``, with the checks of
+                :meth:`mark_handled` or :meth:`mark_failed`.
+            next_key: The message about to be handed out; it should be ``claimed``.
+            reason: Kept on the record (a ``FAILED`` outcome's reason).
+
+        Returns:
+            ``key``'s updated record, and ``next_key``'s (see :meth:`begin_handling`),
+            or ``None`` when ``next_key`` cannot begin (it is not ``claimed``): then
+            only ``key`` is finished, and the error is the next message's own, for
+            whoever begins it.
+
+        Raises:
+            LocalProtocolError: ``key`` cannot become ``outcome`` (nothing is changed).
+            ValueError: ``outcome`` is not ``HANDLED`` or ``FAILED``.
+        """
+        if outcome not in (MessageStatus.HANDLED, MessageStatus.FAILED):
+            raise ValueError(f"finish_and_begin cannot make a message {outcome.value}")
+        with self._transaction(durable=False) as conn:
+            # The same checks as mark_handled / mark_failed: the state table's.
+            finished = self._transition(conn, key, outcome, reason=reason)
+            try:
+                begun: MessageRecord | None = self._transition(
+                    conn, next_key, MessageStatus.HANDLING, count_attempt=True
+                )
+            except LocalProtocolError:
+                # _transition checks before it writes: nothing of next_key changed.
+                begun = None
+        return finished, begun
+
     def mark_rejected(self, key: MessageKey, reason: str) -> MessageRecord:
         """``claimed`` -> ``rejected``: policy refused it (reason kept, e.g. ``"bounce"``).
 

@@ -15,6 +15,7 @@ import functools
 import logging
 import re
 import resource
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -534,7 +535,9 @@ async def test_a_backlog_larger_than_the_seen_buffer_is_flagged_in_full(
     count = 40
     fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
     async with trio.open_nursery() as nursery:
-        config = fake_config(9, tmp_path / "state", fetch_batch_size=5, reply_rate_limit=1000)
+        config = fake_config(
+            9, tmp_path / "state", fetch_batch_size=5, reply_rate_limit=1000, reply_rate_burst=1000
+        )
         async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             for uid in range(1, count + 1):
                 assert await receive(channel) == f"fake {uid}"
@@ -601,7 +604,9 @@ async def test_a_catch_up_parsed_in_threads_keeps_uid_order_and_fails_only_the_p
     fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
     async with trio.open_nursery() as nursery:
         state = tmp_path / "state"
-        config = fake_config(9, state, fetch_batch_size=4, reply_rate_limit=1000)
+        config = fake_config(
+            9, state, fetch_batch_size=4, reply_rate_limit=1000, reply_rate_burst=1000
+        )
         async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
             got = [await receive(channel) for _ in range(count - 1)]
             await fake_until(fake, lambda: len(fake.seen) == count - 1)
@@ -933,3 +938,128 @@ async def test_incoming_text_is_kept_in_the_thread_only_when_opted_in_and_rich_m
             # What we send starts a thread of its own, known to the store.
             assert await channel._store.thread_of(channel.account, sent_id)
         nursery.cancel_scope.cancel()
+
+
+class _CountingConnection(sqlite3.Connection):
+    """Counts the write transactions the state store begins."""
+
+    writes: list[int]
+
+    def execute(self, sql: str, parameters: object = (), /) -> sqlite3.Cursor:
+        if sql == "BEGIN IMMEDIATE":
+            self.writes.append(1)
+        return super().execute(sql, parameters)  # type: ignore[arg-type]
+
+
+async def test_a_catch_up_commits_one_store_transaction_per_handed_over_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    real_connect = sqlite3.connect
+
+    def connect(*args: object, **kwargs: object) -> sqlite3.Connection:
+        conn = real_connect(*args, factory=_CountingConnection, **kwargs)  # type: ignore[call-overload]
+        conn.writes = writes
+        return conn  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    count = 30
+    fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
+    async with trio.open_nursery() as nursery:
+        state = tmp_path / "state"
+        config = fake_config(9, state, reply_rate_limit=1000, reply_rate_burst=1000)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
+            with trio.fail_after(10):
+                first = await channel.receive()
+            before = len(writes)
+            got = [first.subject]
+            await channel.mark_handled(first)
+            for _ in range(count - 1):
+                with trio.fail_after(10):
+                    message = await channel.receive()
+                got.append(message.subject)
+                await channel.mark_handled(message)
+            during = len(writes) - before
+            await wait_until(lambda: len(fake.seen) == count)
+        nursery.cancel_scope.cancel()
+    assert got == [f"fake {uid}" for uid in range(1, count + 1)]
+    # One group: each finish commits with the next message's begin (two transactions
+    # each were the cost before); a few more for the end of the catch-up's search.
+    assert during <= count + 3, during
+    with StateStore(state) as store:
+        account = account_key(config.username, config.imap_host, config.imap_port)
+        keys = [MessageKey(account, "INBOX", UIDVALIDITY, uid) for uid in range(1, count + 1)]
+        records = [store.get_message(k) for k in keys]
+    assert [(r.status, r.attempts) for r in records if r is not None] == [
+        (MessageStatus.HANDLED, 1)
+    ] * count
+
+
+async def test_a_receive_cancelled_while_beginning_hands_the_message_out_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 3
+    fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
+    async with trio.open_nursery() as nursery:
+        config = fake_config(9, tmp_path / "state", reply_rate_limit=1000, reply_rate_burst=1000)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
+            with trio.fail_after(10):
+                first = await channel.receive()
+            # The next message reached the channel un-begun; a receive() cancelled
+            # before its begin_handling started must neither lose nor skip it.
+            store = channel._store
+            blocked = trio.Event()
+
+            async def never_starts(key: MessageKey) -> object:
+                blocked.set()
+                await trio.sleep_forever()
+                raise AssertionError("not reached")
+
+            await wait_until(lambda: channel._message_send.statistics().tasks_waiting_send == 1)
+            with monkeypatch.context() as patch:
+                patch.setattr(store, "begin_handling", never_starts)
+                with trio.move_on_after(0.2) as scope:
+                    await channel.receive()
+            assert blocked.is_set()
+            assert scope.cancelled_caught
+            # Still un-begun: finishing the first begins it, receive() hands it out.
+            await channel.mark_handled(first)
+            assert await receive(channel) == "fake 2"
+            assert await receive(channel) == "fake 3"
+        nursery.cancel_scope.cancel()
+
+
+async def test_several_consumer_tasks_get_every_message_of_a_catch_up_once(
+    tmp_path: Path,
+) -> None:
+    count = 40
+    fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        state = tmp_path / "state"
+        config = fake_config(
+            9, state, fetch_batch_size=10, reply_rate_limit=1000, reply_rate_burst=1000
+        )
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
+
+            async def consume(pause: float) -> None:
+                while len(got) < count:
+                    with trio.move_on_after(2):
+                        message = await channel.receive()
+                        got.append(message.subject)
+                        await trio.sleep(pause)  # the tasks finish in varying order
+                        await channel.mark_handled(message)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as consumers:
+                    for n in range(3):
+                        consumers.start_soon(consume, n * 0.001)
+        nursery.cancel_scope.cancel()
+    assert sorted(got) == sorted(f"fake {uid}" for uid in range(1, count + 1))
+    with StateStore(state) as store:
+        account = account_key(config.username, config.imap_host, config.imap_port)
+        keys = [MessageKey(account, "INBOX", UIDVALIDITY, uid) for uid in range(1, count + 1)]
+        records = [store.get_message(k) for k in keys]
+    assert [(r.status, r.attempts) for r in records if r is not None] == [
+        (MessageStatus.HANDLED, 1)
+    ] * count

@@ -1606,3 +1606,113 @@ async def test_async_store_gives_the_blocks_exception_back_unwrapped(tmp_path: P
             raise KeyError("mine")
     assert info.value.args == ("mine",)
     assert info.value.__context__ is None
+
+
+# -- the hand-over: one message's outcome and the next one's begin in one call ----------
+
+
+def test_finish_and_begin_commits_the_outcome_and_the_next_begin_together(
+    tmp_path: Path, statements: list[tuple[int, str, object]]
+) -> None:
+    with StateStore(tmp_path / "state") as s:
+        s.sync_mailbox(ACCOUNT, FOLDER, 1)
+        first, second, third = handling(s, 1), claimed(s, 2), claimed(s, 3)
+        del statements[:]
+        done, begun = s.finish_and_begin(first, MessageStatus.HANDLED, second)
+        transactions = [sql for _, sql, _ in statements if sql.startswith(("BEGIN", "COMMIT"))]
+        assert transactions == ["BEGIN IMMEDIATE", "COMMIT"]
+        assert done.status is MessageStatus.HANDLED
+        assert begun is not None
+        assert (begun.status, begun.attempts) == (MessageStatus.HANDLING, 1)
+        assert s.get_message(first) == done
+        assert s.get_message(second) == begun
+
+        failed, begun = s.finish_and_begin(
+            second, MessageStatus.FAILED, third, reason="exit status 3"
+        )
+        assert (failed.status, failed.reason) == (MessageStatus.FAILED, "exit status 3")
+        assert begun is not None
+        assert begun.status is MessageStatus.HANDLING
+
+
+def test_finish_and_begin_refuses_as_the_single_calls_do(synced: StateStore) -> None:
+    first, second = handling(synced, 1), claimed(synced, 2)
+    synced.mark_handled(first)
+    # The finished message cannot be finished again: nothing changes, the next stays
+    # claimed for whoever begins it.
+    with pytest.raises(LocalProtocolError, match="cannot become handled"):
+        synced.finish_and_begin(first, MessageStatus.HANDLED, second)
+    assert synced.get_message(second).status is MessageStatus.CLAIMED  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="cannot make a message replied"):
+        synced.finish_and_begin(first, MessageStatus.REPLIED, second)
+    # A next message that cannot begin does not undo the outcome.
+    third = handling(synced, 3)
+    synced.begin_handling(second)
+    done, begun = synced.finish_and_begin(third, MessageStatus.HANDLED, second)
+    assert done.status is MessageStatus.HANDLED
+    assert begun is None
+    assert synced.get_message(second).attempts == 1  # type: ignore[union-attr]
+
+
+# The channel's hand-over in a process that is SIGKILLed inside finish_and_begin (after
+# the outcome's UPDATE, before the next begin and the COMMIT) or right after it returned.
+HANDOVER = r"""
+import os, signal, sys, time
+from prxmail.state import *
+
+state_dir, when = sys.argv[1], sys.argv[2]
+A = "bot@example.com@imap.example.com:993"
+armed = [False]
+calls = [0]
+
+def clock():
+    if armed[0]:
+        calls[0] += 1
+        if calls[0] == 2:  # the second transition's timestamp: the next message's begin
+            os.kill(os.getpid(), signal.SIGKILL)
+    return time.time()
+
+store = StateStore(state_dir, clock=clock)
+store.sync_mailbox(A, "INBOX", 1)
+first, second = MessageKey(A, "INBOX", 1, 1), MessageKey(A, "INBOX", 1, 2)
+store.claim_many([(first, "m1@x"), (second, "m2@x")])
+store.begin_handling(first)
+armed[0] = when == "inside"
+store.finish_and_begin(first, MessageStatus.HANDLED, second)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize(
+    ("when", "redelivered", "first_status"),
+    [
+        # Before the commit: neither change exists. The first message is handed out
+        # again (its handler ran: at least once); the second was never handed out and
+        # has no attempt counted.
+        ("inside", [(1, 1), (2, 0)], MessageStatus.CLAIMED),
+        # After it: the first is finished for good; the second was handed out (its
+        # attempt counted) and is handed out again.
+        ("after", [(2, 1)], MessageStatus.HANDLED),
+    ],
+)
+def test_a_crash_in_the_hand_over_redelivers_only_what_was_not_finished(
+    tmp_path: Path,
+    when: str,
+    redelivered: list[tuple[int, int]],
+    first_status: MessageStatus,
+) -> None:
+    state_dir = tmp_path / "state"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run(
+        [sys.executable, "-c", HANDOVER, str(state_dir), when],
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode(errors="replace")
+    with StateStore(state_dir) as s:
+        s.recover_interrupted(max_attempts=3)
+        pending = s.pending(ACCOUNT, FOLDER)
+        assert [(r.key.uid, r.attempts) for r in pending] == redelivered
+        assert s.get_message(key(1)).status is first_status  # type: ignore[union-attr]
