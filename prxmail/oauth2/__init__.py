@@ -12,8 +12,9 @@ the flows need.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from prxmail._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from prxmail.oauth2._errors import OAuth2Error as OAuth2Error
@@ -127,10 +128,4 @@ _LOCATIONS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LOCATIONS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LOCATIONS, __all__)
