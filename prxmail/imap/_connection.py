@@ -9,9 +9,9 @@
 # One command runs at a time. A second task calling in while a command runs gets
 # LocalProtocolError; there are no background tasks and no locks to wait on.
 #
-# State (trio's _ssl.py is the model): one _Link value says where the connection is --
+# State (trio's _ssl.py is the model): one Link value says where the connection is --
 # READY, BUSY (a command awaits its answer), BROKEN or CLOSED. It is read by one method,
-# _check(), and changed by one, _transition(), against the table _LINK_TRANSITIONS;
+# _check(), and changed by one, _transition(), against the table LINK_TRANSITIONS;
 # FetchStream and IdleSession drive a command through the small interface marked below
 # and never touch the connection's fields.
 #
@@ -27,7 +27,7 @@
 # what makes "with trio.move_on_after(renew): async for push in idle" work.
 #
 # Transport errors (trio's Broken/ClosedResourceError, OSError) become
-# ConnectionBrokenError in one place, _transport_errors().
+# ConnectionBrokenError in one place, transport_failures().
 #
 # Secrets: credentials go to the core as arguments and are never put into an error,
 # log line or repr; a server echoing the password back has it replaced by "***" --
@@ -49,7 +49,6 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
-import enum
 import logging
 import re
 import ssl
@@ -62,9 +61,10 @@ import attrs
 import trio
 
 from prxmail import __version__
+from prxmail._link import LINK_TRANSITIONS, Link, transport_failures
 from prxmail._log import log_event
 from prxmail._redact import Redactor
-from prxmail._tls import Security, shared_ssl_context, transport_errors
+from prxmail._tls import Security, shared_ssl_context
 from prxmail.errors import (
     AuthenticationError,
     ConnectionBrokenError,
@@ -222,38 +222,6 @@ def _uid_set(uids: UidSet) -> SequenceSet:
         raise LocalProtocolError(str(exc)) from None
 
 
-class _Link(enum.Enum):
-    """Where an :class:`IMAPConnection` is (trio ``_ssl.py``'s ``_State`` is the model).
-
-    The protocol state (not authenticated, selected, idling...) is the core's; this is
-    the connection's own: whether a command may start.
-    """
-
-    READY = "ready"  # no command in progress
-    BUSY = "busy"  # a command awaits its tagged answer; interrupting it breaks the link
-    BROKEN = "broken"  # unusable; every call raises ConnectionBrokenError with the cause
-    CLOSED = "closed"  # the transport is closed
-
-
-# Every change of _Link, in one place. BROKEN and CLOSED are sticky: the first cause of
-# breaking is kept, and finishing a command on a broken connection changes nothing.
-_LINK_TRANSITIONS: Mapping[_Link, frozenset[_Link]] = {
-    _Link.READY: frozenset({_Link.BUSY, _Link.BROKEN, _Link.CLOSED}),
-    _Link.BUSY: frozenset({_Link.READY, _Link.BROKEN, _Link.CLOSED}),
-    _Link.BROKEN: frozenset({_Link.CLOSED}),
-    _Link.CLOSED: frozenset(),
-}
-
-# What a failing transport raises: trio's stream errors (TLS failures arrive as
-# BrokenResourceError with the ssl error as cause) and OSError from connecting.
-_TRANSPORT_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-def _transport_errors(what: str) -> contextlib.AbstractContextManager[None]:
-    """The one place where transport failures become :class:`ConnectionBrokenError`."""
-    return transport_errors(what, _TRANSPORT_FAILURES)
-
-
 class _PushBuffer:
     """Pushes kept for later, bounded by count (oldest dropped: they are hints) and by
     bytes (:data:`MAX_PENDING_PUSH_BYTES`; over it the server is stuffing us)."""
@@ -315,7 +283,7 @@ class IMAPConnection:
         self._proto = protocol if protocol is not None else IMAPProtocol()
         self._encrypted = encrypted
         self._allow_plaintext_login = allow_plaintext_login
-        self._link = _Link.READY
+        self._link = Link.READY
         self._command_name: str | None = None  # what BUSY is busy with
         self._owner: FetchStream | None = None  # a fetch that holds BUSY between reads
         self._broken_reason = ""
@@ -359,7 +327,7 @@ class IMAPConnection:
     @property
     def broken(self) -> bool:
         """True once the connection can no longer be used."""
-        return self._link in (_Link.BROKEN, _Link.CLOSED)
+        return self._link in (Link.BROKEN, Link.CLOSED)
 
     @property
     def mailbox(self) -> MailboxState | None:
@@ -386,7 +354,7 @@ class IMAPConnection:
         if value < 1:
             raise ValueError("max_literal_size must be at least 1")
         self._literal_limit = value
-        if self._link is _Link.READY:
+        if self._link is Link.READY:
             self._proto.framer.max_literal_size = value
 
     def __repr__(self) -> str:
@@ -404,44 +372,44 @@ class IMAPConnection:
             LocalProtocolError: another command is running.
         """
         error = self._proto.error
-        if error is not None and self._link not in (_Link.BROKEN, _Link.CLOSED):
+        if error is not None and self._link not in (Link.BROKEN, Link.CLOSED):
             # The core refuses everything after a protocol error; say so as broken.
-            self._transition(_Link.BROKEN, reason=self._scrub(f"RemoteProtocolError: {error}"))
+            self._transition(Link.BROKEN, reason=self._scrub(f"RemoteProtocolError: {error}"))
         link = self._link
-        if link is _Link.CLOSED:
+        if link is Link.CLOSED:
             raise ConnectionBrokenError("the IMAP connection is closed")
-        if link is _Link.BROKEN:
+        if link is Link.BROKEN:
             raise ConnectionBrokenError(f"the IMAP connection is broken: {self._broken_reason}")
-        if starting is not None and link is _Link.BUSY and self._owner is None:
+        if starting is not None and link is Link.BUSY and self._owner is None:
             raise LocalProtocolError(
                 f"cannot start {starting}: {self._command_name} is still running"
             )
 
     def _transition(
         self,
-        new: _Link,
+        new: Link,
         *,
         command: str | None = None,
         owner: FetchStream | None = None,
         reason: str = "",
     ) -> None:
-        """Move to ``new`` (see :data:`_LINK_TRANSITIONS`); the only writer of the state."""
+        """Move to ``new`` (see :data:`LINK_TRANSITIONS`); the only writer of the state."""
         old = self._link
-        if old in (_Link.BROKEN, _Link.CLOSED) and new is not _Link.CLOSED:
+        if old in (Link.BROKEN, Link.CLOSED) and new is not Link.CLOSED:
             return  # sticky: the first cause stays
-        if new is _Link.READY and (old is _Link.READY or owner is not self._owner):
+        if new is Link.READY and (old is Link.READY or owner is not self._owner):
             return  # finished already, or a fetch finishing after another command began
-        if new not in _LINK_TRANSITIONS[old]:
+        if new not in LINK_TRANSITIONS[old]:
             raise AssertionError(f"IMAP connection cannot go from {old.value} to {new.value}")
         self._link = new
-        if new is _Link.BUSY:
+        if new is Link.BUSY:
             self._command_name = command
             self._owner = owner
         else:
             self._command_name = None
             self._owner = None
             self._proto.framer.max_literal_size = self._literal_limit
-        if new is _Link.BROKEN:
+        if new is Link.BROKEN:
             self._broken_reason = reason
 
     def _fail(self, exc: BaseException) -> None:
@@ -450,7 +418,7 @@ class IMAPConnection:
             reason = "a command was cancelled (or timed out) before it completed"
         else:
             reason = self._scrub(f"{type(exc).__name__}: {exc}")
-        self._transition(_Link.BROKEN, reason=reason)
+        self._transition(Link.BROKEN, reason=reason)
 
     def _remember_secrets(self, secrets: Sequence[str]) -> None:
         # LOGIN also passes "user password" (for the NO text); the password alone
@@ -505,7 +473,7 @@ class IMAPConnection:
         out = self._proto.data_to_send()
         if out:
             try:
-                with _transport_errors("sending to the server failed"):
+                with transport_failures("sending to the server failed"):
                     await self._stream.send_all(out)
             except BaseException as exc:
                 # Half a command may be on the wire: whatever the caller does next,
@@ -541,7 +509,7 @@ class IMAPConnection:
                 raise echoed
             if isinstance(event, NeedData):
                 await self._send_pending()  # e.g. a literal released by a "+"
-                with _transport_errors("receiving from the server failed"):
+                with transport_failures("receiving from the server failed"):
                     data = await self._stream.receive_some(RECEIVE_SIZE)
                 self._received += len(data)
                 proto.receive_data(data)
@@ -587,7 +555,7 @@ class IMAPConnection:
         await self._prepare(name)
         self._queue(name, args)  # local errors: nothing sent, not broken
         self._remember_secrets(secrets)
-        self._transition(_Link.BUSY, command=name)
+        self._transition(Link.BUSY, command=name)
         responses: list[Event] = []
         costs: list[int] = []
         kept = 0
@@ -615,7 +583,7 @@ class IMAPConnection:
         except BaseException as exc:
             self._fail(exc)
             raise
-        self._transition(_Link.READY)
+        self._transition(Link.READY)
         if keep_pushes:
             try:
                 for response, cost in zip(responses, costs, strict=True):
@@ -640,7 +608,7 @@ class IMAPConnection:
             RemoteProtocolError: the greeting is garbage.
         """
         self._check("greeting")
-        self._transition(_Link.BUSY, command="greeting")
+        self._transition(Link.BUSY, command="greeting")
         try:
             event = await self._next_event()
         except BaseException as exc:
@@ -649,9 +617,9 @@ class IMAPConnection:
         assert isinstance(event, StatusResponse)
         if event.status == "BYE":
             reason = f"the server refused the connection: {event.text}"
-            self._transition(_Link.BROKEN, reason=reason)
+            self._transition(Link.BROKEN, reason=reason)
             raise ConnectionBrokenError(reason)
-        self._transition(_Link.READY)
+        self._transition(Link.READY)
         return event
 
     async def capability(self) -> frozenset[str]:
@@ -689,13 +657,13 @@ class IMAPConnection:
         capabilities = await self._ensure_capabilities()
         if "STARTTLS" not in capabilities:
             self._transition(
-                _Link.BROKEN, reason="STARTTLS is required but the server does not offer it"
+                Link.BROKEN, reason="STARTTLS is required but the server does not offer it"
             )
             raise TLSError("STARTTLS is required but the server does not offer it")
         try:
             await self._command("STARTTLS")
         except IMAPCommandError as exc:
-            self._transition(_Link.BROKEN, reason="STARTTLS was refused")
+            self._transition(Link.BROKEN, reason="STARTTLS was refused")
             raise TLSError(f"the server refused STARTTLS: {exc.text}") from exc
         # trio.SSLStream here (not ClientTLSStream) because callers such as the doctor
         # inspect the upgraded stream as a trio.SSLStream (version(), getpeercert()).
@@ -703,7 +671,7 @@ class IMAPConnection:
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:
-            self._transition(_Link.BROKEN, reason="the TLS handshake after STARTTLS failed")
+            self._transition(Link.BROKEN, reason="the TLS handshake after STARTTLS failed")
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             raise TLSError(f"TLS handshake after STARTTLS failed: {cause}") from exc
         except BaseException as exc:
@@ -1038,13 +1006,13 @@ class IMAPConnection:
                 except ValueError:
                     raise RemoteProtocolError("ESEARCH returned '*' in a result") from None
                 if size + len(found) > MAX_SEARCH_RESULTS:
-                    self._transition(_Link.BROKEN, reason="search result too large")
+                    self._transition(Link.BROKEN, reason="search result too large")
                     raise RemoteProtocolError(
                         f"search returned more than {MAX_SEARCH_RESULTS} UIDs"
                     )
                 found.extend(event.all)
             if len(found) > MAX_SEARCH_RESULTS:
-                self._transition(_Link.BROKEN, reason="search result too large")
+                self._transition(Link.BROKEN, reason="search result too large")
                 raise RemoteProtocolError(f"search returned more than {MAX_SEARCH_RESULTS} UIDs")
         return tuple(sorted(set(found)))
 
@@ -1205,10 +1173,10 @@ class IMAPConnection:
     async def logout(self) -> None:
         """LOGOUT, then close the transport. Errors during LOGOUT are not raised if the
         server simply closes the connection first."""
-        if self._link is _Link.CLOSED:
+        if self._link is Link.CLOSED:
             return
         try:
-            if self._link is _Link.READY:
+            if self._link is Link.READY:
                 # The server may hang up right after its BYE: that is a logout too.
                 with contextlib.suppress(ConnectionBrokenError):
                     await self._command("LOGOUT")
@@ -1217,9 +1185,9 @@ class IMAPConnection:
 
     async def aclose(self) -> None:
         """Close the transport at once (idempotent, never raises for a dead peer)."""
-        if self._link is _Link.CLOSED:
+        if self._link is Link.CLOSED:
             return
-        self._transition(_Link.CLOSED)
+        self._transition(Link.CLOSED)
         await trio.aclose_forcefully(self._stream)
 
 
@@ -1279,7 +1247,7 @@ class FetchStream:
         conn = self._conn
         await conn._prepare("UID FETCH")
         self._queue_commands()  # local errors surface here, before anything is sent
-        conn._transition(_Link.BUSY, command="UID FETCH", owner=self)
+        conn._transition(Link.BUSY, command="UID FETCH", owner=self)
         self._started = True
         if self._literal_cap is not None:
             conn._cap_literals(self._literal_cap)
@@ -1292,7 +1260,7 @@ class FetchStream:
 
     def _finish(self) -> None:
         self._finished = True
-        self._conn._transition(_Link.READY, owner=self)
+        self._conn._transition(Link.READY, owner=self)
 
     def _check_partials(self, event: FetchData) -> None:
         for key, value in event.sections.items():
@@ -1370,7 +1338,7 @@ class IdleSession:
             raise LocalProtocolError("the server does not support IDLE; poll with noop()")
         await conn._prepare("IDLE")
         conn._queue("IDLE")
-        conn._transition(_Link.BUSY, command="IDLE")
+        conn._transition(Link.BUSY, command="IDLE")
         try:
             conn._take_pushes(self._backlog)
             # Pushes are small; a literal bigger than the whole push budget is not one.
@@ -1385,7 +1353,7 @@ class IdleSession:
             conn._fail(exc)
             raise
         if isinstance(event, TaggedResponse):
-            conn._transition(_Link.READY)
+            conn._transition(Link.READY)
             raise _command_error("IDLE", event)
         return self
 
@@ -1419,7 +1387,7 @@ class IdleSession:
                 return event
             if isinstance(event, TaggedResponse):  # the server ended IDLE by itself
                 self._ended = True
-                conn._transition(_Link.READY)
+                conn._transition(Link.READY)
                 raise StopAsyncIteration
             if _is_push(event) and not _stray_code(event):
                 return event
@@ -1438,10 +1406,10 @@ class IdleSession:
         if self._ended:
             bye = conn._bye_text()
             if bye is not None:
-                conn._transition(_Link.BROKEN, reason=f"the server said BYE: {bye}")
+                conn._transition(Link.BROKEN, reason=f"the server said BYE: {bye}")
                 if exc is None:
                     raise ConnectionBrokenError(f"the server ended the connection: {bye}")
-            conn._transition(_Link.READY)
+            conn._transition(Link.READY)
             return
         try:
             # Pushes the body did not read stay for the next idle(), oldest first.
@@ -1457,7 +1425,7 @@ class IdleSession:
             conn._fail(exc2)
             if exc is None:
                 raise
-        conn._transition(_Link.READY)
+        conn._transition(Link.READY)
 
 
 def _section_key(section: str) -> str:
@@ -1647,7 +1615,7 @@ async def open_imap_connection(
         TLSError: TLS could not be established as required.
         RemoteProtocolError: the server does not speak IMAP.
     """
-    with _transport_errors(f"cannot connect to {host}:{port}"):
+    with transport_failures(f"cannot connect to {host}:{port}"):
         tcp = await trio.open_tcp_stream(host, port)
     async with open_imap_stream(
         tcp,

@@ -17,10 +17,10 @@
 # tasks: each call does its I/O inline, and only one task may use a connection at a
 # time.
 #
-# That is one state value, _Link (READY, BUSY, BROKEN, CLOSED; trio's _ssl.py is the
-# model), read by _check() and changed by _transition() against _LINK_TRANSITIONS.
+# That is one state value, Link (READY, BUSY, BROKEN, CLOSED; trio's _ssl.py is the
+# model), read by _check() and changed by _transition() against LINK_TRANSITIONS.
 # Transport errors (trio's Broken/ClosedResourceError, OSError such as a refused
-# connect) become ConnectionBrokenError in one place, _transport_errors().
+# connect) become ConnectionBrokenError in one place, transport_failures().
 #
 # SMTPSender sits on top: it owns one connection at a time, reuses it for many
 # messages, and opens a new one when the old one is broken -- retrying a message
@@ -31,18 +31,18 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import enum
 import functools
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import attrs
 import trio
 
+from prxmail._link import LINK_TRANSITIONS, Link, transport_failures
 from prxmail._redact import Redactor
-from prxmail._tls import Security, shared_ssl_context, transport_errors
+from prxmail._tls import Security, shared_ssl_context
 from prxmail.errors import (
     AuthenticationError,
     ConnectionBrokenError,
@@ -135,35 +135,6 @@ _UNSETTLED = frozenset(
         State.BODY_SENT,
     }
 )
-
-
-class _Link(enum.Enum):
-    """Whether an :class:`SMTPConnection` can be used (the SMTP conversation's own
-    state -- greeting, ready, in a transaction -- is the protocol core's)."""
-
-    READY = "ready"  # no operation running
-    BUSY = "busy"  # an operation is running; only its task may use the connection
-    BROKEN = "broken"  # out of step or closed by the server; every call raises
-    CLOSED = "closed"  # aclose() ran; the transport is closed
-
-
-# Every change of _Link. BROKEN and CLOSED are sticky: the first cause is kept, and the
-# end of an operation that broke the connection changes nothing.
-_LINK_TRANSITIONS: Mapping[_Link, frozenset[_Link]] = {
-    _Link.READY: frozenset({_Link.BUSY, _Link.BROKEN, _Link.CLOSED}),
-    _Link.BUSY: frozenset({_Link.READY, _Link.BROKEN, _Link.CLOSED}),
-    _Link.BROKEN: frozenset({_Link.CLOSED}),
-    _Link.CLOSED: frozenset(),
-}
-
-# What a failing transport raises: trio's stream errors (TLS failures arrive as
-# BrokenResourceError with the ssl error as cause) and OSError from connecting.
-_TRANSPORT_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-def _transport_errors(what: str) -> contextlib.AbstractContextManager[None]:
-    """The one place where transport failures become :class:`ConnectionBrokenError`."""
-    return transport_errors(what, _TRANSPORT_FAILURES)
 
 
 @attrs.frozen
@@ -306,7 +277,7 @@ class SMTPConnection:
         self._proto = SMTPProtocol()
         self._tls_active = isinstance(stream, trio.SSLStream)
         self._greeting: Reply | None = None
-        self._link = _Link.READY
+        self._link = Link.READY
         self._broken_reason = ""
         self._needs_rset = False
         # Set when message content began to go out in the current send_message; the
@@ -355,7 +326,7 @@ class SMTPConnection:
     @property
     def is_broken(self) -> bool:
         """True once the connection cannot be used any more."""
-        return self._link in (_Link.BROKEN, _Link.CLOSED)
+        return self._link in (Link.BROKEN, Link.CLOSED)
 
     @property
     def use_chunking(self) -> bool:
@@ -400,50 +371,50 @@ class SMTPConnection:
             ConnectionBrokenError: broken or closed.
             LocalProtocolError: another operation is running.
         """
-        if self._link is _Link.BROKEN or self._link is _Link.CLOSED:
+        if self._link is Link.BROKEN or self._link is Link.CLOSED:
             raise ConnectionBrokenError(
                 f"the SMTP connection is {self._link.value} ({self._broken_reason})"
             )
-        if starting and self._link is _Link.BUSY:
+        if starting and self._link is Link.BUSY:
             raise LocalProtocolError("another task is already using this SMTP connection")
 
-    def _transition(self, new: _Link, reason: str = "") -> None:
-        """Move to ``new`` (see :data:`_LINK_TRANSITIONS`); the only writer of the state."""
+    def _transition(self, new: Link, reason: str = "") -> None:
+        """Move to ``new`` (see :data:`LINK_TRANSITIONS`); the only writer of the state."""
         old = self._link
-        if old in (_Link.BROKEN, _Link.CLOSED) and new is not _Link.CLOSED:
+        if old in (Link.BROKEN, Link.CLOSED) and new is not Link.CLOSED:
             return  # sticky: the first cause stays
-        if old is _Link.READY and new is _Link.READY:
+        if old is Link.READY and new is Link.READY:
             return  # finishing twice changes nothing
-        if new not in _LINK_TRANSITIONS[old]:
+        if new not in LINK_TRANSITIONS[old]:
             raise AssertionError(f"SMTP connection cannot go from {old.value} to {new.value}")
         self._link = new
-        if new is _Link.BROKEN or (new is _Link.CLOSED and old is not _Link.BROKEN):
+        if new is Link.BROKEN or (new is Link.CLOSED and old is not Link.BROKEN):
             self._broken_reason = reason
 
     @contextlib.contextmanager
     def _operation(self) -> Iterator[None]:
         self._check(starting=True)
-        self._transition(_Link.BUSY)
+        self._transition(Link.BUSY)
         try:
             yield
         except BaseException as exc:
             state = self._proto.state
             if state is State.CLOSED:
-                self._transition(_Link.BROKEN, "the server closed the connection")
+                self._transition(Link.BROKEN, "the server closed the connection")
             elif self._proto.pending or state in _UNSETTLED:
                 reason = "cancelled" if isinstance(exc, trio.Cancelled) else type(exc).__name__
-                self._transition(_Link.BROKEN, f"an operation was interrupted half-way ({reason})")
+                self._transition(Link.BROKEN, f"an operation was interrupted half-way ({reason})")
             raise
         finally:
             self._last_activity = trio.current_time()
             if self._proto.state is State.CLOSED:
-                self._transition(_Link.BROKEN, "the session was closed")
-            self._transition(_Link.READY)
+                self._transition(Link.BROKEN, "the session was closed")
+            self._transition(Link.READY)
 
     async def _write(self, data: bytes) -> None:
         # Not marked broken here: a batch may still read the replies that arrived
         # before the failure (the _operation guard marks it after).
-        with _transport_errors("SMTP connection lost while sending"):
+        with transport_failures("SMTP connection lost while sending"):
             await self._stream.send_all(data)
 
     async def _read_reply(self) -> Reply:
@@ -453,17 +424,17 @@ class SMTPConnection:
             if reply is not None:
                 if reply.code == 421:
                     self._transition(
-                        _Link.BROKEN, f"the server closed the connection: 421 {reply.text}"
+                        Link.BROKEN, f"the server closed the connection: 421 {reply.text}"
                     )
                 return reply
             try:
-                with _transport_errors("SMTP connection lost while receiving"):
+                with transport_failures("SMTP connection lost while receiving"):
                     data = await self._stream.receive_some(RECEIVE_SIZE)
             except ConnectionBrokenError:
-                self._transition(_Link.BROKEN, "receiving failed")
+                self._transition(Link.BROKEN, "receiving failed")
                 raise
             if not data:
-                self._transition(_Link.BROKEN, "the server closed the connection")
+                self._transition(Link.BROKEN, "the server closed the connection")
                 raise ConnectionBrokenError("the SMTP server closed the connection")
             self._proto.receive_data(data)
 
@@ -551,11 +522,11 @@ class SMTPConnection:
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:
-            self._transition(_Link.BROKEN, "TLS handshake failed")
+            self._transition(Link.BROKEN, "TLS handshake failed")
             cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
             raise TLSError(f"TLS handshake with the SMTP server failed: {cause}") from exc
         except trio.ClosedResourceError as exc:  # pragma: no cover - caller closed it
-            self._transition(_Link.BROKEN, "TLS handshake failed")
+            self._transition(Link.BROKEN, "TLS handshake failed")
             raise ConnectionBrokenError("the stream was closed during the TLS handshake") from exc
         self._tls_active = True
 
@@ -1011,7 +982,7 @@ class SMTPConnection:
             # A write failure is the root cause; otherwise the read that failed.
             failure = failure or exc
         if failure is not None:
-            self._transition(_Link.BROKEN, f"the connection failed during a batch ({failure})")
+            self._transition(Link.BROKEN, f"the connection failed during a batch ({failure})")
         return [
             outcome
             if outcome is not None
@@ -1167,20 +1138,20 @@ class SMTPConnection:
 
         A usable connection first says QUIT (waiting briefly for the 221).
         """
-        if self._link is _Link.CLOSED:
+        if self._link is Link.CLOSED:
             return
         try:
             if (
-                self._link is _Link.READY
+                self._link is Link.READY
                 and not self._proto.pending
                 and self._proto.state in (State.CONNECTED, State.READY, State.MAIL, State.RCPT)
             ):
                 # BUSY while saying goodbye, so no other task starts an operation.
-                self._transition(_Link.BUSY)
+                self._transition(Link.BUSY)
                 with trio.move_on_after(QUIT_GRACE_SECONDS), contextlib.suppress(PrxmailError):
                     await self._command(self._proto.send_quit())
         finally:
-            self._transition(_Link.CLOSED, "the connection was closed")
+            self._transition(Link.CLOSED, "the connection was closed")
             await trio.aclose_forcefully(self._stream)
 
 
@@ -1247,7 +1218,7 @@ async def connect_smtp(
     context = ssl_context
     if context is None and security is not Security.PLAIN:
         context = shared_ssl_context()
-    with _transport_errors(f"cannot connect to {host}:{port}"):
+    with transport_failures(f"cannot connect to {host}:{port}"):
         tcp = await trio.open_tcp_stream(host, port)
     stream: trio.abc.Stream = tcp
     if security is Security.TLS:
