@@ -25,13 +25,13 @@ class LogRecords(logging.Handler):
 
 
 @contextlib.contextmanager
-def captured_logs() -> Iterator[LogRecords]:
-    """Attach a :class:`LogRecords` to the prxmail logger (INFO and up) for the block."""
+def captured_logs(level: int = logging.INFO) -> Iterator[LogRecords]:
+    """Attach a :class:`LogRecords` to the prxmail logger (``level`` and up) for the block."""
     handler = LogRecords()
     logger = get_logger()
     old_level = logger.level
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     try:
         yield handler
     finally:

@@ -26,7 +26,6 @@ import pytest
 import trio
 import trio.testing
 
-from prxmail._log import get_logger
 from prxmail._tls import Security
 from prxmail.channel import (
     RECONNECT_INITIAL_SECONDS,
@@ -41,6 +40,7 @@ from prxmail.compose import OutgoingAttachment
 from prxmail.config import Config, parse_config
 from prxmail.imap import IMAPConnection, open_imap_stream
 from prxmail.state import MessageKey, MessageStatus, StateStore, account_key
+from tests.faults._logs import LogRecords, captured_logs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -678,36 +678,14 @@ async def test_small_hostile_mail_is_parsed_in_a_thread_under_the_parse_limiter(
     assert 1 <= borrowed <= PARSE_THREADS
 
 
-class _Records(logging.Handler):
-    """Every record the prxmail logger emits, with its structured fields."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def fields(self, text: str) -> list[dict[str, object]]:
-        return [dict(getattr(r, "fields", {})) for r in self.records if text in r.getMessage()]
-
-
 @pytest.fixture
-def records() -> Iterator[_Records]:
-    handler = _Records()
-    logger = get_logger()
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
+def records() -> Iterator[LogRecords]:
+    with captured_logs(logging.DEBUG) as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 async def test_a_message_whose_fetch_always_breaks_is_failed_and_the_folder_moves_on(
-    tmp_path: Path, records: _Records
+    tmp_path: Path, records: LogRecords
 ) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)}, garbage_for={1})
     state = tmp_path / "state"
@@ -734,7 +712,7 @@ async def test_a_message_whose_fetch_always_breaks_is_failed_and_the_folder_move
 
 
 async def test_a_body_longer_than_its_rfc822_size_is_cut_and_marked_truncated(
-    tmp_path: Path, records: _Records
+    tmp_path: Path, records: LogRecords
 ) -> None:
     raw = raw_message(1) + b"x" * 500 + b"\r\n"
     fake = FakeIMAP(messages={1: raw}, size_lie={1: 120})
@@ -772,7 +750,7 @@ async def test_the_channel_caps_literals_at_max_message_bytes(tmp_path: Path) ->
     assert set(seen) == {200_000}
 
 
-async def test_skipped_uids_are_logged(tmp_path: Path, records: _Records) -> None:
+async def test_skipped_uids_are_logged(tmp_path: Path, records: LogRecords) -> None:
     fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2), 3: raw_message(3)})
     async with trio.open_nursery() as nursery:
         config = fake_config(9, tmp_path / "state")
@@ -793,7 +771,7 @@ async def test_skipped_uids_are_logged(tmp_path: Path, records: _Records) -> Non
 
 
 async def test_a_session_that_made_progress_resets_the_backoff(
-    tmp_path: Path, records: _Records
+    tmp_path: Path, records: LogRecords
 ) -> None:
     fake = FakeIMAP(drop_in_idle=True)
     async with trio.open_nursery() as nursery:
