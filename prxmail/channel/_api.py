@@ -65,6 +65,7 @@ import attrs
 import trio
 
 from prxmail._log import log_event
+from prxmail._tls import shared_ssl_context
 from prxmail.channel._core import _describe, collapse_exception_group
 from prxmail.channel._sender import SMTPConnector, _draft, _Sender
 from prxmail.channel._watcher import IMAPConnector, _Watcher
@@ -511,6 +512,9 @@ async def open_mail_channel(
     body_error: BaseException | None = None
     try:
         async with open_state_store(config.state_dir, retry_policy=retry, rng=source) as store:
+            # Load the trust store in a thread (tens of ms the first time); the channel's
+            # own call below then finds it in the process-wide cache.
+            await trio.to_thread.run_sync(shared_ssl_context, config.tls_ca_file)
             channel = MailChannel(
                 config, store, rng=source, connect_imap=connect_imap, connect_smtp=connect_smtp
             )

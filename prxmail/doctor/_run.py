@@ -76,7 +76,9 @@ async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> 
     redact = Redactor(config_secrets(config))
     # One login (and one token source) for every check, as in the service: the token
     # the OAuth 2 chain gets is the one the IMAP and SMTP logins use.
-    login = AccountLogin(config, shared_ssl_context(config.tls_ca_file))
+    # The trust store is loaded in a thread (tens of ms), like the configuration.
+    context = await trio.to_thread.run_sync(shared_ssl_context, config.tls_ca_file)
+    login = AccountLogin(config, context)
     oauth2 = _Chain(_oauth2_names(config))
     if oauth2.names:
         oauth2_chain = functools.partial(_oauth2_chain, source=login.token_source)

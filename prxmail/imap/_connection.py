@@ -1533,7 +1533,12 @@ async def open_imap_stream(
         ConnectionBrokenError: the server refused the connection or closed it.
         RemoteProtocolError: the server's greeting is not IMAP.
     """
-    context = ssl_context if ssl_context is not None else shared_ssl_context()
+    # Loading the system trust store takes tens of ms the first time: not on the loop.
+    context = (
+        ssl_context
+        if ssl_context is not None
+        else await trio.to_thread.run_sync(shared_ssl_context, None)
+    )
     encrypted = isinstance(stream, trio.SSLStream | ClientTLSStream)
     if security is Security.TLS and not encrypted:
         stream = ClientTLSStream(stream, context, server_hostname=server_hostname)

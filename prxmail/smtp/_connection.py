@@ -509,7 +509,9 @@ class SMTPConnection:
             if reply.is_error:
                 raise TLSError(f"the SMTP server refused STARTTLS: {reply.code} {reply.text}")
             self._proto.start_tls()
-            context = self._ssl_context or shared_ssl_context()
+            context = self._ssl_context
+            if context is None:
+                context = await trio.to_thread.run_sync(shared_ssl_context, None)
             tls_stream = trio.SSLStream(
                 self._stream, context, server_hostname=self._server_hostname
             )
@@ -1217,7 +1219,8 @@ async def connect_smtp(
     """
     context = ssl_context
     if context is None and security is not Security.PLAIN:
-        context = shared_ssl_context()
+        # Loading the system trust store takes tens of ms the first time: not on the loop.
+        context = await trio.to_thread.run_sync(shared_ssl_context, None)
     with transport_failures(f"cannot connect to {host}:{port}"):
         tcp = await trio.open_tcp_stream(host, port)
     stream: trio.abc.Stream = tcp
