@@ -107,6 +107,26 @@ def _create_database(db_path: Path) -> None:
         os.close(dir_fd)
 
 
+# An operator command's probe (state_dir_in_use) holds a shared lock for microseconds;
+# a service starting at that instant must not fail for it, so taking the lock is tried
+# again for this long before the directory counts as in use by another process.
+LOCK_PROBE_GRACE_SECONDS: Final = 0.2
+_LOCK_RETRY_SECONDS: Final = 0.01
+
+
+def _flock_exclusive(fd: int) -> None:
+    deadline = time.monotonic() + LOCK_PROBE_GRACE_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(_LOCK_RETRY_SECONDS)
+        else:
+            return
+
+
 def state_dir_in_use(state_dir: str | os.PathLike[str]) -> bool:
     """Whether a process holds the directory lock of a state directory (a running
     ``prxmail serve``). Creates nothing and takes no lock that outlives the call.
@@ -245,7 +265,7 @@ class Database:
             return
         fd = os.open(self.state_dir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_exclusive(fd)
         except OSError as exc:
             holder = os.read(fd, 32).decode("ascii", errors="replace").strip()
             os.close(fd)

@@ -398,3 +398,22 @@ def test_heartbeat_keeps_error_times_and_last_connection(store: StateStore) -> N
     assert up.imap_error == "OSError: refused"  # type: ignore[attr-defined]
     assert up.last_connected_at is not None  # type: ignore[attr-defined]
     assert store.heartbeat(ACCOUNT) == up
+
+
+def test_a_status_probe_at_the_instant_serve_starts_does_not_stop_it(state_dir: Path) -> None:
+    import fcntl
+    import os
+    import threading
+
+    StateStore(state_dir, prune_on_open=False).close()
+    assert not state_dir_in_use(state_dir)
+    fd = os.open(state_dir / "lock", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # what state_dir_in_use holds for a moment
+    releaser = threading.Timer(0.05, os.close, (fd,))
+    releaser.start()
+    try:
+        with StateStore(state_dir, prune_on_open=False) as s:
+            assert state_dir_in_use(s.state_dir)
+    finally:
+        releaser.join()
+    assert not state_dir_in_use(state_dir)
