@@ -47,6 +47,10 @@ HEARTBEAT_STALE_FACTOR: Final = 3
 # to a million failed messages must not be read whole into memory for it.
 MAX_LISTED: Final = 1000
 
+# Operator actions are kept this long: enough to answer "who retried that, and why?"
+# for any incident review; rare rows, but --all writes one per item, so they age out.
+OPERATOR_LOG_RETENTION_SECONDS: Final = 365 * 86400.0
+
 # Message statuses a person asks about with `prxmail messages list`.
 _LISTABLE: Final = frozenset(
     {MessageStatus.FAILED, MessageStatus.HELD, MessageStatus.DEFERRED, MessageStatus.REJECTED}
@@ -479,6 +483,22 @@ class OperatorMixin(ConversationMixin):
             (message_id,),
         ).fetchone()
         return MessageKey(row["account"], row["folder"], row["uidvalidity"], row["uid"])
+
+    def prune_operator_log(self, *, now: float | None = None) -> int:
+        """Forget operator actions older than :data:`OPERATOR_LOG_RETENTION_SECONDS`.
+
+        Args:
+            now: Wall-clock time to compare with; default the store's clock.
+
+        Returns:
+            How many rows were removed.
+        """
+        when = self._clock() if now is None else now
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "DELETE FROM operator_log WHERE at < ?", (when - OPERATOR_LOG_RETENTION_SECONDS,)
+            )
+        return cursor.rowcount
 
     def operator_log(self, account: str, *, limit: int = MAX_LISTED) -> list[dict[str, object]]:
         """Returns: the account's recorded operator actions, newest first (at most

@@ -78,6 +78,7 @@ class StateStore(OperatorMixin, ConversationMixin, HousekeepingMixin):
             try:
                 self.prune()
                 self.prune_conversations()
+                self.prune_operator_log()
             except BaseException:
                 self.close()
                 raise

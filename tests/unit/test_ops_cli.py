@@ -417,3 +417,11 @@ def test_a_status_probe_at_the_instant_serve_starts_does_not_stop_it(state_dir: 
     finally:
         releaser.join()
     assert not state_dir_in_use(state_dir)
+
+
+def test_old_operator_actions_are_pruned(store: StateStore) -> None:
+    item = _queued(store, 1)
+    store.drop_outbox(ACCOUNT, item, "test")
+    assert store.prune_operator_log(now=time.time() + 364 * 86400) == 0
+    assert store.prune_operator_log(now=time.time() + 366 * 86400) == 1
+    assert store.operator_log(ACCOUNT) == []
