@@ -255,6 +255,9 @@ class _ChannelCore:
         """An operator changed messages or the outbox: look at both again now."""
         log_event(logging.INFO, "operator request noticed: re-reading pending mail and outbox")
         self._pending_dirty = True
+        # A message whose fetch kept failing may be among those retried; the others
+        # are still failed in the store, so no pending round can pick them up again.
+        self._given_up.clear()
         self._outbox_generation.value += 1
         if self._wake_scope is not None:
             self._wake_scope.cancel()

@@ -62,6 +62,33 @@ _FINISHED: Final = (MessageStatus.HANDLED.value, MessageStatus.REPLIED.value)
 _CONNECTED: Final = frozenset({"idle", "polling", "fetching"})
 
 
+# A message as an operator sees it: its row id (what the commands take) and, from its
+# thread entry when there is one, sender and subject.
+_OPERATOR_MESSAGE_SELECT: Final = (
+    "SELECT m.rowid AS id, m.folder, m.uid, m.message_id, m.status, m.reason,"
+    " m.attempts, m.updated_at, m.due_at, t.thread_id, t.sender, t.subject"
+    " FROM message m LEFT JOIN thread_message t"
+    " ON t.account = m.account AND t.message_id = m.message_id"
+)
+
+
+def _operator_message_from_row(row: sqlite3.Row) -> OperatorMessage:
+    return OperatorMessage(
+        id=row["id"],
+        folder=row["folder"],
+        uid=row["uid"],
+        message_id=row["message_id"],
+        status=MessageStatus(row["status"]),
+        reason=row["reason"],
+        attempts=row["attempts"],
+        updated_at=row["updated_at"],
+        due_at=row["due_at"],
+        thread_id=row["thread_id"],
+        sender=row["sender"],
+        subject=row["subject"],
+    )
+
+
 def _heartbeat_from_row(row: sqlite3.Row) -> AccountHeartbeat:
     return AccountHeartbeat(
         account=row["account"],
@@ -261,31 +288,11 @@ class OperatorMixin(ConversationMixin):
         marks = ", ".join("?" * len(statuses))
         with self._transaction(durable=False) as conn:
             rows = conn.execute(
-                "SELECT m.rowid AS id, m.folder, m.uid, m.message_id, m.status, m.reason,"
-                " m.attempts, m.updated_at, m.due_at, t.thread_id, t.sender, t.subject"
-                " FROM message m LEFT JOIN thread_message t"
-                " ON t.account = m.account AND t.message_id = m.message_id"
-                f" WHERE m.account = ? AND m.status IN ({marks})"
+                f"{_OPERATOR_MESSAGE_SELECT} WHERE m.account = ? AND m.status IN ({marks})"
                 " ORDER BY m.updated_at DESC, m.rowid DESC LIMIT ?",
                 (account, *statuses, limit),
             ).fetchall()
-        return [
-            OperatorMessage(
-                id=row["id"],
-                folder=row["folder"],
-                uid=row["uid"],
-                message_id=row["message_id"],
-                status=MessageStatus(row["status"]),
-                reason=row["reason"],
-                attempts=row["attempts"],
-                updated_at=row["updated_at"],
-                due_at=row["due_at"],
-                thread_id=row["thread_id"],
-                sender=row["sender"],
-                subject=row["subject"],
-            )
-            for row in rows
-        ]
+        return [_operator_message_from_row(row) for row in rows]
 
     # -- acting ------------------------------------------------------------------------
 
@@ -453,29 +460,12 @@ class OperatorMixin(ConversationMixin):
         self, conn: sqlite3.Connection, account: str, message_id: int
     ) -> OperatorMessage:
         row = conn.execute(
-            "SELECT m.rowid AS id, m.folder, m.uid, m.message_id, m.status, m.reason,"
-            " m.attempts, m.updated_at, m.due_at, t.thread_id, t.sender, t.subject"
-            " FROM message m LEFT JOIN thread_message t"
-            " ON t.account = m.account AND t.message_id = m.message_id"
-            " WHERE m.rowid = ? AND m.account = ?",
+            f"{_OPERATOR_MESSAGE_SELECT} WHERE m.rowid = ? AND m.account = ?",
             (message_id, account),
         ).fetchone()
         if row is None:
             raise LocalProtocolError(f"no message {message_id} in account {account}")
-        return OperatorMessage(
-            id=row["id"],
-            folder=row["folder"],
-            uid=row["uid"],
-            message_id=row["message_id"],
-            status=MessageStatus(row["status"]),
-            reason=row["reason"],
-            attempts=row["attempts"],
-            updated_at=row["updated_at"],
-            due_at=row["due_at"],
-            thread_id=row["thread_id"],
-            sender=row["sender"],
-            subject=row["subject"],
-        )
+        return _operator_message_from_row(row)
 
     def _key_of_rowid(self, conn: sqlite3.Connection, message_id: int) -> MessageKey:
         row = conn.execute(
