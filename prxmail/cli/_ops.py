@@ -353,7 +353,7 @@ def run_outbox(
                 print(
                     f"{len(done)} outbox item(s) due now"
                     + (f": {', '.join(str(i.id) for i in done)}" if done else "")
-                    + ("; the running service sends them within seconds" if done else ""),
+                    + (f"; {_when_acted(config, 'sends them')}" if done else ""),
                     file=out,
                 )
             return {"account": name, "retried": [i.id for i in done]}
@@ -366,6 +366,12 @@ def run_outbox(
         return {"account": name, "dropped": dropped.id, "reason": why}
 
     return _finish(f"outbox {action}", as_json, out, err, run)
+
+
+def _when_acted(config: Config, does: str) -> str:
+    if state_dir_in_use(config.state_dir):
+        return f"the running service {does} within seconds"
+    return f"prxmail serve is not running; it {does} when it starts"
 
 
 def _act(config: Config, work: Callable[[StateStore], _T]) -> _T:
@@ -469,7 +475,7 @@ def run_messages(
             if not as_json:
                 print(
                     f"message {before.id} (UID {before.uid}) goes to the handler again;"
-                    " the running service picks it up within seconds",
+                    f" {_when_acted(config, 'hands it on')}",
                     file=out,
                 )
             return {"account": name, "retried": before.id}
