@@ -522,6 +522,7 @@ async def open_mail_channel(
                 async with trio.open_nursery() as nursery:
                     await nursery.start(channel._run_sender)
                     await nursery.start(channel._run_watcher)
+                    await nursery.start(channel._run_heartbeat)
                     try:
                         yield channel
                     except BaseException as exc:

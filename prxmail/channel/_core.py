@@ -15,7 +15,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
+import os
 import random
+import time
 from collections.abc import Iterator
 from typing import Final
 
@@ -27,6 +30,7 @@ from prxmail._log import log_event, redact
 from prxmail._login import AccountLogin
 from prxmail._tls import shared_ssl_context
 from prxmail.config import Config
+from prxmail.errors import StateError
 from prxmail.imap import IMAPConnection
 from prxmail.message import Message
 from prxmail.policy import SenderPolicy
@@ -42,6 +46,23 @@ MESSAGE_BUFFER: Final = 0
 SEEN_BUFFER: Final = 1000
 
 _SEEN: Final = "\\Seen"
+
+# The running channel writes its heartbeat (StateStore.write_heartbeat) at every status
+# change and at least this often, so `prxmail status` in another process sees it
+# alive; HEARTBEAT_STALE_FACTOR intervals without one mean it is not running. 10 s
+# keeps that verdict within half a minute at one tiny write per account per 10 s.
+HEARTBEAT_SECONDS: Final = 10.0
+
+# How often the running channel looks for an operator's request (`prxmail outbox
+# retry`, `messages retry`, `messages release`). SQLite cannot notify another process;
+# a one-row primary-key read per second costs microseconds, and "retry now" is then
+# acted on within about a second instead of at the next backoff step or IDLE renewal.
+# A status change is written at the same pace, so `status` shows auth-failed at once.
+OPERATOR_POLL_SECONDS: Final = 1.0
+
+# At shutdown the last heartbeat ("stopped") may wait this long for the store: it is
+# courtesy to `prxmail status`, and must not hold up a stop.
+HEARTBEAT_STOP_SECONDS: Final = 2.0
 
 
 @attrs.frozen
@@ -189,6 +210,57 @@ class _ChannelCore:
         # Messages whose body the server sent longer than their RFC822.SIZE: cut to that
         # size, and marked truncated when they are admitted.
         self._cut: set[MessageKey] = set()
+
+    async def _write_heartbeat(self, pid: int, started: float, *, stopped: bool = False) -> None:
+        status = self.status.value
+        await self._store.write_heartbeat(
+            self.account,
+            pid=pid,
+            started_at=started,
+            imap=status.imap,
+            imap_error=status.imap_error,
+            smtp_error=status.smtp_error,
+            reconnects=status.reconnects,
+            stopped=stopped,
+        )
+
+    async def _run_heartbeat(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the heartbeat row current and act on operators' requests (see
+        :data:`HEARTBEAT_SECONDS`, :data:`OPERATOR_POLL_SECONDS`)."""
+        pid, started = os.getpid(), time.time()
+        generation = await self._store.operator_generation(self.account)
+        written: ChannelStatus | None = None
+        next_beat = -math.inf
+        task_status.started()
+        try:
+            while True:
+                if self.status.value != written or trio.current_time() >= next_beat:
+                    written = self.status.value
+                    next_beat = trio.current_time() + HEARTBEAT_SECONDS
+                    await self._write_heartbeat(pid, started)
+                current = await self._store.operator_generation(self.account)
+                if current != generation:
+                    generation = current
+                    self._operator_request()
+                await trio.sleep(OPERATOR_POLL_SECONDS)
+        finally:
+            with trio.move_on_after(HEARTBEAT_STOP_SECONDS) as scope:
+                scope.shield = True
+                with contextlib.suppress(StateError):
+                    await self._write_heartbeat(pid, started, stopped=True)
+
+    def _operator_request(self) -> None:
+        """An operator changed messages or the outbox: look at both again now."""
+        log_event(logging.INFO, "operator request noticed: re-reading pending mail and outbox")
+        self._pending_dirty = True
+        # A message whose fetch kept failing may be among those retried; the others
+        # are still failed in the store, so no pending round can pick them up again.
+        self._given_up.clear()
+        self._outbox_generation.value += 1
+        if self._wake_scope is not None:
+            self._wake_scope.cancel()
 
     def _set_status(self, **changes: object) -> None:
         self.status.value = attrs.evolve(self.status.value, **changes)

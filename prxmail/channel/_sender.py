@@ -143,17 +143,39 @@ class _Sender(_ChannelCore):
             if reported.result is not None
         ]
         # One durable commit for everything the server accepted in this exchange.
-        await self._store.mark_sent_many(item.id for item, _ in sent)
-        for item, result in sent:
-            self._log_sent(item, result)
+        try:
+            await self._store.mark_sent_many(item.id for item, _ in sent)
+        except LocalProtocolError:
+            # An operator dropped one of them while it was on the wire (nothing was
+            # committed): record the others one by one.
+            for item, result in sent:
+                await self._record_sent(item, result)
+        else:
+            for item, result in sent:
+                self._log_sent(item, result)
         for item, reported in zip(items, outcomes, strict=True):
             if reported.result is None:
                 error = reported.error or ConnectionBrokenError("no outcome for this message")
                 await self._record_send_failure(item, error)
 
     async def _record_sent(self, item: OutboxItem, result: SendResult) -> None:
-        await self._store.mark_sent(item.id)
+        try:
+            await self._store.mark_sent(item.id)
+        except LocalProtocolError:
+            if await self._dropped_meanwhile(item):
+                log_event(
+                    logging.WARNING,
+                    "reply sent, but an operator dropped it from the outbox meanwhile",
+                    **_outbox_fields(item),
+                )
+                return
+            raise
         self._log_sent(item, result)
+
+    async def _dropped_meanwhile(self, item: OutboxItem) -> bool:
+        """Whether ``prxmail outbox drop`` removed the item while it was being sent:
+        the one way an item we read as queued can vanish."""
+        return await self._store.get_outbox_item(item.id) is None
 
     def _log_sent(self, item: OutboxItem, result: SendResult) -> None:
         self._counts["replies_sent"] += 1
@@ -163,6 +185,9 @@ class _Sender(_ChannelCore):
 
     async def _record_send_failure(self, item: OutboxItem, exc: BaseException) -> None:
         fields = _outbox_fields(item)
+        if await self._dropped_meanwhile(item):
+            log_event(logging.INFO, "dropped reply not sent", **fields, error=_describe(exc))
+            return
         if isinstance(exc, SMTPPermanentError | LocalProtocolError):
             await self._store.mark_permanent_failure(item.id, _describe(exc))
             self._set_status(smtp_error=_describe(exc))

@@ -1,4 +1,4 @@
-"""The ``prxmail`` command line: one table of subcommands (``serve``, ``doctor``, ``auth``).
+"""The ``prxmail`` command line: one table of subcommands (``serve``, ``doctor``, ``auth``, ...).
 
 Each subcommand is one :class:`Command` in :data:`COMMANDS`: its name, its help, a
 function that adds its arguments and a function that runs it and returns the exit
@@ -149,6 +149,94 @@ def _run_auth(args: argparse.Namespace) -> int:
     )
 
 
+def _ops_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--account",
+        metavar="NAME",
+        help="the account: its name ('default' for a single-account configuration) or"
+        " its key (user@imap.host:port)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _positive_id(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"not an id: {value!r}")
+    return number
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    _ops_common(parser)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from prxmail.cli._ops import run_status  # noqa: PLC0415 (see _run_serve)
+
+    return run_status(
+        args.config_path, account=args.account, as_json=args.json, out=sys.stdout, err=sys.stderr
+    )
+
+
+def _outbox_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("list", "retry", "drop"))
+    parser.add_argument("id", nargs="?", type=_positive_id, metavar="ID", help="an outbox item")
+    parser.add_argument(
+        "--all", dest="every", action="store_true", help="retry: every queued and failed item"
+    )
+    parser.add_argument("--reason", metavar="TEXT", help="drop: why (stored with the drop)")
+    _ops_common(parser)
+
+
+def _run_outbox(args: argparse.Namespace) -> int:
+    from prxmail.cli._ops import run_outbox  # noqa: PLC0415 (see _run_serve)
+
+    return run_outbox(
+        args.config_path,
+        action=args.action,
+        item_id=args.id,
+        every=args.every,
+        reason=args.reason,
+        account=args.account,
+        as_json=args.json,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+
+
+def _messages_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("list", "retry", "release"))
+    parser.add_argument(
+        "id", nargs="?", type=_positive_id, metavar="ID", help="a message id from list"
+    )
+    parser.add_argument(
+        "--status",
+        # Kept in step with prxmail.cli._ops.MESSAGE_LIST_STATUSES (not imported: it
+        # would load the state store for --help).
+        choices=("failed", "held", "deferred", "rejected"),
+        help="list: only messages in this status",
+    )
+    _ops_common(parser)
+
+
+def _run_messages(args: argparse.Namespace) -> int:
+    from prxmail.cli._ops import run_messages  # noqa: PLC0415 (see _run_serve)
+
+    return run_messages(
+        args.config_path,
+        action=args.action,
+        item_id=args.id,
+        status=args.status,
+        account=args.account,
+        as_json=args.json,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="serve",
@@ -173,6 +261,31 @@ COMMANDS: tuple[Command, ...] = (
         " the refresh token to oauth2_refresh_token_file (mode 0600).",
         add_arguments=_auth_arguments,
         run=_run_auth,
+    ),
+    Command(
+        name="status",
+        help="show what the running service is doing, per account",
+        description="Show the IMAP state, last connection and errors, message and outbox"
+        " counts and the last handled message, from the state the running service"
+        " keeps current; says so when the service is not running.",
+        add_arguments=_status_arguments,
+        run=_run_status,
+    ),
+    Command(
+        name="outbox",
+        help="list, retry or drop queued and failed replies",
+        description="list: queued and permanently failed replies; retry ID|--all: due now"
+        " (a running service sends within seconds); drop ID [--reason TEXT]: never send.",
+        add_arguments=_outbox_arguments,
+        run=_run_outbox,
+    ),
+    Command(
+        name="messages",
+        help="list failed/held/deferred/rejected mail, retry or release it",
+        description="list [--status S]: messages an operator may act on; retry ID: hand a"
+        " failed message to the handler again; release ID: let a held thread go on.",
+        add_arguments=_messages_arguments,
+        run=_run_messages,
     ),
 )
 

@@ -8,12 +8,32 @@ state checks never create anything: they say whether the state directory is writ
 from __future__ import annotations
 
 import os
+import stat
+import time
+import tomllib
 from pathlib import Path
+from typing import Final
 
 from prxmail.config import Config
 from prxmail.doctor._report import Status, StepResult
 from prxmail.errors import StateError, StateSchemaError
-from prxmail.state import DB_FILENAME, MessageStatus, StateStore, account_key
+from prxmail.state import DB_FILENAME, MessageStatus, OutboxItem, StateStore, account_key
+
+# A reply still queued this long after it was composed is stuck: the normal path sends
+# within seconds, and the retry backoff tries again within the hour (its default cap).
+STUCK_OUTBOX_SECONDS: Final = 3600.0
+
+# A queued reply this far past its next attempt is not being sent at all (the service
+# is not running, or its sender hangs): the sender looks at least once a minute.
+OVERDUE_OUTBOX_SECONDS: Final = 300.0
+
+# The keys of [channels_config.email] that name a file holding a secret.
+_SECRET_FILE_KEYS: Final = (
+    "password_file",
+    "smtp_password_file",
+    "oauth2_client_secret_file",
+    "oauth2_refresh_token_file",
+)
 
 
 def _check_from_address(config: Config) -> StepResult:
@@ -104,9 +124,11 @@ def _check_state_db(config: Config) -> StepResult:
     db = config.state_dir / DB_FILENAME
     if not db.is_file():
         return StepResult(name, Status.PASS, "no state database yet (created on first serve)")
+    account = account_key(config.username, config.imap_host, config.imap_port)
     try:
         with StateStore(config.state_dir, read_only=True) as store:
             stats = store.statistics()
+            stuck = _stuck_outbox(store.operator_outbox(account), time.time())
     except StateSchemaError as exc:
         if exc.found < exc.supported:
             # Not damage: the service migrates an older database when it next starts.
@@ -129,7 +151,6 @@ def _check_state_db(config: Config) -> StepResult:
             f"the state database cannot be read: {exc}",
             hint="restore it from a backup or move it aside",
         )
-    account = account_key(config.username, config.imap_host, config.imap_port)
     mine = [m for m in stats.mailboxes if m.account == account]
     detail = [
         f"folder {m.folder!r}: last processed UID {m.last_uid} (UIDVALIDITY {m.uidvalidity})"
@@ -142,8 +163,21 @@ def _check_state_db(config: Config) -> StepResult:
     hint = ""
     if stats.outbox_failed:
         summary += f", {stats.outbox_failed} failed permanently"
+    if stuck:
         status = Status.WARN
-        hint = "some replies could not be sent; the log of prxmail serve says why"
+        last = stuck[-1]
+        summary += (
+            f"; {len(stuck)} stuck (outbox item {last.id}: {last.last_error or 'never tried'})"
+        )
+        detail.extend(
+            f"outbox item {item.id} to {', '.join(item.envelope_to)}: {item.status.value},"
+            f" {item.attempts} attempts, last error: {item.last_error or '-'}"
+            for item in stuck
+        )
+        hint = (
+            "replies are not going out: see `prxmail outbox list`; fix the cause (the last"
+            " error above), then `prxmail outbox retry --all`, or `prxmail outbox drop ID`"
+        )
     deferred = stats.messages_by_status.get(MessageStatus.DEFERRED, 0)
     held = stats.messages_by_status.get(MessageStatus.HELD, 0)
     summary += f"; {deferred} messages deferred, {held} held"
@@ -159,10 +193,59 @@ def _check_state_db(config: Config) -> StepResult:
     return StepResult(name, status, summary, tuple(detail), hint)
 
 
+def _stuck_outbox(items: list[OutboxItem], now: float) -> list[OutboxItem]:
+    """Permanently failed replies, and queued ones that are old or long overdue."""
+    return [
+        item
+        for item in items
+        if item.status is not item.status.QUEUED
+        or now - item.created_at > STUCK_OUTBOX_SECONDS
+        or now - item.next_attempt_at > OVERDUE_OUTBOX_SECONDS
+    ]
+
+
+def _secret_file_warnings(config_path: Path) -> list[str]:
+    """Secret files every user of the host can read: a WARN, not a FAIL, since the
+    service works, but anyone on the host can log in as the bot. Group-readable is
+    left alone: a credential shared with the service's group (0640) is deliberate."""
+    try:
+        table = tomllib.loads(config_path.read_text("utf-8"))["channels_config"]["email"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # the config step reports a configuration it cannot read
+    if not isinstance(table, dict):
+        return []
+    files = [
+        (key, config_path.parent / value)
+        for key in _SECRET_FILE_KEYS
+        if isinstance(value := table.get(key), str)
+    ]
+    warnings = []
+    for key, path in files:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue  # a missing file is the config step's business
+        if mode & stat.S_IROTH:
+            warnings.append(
+                f"{key} {path} is readable by every user (mode {stat.S_IMODE(mode):04o}):"
+                f" chmod 600 {path}"
+            )
+    return warnings
+
+
 def _config_step(config_path: Path, config: Config) -> StepResult:
     # The allowed_senders warnings belong to the policy step.
     warnings = [w for w in config.warnings if not w.startswith("allowed_senders")]
-    detail = [*config.describe(), *(f"warning: {w}" for w in warnings)]
+    secrets = _secret_file_warnings(config_path)
+    detail = [*config.describe(), *(f"warning: {w}" for w in [*warnings, *secrets])]
+    if secrets:
+        return StepResult(
+            "config",
+            Status.WARN,
+            f"{config_path} loaded; {len(secrets)} secret file(s) readable by every user",
+            tuple(detail),
+            hint="other users on this host can read the password: " + "; ".join(secrets),
+        )
     if warnings:
         return StepResult(
             "config",

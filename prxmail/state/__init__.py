@@ -98,18 +98,22 @@ Package layout
 values; ``_db`` opening, the directory lock and transactions; ``_mailboxes`` the
 high-water mark; ``_messages`` a message's life; ``_outbox`` the outbox;
 ``_housekeeping`` our Message-IDs, pruning, statistics; ``_conversations`` parked
-messages, thread history and the limits' state; ``_store`` the class made of those;
-``_async`` the trio facade.
+messages, thread history and the limits' state; ``_operator`` the heartbeat and
+operators' actions; ``_store`` the class made of those; ``_async`` the trio facade.
 """
 
 from prxmail.state._async import AsyncStateStore as AsyncStateStore
 from prxmail.state._async import open_state_store as open_state_store
 from prxmail.state._db import DB_FILENAME as DB_FILENAME
+from prxmail.state._db import state_dir_in_use as state_dir_in_use
 from prxmail.state._model import MAX_REASON_CHARS as MAX_REASON_CHARS
 from prxmail.state._model import MAX_THREAD_HISTORY as MAX_THREAD_HISTORY
 from prxmail.state._model import MAX_THREAD_TEXT_CHARS as MAX_THREAD_TEXT_CHARS
+from prxmail.state._model import OPERATOR_MOVES as OPERATOR_MOVES
 from prxmail.state._model import OUTBOX_TRANSITIONS as OUTBOX_TRANSITIONS
 from prxmail.state._model import TRANSITIONS as TRANSITIONS
+from prxmail.state._model import AccountHeartbeat as AccountHeartbeat
+from prxmail.state._model import AccountSummary as AccountSummary
 from prxmail.state._model import ClaimBatch as ClaimBatch
 from prxmail.state._model import ClaimOutcome as ClaimOutcome
 from prxmail.state._model import ClaimResult as ClaimResult
@@ -118,6 +122,7 @@ from prxmail.state._model import MailboxState as MailboxState
 from prxmail.state._model import MessageKey as MessageKey
 from prxmail.state._model import MessageRecord as MessageRecord
 from prxmail.state._model import MessageStatus as MessageStatus
+from prxmail.state._model import OperatorMessage as OperatorMessage
 from prxmail.state._model import OutboxDraft as OutboxDraft
 from prxmail.state._model import OutboxItem as OutboxItem
 from prxmail.state._model import OutboxStatus as OutboxStatus
@@ -130,16 +135,21 @@ from prxmail.state._model import ThreadEntry as ThreadEntry
 from prxmail.state._model import account_key as account_key
 from prxmail.state._model import normalize_message_id as normalize_message_id
 from prxmail.state._model import own_id_predicate as own_id_predicate
+from prxmail.state._operator import HEARTBEAT_STALE_FACTOR as HEARTBEAT_STALE_FACTOR
 from prxmail.state._schema import SCHEMA_VERSION as SCHEMA_VERSION
 from prxmail.state._store import StateStore as StateStore
 
 __all__ = [
     "DB_FILENAME",
+    "HEARTBEAT_STALE_FACTOR",
     "MAX_THREAD_HISTORY",
     "MAX_THREAD_TEXT_CHARS",
+    "OPERATOR_MOVES",
     "OUTBOX_TRANSITIONS",
     "SCHEMA_VERSION",
     "TRANSITIONS",
+    "AccountHeartbeat",
+    "AccountSummary",
     "AsyncStateStore",
     "ClaimBatch",
     "ClaimOutcome",
@@ -149,6 +159,7 @@ __all__ = [
     "MessageKey",
     "MessageRecord",
     "MessageStatus",
+    "OperatorMessage",
     "OutboxDraft",
     "OutboxItem",
     "OutboxStatus",
@@ -163,4 +174,5 @@ __all__ = [
     "normalize_message_id",
     "open_state_store",
     "own_id_predicate",
+    "state_dir_in_use",
 ]

@@ -200,6 +200,8 @@ class AsyncStateStore:
     record_reply_in_thread = _offload(StateStore.record_reply_in_thread)
     enqueue_in_thread = _offload(StateStore.enqueue_in_thread)
     prune_conversations = _offload(StateStore.prune_conversations)
+    write_heartbeat = _offload(StateStore.write_heartbeat)
+    operator_generation = _offload(StateStore.operator_generation)
 
 
 def _run_batch(batch: list[_Job]) -> None:

@@ -107,6 +107,52 @@ def _create_database(db_path: Path) -> None:
         os.close(dir_fd)
 
 
+# An operator command's probe (state_dir_in_use) holds a shared lock for microseconds;
+# a service starting at that instant must not fail for it, so taking the lock is tried
+# again for this long before the directory counts as in use by another process.
+LOCK_PROBE_GRACE_SECONDS: Final = 0.2
+_LOCK_RETRY_SECONDS: Final = 0.01
+
+
+def _flock_exclusive(fd: int) -> None:
+    deadline = time.monotonic() + LOCK_PROBE_GRACE_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(_LOCK_RETRY_SECONDS)
+        else:
+            return
+
+
+def state_dir_in_use(state_dir: str | os.PathLike[str]) -> bool:
+    """Whether a process holds the directory lock of a state directory (a running
+    ``prxmail serve``). Creates nothing and takes no lock that outlives the call.
+
+    Args:
+        state_dir: The state directory.
+
+    Returns:
+        True when the lock is held; False when it is free or there is no lock file.
+    """
+    if sys.platform == "win32":  # pragma: no cover - no flock
+        return False
+    try:
+        fd = os.open(Path(state_dir) / LOCK_FILENAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        # A shared lock conflicts with the service's exclusive one, and only with it.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops our shared lock, if we got it
+    return False
+
+
 class Database:
     """The connection and its transactions; the base of every store mixin."""
 
@@ -119,10 +165,12 @@ class Database:
         clock: Callable[[], float] = time.time,
         read_only: bool = False,
         check_same_thread: bool = True,
+        shared: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir)
         self._check_same_thread = check_same_thread
         self.read_only = read_only
+        self.shared = shared
         self.retry_policy = retry_policy or RetryPolicy()
         # Not cryptographic: only spreads retry times.
         self._rng = rng or random.Random()  # noqa: S311
@@ -136,8 +184,8 @@ class Database:
         # Committed write transactions since the last checkpoint (see checkpoint()).
         self._commits_since_checkpoint = 0
         db_path = self.state_dir / DB_FILENAME
-        if read_only:
-            self._open_read_only(db_path)
+        if read_only or shared:
+            self._open_read_only(db_path, writable=shared)
             return
         try:
             _create_private_dir(self.state_dir)
@@ -177,14 +225,18 @@ class Database:
             self.close()
             raise
 
-    def _open_read_only(self, db_path: Path) -> None:
+    def _open_read_only(self, db_path: Path, *, writable: bool = False) -> None:
+        # writable: an operator command next to a running service (``shared``). No
+        # directory lock, nothing created or migrated; SQLite's own locks (WAL, the
+        # busy timeout, BEGIN IMMEDIATE) keep its short transactions apart from the
+        # service's.
         if not db_path.is_file():
             raise StateError(f"no state database at {db_path} (prxmail has not run there yet)")
         if db_path.stat().st_size == 0:
             raise _empty_database(db_path)
         try:
             self._conn = sqlite3.connect(
-                f"{db_path.resolve().as_uri()}?mode=ro",
+                f"{db_path.resolve().as_uri()}?mode={'rw' if writable else 'ro'}",
                 uri=True,
                 timeout=BUSY_TIMEOUT_SECONDS,
                 isolation_level=None,
@@ -213,7 +265,7 @@ class Database:
             return
         fd = os.open(self.state_dir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_exclusive(fd)
         except OSError as exc:
             holder = os.read(fd, 32).decode("ascii", errors="replace").strip()
             os.close(fd)

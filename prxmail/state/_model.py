@@ -126,8 +126,9 @@ class MessageStatus(enum.Enum):
 
     @property
     def terminal(self) -> bool:
-        """True when the message will never be looked at again."""
-        return not TRANSITIONS[self]
+        """True when the service will never look at the message again on its own (an
+        operator may still hand a failed one on: :data:`OPERATOR_MOVES`)."""
+        return not TRANSITIONS[self] - OPERATOR_MOVES.get(self, frozenset())
 
 
 #: The message state table: every allowed move, in one place. Anything else is a
@@ -161,7 +162,15 @@ TRANSITIONS: Final[Mapping[MessageStatus, frozenset[MessageStatus]]] = {
     MessageStatus.HANDLED: frozenset(),
     MessageStatus.REPLIED: frozenset(),
     MessageStatus.REJECTED: frozenset(),
-    MessageStatus.FAILED: frozenset(),
+    # Back to claimed only by an operator's retry (StateStore.retry_message,
+    # ``prxmail messages retry``): the handler gets it again.
+    MessageStatus.FAILED: frozenset({MessageStatus.CLAIMED}),
+}
+
+#: Moves in :data:`TRANSITIONS` that only an operator makes, never the service: a
+#: status whose only moves are these is still :attr:`MessageStatus.terminal`.
+OPERATOR_MOVES: Final[Mapping[MessageStatus, frozenset[MessageStatus]]] = {
+    MessageStatus.FAILED: frozenset({MessageStatus.CLAIMED}),
 }
 
 
@@ -179,14 +188,15 @@ OUTBOX_TRANSITIONS: Final[Mapping[OutboxStatus, frozenset[OutboxStatus]]] = {
     OutboxStatus.QUEUED: frozenset(
         {
             OutboxStatus.SENT,
-            # A transient failure: stays queued, due later, one attempt more.
+            # A transient failure: stays queued, due later, one attempt more. Also an
+            # operator's retry (StateStore.retry_outbox): stays queued, due now.
             OutboxStatus.QUEUED,
             OutboxStatus.FAILED_PERMANENT,
         }
     ),
     # Sent is final: its bytes are gone, only the row is kept for a while.
     OutboxStatus.SENT: frozenset(),
-    # Back to the queue only by an operator's requeue.
+    # Back to the queue only by an operator's requeue / retry.
     OutboxStatus.FAILED_PERMANENT: frozenset({OutboxStatus.QUEUED}),
 }
 
@@ -444,3 +454,71 @@ class StateStatistics:
     outbox_next_attempt_at: float | None
     messages_by_status: Mapping[MessageStatus, int]
     mailboxes: tuple[MailboxState, ...]
+
+
+@attrs.frozen
+class AccountHeartbeat:
+    """The running service's last word about one account (see ``_operator``).
+
+    Attributes:
+        imap: ``ChannelStatus.imap`` when written (``"idle"``, ``"auth-failed"``, ...).
+        imap_error / smtp_error: The last error seen (kept after it passed; ``imap``
+            says whether it still holds), with the time it first appeared.
+        last_connected_at: When an IMAP session last became ready.
+        updated_at: When the service wrote this (store clock).
+        stopped_at: Set when the service shut down cleanly.
+    """
+
+    account: str
+    pid: int
+    started_at: float
+    updated_at: float
+    imap: str
+    imap_error: str | None
+    imap_error_at: float | None
+    smtp_error: str | None
+    smtp_error_at: float | None
+    last_connected_at: float | None
+    reconnects: int
+    stopped_at: float | None
+
+
+@attrs.frozen
+class AccountSummary:
+    """Counts of one account for ``prxmail status``.
+
+    Attributes:
+        messages_by_status: Every status with its count (0 included).
+        last_handled_message_id / last_handled_at: The message finished last
+            (handled or replied), if any.
+    """
+
+    messages_by_status: Mapping[MessageStatus, int]
+    outbox_queued: int
+    outbox_failed: int
+    last_handled_message_id: str | None
+    last_handled_at: float | None
+
+
+@attrs.frozen
+class OperatorMessage:
+    """A message as ``prxmail messages list`` shows it.
+
+    Attributes:
+        id: The id the operator commands take (the row's id in the store).
+        due_at: For a deferred one, when it is handed on again.
+        thread_id / sender / subject: From its thread entry, when known.
+    """
+
+    id: int
+    folder: str
+    uid: int
+    message_id: str
+    status: MessageStatus
+    reason: str | None
+    attempts: int
+    updated_at: float
+    due_at: float | None
+    thread_id: str | None
+    sender: str | None
+    subject: str | None

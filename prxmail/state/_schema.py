@@ -160,6 +160,44 @@ _MIGRATIONS: Final[Sequence[Sequence[str]]] = (
         )
         """,
     ),
+    # version 3: operating a running service from another process (issue 14). The
+    # service writes its heartbeat; operator commands bump operator_request so the
+    # service notices "retry now" within seconds; operator_log keeps what they did.
+    (
+        """
+        CREATE TABLE heartbeat (
+            account TEXT PRIMARY KEY,
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            imap TEXT NOT NULL,
+            imap_error TEXT,
+            imap_error_at REAL,
+            smtp_error TEXT,
+            smtp_error_at REAL,
+            last_connected_at REAL,
+            reconnects INTEGER NOT NULL DEFAULT 0,
+            stopped_at REAL
+        )
+        """,
+        """
+        CREATE TABLE operator_request (
+            account TEXT PRIMARY KEY,
+            generation INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE operator_log (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            account TEXT NOT NULL,
+            at REAL NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            reason TEXT
+        )
+        """,
+    ),
 )
 
 #: The schema version this code writes.

@@ -5,8 +5,9 @@ Theory of operation: :class:`StateStore` is :class:`~prxmail.state._db.Database`
 concern, each in its own module: folders and the high-water mark (``_mailboxes``), a
 message's life (``_messages``), the outbox (``_outbox``), our own Message-IDs, pruning
 and statistics (``_housekeeping``), parked messages, threads and the limits' state
-(``_conversations``). Every public method is one transaction; a method
-composed of others runs inside the outer one (see ``Database._transaction``).
+(``_conversations``), what operators see and ask for (``_operator``). Every public
+method is one transaction; a method composed of others runs inside the outer one (see
+``Database._transaction``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from collections.abc import Callable
 from prxmail.state._conversations import ConversationMixin
 from prxmail.state._housekeeping import HousekeepingMixin
 from prxmail.state._model import RetryPolicy
+from prxmail.state._operator import OperatorMixin
 
 
-class StateStore(ConversationMixin, HousekeepingMixin):
+class StateStore(OperatorMixin, ConversationMixin, HousekeepingMixin):
     """Synchronous access to the state database (one thread at a time; see :mod:`prxmail.state`).
 
     Use :func:`open_state_store` from trio code. This class is for tests, tools and
@@ -38,6 +40,9 @@ class StateStore(ConversationMixin, HousekeepingMixin):
             runs): no directory lock, nothing created, migrated or pruned, every
             write fails with :class:`~prxmail.errors.StateError`. WAL lets this
             reader see a consistent snapshot while the service writes.
+        shared: Open an existing database for an operator command (``prxmail
+            outbox retry``) while ``serve`` may run: writes allowed, but no directory
+            lock, nothing created, migrated or pruned; the schema must be current.
         check_same_thread: ``False`` lets threads other than the creating one use the
             store; the caller must then make sure no two use it at the same time
             (:class:`AsyncStateStore` does).
@@ -58,6 +63,7 @@ class StateStore(ConversationMixin, HousekeepingMixin):
         prune_on_open: bool = True,
         read_only: bool = False,
         check_same_thread: bool = True,
+        shared: bool = False,
     ) -> None:
         super().__init__(
             state_dir,
@@ -66,11 +72,13 @@ class StateStore(ConversationMixin, HousekeepingMixin):
             clock=clock,
             read_only=read_only,
             check_same_thread=check_same_thread,
+            shared=shared,
         )
-        if prune_on_open and not read_only:
+        if prune_on_open and not read_only and not shared:
             try:
                 self.prune()
                 self.prune_conversations()
+                self.prune_operator_log()
             except BaseException:
                 self.close()
                 raise

@@ -1078,3 +1078,59 @@ async def test_oauth2_token_refusal_is_decoded_and_ends_in_the_logins(
     assert secret not in all_text(report)
     # The mail servers are not reachable here; their steps still ran and failed on TCP.
     assert report.step("imap.tcp").status is Status.FAIL
+
+
+async def test_stuck_outbox_is_a_warning_with_the_last_error(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    path = write_config(tmp_path, imap_port=993, state_dir=str(state))
+    account = account_key(USER, HOST, 993)
+    with StateStore(state) as store:
+        drafts = [
+            OutboxDraft(f"<r{n}@example.com>", USER, ("alice@example.com",), b"Subject: x\r\n\r\n")
+            for n in (1, 2)
+        ]
+        fresh = store.enqueue(account, drafts[0])
+        report = await run_checks(path, timeouts=FAST)
+        assert report.step("state.db").status is Status.PASS  # queued a moment ago
+        failed = store.enqueue(account, drafts[1])
+        store.mark_permanent_failure(failed.id, "SMTPPermanentError: 554 relay denied")
+        report = await run_checks(path, timeouts=FAST)
+    db = report.step("state.db")
+    assert db.status is Status.WARN
+    assert "554 relay denied" in db.summary
+    assert "prxmail outbox retry" in db.hint
+    assert not any(f"outbox item {fresh.id} " in line for line in db.detail)
+
+
+async def test_long_overdue_queued_reply_is_stuck(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    path = write_config(tmp_path, imap_port=993, state_dir=str(state))
+    account = account_key(USER, HOST, 993)
+    draft = OutboxDraft("<r1@example.com>", USER, ("alice@example.com",), b"Subject: x\r\n\r\n")
+    # Composed and due two hours ago, never sent: nobody is sending.
+    with StateStore(state, clock=lambda: time.time() - 7200) as store:
+        store.enqueue(account, draft)
+    report = await run_checks(path, timeouts=FAST)
+    db = report.step("state.db")
+    assert db.status is Status.WARN
+    assert "1 stuck" in db.summary
+    assert "never tried" in db.summary
+
+
+async def test_world_readable_password_file_is_a_warning(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)
+    path = write_config(tmp_path, password=None, password_file=str(secret))
+    report = await run_checks(path, timeouts=FAST)
+    assert report.step("config").status is Status.PASS
+    secret.chmod(0o640)  # shared with the service's group on purpose: fine
+    report = await run_checks(path, timeouts=FAST)
+    assert report.step("config").status is Status.PASS
+    secret.chmod(0o644)
+    report = await run_checks(path, timeouts=FAST)
+    step = report.step("config")
+    assert step.status is Status.WARN
+    assert "password_file" in step.hint
+    assert "chmod 600" in step.hint
+    assert PASSWORD not in all_text(report)

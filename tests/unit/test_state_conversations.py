@@ -155,7 +155,7 @@ def test_version_1_database_is_migrated_keeping_its_messages(tmp_path: Path) -> 
     )
     conn.close()
     with StateStore(tmp_path, prune_on_open=False) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.schema_version() == SCHEMA_VERSION == 3
         record = store.get_message(MessageKey(ACCOUNT, FOLDER, 1, 5))
         assert record is not None
         assert (record.status, record.reason) == (MessageStatus.FAILED, "exit 1")
