@@ -420,13 +420,14 @@ async def serve_mail_channels(
         exec_commands: Each account's handler argv by account name; an account not
             in it uses its configuration's ``exec``.
         task_status: For ``nursery.start``: started with the open channels by name
-            once every account has opened (or failed to).
+            once every account has opened or failed to, if at least one opened.
 
     Raises:
         LocalProtocolError: no account, names not unique, state directories differ,
             or an account has no handler command.
         StateError: the state directory cannot be used.
-        PrxmailError, OSError: every account stopped on an error (the last one's).
+        PrxmailError, OSError: every account stopped on an error, or none could
+            start (the last account's error).
     """
     state_dir = shared_state_dir(configs)
     commands = dict(exec_commands or {})
@@ -446,16 +447,20 @@ async def serve_mail_channels(
         async with open_state_store(state_dir, retry_policy=retry_policy(configs[0])) as store:
             stopped: list[BaseException] = []
             channels: dict[str, MailChannel] = {}
-            async with trio.open_nursery() as nursery:
-                for config in configs:
-                    with account_context(config.name):
-                        channel = await nursery.start(
-                            _serve_account, config, argvs[config.name], env, store, stopped
-                        )
-                    if channel is not None:
-                        channels[config.name] = channel
-                task_status.started(channels)
-            # Only reached when every account stopped on its own.
+            try:
+                async with trio.open_nursery() as nursery:
+                    for config in configs:
+                        with account_context(config.name):
+                            channel = await nursery.start(
+                                _serve_account, config, argvs[config.name], env, store, stopped
+                            )
+                        if channel is not None:
+                            channels[config.name] = channel
+                    if channels:
+                        task_status.started(channels)
+            except BaseExceptionGroup as group:
+                raise collapse_exception_group(group) from None
+            # Only reached when every account stopped on its own (or none could start).
             if stopped:
                 raise stopped[-1]
 
