@@ -73,6 +73,7 @@ from prxmail.state import AsyncStateStore, open_state_store
 
 __all__ = [
     "RUN_DIR_ENV",
+    "accounts_handler_environment",
     "handler_environment",
     "message_payload",
     "serve_mail_channel",
@@ -397,6 +398,25 @@ async def _serve(
                 )
 
 
+def accounts_handler_environment(
+    configs: Sequence[Config], environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The handlers' environment when several accounts share a process.
+
+    Args:
+        configs: Every account of the process.
+        environ: As for :func:`handler_environment`.
+
+    Returns:
+        The environment without any variable holding *any* account's password: a
+        handler of one account never sees another's.
+    """
+    env = handler_environment(configs[0], environ)
+    for config in configs[1:]:
+        env = handler_environment(config, env)
+    return env
+
+
 async def serve_mail_channels(
     configs: Sequence[Config],
     *,
@@ -437,10 +457,7 @@ async def serve_mail_channels(
         if not argv or not argv[0]:
             raise LocalProtocolError(f"account {config.name!r} has no handler command")
         argvs[config.name] = list(argv)
-    env: Mapping[str, str] = handler_environment(configs[0])
-    for config in configs[1:]:
-        # No handler sees any account's password, not only its own account's.
-        env = handler_environment(config, env)
+    env = accounts_handler_environment(configs)
     with contextlib.ExitStack() as secrets:
         for config in configs:
             secrets.enter_context(redacting(config_secrets(config)))
