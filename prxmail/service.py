@@ -345,7 +345,7 @@ async def serve_mail_channel(
 
     While it runs, the configuration's passwords are cut out of every log record
     (:func:`prxmail._log.redacting`): a server that echoes them in an error cannot put
-    them into the log through any call site.
+    them into the log through any call site; every line carries ``account=NAME``.
 
     Raises:
         LocalProtocolError: ``exec_command`` is empty.
@@ -353,7 +353,7 @@ async def serve_mail_channel(
     """
     if not exec_command or not exec_command[0]:
         raise LocalProtocolError("the handler command is empty")
-    with redacting(config_secrets(config)):
+    with redacting(config_secrets(config)), account_context(config.name):
         await _serve(config, list(exec_command), task_status)
 
 

@@ -65,7 +65,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from prxmail._log import log_event
+from prxmail._log import account_context, log_event
 from prxmail.channel._core import _describe, collapse_exception_group
 from prxmail.channel._sender import SMTPConnector, _draft, _Sender, retry_policy
 from prxmail.channel._watcher import IMAPConnector, _Watcher
@@ -523,8 +523,11 @@ async def open_mail_channel(
             )
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(channel._run_sender)
-                    await nursery.start(channel._run_watcher)
+                    # The tasks copy the context they start in: every line they log
+                    # names the account, whoever opened the channel.
+                    with account_context(config.name):
+                        await nursery.start(channel._run_sender)
+                        await nursery.start(channel._run_watcher)
                     try:
                         yield channel
                     except BaseException as exc:

@@ -162,6 +162,14 @@ def run_serve(
     if len(configs) > 1:
         return _run_accounts(configs, exec_command=exec_command, log_format=log_format, err=err)
     (config,) = configs
+    with account_context(config.name):
+        return _run_account(config, exec_command=exec_command, log_format=log_format, err=err)
+
+
+def _run_account(
+    config: Config, *, exec_command: str | None, log_format: str | None, err: TextIO
+) -> int:
+    """``prxmail serve`` with the one account of the file (as before several existed)."""
     if exec_command is not None:
         try:
             argv = parse_exec_command(exec_command)

@@ -244,3 +244,24 @@ def test_serve_with_no_account_that_can_start_exits_2(tmp_path: Path) -> None:
         "sales",
     ]
     assert events[-1]["event"] == "prxmail could not start"
+
+
+def test_a_single_account_serve_names_its_account_on_every_line(tmp_path: Path) -> None:
+    text = accounts_text(tmp_path / "state", support_exec=f'exec = "{sys.executable} -c pass"')
+    config = tmp_path / "prxmail.toml"
+    config.write_text(text[: text.index("[channels_config.email.accounts.sales]")])
+    with serve(config) as proc:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(json.loads(line))
+            # The watcher's first retry of its closed port: a line from a channel task.
+            serving = any(e["event"] == "prxmail serving" for e in seen)
+            if serving and seen[-1]["level"] == "warning":
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 0
+    events = seen + [json.loads(line) for line in rest.splitlines()]
+    assert {e.get("account") for e in events} == {"default"}
+    assert {"prxmail serving", "prxmail stopped"} <= {e["event"] for e in events}
