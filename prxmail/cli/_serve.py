@@ -162,8 +162,7 @@ def run_serve(
     if len(configs) > 1:
         return _run_accounts(configs, exec_command=exec_command, log_format=log_format, err=err)
     (config,) = configs
-    with account_context(config.name):
-        return _run_account(config, exec_command=exec_command, log_format=log_format, err=err)
+    return _run_account(config, exec_command=exec_command, log_format=log_format, err=err)
 
 
 def _run_account(
@@ -189,10 +188,12 @@ def _run_account(
         return EXIT_CONFIG
     chosen = log_format if log_format is not None else config.log_format.value
     setup_logging(chosen, stream=err, secrets=config_secrets(config))
-    for warning in config.warnings:
-        log_event(logging.WARNING, f"configuration: {warning}")
-    for line in config.describe():
-        log_event(logging.INFO, line)
+    # The account's lines name it; the process's own (start, signal, stop) do not.
+    with account_context(config.name):
+        for warning in config.warnings:
+            log_event(logging.WARNING, f"configuration: {warning}")
+        for line in config.describe():
+            log_event(logging.INFO, line)
     return _run_logged(functools.partial(_run, config, argv))
 
 
