@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from prxmail.channel import ChannelStatus as ChannelStatus
     from prxmail.channel import MailChannel as MailChannel
     from prxmail.channel import open_mail_channel as open_mail_channel
+    from prxmail.channel import open_mail_channels as open_mail_channels
     from prxmail.config import Config as Config
+    from prxmail.config import load_accounts as load_accounts
     from prxmail.config import load_config as load_config
     from prxmail.config import parse_config as parse_config
     from prxmail.errors import AuthenticationError as AuthenticationError
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from prxmail.message import Attachment as Attachment
     from prxmail.message import Message as Message
     from prxmail.service import serve_mail_channel as serve_mail_channel
+    from prxmail.service import serve_mail_channels as serve_mail_channels
 
 __version__ = "0.1.0.dev0"
 
@@ -71,10 +74,13 @@ __all__ = [
     "StateError",
     "TLSError",
     "__version__",
+    "load_accounts",
     "load_config",
     "open_mail_channel",
+    "open_mail_channels",
     "parse_config",
     "serve_mail_channel",
+    "serve_mail_channels",
 ]
 
 # Where each public name lives. Importing the package loads none of them: a
@@ -86,7 +92,9 @@ _LOCATIONS: dict[str, str] = {
     "ChannelStatus": "prxmail.channel",
     "MailChannel": "prxmail.channel",
     "open_mail_channel": "prxmail.channel",
+    "open_mail_channels": "prxmail.channel",
     "Config": "prxmail.config",
+    "load_accounts": "prxmail.config",
     "load_config": "prxmail.config",
     "parse_config": "prxmail.config",
     "AuthenticationError": "prxmail.errors",
@@ -110,6 +118,7 @@ _LOCATIONS: dict[str, str] = {
     "Attachment": "prxmail.message",
     "Message": "prxmail.message",
     "serve_mail_channel": "prxmail.service",
+    "serve_mail_channels": "prxmail.service",
 }
 
 

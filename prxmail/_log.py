@@ -20,6 +20,10 @@ forget them:
 * **One event, one line.** Values come from strangers (subjects, file names, server
   texts): line breaks become spaces and every other non-printable character is shown
   escaped (``\\x1b``), in both formats; the JSON format is json-escaped on top.
+* **Whose line it is.** A process may serve several accounts; code running for one
+  (its channel's tasks, its handler runs, the threads they start) runs inside
+  :func:`account_context`, and every line logged there -- by any module -- carries
+  ``account=NAME`` first among its fields.
 * **Nobody else writes to stderr.** Third-party libraries log too -- mail-parser logs raw
   header text, which a crafted attachment name turns into a forged JSON line when it
   reaches Python's last-resort handler. :func:`setup_logging` therefore also owns the
@@ -32,6 +36,7 @@ forget them:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
 import itertools
 import json
@@ -47,6 +52,8 @@ __all__ = [
     "LOGGER_NAME",
     "MAX_FIELD_CHARS",
     "THIRD_PARTY_LEVEL",
+    "account_context",
+    "current_account",
     "get_logger",
     "log_event",
     "redact",
@@ -156,6 +163,44 @@ def redacting(secrets: Iterable[str | bytes]) -> Iterator[None]:
         _SECRETS.remove(key)
 
 
+# The account the running code works for. A context variable, because trio copies the
+# context into every task a task starts and trio.to_thread into its threads: set once
+# per account task, it reaches everything that account does, and nothing else.
+_ACCOUNT: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
+    "prxmail_account", default=None
+)
+_ACCOUNT_FIELD: Final = "account"
+
+
+@contextlib.contextmanager
+def account_context(name: str) -> Iterator[None]:
+    """Mark every log line of the block (and of the tasks it starts) with ``account=name``.
+
+    Args:
+        name: The account's name (:attr:`prxmail.config.Config.name`).
+
+    Yields:
+        Nothing; the previous account (if any) is back after the block.
+    """
+    token = _ACCOUNT.set(name)
+    try:
+        yield
+    finally:
+        _ACCOUNT.reset(token)
+
+
+def current_account() -> str | None:
+    """Returns: the account set by the innermost :func:`account_context`, or ``None``."""
+    return _ACCOUNT.get()
+
+
+def _with_account(fields: dict[str, object]) -> dict[str, object]:
+    account = _ACCOUNT.get()
+    if account is None or _ACCOUNT_FIELD in fields:
+        return fields
+    return {_ACCOUNT_FIELD: account, **fields}
+
+
 def get_logger() -> logging.Logger:
     """Returns: the ``prxmail`` logger everything in the service logs through."""
     return logging.getLogger(LOGGER_NAME)
@@ -197,9 +242,10 @@ def log_event(level: int, event: str, /, **fields: object) -> None:
         level: A ``logging`` level.
         event: A short description, e.g. ``"message replied"``.
         fields: Values shown as ``key=value`` (human) or JSON members; ``None`` values
-            are left out.
+            are left out. Inside :func:`account_context` an ``account`` field comes
+            first unless one is given.
     """
-    cleaned = {k: _clean(v) for k, v in fields.items() if v is not None}
+    cleaned = _with_account({k: _clean(v) for k, v in fields.items() if v is not None})
     get_logger().log(level, str(_clean(event)), extra={"fields": cleaned})
 
 
@@ -226,7 +272,9 @@ class _EventFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             fields["error"] = _clean(f"{type(exc).__name__}: {exc}")
-        return str(_clean(message)), fields
+        # Also for records made outside log_event (other libraries, exc_info): they
+        # are formatted in the thread, and so the context, that logged them.
+        return str(_clean(message)), _with_account(fields)
 
 
 class _HumanFormatter(_EventFormatter):

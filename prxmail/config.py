@@ -39,7 +39,7 @@ import re
 import ssl
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, NewType, TypeVar
 
@@ -60,12 +60,14 @@ from prxmail.oauth2._presets import PRESETS, preset_defaults
 from prxmail.oauth2._url import check_endpoint_url
 
 __all__ = [
+    "DEFAULT_ACCOUNT_NAME",
     "DEFAULT_IDLE_TIMEOUT_SECS",
     "DEFAULT_MAX_ATTACHMENT_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_CA_FILE_BYTES",
     "MAX_CONFIG_FILE_BYTES",
     "MAX_SECRET_FILE_BYTES",
+    "SHARED_KEYS",
     "AuthMethod",
     "Config",
     "FirstStart",
@@ -75,11 +77,24 @@ __all__ = [
     "ReplyFormat",
     "Secret",
     "default_state_dir",
+    "load_accounts",
     "load_config",
+    "parse_accounts",
     "parse_config",
 ]
 
 TABLE_PATH: Final = "$.channels_config.email"
+# Further accounts are the sub-tables of this key of the email table.
+ACCOUNTS_KEY: Final = "accounts"
+# The email table's own account, unless it says ``name = "..."``.
+DEFAULT_ACCOUNT_NAME: Final = "default"
+# Account names appear in log lines (account=), key paths and file names later: short,
+# lowercase, no characters that need quoting anywhere. 64 is far beyond "support-eu".
+_ACCOUNT_NAME: Final = re.compile(r"[a-z0-9_-]{1,64}\Z")
+# Keys that one process holds once for all its accounts, so an account cannot set its
+# own: the state directory (one process lock; the store keeps each account's rows
+# apart) and the log format (one stderr).
+SHARED_KEYS: Final = ("state_dir", "log_format")
 
 # RFC 2177 asks clients to re-issue IDLE at least every 29 minutes, because servers may
 # log out an idle client after 30.
@@ -224,6 +239,7 @@ Address = NewType("Address", str)
 SenderEntry = NewType("SenderEntry", str)
 Provider = NewType("Provider", str)
 TokenUrl = NewType("TokenUrl", str)
+AccountName = NewType("AccountName", str)
 
 
 @attrs.frozen
@@ -292,6 +308,8 @@ class RawEmailTable:
     thread_keep_incoming_text: bool = False
     loop_fast_answer_secs: PositiveInt = PositiveInt(DEFAULT_LOOP_FAST_ANSWER_SECS)
     loop_slow_down_secs: PositiveInt = PositiveInt(DEFAULT_LOOP_SLOW_DOWN_SECS)
+    # -- several accounts (issue 14) --
+    name: AccountName | None = None
 
 
 @attrs.frozen
@@ -345,6 +363,8 @@ class Config:
         authserv_id: the receiving server's authserv-id whose Authentication-Results
             are trusted; set only when ``require_authentication`` is true.
         warnings: things that work but deserve the operator's attention.
+        name: the account's name (``name`` in the email table, ``"default"`` when
+            unset, or the ``NAME`` of ``[channels_config.email.accounts.NAME]``).
 
     The service keys (handler, IMAP behaviour, outbox retries, logging) are documented
     at their ``DEFAULT_*`` constants in this module.
@@ -397,6 +417,7 @@ class Config:
     loop_fast_answer_secs: int = DEFAULT_LOOP_FAST_ANSWER_SECS
     loop_slow_down_secs: int = DEFAULT_LOOP_SLOW_DOWN_SECS
     warnings: tuple[str, ...] = ()
+    name: str = DEFAULT_ACCOUNT_NAME
 
     @property
     def idle_renewal_secs(self) -> int:
@@ -566,6 +587,15 @@ def _choice(kind: type[enum.Enum]) -> Callable[[object, object], enum.Enum]:
     return hook
 
 
+def _account_name(value: object, _: object = None) -> str:
+    text = _strict_str(value)
+    if not _ACCOUNT_NAME.match(text):
+        raise _Invalid(
+            f"expected an account name of 1 to 64 characters a-z, 0-9, '_' or '-', got {text!r}"
+        )
+    return text
+
+
 def _provider(value: object, _: object = None) -> str:
     choices = ", ".join(repr(name) for name in PRESETS)
     if not isinstance(value, str) or value.strip().lower() not in PRESETS:
@@ -643,6 +673,7 @@ def _build_converter() -> cattrs.Converter:
         Provider: _provider,
         TokenUrl: _token_url,
         ReplyFormat: _choice(ReplyFormat),
+        AccountName: _account_name,
     }
     for kind, hook in hooks.items():
         conv.register_structure_hook(kind, hook)
@@ -1004,6 +1035,17 @@ def parse_config(
     """
     env = os.environ if environ is None else environ
     base = base_dir if base_dir is not None else Path.cwd()
+    table = _email_table(text, source)
+    # The further accounts are parse_accounts' business; this stays the one PRX table.
+    table.pop(ACCOUNTS_KEY, None)
+    config, problems = _table_config(table, env, base)
+    if config is None:
+        raise ConfigError(problems, source=source)
+    return config
+
+
+def _email_table(text: str, source: str | None) -> dict[str, Any]:
+    """The ``[channels_config.email]`` table of a TOML document (a copy)."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -1024,12 +1066,22 @@ def parse_config(
         raise ConfigError(
             [f"expected a table, got {_type_name(table)} @ {TABLE_PATH}"], source=source
         )
+    return dict(table)
 
+
+def _table_config(
+    table: dict[str, Any], env: Mapping[str, str], base: Path
+) -> tuple[Config | None, list[str]]:
+    """One account's table validated: the Config, or ``None`` and every problem.
+
+    Problems name their keys under :data:`TABLE_PATH`; :func:`parse_accounts` moves
+    them to the account's own path.
+    """
     explicit = frozenset(table)
     table = _with_preset(table)
     raw, problems = _structure(table, RawEmailTable, TABLE_PATH)
     if raw is None:
-        raise ConfigError(problems, source=source)
+        return None, problems
 
     def resolve(path: Path) -> Path:
         return path if path.is_absolute() else base / path
@@ -1079,9 +1131,10 @@ def parse_config(
             f" @ {TABLE_PATH}.smtp_retry_max_secs"
         )
     if problems:
-        raise ConfigError(problems, source=source)
+        return None, problems
 
     return Config(
+        name=raw.name or DEFAULT_ACCOUNT_NAME,
         imap_host=raw.imap_host,
         imap_port=raw.imap_port,
         imap_folder=raw.imap_folder,
@@ -1128,7 +1181,7 @@ def parse_config(
         loop_fast_answer_secs=raw.loop_fast_answer_secs,
         loop_slow_down_secs=raw.loop_slow_down_secs,
         warnings=tuple(_port_warnings(raw, imap_security, smtp_security)),
-    )
+    ), []
 
 
 def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> Config:
@@ -1149,10 +1202,179 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
         ConfigError: the file cannot be read, or it has problems (all listed).
     """
     file = Path(path)
+    text = _read_config_file(file)
+    return parse_config(text, source=str(file), base_dir=file.parent.resolve(), environ=environ)
+
+
+# Keys that give one secret in three ways (inline, _env, _file): inherited as one.
+_SECRET_GROUPS: Final = tuple(
+    (name, f"{name}_env", f"{name}_file")
+    for name in ("password", "smtp_password", "oauth2_client_secret", "oauth2_refresh_token")
+)
+# A problem's key path: the email table itself, or one key of it (and what follows).
+_PROBLEM_PATH: Final = re.compile(r" @ \$\.channels_config\.email(?:\.(\w+))?(\S*)\Z")
+
+
+def _account_problem(
+    problem: str, path: str, own: frozenset[str], main: Sequence[str]
+) -> str | None:
+    """Move a problem of an account's merged table to the account's own key path.
+
+    A problem with a key the account inherited, which the main table has as well, is
+    the main table's (already reported there): ``None``. Every other one is this
+    account's, found at ``path`` -- also one about an inherited key that only goes wrong
+    together with the account's own keys.
+    """
+    match = _PROBLEM_PATH.search(problem)
+    if match is None:
+        return problem
+    key = match.group(1)
+    if key is not None and key not in own and problem in main:
+        return None
+    where = path if key is None else f"{path}.{key}"
+    return problem[: match.start()] + f" @ {where}{match.group(2)}"
+
+
+def parse_accounts(
+    text: str,
+    *,
+    source: str | None = None,
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Config, ...]:
+    """Parse every account of a configuration document.
+
+    The email table is the first account (named by its ``name`` key, else
+    ``"default"``); each ``[channels_config.email.accounts.NAME]`` table is one more,
+    taking every key of the email table and inheriting from it each key it does not
+    set. :data:`SHARED_KEYS` (``state_dir``, ``log_format``) belong to the process and
+    cannot differ per account; the account's name is its table's name.
+
+    Args:
+        text, source, base_dir, environ: As for :func:`parse_config`.
+
+    Returns:
+        The accounts' configurations, the email table's first, then in file order;
+        each has its :attr:`Config.name`.
+
+    Raises:
+        ConfigError: with every problem of every account, each naming its key path
+            (``... @ $.channels_config.email.accounts.sales.imap_port``); a problem of
+            an inherited key is listed once, at the email table's key.
+    """
+    env = os.environ if environ is None else environ
+    base = base_dir if base_dir is not None else Path.cwd()
+    table = _email_table(text, source)
+    extra = table.pop(ACCOUNTS_KEY, {})
+    main, problems = _table_config(table, env, base)
+    configs: list[Config] = [] if main is None else [main]
+    accounts_path = f"{TABLE_PATH}.{ACCOUNTS_KEY}"
+    if not isinstance(extra, dict):
+        problems.append(
+            f"expected tables [channels_config.email.accounts.NAME], got {_type_name(extra)}"
+            f" @ {accounts_path}"
+        )
+        extra = {}
+    main_name = table.get("name", DEFAULT_ACCOUNT_NAME)
+    main_problems = tuple(problems)
+    for name, own in extra.items():
+        path = f"{accounts_path}.{name}"
+        if not _ACCOUNT_NAME.match(name):
+            problems.append(
+                "expected an account name of 1 to 64 characters a-z, 0-9, '_' or '-',"
+                f" got {name!r} @ {path}"
+            )
+            continue
+        if not isinstance(own, dict):
+            problems.append(f"expected a table, got {_type_name(own)} @ {path}")
+            continue
+        if name == main_name:
+            problems.append(
+                f"account name {name!r} is already the email table's own account;"
+                f" rename one of them @ {path}"
+            )
+        before = len(problems)
+        for key in ("name", ACCOUNTS_KEY):
+            if key in own:
+                what = "its table's name" if key == "name" else "not nested"
+                problems.append(f"an account's name is {what}: remove {key} @ {path}.{key}")
+        for key in SHARED_KEYS:
+            if key in own and own[key] != table.get(key):
+                problems.append(
+                    f"{key} cannot differ per account (one process: one state directory"
+                    f" with one lock, one log); set it in [channels_config.email] only"
+                    f" @ {path}.{key}"
+                )
+        if len(problems) > before:
+            continue
+        merged = {k: v for k, v in table.items() if k != "name"}
+        for group in _SECRET_GROUPS:
+            # Each group is one setting written three ways: an account that gives its
+            # own password_env does not also inherit the email table's password.
+            if any(key in own for key in group):
+                for key in group:
+                    merged.pop(key, None)
+        merged.update(own)
+        config, found = _table_config(merged, env, base)
+        keys = frozenset(own)
+        for problem in found:
+            moved = _account_problem(problem, path, keys, main_problems)
+            if moved is not None and moved not in problems:
+                problems.append(moved)
+        if config is not None:
+            configs.append(attrs.evolve(config, name=name))
+    if not problems:
+        problems.extend(_same_mailbox_problems(configs, accounts_path))
+    if problems:
+        raise ConfigError(problems, source=source)
+    return tuple(configs)
+
+
+def _same_mailbox_problems(configs: Sequence[Config], accounts_path: str) -> list[str]:
+    # The state store keys every row by (username, IMAP host, port): two accounts with
+    # the same login would share one outbox and one high-water mark.
+    seen: dict[tuple[str, str, int], str] = {}
+    problems = []
+    for config in configs:
+        login = (config.username.lower(), config.imap_host.lower(), config.imap_port)
+        if login in seen:
+            problems.append(
+                f"accounts {seen[login]!r} and {config.name!r} log in as {config.username}"
+                f" on {config.imap_host}:{config.imap_port}; each account needs its own"
+                f" mailbox login @ {accounts_path}.{config.name}.username"
+            )
+        else:
+            seen[login] = config.name
+    return problems
+
+
+def load_accounts(
+    path: Path | str, *, environ: Mapping[str, str] | None = None
+) -> tuple[Config, ...]:
+    """Read and validate every account of the configuration file at ``path``.
+
+    The file is read as by :func:`load_config`; the accounts are as in
+    :func:`parse_accounts`.
+
+    Args:
+        path: The configuration file.
+        environ: As for :func:`parse_config`.
+
+    Returns:
+        Each account's :class:`Config`, the email table's own first.
+
+    Raises:
+        ConfigError: the file cannot be read, or it has problems (all listed).
+    """
+    file = Path(path)
+    text = _read_config_file(file)
+    return parse_accounts(text, source=str(file), base_dir=file.parent.resolve(), environ=environ)
+
+
+def _read_config_file(file: Path) -> str:
     try:
-        text = read_regular_file(file, limit=MAX_CONFIG_FILE_BYTES).decode("utf-8")
+        return read_regular_file(file, limit=MAX_CONFIG_FILE_BYTES).decode("utf-8")
     except FileProblem as exc:
         raise ConfigError([f"cannot read {file}: {exc}"], source=str(file)) from None
     except UnicodeDecodeError:
         raise ConfigError([f"cannot read {file}: not UTF-8"], source=str(file)) from None
-    return parse_config(text, source=str(file), base_dir=file.parent.resolve(), environ=environ)

@@ -37,6 +37,7 @@ One log line per message says what happened to it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -46,9 +47,11 @@ from typing import Final
 
 import trio
 
-from prxmail._log import log_event, redacting
+from prxmail._log import account_context, log_event, redacting
 from prxmail._redact import SHORT_SECRET, Redactor, config_secrets
-from prxmail.channel import MailChannel, open_mail_channel
+from prxmail.channel import MailChannel, collapse_exception_group, open_mail_channel
+from prxmail.channel._api import shared_state_dir
+from prxmail.channel._sender import retry_policy
 from prxmail.config import Config, ReplyFormat
 from prxmail.conversation import (
     AttachmentFiles,
@@ -58,7 +61,7 @@ from prxmail.conversation import (
     remove_attachment_dir,
     write_attachments,
 )
-from prxmail.errors import HandlerError, LocalProtocolError
+from prxmail.errors import HandlerError, LocalProtocolError, PrxmailError
 from prxmail.handler import (
     DEFAULT_MAX_OUTPUT_BYTES,
     HandlerResult,
@@ -66,8 +69,16 @@ from prxmail.handler import (
     run_exec_handler,
 )
 from prxmail.message import Message
+from prxmail.state import AsyncStateStore, open_state_store
 
-__all__ = ["RUN_DIR_ENV", "handler_environment", "message_payload", "serve_mail_channel"]
+__all__ = [
+    "RUN_DIR_ENV",
+    "accounts_handler_environment",
+    "handler_environment",
+    "message_payload",
+    "serve_mail_channel",
+    "serve_mail_channels",
+]
 
 #: The environment variable holding the run's private directory (see the module comment).
 RUN_DIR_ENV: Final = "PRXMAIL_RUN_DIR"
@@ -334,7 +345,7 @@ async def serve_mail_channel(
 
     While it runs, the configuration's passwords are cut out of every log record
     (:func:`prxmail._log.redacting`): a server that echoes them in an error cannot put
-    them into the log through any call site.
+    them into the log through any call site; every line carries ``account=NAME``.
 
     Raises:
         LocalProtocolError: ``exec_command`` is empty.
@@ -342,22 +353,27 @@ async def serve_mail_channel(
     """
     if not exec_command or not exec_command[0]:
         raise LocalProtocolError("the handler command is empty")
-    with redacting(config_secrets(config)):
+    with redacting(config_secrets(config)), account_context(config.name):
         await _serve(config, list(exec_command), task_status)
 
 
 async def _serve(
-    config: Config, argv: list[str], task_status: trio.TaskStatus[MailChannel]
+    config: Config,
+    argv: list[str],
+    task_status: trio.TaskStatus[MailChannel],
+    *,
+    env: Mapping[str, str] | None = None,
+    store: AsyncStateStore | None = None,
 ) -> None:
-    env = handler_environment(config)
+    run_env = handler_environment(config) if env is None else env
     limiter = trio.CapacityLimiter(config.max_concurrent_handlers)
-    async with open_mail_channel(config) as channel:
+    async with open_mail_channel(config, store=store) as channel:
         task_status.started(channel)
         log_event(
             logging.INFO,
             "prxmail serving",
             folder=config.imap_folder,
-            account=config.username,
+            user=config.username,
             handler=argv[0],
         )
         async with trio.open_nursery() as nursery:
@@ -371,6 +387,128 @@ async def _serve(
                     raise
                 nursery.start_soon(
                     functools.partial(
-                        _handle, channel, message, argv=argv, env=env, limiter=limiter, token=token
+                        _handle,
+                        channel,
+                        message,
+                        argv=argv,
+                        env=run_env,
+                        limiter=limiter,
+                        token=token,
                     )
                 )
+
+
+def accounts_handler_environment(
+    configs: Sequence[Config], environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The handlers' environment when several accounts share a process.
+
+    Args:
+        configs: Every account of the process.
+        environ: As for :func:`handler_environment`.
+
+    Returns:
+        The environment without any variable holding *any* account's password: a
+        handler of one account never sees another's.
+    """
+    env = handler_environment(configs[0], environ)
+    for config in configs[1:]:
+        env = handler_environment(config, env)
+    return env
+
+
+async def serve_mail_channels(
+    configs: Sequence[Config],
+    *,
+    exec_commands: Mapping[str, Sequence[str]] | None = None,
+    task_status: trio.TaskStatus[dict[str, MailChannel]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run several accounts in one process, each with its own handler, until cancelled.
+
+    Every account is one task: its own channel (watcher, sender, sender policy), its
+    own handler command and ``max_concurrent_handlers``; all of them share one state
+    store (one ``state_dir``, one process lock), which keeps each account's state
+    apart. Every log line of an account's work carries ``account=NAME``
+    (:func:`prxmail._log.account_context`). A server that refuses an account's login
+    or is down only makes that account retry; an account whose channel stops on an
+    error (:class:`~prxmail.errors.PrxmailError`, ``OSError``) is logged and stays
+    stopped while the others go on. Every handler's environment lacks every
+    account's password variables.
+
+    Args:
+        configs: The accounts (:func:`prxmail.config.load_accounts`).
+        exec_commands: Each account's handler argv by account name; an account not
+            in it uses its configuration's ``exec``.
+        task_status: For ``nursery.start``: started with the open channels by name
+            once every account has opened or failed to, if at least one opened.
+
+    Raises:
+        LocalProtocolError: no account, names not unique, state directories differ,
+            or an account has no handler command.
+        StateError: the state directory cannot be used.
+        PrxmailError, OSError: every account stopped on an error, or none could
+            start (the last account's error).
+    """
+    state_dir = shared_state_dir(configs)
+    commands = dict(exec_commands or {})
+    argvs: dict[str, list[str]] = {}
+    for config in configs:
+        argv = commands.get(config.name, config.exec_command)
+        if not argv or not argv[0]:
+            raise LocalProtocolError(f"account {config.name!r} has no handler command")
+        argvs[config.name] = list(argv)
+    env = accounts_handler_environment(configs)
+    with contextlib.ExitStack() as secrets:
+        for config in configs:
+            secrets.enter_context(redacting(config_secrets(config)))
+        async with open_state_store(state_dir, retry_policy=retry_policy(configs[0])) as store:
+            stopped: list[BaseException] = []
+            channels: dict[str, MailChannel] = {}
+            try:
+                async with trio.open_nursery() as nursery:
+                    for config in configs:
+                        with account_context(config.name):
+                            channel = await nursery.start(
+                                _serve_account, config, argvs[config.name], env, store, stopped
+                            )
+                        if channel is not None:
+                            channels[config.name] = channel
+                    if channels:
+                        task_status.started(channels)
+            except BaseExceptionGroup as group:
+                raise collapse_exception_group(group) from None
+            # Only reached when every account stopped on its own (or none could start).
+            if stopped:
+                raise stopped[-1]
+
+
+async def _serve_account(
+    config: Config,
+    argv: list[str],
+    env: Mapping[str, str],
+    store: AsyncStateStore,
+    stopped: list[BaseException],
+    *,
+    task_status: trio.TaskStatus[MailChannel | None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    started = False
+    try:
+        try:
+            async with trio.open_nursery() as inner:
+                channel = await inner.start(
+                    functools.partial(_serve, config, argv, env=env, store=store)
+                )
+                started = True
+                task_status.started(channel)
+        except BaseExceptionGroup as group:
+            raise collapse_exception_group(group) from None
+    except (PrxmailError, OSError) as exc:
+        # This account only: the others keep their own channels and store rows.
+        log_event(
+            logging.ERROR,
+            "account stopped" if started else "account could not start",
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        stopped.append(exc)
+        if not started:
+            task_status.started(None)

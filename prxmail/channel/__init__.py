@@ -16,6 +16,7 @@ The theory of operation is in ``_api``'s module comment.
 from prxmail.channel._api import ChannelStatistics as ChannelStatistics
 from prxmail.channel._api import MailChannel as MailChannel
 from prxmail.channel._api import open_mail_channel as open_mail_channel
+from prxmail.channel._api import open_mail_channels as open_mail_channels
 from prxmail.channel._core import MESSAGE_BUFFER as MESSAGE_BUFFER
 from prxmail.channel._core import SEEN_BUFFER as SEEN_BUFFER
 from prxmail.channel._core import ChannelStatus as ChannelStatus
@@ -44,4 +45,5 @@ __all__ = [
     "MailChannel",
     "collapse_exception_group",
     "open_mail_channel",
+    "open_mail_channels",
 ]

@@ -60,14 +60,15 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import attrs
 import trio
 
-from prxmail._log import log_event
+from prxmail._log import account_context, log_event
 from prxmail._tls import shared_ssl_context
 from prxmail.channel._core import _describe, collapse_exception_group
-from prxmail.channel._sender import SMTPConnector, _draft, _Sender
+from prxmail.channel._sender import SMTPConnector, _draft, _Sender, retry_policy
 from prxmail.channel._watcher import IMAPConnector, _Watcher
 from prxmail.compose import OutgoingAttachment, compose_message, compose_reply
 from prxmail.config import Config
@@ -79,7 +80,6 @@ from prxmail.state import (
     AsyncStateStore,
     MessageKey,
     MessageStatus,
-    RetryPolicy,
     open_state_store,
 )
 
@@ -474,6 +474,7 @@ async def open_mail_channel(
     rng: random.Random | None = None,
     connect_imap: IMAPConnector | None = None,
     connect_smtp: SMTPConnector | None = None,
+    store: AsyncStateStore | None = None,
 ) -> AsyncIterator[MailChannel]:
     """Open the email channel: watch the mailbox, deliver accepted mail, send replies.
 
@@ -491,6 +492,10 @@ async def open_mail_channel(
             returning an :class:`~prxmail.smtp.SMTPConnection` ready to send
             (handshake done, logged in); the channel closes it. Called again for each
             reconnect. Default: ``smtp_host``/``smtp_port`` with the configured login.
+        store: An open state store to use instead of opening ``state_dir``: the
+            accounts of one process share one (its directory lock allows one opener),
+            each keeping its rows apart by account. The caller closes it. See
+            :func:`open_mail_channels`.
 
     Yields:
         The :class:`MailChannel`. Leaving the block stops both tasks; messages you
@@ -504,14 +509,16 @@ async def open_mail_channel(
         logged and named in a note on it.
     """
     source = rng or random.Random()  # noqa: S311 - jitter only
-    retry = RetryPolicy(
-        initial_delay=float(config.smtp_retry_initial_secs),
-        max_delay=float(config.smtp_retry_max_secs),
-    )
     collapsed: BaseException
     body_error: BaseException | None = None
     try:
-        async with open_state_store(config.state_dir, retry_policy=retry, rng=source) as store:
+        async with contextlib.AsyncExitStack() as stack:
+            if store is None:
+                store = await stack.enter_async_context(
+                    open_state_store(
+                        config.state_dir, retry_policy=retry_policy(config), rng=source
+                    )
+                )
             # Load the trust store in a thread (tens of ms the first time); the channel's
             # own call below then finds it in the process-wide cache.
             await trio.to_thread.run_sync(shared_ssl_context, config.tls_ca_file)
@@ -520,9 +527,12 @@ async def open_mail_channel(
             )
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(channel._run_sender)
-                    await nursery.start(channel._run_watcher)
-                    await nursery.start(channel._run_heartbeat)
+                    # The tasks copy the context they start in: every line they log
+                    # names the account, whoever opened the channel.
+                    with account_context(config.name):
+                        await nursery.start(channel._run_sender)
+                        await nursery.start(channel._run_watcher)
+                        await nursery.start(channel._run_heartbeat)
                     try:
                         yield channel
                     except BaseException as exc:
@@ -539,3 +549,73 @@ async def open_mail_channel(
         return
     # Raised outside the except block so the group does not become its __context__.
     raise collapsed
+
+
+@contextlib.asynccontextmanager
+async def open_mail_channels(
+    configs: Sequence[Config],
+    *,
+    rng: random.Random | None = None,
+) -> AsyncIterator[dict[str, MailChannel]]:
+    """Open one channel per account, all on one state store (see :func:`open_mail_channel`).
+
+    The accounts come from :func:`prxmail.config.load_accounts`; they share
+    ``state_dir`` (the configuration makes sure of it), so the store is opened once and
+    each channel keeps its messages, outbox and threads apart by account. A server
+    that refuses one account's login or is down does not stop the others: each
+    channel retries on its own. A channel whose tasks *fail* (the state store broke, a
+    bug) ends the block for all of them, as with one channel; ``prxmail serve``
+    (:func:`prxmail.service.serve_mail_channels`) instead keeps every account apart.
+
+    Args:
+        configs: One configuration per account, unique ``name`` each, same ``state_dir``.
+        rng: Random source for backoff jitter.
+
+    Yields:
+        The open channels by account name, in the order given.
+
+    Raises:
+        LocalProtocolError: no configuration, names not unique, or ``state_dir``
+            differs.
+        StateError: the state directory is in use by another process or unusable.
+    """
+    state_dir = shared_state_dir(configs)
+    source = rng or random.Random()  # noqa: S311 - jitter only
+    async with (
+        open_state_store(state_dir, retry_policy=retry_policy(configs[0]), rng=source) as store,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        channels: dict[str, MailChannel] = {}
+        for config in configs:
+            channels[config.name] = await stack.enter_async_context(
+                open_mail_channel(config, rng=source, store=store)
+            )
+        yield channels
+
+
+def shared_state_dir(configs: Sequence[Config]) -> Path:
+    """The one state directory of a process's accounts.
+
+    Args:
+        configs: The accounts.
+
+    Returns:
+        Their common ``state_dir``.
+
+    Raises:
+        LocalProtocolError: no account, two with one name, or a ``state_dir`` that
+            differs (one process holds one store: its directory lock allows one).
+    """
+    if not configs:
+        raise LocalProtocolError("no account to open")
+    names = [config.name for config in configs]
+    if len(set(names)) != len(names):
+        raise LocalProtocolError(f"account names must be unique, got {names}")
+    state_dir = configs[0].state_dir
+    for config in configs[1:]:
+        if config.state_dir != state_dir:
+            raise LocalProtocolError(
+                f"account {config.name!r} has another state_dir than {configs[0].name!r};"
+                " the accounts of one process share one state directory"
+            )
+    return state_dir

@@ -23,6 +23,7 @@ import trio
 from prxmail._log import log_event
 from prxmail.channel._core import _COMMAND_TIMEOUT, _ChannelCore, _describe, _time_limit
 from prxmail.compose import OutgoingMessage
+from prxmail.config import Config
 from prxmail.errors import (
     AuthenticationError,
     ConnectionBrokenError,
@@ -37,7 +38,7 @@ from prxmail.smtp import (
     SMTPSender,
     open_smtp_sender,
 )
-from prxmail.state import OutboxDraft, OutboxItem
+from prxmail.state import OutboxDraft, OutboxItem, RetryPolicy
 
 # Outbox items sent per state-store query; each holds its raw message in memory.
 OUTBOX_BATCH: Final = 20
@@ -45,6 +46,21 @@ OUTBOX_BATCH: Final = 20
 # The sender re-reads the outbox at least this often even without a wake-up, so items
 # whose retry time arrives are picked up and a lost wake-up costs at most this delay.
 OUTBOX_RECHECK_SECONDS: Final = 60.0
+
+
+def retry_policy(config: Config) -> RetryPolicy:
+    """The outbox backoff of one account (``smtp_retry_initial_secs`` / ``_max_secs``).
+
+    Args:
+        config: The account's configuration.
+
+    Returns:
+        The policy; the state store is shared by accounts, so it is passed per call.
+    """
+    return RetryPolicy(
+        initial_delay=float(config.smtp_retry_initial_secs),
+        max_delay=float(config.smtp_retry_max_secs),
+    )
 
 
 def _draft(outgoing: OutgoingMessage) -> OutboxDraft:
@@ -92,14 +108,14 @@ class _Sender(_ChannelCore):
             task_status.started()
             while True:
                 generation = self._outbox_generation.value
-                items = await self._store.due_outbox(limit=OUTBOX_BATCH)
+                items = await self._store.due_outbox(limit=OUTBOX_BATCH, account=self.account)
                 if len(items) == 1:
                     await self._send_one(smtp, items[0])
                 elif items:
                     await self._send_batch(smtp, items)
                 if len(items) == OUTBOX_BATCH:
                     continue
-                next_at = await self._store.next_due_at()
+                next_at = await self._store.next_due_at(account=self.account)
                 delay = math.inf if next_at is None else max(0.0, next_at - time.time())
                 with trio.move_on_after(min(delay, OUTBOX_RECHECK_SECONDS)):
                     await self._outbox_generation.wait_value(lambda v, g=generation: v != g)
@@ -198,7 +214,9 @@ class _Sender(_ChannelCore):
                 error=_describe(exc),
             )
             return
-        updated = await self._store.mark_transient_failure(item.id, _describe(exc))
+        updated = await self._store.mark_transient_failure(
+            item.id, _describe(exc), policy=retry_policy(self.config)
+        )
         self._set_status(smtp_error=_describe(exc))
         level = logging.ERROR if isinstance(exc, AuthenticationError) else logging.WARNING
         if updated.status is not updated.status.QUEUED:

@@ -108,12 +108,15 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--account", metavar="NAME", help="check only this account (default: every account)"
+    )
 
 
 def _run_doctor(args: argparse.Namespace) -> int:
     from prxmail.doctor import run_doctor  # noqa: PLC0415 (see _run_serve)
 
-    return run_doctor(args.config_path, as_json=args.json, out=sys.stdout)
+    return run_doctor(args.config_path, as_json=args.json, out=sys.stdout, account=args.account)
 
 
 def _auth_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,25 +9,26 @@ it (an operator, systemd's journal) must see what to fix at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import signal
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TextIO
 
 import attrs
 import trio
 
-from prxmail._log import log_event, setup_logging
+from prxmail._log import account_context, log_event, setup_logging
 from prxmail._redact import config_secrets
 from prxmail._validate import parse_exec_command
 from prxmail.channel import MailChannel, collapse_exception_group
-from prxmail.config import Config, ReplyFormat, load_config
+from prxmail.config import Config, ReplyFormat, load_accounts
 from prxmail.errors import ConfigError, PrxmailError
 from prxmail.handler import contain_orphans
-from prxmail.service import serve_mail_channel
+from prxmail.service import serve_mail_channel, serve_mail_channels
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "one_line", "run_serve"]
 
@@ -150,12 +151,24 @@ def run_serve(
         the service stopped on an error after it had started.
     """
     try:
-        config = load_config(config_path)
+        configs = load_accounts(config_path)
     except ConfigError as exc:
         print(f"prxmail: {one_line(exc)}", file=err)
         return EXIT_CONFIG
     if reply_format is not None:
-        config = attrs.evolve(config, reply_format=ReplyFormat(reply_format))
+        configs = tuple(
+            attrs.evolve(config, reply_format=ReplyFormat(reply_format)) for config in configs
+        )
+    if len(configs) > 1:
+        return _run_accounts(configs, exec_command=exec_command, log_format=log_format, err=err)
+    (config,) = configs
+    return _run_account(config, exec_command=exec_command, log_format=log_format, err=err)
+
+
+def _run_account(
+    config: Config, *, exec_command: str | None, log_format: str | None, err: TextIO
+) -> int:
+    """``prxmail serve`` with the one account of the file (as before several existed)."""
     if exec_command is not None:
         try:
             argv = parse_exec_command(exec_command)
@@ -175,14 +188,21 @@ def run_serve(
         return EXIT_CONFIG
     chosen = log_format if log_format is not None else config.log_format.value
     setup_logging(chosen, stream=err, secrets=config_secrets(config))
-    for warning in config.warnings:
-        log_event(logging.WARNING, f"configuration: {warning}")
-    for line in config.describe():
-        log_event(logging.INFO, line)
+    # The account's lines name it; the process's own (start, signal, stop) do not.
+    with account_context(config.name):
+        for warning in config.warnings:
+            log_event(logging.WARNING, f"configuration: {warning}")
+        for line in config.describe():
+            log_event(logging.INFO, line)
+    return _run_logged(functools.partial(_run, config, argv))
+
+
+def _run_logged(run: Callable[[], None]) -> int:
+    """Run the service; its end as an exit status and one log line."""
     try:
         # Orphans of our handlers become ours, so nothing they started outlives us.
         with contain_orphans():
-            _run(config, argv)
+            run()
     except _StartFailed as failed:
         error = failed.error
         log_event(
@@ -206,3 +226,93 @@ def run_serve(
         return EXIT_FAILURE
     log_event(logging.INFO, "prxmail stopped")
     return EXIT_OK
+
+
+def _account_argv(config: Config, exec_command: str | None) -> list[str] | str:
+    """The account's handler argv, or why it has none (one line)."""
+    if exec_command is not None:
+        try:
+            argv = parse_exec_command(exec_command)
+        except ValueError as exc:
+            return f"--exec: {exc}"
+    elif config.exec_command is not None:
+        argv = list(config.exec_command)
+    else:
+        return f"no handler: pass --exec CMD or set exec in the account {config.name!r}"
+    if shutil.which(argv[0]) is None:
+        return f"handler program {argv[0]!r} not found or not executable"
+    return argv
+
+
+def _run_accounts(
+    configs: tuple[Config, ...], *, exec_command: str | None, log_format: str | None, err: TextIO
+) -> int:
+    """``prxmail serve`` with several accounts: each one that can start runs apart.
+
+    An account without a usable handler is logged and left out, so that it cannot
+    stop the others; only when no account can start is it a start-up failure (2).
+    ``--exec`` and ``--reply-format`` apply to every account.
+    """
+    first = configs[0]
+    chosen = log_format if log_format is not None else first.log_format.value
+    secrets = [secret for config in configs for secret in config_secrets(config)]
+    setup_logging(chosen, stream=err, secrets=secrets)
+    runnable: list[Config] = []
+    commands: dict[str, list[str]] = {}
+    for config in configs:
+        with account_context(config.name):
+            for warning in config.warnings:
+                log_event(logging.WARNING, f"configuration: {warning}")
+            argv = _account_argv(config, exec_command)
+            if isinstance(argv, str):
+                log_event(logging.ERROR, "account not started", error=argv)
+                continue
+            for line in config.describe():
+                log_event(logging.INFO, line)
+        runnable.append(config)
+        commands[config.name] = argv
+    if not runnable:
+        log_event(logging.ERROR, "prxmail could not start", error="no account can start")
+        return EXIT_CONFIG
+    return _run_logged(functools.partial(_run_many, tuple(runnable), commands))
+
+
+def _run_many(configs: tuple[Config, ...], commands: dict[str, list[str]]) -> None:
+    try:
+        trio.run(_serve_accounts_until_signal, configs, commands)
+    except BaseExceptionGroup as group:
+        collapsed = collapse_exception_group(group)
+    else:
+        return
+    raise collapsed
+
+
+async def _serve_accounts_until_signal(
+    configs: tuple[Config, ...], commands: dict[str, list[str]]
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            try:
+                await nursery.start(_serve_accounts, configs, commands, nursery.cancel_scope)
+            except BaseExceptionGroup as group:
+                failure = collapse_exception_group(group)
+                if isinstance(failure, PrxmailError | OSError):
+                    raise _StartFailed(failure) from None
+                raise
+            except (PrxmailError, OSError) as exc:
+                # The shared state store could not be opened, or no account started.
+                raise _StartFailed(exc) from None
+
+
+async def _serve_accounts(
+    configs: tuple[Config, ...],
+    commands: dict[str, list[str]],
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[dict[str, MailChannel]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await serve_mail_channels(configs, exec_commands=commands, task_status=task_status)
+    finally:
+        scope.cancel()

@@ -17,7 +17,10 @@ that fails, because every later step depends on it. The steps are:
 * ``state.dir`` and ``state.db`` -- the state directory is writable (or creatable), and
   what an existing database holds; nothing is created.
 
-The IMAP and SMTP chains run concurrently in one nursery. Every network step runs
+Every account of the file (:func:`~prxmail.config.load_accounts`) is checked, all
+accounts concurrently, one report each (:func:`run_account_checks`; ``--account NAME``
+checks one); a file with one account prints as before. The IMAP and SMTP chains run
+concurrently in one nursery. Every network step runs
 under its own short timeout (the caller owns timeouts, so the doctor is the caller
 here), so a run against hosts that never answer still ends in seconds. No step lets an
 exception escape: each failure becomes a FAIL result with the cause and the fix in
@@ -39,6 +42,7 @@ chains), ``_local`` (config, policy and state checks), ``_run`` (running everyth
 and ``_render`` (the text output).
 """
 
+from prxmail.doctor._render import render_accounts as render_accounts
 from prxmail.doctor._render import render_text as render_text
 from prxmail.doctor._report import EXIT_BLOCKED as EXIT_BLOCKED
 from prxmail.doctor._report import EXIT_CONFIG as EXIT_CONFIG
@@ -47,6 +51,7 @@ from prxmail.doctor._report import DoctorReport as DoctorReport
 from prxmail.doctor._report import Status as Status
 from prxmail.doctor._report import StepResult as StepResult
 from prxmail.doctor._report import Timeouts as Timeouts
+from prxmail.doctor._run import run_account_checks as run_account_checks
 from prxmail.doctor._run import run_checks as run_checks
 from prxmail.doctor._run import run_doctor as run_doctor
 
@@ -58,7 +63,9 @@ __all__ = [
     "Status",
     "StepResult",
     "Timeouts",
+    "render_accounts",
     "render_text",
+    "run_account_checks",
     "run_checks",
     "run_doctor",
 ]

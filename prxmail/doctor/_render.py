@@ -7,6 +7,7 @@ whether anything blocks the channel, which is also what the exit status says.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from prxmail.doctor._report import DoctorReport, Status
@@ -19,6 +20,27 @@ _MARKS: Final = {
 }
 _NAME_WIDTH: Final = 18
 _INDENT: Final = " " * (5 + _NAME_WIDTH)
+
+
+def render_accounts(reports: Sequence[DoctorReport]) -> str:
+    """Several accounts' reports: one block each, headed by the account, then a summary.
+
+    Args:
+        reports: What :func:`run_account_checks` returned.
+
+    Returns:
+        The text, ending with a newline.
+    """
+    blocks = []
+    for report in reports:
+        title = f"account {report.account}" if report.account is not None else "configuration"
+        blocks.append(f"== {title} ==\n" + render_text(report))
+    blocked = [r.account or "configuration" for r in reports if not r.ok]
+    if blocked:
+        summary = f"BLOCKED: {len(blocked)} of {len(reports)} account(s): {', '.join(blocked)}"
+    else:
+        summary = f"OK: nothing blocks any of the {len(reports)} account(s)"
+    return "\n".join(blocks) + "\n" + summary + "\n"
 
 
 def render_text(report: DoctorReport) -> str:

@@ -116,10 +116,13 @@ class DoctorReport:
     Attributes:
         config_path: The configuration file checked.
         steps: The results: config, IMAP, SMTP, policy, state.
+        account: The account checked (:attr:`prxmail.config.Config.name`); ``None``
+            when the file could not be used at all.
     """
 
     config_path: str
     steps: tuple[StepResult, ...]
+    account: str | None = None
 
     @property
     def ok(self) -> bool:

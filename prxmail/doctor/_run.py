@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -20,7 +20,7 @@ import trio
 from prxmail._login import AccountLogin
 from prxmail._redact import Redactor, config_secrets
 from prxmail._tls import shared_ssl_context
-from prxmail.config import Config, load_config
+from prxmail.config import Config, load_accounts, load_config
 from prxmail.doctor._imap import _imap_chain, _imap_names
 from prxmail.doctor._local import (
     _check_from_address,
@@ -30,7 +30,7 @@ from prxmail.doctor._local import (
     _config_step,
 )
 from prxmail.doctor._oauth2 import _oauth2_chain, _oauth2_names
-from prxmail.doctor._render import render_text
+from prxmail.doctor._render import render_accounts, render_text
 from prxmail.doctor._report import (
     DoctorReport,
     Status,
@@ -61,18 +61,69 @@ async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> 
         # and parses certificates: slow disk work that must not block the event loop.
         config = await trio.to_thread.run_sync(load_config, config_path)
     except ConfigError as exc:
-        return DoctorReport(
-            str(config_path),
-            (
-                StepResult(
-                    "config",
-                    Status.FAIL,
-                    f"{config_path} cannot be used",
-                    exc.problems,
-                    hint="fix each key named above; nothing else was checked",
+        return _config_failed(config_path, exc.problems)
+    return await _check_account(config_path, config, limits)
+
+
+async def run_account_checks(
+    config_path: Path, *, account: str | None = None, timeouts: Timeouts | None = None
+) -> tuple[DoctorReport, ...]:
+    """Check every account of the file (or one), concurrently: one report each.
+
+    Args:
+        config_path: The configuration file.
+        account: Only the account of this name (``--account``).
+        timeouts: Per-step limits; the module defaults when ``None``.
+
+    Returns:
+        One report per account, in the file's order, each with its ``account``; a
+        single report with a failed ``config`` step when the file cannot be used or
+        has no such account.
+    """
+    limits = timeouts if timeouts is not None else Timeouts()
+    try:
+        configs = await trio.to_thread.run_sync(load_accounts, config_path)
+    except ConfigError as exc:
+        return (_config_failed(config_path, exc.problems),)
+    if account is not None:
+        names = ", ".join(c.name for c in configs)
+        configs = tuple(c for c in configs if c.name == account)
+        if not configs:
+            return (
+                _config_failed(
+                    config_path,
+                    (f"no account {account!r} in {config_path}; its accounts: {names}",),
+                    hint="pass one of the names listed, or leave out --account",
                 ),
+            )
+    reports: list[DoctorReport | None] = [None] * len(configs)
+
+    async def check(index: int, config: Config) -> None:
+        reports[index] = await _check_account(config_path, config, limits)
+
+    async with trio.open_nursery() as nursery:
+        for index, config in enumerate(configs):
+            nursery.start_soon(check, index, config)
+    return tuple(report for report in reports if report is not None)
+
+
+def _config_failed(
+    config_path: Path,
+    problems: Sequence[str],
+    hint: str = "fix each key named above; nothing else was checked",
+) -> DoctorReport:
+    return DoctorReport(
+        str(config_path),
+        (
+            StepResult(
+                "config", Status.FAIL, f"{config_path} cannot be used", tuple(problems), hint=hint
             ),
-        )
+        ),
+    )
+
+
+async def _check_account(config_path: Path, config: Config, limits: Timeouts) -> DoctorReport:
+    """Every check of one account (the IMAP and SMTP chains concurrently)."""
     redact = Redactor(config_secrets(config))
     # One login (and one token source) for every check, as in the service: the token
     # the OAuth 2 chain gets is the one the IMAP and SMTP logins use.
@@ -104,7 +155,11 @@ async def run_checks(config_path: Path, *, timeouts: Timeouts | None = None) -> 
         _check_state_dir(config.state_dir),
         state_db,
     ]
-    return DoctorReport(str(config_path), tuple(_redact_step(redact, s) for s in steps))
+    return DoctorReport(
+        str(config_path),
+        tuple(_redact_step(redact, s) for s in steps),
+        account=config.name,
+    )
 
 
 async def _guarded(
@@ -135,22 +190,43 @@ async def _guarded(
         )
 
 
-def run_doctor(config_path: Path, *, as_json: bool, out: TextIO) -> int:
-    """Run the checks and print one line per step.
+def run_doctor(config_path: Path, *, as_json: bool, out: TextIO, account: str | None = None) -> int:
+    """Run the checks and print one line per step (one block per account).
+
+    A file with one account prints as it always did. With several accounts (or
+    ``--account``), the text has one block per account, headed by its name, and the
+    JSON is ``{"ok", "config", "accounts": [...]}`` with one report (``account``,
+    ``ok``, ``config``, ``steps``) per account.
 
     Args:
         config_path: The configuration file to check.
         as_json: Print one JSON document (``ok``, ``config``, ``steps``) instead of lines.
         out: Where to print.
+        account: Check only this account (``--account NAME``).
 
     Returns:
         The exit status: 0 when nothing blocks the channel (warnings allowed), 1 when
         a step after ``config`` failed, 2 when the ``config`` step failed (the file is
-        missing, unreadable or invalid, so nothing else was checked).
+        missing, unreadable or invalid, so nothing else was checked) -- the worst over
+        the accounts.
     """
-    report = trio.run(run_checks, config_path)
+    reports = trio.run(functools.partial(run_account_checks, config_path, account=account))
+    if len(reports) == 1 and account is None:
+        (report,) = reports
+        if as_json:
+            print(json.dumps(report.to_json(), indent=2), file=out)
+        else:
+            out.write(render_text(report))
+        return report.exit_status
     if as_json:
-        print(json.dumps(report.to_json(), indent=2), file=out)
+        document = {
+            "ok": all(r.ok for r in reports),
+            "config": str(config_path),
+            "accounts": [{"account": r.account, **r.to_json()} for r in reports],
+        }
+        print(json.dumps(document, indent=2), file=out)
     else:
-        out.write(render_text(report))
-    return report.exit_status
+        out.write(render_accounts(reports))
+    # The statuses are ordered by weight: a config problem (2) over a blocked step (1)
+    # over OK (0).
+    return max(r.exit_status for r in reports)

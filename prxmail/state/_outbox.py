@@ -29,6 +29,7 @@ from prxmail.state._model import (
     OutboxDraft,
     OutboxItem,
     OutboxStatus,
+    RetryPolicy,
     _clip,
 )
 from prxmail.state._schema import (
@@ -145,31 +146,45 @@ class OutboxMixin(MessageMixin):
         with self._transaction() as conn:
             return self._insert_outbox(conn, account, draft, None, now)
 
-    def due_outbox(self, *, limit: int = 100, now: float | None = None) -> list[OutboxItem]:
+    def due_outbox(
+        self, *, limit: int = 100, now: float | None = None, account: str | None = None
+    ) -> list[OutboxItem]:
         """Queued items whose next attempt is due, oldest due first.
 
         Args:
             limit: At most this many (a batch bound: each holds its raw message).
             now: Wall-clock time to compare with; default the store's clock.
+            account: Only this account's items (:func:`account_key`): several
+                accounts share one store, and each sends through its own SMTP login.
+                ``None``: every account's.
 
         Returns:
             The due items.
         """
         when = self._clock() if now is None else now
+        where, params = _account_filter(account)
         with self._transaction() as conn:
             rows = conn.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE status = ?"
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE status = ?{where}"
                 " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-                (OutboxStatus.QUEUED.value, when, limit),
+                (OutboxStatus.QUEUED.value, *params, when, limit),
             ).fetchall()
         return [_outbox_from_row(r) for r in rows]
 
-    def next_due_at(self) -> float | None:
-        """Returns: when the earliest queued item is due (wall clock), or ``None``."""
+    def next_due_at(self, *, account: str | None = None) -> float | None:
+        """When the earliest queued item is due.
+
+        Args:
+            account: Only this account's items, as for :meth:`due_outbox`.
+
+        Returns:
+            Its next attempt time (wall clock), or ``None`` when nothing is queued.
+        """
+        where, params = _account_filter(account)
         with self._transaction() as conn:
             row = conn.execute(
-                "SELECT MIN(next_attempt_at) FROM outbox WHERE status = ?",
-                (OutboxStatus.QUEUED.value,),
+                f"SELECT MIN(next_attempt_at) FROM outbox WHERE status = ?{where}",
+                (OutboxStatus.QUEUED.value, *params),
             ).fetchone()
         return None if row[0] is None else float(row[0])
 
@@ -286,15 +301,19 @@ class OutboxMixin(MessageMixin):
             for item_id in ids:
                 self._mark_sent(conn, self._outbox_row(conn, item_id), now)
 
-    def mark_transient_failure(self, item_id: int, error: str) -> OutboxItem:
+    def mark_transient_failure(
+        self, item_id: int, error: str, *, policy: RetryPolicy | None = None
+    ) -> OutboxItem:
         """A sending attempt failed in a way that may pass: schedule the next one.
 
-        The delay follows :attr:`retry_policy`; after its ``max_attempts`` the item
-        becomes ``failed_permanent`` instead.
+        The delay follows ``policy`` (default :attr:`retry_policy`); after its
+        ``max_attempts`` the item becomes ``failed_permanent`` instead.
 
         Args:
             item_id: A queued item.
             error: What went wrong (kept as ``last_error``; no secrets, please).
+            policy: The item's account's backoff, when accounts sharing the store
+                have their own.
 
         Returns:
             The updated item.
@@ -302,18 +321,19 @@ class OutboxMixin(MessageMixin):
         Raises:
             LocalProtocolError: no such item, or it is not queued.
         """
+        retry = self.retry_policy if policy is None else policy
         now = self._clock()
         with self._transaction() as conn:
             item = self._outbox_row(conn, item_id)
             attempts = item.attempts + 1
-            if attempts >= self.retry_policy.max_attempts:
+            if attempts >= retry.max_attempts:
                 status = OutboxStatus.FAILED_PERMANENT
                 last_error = _clip(f"gave up after {attempts} attempts: {error}")
                 next_at = item.next_attempt_at
             else:
                 status = OutboxStatus.QUEUED
                 last_error = _clip(error)
-                next_at = now + self.retry_policy.delay(attempts, self._rng)
+                next_at = now + retry.delay(attempts, self._rng)
             return self._outbox_transition(
                 conn,
                 item,
@@ -375,3 +395,7 @@ class OutboxMixin(MessageMixin):
                 next_attempt_at=now,
                 updated_at=now,
             )
+
+
+def _account_filter(account: str | None) -> tuple[str, tuple[str, ...]]:
+    return ("", ()) if account is None else (" AND account = ?", (account,))

@@ -725,7 +725,7 @@ async def test_a_body_longer_than_its_rfc822_size_is_cut_and_marked_truncated(
     assert OVERSIZE_DEFECT in message.defects  # the handler's "truncated": true
     assert "x" * 100 not in message.text
     [warning] = records.fields("longer than its RFC822.SIZE")
-    assert warning == {"uid": 1, "size": 120, "received": len(raw)}
+    assert warning == {"account": "default", "uid": 1, "size": 120, "received": len(raw)}
 
 
 async def test_the_channel_caps_literals_at_max_message_bytes(tmp_path: Path) -> None:
