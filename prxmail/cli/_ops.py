@@ -8,8 +8,10 @@ says what it is doing; an operator's change bumps a counter the service reads ev
 ``OPERATOR_POLL_SECONDS``, so a retry takes effect within seconds (see
 :mod:`prxmail.state._operator`).
 
-Until a configuration holds several accounts it has one, named ``"default"``;
-``--account`` takes that name or the account's key (``user@imap.host:port``).
+``--account`` takes an account's name (``"default"`` for the ``[channels_config.email]``
+table unless it sets ``name``) or its key (``user@imap.host:port``). ``status`` shows
+every account without it; the other commands act on one account, so with several
+accounts they need it.
 
 Exit status: 0 done; 1 the thing asked for failed or does not exist (no such item,
 not in a state that allows it, no state database); 2 a configuration problem
@@ -23,6 +25,7 @@ import datetime
 import email.header
 import email.parser
 import email.policy
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +34,7 @@ from typing import Any, Final, TextIO, TypeVar
 
 from prxmail.channel._core import HEARTBEAT_SECONDS
 from prxmail.cli._serve import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, one_line
-from prxmail.config import Config, load_config
+from prxmail.config import Config, load_accounts
 from prxmail.errors import ConfigError, LocalProtocolError, StateError
 from prxmail.state import (
     DB_FILENAME,
@@ -46,15 +49,12 @@ from prxmail.state import (
 )
 
 __all__ = [
-    "DEFAULT_ACCOUNT",
     "MESSAGE_LIST_STATUSES",
     "run_messages",
     "run_outbox",
     "run_status",
 ]
 
-#: The name of a configuration's only account (until several accounts are configured).
-DEFAULT_ACCOUNT: Final = "default"
 
 #: What ``prxmail messages list --status`` accepts.
 MESSAGE_LIST_STATUSES: Final = ("failed", "held", "deferred", "rejected")
@@ -78,23 +78,36 @@ class _Problem(Exception):
         self.status = status
 
 
-def _account(config: Config, wanted: str | None) -> tuple[str, str]:
-    key = account_key(config.username, config.imap_host, config.imap_port)
-    if wanted is None or wanted in (DEFAULT_ACCOUNT, key):
-        return DEFAULT_ACCOUNT, key
-    raise _Problem(
-        f"no account {wanted!r} in the configuration (it has {DEFAULT_ACCOUNT!r}, {key})",
-        EXIT_CONFIG,
-    )
+def _accounts(path: Path, wanted: str | None) -> list[tuple[Config, str, str]]:
+    """The configuration's accounts as (config, name, key), or just ``wanted`` (a name
+    or an account key)."""
+    try:
+        configs = load_accounts(path)
+    except ConfigError as exc:
+        raise _Problem(one_line(exc), EXIT_CONFIG) from None
+    found = [
+        (config, config.name, account_key(config.username, config.imap_host, config.imap_port))
+        for config in configs
+    ]
+    if wanted is None:
+        return found
+    chosen = [entry for entry in found if wanted in (entry[1], entry[2])]
+    if not chosen:
+        names = ", ".join(f"{name!r} ({key})" for _, name, key in found)
+        raise _Problem(f"no account {wanted!r} in the configuration (it has {names})", EXIT_CONFIG)
+    return chosen
 
 
 def _load(path: Path, wanted: str | None) -> tuple[Config, str, str]:
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        raise _Problem(one_line(exc), EXIT_CONFIG) from None
-    name, key = _account(config, wanted)
-    return config, name, key
+    """The one account a command acts on: ``wanted``, or the only one there is."""
+    found = _accounts(path, wanted)
+    if len(found) > 1:
+        names = ", ".join(name for _, name, _ in found)
+        raise _Problem(
+            f"the configuration has several accounts ({names}): choose one with --account",
+            EXIT_CONFIG,
+        )
+    return found[0]
 
 
 def _with_store(config: Config, work: Callable[[StateStore], _T], *, write: bool) -> _T:
@@ -164,7 +177,7 @@ def _service_state(beat: AccountHeartbeat | None, locked: bool, now: float) -> t
 
 
 def _status_document(
-    config: Config, name: str, key: str, store: StateStore, now: float
+    config: Config, name: str, key: str, store: StateStore, *, now: float
 ) -> dict[str, Any]:
     beat = store.heartbeat(key)
     summary = store.account_summary(key)
@@ -240,13 +253,14 @@ def run_status(path: Path, *, account: str | None, as_json: bool, out: TextIO, e
     """
 
     def run() -> dict[str, Any]:
-        config, name, key = _load(path, account)
-        doc = _with_store(
-            config, lambda s: _status_document(config, name, key, s, time.time()), write=False
-        )
-        if not as_json:
-            _print_status(doc, out)
-        return {"accounts": [doc]}
+        docs = []
+        for config, name, key in _accounts(path, account):
+            document = functools.partial(_status_document, config, name, key, now=time.time())
+            doc = _with_store(config, document, write=False)
+            if not as_json:
+                _print_status(doc, out)
+            docs.append(doc)
+        return {"accounts": docs}
 
     return _finish("status", as_json, out, err, run)
 

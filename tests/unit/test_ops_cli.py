@@ -425,3 +425,42 @@ def test_old_operator_actions_are_pruned(store: StateStore) -> None:
     assert store.prune_operator_log(now=time.time() + 364 * 86400) == 0
     assert store.prune_operator_log(now=time.time() + 366 * 86400) == 1
     assert store.operator_log(ACCOUNT) == []
+
+
+SALES = """
+[channels_config.email.accounts.sales]
+username = "sales@example.com"
+from_address = "sales@example.com"
+"""
+
+
+def test_status_shows_every_account_and_one_account_commands_need_a_name(
+    config_path: Path, store: StateStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path.write_text(CONFIG + SALES)
+    sales = account_key("sales@example.com", "imap.example.com", 993)
+    store.sync_mailbox(sales, "INBOX", 7)
+    _failed(store, 1)
+    store.close()
+    status, doc = _json(["status", "-c", str(config_path)], capsys)
+    assert status == 0
+    accounts = {a["account"]: a for a in doc["accounts"]}  # type: ignore[union-attr]
+    assert set(accounts) == {"default", "sales"}
+    assert accounts["default"]["messages"]["failed"] == 1
+    assert accounts["sales"]["messages"]["failed"] == 0
+    assert accounts["sales"]["account_key"] == sales
+    status, doc = _json(["status", "-c", str(config_path), "--account", "sales"], capsys)
+    assert [a["account"] for a in doc["accounts"]] == ["sales"]  # type: ignore[union-attr]
+    # A command that acts on one account does not guess which.
+    status, _out, err = _run(["messages", "list", "-c", str(config_path)], capsys)
+    assert status == 2
+    assert "several accounts (default, sales): choose one with --account" in err
+    status, out, _ = _run(
+        ["messages", "list", "-c", str(config_path), "--account", "default"], capsys
+    )
+    assert status == 0
+    assert "failed" in out
+    status, _out, err = _run(["status", "-c", str(config_path), "--account", "nope"], capsys)
+    assert status == 2
+    assert "no account 'nope'" in err
+    assert "'sales'" in err
