@@ -46,8 +46,11 @@ from typing import Final
 
 import trio
 
+from prxmail._health import serve_health
 from prxmail._log import log_event, redacting
+from prxmail._metrics import ServiceMetrics
 from prxmail._redact import SHORT_SECRET, Redactor, config_secrets
+from prxmail._systemd import Notifier, supervise, watchdog_interval
 from prxmail.channel import MailChannel, open_mail_channel
 from prxmail.config import Config, ReplyFormat
 from prxmail.conversation import (
@@ -71,6 +74,9 @@ __all__ = ["RUN_DIR_ENV", "handler_environment", "message_payload", "serve_mail_
 
 #: The environment variable holding the run's private directory (see the module comment).
 RUN_DIR_ENV: Final = "PRXMAIL_RUN_DIR"
+
+# The account's name in /healthz, /metrics and STATUS= while a service runs one account.
+DEFAULT_ACCOUNT: Final = "default"
 
 
 def message_payload(
@@ -188,6 +194,7 @@ async def _handle(
     env: Mapping[str, str],
     limiter: trio.CapacityLimiter,
     token: object,
+    metrics: ServiceMetrics | None = None,
 ) -> None:
     fields = {
         "uid": message.uid,
@@ -213,7 +220,9 @@ async def _handle(
                 )
                 return
         try:
-            await _run_handler(channel, message, argv=argv, env=env, files=files, fields=fields)
+            await _run_handler(
+                channel, message, argv=argv, env=env, files=files, fields=fields, metrics=metrics
+            )
         finally:
             if files is not None:
                 await _remove_run_dir(files, fields)
@@ -246,6 +255,7 @@ async def _run_handler(
     env: Mapping[str, str],
     files: AttachmentFiles | None,
     fields: Mapping[str, object],
+    metrics: ServiceMetrics | None,
 ) -> None:
     config = channel.config
     run_env = dict(env)
@@ -267,10 +277,14 @@ async def _run_handler(
         )
         return
     if scope.cancelled_caught:
+        if metrics is not None:
+            metrics.observe_handler(DEFAULT_ACCOUNT, float(config.handler_timeout_secs))
         reason = f"handler timed out after {config.handler_timeout_secs} s"
         await channel.mark_failed(message, reason)
         log_event(logging.WARNING, "message failed", **fields, reason=reason)
         return
+    if metrics is not None:
+        metrics.observe_handler(DEFAULT_ACCOUNT, result.duration)
     duration = round(result.duration, 3)
     if not result.ok:
         reason = result.failure_reason or "handler failed"
@@ -351,16 +365,20 @@ async def _serve(
 ) -> None:
     env = handler_environment(config)
     limiter = trio.CapacityLimiter(config.max_concurrent_handlers)
+    metrics = ServiceMetrics()
     async with open_mail_channel(config) as channel:
-        task_status.started(channel)
-        log_event(
-            logging.INFO,
-            "prxmail serving",
-            folder=config.imap_folder,
-            account=config.username,
-            handler=argv[0],
-        )
+        channels = {DEFAULT_ACCOUNT: channel}
+        metrics.add_account(DEFAULT_ACCOUNT, channel)
         async with trio.open_nursery() as nursery:
+            await _start_monitoring(nursery, config, channels, metrics)
+            task_status.started(channel)
+            log_event(
+                logging.INFO,
+                "prxmail serving",
+                folder=config.imap_folder,
+                account=config.username,
+                handler=argv[0],
+            )
             while True:
                 token = object()
                 await limiter.acquire_on_behalf_of(token)
@@ -371,6 +389,34 @@ async def _serve(
                     raise
                 nursery.start_soon(
                     functools.partial(
-                        _handle, channel, message, argv=argv, env=env, limiter=limiter, token=token
+                        _handle,
+                        channel,
+                        message,
+                        argv=argv,
+                        env=env,
+                        limiter=limiter,
+                        token=token,
+                        metrics=metrics,
                     )
                 )
+
+
+async def _start_monitoring(
+    nursery: trio.Nursery,
+    config: Config,
+    channels: Mapping[str, MailChannel],
+    metrics: ServiceMetrics,
+) -> None:
+    """Start the health endpoint (``health_listen``) and, under systemd, its notifications.
+
+    Raises:
+        OSError: the health address cannot be bound (a start-up failure).
+    """
+    if config.health_listen is not None:
+        host, port = config.health_listen
+        await nursery.start(serve_health, host, port, channels, metrics)
+    notifier = Notifier.from_environ(os.environ)
+    if notifier is not None:
+        await nursery.start(
+            functools.partial(supervise, notifier, channels, watchdog=watchdog_interval(os.environ))
+        )
