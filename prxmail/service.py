@@ -75,6 +75,10 @@ __all__ = ["RUN_DIR_ENV", "handler_environment", "message_payload", "serve_mail_
 #: The environment variable holding the run's private directory (see the module comment).
 RUN_DIR_ENV: Final = "PRXMAIL_RUN_DIR"
 
+# Variables systemd gives the service itself (sd_notify(3) asks to keep them from
+# children): a handler must not be able to send READY=1 or feed the watchdog for us.
+SERVICE_ONLY_ENV: Final = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
+
 # The account's name in /healthz, /metrics and STATUS= while a service runs one account.
 DEFAULT_ACCOUNT: Final = "default"
 
@@ -140,7 +144,8 @@ def message_payload(
 
 
 def handler_environment(config: Config, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The handler's environment: ours, minus every variable holding a mail password.
+    """The handler's environment: ours, minus every variable holding a mail password
+    and systemd's notification variables (:data:`SERVICE_ONLY_ENV`).
 
     That covers the ``password_env`` / ``smtp_password_env`` variables (their value *is*
     the password) and any other variable that holds it, alone or inside a longer value
@@ -159,7 +164,9 @@ def handler_environment(config: Config, environ: Mapping[str, str] | None = None
     # only count when they are the whole value.
     contained = Redactor(s for s in config_secrets(config) if len(s) >= SHORT_SECRET)
     excluded = [
-        name for name, value in env.items() if value in secrets or contained(value) != value
+        name
+        for name, value in env.items()
+        if value in secrets or contained(value) != value or name in SERVICE_ONLY_ENV
     ]
     if environ is None:
         return inherit_environment(exclude=excluded)
