@@ -8,6 +8,9 @@ by httpx, as a supervisor or Prometheus would.
 from __future__ import annotations
 
 import contextlib
+import io
+import socket
+import sys
 import types
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -28,6 +31,7 @@ from prxmail._metrics import ServiceMetrics
 from prxmail._tls import Security
 from prxmail.channel import ChannelStatus, MailChannel, open_mail_channel
 from prxmail.channel._watcher import IMAPConnector
+from prxmail.cli._serve import EXIT_CONFIG, run_serve
 from prxmail.config import Config
 from prxmail.imap import IMAPConnection, open_imap_stream
 from tests.unit.test_channel_fake_imap import FakeIMAP, fake_config, raw_message
@@ -311,3 +315,33 @@ def test_a_failing_smtp_is_unhealthy_and_polling_is_healthy() -> None:
     assert accounts["a"]["reasons"] == ["SMTP failing: SMTPPermanentError: 554 no"]
     assert health_report({"a": fake_channel(imap="polling")})[0]
     assert not health_report({"a": fake_channel(imap="reconnecting")})[0]
+
+
+def test_serve_cannot_start_when_the_health_address_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "prxmail.toml"
+        lines = [
+            "[channels_config.email]",
+            'imap_host = "127.0.0.1"',
+            "imap_port = 9",
+            'imap_security = "plain"',
+            'smtp_host = "127.0.0.1"',
+            "smtp_port = 9",
+            'smtp_security = "plain"',
+            'username = "bot@example.com"',
+            'password = "pw"',
+            'from_address = "bot@example.com"',
+            f'state_dir = "{tmp_path / "state"}"',
+            f'health_listen = "127.0.0.1:{port}"',
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        err = io.StringIO()
+        code = run_serve(
+            path, exec_command=sys.executable, log_format="human", out=io.StringIO(), err=err
+        )
+    assert code == EXIT_CONFIG
+    assert "prxmail could not start" in err.getvalue()
+    assert "address already in use" in err.getvalue().lower()
