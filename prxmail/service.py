@@ -33,6 +33,12 @@ The payload also carries the conversation: ``thread_id`` and ``thread``, the ear
 messages of the thread prxmail saw or sent (see :meth:`MailChannel.thread`).
 
 One log line per message says what happened to it.
+
+Beside the channel, in the same nursery: with ``health_listen`` set, the health and
+metrics endpoint (:mod:`prxmail._health`: ``GET /healthz``, ``GET /metrics``; its
+metrics are the service's own registry, :mod:`prxmail._metrics`); when started by
+systemd (``NOTIFY_SOCKET``), the notifications READY / STATUS / WATCHDOG / STOPPING
+(:mod:`prxmail._systemd`).
 """
 
 from __future__ import annotations
@@ -353,6 +359,9 @@ async def serve_mail_channel(
         exec_command: The handler's argv (program first).
         task_status: For ``nursery.start``: started with the open channel.
 
+    With ``health_listen`` set it also serves ``/healthz`` and ``/metrics`` there, and
+    with ``NOTIFY_SOCKET`` set it keeps systemd informed (see the module comment).
+
     While it runs, the configuration's passwords are cut out of every log record
     (:func:`prxmail._log.redacting`): a server that echoes them in an error cannot put
     them into the log through any call site.
@@ -360,6 +369,7 @@ async def serve_mail_channel(
     Raises:
         LocalProtocolError: ``exec_command`` is empty.
         StateError: the state directory cannot be used.
+        OSError: the ``health_listen`` address cannot be bound.
     """
     if not exec_command or not exec_command[0]:
         raise LocalProtocolError("the handler command is empty")
