@@ -146,7 +146,7 @@ class ServiceMetrics:
 
     async def refresh(self) -> None:
         """Read what only the state store knows (the outbox) into the gauges."""
-        for name, channel in self._channels.items():
+        for name, channel in list(self._channels.items()):
             # The store's summary counts queued replies without loading their bodies.
             # It counts the whole store: exact while one account owns a store.
             summary = await channel._store.statistics()

@@ -158,7 +158,8 @@ class Notifier:
 
 
 async def _send_ready(notifier: Notifier, channels: Mapping[str, MailChannel]) -> None:
-    for channel in channels.values():
+    # The accounts open when supervision began (a copy: the mapping may grow meanwhile).
+    for channel in list(channels.values()):
         await channel.status.wait_value(lambda s: s.imap in _READY_STATES)
     await notifier.send("READY=1\nSTATUS=" + status_summary(channels))
     log_event(logging.INFO, "told systemd: ready")
