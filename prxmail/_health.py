@@ -146,6 +146,10 @@ async def _answer(
     if path not in _ENDPOINTS:
         await _respond(conn, stream, 404, b"not found\n", content_type=_TEXT)
         return 404
+    if request.method == b"HEAD":
+        # A HEAD answer carries no body (h11 refuses one), so not even the reason.
+        await _respond(conn, stream, 405, b"", content_type=_TEXT, extra=(("allow", "GET"),))
+        return 405
     if request.method != b"GET":
         await _respond(
             conn,
@@ -201,6 +205,10 @@ async def _serve_connection(
                         )
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the client went away; nothing to answer
+                except h11.LocalProtocolError as exc:
+                    # Our answer does not fit the exchange h11 saw: drop this one
+                    # connection; a probe must never take the service down.
+                    log_event(logging.WARNING, "health request dropped", error=str(exc))
         finally:
             limiter.release()
 

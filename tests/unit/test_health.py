@@ -242,6 +242,8 @@ async def test_other_paths_methods_and_bad_requests(tmp_path: Path) -> None:
             refused = await client.post(f"{url}/healthz", content=b"x")
             assert refused.status_code == 405
             assert refused.headers["allow"] == "GET"
+            head = await client.head(f"{url}/healthz")
+            assert (head.status_code, head.content) == (405, b"")
             assert (await client.get(f"{url}/metrics?x=1")).status_code == 200
             port = int(url.rsplit(":", 1)[1])
             assert (await raw_exchange(port, b"NOT HTTP\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
