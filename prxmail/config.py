@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import ipaddress
 import os
 import re
 import ssl
@@ -93,8 +94,8 @@ DEFAULT_ACCOUNT_NAME: Final = "default"
 _ACCOUNT_NAME: Final = re.compile(r"[a-z0-9_-]{1,64}\Z")
 # Keys that one process holds once for all its accounts, so an account cannot set its
 # own: the state directory (one process lock; the store keeps each account's rows
-# apart) and the log format (one stderr).
-SHARED_KEYS: Final = ("state_dir", "log_format")
+# apart), the log format (one stderr) and the health endpoint (one per process).
+SHARED_KEYS: Final = ("state_dir", "log_format", "health_listen")
 
 # RFC 2177 asks clients to re-issue IDLE at least every 29 minutes, because servers may
 # log out an idle client after 30.
@@ -240,6 +241,7 @@ SenderEntry = NewType("SenderEntry", str)
 Provider = NewType("Provider", str)
 TokenUrl = NewType("TokenUrl", str)
 AccountName = NewType("AccountName", str)
+HealthListen = NewType("HealthListen", str)
 
 
 @attrs.frozen
@@ -310,6 +312,8 @@ class RawEmailTable:
     loop_slow_down_secs: PositiveInt = PositiveInt(DEFAULT_LOOP_SLOW_DOWN_SECS)
     # -- several accounts (issue 14) --
     name: AccountName | None = None
+    # -- operations (issue 14) --
+    health_listen: HealthListen | None = None
 
 
 @attrs.frozen
@@ -358,6 +362,8 @@ class Config:
         oauth2: the token settings when either protocol uses OAuth 2, else ``None``.
         provider: the ``provider`` preset the values were filled from, if any.
         imap_id: send IMAP ID (RFC 2971) after login when the server offers it.
+        health_listen: ``(host, port)`` of the health and metrics endpoint
+            (``health_listen = "127.0.0.1:9100"``), or ``None`` (off, the default).
         allowed_senders: normalised entries (lowercase, trimmed).
         exec_command: the handler's argv (``exec``, split shell-like), or ``None``.
         authserv_id: the receiving server's authserv-id whose Authentication-Results
@@ -416,6 +422,8 @@ class Config:
     thread_keep_incoming_text: bool = False
     loop_fast_answer_secs: int = DEFAULT_LOOP_FAST_ANSWER_SECS
     loop_slow_down_secs: int = DEFAULT_LOOP_SLOW_DOWN_SECS
+    # -- operations (issue 14) --
+    health_listen: tuple[str, int] | None = None
     warnings: tuple[str, ...] = ()
     name: str = DEFAULT_ACCOUNT_NAME
 
@@ -615,6 +623,45 @@ def _token_url(value: object, _: object = None) -> str:
     return text
 
 
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into an IP literal and a port.
+
+    Args:
+        address: A ``health_listen`` value.
+
+    Returns:
+        ``(host, port)``; the host is an IP address (a name would need DNS at start
+        and could resolve to a public interface).
+
+    Raises:
+        ValueError: the text is not an IP address and a port of 1 to 65535.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT such as '127.0.0.1:9100', got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"the host must be an IP address such as 127.0.0.1 or [::1], got {host!r}"
+        ) from None
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"the port must be 1 to 65535, got {port}")
+    return host, port
+
+
+def _health_listen(value: object, _: object = None) -> str:
+    text = _non_empty(value)
+    try:
+        parse_listen_address(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return text
+
+
 def _security(value: object, _: object = None) -> Security:
     choices = ", ".join(repr(s.value) for s in Security)
     if not isinstance(value, str):
@@ -672,6 +719,7 @@ def _build_converter() -> cattrs.Converter:
         OAuth2Grant: _choice(OAuth2Grant),
         Provider: _provider,
         TokenUrl: _token_url,
+        HealthListen: _health_listen,
         ReplyFormat: _choice(ReplyFormat),
         AccountName: _account_name,
     }
@@ -1180,6 +1228,7 @@ def _table_config(
         thread_keep_incoming_text=raw.thread_keep_incoming_text,
         loop_fast_answer_secs=raw.loop_fast_answer_secs,
         loop_slow_down_secs=raw.loop_slow_down_secs,
+        health_listen=parse_listen_address(raw.health_listen) if raw.health_listen else None,
         warnings=tuple(_port_warnings(raw, imap_security, smtp_security)),
     ), []
 
@@ -1247,8 +1296,9 @@ def parse_accounts(
     The email table is the first account (named by its ``name`` key, else
     ``"default"``); each ``[channels_config.email.accounts.NAME]`` table is one more,
     taking every key of the email table and inheriting from it each key it does not
-    set. :data:`SHARED_KEYS` (``state_dir``, ``log_format``) belong to the process and
-    cannot differ per account; the account's name is its table's name.
+    set. :data:`SHARED_KEYS` (``state_dir``, ``log_format``, ``health_listen``) belong
+    to the process and cannot differ per account; the account's name is its table's
+    name.
 
     Args:
         text, source, base_dir, environ: As for :func:`parse_config`.
@@ -1302,7 +1352,8 @@ def parse_accounts(
             if key in own and own[key] != table.get(key):
                 problems.append(
                     f"{key} cannot differ per account (one process: one state directory"
-                    f" with one lock, one log); set it in [channels_config.email] only"
+                    f" with one lock, one log, one health endpoint); set it in"
+                    f" [channels_config.email] only"
                     f" @ {path}.{key}"
                 )
         if len(problems) > before:

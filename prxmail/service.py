@@ -33,6 +33,12 @@ The payload also carries the conversation: ``thread_id`` and ``thread``, the ear
 messages of the thread prxmail saw or sent (see :meth:`MailChannel.thread`).
 
 One log line per message says what happened to it.
+
+Beside the channel, in the same nursery: with ``health_listen`` set, the health and
+metrics endpoint (:mod:`prxmail._health`: ``GET /healthz``, ``GET /metrics``; its
+metrics are the service's own registry, :mod:`prxmail._metrics`); when started by
+systemd (``NOTIFY_SOCKET``), the notifications READY / STATUS / WATCHDOG / STOPPING
+(:mod:`prxmail._systemd`).
 """
 
 from __future__ import annotations
@@ -47,8 +53,11 @@ from typing import Final
 
 import trio
 
+from prxmail._health import serve_health
 from prxmail._log import account_context, log_event, redacting
+from prxmail._metrics import ServiceMetrics
 from prxmail._redact import SHORT_SECRET, Redactor, config_secrets
+from prxmail._systemd import Notifier, supervise, watchdog_interval
 from prxmail.channel import MailChannel, collapse_exception_group, open_mail_channel
 from prxmail.channel._api import shared_state_dir
 from prxmail.channel._sender import retry_policy
@@ -82,6 +91,10 @@ __all__ = [
 
 #: The environment variable holding the run's private directory (see the module comment).
 RUN_DIR_ENV: Final = "PRXMAIL_RUN_DIR"
+
+# Variables systemd gives the service itself (sd_notify(3) asks to keep them from
+# children): a handler must not be able to send READY=1 or feed the watchdog for us.
+SERVICE_ONLY_ENV: Final = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
 
 
 def message_payload(
@@ -145,7 +158,8 @@ def message_payload(
 
 
 def handler_environment(config: Config, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The handler's environment: ours, minus every variable holding a mail password.
+    """The handler's environment: ours, minus every variable holding a mail password
+    and systemd's notification variables (:data:`SERVICE_ONLY_ENV`).
 
     That covers the ``password_env`` / ``smtp_password_env`` variables (their value *is*
     the password) and any other variable that holds it, alone or inside a longer value
@@ -164,7 +178,9 @@ def handler_environment(config: Config, environ: Mapping[str, str] | None = None
     # only count when they are the whole value.
     contained = Redactor(s for s in config_secrets(config) if len(s) >= SHORT_SECRET)
     excluded = [
-        name for name, value in env.items() if value in secrets or contained(value) != value
+        name
+        for name, value in env.items()
+        if value in secrets or contained(value) != value or name in SERVICE_ONLY_ENV
     ]
     if environ is None:
         return inherit_environment(exclude=excluded)
@@ -199,6 +215,7 @@ async def _handle(
     env: Mapping[str, str],
     limiter: trio.CapacityLimiter,
     token: object,
+    metrics: ServiceMetrics | None = None,
 ) -> None:
     fields = {
         "uid": message.uid,
@@ -224,7 +241,9 @@ async def _handle(
                 )
                 return
         try:
-            await _run_handler(channel, message, argv=argv, env=env, files=files, fields=fields)
+            await _run_handler(
+                channel, message, argv=argv, env=env, files=files, fields=fields, metrics=metrics
+            )
         finally:
             if files is not None:
                 await _remove_run_dir(files, fields)
@@ -257,6 +276,7 @@ async def _run_handler(
     env: Mapping[str, str],
     files: AttachmentFiles | None,
     fields: Mapping[str, object],
+    metrics: ServiceMetrics | None,
 ) -> None:
     config = channel.config
     run_env = dict(env)
@@ -278,10 +298,14 @@ async def _run_handler(
         )
         return
     if scope.cancelled_caught:
+        if metrics is not None:
+            metrics.observe_handler(channel.config.name, float(config.handler_timeout_secs))
         reason = f"handler timed out after {config.handler_timeout_secs} s"
         await channel.mark_failed(message, reason)
         log_event(logging.WARNING, "message failed", **fields, reason=reason)
         return
+    if metrics is not None:
+        metrics.observe_handler(channel.config.name, result.duration)
     duration = round(result.duration, 3)
     if not result.ok:
         reason = result.failure_reason or "handler failed"
@@ -343,6 +367,9 @@ async def serve_mail_channel(
         exec_command: The handler's argv (program first).
         task_status: For ``nursery.start``: started with the open channel.
 
+    With ``health_listen`` set it also serves ``/healthz`` and ``/metrics`` there, and
+    with ``NOTIFY_SOCKET`` set it keeps systemd informed (see the module comment).
+
     While it runs, the configuration's passwords are cut out of every log record
     (:func:`prxmail._log.redacting`): a server that echoes them in an error cannot put
     them into the log through any call site; every line carries ``account=NAME``.
@@ -350,6 +377,7 @@ async def serve_mail_channel(
     Raises:
         LocalProtocolError: ``exec_command`` is empty.
         StateError: the state directory cannot be used.
+        OSError: the ``health_listen`` address cannot be bound.
     """
     if not exec_command or not exec_command[0]:
         raise LocalProtocolError("the handler command is empty")
@@ -364,19 +392,27 @@ async def _serve(
     *,
     env: Mapping[str, str] | None = None,
     store: AsyncStateStore | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> None:
     run_env = handler_environment(config) if env is None else env
     limiter = trio.CapacityLimiter(config.max_concurrent_handlers)
+    # One set of metrics for the process: this account's own when it runs alone,
+    # else the one serve_mail_channels shares (and serves) for every account.
+    own_metrics = metrics is None
+    service_metrics = ServiceMetrics() if metrics is None else metrics
     async with open_mail_channel(config, store=store) as channel:
-        task_status.started(channel)
-        log_event(
-            logging.INFO,
-            "prxmail serving",
-            folder=config.imap_folder,
-            user=config.username,
-            handler=argv[0],
-        )
+        service_metrics.add_account(config.name, channel)
         async with trio.open_nursery() as nursery:
+            if own_metrics:
+                await _start_monitoring(nursery, config, {config.name: channel}, service_metrics)
+            task_status.started(channel)
+            log_event(
+                logging.INFO,
+                "prxmail serving",
+                folder=config.imap_folder,
+                user=config.username,
+                handler=argv[0],
+            )
             while True:
                 token = object()
                 await limiter.acquire_on_behalf_of(token)
@@ -394,6 +430,7 @@ async def _serve(
                         env=run_env,
                         limiter=limiter,
                         token=token,
+                        metrics=service_metrics,
                     )
                 )
 
@@ -464,16 +501,27 @@ async def serve_mail_channels(
         async with open_state_store(state_dir, retry_policy=retry_policy(configs[0])) as store:
             stopped: list[BaseException] = []
             channels: dict[str, MailChannel] = {}
+            metrics = ServiceMetrics()
             try:
                 async with trio.open_nursery() as nursery:
                     for config in configs:
                         with account_context(config.name):
                             channel = await nursery.start(
-                                _serve_account, config, argvs[config.name], env, store, stopped
+                                functools.partial(
+                                    _serve_account,
+                                    config,
+                                    argvs[config.name],
+                                    env=env,
+                                    store=store,
+                                    stopped=stopped,
+                                    metrics=metrics,
+                                )
                             )
                         if channel is not None:
                             channels[config.name] = channel
                     if channels:
+                        # One health endpoint and one systemd notifier for the process.
+                        await _start_monitoring(nursery, configs[0], channels, metrics)
                         task_status.started(channels)
             except BaseExceptionGroup as group:
                 raise collapse_exception_group(group) from None
@@ -485,10 +533,11 @@ async def serve_mail_channels(
 async def _serve_account(
     config: Config,
     argv: list[str],
+    *,
     env: Mapping[str, str],
     store: AsyncStateStore,
     stopped: list[BaseException],
-    *,
+    metrics: ServiceMetrics,
     task_status: trio.TaskStatus[MailChannel | None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     started = False
@@ -496,7 +545,7 @@ async def _serve_account(
         try:
             async with trio.open_nursery() as inner:
                 channel = await inner.start(
-                    functools.partial(_serve, config, argv, env=env, store=store)
+                    functools.partial(_serve, config, argv, env=env, store=store, metrics=metrics)
                 )
                 started = True
                 task_status.started(channel)
@@ -512,3 +561,24 @@ async def _serve_account(
         stopped.append(exc)
         if not started:
             task_status.started(None)
+
+
+async def _start_monitoring(
+    nursery: trio.Nursery,
+    config: Config,
+    channels: Mapping[str, MailChannel],
+    metrics: ServiceMetrics,
+) -> None:
+    """Start the health endpoint (``health_listen``) and, under systemd, its notifications.
+
+    Raises:
+        OSError: the health address cannot be bound (a start-up failure).
+    """
+    if config.health_listen is not None:
+        host, port = config.health_listen
+        await nursery.start(serve_health, host, port, channels, metrics)
+    notifier = Notifier.from_environ(os.environ)
+    if notifier is not None:
+        await nursery.start(
+            functools.partial(supervise, notifier, channels, watchdog=watchdog_interval(os.environ))
+        )

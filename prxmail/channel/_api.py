@@ -98,6 +98,12 @@ class ChannelStatistics:
         deferred: Times a message was deferred by the loop guard or the rate limit
             (kept, handed on later; a message deferred twice counts twice).
         held: Times a message was held because its thread looks like a mail loop.
+        replied: Messages finished with :meth:`MailChannel.reply`.
+        handled: Messages finished with :meth:`MailChannel.mark_handled`.
+        failed: Messages finished with :meth:`MailChannel.mark_failed`, or failed by a
+            release that used up their attempts.
+        released: Messages given back with :meth:`MailChannel.release` to be handed
+            on again.
     """
 
     delivered: int
@@ -108,6 +114,10 @@ class ChannelStatistics:
     in_flight: int
     deferred: int = 0
     held: int = 0
+    replied: int = 0
+    handled: int = 0
+    failed: int = 0
+    released: int = 0
 
 
 class MailChannel(_Watcher, _Sender):
@@ -116,6 +126,9 @@ class MailChannel(_Watcher, _Sender):
     Iterate it (``async for message in channel``) to receive accepted messages, each a
     :class:`~prxmail.message.Message`. Finish every message with exactly one of
     :meth:`reply`, :meth:`mark_handled`, :meth:`mark_failed` or :meth:`release`.
+
+    ``push_latency_hook``, when set, is called with the seconds from an IDLE push
+    (EXISTS) to the next message handed out (the service's metrics use it).
     """
 
     def __init__(
@@ -142,6 +155,10 @@ class MailChannel(_Watcher, _Sender):
             in_flight=len(self._in_flight),
             deferred=self._counts["deferred"],
             held=self._counts["held"],
+            replied=self._counts["replied"],
+            handled=self._counts["handled"],
+            failed=self._counts["failed"],
+            released=self._counts["released"],
         )
 
     def __repr__(self) -> str:
@@ -198,7 +215,14 @@ class MailChannel(_Watcher, _Sender):
                 self._handover_done()
             break
         self._counts["delivered"] += 1
+        self._note_push_latency()
         return message
+
+    def _note_push_latency(self) -> None:
+        # The first hand-over after an IDLE push ends the push's latency.
+        pushed, self._pushed_at = self._pushed_at, None
+        if pushed is not None and self.push_latency_hook is not None:
+            self.push_latency_hook(trio.current_time() - pushed)
 
     # -- the hand-over ------------------------------------------------------------------
     #
@@ -320,6 +344,7 @@ class MailChannel(_Watcher, _Sender):
             activity=self._noted_reply(thread_id),
         )
         self._finished(key, seen=True)
+        self._counts["replied"] += 1
         self._counts["replies_queued"] += 1
         self._outbox_generation.value += 1
         return outgoing.message_id
@@ -380,6 +405,7 @@ class MailChannel(_Watcher, _Sender):
         key = self._key(message)
         await self._finish(key, MessageStatus.HANDLED)
         self._finished(key, seen=True)
+        self._counts["handled"] += 1
 
     async def mark_failed(self, message: Message, reason: str) -> None:
         """Record that a message could not be handled; it is never retried.
@@ -392,6 +418,7 @@ class MailChannel(_Watcher, _Sender):
         key = self._key(message)
         await self._finish(key, MessageStatus.FAILED, reason)
         self._finished(key, seen=False)
+        self._counts["failed"] += 1
 
     async def release(self, message: Message, reason: str) -> bool:
         """Give a message back to be handed on again later (after the next IDLE cycle or
@@ -410,7 +437,9 @@ class MailChannel(_Watcher, _Sender):
         )
         self._pending_dirty = True
         self._finished(key, seen=False)
-        return record.status is MessageStatus.CLAIMED
+        retried = record.status is MessageStatus.CLAIMED
+        self._counts["released" if retried else "failed"] += 1
+        return retried
 
     async def _release_in_flight(self) -> None:
         for key in list(self._in_flight):

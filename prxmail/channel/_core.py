@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 import attrs
@@ -181,9 +181,17 @@ class _ChannelCore:
                 "replies_sent",
                 "deferred",
                 "held",
+                "replied",
+                "handled",
+                "failed",
+                "released",
             ),
             0,
         )
+        # When the IDLE push (EXISTS) that the next hand-over answers arrived, and who
+        # is told how long that took (the service's metrics; see MailChannel).
+        self._pushed_at: float | None = None
+        self.push_latency_hook: Callable[[float], None] | None = None
         # The watcher's current wait (IDLE or poll interval), cancelled to wake it early.
         self._wake_scope: trio.CancelScope | None = None
         # The folder's high-water mark as stored (the watcher is its only writer), so

@@ -319,6 +319,8 @@ class _Watcher(_FetchPipeline):
                     try:
                         async for push in session:
                             if isinstance(push, Exists):
+                                if self._pushed_at is None:
+                                    self._pushed_at = trio.current_time()
                                 break
                             if isinstance(push, StatusResponse) and push.status == "BYE":
                                 raise ConnectionBrokenError(f"server said BYE: {push.text}")

@@ -202,6 +202,7 @@ class AsyncStateStore:
     prune_conversations = _offload(StateStore.prune_conversations)
     write_heartbeat = _offload(StateStore.write_heartbeat)
     operator_generation = _offload(StateStore.operator_generation)
+    account_summary = _offload(StateStore.account_summary)
 
 
 def _run_batch(batch: list[_Job]) -> None:

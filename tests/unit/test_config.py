@@ -624,3 +624,27 @@ def test_loop_guard_defaults_are_the_loop_rule_numbers() -> None:
     config = parse_config(PRX_TABLE)
     assert config.loop_fast_answer_secs == DEFAULT_LOOP_FAST_ANSWER_SECS == FAST_ANSWER_SECS
     assert config.loop_slow_down_secs == DEFAULT_LOOP_SLOW_DOWN_SECS == SLOW_DOWN_SECS
+
+
+def test_health_listen_is_off_by_default_and_parsed() -> None:
+    assert parse_config(PRX_TABLE).health_listen is None
+    on = parse_config(with_lines('health_listen = "127.0.0.1:9100"'))
+    assert on.health_listen == ("127.0.0.1", 9100)
+    assert parse_config(with_lines('health_listen = "[::1]:9100"')).health_listen == ("::1", 9100)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ('"localhost:9100"', "must be an IP address"),
+        ('"127.0.0.1"', "expected HOST:PORT"),
+        ('"127.0.0.1:0"', "1 to 65535"),
+        ('"127.0.0.1:70000"', "1 to 65535"),
+        ('"127.0.0.1:http"', "expected HOST:PORT"),
+        ("9100", "expected a string"),
+    ],
+)
+def test_health_listen_must_be_an_address_and_port(value: str, why: str) -> None:
+    (problem,) = problems_of(with_lines(f"health_listen = {value}"))
+    assert why in problem
+    assert problem.endswith(f"@ {PATH}.health_listen")

@@ -269,3 +269,20 @@ def test_problems_of_every_account_come_together() -> None:
         f"expected an integer from 1 to 65535, got 0 @ {ACCOUNTS}.sales.smtp_port",
         f"expected one of 'unseen', 'new', got 'later' @ {ACCOUNTS}.ops.first_start",
     )
+
+
+def test_health_listen_belongs_to_the_process_not_an_account() -> None:
+    text = (
+        "[channels_config.email]\n"
+        'imap_host = "imap.example.com"\nsmtp_host = "smtp.example.com"\n'
+        'username = "bot@example.com"\npassword = "pw"\nfrom_address = "bot@example.com"\n'
+        'health_listen = "127.0.0.1:9100"\n'
+        "[channels_config.email.accounts.sales]\n"
+        'username = "sales@example.com"\nfrom_address = "sales@example.com"\n'
+        'health_listen = "127.0.0.1:9200"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_accounts(text)
+    message = str(info.value)
+    assert "health_listen cannot differ per account" in message
+    assert "$.channels_config.email.accounts.sales.health_listen" in message

@@ -638,3 +638,15 @@ def test_handler_environment_holds_no_password_in_any_variable() -> None:
         "PATH": "/usr/local/sbin:/usr/bin",
         "PWD": "/srv/pw/bot",
     }
+
+
+def test_handler_environment_keeps_systemd_notification_variables_from_handlers() -> None:
+    config = _config(password_env='"IMAP_PW"')
+    env = {
+        "PATH": "/usr/bin",
+        "NOTIFY_SOCKET": "/run/systemd/notify",
+        "WATCHDOG_USEC": "60000000",
+        "WATCHDOG_PID": "4242",
+        "INVOCATION_ID": "abc",  # other systemd variables are harmless and stay
+    }
+    assert handler_environment(config, env) == {"PATH": "/usr/bin", "INVOCATION_ID": "abc"}
