@@ -81,7 +81,8 @@ class _Backoff:
 
 # Opens one IMAP session: a greeted connection, TLS set up, not logged in yet; closed
 # (logged out) when the block ends. open_mail_channel's connect_imap= replaces the
-# real opener, e.g. with open_imap_stream over a scripted peer in tests.
+# real opener, e.g. with open_imap_stream over a scripted peer in tests. Whatever it
+# opens, the channel lowers its literal limit to max_message_bytes (_bound_literals).
 IMAPConnector = Callable[[], AbstractAsyncContextManager[IMAPConnection]]
 
 
@@ -104,6 +105,17 @@ class _Watcher(_FetchPipeline):
             # refused when announced instead of the framer's 256 MiB default.
             max_literal_size=config.max_message_bytes,
         )
+
+    def _bound_literals(self, conn: IMAPConnection) -> None:
+        """Refuse literals over max_message_bytes on ``conn``, whoever opened it.
+
+        The default opener already passes that limit, but a connection from
+        ``connect_imap=`` comes with whatever its opener chose (open_imap_stream's
+        default is the framer's 256 MiB): without this, a server could make the
+        channel allocate a 250 MB literal it never fetches whole, then wait up to
+        command_timeout_secs for the rest. A lower limit the opener chose is kept.
+        """
+        conn.max_literal_size = min(conn.max_literal_size, self.config.max_message_bytes)
 
     async def _run_watcher(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -178,6 +190,7 @@ class _Watcher(_FetchPipeline):
         with scope:
             async with self._open_imap() as conn:
                 scope.deadline = math.inf
+                self._bound_literals(conn)
                 try:
                     with _time_limit(timeout, "IMAP LOGIN and SELECT", _COMMAND_TIMEOUT):
                         await self._login.imap(conn)

@@ -820,6 +820,53 @@ async def test_a_250_mb_answer_to_a_1_mib_partial_fetch_is_refused_and_failed(
     assert "literal" in str(failed.reason)
 
 
+async def test_a_connector_of_your_own_keeps_the_literal_limit_at_max_message_bytes(
+    tmp_path: Path,
+) -> None:
+    # The same hostile answer over a connect_imap= connection: open_imap_stream's own
+    # limit (256 MiB) admits the 250 MB announcement, so only the channel's cap refuses
+    # it. Without that cap the client allocated 250 MB and waited for the rest (which
+    # never comes) until command_timeout_secs, far beyond receive()'s 10 s.
+    fake = FakeIMAP(messages={1: raw_message(1), 2: raw_message(2)}, huge_literal_for={1})
+    state = tmp_path / "state"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with trio.open_nursery() as nursery:
+        config = fake_config(9, state)
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
+            assert await receive(channel) == "fake 2"
+        nursery.cancel_scope.cancel()
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 * 1024  # refused when announced: no 250 MB bytearray
+    assert fake.connections >= 2  # the refusal broke the session; the channel came back
+    with StateStore(state) as store:
+        [failed] = store.messages_with_status(MessageStatus.FAILED)
+    assert failed.key.uid == 1
+    assert "announced a literal of 250000000 bytes" in str(failed.reason)
+
+
+async def test_a_connector_s_own_lower_literal_limit_is_kept(tmp_path: Path) -> None:
+    # The channel only lowers a connection's literal limit: an opener that chose less
+    # than max_message_bytes keeps its choice, so this 4 KB message is refused.
+    big = raw_message(1) + b"x" * 4000 + b"\r\n"
+    fake = FakeIMAP(messages={1: big, 2: raw_message(2)})
+    state = tmp_path / "state"
+    async with trio.open_nursery() as nursery:
+
+        def connect() -> AbstractAsyncContextManager[IMAPConnection]:
+            client, server = trio.testing.memory_stream_pair()
+            nursery.start_soon(fake.handle, server)
+            return open_imap_stream(client, security=Security.PLAIN, max_literal_size=2048)
+
+        config = fake_config(9, state)
+        async with open_mail_channel(config, connect_imap=connect) as channel:
+            assert await receive(channel) == "fake 2"
+        nursery.cancel_scope.cancel()
+    with StateStore(state) as store:
+        [failed] = store.messages_with_status(MessageStatus.FAILED)
+    assert failed.key.uid == 1
+    assert "limit of 2048" in str(failed.reason)
+
+
 def answer_to(uid: int, parent_id: str, references: list[str]) -> bytes:
     return (
         f"From: alice@example.com\r\nTo: bot@example.com\r\nSubject: Re: fake 1\r\n"
