@@ -465,7 +465,8 @@ async def test_queued_replies_go_out_pipelined_once_each(
     refused recipient among them is kept as a permanent failure, the rest are sent once."""
     pair = fresh_pair(mail_servers, "batch")
     config = make_config(mail_servers, pair, tmp_path / "state")
-    account = account_key(config.smtp_username, config.smtp_host, config.smtp_port)
+    # The channel sends only its own account's outbox (accounts may share a store).
+    account = account_key(config.username, config.imap_host, config.imap_port)
     recipients = [pair.alice.address] * 4 + [REJECTED_ADDRESS] + [pair.alice.address]
     with StateStore(tmp_path / "state") as store:
         for n, rcpt in enumerate(recipients):
