@@ -14,8 +14,8 @@ The time until the last message was accepted by Postfix is shown too.
 * prxmail reply: the sending account's INBOX holds as many messages from the
   recipient (put into its Maildir directly). ``open_mail_channel`` (all defaults except
   ``allowed_senders = ["*"]``, ``reply_rate_limit`` and ``reply_rate_burst`` 1000) hands
-  them all over first, not timed; then ``channel.reply(message, body)`` for each, one after the other.
-  Each call composes the threaded reply and records it in the outbox, marking the
+  them all over first, not timed; then ``channel.reply(message, body)`` for each, one
+  after the other. Each call composes the threaded reply and records it in the outbox, marking the
   parent replied, in one SQLite transaction with ``synchronous=FULL`` (an fsync) before
   it returns; the channel's sender task meanwhile sends what is due, up to 20 pipelined
   in one exchange.
