@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from prxmail._diagnosis import Diagnosis, diagnose
 from prxmail._tls import Security
@@ -28,9 +29,11 @@ from prxmail.errors import (
     RemoteProtocolError,
     TLSError,
 )
+from prxmail.smtp import SMTPConnection
 from prxmail.state import OutboxDraft, StateStore, account_key
 from tests.faults._logs import LogRecords, captured_logs
 from tests.unit.test_channel_fake_imap import FakeIMAP, fake_config
+from tests.unit.test_smtp_connection import FakeServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -211,6 +214,20 @@ def test_a_wrapped_connect_error_gets_the_doctors_words() -> None:
     assert found == Diagnosis(*doctor)
 
 
+def queue_due_reply(state_dir: Path) -> None:
+    """A reply due now, so the sender connects as soon as the channel starts."""
+    with StateStore(state_dir) as store:
+        store.enqueue(
+            account_key("bot@example.com", "127.0.0.1", 9),
+            OutboxDraft(
+                message_id="<due@example.com>",
+                envelope_from="bot@example.com",
+                envelope_to=("alice@example.com",),
+                raw=b"Subject: hi\r\n\r\nhello\r\n",
+            ),
+        )
+
+
 @pytest.fixture
 def records() -> Iterator[LogRecords]:
     with captured_logs(logging.DEBUG) as handler:
@@ -259,16 +276,7 @@ async def test_sender_that_never_connected_says_cannot_connect_with_the_diagnosi
     smtp_port = closed_port()
     state = tmp_path / "state"
     config = config_for(9, smtp_port, state)
-    with StateStore(state) as store:
-        store.enqueue(
-            account_key("bot@example.com", "127.0.0.1", 9),
-            OutboxDraft(
-                message_id="<due@example.com>",
-                envelope_from="bot@example.com",
-                envelope_to=("alice@example.com",),
-                raw=b"Subject: hi\r\n\r\nhello\r\n",
-            ),
-        )
+    queue_due_reply(state)
     async with trio.open_nursery() as nursery:
         async with open_mail_channel(config, connect_imap=fake.connector(nursery)):
             fields = await wait_for(records, "SMTP cannot connect: reply not sent yet, will retry")
@@ -283,3 +291,33 @@ def test_starttls_security_is_what_the_reverse_mix_up_needs() -> None:
     # Guards the table above: the configs differ in exactly the setting that matters.
     assert STARTTLS_CONFIG.imap_security is Security.STARTTLS
     assert CONFIG.imap_security is Security.TLS
+
+
+async def test_sender_whose_connection_broke_keeps_the_old_wording_without_diagnosis(
+    tmp_path: Path, records: LogRecords
+) -> None:
+    # The server greets and answers EHLO, then shuts down at MAIL: it was connected.
+    server = FakeServer(
+        override=lambda line: b"421 4.3.2 shutting down\r\n" if line.startswith("MAIL") else None
+    )
+    state = tmp_path / "state"
+    queue_due_reply(state)
+    fake = FakeIMAP()
+    async with trio.open_nursery() as nursery:
+
+        async def connect_smtp() -> SMTPConnection:
+            client, far = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.serve, far)
+            conn = SMTPConnection(client, security=Security.PLAIN, local_hostname="client.test")
+            await conn.handshake()
+            return conn
+
+        config = config_for(9, closed_port(), state)
+        async with open_mail_channel(
+            config, connect_imap=fake.connector(nursery), connect_smtp=connect_smtp
+        ):
+            fields = await wait_for(records, "reply not sent yet, will retry")
+        nursery.cancel_scope.cancel()
+    assert not records.fields("SMTP cannot connect")
+    assert "diagnosis" not in fields
+    assert "421" in str(fields["error"])
