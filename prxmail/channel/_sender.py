@@ -20,6 +20,7 @@ from typing import Final
 
 import trio
 
+from prxmail._diagnosis import diagnose
 from prxmail._log import log_event
 from prxmail.channel._core import _COMMAND_TIMEOUT, _ChannelCore, _describe, _time_limit
 from prxmail.compose import OutgoingMessage
@@ -36,7 +37,7 @@ from prxmail.smtp import (
     SendResult,
     SMTPConnection,
     SMTPSender,
-    open_smtp_sender,
+    connect_smtp,
 )
 from prxmail.state import OutboxDraft, OutboxItem, RetryPolicy
 
@@ -88,22 +89,39 @@ class _Sender(_ChannelCore):
     """The sender task of a channel (see the module comment)."""
 
     _connect_smtp: SMTPConnector | None = None
+    # Whether the last connection attempt reached the server (TCP, TLS and greeting
+    # done): a send that fails before that "cannot connect" and carries the doctor's
+    # diagnosis. A send over a reused connection makes no attempt and keeps True.
+    _smtp_connected: bool = False
+
+    async def _open_smtp(self) -> SMTPConnection:
+        """One new connection for the SMTPSender, noting whether it got connected."""
+        self._smtp_connected = False
+        if self._connect_smtp is not None:
+            conn = await self._connect_smtp()
+            self._smtp_connected = True
+            return conn
+        config = self.config
+        conn = await connect_smtp(
+            config.smtp_host,
+            config.smtp_port,
+            security=config.smtp_security,
+            ssl_context=self._ssl_context,
+        )
+        self._smtp_connected = True
+        try:
+            await self._login.smtp(conn)
+        except BaseException:
+            await conn.aclose()
+            raise
+        return conn
 
     async def _run_sender(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        config = self.config
+        # As open_smtp_sender, with the connect step of the channel's own (_open_smtp).
         opened: AbstractAsyncContextManager[SMTPSender]
-        if self._connect_smtp is not None:
-            opened = contextlib.aclosing(SMTPSender(self._connect_smtp))
-        else:
-            opened = open_smtp_sender(
-                config.smtp_host,
-                config.smtp_port,
-                authenticate=self._login.smtp,
-                security=config.smtp_security,
-                ssl_context=self._ssl_context,
-            )
+        opened = contextlib.aclosing(SMTPSender(self._open_smtp))
         async with opened as smtp:
             task_status.started()
             while True:
@@ -219,14 +237,34 @@ class _Sender(_ChannelCore):
         )
         self._set_status(smtp_error=_describe(exc))
         level = logging.ERROR if isinstance(exc, AuthenticationError) else logging.WARNING
+        # As in the watcher: only a failed connect (or a refused login) is diagnosed.
+        config = self.config
+        found = (
+            diagnose(exc, proto="smtp", host=config.smtp_host, port=config.smtp_port, config=config)
+            if not self._smtp_connected or isinstance(exc, AuthenticationError)
+            else None
+        )
+        advice = {
+            "diagnosis": found.summary if found else None,
+            "hint": found.hint if found else None,
+        }
         if updated.status is not updated.status.QUEUED:
-            log_event(logging.ERROR, "reply given up after retries", **fields, error=_describe(exc))
+            log_event(
+                logging.ERROR,
+                "reply given up after retries",
+                **fields,
+                error=_describe(exc),
+                **advice,
+            )
         else:
             log_event(
                 level,
-                "reply not sent yet, will retry",
+                "reply not sent yet, will retry"
+                if self._smtp_connected
+                else "SMTP cannot connect: reply not sent yet, will retry",
                 **fields,
                 attempts=updated.attempts,
                 retry_in=round(max(0.0, updated.next_attempt_at - time.time()), 1),
                 error=_describe(exc),
+                **advice,
             )

@@ -28,6 +28,7 @@ from typing import Final
 
 import trio
 
+from prxmail._diagnosis import Diagnosis, diagnose
 from prxmail._log import log_event
 from prxmail.channel._core import _COMMAND_TIMEOUT, _describe, _time_limit
 from prxmail.channel._fetch import _FetchPipeline
@@ -90,6 +91,15 @@ class _Watcher(_FetchPipeline):
     """The watcher task of a channel (see the module comment)."""
 
     _connect_imap: IMAPConnector | None = None
+    # Whether the current session got a greeted connection: a failure before that is
+    # "cannot connect" (with the doctor's diagnosis), after it "connection lost".
+    _imap_connected: bool = False
+
+    def _imap_diagnosis(self, exc: BaseException) -> Diagnosis | None:
+        config = self.config
+        return diagnose(
+            exc, proto="imap", host=config.imap_host, port=config.imap_port, config=config
+        )
 
     def _open_imap(self) -> AbstractAsyncContextManager[IMAPConnection]:
         if self._connect_imap is not None:
@@ -139,6 +149,7 @@ class _Watcher(_FetchPipeline):
                 started = trio.current_time()
                 self._progressed = False
                 self._fetching = ()
+                self._imap_connected = False
                 delay: float
                 try:
                     await self._session()
@@ -151,6 +162,7 @@ class _Watcher(_FetchPipeline):
                         imap_error=_describe(exc),
                         reconnects=self.status.value.reconnects + 1,
                     )
+                    found = self._imap_diagnosis(exc)
                     log_event(
                         logging.ERROR,
                         "IMAP login refused: check username and password"
@@ -158,6 +170,8 @@ class _Watcher(_FetchPipeline):
                         else "IMAP login refused: check the OAuth 2 settings (see error)",
                         retry_in=delay,
                         error=str(exc),
+                        diagnosis=found.summary if found else None,
+                        hint=found.hint if found else None,
                     )
                 except (PrxmailError, OSError, trio.TooSlowError) as exc:
                     await self._fetch_failed(exc)
@@ -170,11 +184,19 @@ class _Watcher(_FetchPipeline):
                         imap_error=_describe(exc),
                         reconnects=self.status.value.reconnects + 1,
                     )
+                    # Only a failed connect is diagnosed: once connected, an errno in
+                    # the chain (a reset, a keepalive timeout) says nothing about the
+                    # configuration.
+                    found = None if self._imap_connected else self._imap_diagnosis(exc)
                     log_event(
                         logging.ERROR if isinstance(exc, TLSError) else logging.WARNING,
-                        "IMAP connection lost, reconnecting",
+                        "IMAP connection lost, reconnecting"
+                        if self._imap_connected
+                        else "IMAP cannot connect, retrying",
                         retry_in=round(delay, 1),
                         error=_describe(exc),
+                        diagnosis=found.summary if found else None,
+                        hint=found.hint if found else None,
                     )
                 await trio.sleep(delay)
         finally:
@@ -189,6 +211,7 @@ class _Watcher(_FetchPipeline):
         scope = trio.CancelScope(deadline=trio.current_time() + timeout)
         with scope:
             async with self._open_imap() as conn:
+                self._imap_connected = True
                 scope.deadline = math.inf
                 self._bound_literals(conn)
                 try:

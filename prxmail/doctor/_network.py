@@ -11,15 +11,23 @@ greeting fails. The connected stream is then handed to the IMAP or SMTP checks.
 
 from __future__ import annotations
 
-import errno
 import re
 import socket
 import ssl
 import time
-from typing import Any, Final
+from typing import Any
 
 import trio
 
+from prxmail._diagnosis import (
+    NOT_TLS_REASONS,
+    ca_hint,
+    certificate_error,
+    connect_error,
+    dns_error,
+    looks_like_tls,
+    port_advice,
+)
 from prxmail._tls import Security, create_ssl_context
 from prxmail.config import Config
 from prxmail.doctor._report import (
@@ -32,38 +40,6 @@ from prxmail.doctor._report import (
     _server_text,
 )
 from prxmail.errors import RemoteProtocolError, SMTPReplyError
-
-# OpenSSL verify codes (x509_vfy.h) for the certificate problems named to the user.
-_X509_NOT_YET_VALID: Final = 9
-_X509_EXPIRED: Final = 10
-_X509_SELF_SIGNED_LEAF: Final = 18
-_X509_SELF_SIGNED_IN_CHAIN: Final = 19
-_X509_NO_LOCAL_ISSUER: Final = 20
-_X509_UNVERIFIABLE_LEAF: Final = 21
-_X509_UNTRUSTED: Final = 27
-_X509_HOSTNAME_MISMATCH: Final = 62
-_X509_IP_MISMATCH: Final = 64
-_UNTRUSTED_CODES: Final = frozenset(
-    {
-        2,  # unable to get issuer certificate
-        _X509_SELF_SIGNED_LEAF,
-        _X509_SELF_SIGNED_IN_CHAIN,
-        _X509_NO_LOCAL_ISSUER,
-        _X509_UNVERIFIABLE_LEAF,
-        _X509_UNTRUSTED,
-    }
-)
-# OpenSSL reasons when the peer's bytes are not TLS records at all.
-_NOT_TLS_REASONS: Final = frozenset(
-    {
-        "WRONG_VERSION_NUMBER",
-        "PACKET_LENGTH_TOO_LONG",
-        "RECORD_LAYER_FAILURE",
-        "HTTP_REQUEST",
-        "UNKNOWN_PROTOCOL",
-        "UNEXPECTED_RECORD",
-    }
-)
 
 
 class _RecordingStream(trio.abc.Stream):
@@ -90,9 +66,7 @@ class _RecordingStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-def _looks_like_tls(data: bytes | bytearray) -> bool:
-    # A TLS record starts with its content type (20..23) and major version 3.
-    return len(data) >= 2 and data[0] in (20, 21, 22, 23) and data[1] == 3
+_looks_like_tls = looks_like_tls
 
 
 def _first_line(data: bytes | bytearray) -> str:
@@ -144,23 +118,8 @@ async def _step_dns(
         )
         return None
     except (socket.gaierror, UnicodeError) as exc:
-        code = exc.args[0] if isinstance(exc, socket.gaierror) and exc.args else None
-        if code in (socket.EAI_AGAIN, getattr(socket, "EAI_FAIL", None)):
-            chain.add(
-                name,
-                Status.FAIL,
-                f"looking up {host} failed temporarily ({exc})",
-                hint="the DNS server cannot be reached or failed: check the network"
-                " connection and try again",
-            )
-        else:
-            chain.add(
-                name,
-                Status.FAIL,
-                f"{host} does not resolve: no such host",
-                detail=[str(exc)],
-                hint=f"check the spelling of {key} (e.g. imap.gmail.com, smtp.gmail.com)",
-            )
+        found = dns_error(host, proto, exc)
+        chain.add(name, Status.FAIL, found.summary, detail=found.detail, hint=found.hint)
         return None
     addresses: list[AddrInfo] = [
         (family, kind, prot, sockaddr) for family, kind, prot, _, sockaddr in infos
@@ -184,40 +143,9 @@ async def _step_dns(
 
 
 def _connect_error(host: str, port: int, proto: str, exc: OSError) -> tuple[str, str]:
-    """Summary and hint for a failed connect()."""
-    where = f"{host}:{port}"
-    key = f"{proto}_port"
-    code = exc.errno
-    if code == errno.ECONNREFUSED:
-        usual = "993 (TLS) or 143 (STARTTLS)" if proto == "imap" else "465 (TLS) or 587 (STARTTLS)"
-        return (
-            f"connection to {where} refused: nothing listens on that port",
-            f"check {key} (usually {usual}) and {proto}_host; is the server running?",
-        )
-    if code == errno.ENETUNREACH:
-        return (
-            f"network unreachable for {where}",
-            "this machine has no route to that network (no connection, or an IPv6"
-            " address without IPv6 connectivity)",
-        )
-    if code == errno.EHOSTUNREACH:
-        return (
-            f"no route to host {where}",
-            "the host is down or a firewall rejects the connection; check"
-            f" {proto}_host and the network",
-        )
-    if code == errno.ETIMEDOUT:
-        return (
-            f"connection to {where} timed out",
-            "a firewall drops the packets or the host is down; check the host, the port,"
-            " and whether outgoing connections to that port are allowed",
-        )
-    if code in (errno.EACCES, errno.EPERM):
-        return (
-            f"connection to {where} not permitted by this machine",
-            "a local firewall or security policy blocks outgoing connections to it",
-        )
-    return (f"cannot connect to {where}: {exc.strerror or exc}", f"check {proto}_host and {key}")
+    """Summary and hint for a failed connect() (see :func:`prxmail._diagnosis.connect_error`)."""
+    found = connect_error(host, port, proto, exc)
+    return found.summary, found.hint
 
 
 async def _step_tcp(
@@ -278,39 +206,8 @@ def _find_ssl_error(exc: BaseException | None) -> ssl.SSLError | None:
     return None
 
 
-def _port_advice(proto: str, want: Security) -> str:
-    if proto == "imap":
-        if want is Security.STARTTLS:
-            return (
-                "this port speaks plain text first, so it probably expects STARTTLS: set"
-                " imap_security = 'starttls' (usual port 143), or use the implicit-TLS"
-                " port (usually 993)"
-            )
-        return (
-            "this port probably expects implicit TLS: set imap_security = 'tls' (usual"
-            " port 993), or use the STARTTLS port (usually 143)"
-        )
-    if want is Security.STARTTLS:
-        return (
-            "this port speaks plain text first, so it probably expects STARTTLS: set"
-            " smtp_security = 'starttls' (usual port 587), or use port 465 for implicit TLS"
-        )
-    return (
-        "this port probably expects implicit TLS: set smtp_security = 'tls' (usual port"
-        " 465), or use port 587 for STARTTLS"
-    )
-
-
-def _ca_hint(config: Config) -> str:
-    if config.tls_ca_file is not None:
-        return (
-            f"tls_ca_file = '{config.tls_ca_file}' does not contain the CA that signed the"
-            " server's certificate: point it at that CA's PEM file"
-        )
-    return (
-        "if the server uses a private or self-signed CA, set tls_ca_file to that CA's PEM"
-        " file; otherwise the server's certificate chain is incomplete or forged"
-    )
+_port_advice = port_advice
+_ca_hint = ca_hint
 
 
 def _tls_failure(
@@ -321,57 +218,11 @@ def _tls_failure(
     host = config.imap_host if proto == "imap" else config.smtp_host
     error = _find_ssl_error(exc)
     if isinstance(error, ssl.SSLCertVerificationError):
-        code = error.verify_code
-        message = error.verify_message or str(error)
-        if code == _X509_EXPIRED:
-            chain.add(
-                name,
-                Status.FAIL,
-                "the server's certificate has expired",
-                detail=[message],
-                hint="the server administrator must renew the certificate; if the clock of"
-                " this machine is wrong, fix it",
-            )
-        elif code == _X509_NOT_YET_VALID:
-            chain.add(
-                name,
-                Status.FAIL,
-                "the server's certificate is not valid yet",
-                detail=[message],
-                hint="check this machine's clock and time zone",
-            )
-        elif code in (_X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH):
-            chain.add(
-                name,
-                Status.FAIL,
-                f"the server's certificate is not valid for the name {host!r}",
-                detail=[message],
-                hint=f"set {proto}_host to a name the certificate was issued for (the"
-                " provider's documented host name, not an IP address or an alias)",
-            )
-        elif code in _UNTRUSTED_CODES:
-            what = (
-                "self-signed"
-                if code in (_X509_SELF_SIGNED_LEAF, _X509_SELF_SIGNED_IN_CHAIN)
-                else "issued by a CA this machine does not trust"
-            )
-            chain.add(
-                name,
-                Status.FAIL,
-                f"the server's certificate is {what}",
-                detail=[message],
-                hint=_ca_hint(config),
-            )
-        else:
-            chain.add(
-                name,
-                Status.FAIL,
-                f"the server's certificate was rejected: {message}",
-                hint=_ca_hint(config),
-            )
+        found = certificate_error(proto, host, config, error)
+        chain.add(name, Status.FAIL, found.summary, detail=found.detail, hint=found.hint)
         return
     reason = getattr(error, "reason", None) or ""
-    if (first and not _looks_like_tls(first)) or reason in _NOT_TLS_REASONS:
+    if (first and not _looks_like_tls(first)) or reason in NOT_TLS_REASONS:
         said = f" (it said {_first_line(first)!r})" if first and _looks_like_text(first) else ""
         chain.add(
             name,
