@@ -124,7 +124,12 @@ def test_stuck_reply_is_listed_and_retry_all_delivers_it_once(
             assert item["subject"] == "Re: stuck while smtp is down"
             assert item["attempts"] >= 1
             assert item["last_error"]
-            assert _status(config)["smtp_error"]
+            # The heartbeat is written within OPERATOR_POLL_SECONDS of a change.
+            assert _wait(
+                "the SMTP error in status",
+                lambda: (_status_soon(config) or {}).get("smtp_error"),
+                timeout=10,
+            )
         finally:
             mail_servers.start_postfix()
         # Without the retry the next attempt is >= 300 s away (jittered 600 s).
