@@ -1,6 +1,6 @@
 """``python -m bench store [--messages 3000] [--group 50] [--reply-every 4] [--cpu-thread]
-[--pipeline] [--combined] [--state-root DIR] [--json]``: how long the store's calls block
-the event loop.
+[--pipeline] [--combined] [--admission] [--state-root DIR] [--json]``: how long the store's
+calls block the event loop.
 
 A catch-up-like load on one :class:`~prxmail.state.AsyncStateStore`, through its public
 API only (so the same bench runs against any version of the store): groups of
@@ -12,6 +12,9 @@ batches as the real sender does (FULL commits that grow the WAL, so checkpoints 
 hands each message over an unbuffered channel to a consumer task that finishes it.
 ``--combined`` finishes each handled message together with the next one's begin
 (``finish_and_begin``, one transaction: the channel's hand-over in a catch-up).
+``--admission`` records each group's verdicts as the channel's admission does
+(``record_admission``: a thread entry per message and a loop-guard state per thread,
+ten senders' threads, instead of ``record_verdicts``).
 ``--cpu-thread`` runs a pure-Python busy loop in another thread meanwhile, standing in
 for the parse thread: it competes for the GIL as a real catch-up does.
 
@@ -36,7 +39,15 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from prxmail.state import MessageKey, MessageStatus, OutboxDraft, account_key, open_state_store
+from prxmail.state import (
+    Direction,
+    MessageKey,
+    MessageStatus,
+    OutboxDraft,
+    ThreadEntry,
+    account_key,
+    open_state_store,
+)
 
 ACCOUNT = account_key("bench@example.test", "imap.example.test", 993)
 FOLDER = "INBOX"
@@ -65,6 +76,21 @@ def _draft(uid: int) -> OutboxDraft:
         envelope_from="bot@example.test",
         envelope_to=("alice@example.test",),
         raw=b"Subject: Re: x\r\n\r\n" + b"y" * 2000,
+    )
+
+
+# The channel bench's backlog rotates ten senders: ten threads' loop-guard states.
+ADMISSION_THREADS = 10
+
+
+def _entry(uid: int) -> ThreadEntry:
+    return ThreadEntry(
+        message_id=f"m{uid}@example.test",
+        thread_id=f"t{uid % ADMISSION_THREADS}",
+        direction=Direction.IN,
+        date="2026-12-02T00:00:00+00:00",
+        sender=f"sender{uid % ADMISSION_THREADS}@example.test",
+        subject=f"backlog message {uid}",
     )
 
 
@@ -151,7 +177,21 @@ async def _run(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, A
                     # --combined: a handled message's outcome waits for the next begin.
                     unfinished: MessageKey | None = None
                     for index, (key, _mid) in enumerate(items):
-                        if first:
+                        if first and args.admission:
+                            await timed(
+                                "record_admission",
+                                store.record_admission(
+                                    ACCOUNT,
+                                    accepted=key,
+                                    entries=[_entry(u) for u in group],
+                                    threads={
+                                        f"t{u % ADMISSION_THREADS}": {"answers": [float(u)]}
+                                        for u in group
+                                    },
+                                ),
+                            )
+                            first = False
+                        elif first:
                             await timed("record_verdicts", store.record_verdicts((), key))
                             first = False
                         elif unfinished is not None:
@@ -216,6 +256,11 @@ def main(argv: list[str]) -> int:
         "--combined",
         action="store_true",
         help="finish a handled message with the next one's begin (finish_and_begin)",
+    )
+    parser.add_argument(
+        "--admission",
+        action="store_true",
+        help="record each group's verdicts with record_admission (thread entries)",
     )
     parser.add_argument("--state-root", type=pathlib.Path, default=None)
     parser.add_argument("--json", action="store_true")
