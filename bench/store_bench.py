@@ -1,6 +1,6 @@
 """``python -m bench store [--messages 3000] [--group 50] [--reply-every 4] [--cpu-thread]
-[--pipeline] [--combined] [--state-root DIR] [--json]``: how long the store's calls block
-the event loop.
+[--pipeline] [--combined] [--admission] [--sync] [--state-root DIR] [--json]``: how long the
+store's calls block the event loop.
 
 A catch-up-like load on one :class:`~prxmail.state.AsyncStateStore`, through its public
 API only (so the same bench runs against any version of the store): groups of
@@ -12,6 +12,12 @@ batches as the real sender does (FULL commits that grow the WAL, so checkpoints 
 hands each message over an unbuffered channel to a consumer task that finishes it.
 ``--combined`` finishes each handled message together with the next one's begin
 (``finish_and_begin``, one transaction: the channel's hand-over in a catch-up).
+``--admission`` records each group's verdicts as the channel's admission does
+(``record_admission``: a thread entry per message and a loop-guard state per thread,
+ten senders' threads, instead of ``record_verdicts``).
+``--sync`` instead times the catch-up's store calls on a plain ``StateStore`` in one
+thread (claim_batch, record_admission, finish_and_begin per group; no hops, no GIL
+contention): the SQLite work alone, in microseconds per message, median of five runs.
 ``--cpu-thread`` runs a pure-Python busy loop in another thread meanwhile, standing in
 for the parse thread: it competes for the GIL as a real catch-up does.
 
@@ -25,6 +31,7 @@ waited. Figures are p50, p99.9 and max in microseconds, and messages per second 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import statistics
@@ -36,7 +43,16 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from prxmail.state import MessageKey, MessageStatus, OutboxDraft, account_key, open_state_store
+from prxmail.state import (
+    Direction,
+    MessageKey,
+    MessageStatus,
+    OutboxDraft,
+    StateStore,
+    ThreadEntry,
+    account_key,
+    open_state_store,
+)
 
 ACCOUNT = account_key("bench@example.test", "imap.example.test", 993)
 FOLDER = "INBOX"
@@ -65,6 +81,21 @@ def _draft(uid: int) -> OutboxDraft:
         envelope_from="bot@example.test",
         envelope_to=("alice@example.test",),
         raw=b"Subject: Re: x\r\n\r\n" + b"y" * 2000,
+    )
+
+
+# The channel bench's backlog rotates ten senders: ten threads' loop-guard states.
+ADMISSION_THREADS = 10
+
+
+def _entry(uid: int) -> ThreadEntry:
+    return ThreadEntry(
+        message_id=f"m{uid}@example.test",
+        thread_id=f"t{uid % ADMISSION_THREADS}",
+        direction=Direction.IN,
+        date="2026-12-02T00:00:00+00:00",
+        sender=f"sender{uid % ADMISSION_THREADS}@example.test",
+        subject=f"backlog message {uid}",
     )
 
 
@@ -151,7 +182,21 @@ async def _run(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, A
                     # --combined: a handled message's outcome waits for the next begin.
                     unfinished: MessageKey | None = None
                     for index, (key, _mid) in enumerate(items):
-                        if first:
+                        if first and args.admission:
+                            await timed(
+                                "record_admission",
+                                store.record_admission(
+                                    ACCOUNT,
+                                    accepted=key,
+                                    entries=[_entry(u) for u in group],
+                                    threads={
+                                        f"t{u % ADMISSION_THREADS}": {"answers": [float(u)]}
+                                        for u in group
+                                    },
+                                ),
+                            )
+                            first = False
+                        elif first:
                             await timed("record_verdicts", store.record_verdicts((), key))
                             first = False
                         elif unfinished is not None:
@@ -195,6 +240,51 @@ async def _run(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, A
     }
 
 
+# Runs of the --sync measurement: the median of five steadies one-off disk stalls.
+SYNC_RUNS = 5
+
+
+def _sync_once(args: argparse.Namespace, state_dir: pathlib.Path) -> dict[str, float]:
+    spent = {"claim_batch": 0.0, "record_admission": 0.0, "finish_and_begin": 0.0}
+    store = StateStore(state_dir)
+    try:
+        store.sync_mailbox(ACCOUNT, FOLDER, 1)
+        for start in range(1, args.messages + 1, args.group):
+            group = range(start, min(start + args.group, args.messages + 1))
+            items = [(MessageKey(ACCOUNT, FOLDER, 1, u), f"m{u}@example.test") for u in group]
+            t0 = time.perf_counter()
+            store.claim_batch(items, message_ids=[mid for _, mid in items])
+            t1 = time.perf_counter()
+            store.record_admission(
+                ACCOUNT,
+                accepted=items[0][0],
+                entries=[_entry(u) for u in group],
+                threads={f"t{u % ADMISSION_THREADS}": {"answers": [float(u)]} for u in group},
+            )
+            t2 = time.perf_counter()
+            for (done, _), (following, _) in itertools.pairwise(items):
+                store.finish_and_begin(done, MessageStatus.HANDLED, following)
+            store.mark_handled(items[-1][0])
+            t3 = time.perf_counter()
+            spent["claim_batch"] += t1 - t0
+            spent["record_admission"] += t2 - t1
+            spent["finish_and_begin"] += t3 - t2
+    finally:
+        store.close()
+    return {name: total / args.messages * 1e6 for name, total in spent.items()}
+
+
+def _sync(args: argparse.Namespace, root: pathlib.Path) -> dict[str, Any]:
+    runs = [_sync_once(args, root / f"sync-{n}") for n in range(SYNC_RUNS)]
+    return {
+        name: {
+            "median_us": round(statistics.median(r[name] for r in runs), 1),
+            "runs_us": [round(r[name], 1) for r in runs],
+        }
+        for name in runs[0]
+    }
+
+
 def main(argv: list[str]) -> int:
     """Run the bench and print its figures.
 
@@ -217,9 +307,29 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="finish a handled message with the next one's begin (finish_and_begin)",
     )
+    parser.add_argument(
+        "--admission",
+        action="store_true",
+        help="record each group's verdicts with record_admission (thread entries)",
+    )
+    parser.add_argument(
+        "--sync",
+        action="store_true",
+        help="time the catch-up's store calls synchronously, in one thread (us per message)",
+    )
     parser.add_argument("--state-root", type=pathlib.Path, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.sync:
+        with tempfile.TemporaryDirectory(dir=args.state_root, prefix="store-bench-") as tmp:
+            calls = _sync(args, pathlib.Path(tmp))
+        if args.json:
+            print(json.dumps(calls))
+            return 0
+        print(f"{args.messages} messages, groups of {args.group}, synchronous, us per message:")
+        for name, figures in calls.items():
+            print(f"  {name:18} median {figures['median_us']:7}  runs {figures['runs_us']}")
+        return 0
     with tempfile.TemporaryDirectory(dir=args.state_root, prefix="store-bench-") as tmp:
         result = trio.run(_run, args, pathlib.Path(tmp) / "state")
     if args.json:

@@ -15,12 +15,12 @@ message out again (see "Durability settings" in :mod:`prxmail.state`).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
 from prxmail.errors import LocalProtocolError
-from prxmail.state._housekeeping import OwnIdMixin
+from prxmail.state._housekeeping import _ID_LOOKUP_CHUNK, OwnIdMixin
 from prxmail.state._mailboxes import MailboxMixin
 from prxmail.state._model import (
     TRANSITIONS,
@@ -125,21 +125,20 @@ class MessageMixin(OwnIdMixin, MailboxMixin):
         now = self._clock()
         results: list[ClaimResult] = []
         with self._transaction(durable=False) as conn:
-            marks: dict[tuple[str, str], int] = {}
+            # A few statements per batch, not four per message (issue 16): the mailbox
+            # checks, existing records and known Message-IDs are read up front, then
+            # the new rows go in with one executemany. The batch is decided in order
+            # exactly as one claim after another would decide it.
+            marks = self._claim_marks(conn, prepared)
+            known = self._known_records(conn, [key for key, _ in prepared])
+            seen = self._known_message_ids(conn, prepared)
+            rows: list[tuple[object, ...]] = []
             for key, mid in prepared:
-                mailbox = (key.account, key.folder)
-                # Validated per key: a batch may not mix UIDVALIDITYs of one folder.
-                row = self._require_mailbox(conn, key.account, key.folder, key.uidvalidity)
-                marks[mailbox] = max(marks.get(mailbox, row["last_uid"]), key.uid)
-                existing = self._get_message(conn, key)
+                existing = known.get(key)
                 if existing is not None:
                     results.append(ClaimResult(ClaimOutcome.ALREADY_KNOWN, existing))
                     continue
-                other = conn.execute(
-                    "SELECT 1 FROM message WHERE account = ? AND message_id = ? LIMIT 1",
-                    (key.account, mid),
-                ).fetchone()
-                if other is None:
+                if (key.account, mid) not in seen:
                     status, reason, outcome = MessageStatus.CLAIMED, None, ClaimOutcome.CLAIMED
                 else:
                     status, reason, outcome = (
@@ -147,9 +146,7 @@ class MessageMixin(OwnIdMixin, MailboxMixin):
                         "duplicate-message-id",
                         ClaimOutcome.DUPLICATE,
                     )
-                conn.execute(
-                    f"INSERT INTO message ({_MESSAGE_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                rows.append(
                     (
                         key.account,
                         key.folder,
@@ -160,10 +157,17 @@ class MessageMixin(OwnIdMixin, MailboxMixin):
                         reason,
                         now,
                         now,
-                    ),
+                    )
                 )
                 record = MessageRecord(key, mid, status, reason, 0, now, now)
+                # Later items of the batch see this one as the database would.
+                known[key] = record
+                seen.add((key.account, mid))
                 results.append(ClaimResult(outcome, record))
+            conn.executemany(
+                f"INSERT INTO message ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                rows,
+            )
             for index, result in enumerate(results):
                 key = result.record.key
                 if key in failures and result.record.status is MessageStatus.CLAIMED:
@@ -176,6 +180,64 @@ class MessageMixin(OwnIdMixin, MailboxMixin):
                     (mark, now, account, folder),
                 )
         return results
+
+    def _claim_marks(
+        self, conn: sqlite3.Connection, prepared: Sequence[tuple[MessageKey, str]]
+    ) -> dict[tuple[str, str], int]:
+        """Check every key's mailbox and UIDVALIDITY; return each mailbox's new mark."""
+        mailboxes: dict[tuple[str, str], sqlite3.Row] = {}
+        marks: dict[tuple[str, str], int] = {}
+        for key, _ in prepared:
+            mailbox = (key.account, key.folder)
+            row = mailboxes.get(mailbox)
+            # Validated per key: a batch may not mix UIDVALIDITYs of one folder.
+            if row is None or row["uidvalidity"] != key.uidvalidity:
+                row = self._require_mailbox(conn, key.account, key.folder, key.uidvalidity)
+                mailboxes[mailbox] = row
+            marks[mailbox] = max(marks.get(mailbox, row["last_uid"]), key.uid)
+        return marks
+
+    def _known_records(
+        self, conn: sqlite3.Connection, keys: Sequence[MessageKey]
+    ) -> dict[MessageKey, MessageRecord]:
+        """The stored records among ``keys``, a few ``IN`` queries per batch."""
+        by_folder: dict[tuple[str, str, int], list[int]] = {}
+        for key in keys:
+            by_folder.setdefault((key.account, key.folder, key.uidvalidity), []).append(key.uid)
+        found: dict[MessageKey, MessageRecord] = {}
+        for (account, folder, uidvalidity), uids in by_folder.items():
+            unique = sorted(set(uids))
+            for start in range(0, len(unique), _ID_LOOKUP_CHUNK):
+                chunk = unique[start : start + _ID_LOOKUP_CHUNK]
+                rows = conn.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE account = ? AND folder = ?"
+                    f" AND uidvalidity = ? AND uid IN ({', '.join('?' * len(chunk))})",
+                    (account, folder, uidvalidity, *chunk),
+                ).fetchall()
+                for row in rows:
+                    record = _message_from_row(row)
+                    found[record.key] = record
+        return found
+
+    def _known_message_ids(
+        self, conn: sqlite3.Connection, prepared: Sequence[tuple[MessageKey, str]]
+    ) -> set[tuple[str, str]]:
+        """``(account, message_id)`` of the batch's Message-IDs already stored."""
+        by_account: dict[str, set[str]] = {}
+        for key, mid in prepared:
+            by_account.setdefault(key.account, set()).add(mid)
+        found: set[tuple[str, str]] = set()
+        for account, mids in by_account.items():
+            ordered = sorted(mids)
+            for start in range(0, len(ordered), _ID_LOOKUP_CHUNK):
+                chunk = ordered[start : start + _ID_LOOKUP_CHUNK]
+                rows = conn.execute(
+                    "SELECT DISTINCT message_id FROM message WHERE account = ?"
+                    f" AND message_id IN ({', '.join('?' * len(chunk))})",
+                    (account, *chunk),
+                ).fetchall()
+                found.update((account, row[0]) for row in rows)
+        return found
 
     def claim_batch(
         self,

@@ -468,6 +468,65 @@ def test_claim_batch_claims_and_finds_our_ids_in_one_transaction(synced: StateSt
     assert batch.ours == frozenset({"<ours@bot.example.com>"})
 
 
+def test_claim_many_reads_the_database_a_few_times_per_batch_not_per_message(
+    synced: StateStore,
+) -> None:
+    # Issue 16: claiming a fetched group used to run three SELECTs per message (the
+    # mailbox check, the existing record, the duplicate Message-ID).
+    claimed(synced, 3)  # one already known, one duplicate Message-ID below
+    statements: list[str] = []
+    synced._conn.set_trace_callback(statements.append)  # type: ignore[union-attr]
+    try:
+        results = synced.claim_many(
+            [(key(uid), f"m{uid}@example.com") for uid in range(1, 201)]
+            + [(key(201), "m3.1@example.com")]
+        )
+    finally:
+        synced._conn.set_trace_callback(None)  # type: ignore[union-attr]
+    assert results[2].outcome is ClaimOutcome.ALREADY_KNOWN
+    assert results[-1].outcome is ClaimOutcome.DUPLICATE
+    assert sum(1 for r in results if r.outcome is ClaimOutcome.CLAIMED) == 199
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(selects) <= 3, selects
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    earlier=st.lists(st.integers(min_value=1, max_value=12), max_size=4),
+    batch=st.lists(
+        st.tuples(st.integers(min_value=1, max_value=12), st.integers(min_value=0, max_value=5)),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_claim_many_decides_a_batch_as_one_claim_after_another(
+    earlier: list[int], batch: list[tuple[int, int]]
+) -> None:
+    # Repeated keys, repeated Message-IDs and already known messages in one batch end
+    # as they would if each item were claimed on its own, in order.
+    items = [(key(uid), f"id{mid}@example.com") for uid, mid in batch]
+    seen = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for one_by_one in (False, True):
+            path = Path(tmp) / str(one_by_one)
+            with contextlib.closing(StateStore(path, clock=FakeClock(), rng=random.Random(1))) as s:
+                s.sync_mailbox(ACCOUNT, FOLDER, 1)
+                for uid in dict.fromkeys(earlier):
+                    s.claim(key(uid), f"id{uid}@example.com")
+                if one_by_one:
+                    results = [s.claim(k, mid) for k, mid in items]
+                else:
+                    results = s.claim_many(items)
+                seen.append(
+                    (
+                        results,
+                        [s.get_message(key(uid)) for uid in range(1, 13)],
+                        s.mailbox(ACCOUNT, FOLDER).last_uid,  # type: ignore[union-attr]
+                    )
+                )
+    assert seen[0] == seen[1]
+
+
 def _synchronous(store: StateStore) -> int:
     conn = store._conn
     assert conn is not None
