@@ -14,7 +14,7 @@ import logging
 import shutil
 import signal
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -65,23 +65,26 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
-async def _serve_until_signal(config: Config, argv: list[str]) -> None:
+async def _until_signal(serve: Callable[..., Awaitable[None]], *args: object) -> None:
+    """Run ``serve(*args, cancel_scope, task_status=...)`` until SIGINT/SIGTERM.
+
+    Every failure before ``serve`` reported itself started (the state store opened, the
+    channels' tasks started) is a start-up failure (:class:`_StartFailed`); connection
+    problems come later and are retried by the watchers.
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             # Beside the start, not after it: a signal while the channel opens (a slow
             # disk under the state store) must still stop it.
             nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
             try:
-                await nursery.start(_serve, config, argv, nursery.cancel_scope)
+                await nursery.start(serve, *args, nursery.cancel_scope)
             except BaseExceptionGroup as group:
                 failure = collapse_exception_group(group)
                 if isinstance(failure, PrxmailError | OSError):
                     raise _StartFailed(failure) from None
                 raise
             except (PrxmailError, OSError) as exc:
-                # Until the channel is open (state store opened, sender and watcher
-                # started) every failure is a start-up failure; connection problems come
-                # later and are retried by the watcher.
                 raise _StartFailed(exc) from None
 
 
@@ -107,7 +110,7 @@ async def _serve(
 
 def _run(config: Config, argv: list[str]) -> None:
     try:
-        trio.run(_serve_until_signal, config, argv)
+        trio.run(_until_signal, _serve, config, argv)
     except BaseExceptionGroup as group:
         collapsed = collapse_exception_group(group)
     else:
@@ -279,30 +282,12 @@ def _run_accounts(
 
 def _run_many(configs: tuple[Config, ...], commands: dict[str, list[str]]) -> None:
     try:
-        trio.run(_serve_accounts_until_signal, configs, commands)
+        trio.run(_until_signal, _serve_accounts, configs, commands)
     except BaseExceptionGroup as group:
         collapsed = collapse_exception_group(group)
     else:
         return
     raise collapsed
-
-
-async def _serve_accounts_until_signal(
-    configs: tuple[Config, ...], commands: dict[str, list[str]]
-) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
-            try:
-                await nursery.start(_serve_accounts, configs, commands, nursery.cancel_scope)
-            except BaseExceptionGroup as group:
-                failure = collapse_exception_group(group)
-                if isinstance(failure, PrxmailError | OSError):
-                    raise _StartFailed(failure) from None
-                raise
-            except (PrxmailError, OSError) as exc:
-                # The shared state store could not be opened, or no account started.
-                raise _StartFailed(exc) from None
 
 
 async def _serve_accounts(
