@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.integration.servicekit import (
@@ -45,6 +49,35 @@ class AccountsServe(ServeProcess):
         self._reader.start()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _status(config: Path, account: str) -> dict[str, object]:
+    argv = [sys.executable, "-m", "prxmail", "status", "-c", str(config)]
+    done = subprocess.run(
+        [*argv, "--account", account, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    (entry,) = json.loads(done.stdout)["accounts"]
+    return dict(entry)
+
+
 def test_two_accounts_answer_their_own_mail_while_a_third_is_refused_login(
     mail_servers: MailServers, tmp_path: Path
 ) -> None:
@@ -54,7 +87,9 @@ def test_two_accounts_answer_their_own_mail_while_a_third_is_refused_login(
     script = tmp_path / "handler.py"
     script.write_text(HANDLER)
     text = config_text(mail_servers, support, tmp_path / "state")
+    health_port = _free_port()
     text += f'name = "support"\nexec = "{sys.executable} {script} support-bot"\n'
+    text += f'health_listen = "127.0.0.1:{health_port}"\n'
     text += "\n".join(
         [
             "[channels_config.email.accounts.sales]",
@@ -93,6 +128,16 @@ def test_two_accounts_answer_their_own_mail_while_a_third_is_refused_login(
         assert to_sales["From"] == sales.bot.address
         assert to_support["From"] == support.bot.address
         proc.wait_log('"event": "message replied"', count=2)
+        # The refused account is named by /healthz (503) and by status, the others are fine.
+        health = httpx.get(f"http://127.0.0.1:{health_port}/healthz", timeout=10)
+        assert health.status_code == 503
+        accounts = health.json()["accounts"]
+        assert accounts["broken"]["healthy"] is False
+        assert "auth-failed" in json.dumps(accounts["broken"])
+        assert accounts["support"]["healthy"] is True
+        assert accounts["sales"]["healthy"] is True
+        _until("status auth-failed", lambda: _status(config, "broken")["imap"] == "auth-failed")
+        assert _status(config, "sales")["imap"] == "idle"
     finally:
         code = proc.terminate()
     assert code == 0
