@@ -25,7 +25,7 @@ from prxmail.doctor._network import (
     _RecordingStream,
     _tls_failure,
 )
-from prxmail.doctor._oauth2 import _OAUTH2_LOGIN_HINT, _preset_hints
+from prxmail.doctor._oauth2 import _OAUTH2_LOGIN_HINT, _preset_hints, _token_failure
 from prxmail.doctor._report import (
     _LOGIN_HINT,
     MAX_FOLDERS_SHOWN,
@@ -279,13 +279,7 @@ async def _imap_login(
         with trio.fail_after(timeouts.command):
             await login.imap(conn)
     except OAuth2Error as exc:
-        return chain.add(
-            "imap.login",
-            Status.FAIL,
-            f"no access token for the IMAP login: {_server_text(str(exc))}",
-            detail=_preset_hints(config),
-            hint=exc.hint or "see the oauth2.token step",
-        )
+        return _token_failure(chain, "imap.login", "IMAP", config, exc)
     except trio.TooSlowError:
         return chain.add(
             "imap.login",

@@ -47,6 +47,18 @@ def _preset_hints(config: Config) -> tuple[str, ...]:
     return tuple(f"{config.provider}: {hint}" for hint in get_preset(config.provider).hints)
 
 
+def _token_failure(chain: _Chain, step: str, proto: str, config: Config, exc: OAuth2Error) -> bool:
+    """The login step's failure when no access token could be had (the shared source
+    failed; the ``oauth2.token`` step says why in detail)."""
+    return chain.add(
+        step,
+        Status.FAIL,
+        f"no access token for the {proto} login: {_server_text(str(exc))}",
+        detail=_preset_hints(config),
+        hint=exc.hint or "see the oauth2.token step",
+    )
+
+
 async def _oauth2_chain(
     config: Config, timeouts: Timeouts, chain: _Chain, source: TokenSource | None
 ) -> None:

@@ -21,7 +21,7 @@ from prxmail.doctor._network import (
     _open_transport,
     _tls_failure,
 )
-from prxmail.doctor._oauth2 import _OAUTH2_LOGIN_HINT, _preset_hints
+from prxmail.doctor._oauth2 import _OAUTH2_LOGIN_HINT, _preset_hints, _token_failure
 from prxmail.doctor._report import _LOGIN_HINT, Status, Timeouts, _Chain, _server_text
 from prxmail.errors import (
     AuthenticationError,
@@ -199,19 +199,14 @@ async def _smtp_auth(
             Status.FAIL,
             "the server offers no password mechanism prxmail supports (PLAIN or LOGIN);"
             " offered: " + " ".join(sorted(offered)),
-            hint="the provider may require OAuth 2 for SMTP; prxmail needs password login",
+            hint="the provider may require OAuth 2 for SMTP: set smtp_auth = 'oauth2'"
+            " (README: OAuth 2)",
         )
     try:
         with trio.fail_after(timeouts.command):
             await login.smtp(conn)
     except OAuth2Error as exc:
-        return chain.add(
-            "smtp.auth",
-            Status.FAIL,
-            f"no access token for the SMTP login: {_server_text(str(exc))}",
-            detail=_preset_hints(config),
-            hint=exc.hint or "see the oauth2.token step",
-        )
+        return _token_failure(chain, "smtp.auth", "SMTP", config, exc)
     except trio.TooSlowError:
         return chain.add(
             "smtp.auth",
