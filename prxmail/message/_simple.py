@@ -22,11 +22,13 @@ The grammar (each condition is one the full parse would otherwise act on):
 * At most one Content-Type, and it is ``text/plain`` with only ``charset``,
   ``format`` and ``delsp`` parameters of token values (no ``name``, so no file
   name; no RFC 2231 forms). No Content-Type at all is text/plain too.
-* At most one Content-Transfer-Encoding, and it is ``7bit`` or ``8bit`` exactly:
-  the body is then stored as it was read. Quoted-printable and base64 take the
-  full path.
 * No Content-Disposition and no Content-ID: the part is then neither an
   attachment nor an inline named body to mail-parser.
+
+The Content-Transfer-Encoding is not part of the grammar: the parser stores the body
+of a one-part message as it was read whatever its encoding, and mail-parser decodes
+it from the tree (quoted-printable, base64, charset recovery) the same way on both
+paths.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ _CONTENT_TYPE = re.compile(
     r"text/plain[ \t]*(?:;[ \t]*(?:charset|format|delsp)=(\"?)[A-Za-z0-9._-]+\1[ \t]*)*",
     re.IGNORECASE,
 )
-_IDENTITY_ENCODINGS = frozenset({"7bit", "8bit"})
 _REFUSED_FIELDS = frozenset({"content-disposition", "content-id"})
 
 
@@ -70,20 +71,15 @@ def _fields(head: str) -> list[tuple[str, str]] | None:
 
 def _simple_content(pairs: list[tuple[str, str]]) -> bool:
     content_type: list[str] = []
-    encoding: list[str] = []
     for name, value in pairs:
         key = name.lower()
         if key in _REFUSED_FIELDS:
             return False
         if key == "content-type":
             content_type.append(value)
-        elif key == "content-transfer-encoding":
-            encoding.append(value)
-    if len(content_type) > 1 or len(encoding) > 1:
+    if len(content_type) > 1:
         return False
-    if content_type and not _CONTENT_TYPE.fullmatch(content_type[0]):
-        return False
-    return not encoding or encoding[0].lower() in _IDENTITY_ENCODINGS
+    return not content_type or _CONTENT_TYPE.fullmatch(content_type[0]) is not None
 
 
 def simple_tree(data: bytes) -> email.message.Message | None:
