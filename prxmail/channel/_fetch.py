@@ -2,10 +2,12 @@
 
 Theory of operation: new UIDs are fetched in bounded groups (sizes first, then
 bodies, at most ``max_message_bytes`` per command; a single new message comes with
-its size in one round trip). A group is parsed while the next one is fetched and
-the previous one handed on, so about three groups are in memory at once; it is then
-*claimed* in the state store in one transaction (which advances the high-water
-mark), the sender policy runs, and accepted messages are handed on one by one.
+its size in one round trip). In a catch-up two tasks share the work: one fetches
+the groups and starts their parse, the other admits them in UID order -- it
+*claims* a group in the state store in one transaction (which advances the
+high-water mark), runs the sender policy, and hands the accepted messages on one by
+one. So the next group's round trips overlap the consumer's work on this one, and
+about three groups are in memory at once (one handed on, one parsed, one fetched).
 
 Parsing is CPU work: it runs in a worker thread (``trio.to_thread.run_sync``) under
 a limiter of its own (:func:`parse_limiter`), except for a message small and plain
@@ -463,11 +465,11 @@ class _FetchPipeline(_Conversations):
                 await self._process_one(conn, uidvalidity, uid)
                 self._isolate.discard(MessageKey(self.account, self.folder, uidvalidity, uid))
             return
-        # The group fetched last is parsed in a worker thread while the next one is
-        # fetched and the one before is handed on: at most three groups are in memory
-        # at once. Groups are still claimed strictly in UID order: a claim raises the
-        # high-water mark. The parse threads run in this nursery, so none outlives the
-        # catch-up; what the body raises leaves it unwrapped (as the watcher expects).
+        # Groups are fetched and parsed in this task while another admits them (see
+        # _pipeline): at most three groups are in memory at once, and groups are still
+        # claimed strictly in UID order, since a claim raises the high-water mark. The
+        # admitting task and the parse threads run in this nursery, so none outlives
+        # the catch-up; what the body raises leaves it unwrapped (as the watcher expects).
         collapsed: BaseException
         try:
             async with trio.open_nursery() as nursery:
@@ -482,68 +484,89 @@ class _FetchPipeline(_Conversations):
     async def _pipeline(
         self, conn: IMAPConnection, uidvalidity: int, ordered: list[int], nursery: trio.Nursery
     ) -> None:
+        """Fetch groups in this task while another admits them (see :meth:`_admit_in_order`).
+
+        The two meet at a channel of capacity 0: a group fetched (and its parse
+        started) waits there until the one before it is handed on completely. So the
+        round trips of the next group (sizes, bodies, the \\Seen flags) overlap the
+        consumer's work on the current one, and at most three groups are in memory at
+        once, as before: one being handed on, one fetched and parsed, one being
+        fetched. Where the high-water mark must not pass an unclaimed message (an
+        oversized message, UIDs the server no longer has), this task first waits
+        until everything before is admitted (``drain``).
+        """
         config = self.config
         timeout = config.command_timeout_secs
         group_limit = min(config.max_message_bytes, GROUP_BYTES)
-        parsing: _ParseJob | None = None
+        send_job, receive_job = trio.open_memory_channel[_ParseJob | trio.Event](0)
+        nursery.start_soon(self._admit_in_order, uidvalidity, receive_job, name="prxmail-admit")
 
-        async def admit_parsed() -> None:
-            nonlocal parsing
-            if parsing is not None:
-                job, parsing = parsing, None
-                await self._admit(uidvalidity, await job.result())
+        async def drain() -> None:
+            admitted = trio.Event()
+            await send_job.send(admitted)
+            await admitted.wait()
 
         async def fetch_group(uids: list[int]) -> None:
-            nonlocal parsing
             if not uids:
                 return
             raws = await self._fetch_bodies(conn, uidvalidity, uids, sizes)
-            job = self._start_parse(uidvalidity, raws, nursery)
-            await admit_parsed()
-            parsing = job
+            await send_job.send(self._start_parse(uidvalidity, raws, nursery))
 
-        for start in range(0, len(ordered), config.fetch_batch_size):
-            batch = ordered[start : start + config.fetch_batch_size]
-            sizes: dict[int, int] = {}
-            self._fetching = self._keys(uidvalidity, batch)
-            with _time_limit(timeout, "IMAP UID FETCH (sizes)", _COMMAND_TIMEOUT):
-                async for data in conn.uid_fetch(batch, ["RFC822.SIZE"]):
-                    if data.uid is not None:
-                        sizes[data.uid] = data.rfc822_size or 0
-            self._fetching = ()
-            group: list[int] = []
-            group_bytes = 0
-            for uid in batch:
-                if uid not in sizes:
-                    continue  # expunged meanwhile
-                size = sizes[uid]
-                if size > config.max_message_bytes:
-                    await fetch_group(group)
-                    group, group_bytes = [], 0
-                    await admit_parsed()
-                    await self._process_oversized(conn, uidvalidity, uid, size)
-                    continue
-                if group and group_bytes + size > group_limit:
-                    await fetch_group(group)
-                    group, group_bytes = [], 0
-                group.append(uid)
-                group_bytes += size
-            await fetch_group(group)
-            missing = [uid for uid in batch if uid not in sizes]
-            if missing:
-                log_event(
-                    logging.INFO,
-                    "messages listed by SEARCH but not returned by FETCH: treated as"
-                    " expunged, skipped",
-                    uids=",".join(map(str, missing[:20])),
-                    count=len(missing),
-                )
-                await admit_parsed()  # the mark must not pass an unclaimed message
-                await self._advance_past(uidvalidity, max(missing))
-            # A long catch-up finishes messages faster than the end of the catch-up
-            # comes: flag them as it goes, so SEEN_BUFFER never overflows.
-            await self._flag_seen(conn, uidvalidity)
-        await admit_parsed()
+        async with send_job:  # closing it ends the admitting task once it is done
+            for start in range(0, len(ordered), config.fetch_batch_size):
+                batch = ordered[start : start + config.fetch_batch_size]
+                sizes: dict[int, int] = {}
+                self._fetching = self._keys(uidvalidity, batch)
+                with _time_limit(timeout, "IMAP UID FETCH (sizes)", _COMMAND_TIMEOUT):
+                    async for data in conn.uid_fetch(batch, ["RFC822.SIZE"]):
+                        if data.uid is not None:
+                            sizes[data.uid] = data.rfc822_size or 0
+                self._fetching = ()
+                group: list[int] = []
+                group_bytes = 0
+                for uid in batch:
+                    if uid not in sizes:
+                        continue  # expunged meanwhile
+                    size = sizes[uid]
+                    if size > config.max_message_bytes:
+                        await fetch_group(group)
+                        group, group_bytes = [], 0
+                        await drain()
+                        await self._process_oversized(conn, uidvalidity, uid, size)
+                        continue
+                    if group and group_bytes + size > group_limit:
+                        await fetch_group(group)
+                        group, group_bytes = [], 0
+                    group.append(uid)
+                    group_bytes += size
+                await fetch_group(group)
+                missing = [uid for uid in batch if uid not in sizes]
+                if missing:
+                    log_event(
+                        logging.INFO,
+                        "messages listed by SEARCH but not returned by FETCH: treated as"
+                        " expunged, skipped",
+                        uids=",".join(map(str, missing[:20])),
+                        count=len(missing),
+                    )
+                    await drain()  # the mark must not pass an unclaimed message
+                    await self._advance_past(uidvalidity, max(missing))
+                # A long catch-up finishes messages faster than the end of the catch-up
+                # comes: flag them as it goes, so SEEN_BUFFER never overflows.
+                await self._flag_seen(conn, uidvalidity)
+
+    async def _admit_in_order(
+        self, uidvalidity: int, jobs: trio.MemoryReceiveChannel[_ParseJob | trio.Event]
+    ) -> None:
+        """Admit the fetched groups in the order they come, which is UID order (a claim
+        raises the high-water mark); an event is set once everything before it is
+        admitted."""
+        async with jobs:
+            async for job in jobs:
+                if isinstance(job, trio.Event):
+                    job.set()
+                else:
+                    await self._admit(uidvalidity, await job.result())
 
     async def _advance_past(self, uidvalidity: int, uid: int) -> None:
         """Move the high-water mark past UIDs the server listed but no longer has."""
