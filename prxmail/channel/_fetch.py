@@ -2,12 +2,12 @@
 
 Theory of operation: new UIDs are fetched in bounded groups (sizes first, then
 bodies, at most ``max_message_bytes`` per command; a single new message comes with
-its size in one round trip). In a catch-up two tasks share the work: one fetches
-the groups and starts their parse, the other admits them in UID order -- it
-*claims* a group in the state store in one transaction (which advances the
-high-water mark), runs the sender policy, and hands the accepted messages on one by
-one. So the next group's round trips overlap the consumer's work on this one, and
-about three groups are in memory at once (one handed on, one parsed, one fetched).
+its size in one round trip). In a catch-up three tasks share the work: one fetches
+the groups and starts their parse; one admits them in UID order -- it *claims* a
+group in the state store in one transaction (which advances the high-water mark)
+and runs the sender policy; one hands the accepted messages on one by one. So the
+next groups' round trips and claims overlap the consumer's work on this one, and
+about three groups are in memory at once (one handed on, one admitted, one fetched).
 
 Parsing is CPU work: it runs in a worker thread (``trio.to_thread.run_sync``) under
 a limiter of its own (:func:`parse_limiter`), except for a message small and plain
@@ -38,7 +38,7 @@ import functools
 import logging
 import re
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
 import attrs
@@ -182,6 +182,8 @@ def parse_inline(raws: Sequence[bytes]) -> bool:
 
 
 _Parsed = list[tuple[int, Message | Exception]]
+# A group's accepted messages in UID order, the first already begun.
+_Admitted = list[tuple[MessageKey, Message]]
 
 
 def _parse_all(
@@ -484,33 +486,55 @@ class _FetchPipeline(_Conversations):
     async def _pipeline(
         self, conn: IMAPConnection, uidvalidity: int, ordered: list[int], nursery: trio.Nursery
     ) -> None:
-        """Fetch groups in this task while another admits them (see :meth:`_admit_in_order`).
+        """Fetch groups in this task while a second claims and admits them and a third
+        hands them on (:meth:`_admit_in_order`, :meth:`_hand_on_in_order`).
 
-        The two meet at a channel of capacity 0: a group fetched (and its parse
-        started) waits there until the one before it is handed on completely. So the
-        round trips of the next group (sizes, bodies, the \\Seen flags) overlap the
-        consumer's work on the current one, and at most three groups are in memory at
-        once, as before: one being handed on, one fetched and parsed, one being
-        fetched. Where the high-water mark must not pass an unclaimed message (an
-        oversized message, UIDs the server no longer has), this task first waits
-        until everything before is admitted (``drain``).
+        The three meet at channels of capacity 0: a fetched group (its parse started)
+        waits until the one before it is admitted, an admitted group until the one
+        before it is handed on completely. So the next groups' round trips (sizes,
+        bodies, the \\Seen flags) and their claims overlap the consumer's work on the
+        current one, and about three groups are in memory at once: one being handed
+        on, one admitted, one fetched. Where the high-water mark must not pass an
+        unclaimed message (an oversized message, UIDs the server no longer has), this
+        task first waits until everything before is handed on (``drain``).
         """
         config = self.config
         timeout = config.command_timeout_secs
         group_limit = min(config.max_message_bytes, GROUP_BYTES)
         send_job, receive_job = trio.open_memory_channel[_ParseJob | trio.Event](0)
-        nursery.start_soon(self._admit_in_order, uidvalidity, receive_job, name="prxmail-admit")
+        send_admitted, receive_admitted = trio.open_memory_channel[_Admitted | trio.Event](0)
+        nursery.start_soon(
+            self._admit_in_order, uidvalidity, receive_job, send_admitted, name="prxmail-admit"
+        )
+        nursery.start_soon(self._hand_on_in_order, receive_admitted, name="prxmail-hand-on")
+
+        async def flagging(wait: Callable[[], Awaitable[None]]) -> None:
+            # While this task waits, the consumer goes on finishing messages: their
+            # \\Seen flags are stored whenever half of SEEN_BUFFER is waiting, so none
+            # is dropped. A cancelled send sends nothing; an event wait is repeatable.
+            while True:
+                with trio.CancelScope() as wake:
+                    self._seen_wake = wake
+                    try:
+                        await wait()
+                    finally:
+                        self._seen_wake = None
+                if not wake.cancelled_caught:
+                    return
+                await self._flag_seen(conn, uidvalidity)
 
         async def drain() -> None:
             admitted = trio.Event()
-            await send_job.send(admitted)
-            await admitted.wait()
+            await flagging(functools.partial(send_job.send, admitted))
+            await flagging(admitted.wait)
 
         async def fetch_group(uids: list[int]) -> None:
             if not uids:
                 return
             raws = await self._fetch_bodies(conn, uidvalidity, uids, sizes)
-            await send_job.send(self._start_parse(uidvalidity, raws, nursery))
+            await flagging(
+                functools.partial(send_job.send, self._start_parse(uidvalidity, raws, nursery))
+            )
 
         async with send_job:  # closing it ends the admitting task once it is done
             for start in range(0, len(ordered), config.fetch_batch_size):
@@ -554,19 +578,46 @@ class _FetchPipeline(_Conversations):
                 # A long catch-up finishes messages faster than the end of the catch-up
                 # comes: flag them as it goes, so SEEN_BUFFER never overflows.
                 await self._flag_seen(conn, uidvalidity)
+            await drain()  # flagging while the last groups are handed on
 
     async def _admit_in_order(
-        self, uidvalidity: int, jobs: trio.MemoryReceiveChannel[_ParseJob | trio.Event]
+        self,
+        uidvalidity: int,
+        jobs: trio.MemoryReceiveChannel[_ParseJob | trio.Event],
+        admitted: trio.MemorySendChannel[_Admitted | trio.Event],
     ) -> None:
-        """Admit the fetched groups in the order they come, which is UID order (a claim
-        raises the high-water mark); an event is set once everything before it is
-        admitted."""
-        async with jobs:
+        """Claim and admit the fetched groups in the order they come, which is UID
+        order (a claim raises the high-water mark), and pass them on to be handed on."""
+        async with jobs, admitted:
             async for job in jobs:
                 if isinstance(job, trio.Event):
-                    job.set()
+                    await admitted.send(job)
+                    continue
+                accepted = await self._claim_and_admit(uidvalidity, await job.result())
+                if not accepted:
+                    continue
+                try:
+                    await admitted.send(accepted)
+                except BaseException:
+                    # Admitted, never handed on: the rest stays claimed, for the next
+                    # round's pending(); the first one is begun, and is released with
+                    # the other in-flight messages, as when its hand-over is cut.
+                    key, message = accepted[0]
+                    self._in_flight[key] = message
+                    self._pending_dirty = True
+                    raise
+
+    async def _hand_on_in_order(
+        self, admitted: trio.MemoryReceiveChannel[_Admitted | trio.Event]
+    ) -> None:
+        """Hand the admitted groups on in order; an event is set once everything before
+        it is handed on."""
+        async with admitted:
+            async for item in admitted:
+                if isinstance(item, trio.Event):
+                    item.set()
                 else:
-                    await self._admit(uidvalidity, await job.result())
+                    await self._hand_on(item)
 
     async def _advance_past(self, uidvalidity: int, uid: int) -> None:
         """Move the high-water mark past UIDs the server listed but no longer has."""
@@ -791,8 +842,16 @@ class _FetchPipeline(_Conversations):
     ) -> None:
         """Claim a fetched group in one transaction, apply the sender policy to it, and
         hand the accepted messages on in UID order."""
+        await self._hand_on(await self._claim_and_admit(uidvalidity, parsed))
+
+    async def _claim_and_admit(
+        self, uidvalidity: int, parsed: Sequence[tuple[int, Message | Exception]]
+    ) -> list[tuple[MessageKey, Message]]:
+        """Claim a fetched group in one transaction and decide on it (sender policy,
+        threads, limits): the accepted messages in UID order, the first already
+        ``handling``."""
         if not parsed:
-            return
+            return []
         pairs: list[tuple[MessageKey, str]] = []
         failed: dict[MessageKey, str] = {}
         if self._cut:
@@ -841,8 +900,11 @@ class _FetchPipeline(_Conversations):
             if result.record.status is MessageStatus.CLAIMED and key not in self._in_flight:
                 candidates.append((key, item))
         if not candidates:
-            return
-        accepted = await self._admit_candidates(candidates, own_id_predicate(batch.ours))
+            return []
+        return await self._admit_candidates(candidates, own_id_predicate(batch.ours))
+
+    async def _hand_on(self, accepted: list[tuple[MessageKey, Message]]) -> None:
+        """Hand admitted messages on one by one, as the consumer asks for them."""
         try:
             for index, (key, message) in enumerate(accepted):
                 self._in_flight[key] = message
