@@ -642,7 +642,12 @@ def _descendants_cpu() -> float:
 
 
 # How often the child samples the RSS of its process tree (main process plus workers).
-TREE_SAMPLE_SECONDS = 0.05
+# Each sample reads /proc/PID/stat of every process on the machine (there is no cheaper
+# way to find descendants): with a few hundred processes (Dovecot's, other test runs')
+# a sample every 50 ms cost a contender about 30 us of CPU per message, held the GIL
+# against its threads, and showed up in its CPU figure. No contender starts worker
+# processes now, so VmHWM is the peak and the tree is sampled only coarsely.
+TREE_SAMPLE_SECONDS = 0.5
 
 
 class _TreeRss:

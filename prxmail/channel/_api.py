@@ -32,8 +32,8 @@ in bounded groups (sizes first, then bodies, at most ``max_message_bytes`` per c
 a single new message comes with its size in one round trip; oversized messages are
 described from BODYSTRUCTURE with only their text parts fetched), parse each group (on
 the loop only when it is small and plain -- ``_fetch.parse_inline`` -- else in one
-worker-thread call under the parse limiter, running while the next group is fetched
-and the previous one handed on), *claim* the group in the state
+worker-thread call under the parse limiter), and -- in a second task, so that the next
+group's round trips overlap your work on this one -- *claim* each group in the state
 store in one transaction (which advances the high-water mark), run the sender policy,
 and hand accepted messages on one by one. A group costs two state-store round trips
 (claim; verdicts + the first hand-over), each further message of it one, and none of

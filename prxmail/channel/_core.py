@@ -155,6 +155,9 @@ class _ChannelCore:
         )
         self._seen_send, self._seen_receive = trio.open_memory_channel[MessageKey](SEEN_BUFFER)
         self._seen_retry: list[MessageKey] = []
+        # Cancelled by _finished when the \Seen buffer is half full, while the catch-up's
+        # fetching task waits for the rest of the pipeline (see _fetch._pipeline).
+        self._seen_wake: trio.CancelScope | None = None
         self._in_flight: dict[MessageKey, Message] = {}
         # The hand-over (see _api): messages given to the channel whose begin_handling
         # the consumer's side commits -- together with the previous message's outcome
@@ -286,6 +289,11 @@ class _ChannelCore:
             else:
                 if self._wake_scope is not None:
                     self._wake_scope.cancel()
+                if (
+                    self._seen_wake is not None
+                    and self._seen_receive.statistics().current_buffer_used >= SEEN_BUFFER // 2
+                ):
+                    self._seen_wake.cancel()
 
     def _seen_pending(self) -> bool:
         return bool(self._seen_retry) or self._seen_receive.statistics().current_buffer_used > 0

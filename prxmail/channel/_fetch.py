@@ -2,10 +2,12 @@
 
 Theory of operation: new UIDs are fetched in bounded groups (sizes first, then
 bodies, at most ``max_message_bytes`` per command; a single new message comes with
-its size in one round trip). A group is parsed while the next one is fetched and
-the previous one handed on, so about three groups are in memory at once; it is then
-*claimed* in the state store in one transaction (which advances the high-water
-mark), the sender policy runs, and accepted messages are handed on one by one.
+its size in one round trip). In a catch-up three tasks share the work: one fetches
+the groups and starts their parse; one admits them in UID order -- it *claims* a
+group in the state store in one transaction (which advances the high-water mark)
+and runs the sender policy; one hands the accepted messages on one by one. So the
+next groups' round trips and claims overlap the consumer's work on this one, and
+about three groups are in memory at once (one handed on, one admitted, one fetched).
 
 Parsing is CPU work: it runs in a worker thread (``trio.to_thread.run_sync``) under
 a limiter of its own (:func:`parse_limiter`), except for a message small and plain
@@ -36,7 +38,7 @@ import functools
 import logging
 import re
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
 import attrs
@@ -180,6 +182,8 @@ def parse_inline(raws: Sequence[bytes]) -> bool:
 
 
 _Parsed = list[tuple[int, Message | Exception]]
+# A group's accepted messages in UID order, the first already begun.
+_Admitted = list[tuple[MessageKey, Message]]
 
 
 def _parse_all(
@@ -463,11 +467,11 @@ class _FetchPipeline(_Conversations):
                 await self._process_one(conn, uidvalidity, uid)
                 self._isolate.discard(MessageKey(self.account, self.folder, uidvalidity, uid))
             return
-        # The group fetched last is parsed in a worker thread while the next one is
-        # fetched and the one before is handed on: at most three groups are in memory
-        # at once. Groups are still claimed strictly in UID order: a claim raises the
-        # high-water mark. The parse threads run in this nursery, so none outlives the
-        # catch-up; what the body raises leaves it unwrapped (as the watcher expects).
+        # Groups are fetched and parsed in this task while another admits them (see
+        # _pipeline): at most three groups are in memory at once, and groups are still
+        # claimed strictly in UID order, since a claim raises the high-water mark. The
+        # admitting task and the parse threads run in this nursery, so none outlives
+        # the catch-up; what the body raises leaves it unwrapped (as the watcher expects).
         collapsed: BaseException
         try:
             async with trio.open_nursery() as nursery:
@@ -482,68 +486,138 @@ class _FetchPipeline(_Conversations):
     async def _pipeline(
         self, conn: IMAPConnection, uidvalidity: int, ordered: list[int], nursery: trio.Nursery
     ) -> None:
+        """Fetch groups in this task while a second claims and admits them and a third
+        hands them on (:meth:`_admit_in_order`, :meth:`_hand_on_in_order`).
+
+        The three meet at channels of capacity 0: a fetched group (its parse started)
+        waits until the one before it is admitted, an admitted group until the one
+        before it is handed on completely. So the next groups' round trips (sizes,
+        bodies, the \\Seen flags) and their claims overlap the consumer's work on the
+        current one, and about three groups are in memory at once: one being handed
+        on, one admitted, one fetched. Where the high-water mark must not pass an
+        unclaimed message (an oversized message, UIDs the server no longer has), this
+        task first waits until everything before is handed on (``drain``).
+        """
         config = self.config
         timeout = config.command_timeout_secs
         group_limit = min(config.max_message_bytes, GROUP_BYTES)
-        parsing: _ParseJob | None = None
+        send_job, receive_job = trio.open_memory_channel[_ParseJob | trio.Event](0)
+        send_admitted, receive_admitted = trio.open_memory_channel[_Admitted | trio.Event](0)
+        nursery.start_soon(
+            self._admit_in_order, uidvalidity, receive_job, send_admitted, name="prxmail-admit"
+        )
+        nursery.start_soon(self._hand_on_in_order, receive_admitted, name="prxmail-hand-on")
 
-        async def admit_parsed() -> None:
-            nonlocal parsing
-            if parsing is not None:
-                job, parsing = parsing, None
-                await self._admit(uidvalidity, await job.result())
+        async def flagging(wait: Callable[[], Awaitable[None]]) -> None:
+            # While this task waits, the consumer goes on finishing messages: their
+            # \\Seen flags are stored whenever half of SEEN_BUFFER is waiting, so none
+            # is dropped. A cancelled send sends nothing; an event wait is repeatable.
+            while True:
+                with trio.CancelScope() as wake:
+                    self._seen_wake = wake
+                    try:
+                        await wait()
+                    finally:
+                        self._seen_wake = None
+                if not wake.cancelled_caught:
+                    return
+                await self._flag_seen(conn, uidvalidity)
+
+        async def drain() -> None:
+            admitted = trio.Event()
+            await flagging(functools.partial(send_job.send, admitted))
+            await flagging(admitted.wait)
 
         async def fetch_group(uids: list[int]) -> None:
-            nonlocal parsing
             if not uids:
                 return
             raws = await self._fetch_bodies(conn, uidvalidity, uids, sizes)
-            job = self._start_parse(uidvalidity, raws, nursery)
-            await admit_parsed()
-            parsing = job
+            await flagging(
+                functools.partial(send_job.send, self._start_parse(uidvalidity, raws, nursery))
+            )
 
-        for start in range(0, len(ordered), config.fetch_batch_size):
-            batch = ordered[start : start + config.fetch_batch_size]
-            sizes: dict[int, int] = {}
-            self._fetching = self._keys(uidvalidity, batch)
-            with _time_limit(timeout, "IMAP UID FETCH (sizes)", _COMMAND_TIMEOUT):
-                async for data in conn.uid_fetch(batch, ["RFC822.SIZE"]):
-                    if data.uid is not None:
-                        sizes[data.uid] = data.rfc822_size or 0
-            self._fetching = ()
-            group: list[int] = []
-            group_bytes = 0
-            for uid in batch:
-                if uid not in sizes:
-                    continue  # expunged meanwhile
-                size = sizes[uid]
-                if size > config.max_message_bytes:
-                    await fetch_group(group)
-                    group, group_bytes = [], 0
-                    await admit_parsed()
-                    await self._process_oversized(conn, uidvalidity, uid, size)
+        async with send_job:  # closing it ends the admitting task once it is done
+            for start in range(0, len(ordered), config.fetch_batch_size):
+                batch = ordered[start : start + config.fetch_batch_size]
+                sizes: dict[int, int] = {}
+                self._fetching = self._keys(uidvalidity, batch)
+                with _time_limit(timeout, "IMAP UID FETCH (sizes)", _COMMAND_TIMEOUT):
+                    async for data in conn.uid_fetch(batch, ["RFC822.SIZE"]):
+                        if data.uid is not None:
+                            sizes[data.uid] = data.rfc822_size or 0
+                self._fetching = ()
+                group: list[int] = []
+                group_bytes = 0
+                for uid in batch:
+                    if uid not in sizes:
+                        continue  # expunged meanwhile
+                    size = sizes[uid]
+                    if size > config.max_message_bytes:
+                        await fetch_group(group)
+                        group, group_bytes = [], 0
+                        await drain()
+                        await self._process_oversized(conn, uidvalidity, uid, size)
+                        continue
+                    if group and group_bytes + size > group_limit:
+                        await fetch_group(group)
+                        group, group_bytes = [], 0
+                    group.append(uid)
+                    group_bytes += size
+                await fetch_group(group)
+                missing = [uid for uid in batch if uid not in sizes]
+                if missing:
+                    log_event(
+                        logging.INFO,
+                        "messages listed by SEARCH but not returned by FETCH: treated as"
+                        " expunged, skipped",
+                        uids=",".join(map(str, missing[:20])),
+                        count=len(missing),
+                    )
+                    await drain()  # the mark must not pass an unclaimed message
+                    await self._advance_past(uidvalidity, max(missing))
+                # A long catch-up finishes messages faster than the end of the catch-up
+                # comes: flag them as it goes, so SEEN_BUFFER never overflows.
+                await self._flag_seen(conn, uidvalidity)
+            await drain()  # flagging while the last groups are handed on
+
+    async def _admit_in_order(
+        self,
+        uidvalidity: int,
+        jobs: trio.MemoryReceiveChannel[_ParseJob | trio.Event],
+        admitted: trio.MemorySendChannel[_Admitted | trio.Event],
+    ) -> None:
+        """Claim and admit the fetched groups in the order they come, which is UID
+        order (a claim raises the high-water mark), and pass them on to be handed on."""
+        async with jobs, admitted:
+            async for job in jobs:
+                if isinstance(job, trio.Event):
+                    await admitted.send(job)
                     continue
-                if group and group_bytes + size > group_limit:
-                    await fetch_group(group)
-                    group, group_bytes = [], 0
-                group.append(uid)
-                group_bytes += size
-            await fetch_group(group)
-            missing = [uid for uid in batch if uid not in sizes]
-            if missing:
-                log_event(
-                    logging.INFO,
-                    "messages listed by SEARCH but not returned by FETCH: treated as"
-                    " expunged, skipped",
-                    uids=",".join(map(str, missing[:20])),
-                    count=len(missing),
-                )
-                await admit_parsed()  # the mark must not pass an unclaimed message
-                await self._advance_past(uidvalidity, max(missing))
-            # A long catch-up finishes messages faster than the end of the catch-up
-            # comes: flag them as it goes, so SEEN_BUFFER never overflows.
-            await self._flag_seen(conn, uidvalidity)
-        await admit_parsed()
+                accepted = await self._claim_and_admit(uidvalidity, await job.result())
+                if not accepted:
+                    continue
+                try:
+                    await admitted.send(accepted)
+                except BaseException:
+                    # Admitted, never handed on: the rest stays claimed, for the next
+                    # round's pending(); the first one is begun, and is released with
+                    # the other in-flight messages, as when its hand-over is cut.
+                    key, message = accepted[0]
+                    self._in_flight[key] = message
+                    self._pending_dirty = True
+                    raise
+
+    async def _hand_on_in_order(
+        self, admitted: trio.MemoryReceiveChannel[_Admitted | trio.Event]
+    ) -> None:
+        """Hand the admitted groups on in order; an event is set once everything before
+        it is handed on."""
+        async with admitted:
+            async for item in admitted:
+                if isinstance(item, trio.Event):
+                    item.set()
+                else:
+                    await self._hand_on(item)
 
     async def _advance_past(self, uidvalidity: int, uid: int) -> None:
         """Move the high-water mark past UIDs the server listed but no longer has."""
@@ -768,8 +842,16 @@ class _FetchPipeline(_Conversations):
     ) -> None:
         """Claim a fetched group in one transaction, apply the sender policy to it, and
         hand the accepted messages on in UID order."""
+        await self._hand_on(await self._claim_and_admit(uidvalidity, parsed))
+
+    async def _claim_and_admit(
+        self, uidvalidity: int, parsed: Sequence[tuple[int, Message | Exception]]
+    ) -> list[tuple[MessageKey, Message]]:
+        """Claim a fetched group in one transaction and decide on it (sender policy,
+        threads, limits): the accepted messages in UID order, the first already
+        ``handling``."""
         if not parsed:
-            return
+            return []
         pairs: list[tuple[MessageKey, str]] = []
         failed: dict[MessageKey, str] = {}
         if self._cut:
@@ -818,8 +900,11 @@ class _FetchPipeline(_Conversations):
             if result.record.status is MessageStatus.CLAIMED and key not in self._in_flight:
                 candidates.append((key, item))
         if not candidates:
-            return
-        accepted = await self._admit_candidates(candidates, own_id_predicate(batch.ours))
+            return []
+        return await self._admit_candidates(candidates, own_id_predicate(batch.ours))
+
+    async def _hand_on(self, accepted: list[tuple[MessageKey, Message]]) -> None:
+        """Hand admitted messages on one by one, as the consumer asks for them."""
         try:
             for index, (key, message) in enumerate(accepted):
                 self._in_flight[key] = message

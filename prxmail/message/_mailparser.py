@@ -299,6 +299,62 @@ class MailParts:
     date: _dt.datetime | None
 
 
+class _SimpleMailParser(_MailParser):
+    """``_MailParser`` for the one-part trees of :mod:`prxmail.message._simple`.
+
+    For a tree with one text/plain part, no file name, no Content-ID and no
+    Content-Disposition, ``MailParser.parse()`` does two things whose results
+    :func:`read_mail` reads: ``_reset()`` (the header index, the address, date and
+    Received checks with their defects, the date) and, for that one part,
+    ``_decode_body_payload()`` appended to ``text_plain`` when not empty. Its walk
+    finds no other part, no stdlib defect on a tree built from the grammar, no
+    MIME header defect in ASCII headers and no attachment; that walk (a view of
+    the part's MIME headers, ten header lookups, a dozen debug strings) is what is
+    skipped. tests/unit/test_message_simple.py checks the results are the ones
+    of the full parse.
+    """
+
+    def parse(self) -> _SimpleMailParser:
+        self._reset()
+        root = self.message
+        text = self._decode_body_payload(root, root.get_content_charset("utf-8"), 0)
+        if text:
+            self._text_plain.append(text)
+        return self
+
+
+def _parts(parsed: _MailParser) -> MailParts:
+    date = parsed.date
+    return MailParts(
+        tree=parsed.message,
+        plain=tuple(str(p) for p in parsed.text_plain),
+        html=tuple(str(p) for p in parsed.text_html),
+        unmanaged=tuple(str(p) for p in parsed.text_not_managed),
+        defects=frozenset(str(d) for d in parsed.defects_categories),
+        date=date if isinstance(date, _dt.datetime) else None,
+    )
+
+
+def read_simple_mail(root: email.message.Message) -> MailParts | None:
+    """:func:`read_mail` for a tree from :func:`prxmail.message._simple.simple_tree`.
+
+    Args:
+        root: The one-part tree.
+
+    Returns:
+        The parts, or ``None`` when mail-parser raised (as :func:`read_mail`).
+
+    Raises:
+        MemoryError: Passed on, as by :func:`read_mail`.
+    """
+    try:
+        return _parts(_SimpleMailParser(root))
+    except MemoryError:
+        raise
+    except Exception:
+        return None
+
+
 def read_mail(build_tree: Callable[[], email.message.Message]) -> MailParts | None:
     """Build a message's tree and read its bodies with mail-parser, never raising.
 
@@ -316,16 +372,7 @@ def read_mail(build_tree: Callable[[], email.message.Message]) -> MailParts | No
             message, and retrying it elsewhere may succeed.
     """
     try:
-        parsed = mail_parser(build_tree)
-        date = parsed.date
-        return MailParts(
-            tree=parsed.message,
-            plain=tuple(str(p) for p in parsed.text_plain),
-            html=tuple(str(p) for p in parsed.text_html),
-            unmanaged=tuple(str(p) for p in parsed.text_not_managed),
-            defects=frozenset(str(d) for d in parsed.defects_categories),
-            date=date if isinstance(date, _dt.datetime) else None,
-        )
+        return _parts(mail_parser(build_tree))
     except MemoryError:
         raise
     except Exception:

@@ -27,6 +27,8 @@ How the work is split:
   50 MB attachment is described exactly without being parsed. Long runs of lines
   the stdlib parser would only copy (a plain body, base64 content) are kept away
   from its line-by-line loop and put back verbatim afterwards (``_parse_tree``).
+  A message of one plain text part in a narrow grammar (``._simple``) skips the
+  stdlib parser and mail-parser's walk altogether; its tree is built directly.
 
 Parsing is CPU work proportional to the message size; a trio program runs it in
 a worker thread (the channel does: see :mod:`prxmail.channel._fetch`).
@@ -64,8 +66,9 @@ from prxmail.message._headers import (
     decode_header_text,
     parse_message_ids,
 )
-from prxmail.message._mailparser import parse_addresses, read_mail
+from prxmail.message._mailparser import parse_addresses, read_mail, read_simple_mail
 from prxmail.message._model import Address, Attachment, Message, missing_message_id
+from prxmail.message._simple import simple_tree
 from prxmail.message._speed import _parse_tree
 
 
@@ -165,7 +168,13 @@ def parse_message(raw: bytes, *, uid: int, uidvalidity: int, max_attachment_byte
     unmanaged: tuple[str, ...] = ()
     root: email.message.Message | None = None
     lenient_date: _dt.datetime | None = None
-    parts = read_mail(functools.partial(_parse_tree, data))
+    # One text/plain part in the narrow grammar of ._simple: its tree is built
+    # directly; everything else takes the stdlib parser (see ._speed).
+    simple = simple_tree(data)
+    if simple is not None:
+        parts = read_simple_mail(simple)
+    else:
+        parts = read_mail(functools.partial(_parse_tree, data))
     if parts is None:
         # The MIME tree could not be walked (a nesting bomb) or mail-parser gave
         # up: keep the headers, give up on the body, under one stable name.
@@ -222,7 +231,9 @@ def parse_message(raw: bytes, *, uid: int, uidvalidity: int, max_attachment_byte
     if html is not None:
         html = _normalise_newlines(html)
 
-    if "body-unparsed" in defects:
+    if "body-unparsed" in defects or (simple is not None and root is simple):
+        # The one-part grammar admits no file name, disposition or Content-ID:
+        # its one text/plain part is the body, never an attachment.
         attachments: tuple[Attachment, ...] = ()
     else:
         try:

@@ -78,6 +78,8 @@ class FakeIMAP:
     # Drop the connection as soon as IDLE starts (a flaky link).
     drop_in_idle: bool = False
     commands: list[str] = attrs.field(factory=list)
+    # While set, a command is recorded but not answered (a server gone slow).
+    stalled: bool = False
     connections: int = 0
     reported: int = 0
     idle_starts: list[float] = attrs.field(factory=list)
@@ -160,6 +162,7 @@ class FakeIMAP:
                 return
             self.commands.append(line)
             self._record_changed()
+            await self.until(lambda: not self.stalled)
             tag, _, rest = line.partition(" ")
             command = rest.upper()
             if command.startswith("CAPABILITY"):
@@ -1088,3 +1091,36 @@ async def test_several_consumer_tasks_get_every_message_of_a_catch_up_once(
     assert [(r.status, r.attempts) for r in records if r is not None] == [
         (MessageStatus.HANDLED, 1)
     ] * count
+
+
+async def test_a_catch_up_hands_on_the_next_fetched_group_without_waiting_for_the_server(
+    tmp_path: Path,
+) -> None:
+    # Groups of three. The pipeline's fetching task works a group ahead of the one being
+    # handed on, so when the consumer finishes the first group the second is already
+    # fetched: it is handed on even while the server answers nothing more (before, the
+    # next group waited for the \\Seen flags, the next size probe and body fetch).
+    count = 9
+    fake = FakeIMAP(messages={uid: raw_message(uid) for uid in range(1, count + 1)})
+
+    def body_fetches() -> int:
+        return sum("UID FETCH" in c.upper() and "BODY.PEEK[]" in c.upper() for c in fake.commands)
+
+    async with trio.open_nursery() as nursery:
+        config = fake_config(
+            9, tmp_path / "state", fetch_batch_size=3, reply_rate_limit=1000, reply_rate_burst=1000
+        )
+        async with open_mail_channel(config, connect_imap=fake.connector(nursery)) as channel:
+            got = [await receive(channel)]
+            with trio.fail_after(10):
+                second = await channel.receive()
+            await fake_until(fake, lambda: body_fetches() >= 2)  # the second group is in
+            fake.stalled = True
+            await channel.mark_handled(second)
+            got += [second.subject] + [await receive(channel) for _ in range(4)]
+            fake.stalled = False
+            fake._record_changed()
+            got += [await receive(channel) for _ in range(count - 6)]
+            await fake_until(fake, lambda: len(fake.seen) == count)
+        nursery.cancel_scope.cancel()
+    assert got == [f"fake {uid}" for uid in range(1, count + 1)]
