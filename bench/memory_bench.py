@@ -1,6 +1,7 @@
 """Memory bound: a 200 MB message in the mailbox, prxmail's channel vs imaplib + mail-parser.
 
 ``python -m bench memory [--size-mb 200] [--skip-peer] [--json FILE]``
+``python -m bench memory --imports`` (the import baseline of ``prxmail serve`` only)
 
 What is measured (issue 7, benchmark 3)
 ---------------------------------------
@@ -33,7 +34,10 @@ import os
 import pathlib
 import pwd
 import random
+import re
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -291,6 +295,102 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
     return run_child("bench.memory_bench", "_child", spec, timeout=CHILD_TIMEOUT + 60)
 
 
+# -- the import baseline of prxmail serve (issue 16) -------------------------------------------
+
+# Modules a serve of one password account without health_listen must not load.
+NOT_LOADED = ("httpx", "h11", "prometheus_client", "prxmail.oauth2._token", "prxmail._health")
+# The statements whose RSS stands next to the serve process's, in that order.
+IMPORT_ROWS = (
+    ("bare python", "pass"),
+    ("imaplib + mail-parser (peer)", "import imaplib, mailparser"),
+    ("import prxmail.channel", "import prxmail.channel"),
+    ("serve import path", "import prxmail.cli._serve"),
+)
+# How long serve may take to log that it serves, and how long it then settles (its first
+# IDLE) before its RSS is read.
+SERVE_START_TIMEOUT = 60.0
+SERVE_SETTLE_SECONDS = 3.0
+
+
+def _import_rss_kib(statement: str) -> int:
+    read = "re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read())[1]"
+    code = f"{statement}\nimport re\nprint({read})"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)},
+    )
+    return int(out.stdout.split()[-1])
+
+
+def _serve_rss(servers: MailServers) -> tuple[int, list[str]]:
+    """RSS (KiB) of an idle ``python -m prxmail serve`` of one password account, and the
+    modules of NOT_LOADED it imported (from its ``-X importtime`` lines)."""
+    user = servers.add_user(f"imp-{os.getpid()}")
+    state = servers.workdir / f"state-{user.localpart}"
+    config = servers.workdir / f"imports-{user.localpart}.toml"
+    config.write_text(_channel_toml(servers, user, state))
+    root = pathlib.Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-X", "importtime", "-m", "prxmail", "serve", "-c", str(config)]
+    proc = subprocess.Popen(
+        [*argv, "--exec", "cat"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    lines: list[str] = []
+    assert proc.stderr is not None
+    stderr = proc.stderr
+    reader = threading.Thread(
+        target=lambda: lines.extend(
+            x.decode("utf-8", "replace") for x in iter(stderr.readline, b"")
+        ),
+        daemon=True,
+    )
+    reader.start()
+    try:
+        deadline = time.monotonic() + SERVE_START_TIMEOUT
+        while not any("prxmail serving" in x for x in list(lines)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("prxmail serve did not start:\n" + "".join(lines[-30:]))
+            time.sleep(0.05)
+        time.sleep(SERVE_SETTLE_SECONDS)
+        if proc.poll() is not None:
+            raise SystemExit("prxmail serve stopped:\n" + "".join(lines[-30:]))
+        status = pathlib.Path(f"/proc/{proc.pid}/status").read_text()
+        rss = int(re.search(r"VmRSS:\s+(\d+)", status)[1])  # type: ignore[index]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+        stderr.close()
+    imported = {x.split("|")[-1].strip() for x in lines if x.startswith("import time:")}
+    return rss, [m for m in NOT_LOADED if m in imported]
+
+
+def bench_imports(servers: MailServers) -> dict[str, Any]:
+    rows = {label: _import_rss_kib(stmt) for label, stmt in IMPORT_ROWS}
+    serve_kib, unwanted = _serve_rss(servers)
+    rows["prxmail serve, idle (1 password account)"] = serve_kib
+    bare = rows["bare python"]
+    peer = rows["imaplib + mail-parser (peer)"]
+    print("\nimport baseline: RSS after imports (VmRSS), with ratios to the peer's imports")
+    print(f"  {'':<42} {'RSS':>9} {'/ peer':>7} {'above bare':>11}")
+    for label, kib in rows.items():
+        print(f"  {label:<42} {kib / 1024:7.1f}MB {kib / peer:6.2f}x {(kib - bare) / 1024:9.1f}MB")
+    print(f"  serve loaded from {list(NOT_LOADED)}: {unwanted or 'none'}")
+    return {"rss_kib": rows, "unwanted": unwanted}
+
+
 # -- the section -----------------------------------------------------------------------------
 
 
@@ -393,9 +493,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size-mb", type=int, default=200, help="big message size, MB (200)")
     parser.add_argument("--skip-peer", action="store_true", help="do not run imaplib + mail-parser")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
+    parser.add_argument(
+        "--imports", action="store_true", help="only the import baseline of prxmail serve"
+    )
     args = parser.parse_args(argv)
     report: dict[str, Any] = {"machine_start": _machine(), "argv": argv}
     print(f"machine: {report['machine_start']}")
+    if args.imports:
+        with mail_servers() as servers:
+            report["imports"] = bench_imports(servers)
+        report["machine_end"] = _machine()
+        print(f"machine at end: {report['machine_end']}")
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2, default=str))
+        return 1 if report["imports"]["unwanted"] else 0
     with mail_servers() as servers:
         report["memory"] = bench_memory(servers, args.size_mb * 1_000_000, peer=not args.skip_peer)
     report["machine_end"] = _machine()

@@ -29,7 +29,8 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from prxmail._log import log_event
-from prxmail._metrics import CONNECTED_STATES, ServiceMetrics
+from prxmail._metrics import ServiceMetrics
+from prxmail._systemd import CONNECTED_STATES
 from prxmail.channel import MailChannel
 from prxmail.channel._core import _describe
 from prxmail.errors import PrxmailError

@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prxmail._log import log_event
 from prxmail.config import AuthMethod, Config, OAuth2Grant
 from prxmail.errors import CommandRefusedError
 from prxmail.imap import IMAPConnection
-from prxmail.oauth2 import (
-    AccessToken,
-    CommandTokenSource,
-    EndpointTokenSource,
-    Grant,
-    TokenSource,
-    authenticate_with,
-)
 from prxmail.smtp import SMTPConnection
+
+if TYPE_CHECKING:
+    from prxmail.oauth2 import AccessToken, Grant, TokenSource
 
 __all__ = ["AccountLogin", "build_token_source"]
 
@@ -53,6 +50,10 @@ def build_token_source(
     settings = config.oauth2
     if settings is None:
         return None
+    # The token sources (and the token endpoint's HTTP client after them) are loaded
+    # only for an account that uses OAuth 2: a password login never imports them.
+    from prxmail.oauth2._token import CommandTokenSource, EndpointTokenSource  # noqa: PLC0415
+
     if settings.token_command is not None:
         return CommandTokenSource(settings.token_command)
     assert settings.token_url is not None
@@ -98,9 +99,11 @@ class AccountLogin:
         self._config = config
         self.token_source = token_source or build_token_source(config, ssl_context)
 
-    def _source(self) -> TokenSource:
+    async def _oauth2(self, login: Callable[[AccessToken], Awaitable[None]]) -> None:
+        from prxmail.oauth2._token import authenticate_with  # noqa: PLC0415 (see above)
+
         assert self.token_source is not None, "OAuth 2 login without a token source"
-        return self.token_source
+        await authenticate_with(self.token_source, login)
 
     async def imap(self, conn: IMAPConnection) -> None:
         """Log ``conn`` in, then send IMAP ID if configured and offered.
@@ -121,7 +124,7 @@ class AccountLogin:
                     config.username, token.reveal(), host=config.imap_host, port=config.imap_port
                 )
 
-            await authenticate_with(self._source(), login)
+            await self._oauth2(login)
         else:
             assert config.password is not None
             await conn.authenticate_password(config.username, config.password.reveal())
@@ -153,7 +156,7 @@ class AccountLogin:
                     port=config.smtp_port,
                 )
 
-            await authenticate_with(self._source(), login)
+            await self._oauth2(login)
         else:
             assert config.smtp_password is not None
             await conn.login(config.smtp_username, config.smtp_password.reveal())

@@ -22,12 +22,10 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from prxmail._systemd import CONNECTED_STATES
 from prxmail.channel import ChannelStatistics, MailChannel
 
 __all__ = ["CONNECTED_STATES", "OUTCOMES", "ServiceMetrics"]
-
-#: ``ChannelStatus.imap`` values in which the account has a working IMAP session.
-CONNECTED_STATES: Final = frozenset({"idle", "polling", "fetching"})
 
 #: The ``outcome`` label of ``prxmail_messages_total``, each with the statistics field
 #: it counts.

@@ -31,7 +31,6 @@ from typing import Final
 import trio
 
 from prxmail._log import log_event
-from prxmail._metrics import CONNECTED_STATES
 from prxmail.channel import MailChannel
 
 __all__ = [
@@ -49,6 +48,11 @@ STATUS_CHECK_SECONDS: Final = 1.0
 
 # The summary is one line in `systemctl status`; beyond this it is cut (many accounts).
 MAX_STATUS_CHARS: Final = 400
+
+#: ``ChannelStatus.imap`` values in which the account has a working IMAP session (here,
+#: not in :mod:`prxmail._metrics`, so that a service without ``health_listen`` does
+#: not load prometheus-client for it).
+CONNECTED_STATES: Final = frozenset({"idle", "polling", "fetching"})
 
 _READY_STATES: Final = CONNECTED_STATES | {"auth-failed"}
 

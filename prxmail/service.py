@@ -49,13 +49,11 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
-from prxmail._health import serve_health
 from prxmail._log import account_context, log_event, redacting
-from prxmail._metrics import ServiceMetrics
 from prxmail._redact import SHORT_SECRET, Redactor, config_secrets
 from prxmail._systemd import Notifier, supervise, watchdog_interval
 from prxmail.channel import MailChannel, collapse_exception_group, open_mail_channel
@@ -79,6 +77,9 @@ from prxmail.handler import (
 )
 from prxmail.message import Message
 from prxmail.state import AsyncStateStore, open_state_store
+
+if TYPE_CHECKING:
+    from prxmail._metrics import ServiceMetrics
 
 __all__ = [
     "RUN_DIR_ENV",
@@ -392,16 +393,19 @@ async def _serve(
     *,
     env: Mapping[str, str] | None = None,
     store: AsyncStateStore | None = None,
+    shared: bool = False,
     metrics: ServiceMetrics | None = None,
 ) -> None:
     run_env = handler_environment(config) if env is None else env
     limiter = trio.CapacityLimiter(config.max_concurrent_handlers)
     # One set of metrics for the process: this account's own when it runs alone,
-    # else the one serve_mail_channels shares (and serves) for every account.
-    own_metrics = metrics is None
-    service_metrics = ServiceMetrics() if metrics is None else metrics
+    # else the one serve_mail_channels shares (and serves) for every account (None
+    # for both without health_listen).
+    own_metrics = not shared
+    service_metrics = _service_metrics(config) if own_metrics else metrics
     async with open_mail_channel(config, store=store) as channel:
-        service_metrics.add_account(config.name, channel)
+        if service_metrics is not None:
+            service_metrics.add_account(config.name, channel)
         async with trio.open_nursery() as nursery:
             if own_metrics:
                 await _start_monitoring(nursery, config, {config.name: channel}, service_metrics)
@@ -501,7 +505,7 @@ async def serve_mail_channels(
         async with open_state_store(state_dir, retry_policy=retry_policy(configs[0])) as store:
             stopped: list[BaseException] = []
             channels: dict[str, MailChannel] = {}
-            metrics = ServiceMetrics()
+            metrics = _service_metrics(configs[0])
             try:
                 async with trio.open_nursery() as nursery:
                     for config in configs:
@@ -537,7 +541,7 @@ async def _serve_account(
     env: Mapping[str, str],
     store: AsyncStateStore,
     stopped: list[BaseException],
-    metrics: ServiceMetrics,
+    metrics: ServiceMetrics | None,
     task_status: trio.TaskStatus[MailChannel | None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     started = False
@@ -545,7 +549,9 @@ async def _serve_account(
         try:
             async with trio.open_nursery() as inner:
                 channel = await inner.start(
-                    functools.partial(_serve, config, argv, env=env, store=store, metrics=metrics)
+                    functools.partial(
+                        _serve, config, argv, env=env, store=store, shared=True, metrics=metrics
+                    )
                 )
                 started = True
                 task_status.started(channel)
@@ -567,7 +573,7 @@ async def _start_monitoring(
     nursery: trio.Nursery,
     config: Config,
     channels: Mapping[str, MailChannel],
-    metrics: ServiceMetrics,
+    metrics: ServiceMetrics | None,
 ) -> None:
     """Start the health endpoint (``health_listen``) and, under systemd, its notifications.
 
@@ -575,6 +581,9 @@ async def _start_monitoring(
         OSError: the health address cannot be bound (a start-up failure).
     """
     if config.health_listen is not None:
+        assert metrics is not None, "health_listen is set, so the metrics exist"
+        from prxmail._health import serve_health  # noqa: PLC0415 (see _service_metrics)
+
         host, port = config.health_listen
         await nursery.start(serve_health, host, port, channels, metrics)
     notifier = Notifier.from_environ(os.environ)
@@ -582,3 +591,16 @@ async def _start_monitoring(
         await nursery.start(
             functools.partial(supervise, notifier, channels, watchdog=watchdog_interval(os.environ))
         )
+
+
+def _service_metrics(config: Config) -> ServiceMetrics | None:
+    """The service's metrics when ``health_listen`` serves them, else ``None``.
+
+    Nothing reads the metrics but ``GET /metrics``, so a service without the endpoint
+    neither keeps them nor loads prometheus-client and h11 (about 1 MB of RSS).
+    """
+    if config.health_listen is None:
+        return None
+    from prxmail._metrics import ServiceMetrics  # noqa: PLC0415 (only with the endpoint)
+
+    return ServiceMetrics()

@@ -38,7 +38,7 @@ import ssl
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import attrs
 import trio
@@ -47,8 +47,11 @@ from prxmail._redact import Redactor
 from prxmail.errors import AuthenticationError, ConfigError
 from prxmail.oauth2._errors import OAuth2Error, TokenCommandError, TokenEndpointError
 from prxmail.oauth2._files import SECRET_FILE_MODE, read_secret_file, write_secret_file
-from prxmail.oauth2._http import TokenResponse, check_endpoint_url, request_token
 from prxmail.oauth2._secret import Revealable, Secret
+from prxmail.oauth2._url import check_endpoint_url
+
+if TYPE_CHECKING:
+    from prxmail.oauth2._http import TokenResponse
 
 __all__ = [
     "COMMAND_OUTPUT_LIMIT",
@@ -417,6 +420,10 @@ class EndpointTokenSource(_CachingSource):
             secrets.append(self._client_secret.reveal())
         if self._scope:
             form["scope"] = self._scope
+        # The HTTP client (httpx) is loaded by the first token request, not by every
+        # program that imports this module: a password account never pays for it.
+        from prxmail.oauth2._http import request_token  # noqa: PLC0415
+
         try:
             with trio.fail_after(self._timeout):
                 answer: TokenResponse = await request_token(

@@ -44,6 +44,14 @@ BUSY_TIMEOUT_SECONDS: Final = 5.0
 # megabytes at most, and readers never scan a long WAL.
 CHECKPOINT_EVERY_COMMITS: Final = 200
 
+# SQLite's page cache per connection, in KiB (SQLite's default is 2,000). It fills up
+# to the size of the database, so a long catch-up made it the service's largest
+# growing allocation: 2.4 MB of SQLite memory after 3,000 messages. The pages a
+# message's calls touch (the B-tree interior and the newest leaves) fit in far less;
+# a page that is not cached is read again from the OS page cache, not from the disk.
+# Durability does not depend on it: every commit still reaches the WAL file.
+CACHE_KIB: Final = 512
+
 
 def _create_private_dir(path: Path) -> None:
     if not path.exists():
@@ -212,6 +220,7 @@ class Database:
                 )
                 # Rows are read by column name (see _schema).
                 self._conn.row_factory = sqlite3.Row
+                self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
                 mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise StateError(f"cannot switch {db_path} to WAL mode (got {mode!r})")
@@ -243,6 +252,7 @@ class Database:
                 check_same_thread=self._check_same_thread,
             )
             self._conn.row_factory = sqlite3.Row
+            self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             row = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
         except sqlite3.Error as exc:
             self.close()
