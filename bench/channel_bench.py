@@ -860,7 +860,13 @@ def _accounts_toml(servers: MailServers, users: list[User], state_dir: pathlib.P
 
 
 def bench_accounts(
-    servers: MailServers, n: int, samples: int, idle_seconds: float, *, trace: bool = False
+    servers: MailServers,
+    n: int,
+    samples: int,
+    idle_seconds: float,
+    *,
+    trace: bool = False,
+    profile: pathlib.Path | None = None,
 ) -> dict[str, Any]:
     """N accounts in one process through ``open_mail_channels`` (one shared state
     store), a fresh subprocess per N: memory freed by a smaller N before would otherwise
@@ -881,7 +887,7 @@ def bench_accounts(
         "toml": _accounts_toml(servers, users, servers.workdir / f"state-accounts-{n}"),
     }
     load = os.getloadavg()
-    out = _run_child(spec, mode="_accounts")
+    out = _run_child(spec, profile, mode="_accounts")
     out["load_before"] = load
     out["load_after"] = os.getloadavg()
     print(
@@ -1141,7 +1147,16 @@ def main(argv: list[str]) -> int:
                 f" idle CPU over {idle_seconds:.0f} s)"
             )
             report["accounts"] = [
-                bench_accounts(servers, n, samples, idle_seconds, trace=args.trace_memory)
+                bench_accounts(
+                    servers,
+                    n,
+                    samples,
+                    idle_seconds,
+                    trace=args.trace_memory,
+                    profile=None
+                    if args.profile is None
+                    else args.profile / f"accounts-{n}.{'txt' if args.py_spy else 'prof'}",
+                )
                 for n in accounts
             ]
     report["machine_end"] = _machine()
