@@ -29,15 +29,17 @@ What is measured (issue 7, benchmarks 1, 2 and 5)
    ``mailparser.parse_from_bytes`` for each. Every contender
    must deliver every message (checked), and each reports its peak RSS (VmHWM read from
    /proc/self/status at the end) and its RSS after imports (the baseline).
-3. **Many accounts.** N channels (default 1, 10 and 100) in one process (a fresh
-   subprocess for each N), one fresh user and state directory each: RSS growth per
-   account once all are idling, then the push
-   latency (as in 1) to the first five accounts, round-robin, while all N watch. Each
-   account's reconnect count is checked (a reconnect loop fails the run). N is bounded
-   by the TLS sessions the private Dovecot serves at once (its imap-login
-   ``process_limit``, ``tests.mailservers.IMAP_LOGIN_PROCESS_LIMIT``; each TLS session
-   keeps its login process as the TLS proxy). ``python -m bench plot`` draws this
-   section from the ``--json`` report.
+3. **Many accounts.** N accounts (default 1, 10 and 100) in one process (a fresh
+   subprocess for each N) the way ``prxmail serve`` runs them: one TOML with N
+   ``[channels_config.email.accounts.NAME]`` tables, ``parse_accounts``,
+   ``open_mail_channels`` (one shared state directory and store). Reported: time until
+   all idle, RSS growth per account, the process's idle CPU per account over
+   ``--idle-seconds``, the push latency (as in 1) to the first five accounts while all N
+   watch, and its own share against an imapclient idler on its own user in a thread of
+   the same process. Any reconnect fails the run. Beyond the suite's Dovecot
+   (``IMAP_LOGIN_PROCESS_LIMIT`` sessions) the servers start with ``imap_sessions``:
+   shared login processes, inotify and descriptor limits raised where lower (printed).
+   ``python -m bench plot`` draws this section from the ``--json`` report.
 
 Everything runs on loopback against the private servers of ``tests/mailservers.py``;
 every loop is bounded in count and time; subprocesses are waited for with a timeout.
