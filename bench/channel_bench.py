@@ -29,15 +29,17 @@ What is measured (issue 7, benchmarks 1, 2 and 5)
    ``mailparser.parse_from_bytes`` for each. Every contender
    must deliver every message (checked), and each reports its peak RSS (VmHWM read from
    /proc/self/status at the end) and its RSS after imports (the baseline).
-3. **Many accounts.** N channels (default 1, 10 and 100) in one process (a fresh
-   subprocess for each N), one fresh user and state directory each: RSS growth per
-   account once all are idling, then the push
-   latency (as in 1) to the first five accounts, round-robin, while all N watch. Each
-   account's reconnect count is checked (a reconnect loop fails the run). N is bounded
-   by the TLS sessions the private Dovecot serves at once (its imap-login
-   ``process_limit``, ``tests.mailservers.IMAP_LOGIN_PROCESS_LIMIT``; each TLS session
-   keeps its login process as the TLS proxy). ``python -m bench plot`` draws this
-   section from the ``--json`` report.
+3. **Many accounts.** N accounts (default 1, 10 and 100) in one process (a fresh
+   subprocess for each N) the way ``prxmail serve`` runs them: one TOML with N
+   ``[channels_config.email.accounts.NAME]`` tables, ``parse_accounts``,
+   ``open_mail_channels`` (one shared state directory and store). Reported: time until
+   all idle, RSS growth per account, the process's idle CPU per account over
+   ``--idle-seconds``, the push latency (as in 1) to the first five accounts while all N
+   watch, and its own share against an imapclient idler on its own user in a thread of
+   the same process. Any reconnect fails the run. Beyond the suite's Dovecot
+   (``IMAP_LOGIN_PROCESS_LIMIT`` sessions) the servers start with ``imap_sessions``:
+   shared login processes, inotify and descriptor limits raised where lower (printed).
+   ``python -m bench plot`` draws this section from the ``--json`` report.
 
 Everything runs on loopback against the private servers of ``tests/mailservers.py``;
 every loop is bounded in count and time; subprocesses are waited for with a timeout.
@@ -89,6 +91,11 @@ ACCOUNTS_START_TIMEOUT = 300.0
 # The private Dovecot's imap-login process_limit: each TLS session keeps one login
 # process as its TLS proxy, so this many sessions at most (all benches together).
 DOVECOT_TLS_SESSIONS = IMAP_LOGIN_PROCESS_LIMIT
+# Many accounts: at most this many (issue 16 asks for 1,000), the idle window's bound,
+# and spare sessions beyond what the run holds (a reconnect wave must not be refused).
+MAX_ACCOUNTS = 2000
+IDLE_WINDOW_MAX = 300.0
+SESSION_HEADROOM = 100
 # Accounts the many-accounts latency samples go to, round-robin (the injector holds one
 # session per account it appends to, and those count against DOVECOT_TLS_SESSIONS).
 INJECT_USERS = 5
@@ -293,7 +300,7 @@ def _latency_prxmail(
 
 
 def _latency_imapclient(
-    servers: MailServers, user: User, injector: Injector, samples: int, tag: str
+    servers: MailServers | _Endpoint, user: User, injector: Injector, samples: int, tag: str
 ) -> list[Sample]:
     import mailparser
     from imapclient import IMAPClient
@@ -844,75 +851,160 @@ class _Endpoint:
         return _context({"ca_file": self.ca_file})
 
 
-def bench_accounts(servers: MailServers, n: int, samples: int) -> dict[str, Any]:
-    """N channels in one process, a fresh subprocess per N: memory freed by a smaller
-    N before would otherwise be reused and hide part of the growth."""
+def _accounts_toml(servers: MailServers, users: list[User], state_dir: pathlib.Path) -> str:
+    """One configuration with every user as an account, as ``prxmail serve`` reads it:
+    the email table is the first, ``[channels_config.email.accounts.aI]`` the others,
+    inheriting everything but the login; one shared ``state_dir``."""
+    text = _channel_toml(servers, users[0], state_dir) + 'name = "a0"\n'
+    for i, user in enumerate(users[1:], start=1):
+        text += (
+            f"\n[channels_config.email.accounts.a{i}]\n"
+            f"username = {json.dumps(user.address)}\n"
+            f"password = {json.dumps(user.password)}\n"
+            f"from_address = {json.dumps(user.address)}\n"
+        )
+    return text
+
+
+def bench_accounts(
+    servers: MailServers,
+    n: int,
+    samples: int,
+    idle_seconds: float,
+    *,
+    trace: bool = False,
+    profile: pathlib.Path | None = None,
+) -> dict[str, Any]:
+    """N accounts in one process through ``open_mail_channels`` (one shared state
+    store), a fresh subprocess per N: memory freed by a smaller N before would otherwise
+    be reused and hide part of the growth."""
     users = [servers.add_user(f"acct{n}-{i}-{os.getpid()}") for i in range(n)]
+    peer = servers.add_user(f"acct{n}-peer-{os.getpid()}")
     spec = {
         "contender": f"accounts N={n}",
         "n": n,
         "samples": samples,
+        "idle_seconds": idle_seconds,
+        "trace": trace,
         "host": servers.host,
         "port": servers.imap_tls_port,
         "ca_file": str(servers.ca_file),
         "users": [[u.address, u.password] for u in users],
-        "tomls": [
-            _channel_toml(servers, u, servers.workdir / f"state-{u.localpart}") for u in users
-        ],
+        "peer": [peer.address, peer.password],
+        "toml": _accounts_toml(servers, users, servers.workdir / f"state-accounts-{n}"),
     }
-    out = _run_child(spec, mode="_accounts")
+    load = os.getloadavg()
+    out = _run_child(spec, profile, mode="_accounts")
+    out["load_before"] = load
+    out["load_after"] = os.getloadavg()
     print(
-        f"  N={n:<4} all idling after {out['start_s']:5.1f} s; RSS {out['rss_before_mb']:.0f}"
-        f" -> {out['rss_after_mb']:.0f} MB = {out['per_account_kib']:,.0f} KiB per account;"
-        f" push latency p50 {out['p50']:.1f} ms, p95 {out['p95']:.1f} ms ({samples} samples);"
+        f"  N={n:<5} all idle after {out['start_s']:6.1f} s; RSS {out['rss_before_mb']:.0f}"
+        f" -> {out['rss_after_mb']:.0f} MB (peak {out['hwm_mb']:.0f}) ="
+        f" {out['per_account_kib']:,.0f} KiB per account (target <= 150);"
+        f" {out['threads']} threads"
+    )
+    print(
+        f"         idle CPU {out['idle_cpu_s']:.2f} s in {out['idle_window_s']:.1f} s ="
+        f" {out['idle_cpu_pct_per_account']:.4f} % of a core per account (target <= 0.01);"
         f" reconnects {out['reconnects']}"
     )
+    print(
+        f"         push p50 {out['p50']:.1f} ms, p95 {out['p95']:.1f} ms; imapclient idler"
+        f" in the same process p50 {out['peer_p50']:.1f}, p95 {out['peer_p95']:.1f} ms;"
+        f" own share p50 {out['own_p50']:+.1f} ms (target < 10), p95 {out['own_p95']:+.1f} ms"
+        f" ({samples} samples); load {load[0]:.2f} -> {out['load_after'][0]:.2f}"
+    )
+    if out.get("trace_top"):
+        print("         tracemalloc, idle minus baseline, per account (top lines):")
+        for line in out["trace_top"]:
+            print(f"           {line}")
     if out["reconnects"]:
         raise SystemExit(f"N={n}: {out['reconnects']} IMAP reconnects: {out['errors']}")
     return out
 
 
+# Tracebacks this deep group tracemalloc's per-account allocations (--trace-memory).
+TRACE_FRAMES = 12
+TRACE_TOP = 25
+
+
+def _trace_top(before: Any, after: Any, n: int) -> list[str]:
+    """The allocations an idle account holds, biggest first, by where they were made
+    (the innermost frame in prxmail, else the innermost one)."""
+    lines = []
+    for stat in after.compare_to(before, "traceback")[: TRACE_TOP * 4]:
+        if stat.size_diff <= 0:
+            continue
+        frames = list(stat.traceback)
+        ours = [f for f in frames if "/prxmail/" in f.filename]
+        site = frames[0]
+        where = f"{site.filename.rsplit('/', 2)[-1]}:{site.lineno}"
+        if ours and ours[0] is not site:
+            where += f" <- {ours[0].filename.rsplit('/', 2)[-1]}:{ours[0].lineno}"
+        lines.append(
+            (
+                stat.size_diff,
+                f"{stat.size_diff / n / 1024:7.2f} KiB {stat.count_diff / n:6.1f} blocks  {where}",
+            )
+        )
+    lines.sort(reverse=True)
+    return [text for _, text in lines[:TRACE_TOP]]
+
+
 def _accounts_child(spec: dict[str, Any]) -> dict[str, Any]:
-    from prxmail.channel import MailChannel, open_mail_channel
-    from prxmail.config import parse_config
+    import tracemalloc
+
+    from prxmail.channel import open_mail_channels
+    from prxmail.config import parse_accounts
 
     n, samples = spec["n"], spec["samples"]
     users = [User(address, password) for address, password in spec["users"]]
-    configs = [parse_config(text) for text in spec["tomls"]]
-    injector = Injector(_Endpoint(spec["host"], spec["port"], spec["ca_file"]))
+    peer = User(*spec["peer"])
+    configs = parse_accounts(spec["toml"])
+    endpoint = _Endpoint(spec["host"], spec["port"], spec["ca_file"])
+    injector = Injector(endpoint)
     targets = min(n, INJECT_USERS)
-    for u in users[:targets]:
+    for u in [*users[:targets], peer]:
         injector.prepare(u)
+    import mailparser  # noqa: F401 - the peer's import, not an account's cost
+    from imapclient import IMAPClient  # noqa: F401
+
     out: dict[str, Any] = {"n": n}
 
-    async def run_one(
-        config: Any, ready: list[MailChannel], stop: trio.Event, task_status: Any
-    ) -> None:
-        async with open_mail_channel(config) as channel:
-            await channel.status.wait_value(lambda s: s.imap == "idle")
-            ready.append(channel)
-            task_status.started()
-            await stop.wait()
-
     async def main() -> None:
-        ready: list[MailChannel] = []
-        stop = trio.Event()
         # Imports, configs and the injector's sessions are in the baseline.
+        if spec["trace"]:
+            tracemalloc.start(TRACE_FRAMES)
+            trace0 = tracemalloc.take_snapshot()
         before = _vm_kib("VmRSS")
         t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
+        async with open_mail_channels(configs) as by_name:
+            ready = list(by_name.values())  # in configs' order, that is users[]'s
             with trio.fail_after(ACCOUNTS_START_TIMEOUT):
-                for config in configs:
-                    await nursery.start(run_one, config, ready, stop)
+                for channel in ready:
+                    await channel.status.wait_value(lambda s: s.imap == "idle")
             out["start_s"] = time.perf_counter() - t0
             await trio.sleep(1.0)
             after = _vm_kib("VmRSS")
             out["rss_before_mb"] = before / 1024
             out["rss_after_mb"] = after / 1024
             out["per_account_kib"] = (after - before) / n
+            out["threads"] = threading.active_count()
+            if spec["trace"]:
+                out["trace_top"] = _trace_top(trace0, tracemalloc.take_snapshot(), n)
+                tracemalloc.stop()
+            # Idle CPU: the whole process (user + system) while all N only idle.
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            w0 = time.perf_counter()
+            await trio.sleep(spec["idle_seconds"])
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            window = time.perf_counter() - w0
+            busy = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+            out["idle_cpu_s"] = busy
+            out["idle_window_s"] = window
+            out["idle_cpu_pct_per_account"] = busy / window / n * 100
             lat: list[float] = []
             for i in range(samples):
-                # ready[] is in start order, which is the order of users[].
                 channel, user = ready[i % targets], users[i % targets]
                 with trio.fail_after(PUSH_TIMEOUT):
                     await channel.status.wait_value(lambda s: s.imap == "idle")
@@ -921,18 +1013,30 @@ def _accounts_child(spec: dict[str, Any]) -> dict[str, Any]:
                     got = time.perf_counter()
                     if injector.error is not None:
                         raise injector.error
+                    if not message.subject.endswith(f" {i}"):
+                        raise RuntimeError(f"expected push {i}, got {message.subject!r}")
                     lat.append((got - injector.sent_at) * 1000)
                     await channel.mark_handled(message)
-            out["p50"] = _pct(lat, 50)
-            out["p95"] = _pct(lat, 95)
-            out["max"] = max(lat)
+            # The best peer (section 1) idles on its own user while the N accounts
+            # keep watching, in a worker thread of this process: the same Dovecot,
+            # load and interpreter. Its first push (login, index) is not counted.
+            await trio.to_thread.run_sync(
+                _latency_imapclient, endpoint, peer, injector, 1, f"peer{n}-warm"
+            )
+            peer_samples = await trio.to_thread.run_sync(
+                _latency_imapclient, endpoint, peer, injector, samples, f"peer{n}"
+            )
+            peer_ms = [s.total * 1000 for s in peer_samples]
+            out["p50"], out["p95"], out["max"] = _pct(lat, 50), _pct(lat, 95), max(lat)
+            out["peer_p50"], out["peer_p95"] = _pct(peer_ms, 50), _pct(peer_ms, 95)
+            out["own_p50"] = out["p50"] - out["peer_p50"]
+            out["own_p95"] = out["p95"] - out["peer_p95"]
             # A session that failed (a refused or timed-out login, say) shows here: a
             # clean run has none, on every account.
             out["reconnects"] = sum(c.status.value.reconnects for c in ready)
             out["errors"] = sorted(
                 {c.status.value.imap_error for c in ready if c.status.value.imap_error}
             )
-            stop.set()
 
     try:
         trio.run(main)
@@ -980,22 +1084,46 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="one more instrumented prxmail backlog run: where its time goes",
     )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=None,
+        help="many accounts: idle window the process CPU is measured over (30; quick 5)",
+    )
+    parser.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="many accounts: tracemalloc what an idle account holds (slower, more memory)",
+    )
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
     args = parser.parse_args(argv)
     samples = min(200, args.samples or (8 if args.quick else 20))
     small = args.small or (500 if args.quick else 5000)
     large = args.large or (40 if args.quick else 200)
     accounts = [int(x) for x in (args.accounts or ("5" if args.quick else "1,10,100")).split(",")]
-    if max(accounts) + INJECT_USERS > DOVECOT_TLS_SESSIONS:
-        parser.error(
-            f"at most {DOVECOT_TLS_SESSIONS - INJECT_USERS} accounts: the private Dovecot"
-            f" serves {DOVECOT_TLS_SESSIONS} TLS sessions at once"
-        )
+    idle_seconds = min(IDLE_WINDOW_MAX, args.idle_seconds or (5.0 if args.quick else 30.0))
+    # The accounts' sessions, the injector's (one per target account and the peer's)
+    # and the peer idler's, with room for a reconnect wave.
+    sessions = None
+    if not args.skip_accounts:
+        if max(accounts) > MAX_ACCOUNTS:
+            parser.error(f"at most {MAX_ACCOUNTS} accounts")
+        need = max(accounts) + INJECT_USERS + 2 + SESSION_HEADROOM
+        if need > DOVECOT_TLS_SESSIONS:
+            # Beyond the suite's Dovecot: shared login processes (high-performance mode).
+            sessions = need
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine_start": _machine(), "argv": argv}
     print(f"machine: {report['machine_start']}")
-    with mail_servers() as servers:
+    with mail_servers(imap_sessions=sessions) as servers:
+        print(
+            f"dovecot: {servers.imap_sessions} IMAP sessions at once,"
+            f" {'shared' if sessions else 'one per session'} login processes"
+        )
+        for change in servers.host_changes:
+            print(f"raised for the run (lower than needed): {change}")
+        report["host_changes"] = servers.host_changes
         if not args.skip_latency:
             report["latency"] = bench_latency(servers, samples)
         if not args.skip_backlog:
@@ -1021,8 +1149,23 @@ def main(argv: list[str]) -> int:
             )
             del large_msgs
         if not args.skip_accounts:
-            print("\n5. many accounts in one process (one channel each)")
-            report["accounts"] = [bench_accounts(servers, n, samples) for n in accounts]
+            print(
+                "\n5. many accounts in one process (open_mail_channels, one state store;"
+                f" idle CPU over {idle_seconds:.0f} s)"
+            )
+            report["accounts"] = [
+                bench_accounts(
+                    servers,
+                    n,
+                    samples,
+                    idle_seconds,
+                    trace=args.trace_memory,
+                    profile=None
+                    if args.profile is None
+                    else args.profile / f"accounts-{n}.{'txt' if args.py_spy else 'prof'}",
+                )
+                for n in accounts
+            ]
     report["machine_end"] = _machine()
     print(f"machine at end: {report['machine_end']}")
     if args.json is not None:

@@ -53,6 +53,7 @@ import os
 import pathlib
 import pwd
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -104,6 +105,15 @@ IMAP_LOGIN_PROCESS_LIMIT = 300
 # every login and imap process, so it must exceed twice IMAP_LOGIN_PROCESS_LIMIT. This
 # is Dovecot 2.3's default, written out so that raising the limit above stays honest.
 DOVECOT_CLIENT_LIMIT = 1000
+# With ``imap_sessions`` (the many-accounts benchmark at N = 1,000) imap-login runs in
+# Dovecot's high-performance mode instead: this many long-lived login processes
+# (service_count = 0), each proxying up to all the sessions, so 1,000 TLS sessions cost
+# 1,000 imap processes and a few login processes, not 2,000 processes.
+IMAP_LOGIN_SHARED_PROCESSES = 4
+# Inotify instances one session's imap process takes while it IDLEs (one per watched
+# mailbox), and what other Dovecots of the same uid (parallel test runs) may hold.
+INOTIFY_PER_SESSION = 1
+INOTIFY_HEADROOM = 512
 
 # Dovecot treats a connection whose remote and local addresses are equal as secure
 # (login-common: "secured = ssl || trusted || remote_ip == local_ip"), so on loopback it
@@ -370,12 +380,13 @@ namespace inbox {{
 # (100): the 101st login waited for a free process and clients timed out and
 # reconnected in a loop. IMAP_LOGIN_PROCESS_LIMIT sessions at once, and as many imap
 # processes; default_client_limit must cover them, because the log, anvil, auth and
-# stats services take one connection from each of those processes.
+# stats services take one connection from each of those processes. With imap_sessions
+# (N = 1,000) imap-login runs in high-performance mode instead: a few long-lived login
+# processes proxy every TLS session (MailServers._login_service).
 default_client_limit = {client_limit}
 service imap-login {{
   chroot =
-  process_limit = {login_limit}
-  inet_listener imap {{
+{login_service}  inet_listener imap {{
     address = {plain_backend_host}
     port = {plain_backend_port}
   }}
@@ -386,7 +397,7 @@ service imap-login {{
   }}
 }}
 service imap {{
-  process_limit = {login_limit}
+  process_limit = {imap_limit}
 }}
 service anvil {{
   chroot =
@@ -691,6 +702,9 @@ class MailServers:
         oauth_client_secret: Secret of the client :data:`OAUTH_CLIENT_ID` there.
         workdir: The directory holding everything (configs, mail, logs, TLS files).
         dovecot_log, postfix_log: The two server logs, inside ``log_dir``.
+        imap_sessions: IMAP sessions Dovecot serves at once (all clients together).
+        host_changes: What the start raised on the machine for ``imap_sessions``
+            (inotify sysctls, the descriptor limit), one line each; empty by default.
 
     The methods are synchronous and block (``wait_for_messages`` polls); from trio
     code call them through ``trio.to_thread.run_sync``. They are thread-safe.
@@ -706,9 +720,21 @@ class MailServers:
     users: dict[str, User]
     oauth: AuthServer
 
-    def __init__(self, workdir: pathlib.Path, *, remove_workdir: bool) -> None:
+    def __init__(
+        self, workdir: pathlib.Path, *, remove_workdir: bool, imap_sessions: int | None = None
+    ) -> None:
         self.workdir = workdir
         self._remove_workdir = remove_workdir
+        # None: the suite's configuration (one login process per TLS session, up to
+        # IMAP_LOGIN_PROCESS_LIMIT). A number: that many sessions at once, through
+        # shared login processes (see _login_service).
+        self._shared_login = imap_sessions is not None
+        self.imap_sessions = IMAP_LOGIN_PROCESS_LIMIT if imap_sessions is None else imap_sessions
+        if self.imap_sessions < 1:
+            raise ValueError(f"imap_sessions must be at least 1, got {imap_sessions}")
+        # What start() changed on the machine for imap_sessions (sysctls, fd limit), for
+        # the caller to report.
+        self.host_changes: list[str] = []
         self.host = HOST
         (
             self.imap_tls_port,
@@ -821,8 +847,9 @@ class MailServers:
                 plain_backend_port=self._plain_backend_port,
                 imap_tls_port=self.imap_tls_port,
                 max_userip=IMAP_MAX_USER_IP_CONNECTIONS,
-                login_limit=IMAP_LOGIN_PROCESS_LIMIT,
-                client_limit=DOVECOT_CLIENT_LIMIT,
+                login_service=self._login_service(),
+                imap_limit=self.imap_sessions,
+                client_limit=self._client_limit(),
             )
         )
         (self._postfix_conf_dir / "main.cf").write_text(
@@ -857,6 +884,53 @@ class MailServers:
         past = time.time() - 60
         for conf in self._postfix_conf_dir.iterdir():
             os.utime(conf, (past, past))
+
+    def _login_service(self) -> str:
+        """The imap-login settings (inside its service block) for the session count."""
+        if not self._shared_login:
+            # High-security mode (service_count = 1): one login process per session.
+            return f"  process_limit = {self.imap_sessions}\n"
+        # High-performance mode: long-lived login processes, each proxying many TLS
+        # sessions (two descriptors each); started up front so no login waits for one.
+        return (
+            "  service_count = 0\n"
+            f"  process_min_avail = {IMAP_LOGIN_SHARED_PROCESSES}\n"
+            f"  process_limit = {IMAP_LOGIN_SHARED_PROCESSES}\n"
+            f"  client_limit = {self.imap_sessions}\n"
+            "  vsz_limit = 1G\n"
+        )
+
+    def _client_limit(self) -> int:
+        # log, anvil, auth and stats take one connection from every login and imap
+        # process: the sessions' imap processes plus the login processes, with room.
+        logins = IMAP_LOGIN_SHARED_PROCESSES if self._shared_login else self.imap_sessions
+        return max(DOVECOT_CLIENT_LIMIT, self.imap_sessions + logins + 100)
+
+    def _prepare_host(self) -> None:
+        """Raise what IMAP sessions beyond the suite's need, only where it is lower:
+        the inotify instances Dovecot's uid may hold (else IDLE falls back to polling)
+        and this process's descriptor limit (Dovecot and clients inherit it)."""
+        if not self._shared_login:
+            return
+        need = self.imap_sessions * INOTIFY_PER_SESSION + INOTIFY_HEADROOM
+        knob = pathlib.Path("/proc/sys/fs/inotify/max_user_instances")
+        have = int(knob.read_text())
+        if have < need:
+            knob.write_text(f"{need}\n")
+            self.host_changes.append(f"fs.inotify.max_user_instances {have} -> {need}")
+        watches = pathlib.Path("/proc/sys/fs/inotify/max_user_watches")
+        have = int(watches.read_text())
+        need = 8 * need
+        if have < need:
+            watches.write_text(f"{need}\n")
+            self.host_changes.append(f"fs.inotify.max_user_watches {have} -> {need}")
+        # A proxied session holds two descriptors in a login process; a client one.
+        need = 3 * self.imap_sessions + 1024
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < need:
+            new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            self.host_changes.append(f"RLIMIT_NOFILE {soft} -> {new}")
 
     # -- users ---------------------------------------------------------------
 
@@ -1264,6 +1338,7 @@ class MailServers:
                 proc.wait()
 
     def _start(self) -> None:
+        self._prepare_host()
         self._write_files()
         self._start_watchdog()
         for name in DEFAULT_USERS:
@@ -1411,12 +1486,19 @@ class MailServers:
         )
 
 
-def start_mail_servers(workdir: pathlib.Path | None = None) -> MailServers:
+def start_mail_servers(
+    workdir: pathlib.Path | None = None, *, imap_sessions: int | None = None
+) -> MailServers:
     """Install if needed, then start private Dovecot and Postfix on free loopback ports.
 
     Args:
         workdir: An empty directory to hold everything; kept afterwards. When ``None``,
             a fresh temporary directory is made and removed by :meth:`MailServers.stop`.
+        imap_sessions: Serve this many IMAP sessions at once through shared login
+            processes (Dovecot's high-performance mode), raising the inotify sysctls
+            and the descriptor limit where they are lower than that needs (listed in
+            :attr:`MailServers.host_changes`). ``None``: the suite's configuration,
+            :data:`IMAP_LOGIN_PROCESS_LIMIT` sessions, one login process each.
 
     Returns:
         The running servers with users "alice", "bob" and "bot".
@@ -1434,14 +1516,14 @@ def start_mail_servers(workdir: pathlib.Path | None = None) -> MailServers:
         workdir.mkdir(parents=True, exist_ok=True)
         if any(workdir.iterdir()):
             raise MailServersError(f"workdir {workdir} is not empty")
-        return _start_in(workdir, remove=False)
+        return _start_in(workdir, remove=False, imap_sessions=imap_sessions)
     # A free port can be taken by another process between our probe and the server's
     # bind (parallel test runs do this): then start again with fresh ports.
     for attempt in range(1, START_ATTEMPTS + 1):
         # Short path: Dovecot's unix sockets live inside it (sun_path is ~108 bytes).
         path = pathlib.Path(tempfile.mkdtemp(prefix="prxmail-mail-", dir="/tmp"))
         try:
-            return _start_in(path, remove=True)
+            return _start_in(path, remove=True, imap_sessions=imap_sessions)
         except MailServersError as exc:
             if attempt == START_ATTEMPTS:
                 raise MailServersError(f"{exc}\n(attempt {attempt}; files kept in {path})") from exc
@@ -1450,8 +1532,8 @@ def start_mail_servers(workdir: pathlib.Path | None = None) -> MailServers:
     raise AssertionError("unreachable")
 
 
-def _start_in(path: pathlib.Path, *, remove: bool) -> MailServers:
-    servers = MailServers(path, remove_workdir=remove)
+def _start_in(path: pathlib.Path, *, remove: bool, imap_sessions: int | None) -> MailServers:
+    servers = MailServers(path, remove_workdir=remove, imap_sessions=imap_sessions)
     try:
         servers._start()
     except BaseException:
@@ -1463,11 +1545,13 @@ def _start_in(path: pathlib.Path, *, remove: bool) -> MailServers:
 
 
 @contextlib.contextmanager
-def mail_servers(workdir: pathlib.Path | None = None) -> Iterator[MailServers]:
+def mail_servers(
+    workdir: pathlib.Path | None = None, *, imap_sessions: int | None = None
+) -> Iterator[MailServers]:
     """Run private mail servers for the duration of a ``with`` block.
 
     Args:
-        workdir: As for :func:`start_mail_servers`.
+        workdir, imap_sessions: As for :func:`start_mail_servers`.
 
     Yields:
         The running servers.
@@ -1475,7 +1559,7 @@ def mail_servers(workdir: pathlib.Path | None = None) -> Iterator[MailServers]:
     Raises:
         MailServersError: as for :func:`start_mail_servers`.
     """
-    servers = start_mail_servers(workdir)
+    servers = start_mail_servers(workdir, imap_sessions=imap_sessions)
     try:
         yield servers
     finally:
