@@ -1,7 +1,7 @@
 """Push latency while another account of the same process catches up (issue 16, target 5).
 
 ``python -m bench load [--backlog 5000] [--samples 20] [--max-rounds N] [--diagnose]
-[--json FILE]``
+[--switch-interval S] [--json FILE]``
 
 What is measured
 ----------------
@@ -31,7 +31,8 @@ prxmail's *own share* is its latency minus the best peer's at the same percentil
 rounds with each other only): the event loop's lag (a task asking for a 1 ms sleep and
 measuring how late it wakes), the loop's longest task steps by task, and the state
 store calls per account, split into the wait for the queue and thread and the time
-inside SQLite.
+inside SQLite. ``--switch-interval`` sets the child's ``sys.setswitchinterval`` (how
+long a thread waits for the GIL before it asks the holder to drop it; 5 ms by default).
 
 Everything runs on loopback against the private servers of ``tests/mailservers.py``;
 every loop is bounded in count and time; the child is waited for with a timeout.
@@ -45,6 +46,7 @@ import json
 import os
 import pathlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -104,6 +106,45 @@ def _two_accounts_toml(
         f"from_address = {json.dumps(chat.address)}\n"
     )
     return text
+
+
+class _PeerUnderLoad:
+    """The best kind of peer (imapclient: one blocking session, no event loop) watching
+    a third user's INBOX from the parent process while the child runs: pushes to it,
+    one at a time, land under the same Dovecot and machine load as chat's, without
+    prxmail's process. Only those inside the child's loaded window count."""
+
+    def __init__(self, servers: MailServers) -> None:
+        self._servers = servers
+        self._user = servers.add_user(f"ll-peer-load-{os.getpid()}-{time.monotonic_ns()}")
+        self._injector = Injector(servers)
+        self._injector.prepare(self._user)
+        self.samples: list[tuple[float, float]] = []  # (sent_at, total seconds)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peer-under-load", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + ROUND_TIMEOUT
+        i = 0
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                [sample] = _latency_imapclient(
+                    self._servers, self._user, self._injector, 1, f"peer-load-{i}"
+                )
+                got = time.perf_counter()
+                self.samples.append((got - sample.total, sample.total))
+                i += 1
+        except BaseException as exc:  # reported by close()
+            self.error = exc
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(PUSH_TIMEOUT * 2)
+        self._injector.close()
+        if self.error is not None:
+            raise self.error
 
 
 # -- the child ----------------------------------------------------------------------------
@@ -256,6 +297,8 @@ def _load_child(spec: dict[str, Any]) -> dict[str, Any]:
     from prxmail.config import parse_accounts
 
     configs = parse_accounts(spec["toml"])
+    if spec.get("switch_interval"):
+        sys.setswitchinterval(spec["switch_interval"])
     chat_user = User(spec["chat"][0], spec["chat"][1])
     n, loaded_wanted, quiet_wanted = spec["backlog"], spec["loaded"], spec["quiet"]
     injector = Injector(_Endpoint(spec["host"], spec["port"], spec["ca_file"]))
@@ -283,6 +326,8 @@ def _load_child(spec: dict[str, Any]) -> dict[str, Any]:
             if not exists_at:
                 raise RuntimeError("chat: the message came without an EXISTS push")
             sample = {
+                "sent_at": injector.sent_at,
+                "exists_at": exists_at[0],
                 "total_ms": (got - injector.sent_at) * 1000,
                 "after_exists_ms": (got - exists_at[0]) * 1000,
                 "bulk_at_fire": progress["fired_count"],
@@ -345,6 +390,8 @@ def _load_child(spec: dict[str, Any]) -> dict[str, Any]:
                 out["diagnosis_loaded"] = diag.report()
                 diag.__init__()  # type: ignore[misc]
             out["window"] = [window[0] - progress["first"], window[-1] - progress["first"]]
+            # The loaded window on the shared clock, ended by bulk's last message.
+            out["window_abs"] = [window[0], progress["last"] or window[-1]]
             out["bulk_count_window"] = [
                 out["warm"]["bulk_at_fire"] if out["warm"] else 0,
                 progress["count"],
@@ -405,6 +452,8 @@ def _round(
     loaded: int,
     quiet: int,
     diagnose: bool,
+    switch_interval: float | None,
+    peer_under_load: bool,
 ) -> dict[str, Any]:
     tag = f"{os.getpid()}-{index}"
     bulk = servers.add_user(f"ll-bulk-{tag}")
@@ -420,9 +469,18 @@ def _round(
         "loaded": loaded,
         "quiet": quiet,
         "diagnose": diagnose,
+        "switch_interval": switch_interval,
         "toml": _two_accounts_toml(servers, bulk, chat, servers.workdir / f"state-ll-{tag}"),
     }
-    result = run_child("bench.load_bench", "_load", spec, timeout=ROUND_TIMEOUT)
+    peer = _PeerUnderLoad(servers) if peer_under_load else None
+    try:
+        result = run_child("bench.load_bench", "_load", spec, timeout=ROUND_TIMEOUT)
+    finally:
+        if peer is not None:
+            peer.close()
+    if peer is not None:
+        start, end = result["window_abs"]
+        result["peer_loaded_ms"] = [t * 1000 for sent, t in peer.samples if start <= sent <= end]
     result["load"] = os.getloadavg()
     return result
 
@@ -458,6 +516,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--diagnose", action="store_true", help="instrument the child: loop lag, store calls"
     )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="the child's sys.setswitchinterval (seconds; a diagnosis, default 0.005)",
+    )
+    parser.add_argument(
+        "--no-peer-under-load",
+        action="store_true",
+        help="no imapclient pushes beside chat's during the catch-up (from the parent)",
+    )
     parser.add_argument("--json", type=argparse.FileType("w"), default=None)
     args = parser.parse_args(argv)
     if args.backlog < LOAD_AFTER + 100:
@@ -485,6 +554,8 @@ def main(argv: list[str]) -> int:
                 loaded=samples - len(loaded),
                 quiet=samples if index == 0 else 0,
                 diagnose=args.diagnose,
+                switch_interval=args.switch_interval,
+                peer_under_load=not args.no_peer_under_load,
             )
             landed = [s for s in result["loaded"] if s["bulk_at_got"] < args.backlog]
             late += len(result["loaded"]) - len(landed)
@@ -559,6 +630,19 @@ def main(argv: list[str]) -> int:
         f"  own share without load:          p50 {own['no load']['p50']:+.1f} ms"
         f"   p95 {own['no load']['p95']:+.1f} ms"
     )
+    peer_loaded = [t for r in rounds for t in r.get("peer_loaded_ms", [])]
+    if peer_loaded:
+        row = report["peer_under_load"] = _stats(peer_loaded)
+        print(
+            f"  {'imapclient (same load)':<22} {row['p50']:8.1f} {row['p95']:8.1f}"
+            f" {row['max']:8.1f}"
+            f"   ({row['n']:.0f} pushes to a third user from the parent during the catch-ups)"
+        )
+        print(
+            f"  prxmail under load minus imapclient under the same load: p50"
+            f" {table['under load']['p50'] - row['p50']:+.1f} ms"
+            f"   p95 {table['under load']['p95'] - row['p95']:+.1f} ms"
+        )
     rates = [r["bulk_msg_s"] for r in rounds]
     print(f"  bulk catch-up: {min(rates):,.0f}-{max(rates):,.0f} msg/s over {len(rounds)} rounds")
     print(f"machine at end: {report['machine_end']}")
