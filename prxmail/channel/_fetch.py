@@ -36,8 +36,6 @@ import functools
 import logging
 import re
 import secrets
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
@@ -149,68 +147,6 @@ def parse_limiter() -> trio.CapacityLimiter:
         return limiter
 
 
-# -- a push ahead of a catch-up ---------------------------------------------------------
-#
-# The parse threads hold the GIL while they parse, so while one channel catches up on a
-# backlog, every step of another channel's push (reading the EXISTS answer, the FETCH,
-# each state-store hop there and back) waits for the interpreter's switch interval
-# (5 ms) before the parse thread lets go (bench/load_bench.py: chat's push). So while a
-# channel fetches, parses and admits a single new message (a push), parse threads of
-# every channel in the run pause between two messages, in a wait that releases the
-# GIL: the push's steps then run at once. The pause is bounded: at most
-# PUSH_PAUSE_SECONDS from the push's start, whatever the push then waits for (a busy
-# consumer, a slow server), so a catch-up never stalls behind pushes for longer.
-PUSH_PAUSE_SECONDS: Final = 0.02
-
-
-class _PushGate:
-    """Pushes in progress (trio thread) and the parse threads' pause (worker threads)."""
-
-    def __init__(self) -> None:
-        self._pushes = 0
-        self._open = threading.Event()
-        self._open.set()
-        self._until = 0.0
-
-    @property
-    def pushes(self) -> int:
-        """Single-message fetches in progress in this trio run."""
-        return self._pushes
-
-    def enter(self) -> None:
-        self._pushes += 1
-        self._until = time.monotonic() + PUSH_PAUSE_SECONDS
-        self._open.clear()
-
-    def leave(self) -> None:
-        self._pushes -= 1
-        if not self._pushes:
-            self._open.set()
-
-    def pause(self) -> None:
-        """In a parse thread, between two messages: wait while a push is in progress,
-        for at most what is left of its PUSH_PAUSE_SECONDS."""
-        if self._open.is_set():
-            return
-        remaining = self._until - time.monotonic()
-        if remaining > 0:
-            self._open.wait(remaining)
-
-
-_PUSH_GATE: trio.lowlevel.RunVar[_PushGate] = trio.lowlevel.RunVar("prxmail_push_gate")
-
-
-def push_gate() -> _PushGate:
-    """The push gate of the current trio run (created on first use), shared by every
-    channel in the run like :func:`parse_limiter`."""
-    try:
-        return _PUSH_GATE.get()
-    except LookupError:
-        gate = _PushGate()
-        _PUSH_GATE.set(gate)
-        return gate
-
-
 def _header_lines(raw: bytes) -> int:
     crlf = raw.find(b"\n\r\n", 0, INLINE_PARSE_BYTES)
     lf = raw.find(b"\n\n", 0, INLINE_PARSE_BYTES if crlf < 0 else crlf)
@@ -247,24 +183,18 @@ _Parsed = list[tuple[int, Message | Exception]]
 
 
 def _parse_all(
-    uidvalidity: int,
-    raws: list[tuple[int, bytes]],
-    max_attachment_bytes: int,
-    pause: Callable[[], None] | None = None,
+    uidvalidity: int, raws: list[tuple[int, bytes]], max_attachment_bytes: int
 ) -> _Parsed:
     """Parse a group; a message that cannot be parsed comes back as its exception.
 
     It is recorded as failed when the group is claimed, because one poison message
     must not stall the folder (it would be fetched and fail again on every
     reconnect). ``raws`` is emptied as it goes, so each raw message is freed once it
-    is parsed. ``pause`` (in a worker thread only) is called before each message: the
-    push gate's wait.
+    is parsed.
     """
     parsed: _Parsed = []
     raws.reverse()
     while raws:
-        if pause is not None:
-            pause()
         uid, raw = raws.pop()
         try:
             item: Message | Exception = parse_message(
@@ -625,14 +555,6 @@ class _FetchPipeline(_Conversations):
         """The usual push: one new message. Its size and its first
         :data:`FIRST_FETCH_BYTES` come in one round trip, which is all of most mail;
         a larger message is then fetched whole, or as text parts when oversized."""
-        gate = push_gate()
-        gate.enter()
-        try:
-            await self._process_one_gated(conn, uidvalidity, uid)
-        finally:
-            gate.leave()
-
-    async def _process_one_gated(self, conn: IMAPConnection, uidvalidity: int, uid: int) -> None:
         limit = self.config.max_message_bytes
         first = min(limit, FIRST_FETCH_BYTES)
         size: int | None = None
@@ -832,7 +754,7 @@ class _FetchPipeline(_Conversations):
         work = functools.partial(_parse_all, uidvalidity, raws, self.config.max_attachment_bytes)
         if parse_inline([raw for _, raw in raws]):
             return _ParseJob(work())
-        return _ParseJob.in_thread(nursery, functools.partial(work, pause=push_gate().pause))
+        return _ParseJob.in_thread(nursery, work)
 
     async def _parse(self, uidvalidity: int, raws: list[tuple[int, bytes]]) -> _Parsed:
         """Parse a fetched group and wait for it (see :meth:`_start_parse`)."""
