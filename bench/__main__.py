@@ -18,6 +18,7 @@ SUITES = {
     "parse": "bench.parse_bench",
     "compose": "bench.compose_bench",
     "store": "bench.store_bench",
+    "load": "bench.load_bench",
 }
 TOOLS = {"plot": "bench.plot"}
 
