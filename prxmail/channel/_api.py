@@ -22,8 +22,10 @@ state store and three bounded hand-offs:
   stores it and marks the parent ``replied`` in one transaction, then bumps an
   ``AsyncValue`` the sender waits on.
 * you -> watcher: UIDs to flag ``\\Seen``, a memory channel of capacity
-  :data:`SEEN_BUFFER`. The flag is cosmetic (state decides what is new), so when the
-  buffer is full a flag is dropped rather than blocking you.
+  :data:`SEEN_BUFFER`. The flag is cosmetic (state decides what is new), so it never
+  blocks you: when the buffer is full the flag waits in a list beside it for the
+  watcher's next flagging (one catch-up hands out a few groups between two); flags a
+  refused or cut STORE leaves are retried once, up to SEEN_BUFFER of them.
 
 The watcher's loop, per connection: LOGIN, SELECT, record UIDVALIDITY, re-fetch messages
 a previous run claimed but never finished, apply the first-start policy once per folder

@@ -42,7 +42,8 @@ from prxmail.state import AsyncStateStore, MessageKey, account_key
 MESSAGE_BUFFER: Final = 0
 
 # UIDs waiting to be flagged \Seen. One entry is a few bytes; a thousand covers any
-# burst of finished messages between two IDLE cycles. Overflow drops the (cosmetic) flag.
+# burst of finished messages between two IDLE cycles. Overflow waits beside it (see
+# _finished); after a failed STORE at most this many are kept for the next try.
 SEEN_BUFFER: Final = 1000
 
 _SEEN: Final = "\\Seen"
@@ -63,6 +64,48 @@ OPERATOR_POLL_SECONDS: Final = 1.0
 # At shutdown the last heartbeat ("stopped") may wait this long for the store: it is
 # courtesy to `prxmail status`, and must not hold up a stop.
 HEARTBEAT_STOP_SECONDS: Final = 2.0
+
+
+class _PollTicker:
+    """The one timer every channel's heartbeat loop of a trio run waits on.
+
+    A timer of its own per channel costs trio a deadline expiry (a cancellation) each
+    :data:`OPERATOR_POLL_SECONDS`: with 1,000 accounts most of an idle process's CPU.
+    Here the first waiter sleeps until the next tick of a grid shared by all and wakes
+    the others, parked meanwhile; the next waiter after it takes its place. With many
+    accounts their polls then also queue together and share one store hop (the store's
+    worker batches what is queued). A cancelled sleeper wakes the others early: they
+    poll once more, which is harmless.
+    """
+
+    def __init__(self) -> None:
+        self._parked = trio.lowlevel.ParkingLot()
+        self._sleeping = False
+
+    async def wait(self) -> None:
+        if self._sleeping:
+            await self._parked.park()
+            return
+        self._sleeping = True
+        try:
+            tick = math.floor(trio.current_time() / OPERATOR_POLL_SECONDS) + 1
+            await trio.sleep_until(tick * OPERATOR_POLL_SECONDS)
+        finally:
+            self._sleeping = False
+            self._parked.unpark_all()
+
+
+_POLL_TICKER: trio.lowlevel.RunVar[_PollTicker] = trio.lowlevel.RunVar("prxmail_poll_ticker")
+
+
+async def _poll_tick() -> None:
+    """Wait for the next operator poll (at most :data:`OPERATOR_POLL_SECONDS`)."""
+    try:
+        ticker = _POLL_TICKER.get()
+    except LookupError:
+        ticker = _PollTicker()
+        _POLL_TICKER.set(ticker)
+    await ticker.wait()
 
 
 @attrs.frozen
@@ -155,6 +198,7 @@ class _ChannelCore:
         )
         self._seen_send, self._seen_receive = trio.open_memory_channel[MessageKey](SEEN_BUFFER)
         self._seen_retry: list[MessageKey] = []
+        self._seen_overflow: list[MessageKey] = []
         # Cancelled by _finished when the \Seen buffer is half full, while the catch-up's
         # fetching task waits for the rest of the pipeline (see _fetch._pipeline).
         self._seen_wake: trio.CancelScope | None = None
@@ -255,7 +299,7 @@ class _ChannelCore:
                 if current != generation:
                     generation = current
                     self._operator_request()
-                await trio.sleep(OPERATOR_POLL_SECONDS)
+                await _poll_tick()
         finally:
             with trio.move_on_after(HEARTBEAT_STOP_SECONDS) as scope:
                 scope.shield = True
@@ -285,7 +329,11 @@ class _ChannelCore:
             try:
                 self._seen_send.send_nowait(key)
             except trio.WouldBlock:
-                log_event(logging.DEBUG, "seen flag dropped (buffer full)", uid=key.uid)
+                # A catch-up hands messages on while its fetching task is busy with a
+                # command: kept aside until that task flags again (at least once a
+                # fetch batch), so this grows by at most what the pipeline hands out
+                # between two flags, a few groups.
+                self._seen_overflow.append(key)
             else:
                 if self._wake_scope is not None:
                     self._wake_scope.cancel()
@@ -296,11 +344,15 @@ class _ChannelCore:
                     self._seen_wake.cancel()
 
     def _seen_pending(self) -> bool:
-        return bool(self._seen_retry) or self._seen_receive.statistics().current_buffer_used > 0
+        return (
+            bool(self._seen_retry)
+            or bool(self._seen_overflow)
+            or self._seen_receive.statistics().current_buffer_used > 0
+        )
 
     async def _flag_seen(self, conn: IMAPConnection, uidvalidity: int) -> None:
-        keys = self._seen_retry
-        self._seen_retry = []
+        keys = self._seen_retry + self._seen_overflow
+        self._seen_retry, self._seen_overflow = [], []
         while True:
             try:
                 keys.append(self._seen_receive.receive_nowait())
