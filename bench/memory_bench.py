@@ -303,6 +303,7 @@ NOT_LOADED = ("httpx", "h11", "prometheus_client", "prxmail.oauth2._token", "prx
 IMPORT_ROWS = (
     ("bare python", "pass"),
     ("imaplib + mail-parser (peer)", "import imaplib, mailparser"),
+    ("peer + trio (the bench's peer child)", "import imaplib, mailparser, trio"),
     ("import prxmail.channel", "import prxmail.channel"),
     ("serve import path", "import prxmail.cli._serve"),
 )
@@ -374,6 +375,8 @@ def _serve_rss(servers: MailServers) -> tuple[int, list[str]]:
         reader.join(timeout=5)
         stderr.close()
     imported = {x.split("|")[-1].strip() for x in lines if x.startswith("import time:")}
+    if "prxmail.channel" not in imported:  # the -X importtime lines were not read
+        raise SystemExit("no import list from prxmail serve:\n" + "".join(lines[-30:]))
     return rss, [m for m in NOT_LOADED if m in imported]
 
 
