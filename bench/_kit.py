@@ -60,13 +60,15 @@ def add_sample(stats: Stats, name: str, wall: float, inside: float) -> None:
 
 
 @contextlib.contextmanager
-def timed_state_store(stats: Stats) -> Iterator[Stats]:
-    """Time every ``AsyncStateStore`` call while the block runs, into ``stats``.
+def timed_store_calls(on_call: Callable[[str, float, float], None]) -> Iterator[None]:
+    """Call ``on_call(method name, wall, inside)`` after every ``AsyncStateStore`` call
+    made while the block runs.
 
     Every call goes through ``AsyncStateStore._run`` with a ``functools.partial`` of the
     store method: wall time as the trio task waits (the hop to the worker thread and
     back included) and time inside the method. This wraps a private name: it is for
-    ``--breakdown`` runs, never the timed ones.
+    instrumented runs, never the timed ones. ``on_call`` runs in the calling task, so
+    it sees that task's context (the account, for instance).
     """
     import prxmail.state
 
@@ -88,11 +90,22 @@ def timed_state_store(stats: Stats) -> Iterator[Stats]:
             return await original_run(self, timed)
         finally:
             method = getattr(fn, "func", fn)
-            name = "store." + getattr(method, "__name__", "?")
-            add_sample(stats, name, time.perf_counter() - t0, inside[0])
+            on_call(getattr(method, "__name__", "?"), time.perf_counter() - t0, inside[0])
 
     store_class._run = timed_run  # type: ignore[method-assign]
     try:
-        yield stats
+        yield
     finally:
         store_class._run = original_run  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def timed_state_store(stats: Stats) -> Iterator[Stats]:
+    """Time every ``AsyncStateStore`` call while the block runs, into ``stats`` (rows
+    ``store.METHOD``; see :func:`timed_store_calls`)."""
+
+    def record(name: str, wall: float, inside: float) -> None:
+        add_sample(stats, "store." + name, wall, inside)
+
+    with timed_store_calls(record):
+        yield stats

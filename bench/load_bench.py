@@ -53,7 +53,7 @@ from typing import Any
 
 import trio
 
-from bench._kit import run_child
+from bench._kit import Stats, add_sample, run_child, timed_store_calls
 from bench.channel_bench import (
     BACKLOG_TIMEOUT,
     PUSH_TIMEOUT,
@@ -156,7 +156,7 @@ class _Diagnosis:
     def __init__(self) -> None:
         self.lag: list[float] = []
         self.steps: dict[str, list[float]] = {}  # task name -> [count, total, max]
-        self.store: dict[str, list[float]] = {}  # "account method" -> [calls, wall, inside]
+        self.store: Stats = {}  # "account method" -> [calls, wall, inside]
         self.chat_store_wall = 0.0
         self.chat_store_inside = 0.0
         self.chat_store_calls = 0
@@ -166,45 +166,19 @@ class _Diagnosis:
 
     @contextlib.contextmanager
     def store_timing(self) -> Iterator[None]:
-        import prxmail.state
+        with timed_store_calls(self._store_call):
+            yield
+
+    def _store_call(self, name: str, wall: float, inside: float) -> None:
         from prxmail._log import current_account
 
-        store_class = prxmail.state.AsyncStateStore
-        original = store_class._run
-        diag = self
-
-        async def timed_run(self: Any, fn: Callable[[], Any]) -> Any:
-            inside = [0.0]
-
-            def timed() -> Any:
-                t = time.perf_counter()
-                try:
-                    return fn()
-                finally:
-                    inside[0] = time.perf_counter() - t
-
-            t0 = time.perf_counter()
-            try:
-                return await original(self, timed)
-            finally:
-                wall = time.perf_counter() - t0
-                account = current_account() or "?"
-                name = getattr(getattr(fn, "func", fn), "__name__", "?")
-                if diag.recording:
-                    entry = diag.store.setdefault(f"{account} {name}", [0, 0.0, 0.0])
-                    entry[0] += 1
-                    entry[1] += wall
-                    entry[2] += inside[0]
-                if account == "chat":
-                    diag.chat_store_calls += 1
-                    diag.chat_store_wall += wall
-                    diag.chat_store_inside += inside[0]
-
-        store_class._run = timed_run  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            store_class._run = original  # type: ignore[method-assign]
+        account = current_account() or "?"
+        if self.recording:
+            add_sample(self.store, f"{account} {name}", wall, inside)
+        if account == "chat":
+            self.chat_store_calls += 1
+            self.chat_store_wall += wall
+            self.chat_store_inside += inside
 
     def instrument(self) -> trio.abc.Instrument:
         from prxmail._log import _ACCOUNT

@@ -467,11 +467,12 @@ class _FetchPipeline(_Conversations):
                 await self._process_one(conn, uidvalidity, uid)
                 self._isolate.discard(MessageKey(self.account, self.folder, uidvalidity, uid))
             return
-        # Groups are fetched and parsed in this task while another admits them (see
-        # _pipeline): at most three groups are in memory at once, and groups are still
-        # claimed strictly in UID order, since a claim raises the high-water mark. The
-        # admitting task and the parse threads run in this nursery, so none outlives
-        # the catch-up; what the body raises leaves it unwrapped (as the watcher expects).
+        # Groups are fetched and parsed in this task while two others admit them and
+        # hand them on (see _pipeline): at most about three groups are in memory at
+        # once, and groups are still claimed strictly in UID order, since a claim raises
+        # the high-water mark. Those tasks and the parse threads run in this nursery, so
+        # none outlives the catch-up; what the body raises leaves it unwrapped (as the
+        # watcher expects).
         collapsed: BaseException
         try:
             async with trio.open_nursery() as nursery:

@@ -347,12 +347,7 @@ def read_simple_mail(root: email.message.Message) -> MailParts | None:
     Raises:
         MemoryError: Passed on, as by :func:`read_mail`.
     """
-    try:
-        return _parts(_SimpleMailParser(root))
-    except MemoryError:
-        raise
-    except Exception:
-        return None
+    return _read(lambda: _SimpleMailParser(root))
 
 
 def read_mail(build_tree: Callable[[], email.message.Message]) -> MailParts | None:
@@ -371,8 +366,12 @@ def read_mail(build_tree: Callable[[], email.message.Message]) -> MailParts | No
         MemoryError: Passed on: running out of memory is not a property of the
             message, and retrying it elsewhere may succeed.
     """
+    return _read(lambda: mail_parser(build_tree))
+
+
+def _read(parse: Callable[[], _MailParser]) -> MailParts | None:
     try:
-        return _parts(mail_parser(build_tree))
+        return _parts(parse())
     except MemoryError:
         raise
     except Exception:

@@ -36,6 +36,8 @@ from __future__ import annotations
 import email.message
 import re
 
+from prxmail.message._bounds import _header_section_end
+
 _HEADER_SECTION_BYTES = re.compile(rb"[\t\x20-\x7e\r\n]*")
 # The stdlib's headerRE takes [\041-\071\073-\176]*: -- here at least one character.
 _FIELD = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
@@ -92,16 +94,10 @@ def simple_tree(data: bytes) -> email.message.Message | None:
         The one-part tree, or ``None`` when the message is outside the grammar
         described in this module (then only the full parse knows its tree).
     """
-    if data.startswith((b"\r\n", b"\n")):
-        return None
-    crlf = data.find(b"\n\r\n")
-    lf = data.find(b"\n\n", 0, len(data) if crlf < 0 else crlf)
-    if lf >= 0:
-        end, body = lf + 1, lf + 2
-    elif crlf >= 0:
-        end, body = crlf + 1, crlf + 3
-    else:
-        return None
+    end = _header_section_end(data)
+    if end in (0, len(data)):
+        return None  # no header section, or no blank line after it
+    body = end + (2 if data.startswith(b"\r\n", end) else 1)
     head = data[:end]
     if not _HEADER_SECTION_BYTES.fullmatch(head) or head.count(b"\r") != head.count(b"\r\n"):
         return None
