@@ -1244,7 +1244,8 @@ class MailServers:
         self._postfix("flush")
 
     def stop_postfix(self) -> None:
-        """Stop the private Postfix with ``postfix -c DIR stop`` and wait for its master.
+        """Stop the private Postfix with ``postfix -c DIR stop``; wait for its master to exit
+        and its submission ports to refuse connections.
 
         If that does not work (say its directory was deleted under it), the master pid
         recorded at start is sent SIGTERM, then SIGKILL.
@@ -1262,12 +1263,31 @@ class MailServers:
             while _pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(POLL_INTERVAL)
             if not _pid_alive(pid):
+                self._wait_smtp_closed()
                 return
             # Still the master we started (its pid was read right after our start).
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         if _pid_alive(pid):
             raise MailServersError(f"postfix master {pid} did not stop")
+
+    def _wait_smtp_closed(self) -> None:
+        """Wait until the submission ports refuse connections.
+
+        The master is gone, but an smtpd it started holds the listening sockets it
+        inherited until it notices and exits, and meanwhile the kernel still accepts
+        connections on them: stopped means refused (bounded by STOP_TIMEOUT).
+        """
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for port in (self.smtp_tls_port, self.smtp_starttls_port):
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection((self.host, port), timeout=POLL_INTERVAL).close()
+                except OSError:
+                    break
+                time.sleep(POLL_INTERVAL)
+            else:
+                raise MailServersError(f"postfix port {port} still accepts after its master exited")
 
     @property
     def _probe_context(self) -> ssl.SSLContext:
